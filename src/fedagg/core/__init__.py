@@ -1,0 +1,1 @@
+"""Pure aggregation math: no I/O, no threads, no clock. Import from ``fedagg`` instead."""

@@ -1,0 +1,254 @@
+"""Fold kernels: cache-blocked weighted sums, compiled with numba, with a numpy fallback.
+
+Every kernel here is pure: it reads its inputs and writes only the arrays it is handed.
+
+Why blocked: folding one update at a time reads the update, reads the accumulator and writes
+it back: three model-sized memory streams per update. Folding a batch of K queued updates one
+cache block at a time reads the accumulator block once, adds K update blocks into it while it
+sits in L1/L2, and writes it back once, so the traffic per update tends to the update's own bytes
+(the read-once bound) as K grows.
+
+Why an undo buffer: a NaN can sit at the last coordinate of the last update of a batch, after
+every other block was already written. Before its block is changed the kernel copies the
+accumulator block into ``undo`` (one write stream per batch, amortised over K updates); when the
+batch turns out bad the caller copies ``undo`` back, so the state is bit-for-bit what it was.
+The check itself is free: a non-finite input (or an overflow) leaves a non-finite accumulator
+value, and the kernel tests the block while it is still in cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "HAVE_NUMBA",
+    "all_finite",
+    "fold_compensated",
+    "fold_plain",
+    "merge_compensated",
+    "sum_squares",
+]
+
+Arr = npt.NDArray[Any]
+
+#: Elements per cache block: 32Ki float32 = 128 KiB of accumulator, well inside L2.
+BLOCK = 32768
+_NP_BLOCK = 1 << 18
+
+try:  # pragma: no cover - exercised by whichever environment runs the tests
+    import numba
+    from numba import prange
+    from numba.typed import List as _TypedList
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    HAVE_NUMBA = False
+
+
+if HAVE_NUMBA:
+    # No 'nnan'/'ninf': the finiteness checks must survive ('x - x' tricks do not: LLVM
+    # folds them under 'reassoc'). 'contract' turns w*x+a into one FMA.
+    _FM = {"nsz", "arcp", "contract", "reassoc"}
+
+    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def _fold_plain_nb(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
+        n = acc.size
+        nblk = (n + BLOCK - 1) // BLOCK
+        bad = np.zeros(nblk, np.uint8)
+        for b in prange(nblk):
+            lo = b * BLOCK
+            hi = min(n, lo + BLOCK)
+            m = hi - lo
+            a = acc[lo:hi]
+            loc = np.empty(m, acc.dtype)
+            for i in range(m):
+                loc[i] = a[i]
+            if save_undo:
+                u = undo[lo:hi]
+                for i in range(m):
+                    u[i] = loc[i]
+            for k in range(len(xs)):
+                x = xs[k][lo:hi]
+                w = ws[k]
+                for i in range(m):
+                    loc[i] += w * x[i]
+            nbad = 0
+            for i in range(m):
+                a[i] = loc[i]
+                nbad += not np.isfinite(loc[i])
+            if nbad:
+                bad[b] = 1
+        return bool(bad.sum() == 0)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def _fold_comp_nb(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
+        # Neumaier's compensated summation, per coordinate. No fastmath: the compensation
+        # term is exactly what re-association would optimise away.
+        n = acc.size
+        nblk = (n + BLOCK - 1) // BLOCK
+        bad = np.zeros(nblk, np.uint8)
+        for b in prange(nblk):
+            lo = b * BLOCK
+            hi = min(n, lo + BLOCK)
+            m = hi - lo
+            s = acc[lo:hi].copy()
+            c = comp[lo:hi].copy()
+            for k in range(len(xs)):
+                x = xs[k][lo:hi]
+                w = ws[k]
+                for i in range(m):
+                    v = w * np.float64(x[i])
+                    t = s[i] + v
+                    if abs(s[i]) >= abs(v):
+                        c[i] += (s[i] - t) + v
+                    else:
+                        c[i] += (v - t) + s[i]
+                    s[i] = t
+            ok = True
+            for i in range(m):
+                if not (np.isfinite(s[i]) and np.isfinite(c[i])):
+                    ok = False
+            acc[lo:hi] = s
+            comp[lo:hi] = c
+            if not ok:
+                bad[b] = 1
+        return bool(bad.sum() == 0)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def _merge_comp_nb(s1: Arr, c1: Arr, s2: Arr, c2: Arr) -> None:
+        for i in prange(s1.size):
+            a = s1[i]
+            v = s2[i]
+            t = a + v
+            if abs(a) >= abs(v):
+                e = (a - t) + v
+            else:
+                e = (v - t) + a
+            s1[i] = t
+            c1[i] = c1[i] + c2[i] + e
+
+    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def _all_finite_nb(x: Arr) -> bool:
+        n = x.size
+        nblk = (n + BLOCK - 1) // BLOCK
+        nbad = np.zeros(nblk, np.int64)
+        for b in prange(nblk):
+            lo = b * BLOCK
+            hi = min(n, lo + BLOCK)
+            xb = x[lo:hi]
+            c = 0
+            for i in range(hi - lo):
+                c += not np.isfinite(xb[i])
+            nbad[b] = c
+        return bool(nbad.sum() == 0)
+
+    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def _sum_squares_nb(x: Arr) -> float:
+        n = x.size
+        nblk = (n + BLOCK - 1) // BLOCK
+        part = np.zeros(nblk, np.float64)
+        for b in prange(nblk):
+            lo = b * BLOCK
+            hi = min(n, lo + BLOCK)
+            xb = x[lo:hi]
+            s = 0.0
+            for i in range(hi - lo):
+                v = np.float64(xb[i])
+                s += v * v
+            part[b] = s
+        return float(part.sum())
+
+
+def _readonly(x: Arr) -> Arr:
+    """A read-only view, so that writable and read-only inputs share one numba type."""
+    v = x.view()
+    v.flags.writeable = False
+    return v
+
+
+def _typed(xs: Sequence[Arr]) -> Any:
+    tl = _TypedList()
+    for x in xs:
+        tl.append(_readonly(x))
+    return tl
+
+
+def fold_plain(
+    acc: Arr, undo: Arr, xs: Sequence[Arr], ws: Arr, *, save_undo: bool, use_numba: bool
+) -> bool:
+    """``acc += sum_k ws[k] * xs[k]`` in ``acc``'s dtype; True iff ``acc`` stays finite.
+
+    With ``save_undo`` the previous ``acc`` is copied to ``undo`` first.
+    """
+    if use_numba and acc.size:
+        return bool(_fold_plain_nb(acc, undo, _typed(xs), ws.astype(acc.dtype), save_undo))
+    ok = True
+    scratch = np.empty(min(_NP_BLOCK, acc.size), acc.dtype)
+    for lo in range(0, acc.size, _NP_BLOCK):
+        hi = min(acc.size, lo + _NP_BLOCK)
+        a = acc[lo:hi]
+        if save_undo:
+            undo[lo:hi] = a
+        t = scratch[: hi - lo]
+        for x, w in zip(xs, ws, strict=True):
+            np.multiply(x[lo:hi], acc.dtype.type(w), out=t, casting="unsafe")
+            a += t
+        ok = ok and bool(np.isfinite(a).all())
+    return ok
+
+
+def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_numba: bool) -> bool:
+    """Neumaier-compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64."""
+    if use_numba and acc.size:
+        return bool(_fold_comp_nb(acc, comp, _typed(xs), ws.astype(np.float64)))
+    for lo in range(0, acc.size, _NP_BLOCK):
+        hi = min(acc.size, lo + _NP_BLOCK)
+        s = acc[lo:hi]
+        c = comp[lo:hi]
+        for x, w in zip(xs, ws, strict=True):
+            v = x[lo:hi].astype(np.float64) * float(w)
+            t = s + v
+            big = np.abs(s) >= np.abs(v)
+            c += np.where(big, (s - t) + v, (v - t) + s)
+            s[...] = t
+    return bool(np.isfinite(acc).all() and np.isfinite(comp).all())
+
+
+def merge_compensated(s1: Arr, c1: Arr, s2: Arr, c2: Arr, *, use_numba: bool) -> None:
+    """``(s1, c1) += (s2, c2)`` with the rounding error of the sum folded into ``c1``."""
+    if use_numba and s1.size:
+        _merge_comp_nb(s1, c1, s2, c2)
+        return
+    t = s1 + s2
+    big = np.abs(s1) >= np.abs(s2)
+    e = np.where(big, (s1 - t) + s2, (s2 - t) + s1)
+    c1 += c2
+    c1 += e
+    s1[...] = t
+
+
+def all_finite(x: Arr, *, use_numba: bool) -> bool:
+    if x.size == 0:
+        return True
+    if use_numba:
+        return bool(_all_finite_nb(_readonly(x)))
+    return all(
+        bool(np.isfinite(x[lo : lo + _NP_BLOCK]).all()) for lo in range(0, x.size, _NP_BLOCK)
+    )
+
+
+def sum_squares(x: Arr, *, use_numba: bool) -> float:
+    """``sum(x**2)`` accumulated in float64 (inf or nan if ``x`` is not finite)."""
+    if x.size == 0:
+        return 0.0
+    if use_numba:
+        return float(_sum_squares_nb(_readonly(x)))
+    total = 0.0
+    for lo in range(0, x.size, _NP_BLOCK):
+        c = x[lo : lo + _NP_BLOCK].astype(np.float64)
+        total += float(np.dot(c, c))
+    return total

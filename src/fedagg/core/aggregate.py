@@ -1,0 +1,425 @@
+"""Aggregators: commutative monoids over client updates.
+
+An aggregator is four pure functions over a state value::
+
+    state = agg.init(spec)                 # the identity element
+    state = agg.fold(state, update)        # add one update (validated first)
+    state = agg.merge(state, other)        # combine two partial states (any order, any tree)
+    delta = agg.finalize(state)            # the aggregated delta, shaped like the spec
+
+``fold``, ``fold_many`` and ``merge`` update the state they are given *in place* and return
+it (as JAX does with a donated buffer): no model-sized temporary is made per update. A refused
+update raises an :class:`~fedagg.errors.UpdateError` and leaves the state bit-for-bit as it was.
+
+``decomposable`` says whether ``merge`` is exact (a true monoid). Rules that are not
+(median, Krum, ...) work from a spool instead; see the robust-aggregation issue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core import _kernels
+from fedagg.core.spec import ArrayTree, ParamSpec
+from fedagg.core.update import Update
+from fedagg.errors import (
+    ConfigError,
+    EmptyAggregate,
+    InvalidWeight,
+    NonFiniteUpdate,
+    SpecMismatch,
+    StaleUpdate,
+    StateError,
+)
+
+__all__ = [
+    "Aggregator",
+    "Backend",
+    "Composed",
+    "Mean",
+    "MeanState",
+    "PreTransform",
+    "check_update",
+    "compose",
+    "mean",
+]
+
+S = TypeVar("S")
+Arr = npt.NDArray[Any]
+Backend = Literal["auto", "numba", "numpy"]
+Accumulator = Literal["float32", "float64"]
+
+
+@runtime_checkable
+class Aggregator(Protocol[S]):
+    """The aggregator contract. Every built-in one passes the shared conformance suite."""
+
+    @property
+    def decomposable(self) -> bool:
+        """True when ``merge`` is exact, so partial states combine along any tree."""
+        ...
+
+    def init(self, spec: ParamSpec, *, version: int | None = None) -> S:
+        """The empty state for a model of this spec, aggregating updates of ``version``."""
+        ...
+
+    def fold(self, state: S, update: Update) -> S:
+        """Validate ``update`` and add it to ``state`` (in place)."""
+        ...
+
+    def fold_many(self, state: S, updates: Iterable[Update]) -> S:
+        """Fold several queued updates at once; all or none (the state is unchanged on error)."""
+        ...
+
+    def merge(self, state: S, other: S) -> S:
+        """Combine ``other`` into ``state`` (in place); ``other`` is not changed."""
+        ...
+
+    def finalize(self, state: S) -> ArrayTree:
+        """The aggregated delta, as a list or dict like the spec."""
+        ...
+
+    def finalize_flat(self, state: S) -> Arr:
+        """The aggregated delta as one flat buffer in the spec's dtype."""
+        ...
+
+    def count(self, state: S) -> int:
+        """How many updates the state holds."""
+        ...
+
+
+def check_update(spec: ParamSpec, version: int | None, update: Update) -> None:
+    """Raise the right :class:`UpdateError` if ``update`` cannot be folded for this spec.
+
+    Checks the metadata only (weight, version, structure, shapes, dtypes); values are
+    checked for finiteness by the fold itself.
+    """
+    cid = update.client_id
+    if not update.is_weight_valid():
+        raise InvalidWeight(cid, f"weight must be finite and > 0, got {update.weight!r}")
+    if not (isinstance(update.scale, (int, float)) and math.isfinite(update.scale)):
+        raise InvalidWeight(cid, f"scale must be finite, got {update.scale!r}")
+    if version is not None and update.base_version is not None and update.base_version != version:
+        raise StaleUpdate(
+            cid, f"trained from model version {update.base_version}, aggregating version {version}"
+        )
+    problem = spec.mismatch(update.delta)
+    if problem is not None:
+        raise SpecMismatch(cid, problem)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted mean
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class MeanState:
+    """The weighted mean's partial aggregate: ``(sum w*delta, sum w, count)``.
+
+    ``acc`` holds ``sum w*delta`` in the accumulator dtype; with the float64 accumulator,
+    ``comp`` holds Neumaier's running compensation (the true sum is ``acc + comp``).
+    ``weight``/``weight_comp`` do the same for the scalar weight sum. ``undo`` is scratch
+    memory (never saved) that lets a bad batch be rolled back exactly.
+    """
+
+    spec: ParamSpec
+    version: int | None
+    accumulator: Accumulator
+    acc: Arr
+    comp: Arr | None
+    weight: float = 0.0
+    weight_comp: float = 0.0
+    count: int = 0
+    undo: Arr | None = field(default=None, repr=False, metadata={"transient": True})
+
+    def nbytes(self) -> int:
+        """Memory held by the state, scratch included."""
+        return sum(a.nbytes for a in (self.acc, self.comp, self.undo) if a is not None)
+
+
+def _two_sum(a: float, b: float) -> tuple[float, float]:
+    t = a + b
+    e = (a - t) + b if abs(a) >= abs(b) else (b - t) + a
+    return t, e
+
+
+@dataclass(frozen=True, slots=True)
+class Mean:
+    """Weighted mean of the deltas: ``sum(w_i * s_i * delta_i) / sum(w_i)``.
+
+    Args:
+        accumulator: ``"float32"`` (fast: plain sums) or ``"float64"`` (exact mode: Neumaier-
+            compensated sums).
+
+            * float32: for each coordinate, ``|err| <= gamma_n * sum_i |w_i x_i| / W`` plus
+              one rounding, with ``gamma_n = n*u/(1-n*u)``, ``u = 2**-24`` and n the number
+              of updates (the recursive-summation bound; blocking and merge trees only shorten
+              the chains). Extra memory: 2x the model (accumulator and undo scratch).
+            * float64: ``|err| <= 2*u*|S| + O(n * u**2) * sum_i |w_i x_i|`` with ``u = 2**-53``
+              before the final cast to the model dtype, i.e. accurate to the last bit for any
+              n below ~1e13. Extra memory: two float64 buffers (4x a float32 model); values
+              are checked in a separate read pass instead of an undo buffer.
+        batch: how many queued updates ``fold_many`` adds per cache-blocked pass.
+        backend: ``"numba"`` (compiled kernels), ``"numpy"`` (pure numpy fallback) or
+            ``"auto"`` (numba when installed).
+    """
+
+    accumulator: Accumulator = "float32"
+    batch: int = 64
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        if self.accumulator not in ("float32", "float64"):
+            raise ConfigError(f"accumulator must be 'float32' or 'float64', not {self.accumulator!r}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"batch must be a positive integer, not {self.batch!r}")
+        if self.backend not in ("auto", "numba", "numpy"):
+            raise ConfigError(f"backend must be 'auto', 'numba' or 'numpy', not {self.backend!r}")
+        if self.backend == "numba" and not _kernels.HAVE_NUMBA:
+            raise ConfigError("backend='numba' but numba is not installed")
+
+    @property
+    def decomposable(self) -> bool:
+        return True
+
+    @property
+    def _numba(self) -> bool:
+        return self.backend != "numpy" and _kernels.HAVE_NUMBA
+
+    def _acc_dtype(self, spec: ParamSpec) -> np.dtype[Any]:
+        if self.accumulator == "float64" or spec.dtype.itemsize > 4:
+            return np.dtype(np.float64)
+        return np.dtype(np.float32)
+
+    # -- monoid -----------------------------------------------------------------------------
+    def init(self, spec: ParamSpec, *, version: int | None = None) -> MeanState:
+        dt = self._acc_dtype(spec)
+        comp = np.zeros(spec.size, np.float64) if self.accumulator == "float64" else None
+        return MeanState(spec, version, self.accumulator, np.zeros(spec.size, dt), comp)
+
+    def fold(self, state: MeanState, update: Update) -> MeanState:
+        return self.fold_many(state, (update,))
+
+    def fold_many(self, state: MeanState, updates: Iterable[Update]) -> MeanState:
+        ups = list(updates)
+        for u in ups:
+            check_update(state.spec, state.version, u)
+        if not ups:
+            return state
+        spec = state.spec
+        pieces = [spec.segments(u.delta) for u in ups]
+        ws = np.array([float(u.weight) * float(u.scale) for u in ups], dtype=np.float64)
+        if self.accumulator == "float64":
+            self._fold_compensated(state, ups, pieces, ws)
+        else:
+            self._fold_plain(state, ups, pieces, ws)
+        w, wc = state.weight, state.weight_comp
+        for u in ups:
+            w, e = _two_sum(w, float(u.weight))
+            wc += e
+        state.weight, state.weight_comp = w, wc
+        state.count += len(ups)
+        return state
+
+    def _fold_plain(
+        self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
+    ) -> None:
+        if state.undo is None:
+            state.undo = np.empty_like(state.acc)
+        layout = _layout(state.spec, pieces)
+        saved: list[tuple[int, int]] = []  # ranges whose pre-call values sit in undo
+        for lo in range(0, len(ups), self.batch):
+            hi = min(len(ups), lo + self.batch)
+            for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
+                first = lo == 0
+                ok = _kernels.fold_plain(
+                    state.acc[s0:s1],
+                    state.undo[s0:s1],
+                    segs,
+                    ws[lo:hi],
+                    save_undo=first,
+                    use_numba=self._numba,
+                )
+                if first:
+                    saved.append((s0, s1))
+                if not ok:
+                    for r0, r1 in saved:
+                        state.acc[r0:r1] = state.undo[r0:r1]
+                    raise _nonfinite_error(ups[lo:hi], pieces[lo:hi], self._numba)
+
+    def _fold_compensated(
+        self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
+    ) -> None:
+        assert state.comp is not None
+        for u, segs in zip(ups, pieces, strict=True):  # check first: no undo buffers here
+            if not all(_kernels.all_finite(s, use_numba=self._numba) for s in segs):
+                raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
+        layout = _layout(state.spec, pieces)
+        for lo in range(0, len(ups), self.batch):
+            hi = min(len(ups), lo + self.batch)
+            for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
+                ok = _kernels.fold_compensated(
+                    state.acc[s0:s1], state.comp[s0:s1], segs, ws[lo:hi], use_numba=self._numba
+                )
+                if not ok:  # overflow of a float64 sum: practically unreachable
+                    raise StateError("float64 accumulator overflowed; the state is not usable")
+
+    def merge(self, state: MeanState, other: MeanState) -> MeanState:
+        if other.spec != state.spec:
+            raise StateError("cannot merge states of different specs")
+        if other.version != state.version:
+            raise StateError(f"cannot merge version {other.version} into {state.version}")
+        if other.accumulator != state.accumulator:
+            raise StateError("cannot merge states with different accumulators")
+        if state.comp is not None and other.comp is not None:
+            _kernels.merge_compensated(
+                state.acc, state.comp, other.acc, other.comp, use_numba=self._numba
+            )
+        else:
+            state.acc += other.acc
+        w, e = _two_sum(state.weight, other.weight)
+        state.weight = w
+        state.weight_comp += other.weight_comp + e
+        state.count += other.count
+        return state
+
+    def finalize_flat(self, state: MeanState) -> Arr:
+        if state.count == 0:
+            raise EmptyAggregate("no update was folded: nothing to finalize")
+        total = state.weight + state.weight_comp
+        out = np.empty(state.spec.size, state.spec.dtype)
+        if state.comp is None:
+            np.divide(state.acc, state.acc.dtype.type(total), out=out, casting="unsafe")
+            return out
+        step = 1 << 20
+        for lo in range(0, out.size, step):
+            hi = min(out.size, lo + step)
+            out[lo:hi] = (state.acc[lo:hi] + state.comp[lo:hi]) / total
+        return out
+
+    def finalize(self, state: MeanState) -> ArrayTree:
+        return state.spec.unflatten(self.finalize_flat(state))
+
+    def count(self, state: MeanState) -> int:
+        return state.count
+
+
+def mean(accumulator: Accumulator = "float32", *, batch: int = 64, backend: Backend = "auto") -> Mean:
+    """The weighted mean (FedAvg's aggregator). See :class:`Mean`."""
+    return Mean(accumulator=accumulator, batch=batch, backend=backend)
+
+
+def _layout(spec: ParamSpec, pieces: list[list[Arr]]) -> list[tuple[int, int]]:
+    """Coordinate ranges to fold: the whole buffer if every update is one flat piece."""
+    if all(len(p) == 1 for p in pieces):
+        return [(0, spec.size)]
+    off = spec.offsets
+    return [(off[i], off[i + 1]) for i in range(len(spec))]
+
+
+def _batch_segments(
+    layout: list[tuple[int, int]], pieces: list[list[Arr]], lo: int, hi: int
+) -> Iterable[tuple[int, int, list[Arr]]]:
+    for j, (s0, s1) in enumerate(layout):
+        if s1 == s0:
+            continue
+        segs = []
+        for p in pieces[lo:hi]:
+            if len(layout) == 1 or len(p) > 1:
+                segs.append(p[0] if len(layout) == 1 else p[j])
+            else:  # a flat update, sliced to this layer (a view)
+                segs.append(p[0][s0:s1])
+        yield s0, s1, segs
+
+
+def _nonfinite_error(ups: Sequence[Update], pieces: Sequence[list[Arr]], use_numba: bool) -> NonFiniteUpdate:
+    for u, segs in zip(ups, pieces, strict=True):
+        if not all(_kernels.all_finite(s, use_numba=use_numba) for s in segs):
+            return NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
+    ids = ", ".join(repr(u.client_id) for u in ups)
+    return NonFiniteUpdate(
+        ups[0].client_id, f"weighted sum overflows float32 (batch of clients {ids})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-transforms and composition
+# --------------------------------------------------------------------------------------------
+
+
+class PreTransform(Protocol):
+    """A per-update transform applied before the aggregator (e.g. norm clipping).
+
+    It returns a new :class:`Update` (usually with a new ``scale``) and never copies the delta;
+    it raises an :class:`~fedagg.errors.UpdateError` to refuse the update.
+    """
+
+    def __call__(self, spec: ParamSpec, update: Update) -> Update: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Composed:
+    """Pre-transforms applied to every update before ``inner`` folds it. See :func:`compose`."""
+
+    pre: tuple[PreTransform, ...]
+    inner: Aggregator[Any]
+
+    @property
+    def decomposable(self) -> bool:
+        return self.inner.decomposable
+
+    def init(self, spec: ParamSpec, *, version: int | None = None) -> Any:
+        return self.inner.init(spec, version=version)
+
+    def _apply(self, state: Any, update: Update) -> Update:
+        spec: ParamSpec = state.spec
+        check_update(spec, getattr(state, "version", None), update)
+        for t in self.pre:
+            update = t(spec, update)
+        return update
+
+    def fold(self, state: Any, update: Update) -> Any:
+        return self.inner.fold(state, self._apply(state, update))
+
+    def fold_many(self, state: Any, updates: Iterable[Update]) -> Any:
+        return self.inner.fold_many(state, [self._apply(state, u) for u in updates])
+
+    def merge(self, state: Any, other: Any) -> Any:
+        return self.inner.merge(state, other)
+
+    def finalize(self, state: Any) -> ArrayTree:
+        return self.inner.finalize(state)
+
+    def finalize_flat(self, state: Any) -> Arr:
+        return self.inner.finalize_flat(state)
+
+    def count(self, state: Any) -> int:
+        return self.inner.count(state)
+
+
+def compose(*parts: PreTransform | Aggregator[Any]) -> Composed:
+    """``compose(clip_norm(1.0), reject_nonfinite(), mean())``: pre-transforms, then the
+    aggregator (last). The result is an aggregator with the inner one's state."""
+    if not parts:
+        raise ConfigError("compose needs at least an aggregator")
+    *pre, inner = parts
+    if not isinstance(inner, Aggregator):
+        raise ConfigError("the last argument of compose must be an aggregator")
+    for p in pre:
+        if isinstance(p, Aggregator) or not callable(p):
+            raise ConfigError(f"{p!r} is not a pre-transform; only the last part may aggregate")
+    if isinstance(inner, Composed):
+        return Composed(tuple(pre) + inner.pre, inner.inner)  # type: ignore[arg-type]
+    return Composed(tuple(pre), inner)  # type: ignore[arg-type]
+
+
+def scaled(update: Update, factor: float) -> Update:
+    """``update`` with its delta scaled by ``factor`` (no copy of the delta)."""
+    return replace(update, scale=update.scale * factor)

@@ -1,0 +1,259 @@
+"""ParamSpec: a model's named arrays laid out as one contiguous flat buffer.
+
+A spec is plain data (names, shapes, one dtype). It maps a model (a list or dict of arrays) to a
+flat 1-D buffer and back; :meth:`ParamSpec.unflatten` returns views, never copies, and
+:meth:`ParamSpec.as_flat` recognises arrays that already are views of one flat buffer (or raw
+bytes) and returns the buffer itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.errors import SpecError
+
+__all__ = ["ArrayTree", "ParamSpec"]
+
+#: A model or an update as the user holds it: a list (or tuple) or a dict of arrays.
+ArrayTree: TypeAlias = Sequence[npt.NDArray[Any]] | Mapping[str, npt.NDArray[Any]]
+Flat: TypeAlias = npt.NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """Names, shapes and the dtype of a model's arrays, and their offsets in a flat buffer.
+
+    ``keyed`` records whether the model was a dict (``True``) or a list; ``unflatten`` gives
+    back the same structure.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: np.dtype[Any]
+    keyed: bool
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shapes):
+            raise SpecError("names and shapes differ in length")
+        if len(set(self.names)) != len(self.names):
+            raise SpecError("array names must be unique")
+        if not self.names:
+            raise SpecError("a spec needs at least one array")
+        if self.dtype.kind != "f":
+            raise SpecError(f"only floating-point models are supported, got dtype {self.dtype}")
+        for shape in self.shapes:
+            if any((not isinstance(d, int)) or d < 0 for d in shape):
+                raise SpecError(f"invalid shape {shape}")
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, arrays: ArrayTree) -> ParamSpec:
+        """The spec of a list (or tuple) or a dict of arrays, all of one floating dtype."""
+        if isinstance(arrays, Mapping):
+            names = tuple(str(k) for k in arrays)
+            values = [np.asarray(v) for v in arrays.values()]
+            keyed = True
+        elif isinstance(arrays, Sequence) and not isinstance(arrays, (str, bytes)):
+            values = [np.asarray(v) for v in arrays]
+            names = tuple(str(i) for i in range(len(values)))
+            keyed = False
+        else:
+            raise SpecError(f"expected a list or dict of arrays, got {type(arrays).__name__}")
+        if not values:
+            raise SpecError("a spec needs at least one array")
+        dtypes = {v.dtype for v in values}
+        if len(dtypes) != 1:
+            raise SpecError(
+                f"all arrays must share one dtype, got {sorted(str(d) for d in dtypes)}; "
+                "cast them (e.g. to float32) first"
+            )
+        dtype = dtypes.pop()
+        shapes = tuple(tuple(int(d) for d in v.shape) for v in values)
+        return cls(names=names, shapes=shapes, dtype=np.dtype(dtype), keyed=keyed)
+
+    # -- derived layout ---------------------------------------------------------------------
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each array in the flat buffer, in elements; the last entry is ``size``."""
+        out = [0]
+        for n in self.sizes:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    @property
+    def size(self) -> int:
+        """Total number of elements."""
+        return sum(self.sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # -- conversions ------------------------------------------------------------------------
+    def zeros(self, dtype: npt.DTypeLike | None = None) -> Flat:
+        """A new zero flat buffer (of the spec's dtype unless another is given)."""
+        return np.zeros(self.size, dtype=self.dtype if dtype is None else dtype)
+
+    def unflatten(self, flat: Flat) -> ArrayTree:
+        """Views of ``flat`` shaped like the model, as a list or a dict. No copy is made."""
+        flat = np.asarray(flat)
+        if flat.ndim != 1 or flat.shape[0] != self.size:
+            raise SpecError(f"expected a flat buffer of {self.size} elements, got {flat.shape}")
+        off = self.offsets
+        views = [flat[off[i] : off[i + 1]].reshape(s) for i, s in enumerate(self.shapes)]
+        if self.keyed:
+            return dict(zip(self.names, views, strict=True))
+        return views
+
+    def leaves(self, arrays: ArrayTree) -> list[npt.NDArray[Any]]:
+        """The arrays of a model in spec order; raises SpecError where they do not fit."""
+        problem = self.mismatch(arrays)
+        if problem is not None:
+            raise SpecError(problem)
+        return self._leaves_unchecked(arrays)
+
+    def _leaves_unchecked(self, arrays: ArrayTree) -> list[npt.NDArray[Any]]:
+        if isinstance(arrays, Mapping):
+            return [np.asarray(arrays[n]) for n in self.names]
+        return [np.asarray(a) for a in arrays]
+
+    def mismatch(self, arrays: ArrayTree | Flat | bytes | memoryview) -> str | None:
+        """Why ``arrays`` does not fit this spec, or ``None`` if it does."""
+        if isinstance(arrays, (bytes, bytearray, memoryview)):
+            nbytes = memoryview(arrays).nbytes
+            if nbytes != self.nbytes:
+                return f"buffer of {nbytes} bytes, expected {self.nbytes}"
+            return None
+        if isinstance(arrays, np.ndarray):
+            if arrays.ndim == 1 and arrays.shape[0] == self.size:
+                return _dtype_problem("flat buffer", arrays.dtype, self.dtype)
+            return f"flat buffer of shape {arrays.shape}, expected ({self.size},)"
+        if isinstance(arrays, Mapping):
+            if set(arrays) != set(self.names):
+                missing = sorted(set(self.names) - set(arrays))
+                extra = sorted(set(map(str, arrays)) - set(self.names))
+                return f"array names differ from the spec (missing {missing}, unexpected {extra})"
+            items = [(n, arrays[n]) for n in self.names]
+        elif isinstance(arrays, Sequence) and not isinstance(arrays, str):
+            if len(arrays) != len(self.names):
+                return f"{len(arrays)} arrays, expected {len(self.names)}"
+            items = list(zip(self.names, arrays, strict=True))
+        else:
+            return f"expected a list or dict of arrays or a flat buffer, got {type(arrays)}"
+        for (name, a), shape in zip(items, self.shapes, strict=True):
+            arr = np.asarray(a)
+            if arr.shape != shape:
+                return f"array {name!r} has shape {arr.shape}, expected {shape}"
+            problem = _dtype_problem(f"array {name!r}", arr.dtype, self.dtype)
+            if problem is not None:
+                return problem
+        return None
+
+    def as_flat(self, arrays: ArrayTree | Flat | bytes | memoryview) -> Flat:
+        """One contiguous flat buffer holding ``arrays``, without a copy where possible.
+
+        A flat array or a bytes-like buffer is viewed as is; a list or dict whose arrays are
+        consecutive views of one flat buffer (as :meth:`unflatten` makes them) returns that
+        buffer; anything else is copied into a new buffer. Call :meth:`mismatch` first:
+        this method assumes ``arrays`` fits the spec.
+        """
+        if isinstance(arrays, (bytes, bytearray, memoryview)):
+            return np.frombuffer(arrays, dtype=self.dtype)
+        if isinstance(arrays, np.ndarray) and arrays.ndim == 1 and arrays.shape[0] == self.size:
+            return np.ascontiguousarray(arrays)
+        leaves = self._leaves_unchecked(cast(ArrayTree, arrays))
+        base = _common_flat_base(leaves, self)
+        if base is not None:
+            return base
+        out = np.empty(self.size, dtype=self.dtype)
+        off = self.offsets
+        for i, leaf in enumerate(leaves):
+            out[off[i] : off[i + 1]] = leaf.reshape(-1)
+        return out
+
+    def segments(self, arrays: ArrayTree | Flat | bytes | memoryview) -> list[Flat]:
+        """The update as 1-D contiguous pieces covering the flat layout in order, no copies.
+
+        A flat buffer (or arrays viewing one) is a single piece; otherwise each array is one
+        piece (copied only if it was not contiguous).
+        """
+        if isinstance(arrays, (bytes, bytearray, memoryview, np.ndarray)):
+            return [self.as_flat(arrays)]
+        leaves = self._leaves_unchecked(arrays)
+        base = _common_flat_base(leaves, self)
+        if base is not None:
+            return [base]
+        return [np.ascontiguousarray(leaf).reshape(-1) for leaf in leaves]
+
+    # -- plain data -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "dtype": self.dtype.str,
+            "keyed": self.keyed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParamSpec:
+        try:
+            return cls(
+                names=tuple(str(n) for n in d["names"]),
+                shapes=tuple(tuple(int(x) for x in s) for s in d["shapes"]),
+                dtype=np.dtype(d["dtype"]),
+                keyed=bool(d["keyed"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise SpecError(f"not a ParamSpec description: {e}") from e
+
+
+def _dtype_problem(what: str, got: np.dtype[Any], want: np.dtype[Any]) -> str | None:
+    if got != want:
+        return f"{what} has dtype {got}, expected {want}"
+    return None
+
+
+def _common_flat_base(leaves: list[npt.NDArray[Any]], spec: ParamSpec) -> Flat | None:
+    """The flat buffer that ``leaves`` are consecutive views of, if there is one."""
+    base = leaves[0].base
+    if not isinstance(base, np.ndarray):
+        return None
+    # unflatten's views are reshapes of slices; walk to the 1-D buffer they all share.
+    while base.base is not None and isinstance(base.base, np.ndarray) and base.ndim != 1:
+        base = base.base
+    root = base
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    flat = root if root.ndim == 1 else base
+    if (
+        flat.ndim != 1
+        or flat.shape[0] < spec.size
+        or flat.dtype != spec.dtype
+        or not flat.flags.c_contiguous
+    ):
+        return None
+    start = leaves[0].__array_interface__["data"][0]
+    itemsize = spec.dtype.itemsize
+    flat_ptr = flat.__array_interface__["data"][0]
+    first = (start - flat_ptr) // itemsize
+    if first < 0 or first + spec.size > flat.shape[0]:
+        return None
+    off = spec.offsets
+    for i, leaf in enumerate(leaves):
+        ptr = leaf.__array_interface__["data"][0]
+        if leaf.size and ptr != flat_ptr + (first + off[i]) * itemsize or not leaf.flags.c_contiguous:
+            return None
+    return flat[first : first + spec.size]

@@ -1,0 +1,163 @@
+"""Strategies: one-line recipes composing pre-transforms, an aggregator and a server optimizer.
+
+A strategy owns no mutable attributes; the server's state is a value::
+
+    s = fedagg.strategies.fedadam(lr=0.1)
+    server = s.init(initial_params)
+    agg = s.begin(server)                      # the round's empty aggregate
+    agg = s.aggregator.fold(agg, update)       # as updates arrive
+    server = s.apply(server, agg)              # finalize, optimizer step, version + 1
+
+Swapping a piece is an argument, not a subclass: ``fedadam(aggregator=some_robust_rule)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+
+from fedagg.core import optim
+from fedagg.core.aggregate import Aggregator, PreTransform, compose, mean
+from fedagg.core.optim import Flavor, OptState, ServerOptimizer
+from fedagg.core.spec import ArrayTree, ParamSpec
+from fedagg.core.update import Update
+
+__all__ = [
+    "ServerState",
+    "Strategy",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedyogi",
+    "strategy",
+]
+
+Arr = npt.NDArray[Any]
+
+
+@dataclass(slots=True)
+class ServerState:
+    """The global model (flat, in the spec's layout), its version and the optimizer state."""
+
+    spec: ParamSpec
+    params: Arr
+    version: int
+    opt: OptState
+
+    @property
+    def model(self) -> ArrayTree:
+        """The global model as a list or dict of views."""
+        return self.spec.unflatten(self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """An aggregator (with its pre-transforms) followed by a server optimizer."""
+
+    name: str
+    aggregator: Aggregator[Any]
+    optimizer: ServerOptimizer
+
+    def init(self, params: ArrayTree, *, version: int = 0) -> ServerState:
+        spec = ParamSpec.from_arrays(params)
+        flat = spec.as_flat(params).copy()
+        return ServerState(spec, flat, version, self.optimizer.init(flat))
+
+    def begin(self, server: ServerState) -> Any:
+        """The empty aggregate of a round on the current model version."""
+        return self.aggregator.init(server.spec, version=server.version)
+
+    def apply(self, server: ServerState, agg_state: Any) -> ServerState:
+        """Finalize the round's aggregate and take one optimizer step."""
+        delta = self.aggregator.finalize_flat(agg_state)
+        params, opt_state = self.optimizer.step(server.opt, server.params, delta)
+        return ServerState(server.spec, params, server.version + 1, opt_state)
+
+    def round(self, server: ServerState, updates: Iterable[Update]) -> ServerState:
+        """Fold ``updates`` (all or none) and apply them: one synchronous round."""
+        agg = self.aggregator.fold_many(self.begin(server), updates)
+        return self.apply(server, agg)
+
+
+def strategy(
+    name: str,
+    optimizer: ServerOptimizer,
+    *,
+    aggregator: Aggregator[Any] | None = None,
+    pre: Iterable[PreTransform] = (),
+) -> Strategy:
+    """A strategy from parts: ``pre`` transforms, ``aggregator`` (default: the weighted mean),
+    and ``optimizer``."""
+    agg: Aggregator[Any] = mean() if aggregator is None else aggregator
+    pre = tuple(pre)
+    if pre:
+        agg = compose(*pre, agg)
+    return Strategy(name, agg, optimizer)
+
+
+def fedavg(
+    lr: float = 1.0, *, aggregator: Aggregator[Any] | None = None, pre: Iterable[PreTransform] = ()
+) -> Strategy:
+    """FedAvg (McMahan et al. 2017): weighted mean, then ``x += lr * delta`` (lr = 1)."""
+    return strategy("fedavg", optim.sgd(lr), aggregator=aggregator, pre=pre)
+
+
+def fedavgm(
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    *,
+    aggregator: Aggregator[Any] | None = None,
+    pre: Iterable[PreTransform] = (),
+) -> Strategy:
+    """FedAvgM (Hsu et al. 2019): server momentum on the mean delta."""
+    return strategy("fedavgm", optim.momentum(lr, momentum), aggregator=aggregator, pre=pre)
+
+
+def fedadam(
+    lr: float = 0.1,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+    flavor: Flavor = "paper",
+    *,
+    aggregator: Aggregator[Any] | None = None,
+    pre: Iterable[PreTransform] = (),
+) -> Strategy:
+    """FedAdam (Reddi et al. 2021)."""
+    opt = optim.adam(lr, beta1, beta2, tau, flavor)
+    return strategy("fedadam", opt, aggregator=aggregator, pre=pre)
+
+
+def fedyogi(
+    lr: float = 0.01,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+    flavor: Flavor = "paper",
+    *,
+    aggregator: Aggregator[Any] | None = None,
+    pre: Iterable[PreTransform] = (),
+) -> Strategy:
+    """FedYogi (Reddi et al. 2021)."""
+    opt = optim.yogi(lr, beta1, beta2, tau, flavor)
+    return strategy("fedyogi", opt, aggregator=aggregator, pre=pre)
+
+
+def fedadagrad(
+    lr: float = 0.1,
+    beta1: float = 0.0,
+    tau: float = 1e-3,
+    flavor: Flavor = "paper",
+    *,
+    aggregator: Aggregator[Any] | None = None,
+    pre: Iterable[PreTransform] = (),
+) -> Strategy:
+    """FedAdagrad (Reddi et al. 2021)."""
+    opt = optim.adagrad(lr, beta1, tau, flavor)
+    return strategy("fedadagrad", opt, aggregator=aggregator, pre=pre)
+
+

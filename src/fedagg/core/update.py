@@ -1,0 +1,47 @@
+"""Update: one client's contribution to a round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core.spec import ArrayTree
+
+__all__ = ["Delta", "Update"]
+
+#: What an update's delta may be: arrays shaped like the spec (list or dict), one flat
+#: array, or raw bytes in the spec's dtype (viewed without a copy).
+Delta: TypeAlias = ArrayTree | npt.NDArray[Any] | bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A client's model delta, ``delta = client result - global model``, and its metadata.
+
+    Args:
+        delta: arrays matching the spec (list or dict), or one flat buffer.
+        weight: the client's aggregation weight, typically its sample count; must be > 0.
+        client_id: who sent it; named in every error about it.
+        base_version: the global model version the client trained from. ``None`` skips the
+            version check.
+        metrics: optional scalar metrics reported by the client (loss, accuracy, ...).
+        scale: a factor applied to the delta (not to the weight) when it is folded. Pre-
+            transforms such as norm clipping set it so that they never copy the delta.
+    """
+
+    delta: Delta
+    weight: float = 1.0
+    client_id: str = ""
+    base_version: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    scale: float = 1.0
+
+    def is_weight_valid(self) -> bool:
+        w = self.weight
+        return isinstance(w, (int, float, np.floating, np.integer)) and bool(
+            np.isfinite(w) and w > 0
+        )

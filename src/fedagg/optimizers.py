@@ -1,0 +1,54 @@
+"""Server optimizers and the transforms they are chained from.
+
+>>> import numpy as np, fedagg
+>>> opt = fedagg.optimizers.sgd(lr=1.0)
+>>> params = [np.zeros(2, np.float32)]
+>>> state = opt.init(params)
+>>> params, state = opt.step(state, params, [np.ones(2, np.float32)])
+>>> params[0].tolist()
+[1.0, 1.0]
+"""
+
+from fedagg.core.optim import (
+    AdamState,
+    ChainState,
+    EmptyState,
+    Flavor,
+    OptState,
+    ServerOptimizer,
+    TraceState,
+    Transform,
+    adagrad,
+    adam,
+    chain,
+    momentum,
+    scale,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_yogi,
+    sgd,
+    trace,
+    yogi,
+)
+
+__all__ = [
+    "AdamState",
+    "ChainState",
+    "EmptyState",
+    "Flavor",
+    "OptState",
+    "ServerOptimizer",
+    "TraceState",
+    "Transform",
+    "adagrad",
+    "adam",
+    "chain",
+    "momentum",
+    "scale",
+    "scale_by_adagrad",
+    "scale_by_adam",
+    "scale_by_yogi",
+    "sgd",
+    "trace",
+    "yogi",
+]

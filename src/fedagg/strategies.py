@@ -1,0 +1,29 @@
+"""One-line strategy recipes: pre-transforms + aggregator + server optimizer.
+
+>>> import fedagg
+>>> s = fedagg.strategies.fedadam(lr=0.1, flavor="flower")
+>>> s.name, s.optimizer.name
+('fedadam', 'adam')
+"""
+
+from fedagg.core.strategy import (
+    ServerState,
+    Strategy,
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedyogi,
+    strategy,
+)
+
+__all__ = [
+    "ServerState",
+    "Strategy",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedyogi",
+    "strategy",
+]
