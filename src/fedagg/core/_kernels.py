@@ -53,114 +53,149 @@ if HAVE_NUMBA:
     # No 'nnan'/'ninf': the finiteness checks must survive ('x - x' tricks do not: LLVM
     # folds them under 'reassoc'). 'contract' turns w*x+a into one FMA.
     _FM = {"nsz", "arcp", "contract", "reassoc"}
+    _jit = numba.njit(fastmath=_FM, cache=True, nogil=True)
+    _jit_exact = numba.njit(cache=True, nogil=True)
+    _pjit = numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+    _pjit_exact = numba.njit(parallel=True, cache=True, nogil=True)
 
-    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def _fold_plain_nb(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
+    # Each kernel is one block function plus two drivers: a serial loop for small work (a
+    # parallel launch costs ~0.1-1 ms of thread wake-up) and a prange loop for large work.
+
+    @_jit
+    def _plain_block(
+        acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool, lo: int, hi: int
+    ) -> int:
+        m = hi - lo
+        a = acc[lo:hi]
+        loc = np.empty(m, acc.dtype)
+        for i in range(m):
+            loc[i] = a[i]
+        if save_undo:
+            u = undo[lo:hi]
+            for i in range(m):
+                u[i] = loc[i]
+        for k in range(len(xs)):
+            x = xs[k][lo:hi]
+            w = ws[k]
+            for i in range(m):
+                loc[i] += w * x[i]
+        nbad = 0
+        for i in range(m):
+            a[i] = loc[i]
+            nbad += not np.isfinite(loc[i])
+        return nbad
+
+    @_pjit
+    def _fold_plain_par(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
         n = acc.size
         nblk = (n + BLOCK - 1) // BLOCK
-        bad = np.zeros(nblk, np.uint8)
+        bad = np.zeros(nblk, np.int64)
         for b in prange(nblk):
-            lo = b * BLOCK
-            hi = min(n, lo + BLOCK)
-            m = hi - lo
-            a = acc[lo:hi]
-            loc = np.empty(m, acc.dtype)
-            for i in range(m):
-                loc[i] = a[i]
-            if save_undo:
-                u = undo[lo:hi]
-                for i in range(m):
-                    u[i] = loc[i]
-            for k in range(len(xs)):
-                x = xs[k][lo:hi]
-                w = ws[k]
-                for i in range(m):
-                    loc[i] += w * x[i]
-            nbad = 0
-            for i in range(m):
-                a[i] = loc[i]
-                nbad += not np.isfinite(loc[i])
-            if nbad:
-                bad[b] = 1
+            bad[b] = _plain_block(acc, undo, xs, ws, save_undo, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(bad.sum() == 0)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def _fold_comp_nb(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
+    @_jit
+    def _fold_plain_ser(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
+        n = acc.size
+        bad = 0
+        for lo in range(0, n, BLOCK):
+            bad += _plain_block(acc, undo, xs, ws, save_undo, lo, min(n, lo + BLOCK))
+        return bool(bad == 0)
+
+    @_jit_exact
+    def _comp_block(acc: Arr, comp: Arr, xs: Any, ws: Arr, lo: int, hi: int) -> int:
         # Neumaier's compensated summation, per coordinate. No fastmath: the compensation
         # term is exactly what re-association would optimise away.
+        m = hi - lo
+        s = acc[lo:hi].copy()
+        c = comp[lo:hi].copy()
+        for k in range(len(xs)):
+            x = xs[k][lo:hi]
+            w = ws[k]
+            for i in range(m):
+                v = w * np.float64(x[i])
+                t = s[i] + v
+                if abs(s[i]) >= abs(v):
+                    c[i] += (s[i] - t) + v
+                else:
+                    c[i] += (v - t) + s[i]
+                s[i] = t
+        nbad = 0
+        for i in range(m):
+            nbad += not (np.isfinite(s[i]) and np.isfinite(c[i]))
+        acc[lo:hi] = s
+        comp[lo:hi] = c
+        return nbad
+
+    @_pjit_exact
+    def _fold_comp_par(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
         n = acc.size
         nblk = (n + BLOCK - 1) // BLOCK
-        bad = np.zeros(nblk, np.uint8)
+        bad = np.zeros(nblk, np.int64)
         for b in prange(nblk):
-            lo = b * BLOCK
-            hi = min(n, lo + BLOCK)
-            m = hi - lo
-            s = acc[lo:hi].copy()
-            c = comp[lo:hi].copy()
-            for k in range(len(xs)):
-                x = xs[k][lo:hi]
-                w = ws[k]
-                for i in range(m):
-                    v = w * np.float64(x[i])
-                    t = s[i] + v
-                    if abs(s[i]) >= abs(v):
-                        c[i] += (s[i] - t) + v
-                    else:
-                        c[i] += (v - t) + s[i]
-                    s[i] = t
-            ok = True
-            for i in range(m):
-                if not (np.isfinite(s[i]) and np.isfinite(c[i])):
-                    ok = False
-            acc[lo:hi] = s
-            comp[lo:hi] = c
-            if not ok:
-                bad[b] = 1
+            bad[b] = _comp_block(acc, comp, xs, ws, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(bad.sum() == 0)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    @_jit_exact
+    def _fold_comp_ser(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
+        n = acc.size
+        bad = 0
+        for lo in range(0, n, BLOCK):
+            bad += _comp_block(acc, comp, xs, ws, lo, min(n, lo + BLOCK))
+        return bool(bad == 0)
+
+    @_pjit_exact
     def _merge_comp_nb(s1: Arr, c1: Arr, s2: Arr, c2: Arr) -> None:
         for i in prange(s1.size):
             a = s1[i]
             v = s2[i]
             t = a + v
-            if abs(a) >= abs(v):
-                e = (a - t) + v
-            else:
-                e = (v - t) + a
+            e = ((a - t) + v) if abs(a) >= abs(v) else ((v - t) + a)
             s1[i] = t
             c1[i] = c1[i] + c2[i] + e
 
-    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def _all_finite_nb(x: Arr) -> bool:
+    @_jit
+    def _count_nonfinite(x: Arr, lo: int, hi: int) -> int:
+        xb = x[lo:hi]
+        c = 0
+        for i in range(hi - lo):
+            c += not np.isfinite(xb[i])
+        return c
+
+    @_pjit
+    def _all_finite_par(x: Arr) -> bool:
         n = x.size
         nblk = (n + BLOCK - 1) // BLOCK
         nbad = np.zeros(nblk, np.int64)
         for b in prange(nblk):
-            lo = b * BLOCK
-            hi = min(n, lo + BLOCK)
-            xb = x[lo:hi]
-            c = 0
-            for i in range(hi - lo):
-                c += not np.isfinite(xb[i])
-            nbad[b] = c
+            nbad[b] = _count_nonfinite(x, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(nbad.sum() == 0)
 
-    @numba.njit(parallel=True, fastmath=_FM, cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def _sum_squares_nb(x: Arr) -> float:
+    @_jit
+    def _sumsq_block(x: Arr, lo: int, hi: int) -> float:
+        xb = x[lo:hi]
+        s = 0.0
+        for i in range(hi - lo):
+            v = np.float64(xb[i])
+            s += v * v
+        return s
+
+    @_pjit
+    def _sum_squares_par(x: Arr) -> float:
         n = x.size
         nblk = (n + BLOCK - 1) // BLOCK
         part = np.zeros(nblk, np.float64)
         for b in prange(nblk):
-            lo = b * BLOCK
-            hi = min(n, lo + BLOCK)
-            xb = x[lo:hi]
-            s = 0.0
-            for i in range(hi - lo):
-                v = np.float64(xb[i])
-                s += v * v
-            part[b] = s
+            part[b] = _sumsq_block(x, b * BLOCK, min(n, (b + 1) * BLOCK))
         return float(part.sum())
+
+
+#: Below this many elements of work a kernel runs serially (no thread wake-up).
+PARALLEL_MIN_WORK = 1 << 20
+
+
+def _parallel(n: int, k: int = 1) -> bool:
+    return n > BLOCK and n * (k + 2) >= PARALLEL_MIN_WORK
 
 
 def _readonly(x: Arr) -> Arr:
@@ -185,7 +220,13 @@ def fold_plain(
     With ``save_undo`` the previous ``acc`` is copied to ``undo`` first.
     """
     if use_numba and acc.size:
-        return bool(_fold_plain_nb(acc, undo, _typed(xs), ws.astype(acc.dtype), save_undo))
+        kern = _fold_plain_par if _parallel(acc.size, len(xs)) else _fold_plain_ser
+        return bool(kern(acc, undo, _typed(xs), ws.astype(acc.dtype), save_undo))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _fold_plain_np(acc, undo, xs, ws, save_undo)
+
+
+def _fold_plain_np(acc: Arr, undo: Arr, xs: Sequence[Arr], ws: Arr, save_undo: bool) -> bool:
     ok = True
     scratch = np.empty(min(_NP_BLOCK, acc.size), acc.dtype)
     for lo in range(0, acc.size, _NP_BLOCK):
@@ -204,7 +245,14 @@ def fold_plain(
 def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_numba: bool) -> bool:
     """Neumaier-compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64."""
     if use_numba and acc.size:
-        return bool(_fold_comp_nb(acc, comp, _typed(xs), ws.astype(np.float64)))
+        kern = _fold_comp_par if _parallel(acc.size, len(xs)) else _fold_comp_ser
+        return bool(kern(acc, comp, _typed(xs), ws.astype(np.float64)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        _fold_comp_np(acc, comp, xs, ws)
+    return bool(np.isfinite(acc).all() and np.isfinite(comp).all())
+
+
+def _fold_comp_np(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr) -> None:
     for lo in range(0, acc.size, _NP_BLOCK):
         hi = min(acc.size, lo + _NP_BLOCK)
         s = acc[lo:hi]
@@ -215,12 +263,11 @@ def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_num
             big = np.abs(s) >= np.abs(v)
             c += np.where(big, (s - t) + v, (v - t) + s)
             s[...] = t
-    return bool(np.isfinite(acc).all() and np.isfinite(comp).all())
 
 
 def merge_compensated(s1: Arr, c1: Arr, s2: Arr, c2: Arr, *, use_numba: bool) -> None:
     """``(s1, c1) += (s2, c2)`` with the rounding error of the sum folded into ``c1``."""
-    if use_numba and s1.size:
+    if use_numba and _parallel(s1.size):
         _merge_comp_nb(s1, c1, s2, c2)
         return
     t = s1 + s2
@@ -235,7 +282,9 @@ def all_finite(x: Arr, *, use_numba: bool) -> bool:
     if x.size == 0:
         return True
     if use_numba:
-        return bool(_all_finite_nb(_readonly(x)))
+        if _parallel(x.size):
+            return bool(_all_finite_par(_readonly(x)))
+        return bool(_count_nonfinite(_readonly(x), 0, x.size) == 0)
     return all(
         bool(np.isfinite(x[lo : lo + _NP_BLOCK]).all()) for lo in range(0, x.size, _NP_BLOCK)
     )
@@ -246,7 +295,9 @@ def sum_squares(x: Arr, *, use_numba: bool) -> float:
     if x.size == 0:
         return 0.0
     if use_numba:
-        return float(_sum_squares_nb(_readonly(x)))
+        if _parallel(x.size):
+            return float(_sum_squares_par(_readonly(x)))
+        return float(_sumsq_block(_readonly(x), 0, x.size))
     total = 0.0
     for lo in range(0, x.size, _NP_BLOCK):
         c = x[lo : lo + _NP_BLOCK].astype(np.float64)

@@ -177,7 +177,9 @@ class Mean:
 
     def __post_init__(self) -> None:
         if self.accumulator not in ("float32", "float64"):
-            raise ConfigError(f"accumulator must be 'float32' or 'float64', not {self.accumulator!r}")
+            raise ConfigError(
+                f"accumulator must be 'float32' or 'float64', not {self.accumulator!r}"
+            )
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigError(f"batch must be a positive integer, not {self.batch!r}")
         if self.backend not in ("auto", "numba", "numpy"):
@@ -278,6 +280,15 @@ class Mean:
             raise StateError(f"cannot merge version {other.version} into {state.version}")
         if other.accumulator != state.accumulator:
             raise StateError("cannot merge states with different accumulators")
+        if other.count == 0:  # the identity: exactly nothing to add (not even a -0.0 sign)
+            return state
+        if state.count == 0:
+            state.acc[...] = other.acc
+            if state.comp is not None and other.comp is not None:
+                state.comp[...] = other.comp
+            state.weight, state.weight_comp = other.weight, other.weight_comp
+            state.count = other.count
+            return state
         if state.comp is not None and other.comp is not None:
             _kernels.merge_compensated(
                 state.acc, state.comp, other.acc, other.comp, use_numba=self._numba
@@ -311,7 +322,9 @@ class Mean:
         return state.count
 
 
-def mean(accumulator: Accumulator = "float32", *, batch: int = 64, backend: Backend = "auto") -> Mean:
+def mean(
+    accumulator: Accumulator = "float32", *, batch: int = 64, backend: Backend = "auto"
+) -> Mean:
     """The weighted mean (FedAvg's aggregator). See :class:`Mean`."""
     return Mean(accumulator=accumulator, batch=batch, backend=backend)
 
@@ -339,7 +352,9 @@ def _batch_segments(
         yield s0, s1, segs
 
 
-def _nonfinite_error(ups: Sequence[Update], pieces: Sequence[list[Arr]], use_numba: bool) -> NonFiniteUpdate:
+def _nonfinite_error(
+    ups: Sequence[Update], pieces: Sequence[list[Arr]], use_numba: bool
+) -> NonFiniteUpdate:
     for u, segs in zip(ups, pieces, strict=True):
         if not all(_kernels.all_finite(s, use_numba=use_numba) for s in segs):
             return NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")

@@ -267,7 +267,7 @@ class ServerOptimizer:
             return new, state
         out = spec.unflatten(new)
         if not spec.keyed and isinstance(params, tuple):
-            return tuple(out), state  # type: ignore[arg-type]
+            return tuple(out), state
         return out, state
 
 
@@ -316,8 +316,14 @@ def adam(
     """FedAdam: ``m = b1 m + (1-b1) d``, ``v = b2 v + (1-b2) d^2``, ``x += lr m/(sqrt v + tau)``."""
     _check_positive("lr", lr)
     return _opt(
-        "adam", scale_by_adam(beta1, beta2, tau, flavor), scale(lr),
-        lr=lr, beta1=beta1, beta2=beta2, tau=tau, flavor=flavor,
+        "adam",
+        scale_by_adam(beta1, beta2, tau, flavor),
+        scale(lr),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        tau=tau,
+        flavor=flavor,
     )
 
 
@@ -331,8 +337,14 @@ def yogi(
     """FedYogi: as FedAdam with ``v = v - (1-b2) d^2 sign(v - d^2)``."""
     _check_positive("lr", lr)
     return _opt(
-        "yogi", scale_by_yogi(beta1, beta2, tau, flavor), scale(lr),
-        lr=lr, beta1=beta1, beta2=beta2, tau=tau, flavor=flavor,
+        "yogi",
+        scale_by_yogi(beta1, beta2, tau, flavor),
+        scale(lr),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        tau=tau,
+        flavor=flavor,
     )
 
 
@@ -342,8 +354,11 @@ def adagrad(
     """FedAdagrad: ``v = v + d^2``; ``beta1 = 0`` (Flower's setting) makes ``m = d``."""
     _check_positive("lr", lr)
     return _opt(
-        "adagrad", scale_by_adagrad(beta1, tau, flavor), scale(lr),
-        lr=lr, beta1=beta1, tau=tau, flavor=flavor,
+        "adagrad",
+        scale_by_adagrad(beta1, tau, flavor),
+        scale(lr),
+        lr=lr,
+        beta1=beta1,
+        tau=tau,
+        flavor=flavor,
     )
-
-

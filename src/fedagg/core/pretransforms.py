@@ -17,9 +17,8 @@ __all__ = ["ClipNorm", "RejectNonFinite", "clip_norm", "reject_nonfinite", "upda
 def update_norm(spec: ParamSpec, update: Update) -> float:
     """The L2 norm of an update's delta (before its ``scale``), accumulated in float64."""
     use_numba = _kernels.HAVE_NUMBA
-    return math.sqrt(
-        sum(_kernels.sum_squares(s, use_numba=use_numba) for s in spec.segments(update.delta))
-    )
+    segs = spec.segments(update.delta)
+    return math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use_numba) for s in segs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,9 @@ class RejectNonFinite:
 
     def __call__(self, spec: ParamSpec, update: Update) -> Update:
         use_numba = _kernels.HAVE_NUMBA
-        if not all(_kernels.all_finite(s, use_numba=use_numba) for s in spec.segments(update.delta)):
+        if not all(
+            _kernels.all_finite(s, use_numba=use_numba) for s in spec.segments(update.delta)
+        ):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
         return update
 

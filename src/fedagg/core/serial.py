@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,9 @@ def dumps(state: Any) -> bytes:
     skeleton = {"format": FORMAT_VERSION, "state": _encode(state, arrays)}
     meta = np.frombuffer(json.dumps(skeleton, allow_nan=True).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, __meta__=meta, **{f"a{i}": a for i, a in enumerate(arrays)})
+    payload: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
+    payload["__meta__"] = meta
+    np.savez(buf, **payload)
     return buf.getvalue()
 
 
@@ -110,7 +113,7 @@ def loads(data: bytes) -> Any:
         return _decode(meta["state"], arrays)
     except FedaggError:
         raise
-    except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise StateError(f"not a fedagg state file: {e}") from e
 
 

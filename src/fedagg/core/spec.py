@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -18,11 +18,14 @@ import numpy.typing as npt
 
 from fedagg.errors import SpecError
 
-__all__ = ["ArrayTree", "ParamSpec"]
+__all__ = ["ArrayTree", "Delta", "ParamSpec"]
 
 #: A model or an update as the user holds it: a list (or tuple) or a dict of arrays.
 ArrayTree: TypeAlias = Sequence[npt.NDArray[Any]] | Mapping[str, npt.NDArray[Any]]
 Flat: TypeAlias = npt.NDArray[Any]
+#: What an update's delta may be: arrays shaped like the spec (list or dict), one flat
+#: array, or raw bytes in the spec's dtype (viewed without a copy).
+Delta: TypeAlias = ArrayTree | Flat | bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class ParamSpec:
     shapes: tuple[tuple[int, ...], ...]
     dtype: np.dtype[Any]
     keyed: bool
+    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.shapes):
@@ -50,6 +54,10 @@ class ParamSpec:
         for shape in self.shapes:
             if any((not isinstance(d, int)) or d < 0 for d in shape):
                 raise SpecError(f"invalid shape {shape}")
+        out = [0]
+        for shape in self.shapes:
+            out.append(out[-1] + math.prod(shape))
+        object.__setattr__(self, "_offsets", tuple(out))
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -59,7 +67,7 @@ class ParamSpec:
             names = tuple(str(k) for k in arrays)
             values = [np.asarray(v) for v in arrays.values()]
             keyed = True
-        elif isinstance(arrays, Sequence) and not isinstance(arrays, (str, bytes)):
+        elif isinstance(arrays, (list, tuple)):
             values = [np.asarray(v) for v in arrays]
             names = tuple(str(i) for i in range(len(values)))
             keyed = False
@@ -85,15 +93,12 @@ class ParamSpec:
     @property
     def offsets(self) -> tuple[int, ...]:
         """Start of each array in the flat buffer, in elements; the last entry is ``size``."""
-        out = [0]
-        for n in self.sizes:
-            out.append(out[-1] + n)
-        return tuple(out)
+        return self._offsets
 
     @property
     def size(self) -> int:
         """Total number of elements."""
-        return sum(self.sizes)
+        return self._offsets[-1]
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +135,7 @@ class ParamSpec:
             return [np.asarray(arrays[n]) for n in self.names]
         return [np.asarray(a) for a in arrays]
 
-    def mismatch(self, arrays: ArrayTree | Flat | bytes | memoryview) -> str | None:
+    def mismatch(self, arrays: Delta) -> str | None:
         """Why ``arrays`` does not fit this spec, or ``None`` if it does."""
         if isinstance(arrays, (bytes, bytearray, memoryview)):
             nbytes = memoryview(arrays).nbytes
@@ -147,7 +152,7 @@ class ParamSpec:
                 extra = sorted(set(map(str, arrays)) - set(self.names))
                 return f"array names differ from the spec (missing {missing}, unexpected {extra})"
             items = [(n, arrays[n]) for n in self.names]
-        elif isinstance(arrays, Sequence) and not isinstance(arrays, str):
+        elif isinstance(arrays, (list, tuple)):
             if len(arrays) != len(self.names):
                 return f"{len(arrays)} arrays, expected {len(self.names)}"
             items = list(zip(self.names, arrays, strict=True))
@@ -162,7 +167,7 @@ class ParamSpec:
                 return problem
         return None
 
-    def as_flat(self, arrays: ArrayTree | Flat | bytes | memoryview) -> Flat:
+    def as_flat(self, arrays: Delta) -> Flat:
         """One contiguous flat buffer holding ``arrays``, without a copy where possible.
 
         A flat array or a bytes-like buffer is viewed as is; a list or dict whose arrays are
@@ -184,7 +189,7 @@ class ParamSpec:
             out[off[i] : off[i + 1]] = leaf.reshape(-1)
         return out
 
-    def segments(self, arrays: ArrayTree | Flat | bytes | memoryview) -> list[Flat]:
+    def segments(self, arrays: Delta) -> list[Flat]:
         """The update as 1-D contiguous pieces covering the flat layout in order, no copies.
 
         A flat buffer (or arrays viewing one) is a single piece; otherwise each array is one
@@ -228,32 +233,24 @@ def _dtype_problem(what: str, got: np.dtype[Any], want: np.dtype[Any]) -> str | 
 
 def _common_flat_base(leaves: list[npt.NDArray[Any]], spec: ParamSpec) -> Flat | None:
     """The flat buffer that ``leaves`` are consecutive views of, if there is one."""
-    base = leaves[0].base
-    if not isinstance(base, np.ndarray):
-        return None
-    # unflatten's views are reshapes of slices; walk to the 1-D buffer they all share.
-    while base.base is not None and isinstance(base.base, np.ndarray) and base.ndim != 1:
-        base = base.base
-    root = base
+    root = leaves[0]
     while isinstance(root.base, np.ndarray):
         root = root.base
-    flat = root if root.ndim == 1 else base
-    if (
-        flat.ndim != 1
-        or flat.shape[0] < spec.size
-        or flat.dtype != spec.dtype
-        or not flat.flags.c_contiguous
-    ):
+    if root.ndim != 1 or root.dtype != spec.dtype or not root.flags.c_contiguous:
         return None
-    start = leaves[0].__array_interface__["data"][0]
     itemsize = spec.dtype.itemsize
-    flat_ptr = flat.__array_interface__["data"][0]
-    first = (start - flat_ptr) // itemsize
-    if first < 0 or first + spec.size > flat.shape[0]:
+    root_ptr = _ptr(root)
+    first, rem = divmod(_ptr(leaves[0]) - root_ptr, itemsize)
+    if rem or first < 0 or first + spec.size > root.shape[0]:
         return None
     off = spec.offsets
     for i, leaf in enumerate(leaves):
-        ptr = leaf.__array_interface__["data"][0]
-        if leaf.size and ptr != flat_ptr + (first + off[i]) * itemsize or not leaf.flags.c_contiguous:
+        if not leaf.flags.c_contiguous:
             return None
-    return flat[first : first + spec.size]
+        if leaf.size and _ptr(leaf) != root_ptr + (first + off[i]) * itemsize:
+            return None
+    return root[first : first + spec.size]
+
+
+def _ptr(a: npt.NDArray[Any]) -> int:
+    return int(a.__array_interface__["data"][0])

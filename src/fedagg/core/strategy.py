@@ -159,5 +159,3 @@ def fedadagrad(
     """FedAdagrad (Reddi et al. 2021)."""
     opt = optim.adagrad(lr, beta1, tau, flavor)
     return strategy("fedadagrad", opt, aggregator=aggregator, pre=pre)
-
-

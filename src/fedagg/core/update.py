@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 
-from fedagg.core.spec import ArrayTree
+from fedagg.core.spec import Delta
 
-__all__ = ["Delta", "Update"]
-
-#: What an update's delta may be: arrays shaped like the spec (list or dict), one flat
-#: array, or raw bytes in the spec's dtype (viewed without a copy).
-Delta: TypeAlias = ArrayTree | npt.NDArray[Any] | bytes | bytearray | memoryview
+__all__ = ["Update"]
 
 
 @dataclass(frozen=True, slots=True)

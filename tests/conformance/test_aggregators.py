@@ -1,0 +1,283 @@
+"""The conformance suite every aggregator passes (as optax's contrib suite does for optimizers).
+
+Add a new aggregator to ``AGGREGATORS`` and it is held to the whole contract: structure and
+dtype of the result, in-place folding, atomic refusal of every kind of bad input, merge with the
+identity, fold_many == repeated fold, save/load, and (for decomposable ones) the monoid laws.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedagg
+from fedagg.core import _kernels
+from tests.conftest import make_model, random_delta
+
+NUMBA = pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba not installed")
+
+AGGREGATORS: dict[str, Callable[[], Any]] = {
+    "mean-f32-numba": lambda: fedagg.aggregators.mean("float32", backend="numba"),
+    "mean-f32-numpy": lambda: fedagg.aggregators.mean("float32", backend="numpy"),
+    "mean-f64-numba": lambda: fedagg.aggregators.mean("float64", backend="numba"),
+    "mean-f64-numpy": lambda: fedagg.aggregators.mean("float64", backend="numpy"),
+    "mean-batch1": lambda: fedagg.aggregators.mean(batch=1),
+    "clip+mean": lambda: fedagg.aggregators.compose(
+        fedagg.transforms.clip_norm(1e6), fedagg.aggregators.mean()
+    ),
+    "reject+mean-f64": lambda: fedagg.aggregators.compose(
+        fedagg.transforms.reject_nonfinite(), fedagg.aggregators.mean("float64")
+    ),
+}
+
+
+@pytest.fixture(params=sorted(AGGREGATORS))
+def agg(request: pytest.FixtureRequest) -> Any:
+    return AGGREGATORS[request.param]()
+
+
+@pytest.fixture(params=["dict", "list"])
+def model(request: pytest.FixtureRequest) -> Any:
+    return make_model(request.param)
+
+
+def snapshot(state: Any) -> bytes:
+    """Everything a state holds, as bytes (scratch excluded): equal bytes, equal state."""
+    return fedagg.dumps(state)
+
+
+def updates_for(spec: fedagg.ParamSpec, n: int, seed: int = 0) -> list[fedagg.Update]:
+    rng = np.random.default_rng(seed)
+    return [
+        fedagg.Update(
+            delta=random_delta(spec, rng), weight=float(rng.integers(1, 100)), client_id=f"c{i}"
+        )
+        for i in range(n)
+    ]
+
+
+def reference_mean(spec: fedagg.ParamSpec, ups: list[fedagg.Update]) -> np.ndarray:
+    acc = np.zeros(spec.size)
+    for u in ups:
+        acc += u.weight * spec.as_flat(u.delta).astype(np.float64)
+    return acc / sum(u.weight for u in ups)
+
+
+def test_is_an_aggregator(agg: Any) -> None:
+    assert isinstance(agg, fedagg.Aggregator)
+    assert isinstance(agg.decomposable, bool)
+
+
+def test_result_matches_weighted_mean_and_spec(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 7)
+    state = agg.init(spec)
+    for u in ups:
+        state = agg.fold(state, u)
+    assert agg.count(state) == 7
+    out = agg.finalize(state)
+    assert type(out) is type(model)
+    assert fedagg.ParamSpec.from_arrays(out) == spec
+    np.testing.assert_allclose(spec.as_flat(out), reference_mean(spec, ups), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_is_in_place_and_returns_the_state(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    state = agg.init(spec)
+    assert agg.fold(state, updates_for(spec, 1)[0]) is state
+
+
+def test_fold_many_equals_repeated_fold(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 9, seed=3)
+    one = agg.init(spec)
+    for u in ups:
+        one = agg.fold(one, u)
+    many = agg.fold_many(agg.init(spec), ups)
+    np.testing.assert_allclose(agg.finalize_flat(many), agg.finalize_flat(one), rtol=1e-6)
+
+
+def test_flat_and_structured_deltas_agree(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 4, seed=5)
+    flat_ups = [fedagg.Update(delta=spec.as_flat(u.delta).copy(), weight=u.weight) for u in ups]
+    raw_ups = [fedagg.Update(delta=spec.as_flat(u.delta).tobytes(), weight=u.weight) for u in ups]
+    a = agg.finalize_flat(agg.fold_many(agg.init(spec), ups))
+    b = agg.finalize_flat(agg.fold_many(agg.init(spec), flat_ups))
+    c = agg.finalize_flat(agg.fold_many(agg.init(spec), raw_ups))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_empty_finalize_raises(agg: Any, model: Any) -> None:
+    state = agg.init(fedagg.ParamSpec.from_arrays(model))
+    with pytest.raises(fedagg.EmptyAggregate):
+        agg.finalize(state)
+
+
+def test_merge_with_identity_changes_nothing(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    state = agg.fold_many(agg.init(spec), updates_for(spec, 5))
+    before = snapshot(state)
+    state = agg.merge(state, agg.init(spec))
+    assert snapshot(state) == before
+    ident = agg.merge(agg.init(spec), state)
+    np.testing.assert_array_equal(agg.finalize_flat(ident), agg.finalize_flat(state))
+
+
+def test_merge_of_halves_equals_flat_fold(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 10, seed=11)
+    flat = agg.fold_many(agg.init(spec), ups)
+    left = agg.fold_many(agg.init(spec), ups[:4])
+    right = agg.fold_many(agg.init(spec), ups[4:])
+    right_before = snapshot(right)
+    merged = agg.merge(left, right)
+    assert snapshot(right) == right_before, "merge must not change its second argument"
+    assert agg.count(merged) == 10
+    np.testing.assert_allclose(agg.finalize_flat(merged), agg.finalize_flat(flat), rtol=1e-6)
+
+
+def test_merge_refuses_other_spec_or_version(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    other = fedagg.ParamSpec.from_arrays([np.zeros(2, np.float32)])
+    with pytest.raises(fedagg.StateError):
+        agg.merge(agg.init(spec), agg.init(other))
+    with pytest.raises(fedagg.StateError):
+        agg.merge(agg.init(spec, version=1), agg.init(spec, version=2))
+
+
+def test_save_load_round_trip_is_bit_exact(agg: Any, model: Any, tmp_path: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 6)
+    state = agg.fold_many(agg.init(spec, version=3), ups[:3])
+    fedagg.save(tmp_path / "s.npz", state)
+    loaded = fedagg.load(tmp_path / "s.npz")
+    assert snapshot(loaded) == snapshot(state)
+    # and the loaded state keeps working exactly like the original
+    a = agg.finalize_flat(agg.fold_many(state, ups[3:]))
+    b = agg.finalize_flat(agg.fold_many(loaded, ups[3:]))
+    np.testing.assert_array_equal(a, b)
+
+
+# -- bad input: typed error naming the client, state unchanged ------------------------------
+
+
+def _bad_updates(spec: fedagg.ParamSpec) -> dict[str, tuple[type[Exception], fedagg.Update]]:
+    rng = np.random.default_rng(9)
+    good = random_delta(spec, rng)
+    leaves = spec.leaves(good)
+
+    def with_leaf(i: int, value: np.ndarray) -> Any:
+        arrs = [x.copy() for x in leaves]
+        arrs[i] = value
+        return dict(zip(spec.names, arrs, strict=True)) if spec.keyed else arrs
+
+    nan = leaves[0].copy()
+    nan.flat[-1] = np.nan
+    inf = leaves[1].copy()
+    inf.flat[0] = -np.inf
+    big = leaves[0].copy()
+    big.flat[0] = np.finfo(np.float32).max
+    return {
+        "shape": (fedagg.SpecMismatch, fedagg.Update(with_leaf(0, leaves[0].T.copy()), 1.0, "bad")),
+        "dtype": (
+            fedagg.SpecMismatch,
+            fedagg.Update(with_leaf(1, leaves[1].astype(np.float64)), 1.0, "bad"),
+        ),
+        "missing": (fedagg.SpecMismatch, fedagg.Update(leaves[:-1], 1.0, "bad")),
+        "flat-size": (
+            fedagg.SpecMismatch,
+            fedagg.Update(np.zeros(spec.size + 1, spec.dtype), 1.0, "bad"),
+        ),
+        "nan": (fedagg.NonFiniteUpdate, fedagg.Update(with_leaf(0, nan), 1.0, "bad")),
+        "inf": (fedagg.NonFiniteUpdate, fedagg.Update(with_leaf(1, inf), 1.0, "bad")),
+        "overflow": (fedagg.NonFiniteUpdate, fedagg.Update(with_leaf(0, big), 1e30, "bad")),
+        "zero-weight": (fedagg.InvalidWeight, fedagg.Update(good, 0.0, "bad")),
+        "negative-weight": (fedagg.InvalidWeight, fedagg.Update(good, -2.0, "bad")),
+        "nan-weight": (fedagg.InvalidWeight, fedagg.Update(good, float("nan"), "bad")),
+        "stale": (fedagg.StaleUpdate, fedagg.Update(good, 1.0, "bad", base_version=6)),
+    }
+
+
+BAD_CASES = [
+    "shape",
+    "dtype",
+    "missing",
+    "flat-size",
+    "nan",
+    "inf",
+    "overflow",
+    "zero-weight",
+    "negative-weight",
+    "nan-weight",
+    "stale",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_update_is_refused_and_state_unchanged(
+    agg: Any, model: Any, case: str, request: pytest.FixtureRequest
+) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    if spec.keyed and case == "missing":
+        pytest.skip("list-only case")
+    name = request.node.callspec.params["agg"]
+    if case == "overflow" and ("f64" in name or "clip" in name):
+        pytest.skip("float64 sums and clipped deltas do not overflow at float32 max * 1e30")
+    state = agg.fold_many(agg.init(spec, version=5), updates_for(spec, 3))
+    exc_type, bad = _bad_updates(spec)[case]
+    before = snapshot(state)
+    with pytest.raises(exc_type) as info:
+        agg.fold(state, bad)
+    assert isinstance(info.value, fedagg.UpdateError)
+    assert info.value.client_id == "bad"
+    assert "'bad'" in str(info.value)
+    assert snapshot(state) == before
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "shape", "stale"])
+def test_fold_many_is_all_or_nothing(agg: Any, model: Any, case: str) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    state = agg.fold_many(agg.init(spec, version=5), updates_for(spec, 2))
+    before = snapshot(state)
+    good = updates_for(spec, 150, seed=2)  # several kernel batches before the bad one
+    with pytest.raises(fedagg.UpdateError) as info:
+        agg.fold_many(state, [*good, _bad_updates(spec)[case][1], *good[:3]])
+    assert info.value.client_id == "bad"
+    assert snapshot(state) == before
+    # the same state then folds good updates normally
+    agg.fold_many(state, good[:2])
+    assert agg.count(state) == 4
+
+
+def test_deterministic(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    a = agg.finalize_flat(agg.fold_many(agg.init(spec), updates_for(spec, 20, seed=4)))
+    b = agg.finalize_flat(agg.fold_many(agg.init(spec), updates_for(spec, 20, seed=4)))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_inputs_are_not_modified(agg: Any, model: Any) -> None:
+    spec = fedagg.ParamSpec.from_arrays(model)
+    ups = updates_for(spec, 3)
+    copies = copy.deepcopy([u.delta for u in ups])
+    agg.finalize(agg.fold_many(agg.init(spec), ups))
+    for u, c in zip(ups, copies, strict=True):
+        np.testing.assert_array_equal(spec.as_flat(u.delta), spec.as_flat(c))
+
+
+@NUMBA
+def test_numba_and_numpy_backends_agree() -> None:
+    spec = fedagg.ParamSpec.from_arrays([np.zeros(100_003, np.float32), np.zeros(7, np.float32)])
+    ups = updates_for(spec, 70)
+    for acc in ("float32", "float64"):
+        a = fedagg.aggregators.mean(acc, backend="numba")
+        b = fedagg.aggregators.mean(acc, backend="numpy")
+        ra = a.finalize_flat(a.fold_many(a.init(spec), ups))
+        rb = b.finalize_flat(b.fold_many(b.init(spec), ups))
+        np.testing.assert_allclose(ra, rb, rtol=2e-6, atol=1e-7)

@@ -1,0 +1,84 @@
+"""The curated public API is pinned: adding or removing a name is a deliberate act."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fedagg
+
+EXPECTED = {
+    "fedagg": [
+        "Aggregator", "ArrayTree", "ConfigError", "EmptyAggregate", "FedaggError",
+        "InvalidWeight", "NonFiniteUpdate", "ParamSpec", "ServerState", "SpecError",
+        "SpecMismatch", "StaleUpdate", "StateError", "Strategy", "Update", "UpdateError",
+        "__version__", "aggregators", "dumps", "errors", "load", "loads", "optimizers", "save",
+        "strategies", "transforms",
+    ],
+    "fedagg.aggregators": ["Aggregator", "Composed", "Mean", "MeanState", "compose", "mean"],
+    "fedagg.transforms": [
+        "ClipNorm", "PreTransform", "RejectNonFinite", "clip_norm", "reject_nonfinite",
+        "update_norm",
+    ],
+    "fedagg.optimizers": [
+        "AdamState", "ChainState", "EmptyState", "Flavor", "OptState", "ServerOptimizer",
+        "TraceState", "Transform", "adagrad", "adam", "chain", "momentum", "scale",
+        "scale_by_adagrad", "scale_by_adam", "scale_by_yogi", "sgd", "trace", "yogi",
+    ],
+    "fedagg.strategies": [
+        "ServerState", "Strategy", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi",
+        "strategy",
+    ],
+}  # fmt: skip
+
+
+def test_all_is_pinned_and_resolvable() -> None:
+    import importlib
+
+    for modname, names in EXPECTED.items():
+        mod = importlib.import_module(modname)
+        assert sorted(mod.__all__) == sorted(names), modname
+        for name in names:
+            assert hasattr(mod, name), f"{modname}.{name}"
+
+
+def test_errors_form_one_tree() -> None:
+    for name in fedagg.errors.__all__:
+        assert issubclass(getattr(fedagg.errors, name), fedagg.FedaggError)
+    for cls in (fedagg.SpecMismatch, fedagg.StaleUpdate, fedagg.NonFiniteUpdate):
+        assert issubclass(cls, fedagg.UpdateError)
+    assert issubclass(fedagg.UpdateError, ValueError)
+    assert issubclass(fedagg.ConfigError, ValueError)
+    err = fedagg.StaleUpdate("c7", "trained from version 2")
+    assert (err.client_id, err.reason) == ("c7", "trained from version 2")
+    assert "'c7'" in str(err) and "version 2" in str(err)
+
+
+def test_the_documented_minimal_api_works_exactly_as_written() -> None:
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((4, 3)).astype(np.float32), np.zeros(3, np.float32)]
+    params = [a.copy() for a in arrays]
+    arrays_i = [np.ones((4, 3), np.float32), np.full(3, 2.0, np.float32)]
+    n_i = 10
+
+    spec = fedagg.ParamSpec.from_arrays(arrays)
+    agg = fedagg.aggregators.mean()
+    state = agg.init(spec)
+    state = agg.fold(state, fedagg.Update(delta=arrays_i, weight=n_i))
+    delta = agg.finalize(state)
+    assert isinstance(delta, list)
+    np.testing.assert_array_equal(delta[1], [2.0, 2.0, 2.0])
+    opt = fedagg.optimizers.adam(lr=0.1, beta1=0.9, beta2=0.99, tau=1e-9, flavor="flower")
+    opt_state = opt.init(params)
+    params, opt_state = opt.step(opt_state, params, delta)
+    assert isinstance(params, list)
+    assert params[1].shape == (3,)
+    for make in (
+        fedagg.optimizers.sgd,
+        fedagg.optimizers.momentum,
+        fedagg.optimizers.yogi,
+        fedagg.optimizers.adagrad,
+    ):
+        o = make()
+        s = o.init(params)
+        p, s = o.step(s, params, delta)
+        assert fedagg.ParamSpec.from_arrays(p) == spec
