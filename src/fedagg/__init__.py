@@ -6,8 +6,8 @@ The curated public API. Sub-namespaces: :mod:`fedagg.aggregators`, :mod:`fedagg.
 """
 
 from fedagg import aggregators, errors, optimizers, strategies, transforms
+from fedagg._checkpoint import dumps, load, loads, save
 from fedagg.core.aggregate import Aggregator
-from fedagg.core.serial import dumps, load, loads, save
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update

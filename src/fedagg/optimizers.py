@@ -9,46 +9,5 @@
 [1.0, 1.0]
 """
 
-from fedagg.core.optim import (
-    AdamState,
-    ChainState,
-    EmptyState,
-    Flavor,
-    OptState,
-    ServerOptimizer,
-    TraceState,
-    Transform,
-    adagrad,
-    adam,
-    chain,
-    momentum,
-    scale,
-    scale_by_adagrad,
-    scale_by_adam,
-    scale_by_yogi,
-    sgd,
-    trace,
-    yogi,
-)
-
-__all__ = [
-    "AdamState",
-    "ChainState",
-    "EmptyState",
-    "Flavor",
-    "OptState",
-    "ServerOptimizer",
-    "TraceState",
-    "Transform",
-    "adagrad",
-    "adam",
-    "chain",
-    "momentum",
-    "scale",
-    "scale_by_adagrad",
-    "scale_by_adam",
-    "scale_by_yogi",
-    "sgd",
-    "trace",
-    "yogi",
-]
+from fedagg.core.optim import *  # noqa: F403
+from fedagg.core.optim import __all__ as __all__

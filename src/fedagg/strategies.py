@@ -6,24 +6,5 @@
 ('fedadam', 'adam')
 """
 
-from fedagg.core.strategy import (
-    ServerState,
-    Strategy,
-    fedadagrad,
-    fedadam,
-    fedavg,
-    fedavgm,
-    fedyogi,
-    strategy,
-)
-
-__all__ = [
-    "ServerState",
-    "Strategy",
-    "fedadagrad",
-    "fedadam",
-    "fedavg",
-    "fedavgm",
-    "fedyogi",
-    "strategy",
-]
+from fedagg.core.strategy import *  # noqa: F403
+from fedagg.core.strategy import __all__ as __all__
