@@ -21,14 +21,15 @@ settings.load_profile("fedagg")
 
 
 def make_model(kind: str = "dict", dtype: Any = np.float32, seed: int = 0) -> Any:
-    """A tiny model with a matrix, a vector and a scalar-shaped array."""
+    """A model with a matrix, a vector and a scalar-shaped array: tiny, or with a "big" matrix
+    (70,000 elements: large enough for the compiled kernels)."""
     rng = np.random.default_rng(seed)
     arrays = [
-        rng.standard_normal((3, 4)).astype(dtype),
+        rng.standard_normal((280, 250) if kind == "big" else (3, 4)).astype(dtype),
         rng.standard_normal(4).astype(dtype),
         np.asarray(rng.standard_normal(()), dtype=dtype),
     ]
-    if kind == "dict":
+    if kind in ("dict", "big"):
         return dict(zip(["w", "b", "s"], arrays, strict=True))
     return arrays
 

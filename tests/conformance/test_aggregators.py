@@ -40,7 +40,7 @@ def agg(request: pytest.FixtureRequest) -> Any:
     return AGGREGATORS[request.param]()
 
 
-@pytest.fixture(params=["dict", "list"])
+@pytest.fixture(params=["dict", "list", "big"])
 def model(request: pytest.FixtureRequest) -> Any:
     return make_model(request.param)
 
@@ -65,6 +65,12 @@ def reference_mean(spec: fedagg.ParamSpec, ups: list[fedagg.Update]) -> np.ndarr
     for u in ups:
         acc += u.weight * spec.as_flat(u.delta).astype(np.float64)
     return acc / sum(u.weight for u in ups)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to float32 accumulation error, relative to the result's scale: coordinates
+    that cancel to ~0 have no meaningful per-element relative error."""
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
 
 
 def test_is_an_aggregator(agg: Any) -> None:
@@ -98,7 +104,7 @@ def test_fold_many_equals_repeated_fold(agg: Any, model: Any) -> None:
     for u in ups:
         one = agg.fold(one, u)
     many = agg.fold_many(agg.init(spec), ups)
-    np.testing.assert_allclose(agg.finalize_flat(many), agg.finalize_flat(one), rtol=1e-6)
+    assert_close(agg.finalize_flat(many), agg.finalize_flat(one))
 
 
 def test_flat_and_structured_deltas_agree(agg: Any, model: Any) -> None:
@@ -109,8 +115,12 @@ def test_flat_and_structured_deltas_agree(agg: Any, model: Any) -> None:
     a = agg.finalize_flat(agg.fold_many(agg.init(spec), ups))
     b = agg.finalize_flat(agg.fold_many(agg.init(spec), flat_ups))
     c = agg.finalize_flat(agg.fold_many(agg.init(spec), raw_ups))
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+    if isinstance(agg, fedagg.aggregators.Composed):
+        # a clip factor comes from a norm whose float64 rounding depends on the segmentation
+        assert_close(a, b)
+    else:  # the fold itself is bit-identical whatever the representation
+        np.testing.assert_array_equal(a, b)
 
 
 def test_empty_finalize_raises(agg: Any, model: Any) -> None:
@@ -139,7 +149,7 @@ def test_merge_of_halves_equals_flat_fold(agg: Any, model: Any) -> None:
     merged = agg.merge(left, right)
     assert snapshot(right) == right_before, "merge must not change its second argument"
     assert agg.count(merged) == 10
-    np.testing.assert_allclose(agg.finalize_flat(merged), agg.finalize_flat(flat), rtol=1e-6)
+    assert_close(agg.finalize_flat(merged), agg.finalize_flat(flat))
 
 
 def test_merge_refuses_other_spec_or_version(agg: Any, model: Any) -> None:
@@ -280,4 +290,4 @@ def test_numba_and_numpy_backends_agree() -> None:
         b = fedagg.aggregators.mean(acc, backend="numpy")
         ra = a.finalize_flat(a.fold_many(a.init(spec), ups))
         rb = b.finalize_flat(b.fold_many(b.init(spec), ups))
-        np.testing.assert_allclose(ra, rb, rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(ra, rb)  # both round each product and sum: same bits

@@ -50,8 +50,11 @@ except ImportError:  # pragma: no cover
 
 
 if HAVE_NUMBA:
-    # No 'nnan'/'ninf': the finiteness checks must survive ('x - x' tricks do not: LLVM
-    # folds them under 'reassoc'). 'contract' turns w*x+a into one FMA.
+    # The folds use no fast-math at all: each ``a += w*x`` rounds the product and the sum
+    # exactly as numpy does, so the numba and numpy paths (and so every segmentation of an
+    # update) give the same bits. The loops still vectorise across coordinates. The norm and
+    # finiteness reductions may re-associate; they never use 'nnan'/'ninf', so the checks
+    # survive ('x - x' tricks do not: LLVM folds them under 'reassoc').
     _FM = {"nsz", "arcp", "contract", "reassoc"}
     _jit = numba.njit(fastmath=_FM, cache=True, nogil=True)
     _jit_exact = numba.njit(cache=True, nogil=True)
@@ -61,7 +64,7 @@ if HAVE_NUMBA:
     # Each kernel is one block function plus two drivers: a serial loop for small work (a
     # parallel launch costs ~0.1-1 ms of thread wake-up) and a prange loop for large work.
 
-    @_jit
+    @_jit_exact
     def _plain_block(
         acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool, lo: int, hi: int
     ) -> int:
@@ -85,7 +88,7 @@ if HAVE_NUMBA:
             nbad += not np.isfinite(loc[i])
         return nbad
 
-    @_pjit
+    @_pjit_exact
     def _fold_plain_par(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
         n = acc.size
         nblk = (n + BLOCK - 1) // BLOCK
@@ -94,7 +97,7 @@ if HAVE_NUMBA:
             bad[b] = _plain_block(acc, undo, xs, ws, save_undo, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(bad.sum() == 0)
 
-    @_jit
+    @_jit_exact
     def _fold_plain_ser(acc: Arr, undo: Arr, xs: Any, ws: Arr, save_undo: bool) -> bool:
         n = acc.size
         bad = 0
@@ -198,6 +201,15 @@ def _parallel(n: int, k: int = 1) -> bool:
     return n > BLOCK and n * (k + 2) >= PARALLEL_MIN_WORK
 
 
+#: Segments shorter than this fold faster in numpy: numba's typed list of inputs costs
+#: ~15 us per update, more than the arithmetic on a small segment.
+NUMBA_MIN_SIZE = 1 << 16
+
+
+def _compiled(use_numba: bool, n: int) -> bool:
+    return use_numba and n >= NUMBA_MIN_SIZE
+
+
 def _readonly(x: Arr) -> Arr:
     """A read-only view, so that writable and read-only inputs share one numba type."""
     v = x.view()
@@ -219,7 +231,7 @@ def fold_plain(
 
     With ``save_undo`` the previous ``acc`` is copied to ``undo`` first.
     """
-    if use_numba and acc.size:
+    if _compiled(use_numba, acc.size):
         kern = _fold_plain_par if _parallel(acc.size, len(xs)) else _fold_plain_ser
         return bool(kern(acc, undo, _typed(xs), ws.astype(acc.dtype), save_undo))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -244,7 +256,7 @@ def _fold_plain_np(acc: Arr, undo: Arr, xs: Sequence[Arr], ws: Arr, save_undo: b
 
 def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_numba: bool) -> bool:
     """Neumaier-compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64."""
-    if use_numba and acc.size:
+    if _compiled(use_numba, acc.size):
         kern = _fold_comp_par if _parallel(acc.size, len(xs)) else _fold_comp_ser
         return bool(kern(acc, comp, _typed(xs), ws.astype(np.float64)))
     with np.errstate(over="ignore", invalid="ignore"):
