@@ -1,0 +1,67 @@
+"""Simulation: a virtual-clock federation of many clients on one machine.
+
+    from fedagg import sim
+    result, run_id = sim.run_config({"rounds": 2, "data": {"name": "digits"}})
+
+The same strategies and policies run here and in deployment; only the transport differs.
+"""
+
+from fedagg.sim._config import DEFAULTS, load_config, resolve_config
+from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
+from fedagg.sim._policy import (
+    Action,
+    Applied,
+    Arrival,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    Policy,
+    PolicyContext,
+    RoundStats,
+    SetTimer,
+    Start,
+    SyncPolicy,
+    SyncState,
+    Timer,
+)
+from fedagg.sim._run import Built, build, format_table, plot_run, run_config
+from fedagg.sim._rundb import RunDB, RunInfo
+from fedagg.sim._system import Availability, Distribution, SystemModel, Timing
+
+__all__ = [
+    "DEFAULTS",
+    "Action",
+    "Applied",
+    "Arrival",
+    "Availability",
+    "Built",
+    "Dispatch",
+    "Distribution",
+    "Dropout",
+    "Event",
+    "Executor",
+    "Finish",
+    "LocalExecutor",
+    "Policy",
+    "PolicyContext",
+    "RoundRecord",
+    "RoundStats",
+    "RunDB",
+    "RunInfo",
+    "SetTimer",
+    "SimResult",
+    "Simulation",
+    "Start",
+    "SyncPolicy",
+    "SyncState",
+    "SystemModel",
+    "Timer",
+    "Timing",
+    "build",
+    "format_table",
+    "load_config",
+    "plot_run",
+    "resolve_config",
+    "run_config",
+]

@@ -1,0 +1,111 @@
+"""Simulation configs: a TOML file (or dict) -> the objects of one run.
+
+Every section has defaults; unknown sections or keys are errors that name the valid ones, so a
+typo never silently falls back to a default. The resolved config (defaults filled in) is what
+the run database stores.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedagg.errors import ConfigError
+
+__all__ = ["DEFAULTS", "load_config", "resolve_config"]
+
+
+def _dist(kind: str, mean: float, sigma: float) -> dict[str, Any]:
+    return {"kind": kind, "mean": mean, "sigma": sigma, "low": 0.0, "high": 0.0}
+
+
+DEFAULTS: dict[str, Any] = {
+    "name": "mnist5k-fedavg",
+    "seed": 0,
+    "rounds": 20,
+    "eval_every": 1,
+    "data": {
+        "name": "mnist5k",
+        "num_clients": 100,
+        "partition": "dirichlet",
+        "alpha": 0.5,
+        "beta": 0.5,
+        "shards_per_client": 2,
+        "sigma": 1.0,
+        "test_fraction": 0.2,
+    },
+    "model": {"name": "logreg", "hidden": [64]},
+    "client": {
+        "algorithm": "fedavg",
+        "epochs": 1,
+        "batch_size": 10,
+        "lr": 0.05,
+        "mu": 0.0,
+    },
+    "strategy": {
+        "name": "fedavg",
+        "lr": 1.0,
+        "momentum": 0.9,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "tau": 1e-3,
+        "flavor": "paper",
+        "accumulator": "float32",
+        "clip_norm": 0.0,
+    },
+    "policy": {
+        "kind": "sync",
+        "clients_per_round": 10,
+        "over_select": 0.0,
+        "deadline": math.inf,
+        "min_updates": 1,
+        "stragglers": 0.0,
+        "straggler_mode": "drop",
+    },
+    "system": {
+        "compute": _dist("lognormal", 2000.0, 0.5),
+        "downlink": _dist("lognormal", 2.5e6, 0.5),
+        "uplink": _dist("lognormal", 1.0e6, 0.5),
+        "latency": _dist("constant", 0.05, 0.0),
+        "dropout": 0.0,
+        "availability": {"kind": "always", "p": 1.0, "max_on": 0.05, "period": 100},
+    },
+    "executor": {"kind": "local", "workers": 2},
+    "output": {"db": "runs/fedagg.db", "plots": "runs/plots", "store": True},
+}
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in base:
+            valid = ", ".join(sorted(base))
+            raise ConfigError(f"unknown key {where}{k!r}; valid keys: {valid}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{where}{k} must be a table")
+            out[k] = _merge(base[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults with ``overrides`` applied (nested tables merge key by key)."""
+    return _merge(DEFAULTS, overrides or {}, "")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config and resolve it against the defaults."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"no config file {path}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    return resolve_config(raw)

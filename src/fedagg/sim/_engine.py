@@ -1,0 +1,342 @@
+"""The discrete-event simulator: a virtual clock, an event heap, a policy and an executor.
+
+Time is virtual: each client's job lasts what the :class:`SystemModel` says (download,
+compute on its examples, upload); wall-clock time is measured but never used as simulated time.
+Events pop in (time, sequence) order, so ties resolve the same way on every run, and every
+random draw comes from ``(seed, ...)`` streams: the same seed gives the same model, bit for bit.
+
+Client training for a dispatch runs at dispatch time (the model a client trains from is fixed
+then) in one batched call to the executor; the updates are then delivered, and folded by the
+policy, one by one at their virtual arrival times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core.strategy import ServerState, Strategy
+from fedagg.core.update import Update
+from fedagg.sim._policy import (
+    Action,
+    Applied,
+    Arrival,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    Policy,
+    RoundStats,
+    SetTimer,
+    Start,
+    Timer,
+)
+from fedagg.sim._system import SystemModel
+
+__all__ = ["Executor", "LocalExecutor", "RoundRecord", "SimResult", "Simulation"]
+
+Arr = npt.NDArray[Any]
+
+
+class Executor(Protocol):
+    """Runs a batch of client training jobs; results in the order of ``datas``."""
+
+    def train(
+        self,
+        algorithm: Any,
+        model: Any,
+        params: dict[str, Arr],
+        datas: Sequence[Any],
+        rngs: Sequence[np.random.Generator],
+        epochs: Sequence[int | None],
+        states: Sequence[Any],
+        server_state: Any,
+    ) -> list[tuple[Any, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """In-process: one batched ``train_many`` call (stacked parameters where possible)."""
+
+    def train(
+        self,
+        algorithm: Any,
+        model: Any,
+        params: dict[str, Arr],
+        datas: Sequence[Any],
+        rngs: Sequence[np.random.Generator],
+        epochs: Sequence[int | None],
+        states: Sequence[Any],
+        server_state: Any,
+    ) -> list[tuple[Any, Any]]:
+        return list(
+            algorithm.train_many(
+                model,
+                params,
+                datas,
+                rngs,
+                epochs=_resolve_epochs(algorithm, epochs),
+                states=states,
+                server_state=server_state,
+            )
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _resolve_epochs(algorithm: Any, epochs: Sequence[int | None]) -> list[int]:
+    default = int(getattr(algorithm, "epochs", 1))
+    return [default if e is None else int(e) for e in epochs]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One closed round: the policy's stats plus evaluation, wall time and traffic."""
+
+    stats: RoundStats
+    test_loss: float
+    test_accuracy: float
+    client_accuracy: float
+    wall_time: float
+    bytes_down: int
+    bytes_up: int
+
+    def row(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "round": s.round + 1,
+            "version": s.version,
+            "virtual_time": s.ended,
+            "wall_time": self.wall_time,
+            "test_loss": self.test_loss,
+            "test_accuracy": self.test_accuracy,
+            "client_loss": s.client_loss,
+            "client_accuracy": self.client_accuracy,
+            "selected": s.selected,
+            "dispatched": s.dispatched,
+            "folded": s.folded,
+            "dropped": s.dropped,
+            "refused": s.refused,
+            "late": s.late,
+            "applied": int(s.applied),
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "staleness_mean": s.staleness_mean,
+        }
+
+
+@dataclass
+class SimResult:
+    records: list[RoundRecord]
+    server: ServerState
+    wall_time: float
+    client_updates: int
+    events: int
+
+    @property
+    def final(self) -> RoundRecord:
+        return self.records[-1]
+
+
+@dataclass
+class _Ctx:
+    """The engine facts a policy may read (see PolicyContext)."""
+
+    system: SystemModel
+    seed: int
+
+    @property
+    def num_clients(self) -> int:
+        return self.system.num_clients
+
+    def available(self, slot: int) -> Arr:
+        return self.system.available_clients(slot)
+
+
+@dataclass
+class Simulation:
+    """A federation on one machine, in virtual time.
+
+    Args:
+        data: a ``fedagg.data.FederatedData`` (client training sets, global test set).
+        model: a ``fedagg.models`` model (init, loss_and_grad, evaluate).
+        algorithm: a ``fedagg.clients`` client algorithm (train / train_many).
+        strategy: the server's strategy (aggregator + server optimizer).
+        policy: a round or async policy (e.g. :class:`SyncPolicy`).
+        system: client speeds, links, dropouts and availability.
+        seed: the run's seed; with the same inputs, the same seed replays bit for bit.
+        executor: where client training runs (default: in-process).
+        eval_every: evaluate the global model every this many rounds (and at the last).
+        on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
+    """
+
+    data: Any
+    model: Any
+    algorithm: Any
+    strategy: Strategy
+    policy: Policy
+    system: SystemModel
+    seed: int = 0
+    executor: Executor = field(default_factory=LocalExecutor)
+    eval_every: int = 1
+    on_round: Callable[[RoundRecord], None] | None = None
+    client_states: dict[int, Any] = field(default_factory=dict)
+
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        server = self.strategy.init(self.model.init(self.seed))
+        ctx = _Ctx(self.system, self.seed)
+        state = self.policy.init(server, ctx)
+        heap: list[tuple[float, int, Event]] = []
+        seq = 0
+        job = 0
+        records: list[RoundRecord] = []
+        updates = 0
+        events = 0
+        traffic = [0, 0]  # bytes down, up, since the last record
+        model_bytes = server.spec.nbytes
+
+        def push(t: float, ev: Event) -> None:
+            nonlocal seq
+            heapq.heappush(heap, (t, seq, ev))
+            seq += 1
+
+        def do(actions: list[Action], now: float) -> bool:
+            nonlocal job, updates
+            done = False
+            for a in actions:
+                if isinstance(a, Dispatch):
+                    job = self._dispatch(a, state, now, job, model_bytes, push, traffic)
+                elif isinstance(a, SetTimer):
+                    push(a.at, Timer(a.at, a.tag))
+                elif isinstance(a, Applied):
+                    updates += a.stats.folded
+                    rec = self._record(a.stats, _server_of(state), wall0, traffic)
+                    traffic[0] = traffic[1] = 0
+                    records.append(rec)
+                    if self.on_round is not None:
+                        self.on_round(rec)
+                elif isinstance(a, Finish):
+                    done = True
+            return done
+
+        finished = do(self.policy.step(state, Start(0.0), ctx), 0.0)
+        while heap and not finished:
+            now, _, ev = heapq.heappop(heap)
+            events += 1
+            if isinstance(ev, Arrival):
+                traffic[1] += model_bytes * (2 if "delta_c" in ev.extra else 1)
+            finished = do(self.policy.step(state, ev, ctx), now)
+        self.executor.close()
+        return SimResult(records, _server_of(state), time.perf_counter() - wall0, updates, events)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _dispatch(
+        self,
+        a: Dispatch,
+        state: Any,
+        now: float,
+        job: int,
+        model_bytes: int,
+        push: Callable[[float, Event], None],
+        traffic: list[int],
+    ) -> int:
+        server = _server_of(state)
+        params = _as_dict(server.model)
+        down = model_bytes * (2 if a.server_extra is not None else 1)
+        jobs = list(range(job, job + len(a.clients)))
+        epochs = _resolve_epochs(self.algorithm, a.epochs)
+        train_idx: list[int] = []
+        for i, (c, j) in enumerate(zip(a.clients, jobs, strict=True)):
+            traffic[0] += down
+            frac = self.system.drops_out(c, j)
+            if frac is not None:  # drops out part-way through: never trains to completion
+                n = len(self.data.clients[c])
+                t = self.system.timing(c, n * epochs[i], down, model_bytes)
+                push(now + frac * t.total, Dropout(now + frac * t.total, c, j))
+            else:
+                train_idx.append(i)
+        if train_idx:
+            cl = [a.clients[i] for i in train_idx]
+            results = self.executor.train(
+                self.algorithm,
+                self.model,
+                params,
+                [self.data.clients[c] for c in cl],
+                [np.random.default_rng([self.seed, 0x7A1, jobs[i]]) for i in train_idx],
+                [epochs[i] for i in train_idx],
+                [self.client_states.get(c) for c in cl],
+                a.server_extra,
+            )
+            for i, c, (res, new_state) in zip(train_idx, cl, results, strict=True):
+                if new_state is not None:
+                    self.client_states[c] = new_state
+                up = model_bytes * (2 if "delta_c" in res.extra else 1)
+                t = self.system.timing(c, res.num_examples * epochs[i], down, up)
+                arrive = now + t.total
+                update = Update(
+                    delta=res.delta,
+                    weight=float(res.num_examples),
+                    client_id=str(c),
+                    base_version=server.version,
+                    metrics=res.metrics,
+                )
+                push(arrive, Arrival(arrive, c, jobs[i], update, dict(res.extra)))
+        return job + len(a.clients)
+
+    def _record(
+        self, stats: RoundStats, server: ServerState, wall0: float, traffic: list[int]
+    ) -> RoundRecord:
+        last = stats.round + 1 == getattr(self.policy, "rounds", -1)
+        evaluate = last or (stats.round + 1) % max(1, self.eval_every) == 0
+        loss = acc = cacc = math.nan
+        if evaluate:
+            params = _as_dict(server.model)
+            test = self.data.test
+            loss, acc = self.model.evaluate(params, test.x, test.y)
+            cacc = self._client_accuracy(params, stats.participants)
+        return RoundRecord(
+            stats=stats,
+            test_loss=float(loss),
+            test_accuracy=float(acc),
+            client_accuracy=cacc,
+            wall_time=time.perf_counter() - wall0,
+            bytes_down=traffic[0],
+            bytes_up=traffic[1],
+        )
+
+    def _client_accuracy(self, params: dict[str, Arr], participants: Sequence[int]) -> float:
+        """Accuracy on the participants' own test sets, weighted by their size (if any)."""
+        tests = getattr(self.data, "client_tests", None)
+        if tests is None or not participants:
+            return math.nan
+        correct = 0.0
+        total = 0
+        for c in participants:
+            t = tests[c]
+            if len(t):
+                _, a = self.model.evaluate(params, t.x, t.y)
+                correct += a * len(t)
+                total += len(t)
+        return correct / total if total else math.nan
+
+
+def _server_of(state: Any) -> ServerState:
+    server = state.server
+    assert isinstance(server, ServerState)
+    return server
+
+
+def _as_dict(model: Any) -> dict[str, Arr]:
+    if isinstance(model, dict):
+        return model
+    return {str(i): a for i, a in enumerate(model)}
