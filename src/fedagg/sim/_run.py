@@ -49,8 +49,8 @@ def build_data(cfg: Mapping[str, Any], seed: int) -> Any:
     kwargs: dict[str, Any] = {k: d[k] for k in _DATA_KEYS[part]}
     if d["name"] != "synthetic":
         kwargs["test_fraction"] = d["test_fraction"]
-    elif part != "natural":
-        kwargs.update(alpha=d["alpha"], beta=d["beta"])
+    else:  # the generator's own heterogeneity; the partition then applies to its users
+        kwargs.update(alpha=d["alpha"], beta=d["beta"], iid=bool(d["iid"]))
     return fdata.load(
         d["name"], num_clients=int(d["num_clients"]), partition=part, seed=seed, **kwargs
     )
@@ -177,6 +177,7 @@ def build(
         seed=seed,
         executor=build_executor(cfg),
         eval_every=int(cfg["eval_every"]),
+        eval_train=bool(cfg["eval_train"]),
         on_round=on_round,
     )
     return Built(cfg, sim, fd)
