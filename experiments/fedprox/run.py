@@ -116,12 +116,12 @@ def write_markdown(table: list[dict[str, Any]], rounds: int, args: Any, wall: fl
         "| final test acc |",
         "|---|---|---|---|---|---|",
     ]
-    for r in table:
-        lines.append(
-            f"| {r['dataset']} | {r['stragglers']:.0%} | {r['method']} | "
-            f"{r['final_train_loss']:.4f} | {r['max_train_loss_last_half']:.4f} | "
-            f"{r['final_test_accuracy']:.3f} |"
-        )
+    lines.extend(
+        f"| {r['dataset']} | {r['stragglers']:.0%} | {r['method']} | "
+        f"{r['final_train_loss']:.4f} | {r['max_train_loss_last_half']:.4f} | "
+        f"{r['final_test_accuracy']:.3f} |"
+        for r in table
+    )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -149,13 +149,11 @@ def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
         bar = "#" * (width * done // total) + "-" * (width - width * done // total)
         acc = rec.test_accuracy
         acc_s = "   -  " if acc != acc else f"{acc:6.2%}"
-        end = "\n" if done == total else ""
-        print(
-            f"\r[{bar}] round {done}/{total}  acc {acc_s}  virtual {rec.stats.ended:9.1f} s",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"[{bar}] round {done}/{total}  acc {acc_s}  virtual {rec.stats.ended:9.1f} s"
+        if sys.stderr.isatty():  # redraw in place
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:  # a log: a line per tenth
+            print(line, file=sys.stderr, flush=True)
 
     return show
 

@@ -101,7 +101,7 @@ def test_dropouts_never_arrive() -> None:
 
 
 def test_stragglers_drop_or_do_partial_work() -> None:
-    s, alg = make(rounds=1, k=8, stragglers=0.5, straggler_mode="drop")
+    s, _ = make(rounds=1, k=8, stragglers=0.5, straggler_mode="drop")
     res = s.run()
     assert res.final.stats.dispatched == 4 and res.final.stats.folded == 4
     s2, _ = make(rounds=1, k=8, stragglers=0.5, straggler_mode="partial", epochs=5)

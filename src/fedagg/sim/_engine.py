@@ -145,6 +145,7 @@ class SimResult:
     wall_time: float
     client_updates: int
     events: int
+    policy_state: Any = None
 
     @property
     def final(self) -> RoundRecord:
@@ -248,7 +249,8 @@ class Simulation:
                 traffic[1] += model_bytes * (2 if "delta_c" in ev.extra else 1)
             finished = do(self.policy.step(state, ev, ctx), now)
         self.executor.close()
-        return SimResult(records, _server_of(state), time.perf_counter() - wall0, updates, events)
+        wall = time.perf_counter() - wall0
+        return SimResult(records, _server_of(state), wall, updates, events, state)
 
     # -- internals ------------------------------------------------------------------------------
     def _dispatch(

@@ -71,7 +71,11 @@ def build_algorithm(cfg: Mapping[str, Any]) -> Any:
     from fedagg import clients
 
     c = cfg["client"]
-    common = {"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]), "lr": float(c["lr"])}
+    common: dict[str, Any] = {
+        "epochs": int(c["epochs"]),
+        "batch_size": int(c["batch_size"]),
+        "lr": float(c["lr"]),
+    }
     if c["algorithm"] == "fedavg":
         return clients.LocalSGD(**common)
     if c["algorithm"] == "fedprox":

@@ -22,8 +22,8 @@ __all__ = ["ROUND_COLUMNS", "RunDB", "RunInfo"]
 
 ROUND_COLUMNS = (
     "round", "version", "virtual_time", "wall_time", "test_loss", "test_accuracy",
-    "client_loss", "client_accuracy", "train_loss", "train_accuracy", "selected", "dispatched", "folded", "dropped", "refused",
-    "late", "applied", "bytes_down", "bytes_up", "staleness_mean",
+    "client_loss", "client_accuracy", "train_loss", "train_accuracy", "selected", "dispatched",
+    "folded", "dropped", "refused", "late", "applied", "bytes_down", "bytes_up", "staleness_mean",
 )  # fmt: skip
 
 _SCHEMA = f"""

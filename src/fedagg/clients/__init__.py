@@ -1,0 +1,26 @@
+"""Client algorithms: how a client turns the global model and its data into an update.
+
+The client-side counterpart of :mod:`fedagg.strategies`. Every algorithm trains any
+:class:`fedagg.models.Model` and returns a :class:`TrainResult` whose ``delta`` is
+``trained - start``, ready for ``fedagg.Update(delta=..., weight=result.num_examples)``::
+
+    algo = fedagg.clients.LocalSGD(epochs=1, batch_size=10, lr=0.01)
+    result, _ = algo.train(model, server.model, data, np.random.default_rng(seed))
+    results = algo.train_many(model, server.model, datas, rngs)   # many clients at once
+
+``train_many`` trains the clients on stacked parameters when the model supports it
+(:class:`fedagg.models.LogReg`, :class:`fedagg.models.MLP`), giving the same results as a
+loop of ``train`` up to float32 round-off, much faster.
+"""
+
+from fedagg.clients._base import ClientAlgorithm, TrainResult
+from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
+
+__all__ = [
+    "ClientAlgorithm",
+    "FedProx",
+    "LocalSGD",
+    "Scaffold",
+    "TrainResult",
+    "scaffold_server_update",
+]
