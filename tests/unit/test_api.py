@@ -28,6 +28,26 @@ EXPECTED = {
         "ServerState", "Strategy", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi",
         "strategy",
     ],
+    "fedagg.sim": [
+        "Action", "Applied", "Arrival", "Availability", "Built", "DEFAULTS", "Dispatch",
+        "Distribution", "Dropout", "Event", "Executor", "Finish", "LocalExecutor", "Policy",
+        "PolicyContext", "RoundRecord", "RoundStats", "RunDB", "RunInfo", "SetTimer", "SimResult",
+        "Simulation", "Start", "SyncPolicy", "SyncState", "SystemModel", "Timer", "Timing",
+        "build", "format_table", "load_config", "plot_run", "resolve_config", "run_config",
+    ],
+    "fedagg.data": [
+        "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",
+        "SyntheticClients", "digits", "dirichlet", "federate", "format_histogram", "iid",
+        "label_skew", "load", "mnist1d", "mnist5k", "quantity_skew", "shards", "split",
+        "synthetic",
+    ],
+    "fedagg.models": [
+        "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",
+    ],
+    "fedagg.clients": [
+        "ClientAlgorithm", "FedProx", "LocalSGD", "Scaffold", "TrainResult",
+        "scaffold_server_update",
+    ],
 }  # fmt: skip
 
 

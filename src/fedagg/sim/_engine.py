@@ -146,6 +146,15 @@ class SimResult:
     client_updates: int
     events: int
     policy_state: Any = None
+    train_time: float = 0.0
+    eval_time: float = 0.0
+
+    @property
+    def overhead_per_round(self) -> float:
+        """Wall seconds per round spent outside client training and evaluation: the engine's
+        own cost (events, folding, the optimizer step, bookkeeping)."""
+        rest = self.wall_time - self.train_time - self.eval_time
+        return rest / max(1, len(self.records))
 
     @property
     def final(self) -> RoundRecord:
@@ -202,9 +211,12 @@ class Simulation:
     on_round: Callable[[RoundRecord], None] | None = None
     client_states: dict[int, Any] = field(default_factory=dict)
     _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
+    _train_s: float = field(default=0.0, init=False, repr=False)
+    _eval_s: float = field(default=0.0, init=False, repr=False)
 
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
+        self._train_s = self._eval_s = 0.0
         server = self.strategy.init(self.model.init(self.seed))
         ctx = _Ctx(self.system, self.seed)
         state = self.policy.init(server, ctx)
@@ -250,7 +262,9 @@ class Simulation:
             finished = do(self.policy.step(state, ev, ctx), now)
         self.executor.close()
         wall = time.perf_counter() - wall0
-        return SimResult(records, _server_of(state), wall, updates, events, state)
+        return SimResult(
+            records, _server_of(state), wall, updates, events, state, self._train_s, self._eval_s
+        )
 
     # -- internals ------------------------------------------------------------------------------
     def _dispatch(
@@ -281,6 +295,7 @@ class Simulation:
         for lo in range(0, len(train_idx), self.chunk):  # bounded memory: data made per chunk
             idx = train_idx[lo : lo + self.chunk]
             cl = [a.clients[i] for i in idx]
+            t0 = time.perf_counter()
             results = self.executor.train(
                 self.algorithm,
                 self.model,
@@ -291,6 +306,7 @@ class Simulation:
                 [self.client_states.get(c) for c in cl],
                 a.server_extra,
             )
+            self._train_s += time.perf_counter() - t0
             for i, c, (res, new_state) in zip(idx, cl, results, strict=True):
                 if new_state is not None:
                     self.client_states[c] = new_state
@@ -313,6 +329,7 @@ class Simulation:
         last = stats.round + 1 == getattr(self.policy, "rounds", -1)
         evaluate = last or (stats.round + 1) % max(1, self.eval_every) == 0
         loss = acc = cacc = tloss = tacc = math.nan
+        t0 = time.perf_counter()
         if evaluate:
             params = _as_dict(server.model)
             test = self.data.test
@@ -321,6 +338,7 @@ class Simulation:
             if self.eval_train:
                 x, y = self._train_union()
                 tloss, tacc = self.model.evaluate(params, x, y)
+        self._eval_s += time.perf_counter() - t0
         return RoundRecord(
             stats=stats,
             test_loss=float(loss),
