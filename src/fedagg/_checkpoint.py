@@ -80,7 +80,11 @@ def _decode(node: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> Any:
             if cls is None:
                 raise StateError(f"unknown state type {node['$type']!r}")
             kwargs = {k: _decode(v, arrays) for k, v in node["fields"].items()}
-            return cls(**kwargs)
+            obj = cls(**kwargs)
+            check = getattr(obj, "check", None)
+            if callable(check):
+                check()  # a state that does not fit its spec never reaches a kernel
+            return obj
         if "$seq" in node:
             items = [_decode(x, arrays) for x in node["$seq"]]
             return tuple(items) if node.get("tuple") else items

@@ -183,6 +183,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
     except fedagg.FedaggError as e:
         print(f"fedagg simulate: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
+    except (ValueError, TypeError) as e:  # a config value of the wrong type, e.g. rounds = "x"
+        print(f"fedagg simulate: error: invalid config value: {e}", file=sys.stderr)
+        return EXIT_USAGE
     rows = [r.row() for r in result.records]
     print()
     print(sim.format_table(rows, every=max(1, len(rows) // 20)))

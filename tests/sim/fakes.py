@@ -62,6 +62,7 @@ class FakeAlgorithm:
     epochs: int = 1
     batch_size: int = 1
     calls: list[list[int]] = field(default_factory=list)
+    last_epochs: list[int] = field(default_factory=list)
 
     def train_many(
         self,
@@ -75,6 +76,7 @@ class FakeAlgorithm:
         server_state: Any,
     ) -> list[tuple[Result, Any]]:
         self.calls.append([len(d) for d in datas])
+        self.last_epochs = list(epochs)
         out = []
         for d, rng, e in zip(datas, rngs, epochs, strict=True):
             delta = np.array([len(d), rng.random(), e, 1.0], np.float32)

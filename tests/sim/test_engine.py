@@ -100,14 +100,37 @@ def test_dropouts_never_arrive() -> None:
     assert dropped > 0 and folded + dropped == 4 * 8
 
 
-def test_stragglers_drop_or_do_partial_work() -> None:
-    s, _ = make(rounds=1, k=8, stragglers=0.5, straggler_mode="drop")
+def test_stragglers_drop_or_do_partial_work_in_full_time() -> None:
+    system = {"compute": sim.Distribution("constant", 10.0)}
+    s, _ = make(rounds=1, k=8, stragglers=0.5, straggler_mode="drop", system=system)
     res = s.run()
     assert res.final.stats.dispatched == 4 and res.final.stats.folded == 4
-    s2, _ = make(rounds=1, k=8, stragglers=0.5, straggler_mode="partial", epochs=5)
-    s2.algorithm.epochs = 5  # type: ignore[attr-defined]
+    s2, alg = make(rounds=1, k=8, stragglers=0.5, straggler_mode="partial", system=system)
+    alg.epochs = 5
     res2 = s2.run()
     assert res2.final.stats.folded == 8
+    # the fake's delta[2] is the epochs each client ran: four at 5, four stragglers at 1..4
+    epochs = sorted(round(float(e)) for e in alg.last_epochs)
+    assert epochs[4:] == [5, 5, 5, 5] and all(1 <= e <= 4 for e in epochs[:4])
+    # a straggler takes as long as a full job: the round lasts as long as without stragglers
+    s3, alg3 = make(rounds=1, k=8, system=system)
+    alg3.epochs = 5
+    assert res2.final.stats.ended == pytest.approx(s3.run().final.stats.ended)
+
+
+def test_empty_rounds_do_not_recurse() -> None:
+    s, _ = make(rounds=3000, k=4, stragglers=1.0, straggler_mode="drop")
+    res = s.run()
+    assert len(res.records) == 3000
+    assert not any(r.stats.applied for r in res.records)
+    assert res.server.version == 0
+
+
+def test_policy_and_simulation_must_share_the_strategy() -> None:
+    s, _ = make(rounds=1)
+    s.strategy = fedagg.strategies.fedadam()
+    with pytest.raises(fedagg.ConfigError):
+        s.run()
 
 
 def test_same_seed_replays_bit_for_bit_and_seeds_matter() -> None:

@@ -18,6 +18,7 @@ value, and the kernel tests the block while it is still in cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "all_finite",
     "fold_compensated",
     "fold_plain",
+    "max_abs",
     "merge_compensated",
     "sum_squares",
 ]
@@ -174,7 +176,30 @@ if HAVE_NUMBA:
             nbad[b] = _count_nonfinite(x, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(nbad.sum() == 0)
 
-    @_jit
+    @_jit_exact
+    def _maxabs_block(x: Arr, lo: int, hi: int) -> float:
+        xb = x[lo:hi]
+        m = 0.0
+        for i in range(hi - lo):
+            v = abs(np.float64(xb[i]))
+            if not v <= m:  # also catches NaN
+                m = v
+        return m
+
+    @_pjit_exact
+    def _max_abs_par(x: Arr) -> float:
+        n = x.size
+        nblk = (n + BLOCK - 1) // BLOCK
+        part = np.zeros(nblk, np.float64)
+        for b in prange(nblk):
+            part[b] = _maxabs_block(x, b * BLOCK, min(n, (b + 1) * BLOCK))
+        m = 0.0
+        for b in range(nblk):
+            if not part[b] <= m:
+                m = part[b]
+        return m
+
+    @_jit_exact
     def _sumsq_block(x: Arr, lo: int, hi: int) -> float:
         xb = x[lo:hi]
         s = 0.0
@@ -183,7 +208,7 @@ if HAVE_NUMBA:
             s += v * v
         return s
 
-    @_pjit
+    @_pjit_exact
     def _sum_squares_par(x: Arr) -> float:
         n = x.size
         nblk = (n + BLOCK - 1) // BLOCK
@@ -206,8 +231,12 @@ def _parallel(n: int, k: int = 1) -> bool:
 NUMBA_MIN_SIZE = 1 << 16
 
 
-def _compiled(use_numba: bool, n: int) -> bool:
-    return use_numba and n >= NUMBA_MIN_SIZE
+def _compiled(use_numba: bool, n: int, *arrays: Arr) -> bool:
+    """Whether to use the numba kernels: large enough, and native float32/float64 only."""
+    return use_numba and n >= NUMBA_MIN_SIZE and all(a.dtype in _NATIVE for a in arrays)
+
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _readonly(x: Arr) -> Arr:
@@ -231,7 +260,8 @@ def fold_plain(
 
     With ``save_undo`` the previous ``acc`` is copied to ``undo`` first.
     """
-    if _compiled(use_numba, acc.size):
+    _same_size(acc, undo, xs)
+    if _compiled(use_numba, acc.size, acc, *xs[:1]):
         kern = _fold_plain_par if _parallel(acc.size, len(xs)) else _fold_plain_ser
         return bool(kern(acc, undo, _typed(xs), ws.astype(acc.dtype), save_undo))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -256,7 +286,8 @@ def _fold_plain_np(acc: Arr, undo: Arr, xs: Sequence[Arr], ws: Arr, save_undo: b
 
 def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_numba: bool) -> bool:
     """Neumaier-compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64."""
-    if _compiled(use_numba, acc.size):
+    _same_size(acc, comp, xs)
+    if _compiled(use_numba, acc.size, acc, *xs[:1]):
         kern = _fold_comp_par if _parallel(acc.size, len(xs)) else _fold_comp_ser
         return bool(kern(acc, comp, _typed(xs), ws.astype(np.float64)))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -279,7 +310,7 @@ def _fold_comp_np(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr) -> None:
 
 def merge_compensated(s1: Arr, c1: Arr, s2: Arr, c2: Arr, *, use_numba: bool) -> None:
     """``(s1, c1) += (s2, c2)`` with the rounding error of the sum folded into ``c1``."""
-    if use_numba and _parallel(s1.size):
+    if use_numba and _parallel(s1.size) and s1.shape == c1.shape == s2.shape == c2.shape:
         _merge_comp_nb(s1, c1, s2, c2)
         return
     t = s1 + s2
@@ -290,10 +321,29 @@ def merge_compensated(s1: Arr, c1: Arr, s2: Arr, c2: Arr, *, use_numba: bool) ->
     s1[...] = t
 
 
+def _same_size(acc: Arr, other: Arr, xs: Sequence[Arr]) -> None:
+    if other.shape != acc.shape or any(x.shape != acc.shape for x in xs):
+        raise ValueError("kernel inputs must all have the accumulator's shape")
+
+
+def max_abs(x: Arr, *, use_numba: bool) -> float:
+    """``max |x|`` in float64; inf or nan if ``x`` holds a non-finite value."""
+    if x.size == 0:
+        return 0.0
+    if _compiled(use_numba, x.size, x):
+        return float(_max_abs_par(_readonly(x)))
+    if use_numba and x.dtype in _NATIVE:
+        return float(_maxabs_block(_readonly(x), 0, x.size))
+    with np.errstate(invalid="ignore"):
+        if not all_finite(x, use_numba=False):
+            return math.inf
+        return float(np.abs(x).max())
+
+
 def all_finite(x: Arr, *, use_numba: bool) -> bool:
     if x.size == 0:
         return True
-    if use_numba:
+    if use_numba and x.dtype in _NATIVE:
         if _parallel(x.size):
             return bool(_all_finite_par(_readonly(x)))
         return bool(_count_nonfinite(_readonly(x), 0, x.size) == 0)
@@ -306,7 +356,7 @@ def sum_squares(x: Arr, *, use_numba: bool) -> float:
     """``sum(x**2)`` accumulated in float64 (inf or nan if ``x`` is not finite)."""
     if x.size == 0:
         return 0.0
-    if use_numba:
+    if use_numba and x.dtype in _NATIVE:
         if _parallel(x.size):
             return float(_sum_squares_par(_readonly(x)))
         return float(_sumsq_block(_readonly(x), 0, x.size))

@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 S = TypeVar("S")
+#: Per-update bound on |w x| for the float64 accumulator, divided by the update count: the
+#: running sum then cannot overflow (float64 max is ~1.8e308).
+_F64_SAFE = 1e300
 Arr = npt.NDArray[Any]
 Backend = Literal["auto", "numba", "numpy"]
 Accumulator = Literal["float32", "float64"]
@@ -103,8 +106,10 @@ def check_update(spec: ParamSpec, version: int | None, update: Update) -> None:
     cid = update.client_id
     if not update.is_weight_valid():
         raise InvalidWeight(cid, f"weight must be finite and > 0, got {update.weight!r}")
-    if not (isinstance(update.scale, (int, float)) and math.isfinite(update.scale)):
-        raise InvalidWeight(cid, f"scale must be finite, got {update.scale!r}")
+    if not update.is_scale_valid():
+        raise InvalidWeight(cid, f"scale must be a finite number, got {update.scale!r}")
+    if not math.isfinite(float(update.weight) * float(update.scale)):
+        raise InvalidWeight(cid, "weight * scale overflows")
     if version is not None and update.base_version is not None and update.base_version != version:
         raise StaleUpdate(
             cid, f"trained from model version {update.base_version}, aggregating version {version}"
@@ -138,6 +143,28 @@ class MeanState:
     weight_comp: float = 0.0
     count: int = 0
     undo: Arr | None = field(default=None, repr=False, metadata={"transient": True})
+
+    def check(self) -> None:
+        """Raise StateError unless the fields are consistent (used when a state is loaded)."""
+        n = self.spec.size
+        want = (
+            np.float64
+            if self.accumulator == "float64" or self.spec.dtype.itemsize > 4
+            else (np.float32)
+        )
+        ok = (
+            isinstance(self.acc, np.ndarray)
+            and self.acc.shape == (n,)
+            and self.acc.dtype == want
+            and (self.comp is None) == (self.accumulator == "float32")
+            and (self.comp is None or (self.comp.shape == (n,) and self.comp.dtype == np.float64))
+            and isinstance(self.count, int)
+            and self.count >= 0
+            and math.isfinite(self.weight)
+            and self.weight >= 0
+        )
+        if not ok:
+            raise StateError("inconsistent MeanState (shapes, dtypes, count or weight)")
 
     def nbytes(self) -> int:
         """Memory held by the state, scratch included."""
@@ -216,6 +243,9 @@ class Mean:
         if not ups:
             return state
         spec = state.spec
+        total = state.weight + math.fsum(float(u.weight) for u in ups)
+        if not math.isfinite(total):
+            raise InvalidWeight(ups[-1].client_id, "the sum of weights overflows")
         pieces = [spec.segments(u.delta) for u in ups]
         ws = np.array([float(u.weight) * float(u.scale) for u in ups], dtype=np.float64)
         if self.accumulator == "float64":
@@ -260,18 +290,21 @@ class Mean:
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
     ) -> None:
         assert state.comp is not None
-        for u, segs in zip(ups, pieces, strict=True):  # check first: no undo buffers here
-            if not all(_kernels.all_finite(s, use_numba=self._numba) for s in segs):
+        # check first (no undo buffers here): finite values, and no float64 overflow possible
+        headroom = _F64_SAFE / max(1, state.count + len(ups))
+        for u, w, segs in zip(ups, ws, pieces, strict=True):
+            peak = max((_kernels.max_abs(s, use_numba=self._numba) for s in segs), default=0.0)
+            if not math.isfinite(peak):
                 raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
+            if abs(float(w)) * peak > headroom:  # Python floats: inf, no warning
+                raise NonFiniteUpdate(u.client_id, "weighted delta would overflow float64")
         layout = _layout(state.spec, pieces)
         for lo in range(0, len(ups), self.batch):
             hi = min(len(ups), lo + self.batch)
             for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
-                ok = _kernels.fold_compensated(
+                _kernels.fold_compensated(
                     state.acc[s0:s1], state.comp[s0:s1], segs, ws[lo:hi], use_numba=self._numba
                 )
-                if not ok:  # overflow of a float64 sum: practically unreachable
-                    raise StateError("float64 accumulator overflowed; the state is not usable")
 
     def merge(self, state: MeanState, other: MeanState) -> MeanState:
         if other.spec != state.spec:
@@ -294,7 +327,14 @@ class Mean:
                 state.acc, state.comp, other.acc, other.comp, use_numba=self._numba
             )
         else:
-            state.acc += other.acc
+            if state.undo is None:
+                state.undo = np.empty_like(state.acc)
+            state.undo[...] = state.acc
+            with np.errstate(over="ignore", invalid="ignore"):
+                state.acc += other.acc
+            if not _kernels.all_finite(state.acc, use_numba=self._numba):
+                state.acc[...] = state.undo
+                raise StateError("merge overflows the float32 accumulator; use 'float64'")
         w, e = _two_sum(state.weight, other.weight)
         state.weight = w
         state.weight_comp += other.weight_comp + e
@@ -306,13 +346,14 @@ class Mean:
             raise EmptyAggregate("no update was folded: nothing to finalize")
         total = state.weight + state.weight_comp
         out = np.empty(state.spec.size, state.spec.dtype)
-        if state.comp is None:
-            np.divide(state.acc, state.acc.dtype.type(total), out=out, casting="unsafe")
-            return out
-        step = 1 << 20
+        step = 1 << 20  # in float64, a chunk at a time: a tiny total must not underflow
         for lo in range(0, out.size, step):
             hi = min(out.size, lo + step)
-            out[lo:hi] = (state.acc[lo:hi] + state.comp[lo:hi]) / total
+            part = state.acc[lo:hi].astype(np.float64)
+            if state.comp is not None:
+                part += state.comp[lo:hi]
+            part /= total
+            out[lo:hi] = part
         return out
 
     def finalize(self, state: MeanState) -> ArrayTree:

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.core.spec import ArrayTree, ParamSpec
-from fedagg.errors import ConfigError, SpecError
+from fedagg.errors import ConfigError, SpecError, StateError
 
 __all__ = [
     "AdamState",
@@ -236,6 +236,25 @@ class OptState:
     spec: ParamSpec
     count: int
     inner: Any
+
+    def check(self) -> None:
+        """Raise StateError unless every buffer of the transforms' state fits the spec."""
+        n = self.spec.size
+
+        def walk(x: Any) -> None:
+            if isinstance(x, np.ndarray):
+                if x.shape != (n,):
+                    raise StateError("optimizer state buffers do not match the spec")
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    walk(y)
+            elif hasattr(x, "__dataclass_fields__"):
+                for f in x.__dataclass_fields__:
+                    walk(getattr(x, f))
+
+        if not isinstance(self.count, int) or self.count < 0:
+            raise StateError("optimizer step count must be a non-negative integer")
+        walk(self.inner)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,10 @@ class ParamSpec:
     _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        except TypeError as e:
+            raise SpecError(f"invalid dtype {self.dtype!r}") from e
         if len(self.names) != len(self.shapes):
             raise SpecError("names and shapes differ in length")
         if len(set(self.names)) != len(self.names):
@@ -64,7 +68,9 @@ class ParamSpec:
     def from_arrays(cls, arrays: ArrayTree) -> ParamSpec:
         """The spec of a list (or tuple) or a dict of arrays, all of one floating dtype."""
         if isinstance(arrays, Mapping):
-            names = tuple(str(k) for k in arrays)
+            if not all(isinstance(k, str) for k in arrays):
+                raise SpecError("a dict model needs str keys (the arrays' names)")
+            names = tuple(arrays)
             values = [np.asarray(v) for v in arrays.values()]
             keyed = True
         elif isinstance(arrays, (list, tuple)):
@@ -138,7 +144,10 @@ class ParamSpec:
     def mismatch(self, arrays: Delta) -> str | None:
         """Why ``arrays`` does not fit this spec, or ``None`` if it does."""
         if isinstance(arrays, (bytes, bytearray, memoryview)):
-            nbytes = memoryview(arrays).nbytes
+            view = memoryview(arrays)
+            if not view.c_contiguous:
+                return "buffer is not contiguous"
+            nbytes = view.nbytes
             if nbytes != self.nbytes:
                 return f"buffer of {nbytes} bytes, expected {self.nbytes}"
             return None
@@ -245,7 +254,7 @@ def _common_flat_base(leaves: list[npt.NDArray[Any]], spec: ParamSpec) -> Flat |
         return None
     off = spec.offsets
     for i, leaf in enumerate(leaves):
-        if not leaf.flags.c_contiguous:
+        if not leaf.flags.c_contiguous or leaf.dtype != spec.dtype:
             return None
         if leaf.size and _ptr(leaf) != root_ptr + (first + off[i]) * itemsize:
             return None

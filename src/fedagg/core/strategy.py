@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from fedagg.core import optim
@@ -24,6 +25,7 @@ from fedagg.core.aggregate import Aggregator, PreTransform, compose, mean
 from fedagg.core.optim import Flavor, OptState, ServerOptimizer
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
+from fedagg.errors import StateError
 
 __all__ = [
     "ServerState",
@@ -47,6 +49,17 @@ class ServerState:
     params: Arr
     version: int
     opt: OptState
+
+    def check(self) -> None:
+        """Raise StateError unless the fields are consistent (used when a state is loaded)."""
+        if not (
+            isinstance(self.params, np.ndarray)
+            and self.params.shape == (self.spec.size,)
+            and self.params.dtype == self.spec.dtype
+            and isinstance(self.version, int)
+        ):
+            raise StateError("inconsistent ServerState (params do not match the spec)")
+        self.opt.check()
 
     @property
     def model(self) -> ArrayTree:
@@ -72,7 +85,11 @@ class Strategy:
         return self.aggregator.init(server.spec, version=server.version)
 
     def apply(self, server: ServerState, agg_state: Any) -> ServerState:
-        """Finalize the round's aggregate and take one optimizer step."""
+        """Finalize the round's aggregate and take one optimizer step.
+
+        Like ``fold``, this consumes ``server``: its optimizer state is updated in place and
+        shared with the returned state (copy it first, e.g. with ``fedagg.loads(dumps(s))``, to
+        keep the old one)."""
         delta = self.aggregator.finalize_flat(agg_state)
         params, opt_state = self.optimizer.step(server.opt, server.params, delta)
         return ServerState(server.spec, params, server.version + 1, opt_state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,7 +36,16 @@ class Update:
     scale: float = 1.0
 
     def is_weight_valid(self) -> bool:
-        w = self.weight
-        return isinstance(w, (int, float, np.floating, np.integer)) and bool(
-            np.isfinite(w) and w > 0
-        )
+        return _finite_real(self.weight) and float(self.weight) > 0
+
+    def is_scale_valid(self) -> bool:
+        return _finite_real(self.scale)
+
+
+def _finite_real(x: object) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # a Python int beyond float range
+        return False

@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "availability": {"kind": "always", "p": 1.0, "max_on": 0.05, "period": 100},
     },
     "executor": {"kind": "local", "workers": 2},
-    "output": {"db": "runs/fedagg.db", "plots": "runs/plots", "store": True},
+    "output": {"db": "runs/fedagg.db", "plots": "runs/plots"},
 }
 
 

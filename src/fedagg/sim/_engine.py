@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
+from fedagg.errors import ConfigError
 from fedagg.sim._policy import (
     Action,
     Applied,
@@ -217,6 +218,10 @@ class Simulation:
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
         self._train_s = self._eval_s = 0.0
+        strategy = getattr(self.policy, "strategy", self.strategy)
+        if strategy is not self.strategy:
+            raise ConfigError("the simulation and its policy must share one strategy object")
+        self.client_states = {}
         server = self.strategy.init(self.model.init(self.seed))
         ctx = _Ctx(self.system, self.seed)
         state = self.policy.init(server, ctx)
@@ -244,6 +249,7 @@ class Simulation:
                     push(a.at, Timer(a.at, a.tag))
                 elif isinstance(a, Applied):
                     updates += a.stats.folded
+                    self.client_states.update(a.client_states)
                     rec = self._record(a.stats, _server_of(state), wall0, traffic)
                     traffic[0] = traffic[1] = 0
                     records.append(rec)
@@ -253,14 +259,16 @@ class Simulation:
                     done = True
             return done
 
-        finished = do(self.policy.step(state, Start(0.0), ctx), 0.0)
-        while heap and not finished:
-            now, _, ev = heapq.heappop(heap)
-            events += 1
-            if isinstance(ev, Arrival):
-                traffic[1] += model_bytes * (2 if "delta_c" in ev.extra else 1)
-            finished = do(self.policy.step(state, ev, ctx), now)
-        self.executor.close()
+        try:
+            finished = do(self.policy.step(state, Start(0.0), ctx), 0.0)
+            while heap and not finished:
+                now, _, ev = heapq.heappop(heap)
+                events += 1
+                if isinstance(ev, Arrival):
+                    traffic[1] += ev.update_bytes
+                finished = do(self.policy.step(state, ev, ctx), now)
+        finally:
+            self.executor.close()
         wall = time.perf_counter() - wall0
         return SimResult(
             records, _server_of(state), wall, updates, events, state, self._train_s, self._eval_s
@@ -278,17 +286,22 @@ class Simulation:
         traffic: list[int],
     ) -> int:
         server = _server_of(state)
-        params = _as_dict(server.model)
-        down = model_bytes * (2 if a.server_extra is not None else 1)
+        params = {k: _readonly(v) for k, v in _as_dict(server.model).items()}
+        extra_bytes = _nbytes(a.server_extra)
+        down = model_bytes + extra_bytes
         jobs = list(range(job, job + len(a.clients)))
-        epochs = _resolve_epochs(self.algorithm, a.epochs)
+        full = int(getattr(self.algorithm, "epochs", 1))
+        epochs = [
+            _partial_epochs(full, self.seed, j) if slow else full
+            for j, slow in zip(jobs, a.partial, strict=True)
+        ]
         train_idx: list[int] = []
         for i, (c, j) in enumerate(zip(a.clients, jobs, strict=True)):
             traffic[0] += down
             frac = self.system.drops_out(c, j)
             if frac is not None:  # drops out part-way through: never trains to completion
                 n = len(self.data.clients[c])
-                t = self.system.timing(c, n * epochs[i], down, model_bytes)
+                t = self.system.timing(c, n * full, down, model_bytes)
                 push(now + frac * t.total, Dropout(now + frac * t.total, c, j))
             else:
                 train_idx.append(i)
@@ -308,10 +321,9 @@ class Simulation:
             )
             self._train_s += time.perf_counter() - t0
             for i, c, (res, new_state) in zip(idx, cl, results, strict=True):
-                if new_state is not None:
-                    self.client_states[c] = new_state
-                up = model_bytes * (2 if "delta_c" in res.extra else 1)
-                t = self.system.timing(c, res.num_examples * epochs[i], down, up)
+                up = model_bytes + _nbytes(res.extra)
+                # a straggler does less work in the time of a full job (it is slow)
+                t = self.system.timing(c, res.num_examples * full, down, up)
                 arrive = now + t.total
                 update = Update(
                     delta=res.delta,
@@ -320,7 +332,8 @@ class Simulation:
                     base_version=server.version,
                     metrics=res.metrics,
                 )
-                push(arrive, Arrival(arrive, c, jobs[i], update, dict(res.extra)))
+                ev = Arrival(arrive, c, jobs[i], update, dict(res.extra), new_state, up)
+                push(arrive, ev)
         return job + len(a.clients)
 
     def _record(
@@ -371,6 +384,28 @@ class Simulation:
                 correct += a * len(t)
                 total += len(t)
         return correct / total if total else math.nan
+
+
+def _partial_epochs(full: int, seed: int, job: int) -> int:
+    """A straggler's epochs: uniform on 1..E-1 (FedProx's ``randint(1, E)``), 1 if E <= 1."""
+    if full <= 1:
+        return 1
+    return int(np.random.default_rng([seed, 0x5A1, job]).integers(1, full))
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of the arrays in a (nested) dict payload."""
+    if isinstance(x, np.ndarray):
+        return int(x.nbytes)
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    return 0
+
+
+def _readonly(a: Arr) -> Arr:
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _server_of(state: Any) -> ServerState:

@@ -56,6 +56,8 @@ class Arrival:
     job: int
     update: Update
     extra: dict[str, Any] = field(default_factory=dict)
+    client_state: Any = None  # the client's new persistent state, kept only if accepted
+    update_bytes: int = 0  # what the upload weighed (for traffic accounting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +81,13 @@ Event: TypeAlias = Start | Arrival | Dropout | Timer
 # -- actions (policy -> engine) ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Send the current model to ``clients``; ``epochs[i]`` overrides client i's local epochs
-    (``None``: the algorithm's own). ``server_extra`` goes to every client (SCAFFOLD's c)."""
+    """Send the current model to ``clients``. ``partial[i]`` marks a straggler that does only
+    part of its local work (the engine draws 1..E-1 epochs for it, as the FedProx code does,
+    and gives it the duration of a full job). ``server_extra`` goes to every client
+    (SCAFFOLD's c)."""
 
     clients: tuple[int, ...]
-    epochs: tuple[int | None, ...]
+    partial: tuple[bool, ...]
     server_extra: Any = None
 
 
@@ -116,9 +120,12 @@ class RoundStats:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """The round closed (its model update applied if ``stats.applied``)."""
+    """The round closed (its model update applied if ``stats.applied``). ``client_states``
+    are the new persistent states of the clients whose updates it applied (SCAFFOLD's c_i):
+    a client whose update was late, refused or not applied keeps its old state."""
 
     stats: RoundStats
+    client_states: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +178,7 @@ class SyncState:
     participants: list[int] = field(default_factory=list)
     control: dict[str, Arr] | None = None  # SCAFFOLD's server control variate c
     control_sum: dict[str, Arr] | None = None
+    accepted: dict[int, Any] = field(default_factory=dict)
     next_job: int = 0
 
 
@@ -187,8 +195,9 @@ class SyncPolicy:
 
     Stragglers (FedProx's "drop_percent"): a fraction ``stragglers`` of the selected clients
     is slow this round. ``straggler_mode="drop"`` (FedAvg) leaves them out; ``"partial"``
-    (FedProx) has each do ``randint(1, epochs)`` local epochs, i.e. 1..epochs-1 as in the
-    FedProx code (1 when epochs is 1).
+    (FedProx) has each do 1..E-1 of its E local epochs in the time of a full job, as in the
+    FedProx code (1 when E is 1). ``scaffold=True`` keeps SCAFFOLD's server control variate
+    c and adds ``sum(delta_c) / N`` to it after each applied round.
     """
 
     strategy: Strategy
@@ -199,7 +208,6 @@ class SyncPolicy:
     min_updates: int = 1
     stragglers: float = 0.0
     straggler_mode: Literal["drop", "partial"] = "drop"
-    epochs: int = 1
     scaffold: bool = False
 
     def __post_init__(self) -> None:
@@ -220,7 +228,7 @@ class SyncPolicy:
 
     def step(self, state: SyncState, event: Event, ctx: PolicyContext) -> list[Action]:
         if isinstance(event, Start):
-            return self._open(state, event.now, ctx)
+            return self._advance(state, event.now, ctx, [])
         if isinstance(event, Arrival):
             return self._arrival(state, event, ctx)
         if isinstance(event, Dropout):
@@ -234,52 +242,60 @@ class SyncPolicy:
         return []
 
     # -- round lifecycle ----------------------------------------------------------------------
-    def _open(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
+    def _advance(
+        self, state: SyncState, now: float, ctx: PolicyContext, actions: list[Action]
+    ) -> list[Action]:
+        """Open rounds until one dispatches (a round with nobody available closes at once,
+        unapplied), or finish."""
+        while state.round < self.rounds:
+            dispatch = self._open(state, now, ctx)
+            if dispatch is not None:
+                actions.append(dispatch)
+                if math.isfinite(self.deadline):
+                    actions.append(SetTimer(now + self.deadline, state.round))
+                return actions
+            actions.append(Applied(self._stats(state, now, applied=False)))
+            state.round += 1
+        actions.append(Finish())
+        return actions
+
+    def _open(self, state: SyncState, now: float, ctx: PolicyContext) -> Dispatch | None:
         rng = np.random.default_rng([ctx.seed, 0x5EC7, state.round])
         avail = ctx.available(state.round)
         want = min(len(avail), math.ceil(self.clients_per_round * (1 + self.over_select)))
         chosen = np.sort(rng.choice(avail, size=want, replace=False)) if want else avail[:0]
         n_slow = round(self.stragglers * len(chosen))
         slow = set(rng.choice(chosen, size=n_slow, replace=False).tolist()) if n_slow else set()
-        clients: list[int] = []
-        epochs: list[int | None] = []
-        for c in chosen.tolist():
-            if c in slow and self.straggler_mode == "drop":
-                continue
-            clients.append(c)
-            partial = c in slow and self.epochs > 1
-            epochs.append(
-                int(rng.integers(1, self.epochs)) if partial else (1 if c in slow else None)
-            )
+        drop = self.straggler_mode == "drop"
+        clients = [c for c in chosen.tolist() if not (drop and c in slow)]
         state.agg = self.strategy.begin(state.server)
         state.open, state.started, state.selected = True, now, len(chosen)
         state.pending = set(range(state.next_job, state.next_job + len(clients)))
         state.next_job += len(clients)
-        state.dispatched, state.folded, state.dropped, state.refused, state.late = (
-            len(clients),
-            0,
-            0,
-            0,
-            0,
-        )
+        state.dispatched = len(clients)
+        state.folded = state.dropped = state.refused = state.late = 0
         state.loss_sum = state.weight_sum = 0.0
         state.participants = []
+        state.accepted = {}
         if self.scaffold and state.control is not None:
             state.control_sum = {k: np.zeros_like(v) for k, v in state.control.items()}
-        actions: list[Action] = []
-        if clients:
-            actions.append(Dispatch(tuple(clients), tuple(epochs), state.control))
-        if math.isfinite(self.deadline):
-            actions.append(SetTimer(now + self.deadline, state.round))
         if not clients:
-            actions.extend(self._close(state, now, ctx))
-        return actions
+            return None
+        return Dispatch(tuple(clients), tuple(c in slow for c in clients), state.control)
 
     def _arrival(self, state: SyncState, ev: Arrival, ctx: PolicyContext) -> list[Action]:
         if not state.open or ev.job not in state.pending:
             state.late += 1  # from a closed round: ignored
             return []
         state.pending.discard(ev.job)
+        delta_c = ev.extra.get("delta_c")
+        if (delta_c is not None) != self.scaffold:
+            raise ConfigError(
+                "SCAFFOLD clients need SyncPolicy(scaffold=True), and only they send delta_c"
+            )
+        if delta_c is not None and not _fits(delta_c, state.control):
+            state.refused += 1  # malformed control-variate update: refuse the whole update
+            return self._maybe_close(state, ev.now, ctx)
         try:
             self.strategy.aggregator.fold(state.agg, ev.update)
         except UpdateError:
@@ -287,11 +303,13 @@ class SyncPolicy:
             return self._maybe_close(state, ev.now, ctx)
         state.folded += 1
         state.participants.append(ev.client)
+        if ev.client_state is not None:
+            state.accepted[ev.client] = ev.client_state
         w = float(ev.update.weight)
         state.weight_sum += w
         state.loss_sum += w * float(ev.update.metrics.get("train_loss", math.nan))
-        if state.control_sum is not None and "delta_c" in ev.extra:
-            for k, v in ev.extra["delta_c"].items():
+        if state.control_sum is not None and delta_c is not None:
+            for k, v in delta_c.items():
                 state.control_sum[k] += v
         return self._maybe_close(state, ev.now, ctx)
 
@@ -302,15 +320,23 @@ class SyncPolicy:
 
     def _close(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
         applied = state.folded >= self.min_updates
-        version = state.server.version
+        stats = self._stats(state, now, applied)
         if applied:
             state.server = self.strategy.apply(state.server, state.agg)
             if state.control is not None and state.control_sum is not None:
                 for k, v in state.control_sum.items():  # SCAFFOLD: c += sum(delta_c) / N
                     state.control[k] += v / v.dtype.type(ctx.num_clients)
-        stats = RoundStats(
+        kept = dict(state.accepted) if applied else {}
+        state.open = False
+        state.pending = set()
+        state.agg = None
+        state.round += 1
+        return self._advance(state, now, ctx, [Applied(stats, kept)])
+
+    def _stats(self, state: SyncState, now: float, applied: bool) -> RoundStats:
+        return RoundStats(
             round=state.round,
-            version=version,
+            version=state.server.version,
             started=state.started,
             ended=now,
             selected=state.selected,
@@ -325,16 +351,16 @@ class SyncPolicy:
             participants=tuple(state.participants),
             applied=applied,
         )
-        state.open = False
-        state.pending = set()
-        state.agg = None
-        state.round += 1
-        actions: list[Action] = [Applied(stats)]
-        if state.round >= self.rounds:
-            actions.append(Finish())
-        else:
-            actions.extend(self._open(state, now, ctx))
-        return actions
+
+
+def _fits(delta_c: Any, control: dict[str, Arr] | None) -> bool:
+    """Whether a SCAFFOLD delta_c has the control variate's names and shapes, all finite."""
+    if control is None or not isinstance(delta_c, dict) or set(delta_c) != set(control):
+        return False
+    return all(
+        isinstance(v, np.ndarray) and v.shape == control[k].shape and bool(np.isfinite(v).all())
+        for k, v in delta_c.items()
+    )
 
 
 def _as_dict(model: Any) -> dict[str, Arr]:

@@ -168,7 +168,6 @@ def build(
         min_updates=int(p["min_updates"]),
         stragglers=float(p["stragglers"]),
         straggler_mode=p["straggler_mode"],
-        epochs=int(cfg["client"]["epochs"]),
         scaffold=cfg["client"]["algorithm"] == "scaffold",
     )
     sim = Simulation(
@@ -194,8 +193,7 @@ def run_config(
     db: RunDB | None = None,
 ) -> tuple[SimResult, int | None]:
     """Build and run; store config and rounds in ``db`` (if given). Returns (result, run id)."""
-    rows: list[RoundRecord] = []
-    built = build(config, on_round=rows.append)
+    built = build(config)
     cfg = built.config
     run_id = db.start_run(str(cfg["name"]), int(cfg["seed"]), _jsonable(cfg)) if db else None
 

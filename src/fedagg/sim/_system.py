@@ -36,8 +36,8 @@ class Distribution:
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "lognormal", "uniform"):
             raise ConfigError(f"unknown distribution {self.kind!r}")
-        if self.kind == "uniform" and not (0 <= self.low <= self.high):
-            raise ConfigError("uniform needs 0 <= low <= high")
+        if self.kind == "uniform" and not (0 < self.low <= self.high):
+            raise ConfigError("uniform needs 0 < low <= high (speeds and links are positive)")
         if self.kind != "uniform" and not (self.mean > 0 and self.sigma >= 0):
             raise ConfigError("a distribution needs mean > 0 and sigma >= 0")
 
@@ -136,7 +136,8 @@ class SystemModel:
         self._markov_cache = None
 
     def with_probabilities(self, p: Arr) -> SystemModel:
-        """Set per-client availability probabilities (e.g. FedAU's label-correlated ones)."""
+        """Set per-client availability probabilities (e.g. FedAU's label-correlated ones), in
+        place; returns the model for chaining."""
         p = np.asarray(p, dtype=np.float64)
         if p.shape != (self.num_clients,) or not np.all((p > 0) & (p <= 1)):
             raise ConfigError("per-client probabilities must be (num_clients,) in (0, 1]")
