@@ -101,7 +101,12 @@ def _resolve_epochs(algorithm: Any, epochs: Sequence[int | None]) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
-    """One closed round: the policy's stats plus evaluation, wall time and traffic."""
+    """One closed round: the policy's stats plus evaluation, wall time and traffic.
+
+    Traffic and ``late`` count what happened while the round was open: bytes sent to the
+    clients dispatched, bytes of every upload that arrived (late ones from earlier rounds
+    included), and those late arrivals themselves. Metrics are NaN in rounds not evaluated.
+    """
 
     stats: RoundStats
     test_loss: float
