@@ -152,3 +152,13 @@ def test_ray_executor_gives_identical_results() -> None:
     assert [r.row()["virtual_time"] for r in local.records] == [
         r.row()["virtual_time"] for r in remote.records
     ]
+
+
+def test_process_executor_gives_identical_results() -> None:
+    synth = {"name": "synthetic", "num_clients": 40, "partition": "natural"}
+    local, _ = sim.run_config(cfg(rounds=2, data=synth, policy={"clients_per_round": 20}))
+    procs, _ = sim.run_config(
+        cfg(rounds=2, data=synth, policy={"clients_per_round": 20},
+            executor={"kind": "processes", "workers": 2})
+    )  # fmt: skip
+    assert np.array_equal(local.server.params, procs.server.params)

@@ -241,16 +241,17 @@ def _dtype_problem(what: str, got: np.dtype[Any], want: np.dtype[Any]) -> str | 
 
 
 def _common_flat_base(leaves: list[npt.NDArray[Any]], spec: ParamSpec) -> Flat | None:
-    """The flat buffer that ``leaves`` are consecutive views of, if there is one."""
+    """The flat range of one buffer that ``leaves`` are consecutive views of, if there is one
+    (e.g. the arrays of :meth:`ParamSpec.unflatten`, or of one row of a 2-D array)."""
     root = leaves[0]
     while isinstance(root.base, np.ndarray):
         root = root.base
-    if root.ndim != 1 or root.dtype != spec.dtype or not root.flags.c_contiguous:
+    if not root.flags.c_contiguous or root.dtype != spec.dtype:
         return None
     itemsize = spec.dtype.itemsize
     root_ptr = _ptr(root)
     first, rem = divmod(_ptr(leaves[0]) - root_ptr, itemsize)
-    if rem or first < 0 or first + spec.size > root.shape[0]:
+    if rem or first < 0 or first + spec.size > root.size:
         return None
     off = spec.offsets
     for i, leaf in enumerate(leaves):
@@ -258,7 +259,7 @@ def _common_flat_base(leaves: list[npt.NDArray[Any]], spec: ParamSpec) -> Flat |
             return None
         if leaf.size and _ptr(leaf) != root_ptr + (first + off[i]) * itemsize:
             return None
-    return root[first : first + spec.size]
+    return root.reshape(-1)[first : first + spec.size]
 
 
 def _ptr(a: npt.NDArray[Any]) -> int:

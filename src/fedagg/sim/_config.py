@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 20,
     "eval_every": 1,
     "eval_train": False,
+    "eval_clients": 100,
     "data": {
         "name": "mnist5k",
         "num_clients": 100,

@@ -16,6 +16,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from fedagg.sim._policy import (
     Start,
     Timer,
 )
+from fedagg.sim._procs import ClientSlice
 from fedagg.sim._system import SystemModel
 
 __all__ = ["Executor", "LocalExecutor", "RoundRecord", "SimResult", "Simulation"]
@@ -198,6 +200,8 @@ class Simulation:
         eval_every: evaluate the global model every this many rounds (and at the last).
         eval_train: also evaluate the global objective, the loss over every client's training
             data (FedProx's "training loss"); costs a pass over all data per evaluation.
+        eval_clients: the client-weighted accuracy is measured on at most this many of the
+            round's participants (a seeded sample), on their own test sets.
         chunk: clients trained per executor call: bounds the client data held at once (lazy
             datasets generate a client's examples only when it trains).
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
@@ -213,6 +217,7 @@ class Simulation:
     executor: Executor = field(default_factory=LocalExecutor)
     eval_every: int = 1
     eval_train: bool = False
+    eval_clients: int = 100
     chunk: int = 2048
     on_round: Callable[[RoundRecord], None] | None = None
     client_states: dict[int, Any] = field(default_factory=dict)
@@ -310,15 +315,30 @@ class Simulation:
                 push(now + frac * t.total, Dropout(now + frac * t.total, c, j))
             else:
                 train_idx.append(i)
-        for lo in range(0, len(train_idx), self.chunk):  # bounded memory: data made per chunk
-            idx = train_idx[lo : lo + self.chunk]
+        chunks = [train_idx[lo : lo + self.chunk] for lo in range(0, len(train_idx), self.chunk)]
+
+        lazy = getattr(self.executor, "lazy_data", False)
+
+        def fetch(idx: list[int]) -> Sequence[Any]:
+            if lazy:  # the executor's workers fetch (or generate) the data themselves
+                return ClientSlice(self.data.clients, [a.clients[i] for i in idx])
+            return [self.data.clients[a.clients[i]] for i in idx]
+
+        # bounded memory: client data is made a chunk at a time; the next chunk's data is made
+        # on a second thread while this one trains (generation and BLAS release the GIL)
+        pool = ThreadPoolExecutor(1) if len(chunks) > 1 and not lazy else None
+        nxt = pool.submit(fetch, chunks[0]) if pool and chunks else None
+        for n_chunk, idx in enumerate(chunks):
             cl = [a.clients[i] for i in idx]
             t0 = time.perf_counter()
+            datas = nxt.result() if nxt is not None else fetch(idx)
+            if pool is not None and n_chunk + 1 < len(chunks):
+                nxt = pool.submit(fetch, chunks[n_chunk + 1])
             results = self.executor.train(
                 self.algorithm,
                 self.model,
                 params,
-                [self.data.clients[c] for c in cl],
+                datas,
                 [np.random.default_rng([self.seed, 0x7A1, jobs[i]]) for i in idx],
                 [epochs[i] for i in idx],
                 [self.client_states.get(c) for c in cl],
@@ -339,6 +359,8 @@ class Simulation:
                 )
                 ev = Arrival(arrive, c, jobs[i], update, dict(res.extra), new_state, up)
                 push(arrive, ev)
+        if pool is not None:
+            pool.shutdown()
         return job + len(a.clients)
 
     def _record(
@@ -352,7 +374,7 @@ class Simulation:
             params = _as_dict(server.model)
             test = self.data.test
             loss, acc = self.model.evaluate(params, test.x, test.y)
-            cacc = self._client_accuracy(params, stats.participants)
+            cacc = self._client_accuracy(params, stats.participants, stats.round)
             if self.eval_train:
                 x, y = self._train_union()
                 tloss, tacc = self.model.evaluate(params, x, y)
@@ -375,11 +397,17 @@ class Simulation:
             self._union = (np.concatenate([c.x for c in cl]), np.concatenate([c.y for c in cl]))
         return self._union
 
-    def _client_accuracy(self, params: dict[str, Arr], participants: Sequence[int]) -> float:
-        """Accuracy on the participants' own test sets, weighted by their size (if any)."""
+    def _client_accuracy(
+        self, params: dict[str, Arr], participants: Sequence[int], round_: int
+    ) -> float:
+        """Accuracy on the participants' own test sets, weighted by their size (if any), on a
+        seeded sample of at most ``eval_clients`` of them."""
         tests = getattr(self.data, "client_tests", None)
-        if tests is None or not participants:
+        if tests is None or not participants or self.eval_clients == 0:
             return math.nan
+        if len(participants) > self.eval_clients:
+            rng = np.random.default_rng([self.seed, 0xE7A, round_])
+            participants = sorted(rng.choice(participants, self.eval_clients, replace=False))
         correct = 0.0
         total = 0
         for c in participants:

@@ -137,11 +137,15 @@ def build_executor(cfg: Mapping[str, Any]) -> Executor:
     e = cfg["executor"]
     if e["kind"] == "local":
         return LocalExecutor()
+    if e["kind"] == "processes":
+        from fedagg.sim._procs import ProcessExecutor
+
+        return ProcessExecutor(workers=int(e["workers"]))
     if e["kind"] == "ray":
         from fedagg.sim._ray import RayExecutor
 
         return RayExecutor(workers=int(e["workers"]))
-    raise ConfigError(f"unknown executor {e['kind']!r}; valid: local, ray")
+    raise ConfigError(f"unknown executor {e['kind']!r}; valid: local, processes, ray")
 
 
 def build(
@@ -181,6 +185,7 @@ def build(
         executor=build_executor(cfg),
         eval_every=int(cfg["eval_every"]),
         eval_train=bool(cfg["eval_train"]),
+        eval_clients=int(cfg["eval_clients"]),
         on_round=on_round,
     )
     return Built(cfg, sim, fd)
