@@ -346,7 +346,7 @@ class Mean:
             raise EmptyAggregate("no update was folded: nothing to finalize")
         total = state.weight + state.weight_comp
         out = np.empty(state.spec.size, state.spec.dtype)
-        step = 1 << 20  # in float64, a chunk at a time: a tiny total must not underflow
+        step = 1 << 16  # float64, a 512 KiB chunk at a time: a tiny total must not underflow
         for lo in range(0, out.size, step):
             hi = min(out.size, lo + step)
             part = state.acc[lo:hi].astype(np.float64)
