@@ -91,9 +91,7 @@ class ProcessExecutor:
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")  # no fork of numba's threads
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=ctx, initializer=_init_worker
-            )
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
         return self._pool
 
     def train(
