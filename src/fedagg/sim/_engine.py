@@ -26,6 +26,7 @@ import numpy.typing as npt
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError
+from fedagg.sim._exec import train_chunk
 from fedagg.sim._policy import (
     Action,
     Applied,
@@ -58,7 +59,7 @@ class Executor(Protocol):
         params: dict[str, Arr],
         datas: Sequence[Any],
         rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int | None],
+        epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
     ) -> list[tuple[Any, Any]]: ...
@@ -69,36 +70,10 @@ class Executor(Protocol):
 class LocalExecutor:
     """In-process: one batched ``train_many`` call (stacked parameters where possible)."""
 
-    def train(
-        self,
-        algorithm: Any,
-        model: Any,
-        params: dict[str, Arr],
-        datas: Sequence[Any],
-        rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int | None],
-        states: Sequence[Any],
-        server_state: Any,
-    ) -> list[tuple[Any, Any]]:
-        return list(
-            algorithm.train_many(
-                model,
-                params,
-                datas,
-                rngs,
-                epochs=_resolve_epochs(algorithm, epochs),
-                states=states,
-                server_state=server_state,
-            )
-        )
+    train = staticmethod(train_chunk)
 
     def close(self) -> None:
         pass
-
-
-def _resolve_epochs(algorithm: Any, epochs: Sequence[int | None]) -> list[int]:
-    default = int(getattr(algorithm, "epochs", 1))
-    return [default if e is None else int(e) for e in epochs]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ executor gives, bit for bit.
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
+from fedagg.sim._exec import split, train_chunk
 
 __all__ = ["ClientSlice", "ProcessExecutor"]
 
@@ -54,29 +54,6 @@ def _init_worker() -> None:
     threadpool_limits(1)
 
 
-def _train_chunk(
-    algorithm: Any,
-    model: Any,
-    params: dict[str, Arr],
-    datas: Sequence[Any],
-    rngs: Sequence[np.random.Generator],
-    epochs: Sequence[int],
-    states: Sequence[Any],
-    server_state: Any,
-) -> list[tuple[Any, Any]]:
-    return list(
-        algorithm.train_many(
-            model,
-            params,
-            list(datas),
-            rngs,
-            epochs=epochs,
-            states=states,
-            server_state=server_state,
-        )
-    )
-
-
 class ProcessExecutor:
     """Trains a dispatch's clients in ``workers`` processes (spawned once, reused)."""
 
@@ -101,31 +78,25 @@ class ProcessExecutor:
         params: dict[str, Arr],
         datas: Sequence[Any],
         rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int | None],
+        epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
     ) -> list[tuple[Any, Any]]:
-        default = int(getattr(algorithm, "epochs", 1))
-        eps = [default if e is None else int(e) for e in epochs]
-        n = len(datas)
-        k = min(self.workers, n)
-        bounds = [n * i // k for i in range(k + 1)]
         plain = {name: np.array(v) for name, v in params.items()}  # writable copies pickle
         pool = self._get_pool()
         futures = [
             pool.submit(
-                _train_chunk,
+                train_chunk,
                 algorithm,
                 model,
                 plain,
                 datas[a:b],
                 list(rngs[a:b]),
-                eps[a:b],
+                list(epochs[a:b]),
                 list(states[a:b]),
                 server_state,
             )
-            for a, b in itertools.pairwise(bounds)
-            if b > a
+            for a, b in split(len(datas), self.workers)
         ]
         out: list[tuple[Any, Any]] = []
         for f in futures:

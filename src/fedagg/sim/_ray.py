@@ -8,7 +8,6 @@ run gives the same model as with :class:`~fedagg.sim.LocalExecutor`.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,27 +15,11 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
+from fedagg.sim._exec import split, train_chunk
 
 __all__ = ["RayExecutor"]
 
 Arr = npt.NDArray[Any]
-
-
-def _train_chunk(
-    algorithm: Any,
-    model: Any,
-    params: dict[str, Arr],
-    datas: Sequence[Any],
-    rngs: Sequence[np.random.Generator],
-    epochs: Sequence[int],
-    states: Sequence[Any],
-    server_state: Any,
-) -> list[tuple[Any, Any]]:
-    return list(
-        algorithm.train_many(
-            model, params, datas, rngs, epochs=epochs, states=states, server_state=server_state
-        )
-    )
 
 
 class RayExecutor:
@@ -66,7 +49,7 @@ class RayExecutor:
                 log_to_driver=False,
                 configure_logging=False,
             )
-        self._remote = ray.remote(_train_chunk)
+        self._remote = ray.remote(train_chunk)
 
     def train(
         self,
@@ -75,15 +58,10 @@ class RayExecutor:
         params: dict[str, Arr],
         datas: Sequence[Any],
         rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int | None],
+        epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
     ) -> list[tuple[Any, Any]]:
-        default = int(getattr(algorithm, "epochs", 1))
-        eps = [default if e is None else int(e) for e in epochs]
-        n = len(datas)
-        k = min(self.workers, n)
-        bounds = [n * i // k for i in range(k + 1)]
         p_ref = self._ray.put(params)
         futures = [
             self._remote.remote(
@@ -92,12 +70,11 @@ class RayExecutor:
                 p_ref,
                 list(datas[a:b]),
                 list(rngs[a:b]),
-                eps[a:b],
+                list(epochs[a:b]),
                 list(states[a:b]),
                 server_state,
             )
-            for a, b in itertools.pairwise(bounds)
-            if b > a
+            for a, b in split(len(datas), self.workers)
         ]
         out: list[tuple[Any, Any]] = []
         for chunk in self._ray.get(futures):
