@@ -52,6 +52,47 @@ def _delta(trained: Params, start: Params) -> Params:
     return {k: trained[k] - v for k, v in start.items()}
 
 
+def _sgd_one(
+    alg: LocalSGD | FedProx,
+    model: Model,
+    params: ParamsLike,
+    data: Examples,
+    rng: np.random.Generator,
+    epochs: int | None,
+) -> tuple[TrainResult, None]:
+    """One stateless client's local SGD, with ``alg``'s gradient correction (if any)."""
+    start = eng.start_params(params)
+    x, y = eng.client_data(data)
+    e = eng.resolve_epochs(alg.epochs, epochs)
+    correct = alg._correct(start)
+    w, steps, loss = eng.run_one(model, start, x, y, rng, e, alg.batch_size, alg.lr, correct)
+    return TrainResult(_delta(w, start), len(y), steps, _metrics(steps, loss)), None
+
+
+def _sgd_many(
+    alg: LocalSGD | FedProx,
+    model: Model,
+    params: ParamsLike,
+    datas: Sequence[Examples],
+    rngs: Sequence[np.random.Generator],
+    epochs: Sequence[int] | None,
+    states: Sequence[Any] | None,
+) -> list[tuple[TrainResult, None]]:
+    """:func:`_sgd_one` for each client; stacked when the model supports it."""
+    start = eng.start_params(params)
+    data, eps, _ = _many_args(datas, rngs, epochs, states, alg.epochs)
+    if not isinstance(model, StackedModel):
+        return [
+            _sgd_one(alg, model, start, d, r, e) for d, r, e in zip(datas, rngs, eps, strict=True)
+        ]
+    make = alg._make_stacked(start)
+    outs = eng.run_many(model, start, data, rngs, eps, alg.batch_size, alg.lr, make)
+    return [
+        (TrainResult(o.delta, len(y), o.steps, _metrics(o.steps, o.loss)), None)
+        for o, (_, y) in zip(outs, data, strict=True)
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # FedAvg's client
 # --------------------------------------------------------------------------------------------
@@ -89,11 +130,7 @@ class LocalSGD:
         server_state: Any = None,
     ) -> tuple[TrainResult, None]:
         """Train one client from ``params``; ``epochs`` overrides the local epochs."""
-        start = eng.start_params(params)
-        x, y = eng.client_data(data)
-        e = eng.resolve_epochs(self.epochs, epochs)
-        w, steps, loss = eng.run_one(model, start, x, y, rng, e, self.batch_size, self.lr, None)
-        return TrainResult(_delta(w, start), len(y), steps, _metrics(steps, loss)), None
+        return _sgd_one(self, model, params, data, rng, epochs)
 
     def train_many(
         self,
@@ -107,18 +144,13 @@ class LocalSGD:
         server_state: Any = None,
     ) -> list[tuple[TrainResult, None]]:
         """:meth:`train` for each client; stacked when the model supports it."""
-        start = eng.start_params(params)
-        data, eps, _ = _many_args(datas, rngs, epochs, states, self.epochs)
-        if not isinstance(model, StackedModel):
-            return [
-                self.train(model, start, d, r, epochs=e)
-                for d, r, e in zip(datas, rngs, eps, strict=True)
-            ]
-        outs = eng.run_many(model, start, data, rngs, eps, self.batch_size, self.lr, None)
-        return [
-            (TrainResult(o.delta, len(y), o.steps, _metrics(o.steps, o.loss)), None)
-            for o, (_, y) in zip(outs, data, strict=True)
-        ]
+        return _sgd_many(self, model, params, datas, rngs, epochs, states)
+
+    def _correct(self, start: Params) -> eng.Correct | None:
+        return None  # plain SGD: no gradient correction
+
+    def _make_stacked(self, start: Params) -> eng.MakeCorrect | None:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +217,7 @@ class FedProx:
         server_state: Any = None,
     ) -> tuple[TrainResult, None]:
         """Train one client from ``params``; ``epochs`` overrides the local epochs."""
-        start = eng.start_params(params)
-        x, y = eng.client_data(data)
-        e = eng.resolve_epochs(self.epochs, epochs)
-        w, steps, loss = eng.run_one(
-            model, start, x, y, rng, e, self.batch_size, self.lr, self._correct(start)
-        )
-        return TrainResult(_delta(w, start), len(y), steps, _metrics(steps, loss)), None
+        return _sgd_one(self, model, params, data, rng, epochs)
 
     def train_many(
         self,
@@ -205,20 +231,7 @@ class FedProx:
         server_state: Any = None,
     ) -> list[tuple[TrainResult, None]]:
         """:meth:`train` for each client; stacked when the model supports it."""
-        start = eng.start_params(params)
-        data, eps, _ = _many_args(datas, rngs, epochs, states, self.epochs)
-        if not isinstance(model, StackedModel):
-            return [
-                self.train(model, start, d, r, epochs=e)
-                for d, r, e in zip(datas, rngs, eps, strict=True)
-            ]
-        outs = eng.run_many(
-            model, start, data, rngs, eps, self.batch_size, self.lr, self._make_stacked(start)
-        )
-        return [
-            (TrainResult(o.delta, len(y), o.steps, _metrics(o.steps, o.loss)), None)
-            for o, (_, y) in zip(outs, data, strict=True)
-        ]
+        return _sgd_many(self, model, params, datas, rngs, epochs, states)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["split", "train_chunk"]
+__all__ = ["chunk_args", "split", "train_chunk"]
 
 Arr = npt.NDArray[Any]
 
@@ -44,3 +44,22 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     k = max(1, min(parts, n))
     bounds = [n * i // k for i in range(k + 1)]
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def chunk_args(
+    workers: int,
+    algorithm: Any,
+    model: Any,
+    params: Any,
+    datas: Sequence[Any],
+    rngs: Sequence[np.random.Generator],
+    epochs: Sequence[int],
+    states: Sequence[Any],
+    server_state: Any,
+) -> list[tuple[Any, ...]]:
+    """:func:`train_chunk`'s arguments for each of at most ``workers`` contiguous chunks."""
+    return [
+        (algorithm, model, params, datas[a:b], list(rngs[a:b]), list(epochs[a:b]),
+         list(states[a:b]), server_state)
+        for a, b in split(len(datas), workers)
+    ]  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import split, train_chunk
+from fedagg.sim._exec import chunk_args, train_chunk
 
 __all__ = ["ClientSlice", "ProcessExecutor"]
 
@@ -84,20 +84,9 @@ class ProcessExecutor:
     ) -> list[tuple[Any, Any]]:
         plain = {name: np.array(v) for name, v in params.items()}  # writable copies pickle
         pool = self._get_pool()
-        futures = [
-            pool.submit(
-                train_chunk,
-                algorithm,
-                model,
-                plain,
-                datas[a:b],
-                list(rngs[a:b]),
-                list(epochs[a:b]),
-                list(states[a:b]),
-                server_state,
-            )
-            for a, b in split(len(datas), self.workers)
-        ]
+        args = chunk_args(self.workers, algorithm, model, plain, datas, rngs, epochs, states,
+                          server_state)  # fmt: skip
+        futures = [pool.submit(train_chunk, *a) for a in args]
         out: list[tuple[Any, Any]] = []
         for f in futures:
             out.extend(f.result())

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import split, train_chunk
+from fedagg.sim._exec import chunk_args, train_chunk
 
 __all__ = ["RayExecutor"]
 
@@ -63,19 +63,9 @@ class RayExecutor:
         server_state: Any,
     ) -> list[tuple[Any, Any]]:
         p_ref = self._ray.put(params)
-        futures = [
-            self._remote.remote(
-                algorithm,
-                model,
-                p_ref,
-                list(datas[a:b]),
-                list(rngs[a:b]),
-                list(epochs[a:b]),
-                list(states[a:b]),
-                server_state,
-            )
-            for a, b in split(len(datas), self.workers)
-        ]
+        args = chunk_args(self.workers, algorithm, model, p_ref, datas, rngs, epochs, states,
+                          server_state)  # fmt: skip
+        futures = [self._remote.remote(*a) for a in args]
         out: list[tuple[Any, Any]] = []
         for chunk in self._ray.get(futures):
             out.extend(chunk)
