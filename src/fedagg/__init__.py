@@ -1,11 +1,20 @@
 """fedagg: federated learning with fast, lean, trustworthy model-update aggregation.
 
 The curated public API. Sub-namespaces: :mod:`fedagg.aggregators`, :mod:`fedagg.transforms`,
-:mod:`fedagg.optimizers`, :mod:`fedagg.strategies`, :mod:`fedagg.errors`. Modules under
+:mod:`fedagg.optimizers`, :mod:`fedagg.strategies`, :mod:`fedagg.staleness`,
+:mod:`fedagg.weighting`, :mod:`fedagg.errors`. Modules under
 ``fedagg.core`` are private: import from here.
 """
 
-from fedagg import aggregators, errors, optimizers, strategies, transforms
+from fedagg import (
+    aggregators,
+    errors,
+    optimizers,
+    staleness,
+    strategies,
+    transforms,
+    weighting,
+)
 from fedagg._checkpoint import dumps, load, loads, save
 from fedagg.core.aggregate import Aggregator
 from fedagg.core.spec import ArrayTree, ParamSpec
@@ -51,6 +60,8 @@ __all__ = [
     "loads",
     "optimizers",
     "save",
+    "staleness",
     "strategies",
     "transforms",
+    "weighting",
 ]

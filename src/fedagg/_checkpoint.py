@@ -18,6 +18,7 @@ import numpy as np
 
 from fedagg.core.aggregate import MeanState
 from fedagg.core.optim import AdamState, ChainState, EmptyState, OptState, TraceState
+from fedagg.core.participation import IntervalState
 from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
 from fedagg.errors import FedaggError, StateError
@@ -36,7 +37,9 @@ def register(cls: type[Any]) -> type[Any]:
     return cls
 
 
-for _cls in (MeanState, AdamState, ChainState, EmptyState, OptState, TraceState, ServerState):
+for _cls in (
+    MeanState, AdamState, ChainState, EmptyState, OptState, TraceState, ServerState, IntervalState
+):  # fmt: skip
     register(_cls)
 
 

@@ -12,7 +12,12 @@ EXPECTED = {
         "InvalidWeight", "NonFiniteUpdate", "ParamSpec", "ServerState", "SpecError",
         "SpecMismatch", "StaleUpdate", "StateError", "Strategy", "Update", "UpdateError",
         "__version__", "aggregators", "dumps", "errors", "load", "loads", "optimizers", "save",
-        "strategies", "transforms",
+        "staleness", "strategies", "transforms", "weighting",
+    ],
+    "fedagg.staleness": ["Staleness", "constant", "fedbuff_staleness", "hinge", "polynomial"],
+    "fedagg.weighting": [
+        "IntervalEstimator", "IntervalState", "Weighting", "all_clients", "examples", "fedau",
+        "interval_limit", "known", "participating",
     ],
     "fedagg.aggregators": ["Aggregator", "Composed", "Mean", "MeanState", "compose", "mean"],
     "fedagg.transforms": [
@@ -29,11 +34,13 @@ EXPECTED = {
         "strategy",
     ],
     "fedagg.sim": [
-        "Action", "Applied", "Arrival", "Availability", "Built", "DEFAULTS", "Dispatch",
-        "Distribution", "Dropout", "Event", "Executor", "Finish", "LocalExecutor", "Policy",
+        "Action", "Applied", "Arrival", "AsyncPolicy", "AsyncState", "Availability", "Built",
+        "Commit", "DEFAULTS", "Dispatch", "Distribution", "Dropout", "Event", "Executor",
+        "FedAMDPolicy", "FedAMDState", "Finish", "LocalExecutor", "Policy",
         "PolicyContext", "RoundRecord", "RoundStats", "RunDB", "RunInfo", "SetTimer", "SimResult",
         "Simulation", "Start", "SyncPolicy", "SyncState", "SystemModel", "Timer", "Timing",
-        "build", "format_table", "load_config", "plot_run", "resolve_config", "run_config",
+        "async_fedavg", "build", "fedasync", "fedbuff", "fedfix", "format_table",
+        "load_config", "plot_run", "resolve_config", "run_config", "sync_fedavg",
     ],
     "fedagg.data": [
         "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",
@@ -45,7 +52,7 @@ EXPECTED = {
         "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",
     ],
     "fedagg.clients": [
-        "ClientAlgorithm", "FedProx", "LocalSGD", "Scaffold", "TrainResult",
+        "ClientAlgorithm", "FedAMD", "FedProx", "LocalSGD", "Scaffold", "TrainResult",
         "scaffold_server_update",
     ],
 }  # fmt: skip

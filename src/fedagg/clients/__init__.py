@@ -13,11 +13,13 @@ The client-side counterpart of :mod:`fedagg.strategies`. Every algorithm trains 
 loop of ``train`` up to float32 round-off, much faster.
 """
 
+from fedagg.clients._amd import FedAMD
 from fedagg.clients._base import ClientAlgorithm, TrainResult
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
 
 __all__ = [
     "ClientAlgorithm",
+    "FedAMD",
     "FedProx",
     "LocalSGD",
     "Scaffold",

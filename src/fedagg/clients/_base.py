@@ -24,6 +24,8 @@ class TrainResult:
         metrics: scalars such as ``train_loss``, the mean of the local steps' batch losses
             (absent when no step was taken).
         extra: algorithm-specific payload for the server, e.g. SCAFFOLD's ``delta_c``.
+        work: examples processed, if not ``epochs * num_examples`` (fixed local steps,
+            FedAMD's anchors and miners): what a simulator charges compute time for.
     """
 
     delta: Params
@@ -31,6 +33,7 @@ class TrainResult:
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    work: int | None = None
 
 
 class ClientAlgorithm(Protocol):

@@ -47,7 +47,11 @@ WINDOW_BYTES = 1 << 25
 # --------------------------------------------------------------------------------------------
 
 
-def check_hparams(epochs: int, batch_size: int, lr: float) -> None:
+def check_hparams(epochs: int, batch_size: int, lr: float, steps: int | None = None) -> None:
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
+    ):
+        raise ConfigError(f"steps must be None or an int >= 1, got {steps!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
     if (
@@ -110,6 +114,14 @@ def num_steps(n: int, epochs: int, batch_size: int) -> int:
     return epochs * (-(-n // batch_size))
 
 
+def fixed_steps(n: int, epochs: int, batch_size: int, max_steps: int | None) -> tuple[int, int]:
+    """``(epochs, steps)`` to run: as given, or ``max_steps`` steps over enough epochs."""
+    if max_steps is None or epochs == 0 or n == 0:
+        return epochs, num_steps(n, epochs, batch_size)
+    per = -(-n // batch_size)
+    return -(-max_steps // per), max_steps
+
+
 # --------------------------------------------------------------------------------------------
 # One client
 # --------------------------------------------------------------------------------------------
@@ -125,19 +137,25 @@ def run_one(
     batch_size: int,
     lr: float,
     correct: Correct | None,
+    max_steps: int | None = None,
 ) -> tuple[Params, int, float]:
     """``epochs`` of minibatch SGD from ``start``; returns (trained, steps, mean batch loss).
 
     Each epoch visits the examples in the order ``rng.permutation(n)`` in batches of
     ``batch_size`` (the last one may be smaller). The mean loss is NaN if no step was taken.
+    With ``max_steps``, exactly that many steps are taken (if ``epochs > 0``), over as many
+    epochs as they need.
     """
     w = {k: np.array(v, copy=True) for k, v in start.items()}
     n = len(y)
+    epochs, cap = fixed_steps(n, epochs, batch_size, max_steps)
     steps = 0
     total = 0.0
     for _ in range(epochs):
         order = rng.permutation(n)
         for lo in range(0, n, batch_size):
+            if steps == cap:
+                break
             idx = order[lo : lo + batch_size]
             loss, g = model.loss_and_grad(w, x[idx], y[idx])
             if correct is not None:
@@ -172,6 +190,7 @@ def run_many(
     batch_size: int,
     lr: float,
     make_correct: MakeCorrect | None,
+    max_steps: int | None = None,
 ) -> list[Outcome]:
     """What :func:`run_one` gives for each client (deltas instead of trained parameters),
     computed on stacked parameters, group by group.
@@ -181,10 +200,9 @@ def run_many(
     :meth:`fedagg.ParamSpec.as_flat` takes them without a copy.
     """
     ns = np.array([len(y) for _, y in data], dtype=np.int64)
-    steps = np.array(
-        [num_steps(int(n), e, batch_size) for n, e in zip(ns, epochs, strict=True)],
-        dtype=np.int64,
-    )
+    plan = [fixed_steps(int(n), e, batch_size, max_steps) for n, e in zip(ns, epochs, strict=True)]
+    epochs = [e for e, _ in plan]
+    steps = np.array([k for _, k in plan], dtype=np.int64)
     # Batch orders from each client's generator, exactly as run_one draws them.
     orders = [
         [rng.permutation(int(n)) for _ in range(e)]

@@ -48,6 +48,14 @@ def _many_args(
     return data, eps, [None] * k if states is None else list(states)
 
 
+def _result(
+    alg: Any, delta: Params, n: int, steps: int, loss: float, extra: dict[str, Any] | None = None
+) -> TrainResult:
+    """A client's result; with fixed local steps, its work is ``steps * batch_size``."""
+    work = steps * alg.batch_size if alg.steps is not None else None
+    return TrainResult(delta, n, steps, _metrics(steps, loss), extra or {}, work)
+
+
 def _delta(trained: Params, start: Params) -> Params:
     return {k: trained[k] - v for k, v in start.items()}
 
@@ -65,8 +73,10 @@ def _sgd_one(
     x, y = eng.client_data(data)
     e = eng.resolve_epochs(alg.epochs, epochs)
     correct = alg._correct(start)
-    w, steps, loss = eng.run_one(model, start, x, y, rng, e, alg.batch_size, alg.lr, correct)
-    return TrainResult(_delta(w, start), len(y), steps, _metrics(steps, loss)), None
+    w, steps, loss = eng.run_one(
+        model, start, x, y, rng, e, alg.batch_size, alg.lr, correct, max_steps=alg.steps
+    )
+    return _result(alg, _delta(w, start), len(y), steps, loss), None
 
 
 def _sgd_many(
@@ -86,9 +96,11 @@ def _sgd_many(
             _sgd_one(alg, model, start, d, r, e) for d, r, e in zip(datas, rngs, eps, strict=True)
         ]
     make = alg._make_stacked(start)
-    outs = eng.run_many(model, start, data, rngs, eps, alg.batch_size, alg.lr, make)
+    outs = eng.run_many(
+        model, start, data, rngs, eps, alg.batch_size, alg.lr, make, max_steps=alg.steps
+    )
     return [
-        (TrainResult(o.delta, len(y), o.steps, _metrics(o.steps, o.loss)), None)
+        (_result(alg, o.delta, len(y), o.steps, o.loss), None)
         for o, (_, y) in zip(outs, data, strict=True)
     ]
 
@@ -110,9 +122,10 @@ class LocalSGD:
     epochs: int = 1
     batch_size: int = 10
     lr: float = 0.01
+    steps: int | None = None
 
     def __post_init__(self) -> None:
-        eng.check_hparams(self.epochs, self.batch_size, self.lr)
+        eng.check_hparams(self.epochs, self.batch_size, self.lr, self.steps)
 
     @property
     def name(self) -> str:
@@ -175,9 +188,10 @@ class FedProx:
     epochs: int = 1
     batch_size: int = 10
     lr: float = 0.01
+    steps: int | None = None
 
     def __post_init__(self) -> None:
-        eng.check_hparams(self.epochs, self.batch_size, self.lr)
+        eng.check_hparams(self.epochs, self.batch_size, self.lr, self.steps)
         if not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu) and self.mu >= 0):
             raise ConfigError(f"mu must be finite and >= 0, got {self.mu!r}")
 
@@ -255,9 +269,10 @@ class Scaffold:
     epochs: int = 1
     batch_size: int = 10
     lr: float = 0.01
+    steps: int | None = None
 
     def __post_init__(self) -> None:
-        eng.check_hparams(self.epochs, self.batch_size, self.lr)
+        eng.check_hparams(self.epochs, self.batch_size, self.lr, self.steps)
 
     @property
     def name(self) -> str:
@@ -319,10 +334,12 @@ class Scaffold:
             def correct(w: Params, g: Params) -> Params:
                 return {k: g[k] + cc[k] for k in start}
 
-        w, steps, loss = eng.run_one(model, start, x, y, rng, e, self.batch_size, self.lr, correct)
+        w, steps, loss = eng.run_one(
+            model, start, x, y, rng, e, self.batch_size, self.lr, correct, max_steps=self.steps
+        )
         delta = _delta(w, start)
         extra, new = self._finish(start, delta, ci, corr, steps)
-        return TrainResult(delta, len(y), steps, _metrics(steps, loss), extra), new
+        return _result(self, delta, len(y), steps, loss, extra), new
 
     def train_many(
         self,
@@ -362,13 +379,13 @@ class Scaffold:
 
                 return correct
 
-        outs = eng.run_many(model, start, data, rngs, eps, self.batch_size, self.lr, make)
+        outs = eng.run_many(
+            model, start, data, rngs, eps, self.batch_size, self.lr, make, max_steps=self.steps
+        )
         results: list[tuple[TrainResult, Params]] = []
         for o, (_, y), (ci, corr) in zip(outs, data, var, strict=True):
             extra, new = self._finish(start, o.delta, ci, corr, o.steps)
-            results.append(
-                (TrainResult(o.delta, len(y), o.steps, _metrics(o.steps, o.loss), extra), new)
-            )
+            results.append((_result(self, o.delta, len(y), o.steps, o.loss, extra), new))
         return results
 
 

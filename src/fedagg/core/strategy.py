@@ -13,6 +13,7 @@ Swapping a piece is an argument, not a subclass: ``fedadam(aggregator=some_robus
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from fedagg.core.aggregate import Aggregator, PreTransform, compose, mean
 from fedagg.core.optim import Flavor, OptState, ServerOptimizer
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
-from fedagg.errors import StateError
+from fedagg.errors import ConfigError, StateError
 
 __all__ = [
     "ServerState",
@@ -84,13 +85,21 @@ class Strategy:
         """The empty aggregate of a round on the current model version."""
         return self.aggregator.init(server.spec, version=server.version)
 
-    def apply(self, server: ServerState, agg_state: Any) -> ServerState:
+    def apply(self, server: ServerState, agg_state: Any, *, scale: float = 1.0) -> ServerState:
         """Finalize the round's aggregate and take one optimizer step.
+
+        ``scale`` multiplies the aggregated delta before the step: how a policy turns the
+        weighted mean into the sum it wants (FedAU's division by N rather than by the number
+        of participants, FedFix's unbiased weights). ``scale=1`` leaves it untouched.
 
         Like ``fold``, this consumes ``server``: its optimizer state is updated in place and
         shared with the returned state (copy it first, e.g. with ``fedagg.loads(dumps(s))``, to
         keep the old one)."""
         delta = self.aggregator.finalize_flat(agg_state)
+        if scale != 1.0:
+            if not (math.isfinite(scale) and scale > 0):
+                raise ConfigError(f"scale must be finite and > 0, got {scale!r}")
+            delta *= delta.dtype.type(scale)
         params, opt_state = self.optimizer.step(server.opt, server.params, delta)
         return ServerState(server.spec, params, server.version + 1, opt_state)
 

@@ -6,12 +6,23 @@
 The same strategies and policies run here and in deployment; only the transport differs.
 """
 
+from fedagg.sim._amd import FedAMDPolicy, FedAMDState
+from fedagg.sim._async import (
+    AsyncPolicy,
+    AsyncState,
+    async_fedavg,
+    fedasync,
+    fedbuff,
+    fedfix,
+    sync_fedavg,
+)
 from fedagg.sim._config import DEFAULTS, load_config, resolve_config
 from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
 from fedagg.sim._policy import (
     Action,
     Applied,
     Arrival,
+    Commit,
     Dispatch,
     Dropout,
     Event,
@@ -34,13 +45,18 @@ __all__ = [
     "Action",
     "Applied",
     "Arrival",
+    "AsyncPolicy",
+    "AsyncState",
     "Availability",
     "Built",
+    "Commit",
     "Dispatch",
     "Distribution",
     "Dropout",
     "Event",
     "Executor",
+    "FedAMDPolicy",
+    "FedAMDState",
     "Finish",
     "LocalExecutor",
     "Policy",
@@ -58,10 +74,15 @@ __all__ = [
     "SystemModel",
     "Timer",
     "Timing",
+    "async_fedavg",
     "build",
+    "fedasync",
+    "fedbuff",
+    "fedfix",
     "format_table",
     "load_config",
     "plot_run",
     "resolve_config",
     "run_config",
+    "sync_fedavg",
 ]

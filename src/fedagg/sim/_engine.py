@@ -31,6 +31,7 @@ from fedagg.sim._policy import (
     Action,
     Applied,
     Arrival,
+    Commit,
     Dispatch,
     Dropout,
     Event,
@@ -118,6 +119,7 @@ class RoundRecord:
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
             "staleness_mean": s.staleness_mean,
+            "staleness_max": s.staleness_max,
         }
 
 
@@ -180,6 +182,8 @@ class Simulation:
         chunk: clients trained per executor call: bounds the client data held at once (lazy
             datasets generate a client's examples only when it trains).
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
+        max_time: stop at this virtual time (an equal time budget for comparing policies);
+            the last record is then evaluated if it was not.
     """
 
     data: Any
@@ -195,6 +199,7 @@ class Simulation:
     eval_clients: int = 100
     chunk: int = 2048
     on_round: Callable[[RoundRecord], None] | None = None
+    max_time: float = math.inf
     client_states: dict[int, Any] = field(default_factory=dict)
     _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
     _train_s: float = field(default=0.0, init=False, repr=False)
@@ -240,6 +245,8 @@ class Simulation:
                     records.append(rec)
                     if self.on_round is not None:
                         self.on_round(rec)
+                elif isinstance(a, Commit):
+                    self.client_states.update(a.client_states)
                 elif isinstance(a, Finish):
                     done = True
             return done
@@ -247,11 +254,18 @@ class Simulation:
         try:
             finished = do(self.policy.step(state, Start(0.0), ctx), 0.0)
             while heap and not finished:
+                if heap[0][0] > self.max_time:
+                    break
                 now, _, ev = heapq.heappop(heap)
                 events += 1
                 if isinstance(ev, Arrival):
                     traffic[1] += ev.update_bytes
                 finished = do(self.policy.step(state, ev, ctx), now)
+            if records and math.isnan(records[-1].test_accuracy):
+                # stopped by the time budget between evaluations: evaluate the final model
+                last = records[-1]
+                traffic = [last.bytes_down, last.bytes_up]
+                records[-1] = self._record(last.stats, _server_of(state), wall0, traffic, True)
         finally:
             self.executor.close()
         wall = time.perf_counter() - wall0
@@ -286,7 +300,7 @@ class Simulation:
             frac = self.system.drops_out(c, j)
             if frac is not None:  # drops out part-way through: never trains to completion
                 n = len(self.data.clients[c])
-                t = self.system.timing(c, n * full, down, model_bytes)
+                t = self.system.timing(c, n * full, down, model_bytes, job=j)
                 push(now + frac * t.total, Dropout(now + frac * t.total, c, j))
             else:
                 train_idx.append(i)
@@ -322,8 +336,12 @@ class Simulation:
             self._train_s += time.perf_counter() - t0
             for i, c, (res, new_state) in zip(idx, cl, results, strict=True):
                 up = model_bytes + _nbytes(res.extra)
-                # a straggler does less work in the time of a full job (it is slow)
-                t = self.system.timing(c, res.num_examples * full, down, up)
+                # a straggler does less work in the time of a full job (it is slow); an
+                # algorithm that counts its own work (fixed local steps, FedAMD) reports it
+                work = getattr(res, "work", None)
+                if work is None or a.partial[i]:
+                    work = res.num_examples * full
+                t = self.system.timing(c, work, down, up, job=jobs[i])
                 arrive = now + t.total
                 update = Update(
                     delta=res.delta,
@@ -339,10 +357,15 @@ class Simulation:
         return job + len(a.clients)
 
     def _record(
-        self, stats: RoundStats, server: ServerState, wall0: float, traffic: list[int]
+        self,
+        stats: RoundStats,
+        server: ServerState,
+        wall0: float,
+        traffic: list[int],
+        force: bool = False,
     ) -> RoundRecord:
         last = stats.round + 1 == getattr(self.policy, "rounds", -1)
-        evaluate = last or (stats.round + 1) % max(1, self.eval_every) == 0
+        evaluate = force or last or (stats.round + 1) % max(1, self.eval_every) == 0
         loss = acc = cacc = tloss = tacc = math.nan
         t0 = time.perf_counter()
         if evaluate:

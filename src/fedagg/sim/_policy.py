@@ -10,12 +10,13 @@ are further implementations of the same :class:`Policy` protocol.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+from fedagg.core.participation import Weighting
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError, UpdateError
@@ -24,6 +25,7 @@ __all__ = [
     "Action",
     "Applied",
     "Arrival",
+    "Commit",
     "Dispatch",
     "Dropout",
     "Event",
@@ -116,6 +118,8 @@ class RoundStats:
     staleness_mean: float
     participants: tuple[int, ...]
     applied: bool
+    staleness_max: int = 0
+    omega: tuple[float, ...] = ()  # each participant's effective weight: x += lr * sum(w * d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +133,19 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Commit:
+    """Keep these clients' new persistent states now, outside a model update (FedAMD's
+    initial anchors)."""
+
+    client_states: dict[int, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     pass
 
 
-Action: TypeAlias = Dispatch | SetTimer | Applied | Finish
+Action: TypeAlias = Dispatch | SetTimer | Applied | Commit | Finish
 
 
 class PolicyContext(Protocol):
@@ -180,6 +192,8 @@ class SyncState:
     control_sum: dict[str, Arr] | None = None
     accepted: dict[int, Any] = field(default_factory=dict)
     next_job: int = 0
+    weights: list[float] = field(default_factory=list)  # the aggregation weight of each folded
+    weighting: Any = None  # the participation weighting's state (FedAU's estimator)
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,10 @@ class SyncPolicy:
     (FedProx) has each do 1..E-1 of its E local epochs in the time of a full job, as in the
     FedProx code (1 when E is 1). ``scaffold=True`` keeps SCAFFOLD's server control variate
     c and adds ``sum(delta_c) / N`` to it after each applied round.
+
+    ``weighting`` (see :mod:`fedagg.weighting`) sets each participant's weight and the
+    normaliser: the default weighs by sample count over the participants (FedAvg);
+    ``fedau()`` estimates ``1/p_n`` online and divides by N (FedAU).
     """
 
     strategy: Strategy
@@ -209,6 +227,7 @@ class SyncPolicy:
     stragglers: float = 0.0
     straggler_mode: Literal["drop", "partial"] = "drop"
     scaffold: bool = False
+    weighting: Weighting | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
@@ -222,6 +241,8 @@ class SyncPolicy:
 
     def init(self, server: ServerState, ctx: PolicyContext) -> SyncState:
         state = SyncState(server=server)
+        if self.weighting is not None:
+            state.weighting = self.weighting.init(ctx.num_clients)
         if self.scaffold:
             state.control = {k: np.zeros_like(v) for k, v in _as_dict(server.model).items()}
         return state
@@ -255,6 +276,8 @@ class SyncPolicy:
                     actions.append(SetTimer(now + self.deadline, state.round))
                 return actions
             actions.append(Applied(self._stats(state, now, applied=False)))
+            if self.weighting is not None:
+                self.weighting.observe(state.weighting, [])
             state.round += 1
         actions.append(Finish())
         return actions
@@ -276,6 +299,7 @@ class SyncPolicy:
         state.folded = state.dropped = state.refused = state.late = 0
         state.loss_sum = state.weight_sum = 0.0
         state.participants = []
+        state.weights = []
         state.accepted = {}
         if self.scaffold and state.control is not None:
             state.control_sum = {k: np.zeros_like(v) for k, v in state.control.items()}
@@ -296,13 +320,18 @@ class SyncPolicy:
         if delta_c is not None and not _fits(delta_c, state.control):
             state.refused += 1  # malformed control-variate update: refuse the whole update
             return self._maybe_close(state, ev.now, ctx)
+        update = ev.update
+        if self.weighting is not None:
+            w = self.weighting.weight(state.weighting, ev.client, float(update.weight))
+            update = replace(update, weight=w)
         try:
-            self.strategy.aggregator.fold(state.agg, ev.update)
+            self.strategy.aggregator.fold(state.agg, update)
         except UpdateError:
             state.refused += 1
             return self._maybe_close(state, ev.now, ctx)
         state.folded += 1
         state.participants.append(ev.client)
+        state.weights.append(float(update.weight))
         if ev.client_state is not None:
             state.accepted[ev.client] = ev.client_state
         w = float(ev.update.weight)
@@ -320,9 +349,14 @@ class SyncPolicy:
 
     def _close(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
         applied = state.folded >= self.min_updates
-        stats = self._stats(state, now, applied)
+        mass = 1.0
+        if self.weighting is not None and applied:
+            mass = self.weighting.mass(state.weighting, state.weights, ctx.num_clients)
+        stats = self._stats(state, now, applied, mass)
+        if self.weighting is not None:
+            self.weighting.observe(state.weighting, state.participants)
         if applied:
-            state.server = self.strategy.apply(state.server, state.agg)
+            state.server = self.strategy.apply(state.server, state.agg, scale=mass)
             if state.control is not None and state.control_sum is not None:
                 for k, v in state.control_sum.items():  # SCAFFOLD: c += sum(delta_c) / N
                     state.control[k] += v / v.dtype.type(ctx.num_clients)
@@ -333,7 +367,7 @@ class SyncPolicy:
         state.round += 1
         return self._advance(state, now, ctx, [Applied(stats, kept)])
 
-    def _stats(self, state: SyncState, now: float, applied: bool) -> RoundStats:
+    def _stats(self, state: SyncState, now: float, applied: bool, mass: float = 1.0) -> RoundStats:
         return RoundStats(
             round=state.round,
             version=state.server.version,
@@ -350,7 +384,15 @@ class SyncPolicy:
             staleness_mean=0.0,
             participants=tuple(state.participants),
             applied=applied,
+            omega=effective_weights(state.weights, mass) if applied else (),
         )
+
+
+def effective_weights(weights: list[float], mass: float) -> tuple[float, ...]:
+    """Each folded update's coefficient in ``x += lr * sum(omega_i * delta_i)``: the mean's
+    ``w_i / sum(w)`` times the policy's mass."""
+    total = math.fsum(weights)
+    return tuple(w * mass / total for w in weights) if total > 0 else ()
 
 
 def _fits(delta_c: Any, control: dict[str, Arr] | None) -> bool:

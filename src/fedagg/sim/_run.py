@@ -71,11 +71,20 @@ def build_algorithm(cfg: Mapping[str, Any]) -> Any:
     from fedagg import clients
 
     c = cfg["client"]
+    steps = int(c["steps"]) or None
     common: dict[str, Any] = {
         "epochs": int(c["epochs"]),
         "batch_size": int(c["batch_size"]),
         "lr": float(c["lr"]),
+        "steps": steps,
     }
+    if c["algorithm"] == "fedamd":
+        return clients.FedAMD(
+            steps=steps or 10,
+            batch_size=common["batch_size"],
+            lr=common["lr"],
+            anchor_batch=int(c["anchor_batch"]) or None,
+        )
     if c["algorithm"] == "fedavg":
         return clients.LocalSGD(**common)
     if c["algorithm"] == "fedprox":
@@ -83,7 +92,7 @@ def build_algorithm(cfg: Mapping[str, Any]) -> Any:
     if c["algorithm"] == "scaffold":
         return clients.Scaffold(**common)
     raise ConfigError(
-        f"unknown client algorithm {c['algorithm']!r}; valid: fedavg, fedprox, scaffold"
+        f"unknown client algorithm {c['algorithm']!r}; valid: fedavg, fedprox, scaffold, fedamd"
     )
 
 
@@ -129,6 +138,7 @@ def build_system(cfg: Mapping[str, Any], num_clients: int, seed: int) -> SystemM
         uplink=dist(s["uplink"]),
         latency=dist(s["latency"]),
         dropout=float(s["dropout"]),
+        jitter=float(s["jitter"]),
         availability=Availability(a["kind"], float(a["p"]), float(a["max_on"]), int(a["period"])),
     )
 
@@ -160,20 +170,7 @@ def build(
     fd = build_data(cfg, seed) if data is None else data
     algorithm = build_algorithm(cfg)
     strategy = build_strategy(cfg)
-    p = cfg["policy"]
-    if p["kind"] != "sync":
-        raise ConfigError(f"unknown policy {p['kind']!r}; valid: sync")
-    policy = SyncPolicy(
-        strategy=strategy,
-        rounds=int(cfg["rounds"]),
-        clients_per_round=int(p["clients_per_round"]),
-        over_select=float(p["over_select"]),
-        deadline=float(p["deadline"]),
-        min_updates=int(p["min_updates"]),
-        stragglers=float(p["stragglers"]),
-        straggler_mode=p["straggler_mode"],
-        scaffold=cfg["client"]["algorithm"] == "scaffold",
-    )
+    policy = build_policy(cfg, strategy)
     sim = Simulation(
         data=fd,
         model=build_model(cfg, fd),
@@ -187,8 +184,91 @@ def build(
         eval_train=bool(cfg["eval_train"]),
         eval_clients=int(cfg["eval_clients"]),
         on_round=on_round,
+        max_time=float(cfg["max_time"]),
     )
     return Built(cfg, sim, fd)
+
+
+_POLICIES = ("sync", "fedbuff", "fedasync", "fedfix", "async", "fedamd")
+
+
+def build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
+    """The round or async policy of the ``[policy]`` table."""
+    from fedagg.core import participation, staleness
+    from fedagg.sim import _async
+
+    p = cfg["policy"]
+    kind = p["kind"]
+    rounds = int(cfg["rounds"])
+    algorithm = cfg["client"]["algorithm"]
+    if (kind == "fedamd") != (algorithm == "fedamd"):
+        raise ConfigError("policy kind 'fedamd' and client algorithm 'fedamd' go together")
+    if algorithm == "scaffold" and kind != "sync":
+        raise ConfigError("SCAFFOLD runs with the sync policy only")
+    concurrency = int(p["concurrency"]) or None
+    max_stale = int(p["max_staleness"])
+    stale = staleness.Staleness(
+        p["staleness"], a=float(p["staleness_a"]), b=float(p["staleness_b"])
+    )
+    if kind == "sync":
+        weightings = {
+            "examples": participation.examples,
+            "participating": participation.participating,
+            "all": participation.all_clients,
+        }
+        if p["weighting"] == "fedau":
+            weighting = participation.fedau(int(p["cutoff"]))
+        elif p["weighting"] in weightings:
+            weighting = weightings[p["weighting"]]()
+        else:
+            raise ConfigError(
+                f"unknown weighting {p['weighting']!r}; valid: examples, participating, all, fedau"
+            )
+        return SyncPolicy(
+            strategy=strategy,
+            rounds=rounds,
+            clients_per_round=int(p["clients_per_round"]),
+            over_select=float(p["over_select"]),
+            deadline=float(p["deadline"]),
+            min_updates=int(p["min_updates"]),
+            stragglers=float(p["stragglers"]),
+            straggler_mode=p["straggler_mode"],
+            scaffold=algorithm == "scaffold",
+            weighting=None if p["weighting"] == "examples" else weighting,
+        )
+    if kind == "fedbuff":
+        return _async.fedbuff(
+            strategy,
+            rounds,
+            int(p["buffer"]),
+            concurrency,
+            staleness=stale,
+            restart=p["restart"],
+            weights=p["weights"],
+            max_staleness=max_stale if max_stale >= 0 else None,
+        )
+    if kind == "fedasync":
+        return _async.fedasync(
+            strategy,
+            rounds,
+            float(p["alpha"]),
+            staleness=stale,
+            concurrency=concurrency,
+            max_staleness=max_stale if max_stale >= 0 else None,
+        )
+    if kind == "fedfix":
+        return _async.fedfix(
+            strategy, rounds, float(p["window"]), weights=p["weights"], concurrency=concurrency
+        )
+    if kind == "async":
+        return _async.async_fedavg(
+            strategy, rounds, weights=p["weights"], concurrency=concurrency, staleness=stale
+        )
+    if kind == "fedamd":
+        from fedagg.sim._amd import FedAMDPolicy
+
+        return FedAMDPolicy(strategy, rounds, int(p["clients_per_round"]), float(p["anchor_prob"]))
+    raise ConfigError(f"unknown policy {kind!r}; valid: {', '.join(_POLICIES)}")
 
 
 def run_config(

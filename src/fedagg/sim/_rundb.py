@@ -24,6 +24,7 @@ ROUND_COLUMNS = (
     "round", "version", "virtual_time", "wall_time", "test_loss", "test_accuracy",
     "client_loss", "client_accuracy", "train_loss", "train_accuracy", "selected", "dispatched",
     "folded", "dropped", "refused", "late", "applied", "bytes_down", "bytes_up", "staleness_mean",
+    "staleness_max",
 )  # fmt: skip
 
 _SCHEMA = f"""
@@ -73,6 +74,11 @@ class RunDB:
             self._db = sqlite3.connect(self.path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}
+            with self._db:  # a database from an older fedagg: add the new columns
+                for c in ROUND_COLUMNS:
+                    if c not in have:
+                        self._db.execute(f"ALTER TABLE rounds ADD COLUMN {c} REAL")
         except sqlite3.DatabaseError as e:
             raise StateError(f"{self.path} is not a fedagg run database: {e}") from e
 

@@ -19,7 +19,7 @@ from fedagg.errors import ConfigError
 __all__ = ["Availability", "Distribution", "SystemModel", "Timing"]
 
 Arr = npt.NDArray[Any]
-_SPEED, _DOWN, _UP, _LAT, _DROP, _AVAIL, _PHASE = range(7)
+_SPEED, _DOWN, _UP, _LAT, _DROP, _AVAIL, _PHASE, _JITTER = range(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,9 @@ class SystemModel:
         latency: one-way latency in virtual seconds, per client.
         dropout: probability that a dispatched client drops out before it reports.
         availability: see :class:`Availability`.
+        jitter: per-job variation of compute time: each job's compute time is multiplied by
+            a lognormal factor of mean 1 and this log-space sigma (0: every job of a client
+            takes the same time).
     """
 
     num_clients: int
@@ -111,6 +114,7 @@ class SystemModel:
     latency: Distribution = field(default_factory=lambda: Distribution("constant", 0.05))
     dropout: float = 0.0
     availability: Availability = field(default_factory=Availability)
+    jitter: float = 0.0
     _speed: Arr = field(init=False, repr=False)
     _down: Arr = field(init=False, repr=False)
     _up: Arr = field(init=False, repr=False)
@@ -124,6 +128,8 @@ class SystemModel:
             raise ConfigError("num_clients must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.jitter) and self.jitter >= 0):
+            raise ConfigError(f"jitter must be finite and >= 0, got {self.jitter}")
         n = self.num_clients
         self._speed = self.compute.sample(np.random.default_rng([self.seed, _SPEED]), n)
         self._down = self.downlink.sample(np.random.default_rng([self.seed, _DOWN]), n)
@@ -134,6 +140,15 @@ class SystemModel:
             0, self.availability.period, n
         )
         self._markov_cache = None
+
+    def with_speeds(self, compute: Arr) -> SystemModel:
+        """Set each client's compute speed (examples per virtual second), in place (e.g.
+        FedFix's F-X scenarios); returns the model for chaining."""
+        c = np.asarray(compute, dtype=np.float64)
+        if c.shape != (self.num_clients,) or not np.all(np.isfinite(c) & (c > 0)):
+            raise ConfigError("per-client speeds must be (num_clients,), finite and > 0")
+        self._speed = c.copy()
+        return self
 
     def with_probabilities(self, p: Arr) -> SystemModel:
         """Set per-client availability probabilities (e.g. FedAU's label-correlated ones), in
@@ -146,12 +161,18 @@ class SystemModel:
         return self
 
     # -- time ---------------------------------------------------------------------------------
-    def timing(self, client: int, work_examples: int, down_bytes: int, up_bytes: int) -> Timing:
-        """The job's duration: download, ``work_examples`` of compute, upload."""
+    def timing(
+        self, client: int, work_examples: int, down_bytes: int, up_bytes: int, job: int = 0
+    ) -> Timing:
+        """Job ``job``'s duration: download, ``work_examples`` of compute, upload."""
         lat = float(self._lat[client])
+        compute = work_examples / float(self._speed[client])
+        if self.jitter:
+            rng = np.random.default_rng([self.seed, _JITTER, job, client])
+            compute *= float(rng.lognormal(-(self.jitter**2) / 2, self.jitter))
         return Timing(
             download=lat + down_bytes / float(self._down[client]),
-            compute=work_examples / float(self._speed[client]),
+            compute=compute,
             upload=lat + up_bytes / float(self._up[client]),
         )
 

@@ -1,0 +1,221 @@
+"""FedAMD's server policy: anchor sampling with an O(model) running sum of anchors.
+
+Before the first round every client computes its anchor gradient at ``x_0`` (the paper's
+initial full pass). Each round then samples ``clients_per_round`` clients (the same stream
+as :class:`SyncPolicy`, so runs compare client for client) and makes each an anchor with
+probability ``anchor_prob`` (or, if it is an integer ``P >= 1``, all of them every P-th
+round), else a miner. Miners receive ``d_t = S / N``; anchors refresh their stored anchors,
+whose differences the server adds to ``S = sum_i v_i`` as they arrive (so ``d_{t+1}`` sees
+them). The miners' deltas go through the strategy: ``x <- x + lr * mean(miner deltas)``; a
+round without a miner leaves the model as it was.
+
+The server holds the model, ``S`` (float64) and the round's aggregate: O(model), never the
+N anchors, which each client keeps as its own state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core import _kernels
+from fedagg.core.strategy import ServerState, Strategy
+from fedagg.errors import ConfigError, UpdateError
+from fedagg.sim._policy import (
+    Action,
+    Applied,
+    Arrival,
+    Commit,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    PolicyContext,
+    RoundStats,
+    Start,
+    effective_weights,
+)
+
+__all__ = ["FedAMDPolicy", "FedAMDState"]
+
+Arr = npt.NDArray[Any]
+
+
+@dataclass
+class FedAMDState:
+    server: ServerState
+    anchor_sum: Arr  # S = sum_i v_i, float64, flat
+    round: int = 0
+    init_phase: bool = True
+    agg: Any = None
+    pending: set[int] = field(default_factory=set)
+    next_job: int = 0
+    started: float = 0.0
+    selected: int = 0
+    anchors: int = 0  # anchors refreshed this round
+    folded: int = 0
+    dropped: int = 0
+    refused: int = 0
+    late: int = 0
+    loss_sum: float = 0.0
+    weights: list[float] = field(default_factory=list)
+    participants: list[int] = field(default_factory=list)
+    accepted: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FedAMDPolicy:
+    """FedAMD (module docstring). Use with :class:`fedagg.clients.FedAMD`."""
+
+    strategy: Strategy
+    rounds: int
+    clients_per_round: int
+    anchor_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.clients_per_round < 1:
+            raise ConfigError("rounds and clients_per_round must be >= 1")
+        p = self.anchor_prob
+        if not (0 <= p < 1 or (p >= 1 and float(p).is_integer())):
+            raise ConfigError(f"anchor_prob must be in [0, 1) or an integer period, got {p!r}")
+
+    def init(self, server: ServerState, ctx: PolicyContext) -> FedAMDState:
+        return FedAMDState(server=server, anchor_sum=np.zeros(server.spec.size, np.float64))
+
+    def step(self, state: FedAMDState, event: Event, ctx: PolicyContext) -> list[Action]:
+        if isinstance(event, Start):
+            clients = tuple(range(ctx.num_clients))
+            state.pending = set(range(state.next_job, state.next_job + len(clients)))
+            state.next_job += len(clients)
+            return [Dispatch(clients, (False,) * len(clients), {"role": "anchor"})]
+        if isinstance(event, Arrival):
+            if event.job not in state.pending:
+                state.late += 1
+                return []
+            state.pending.discard(event.job)
+            role = event.extra.get("role")
+            if role == "anchor":
+                self._anchor(state, event)
+            elif role == "miner" and not state.init_phase:
+                self._miner(state, event)
+            else:
+                state.refused += 1
+        elif isinstance(event, Dropout):
+            if event.job not in state.pending:
+                return []
+            state.pending.discard(event.job)
+            state.dropped += 1
+        else:
+            return []
+        if state.pending:
+            return []
+        actions: list[Action] = []
+        if state.init_phase:
+            state.init_phase = False
+            actions.append(Commit(dict(state.accepted)))
+        else:
+            self._close(state, event.now, actions)
+        self._advance(state, event.now, ctx, actions)
+        return actions
+
+    def direction(self, state: FedAMDState, num_clients: int) -> Arr:
+        """``d_t = S / N`` in the model's dtype (flat)."""
+        return (state.anchor_sum / num_clients).astype(state.server.spec.dtype)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _anchor(self, state: FedAMDState, ev: Arrival) -> None:
+        spec = state.server.spec
+        if spec.mismatch(ev.update.delta) is not None:
+            state.refused += 1
+            return
+        segs = spec.segments(ev.update.delta)
+        if not all(_kernels.all_finite(s, use_numba=False) for s in segs):
+            state.refused += 1
+            return
+        state.anchor_sum += spec.as_flat(ev.update.delta)
+        state.anchors += 1
+        if ev.client_state is not None:
+            state.accepted[ev.client] = ev.client_state
+
+    def _miner(self, state: FedAMDState, ev: Arrival) -> None:
+        try:
+            self.strategy.aggregator.fold(state.agg, ev.update)
+        except UpdateError:
+            state.refused += 1
+            return
+        state.folded += 1
+        state.participants.append(ev.client)
+        w = float(ev.update.weight)
+        state.weights.append(w)
+        state.loss_sum += w * float(ev.update.metrics.get("train_loss", math.nan))
+
+    def _advance(
+        self, state: FedAMDState, now: float, ctx: PolicyContext, actions: list[Action]
+    ) -> None:
+        while state.round < self.rounds:
+            if self._open(state, now, ctx, actions):
+                return
+            self._close(state, now, actions)
+        actions.append(Finish())
+
+    def _open(
+        self, state: FedAMDState, now: float, ctx: PolicyContext, actions: list[Action]
+    ) -> bool:
+        rng = np.random.default_rng([ctx.seed, 0x5EC7, state.round])
+        avail = ctx.available(state.round)
+        want = min(len(avail), self.clients_per_round)
+        chosen = np.sort(rng.choice(avail, size=want, replace=False)) if want else avail[:0]
+        p = self.anchor_prob
+        if p >= 1:
+            is_anchor = np.full(want, state.round % int(p) == 0)
+        else:
+            is_anchor = np.random.default_rng([ctx.seed, 0xA3D, state.round]).random(want) < p
+        state.agg = self.strategy.begin(state.server)
+        state.started, state.selected = now, want
+        state.anchors = state.folded = state.dropped = state.refused = state.late = 0
+        state.loss_sum = 0.0
+        state.weights, state.participants, state.accepted = [], [], {}
+        if want == 0:
+            return False
+        anchors = tuple(int(c) for c, a in zip(chosen, is_anchor, strict=True) if a)
+        miners = tuple(int(c) for c, a in zip(chosen, is_anchor, strict=True) if not a)
+        state.pending = set(range(state.next_job, state.next_job + want))
+        state.next_job += want
+        if anchors:
+            actions.append(Dispatch(anchors, (False,) * len(anchors), {"role": "anchor"}))
+        if miners:
+            d = state.server.spec.unflatten(self.direction(state, ctx.num_clients))
+            actions.append(
+                Dispatch(miners, (False,) * len(miners), {"role": "miner", "direction": d})
+            )
+        return True
+
+    def _close(self, state: FedAMDState, now: float, actions: list[Action]) -> None:
+        applied = state.folded > 0
+        stats = RoundStats(
+            round=state.round,
+            version=state.server.version,
+            started=state.started,
+            ended=now,
+            selected=state.selected,
+            dispatched=state.selected,
+            folded=state.folded,
+            dropped=state.dropped,
+            refused=state.refused,
+            late=state.late,
+            weight=math.fsum(state.weights),
+            client_loss=state.loss_sum / math.fsum(state.weights) if state.weights else math.nan,
+            staleness_mean=0.0,
+            participants=tuple(state.participants),
+            applied=applied,
+            omega=effective_weights(state.weights, 1.0) if applied else (),
+        )
+        if applied:
+            state.server = self.strategy.apply(state.server, state.agg)
+        state.agg = None
+        state.round += 1
+        actions.append(Applied(stats, dict(state.accepted)))
