@@ -227,8 +227,8 @@ class AsyncPolicy:
                 self._release_base(state, job.version)
                 self._refill(state, event.now, ctx, actions)
         elif isinstance(event, Timer) and self.trigger == "window" and event.tag == state.window:
+            state.window += 1  # clients restarted by this step start in the next window
             self._close(state, event.now, ctx, actions)
-            state.window += 1
             if not state.finished:
                 actions.append(SetTimer((state.window + 1) * self.window, state.window))
         if not state.finished and not state.jobs and self.trigger != "window" and state.free:

@@ -38,8 +38,10 @@ class Distribution:
             raise ConfigError(f"unknown distribution {self.kind!r}")
         if self.kind == "uniform" and not (0 < self.low <= self.high):
             raise ConfigError("uniform needs 0 < low <= high (speeds and links are positive)")
-        if self.kind != "uniform" and not (self.mean > 0 and self.sigma >= 0):
-            raise ConfigError("a distribution needs mean > 0 and sigma >= 0")
+        if self.kind == "constant" and not (math.isfinite(self.mean) and self.mean >= 0):
+            raise ConfigError("a constant needs a finite mean >= 0")
+        if self.kind == "lognormal" and not (self.mean > 0 and self.sigma >= 0):
+            raise ConfigError("a lognormal distribution needs mean > 0 and sigma >= 0")
 
     def sample(self, rng: np.random.Generator, n: int) -> Arr:
         if self.kind == "constant":
@@ -130,6 +132,10 @@ class SystemModel:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.jitter) and self.jitter >= 0):
             raise ConfigError(f"jitter must be finite and >= 0, got {self.jitter}")
+        for name, d in (("compute", self.compute), ("downlink", self.downlink),
+                        ("uplink", self.uplink)):  # fmt: skip
+            if d.kind == "constant" and d.mean == 0:
+                raise ConfigError(f"{name} must be > 0 (it divides work and bytes)")
         n = self.num_clients
         self._speed = self.compute.sample(np.random.default_rng([self.seed, _SPEED]), n)
         self._down = self.downlink.sample(np.random.default_rng([self.seed, _DOWN]), n)
