@@ -523,3 +523,32 @@ def test_cli_simulates_an_async_policy(tmp_path: Any, capsys: Any) -> None:
         (run,) = rdb.runs()
         assert run.config["policy"]["kind"] == "fedbuff"
         assert len(rdb.rounds(run.id)) == 5
+
+
+@pytest.mark.parametrize("name", ["fedamd", "fedasync", "fedau", "fedbuff", "fedfix"])
+def test_example_configs_run_from_the_cli(name: str, tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from fedagg.cli import main
+
+    path = Path(__file__).parents[2] / "examples" / "configs" / f"{name}.toml"
+    db = tmp_path / "runs.db"
+    assert (
+        main(["simulate", str(path), "--rounds", "3", "--db", str(db), "--no-plots", "--quiet"])
+        == 0
+    )
+    with sim.RunDB(db) as rdb:
+        (run,) = rdb.runs()
+        assert run.status == "finished" and len(rdb.rounds(run.id)) == 3
+
+
+def test_async_policy_gives_identical_results_in_worker_processes() -> None:
+    base = {
+        "rounds": 8,
+        "data": {"name": "digits", "num_clients": 10, "partition": "iid"},
+        "policy": {"kind": "fedbuff", "buffer": 3, "concurrency": 6},
+        "system": {"jitter": 0.3},
+    }
+    local, _ = sim.run_config(base)
+    procs, _ = sim.run_config({**base, "executor": {"kind": "processes", "workers": 2}})
+    assert local.server.params.tobytes() == procs.server.params.tobytes()

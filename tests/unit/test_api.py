@@ -45,8 +45,8 @@ EXPECTED = {
     "fedagg.data": [
         "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",
         "SyntheticClients", "digits", "dirichlet", "federate", "format_histogram", "iid",
-        "label_skew", "load", "mnist1d", "mnist5k", "quantity_skew", "shards", "split",
-        "synthetic",
+        "label_dirichlet", "label_skew", "load", "mnist1d", "mnist5k", "quantity_skew", "shards",
+        "split", "synthetic",
     ],
     "fedagg.models": [
         "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",

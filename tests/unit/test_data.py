@@ -522,3 +522,31 @@ def test_format_histogram() -> None:
     first = [int(v.replace(",", "")) for v in lines[3].split()]
     assert first[0] == 0 and first[1] == len(fd.clients[0])
     assert first[2:] == fd.clients[0].label_counts().tolist()
+
+
+def test_label_dirichlet_gives_every_client_an_equal_share_with_its_own_label_mix() -> None:
+    from fedagg.data import label_dirichlet, label_skew
+
+    y = np.repeat(np.arange(10), 400)  # 4,000 labels, 400 per class
+    parts = label_dirichlet(y, 250, 0.1, 0)
+    sizes = [len(p) for p in parts]
+    assert sizes == [16] * 250  # 250 clients on 4,000 examples: none is empty
+    every = np.sort(np.concatenate(parts))
+    assert np.array_equal(every, np.arange(4000))  # each example exactly once
+    hist = np.stack([np.bincount(y[p], minlength=10) for p in parts])
+    assert label_skew(hist).mean() > 0.5  # alpha = 0.1: few labels per client
+    iidish = np.stack([np.bincount(y[p], minlength=10) for p in label_dirichlet(y, 250, 1e4, 0)])
+    assert label_skew(iidish).mean() < label_skew(hist).mean()
+    again = label_dirichlet(y, 250, 0.1, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_label_dirichlet_through_load_and_bad_inputs() -> None:
+    from fedagg.data import label_dirichlet
+
+    fd = load("mnist5k", num_clients=250, partition="label_dirichlet", alpha=0.1, seed=0)
+    assert min(len(c) for c in fd.clients) == 16
+    with pytest.raises(ConfigError, match="alpha"):
+        label_dirichlet(np.zeros(10, np.int64), 2, 0.0, 0)
+    with pytest.raises(ConfigError, match="cannot give"):
+        label_dirichlet(np.zeros(3, np.int64), 5, 1.0, 0)

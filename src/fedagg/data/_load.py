@@ -19,7 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from fedagg.data._bundled import digits, mnist1d, mnist5k
-from fedagg.data._partition import dirichlet, federate, iid, quantity_skew, shards, split
+from fedagg.data._partition import (
+    dirichlet,
+    federate,
+    iid,
+    label_dirichlet,
+    quantity_skew,
+    shards,
+    split,
+)
 from fedagg.data._synthetic import synthetic
 from fedagg.data._types import ArrayDataset, FederatedData, check_int, check_seed, stream
 from fedagg.errors import ConfigError
@@ -29,13 +37,14 @@ __all__ = ["DATASETS", "PARTITIONS", "load"]
 #: Dataset names accepted by :func:`load`.
 DATASETS = ("digits", "mnist1d", "mnist5k", "synthetic")
 #: Partition names accepted by :func:`load` ("natural" only for synthetic).
-PARTITIONS = ("dirichlet", "iid", "natural", "quantity", "shards")
+PARTITIONS = ("dirichlet", "iid", "label_dirichlet", "natural", "quantity", "shards")
 
 _REQUIRED = object()
 # Parameters per partition of a bundled dataset, with defaults (_REQUIRED: no default).
 _PARTITION_PARAMS: dict[str, dict[str, Any]] = {
     "iid": {},
     "dirichlet": {"alpha": _REQUIRED, "min_size": 1},
+    "label_dirichlet": {"alpha": _REQUIRED},
     "shards": {"shards_per_client": 2},
     "quantity": {"sigma": _REQUIRED},
 }
@@ -109,6 +118,8 @@ def load(
         parts = iid(len(train), num_clients, rng)
     elif partition == "dirichlet":
         parts = dirichlet(train.y, num_clients, params["alpha"], rng, params["min_size"])
+    elif partition == "label_dirichlet":
+        parts = label_dirichlet(train.y, num_clients, params["alpha"], rng)
     elif partition == "shards":
         parts = shards(train.y, num_clients, params["shards_per_client"], rng)
     else:

@@ -23,6 +23,7 @@ __all__ = ["Built", "build", "format_table", "plot_run", "run_config"]
 
 _DATA_KEYS = {
     "dirichlet": ("alpha",),
+    "label_dirichlet": ("alpha",),
     "shards": ("shards_per_client",),
     "quantity": ("sigma",),
     "natural": ("alpha", "beta"),
