@@ -331,11 +331,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], every: int = 1) -> str:
     """A fixed-width results table of round rows (every ``every``-th, plus the last)."""
     cols = [
         ("round", "{:>5}"), ("test_accuracy", "{:>8.2%}"), ("test_loss", "{:>9.4f}"),
-        ("client_loss", "{:>11.4f}"), ("folded", "{:>6}"), ("virtual_time", "{:>12.1f}"),
+        ("client_loss", "{:>11.4f}"), ("folded", "{:>6}"), ("staleness_mean", "{:>6.2f}"),
+        ("virtual_time", "{:>12.1f}"),
         ("wall_time", "{:>9.2f}"), ("bytes_up", "{:>12,}"),
     ]  # fmt: skip
-    heads = ["round", "test acc", "test loss", "client loss", "folded", "virtual s", "wall s",
-             "bytes up"]  # fmt: skip
+    heads = ["round", "test acc", "test loss", "client loss", "folded", "stale", "virtual s",
+             "wall s", "bytes up"]  # fmt: skip
     widths = [len(f.format(0 if "%" not in f else 0.0)) for _, f in cols]
     lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True))]
     for i, r in enumerate(rows):
