@@ -48,6 +48,7 @@ TAU = 1.0 - np.arange(M) * 0.8 / (M - 1)  # F-80
 EPS = 1e-6  # jobs end EPS early, so a job due exactly at a window's end counts in it
 BIG = 10**9  # "unbounded" server steps: the time budget stops every run
 GRID = 0.05  # resolution of the common time grid used for the curves and oscillation
+LOSS_TARGET = 0.6  # "fast": the first time the test loss gets down to this
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 Maker = Callable[[Strategy], Any]
@@ -124,6 +125,7 @@ def run_one(name: str, seed: int, budget: float) -> dict[str, Any]:
     g_loss = np.where(idx >= 0, loss[np.maximum(idx, 0)], init_loss)
     g_acc = np.where(idx >= 0, acc[np.maximum(idx, 0)], init_acc)
     tail = grid >= 0.75 * budget
+    hit = np.flatnonzero(g_loss <= LOSS_TARGET)
     w = folded[applied]
     return {
         "method": name,
@@ -135,6 +137,7 @@ def run_one(name: str, seed: int, budget: float) -> dict[str, Any]:
         # mean staleness of the folded updates (each step's mean weighted by its size)
         "staleness_mean": float(np.sum(stale[applied] * w) / max(w.sum(), 1.0)),
         "staleness_max": int(max((r["staleness_max"] for r in rows), default=0)),
+        "time_to_loss": float(grid[hit[0]]) if len(hit) else math.nan,
         "tail_mean_loss": float(g_loss[tail].mean()),
         "tail_max_loss": float(g_loss[tail].max()),
         "tail_std_loss": float(g_loss[tail].std()),
@@ -152,6 +155,7 @@ SCALARS = (
     "client_updates",
     "staleness_mean",
     "staleness_max",
+    "time_to_loss",
     "tail_mean_loss",
     "tail_max_loss",
     "tail_std_loss",
@@ -224,22 +228,58 @@ def main() -> int:
             "server_lr": 1.0,
         },
     }
+    checks = paper_checks(runs, seeds)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({**meta, "table": table, "runs": runs}, f)
-    write_markdown(table, meta, args.out)
+        json.dump({**meta, "checks": checks, "table": table, "runs": runs}, f)
+    write_markdown(table, checks, meta, args.out)
     plot(runs, budget, seeds, args.out)
     print(f"done in {wall / 60:.1f} min")
     return 0
 
 
+def paper_checks(runs: list[dict[str, Any]], seeds: int) -> list[str]:
+    """The paper's qualitative claims, checked seed by seed."""
+
+    def get(name: str, key: str) -> list[float]:
+        return [
+            r[key] for s in range(seeds) for r in runs if r["method"] == name and r["seed"] == s
+        ]
+
+    def count(a: list[float], b: list[float]) -> str:
+        a, b = np.nan_to_num(a, nan=np.inf), np.nan_to_num(b, nan=np.inf)  # nan: not reached
+        return f"{int(np.sum(a < b))}/{seeds} seeds"
+
+    sync, fix, asy = "FedAvg (sync)", "FedFix-0.5, unbiased", "Async FedAvg, identical"
+    out = [
+        f"FedFix-0.5 (unbiased) test loss at T < sync FedAvg's: "
+        f"{count(get(fix, 'final_test_loss'), get(sync, 'final_test_loss'))}",
+        f"FedFix-0.5 (unbiased) tail std of test loss < async FedAvg (identical)'s: "
+        f"{count(get(fix, 'tail_std_loss'), get(asy, 'tail_std_loss'))}",
+        f"FedFix-0.5 (unbiased) tail worst test loss < async FedAvg (identical)'s: "
+        f"{count(get(fix, 'tail_max_loss'), get(asy, 'tail_max_loss'))}",
+        f"async FedAvg (identical) reaches test loss {LOSS_TARGET} before sync FedAvg: "
+        f"{count(get(asy, 'time_to_loss'), get(sync, 'time_to_loss'))}",
+    ]
+    out.extend(
+        f"{name} test loss at T < sync FedAvg's: "
+        f"{count(get(name, 'final_test_loss'), get(sync, 'final_test_loss'))}"
+        for name in ("FedFix-0.2, unbiased", "FedFix-0.8, unbiased")
+    )
+    return out
+
+
 def pm(row: dict[str, Any], key: str, fmt: str) -> str:
+    if math.isnan(row[key]):
+        return "not reached"  # in at least one seed
     s = format(row[key], fmt)
     if row["seeds"] > 1:
         s += " ± " + format(row[key + "_std"], fmt)
     return s
 
 
-def write_markdown(table: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
+def write_markdown(
+    table: list[dict[str, Any]], checks: list[str], meta: dict[str, Any], out: str
+) -> None:
     budget, seeds = meta["budget"], meta["seeds"]
     spread = "mean ± std over seeds" if seeds > 1 else "one seed"
     lines = [
@@ -259,25 +299,46 @@ def write_markdown(table: list[dict[str, Any]], meta: dict[str, Any], out: str) 
         "trained from and the step its update was folded in, over all folded updates.",
         "",
         "| method | test loss at T | test acc at T | server steps | updates | mean staleness "
-        "| max staleness | tail mean loss | tail max loss | tail std loss | tail min acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| max staleness | time to loss {LOSS_TARGET} | tail mean loss | tail max loss "
+        "| tail std loss | tail min acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in table:
-        lines.append(
-            f"| {r['method']} | {pm(r, 'final_test_loss', '.4f')} | "
-            f"{pm(r, 'final_test_accuracy', '.3f')} | {r['server_steps']:.0f} | "
-            f"{r['client_updates']:.0f} | {r['staleness_mean']:.2f} | "
-            f"{r['staleness_max']:.0f} | {pm(r, 'tail_mean_loss', '.4f')} | "
-            f"{pm(r, 'tail_max_loss', '.4f')} | {pm(r, 'tail_std_loss', '.4f')} | "
-            f"{pm(r, 'tail_min_accuracy', '.3f')} |"
-        )
+    lines.extend(
+        f"| {r['method']} | {pm(r, 'final_test_loss', '.4f')} | "
+        f"{pm(r, 'final_test_accuracy', '.3f')} | {r['server_steps']:.0f} | "
+        f"{r['client_updates']:.0f} | {r['staleness_mean']:.2f} | "
+        f"{r['staleness_max']:.0f} | {pm(r, 'time_to_loss', '.2f')} | "
+        f"{pm(r, 'tail_mean_loss', '.4f')} | "
+        f"{pm(r, 'tail_max_loss', '.4f')} | {pm(r, 'tail_std_loss', '.4f')} | "
+        f"{pm(r, 'tail_min_accuracy', '.3f')} |"
+        for r in table
+    )
+    lines += ["", "Checks of the paper's claims, seed by seed:", ""]
+    lines += [f"- {c}" for c in checks]
     lines += [
         "",
         "Plots: [`test_loss.png`](test_loss.png), [`test_accuracy.png`](test_accuracy.png) "
-        "(mean over seeds on the time grid; right column: the last quarter of the budget).",
+        "(left: mean over seeds on the time grid; right: the last quarter of the budget, "
+        "seed 0 alone, to show the oscillation that averaging hides).",
     ]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+COLORS = {
+    "FedAvg (sync)": "black",
+    "Async FedAvg, identical": "tab:orange",
+    "Async FedAvg, unbiased": "tab:red",
+    "FedFix-0.2, unbiased": "tab:blue",
+    "FedFix-0.5, unbiased": "tab:green",
+    "FedFix-0.8, unbiased": "tab:purple",
+    "FedFix-0.2, identical": "tab:blue",
+    "FedFix-0.5, identical": "tab:green",
+    "FedFix-0.8, identical": "tab:purple",
+    "FedBuff-5 (Fraboni)": "tab:brown",
+    "FedBuff-10 (Fraboni)": "tab:gray",
+    "FedBuff-5 (Nguyen)": "tab:pink",
+}
 
 
 def plot(runs: list[dict[str, Any]], budget: float, seeds: int, out: str) -> None:
@@ -288,8 +349,6 @@ def plot(runs: list[dict[str, Any]], budget: float, seeds: int, out: str) -> Non
 
     grid = np.arange(0.0, budget + GRID / 2, GRID)
     tail = grid >= 0.75 * budget
-    colors = {name: f"C{i % 10}" for i, name in enumerate(METHODS)}
-    styles = {name: "--" if "identical" in name or "Nguyen" in name else "-" for name in METHODS}
     for key, label, fname in (
         ("curve_loss", "test loss", "test_loss.png"),
         ("curve_accuracy", "test accuracy", "test_accuracy.png"),
@@ -297,20 +356,22 @@ def plot(runs: list[dict[str, Any]], budget: float, seeds: int, out: str) -> Non
         fig, axes = plt.subplots(len(PANELS), 2, figsize=(14, 9))
         for i, (title, names) in enumerate(PANELS.items()):
             for name in names:
-                ys = np.mean([r[key] for r in runs if r["method"] == name], axis=0)
-                kw = {"color": colors[name], "ls": styles[name], "lw": 1.0, "label": name}
-                axes[i][0].plot(grid, ys, **kw)
-                axes[i][1].plot(grid[tail], ys[tail], **kw)
-            axes[i][0].set_title(title, fontsize=10)
-            axes[i][1].set_title(f"{title}: last quarter", fontsize=10)
+                mine = [r[key] for r in runs if r["method"] == name]
+                ls = "--" if "identical" in name or "Nguyen" in name else "-"
+                kw = {"color": COLORS[name], "ls": ls, "lw": 1.0, "label": name}
+                axes[i][0].plot(grid, np.mean(mine, axis=0), **kw)
+                axes[i][1].plot(grid[tail], np.asarray(mine[0])[tail], **kw)
+            mean = f"mean of {seeds} seeds" if seeds > 1 else "seed 0"
+            axes[i][0].set_title(f"{title} ({mean})", fontsize=10)
+            axes[i][1].set_title(f"{title}: last quarter, seed 0 alone", fontsize=10)
             for ax in axes[i]:
                 ax.set_xlabel("virtual time")
-                ax.set_ylabel(label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
-                ax.grid(alpha=0.3)
-            if key == "curve_loss":
-                axes[i][0].set_yscale("log")
-            else:
-                axes[i][0].set_ylim(0.5, 1.0)
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3, which="both")
+                if key == "curve_loss":
+                    ax.set_yscale("log")
+            if key == "curve_accuracy":
+                axes[i][0].set_ylim(0.5, 0.95)
             axes[i][0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=90)

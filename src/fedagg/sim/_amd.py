@@ -35,9 +35,9 @@ from fedagg.sim._policy import (
     Event,
     Finish,
     PolicyContext,
-    RoundStats,
     Start,
     effective_weights,
+    round_stats,
 )
 
 __all__ = ["FedAMDPolicy", "FedAMDState"]
@@ -196,24 +196,12 @@ class FedAMDPolicy:
 
     def _close(self, state: FedAMDState, now: float, actions: list[Action]) -> None:
         applied = state.folded > 0
-        stats = RoundStats(
-            round=state.round,
-            version=state.server.version,
-            started=state.started,
-            ended=now,
-            selected=state.selected,
+        weight = math.fsum(state.weights)
+        omega = effective_weights(state.weights, 1.0) if applied else ()
+        stats = round_stats(
+            state, state.round, now, applied, state.selected, state.loss_sum, weight, omega,
             dispatched=state.selected,
-            folded=state.folded,
-            dropped=state.dropped,
-            refused=state.refused,
-            late=state.late,
-            weight=math.fsum(state.weights),
-            client_loss=state.loss_sum / math.fsum(state.weights) if state.weights else math.nan,
-            staleness_mean=0.0,
-            participants=tuple(state.participants),
-            applied=applied,
-            omega=effective_weights(state.weights, 1.0) if applied else (),
-        )
+        )  # fmt: skip
         if applied:
             state.server = self.strategy.apply(state.server, state.agg)
         state.agg = None

@@ -60,6 +60,7 @@ from fedagg.sim._policy import (
     Start,
     Timer,
     effective_weights,
+    round_stats,
 )
 
 __all__ = [
@@ -390,25 +391,16 @@ class AsyncPolicy:
     def _stats(
         self, state: AsyncState, now: float, applied: bool, omega: tuple[float, ...]
     ) -> RoundStats:
-        st = state.staleness
-        return RoundStats(
-            round=state.step,
-            version=state.server.version,
-            started=state.started,
-            ended=now,
-            selected=state.dispatched,
-            dispatched=state.dispatched,
-            folded=state.folded,
-            dropped=state.dropped,
-            refused=state.refused,
-            late=state.late,
-            weight=state.loss_weight,
-            client_loss=state.loss_sum / state.loss_weight if state.loss_weight else math.nan,
-            staleness_mean=math.fsum(st) / len(st) if st else 0.0,
-            participants=tuple(state.participants),
-            applied=applied,
-            staleness_max=max(st, default=0),
-            omega=omega if applied else (),
+        return round_stats(
+            state,
+            state.step,
+            now,
+            applied,
+            state.dispatched,
+            state.loss_sum,
+            state.loss_weight,
+            omega,
+            state.staleness,
         )
 
     # -- dispatch -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ are further implementations of the same :class:`Policy` protocol.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeAlias
 
@@ -38,6 +39,8 @@ __all__ = [
     "SyncPolicy",
     "SyncState",
     "Timer",
+    "effective_weights",
+    "round_stats",
 ]
 
 Arr = npt.NDArray[Any]
@@ -368,24 +371,53 @@ class SyncPolicy:
         return self._advance(state, now, ctx, [Applied(stats, kept)])
 
     def _stats(self, state: SyncState, now: float, applied: bool, mass: float = 1.0) -> RoundStats:
-        return RoundStats(
-            round=state.round,
-            version=state.server.version,
-            started=state.started,
-            ended=now,
-            selected=state.selected,
-            dispatched=state.dispatched,
-            folded=state.folded,
-            dropped=state.dropped,
-            refused=state.refused,
-            late=state.late,
-            weight=state.weight_sum,
-            client_loss=state.loss_sum / state.weight_sum if state.weight_sum else math.nan,
-            staleness_mean=0.0,
-            participants=tuple(state.participants),
-            applied=applied,
-            omega=effective_weights(state.weights, mass) if applied else (),
+        omega = effective_weights(state.weights, mass) if applied else ()
+        return round_stats(
+            state,
+            state.round,
+            now,
+            applied,
+            state.selected,
+            state.loss_sum,
+            state.weight_sum,
+            omega,
         )
+
+
+def round_stats(
+    state: Any,
+    round_: int,
+    now: float,
+    applied: bool,
+    selected: int,
+    loss_sum: float,
+    loss_weight: float,
+    omega: tuple[float, ...],
+    staleness: Sequence[int] = (),
+    dispatched: int | None = None,
+) -> RoundStats:
+    """The stats of a closed round or server step, from the fields every policy state has
+    (``server``, ``started``, ``folded``, ``dropped``, ``refused``, ``late``,
+    ``participants``, and ``dispatched`` unless given)."""
+    return RoundStats(
+        round=round_,
+        version=state.server.version,
+        started=state.started,
+        ended=now,
+        selected=selected,
+        dispatched=state.dispatched if dispatched is None else dispatched,
+        folded=state.folded,
+        dropped=state.dropped,
+        refused=state.refused,
+        late=state.late,
+        weight=loss_weight,
+        client_loss=loss_sum / loss_weight if loss_weight else math.nan,
+        staleness_mean=math.fsum(staleness) / len(staleness) if staleness else 0.0,
+        participants=tuple(state.participants),
+        applied=applied,
+        staleness_max=max(staleness, default=0),
+        omega=omega if applied else (),
+    )
 
 
 def effective_weights(weights: list[float], mass: float) -> tuple[float, ...]:
