@@ -8,8 +8,10 @@ The curated public API. Sub-namespaces: :mod:`fedagg.aggregators`, :mod:`fedagg.
 
 from fedagg import (
     aggregators,
+    attacks,
     errors,
     optimizers,
+    spool,
     staleness,
     strategies,
     transforms,
@@ -30,6 +32,7 @@ from fedagg.errors import (
     SpecMismatch,
     StaleUpdate,
     StateError,
+    TooFewUpdates,
     UpdateError,
 )
 
@@ -50,16 +53,19 @@ __all__ = [
     "StaleUpdate",
     "StateError",
     "Strategy",
+    "TooFewUpdates",
     "Update",
     "UpdateError",
     "__version__",
     "aggregators",
+    "attacks",
     "dumps",
     "errors",
     "load",
     "loads",
     "optimizers",
     "save",
+    "spool",
     "staleness",
     "strategies",
     "transforms",

@@ -19,6 +19,7 @@ import numpy as np
 from fedagg.core.aggregate import MeanState
 from fedagg.core.optim import AdamState, ChainState, EmptyState, OptState, TraceState
 from fedagg.core.participation import IntervalState
+from fedagg.core.robust import MemoryStore, SpoolState
 from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
 from fedagg.errors import FedaggError, StateError
@@ -38,7 +39,8 @@ def register(cls: type[Any]) -> type[Any]:
 
 
 for _cls in (
-    MeanState, AdamState, ChainState, EmptyState, OptState, TraceState, ServerState, IntervalState
+    MeanState, AdamState, ChainState, EmptyState, OptState, TraceState, ServerState, IntervalState,
+    SpoolState, MemoryStore,
 ):  # fmt: skip
     register(_cls)
 
@@ -49,6 +51,9 @@ def _encode(obj: Any, arrays: list[np.ndarray[Any, Any]]) -> Any:
         return {"$array": len(arrays) - 1}
     if isinstance(obj, ParamSpec):
         return {"$spec": obj.to_dict()}
+    view = getattr(obj, "checkpoint_view", None)
+    if callable(view):  # e.g. a spool on disk is saved with its rows in memory
+        obj = view()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__qualname__
         if _TYPES.get(name) is not type(obj):

@@ -12,6 +12,7 @@ translated at the boundary and never reach users raw::
     │   ├── NonFiniteUpdate                     NaN or Inf values (or overflow when weighted)
     │   └── InvalidWeight                       weight is zero, negative or not finite
     ├── EmptyAggregate                          finalize() with no update folded
+    │   └── TooFewUpdates                       fewer updates than a robust rule needs
     └── StateError                              a checkpoint that cannot be read or does not fit
 
 ``UpdateError`` carries ``client_id`` and ``reason`` so that a server can answer the client and
@@ -30,6 +31,7 @@ __all__ = [
     "SpecMismatch",
     "StaleUpdate",
     "StateError",
+    "TooFewUpdates",
     "UpdateError",
 ]
 
@@ -74,6 +76,10 @@ class InvalidWeight(UpdateError):
 
 class EmptyAggregate(FedaggError):
     """``finalize`` was called on a state into which no update was folded."""
+
+
+class TooFewUpdates(EmptyAggregate):
+    """The round holds fewer updates than the rule needs (e.g. Krum needs n >= 2f + 3)."""
 
 
 class StateError(FedaggError):

@@ -10,16 +10,29 @@ EXPECTED = {
     "fedagg": [
         "Aggregator", "ArrayTree", "ConfigError", "EmptyAggregate", "FedaggError",
         "InvalidWeight", "NonFiniteUpdate", "ParamSpec", "ServerState", "SpecError",
-        "SpecMismatch", "StaleUpdate", "StateError", "Strategy", "Update", "UpdateError",
-        "__version__", "aggregators", "dumps", "errors", "load", "loads", "optimizers", "save",
-        "staleness", "strategies", "transforms", "weighting",
+        "SpecMismatch", "StaleUpdate", "StateError", "Strategy", "TooFewUpdates", "Update",
+        "UpdateError", "__version__", "aggregators", "attacks", "dumps", "errors", "load", "loads",
+        "optimizers", "save", "spool", "staleness", "strategies", "transforms", "weighting",
     ],
     "fedagg.staleness": ["Staleness", "constant", "fedbuff_staleness", "hinge", "polynomial"],
     "fedagg.weighting": [
         "IntervalEstimator", "IntervalState", "Weighting", "all_clients", "examples", "fedau",
         "interval_limit", "known", "participating",
     ],
-    "fedagg.aggregators": ["Aggregator", "Composed", "Mean", "MeanState", "compose", "mean"],
+    "fedagg.aggregators": [
+        "Aggregator", "Bulyan", "CenteredClipping", "ClipStep", "Composed", "CoordinateMedian",
+        "FlagAggregator", "GeometricMedian", "Krum", "Mean", "MeanState", "MemoryStore",
+        "RowStore", "SpoolState", "StoreFactory", "TrimmedMean", "bulyan", "centered_clipping",
+        "clip_step", "compose", "flag_aggregator", "geometric_median", "krum", "mean", "median",
+        "multi_krum", "trimmed_mean", "weiszfeld_step",
+    ],
+    "fedagg.spool": ["DiskStore", "disk"],
+    "fedagg.attacks": [
+        "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",
+        "MinSum", "NoAttack", "RandomUniform", "SignFlip", "alie", "alie_z", "attack",
+        "flip_labels", "gaussian", "honest_std", "ipm", "min_max", "min_max_gamma", "min_sum",
+        "min_sum_gamma", "random_uniform", "sign_flip",
+    ],
     "fedagg.transforms": [
         "ClipNorm", "PreTransform", "RejectNonFinite", "clip_norm", "reject_nonfinite",
         "update_norm",

@@ -50,6 +50,7 @@ class ServerState:
     params: Arr
     version: int
     opt: OptState
+    carry: Arr | None = None  # what a stateful aggregator keeps across rounds (CC's center)
 
     def check(self) -> None:
         """Raise StateError unless the fields are consistent (used when a state is loaded)."""
@@ -58,6 +59,10 @@ class ServerState:
             and self.params.shape == (self.spec.size,)
             and self.params.dtype == self.spec.dtype
             and isinstance(self.version, int)
+            and (
+                self.carry is None
+                or (isinstance(self.carry, np.ndarray) and self.carry.shape == self.params.shape)
+            )
         ):
             raise StateError("inconsistent ServerState (params do not match the spec)")
         self.opt.check()
@@ -81,9 +86,14 @@ class Strategy:
         flat = spec.as_flat(params).copy()
         return ServerState(spec, flat, version, self.optimizer.init(flat))
 
-    def begin(self, server: ServerState) -> Any:
-        """The empty aggregate of a round on the current model version."""
-        return self.aggregator.init(server.spec, version=server.version)
+    def begin(self, server: ServerState, *, version: int | None = -1) -> Any:
+        """The empty aggregate of a round on the current model version (``version=None``
+        accepts updates of any version: asynchronous policies weigh staleness themselves)."""
+        v = server.version if version == -1 else version
+        state = self.aggregator.init(server.spec, version=v)
+        if _carries(self.aggregator):
+            state.center = server.carry
+        return state
 
     def apply(self, server: ServerState, agg_state: Any, *, scale: float = 1.0) -> ServerState:
         """Finalize the round's aggregate and take one optimizer step.
@@ -100,13 +110,19 @@ class Strategy:
             if not (math.isfinite(scale) and scale > 0):
                 raise ConfigError(f"scale must be finite and > 0, got {scale!r}")
             delta *= delta.dtype.type(scale)
+        carry = delta.copy() if _carries(self.aggregator) else server.carry
         params, opt_state = self.optimizer.step(server.opt, server.params, delta)
-        return ServerState(server.spec, params, server.version + 1, opt_state)
+        return ServerState(server.spec, params, server.version + 1, opt_state, carry)
 
     def round(self, server: ServerState, updates: Iterable[Update]) -> ServerState:
         """Fold ``updates`` (all or none) and apply them: one synchronous round."""
         agg = self.aggregator.fold_many(self.begin(server), updates)
         return self.apply(server, agg)
+
+
+def _carries(agg: Any) -> bool:
+    """Whether the aggregator (or the one a composition wraps) carries state across rounds."""
+    return bool(getattr(getattr(agg, "inner", agg), "carries", False))
 
 
 def strategy(

@@ -36,6 +36,7 @@ from fedagg.sim._policy import (
     Finish,
     PolicyContext,
     Start,
+    apply_or_skip,
     effective_weights,
     round_stats,
 )
@@ -195,15 +196,16 @@ class FedAMDPolicy:
         return True
 
     def _close(self, state: FedAMDState, now: float, actions: list[Action]) -> None:
-        applied = state.folded > 0
+        new = apply_or_skip(self.strategy, state.server, state.agg, 1.0) if state.folded else None
+        applied = new is not None
         weight = math.fsum(state.weights)
         omega = effective_weights(state.weights, 1.0) if applied else ()
         stats = round_stats(
             state, state.round, now, applied, state.selected, state.loss_sum, weight, omega,
             dispatched=state.selected,
         )  # fmt: skip
-        if applied:
-            state.server = self.strategy.apply(state.server, state.agg)
+        if new is not None:
+            state.server = new
         state.agg = None
         state.round += 1
         actions.append(Applied(stats, dict(state.accepted)))

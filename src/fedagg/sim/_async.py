@@ -59,6 +59,7 @@ from fedagg.sim._policy import (
     SetTimer,
     Start,
     Timer,
+    apply_or_skip,
     effective_weights,
     round_stats,
 )
@@ -326,8 +327,11 @@ class AsyncPolicy:
                 else float(ctx.num_clients)
             )
             mass = total / d
-            state.server = self.strategy.apply(state.server, state.agg, scale=mass)
-            if state.freq is not None:
+            new = apply_or_skip(self.strategy, state.server, state.agg, mass)
+            applied = new is not None
+            if new is not None:
+                state.server = new
+            if applied and state.freq is not None:
                 IntervalEstimator(self.cutoff).observe(state.freq, state.participants)
         stats = self._stats(state, now, applied, effective_weights(state.weights, mass))
         actions.append(Applied(stats, dict(state.accepted)))
@@ -352,7 +356,7 @@ class AsyncPolicy:
         """FedAsync: ``x <- (1 - a) x + a (x_tau + delta)``, ``a = lr * alpha * s(tau)``."""
         assert self.mixing is not None
         server = state.server
-        agg = self.strategy.aggregator.init(server.spec, version=None)
+        agg = self.strategy.begin(server, version=None)
         base = state.bases[job.version]
         try:  # validation and pre-transforms (clipping) of the strategy's aggregator
             self.strategy.aggregator.fold(agg, replace(ev.update, weight=1.0, base_version=None))
@@ -379,7 +383,7 @@ class AsyncPolicy:
             actions.append(Finish())
 
     def _reset(self, state: AsyncState, now: float) -> None:
-        state.agg = self.strategy.aggregator.init(state.server.spec, version=None)
+        state.agg = self.strategy.begin(state.server, version=None)
         state.started = now
         state.fills = 0
         state.dispatched = state.folded = state.dropped = state.refused = state.late = 0

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from fedagg.core.participation import Weighting
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
-from fedagg.errors import ConfigError, UpdateError
+from fedagg.errors import ConfigError, EmptyAggregate, UpdateError
 
 __all__ = [
     "Action",
@@ -39,6 +39,7 @@ __all__ = [
     "SyncPolicy",
     "SyncState",
     "Timer",
+    "apply_or_skip",
     "effective_weights",
     "round_stats",
 ]
@@ -355,11 +356,13 @@ class SyncPolicy:
         mass = 1.0
         if self.weighting is not None and applied:
             mass = self.weighting.mass(state.weighting, state.weights, ctx.num_clients)
+        new = apply_or_skip(self.strategy, state.server, state.agg, mass) if applied else None
+        applied = new is not None
         stats = self._stats(state, now, applied, mass)
         if self.weighting is not None:
             self.weighting.observe(state.weighting, state.participants)
-        if applied:
-            state.server = self.strategy.apply(state.server, state.agg, scale=mass)
+        if new is not None:
+            state.server = new
             if state.control is not None and state.control_sum is not None:
                 for k, v in state.control_sum.items():  # SCAFFOLD: c += sum(delta_c) / N
                     state.control[k] += v / v.dtype.type(ctx.num_clients)
@@ -418,6 +421,17 @@ def round_stats(
         staleness_max=max(staleness, default=0),
         omega=omega if applied else (),
     )
+
+
+def apply_or_skip(
+    strategy: Strategy, server: ServerState, agg: Any, mass: float
+) -> ServerState | None:
+    """The round's new server state, or None if the rule cannot finalize this round (a
+    robust rule given fewer updates than it needs): the model then stays as it was."""
+    try:
+        return strategy.apply(server, agg, scale=mass)
+    except EmptyAggregate:
+        return None
 
 
 def effective_weights(weights: list[float], mass: float) -> tuple[float, ...]:
