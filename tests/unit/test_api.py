@@ -66,7 +66,7 @@ EXPECTED = {
     ],
     "fedagg.clients": [
         "ClientAlgorithm", "FedAMD", "FedProx", "LocalSGD", "Scaffold", "TrainResult",
-        "scaffold_server_update",
+        "WorkerMomentum", "scaffold_server_update",
     ],
 }  # fmt: skip
 

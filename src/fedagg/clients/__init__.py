@@ -15,6 +15,7 @@ loop of ``train`` up to float32 round-off, much faster.
 
 from fedagg.clients._amd import FedAMD
 from fedagg.clients._base import ClientAlgorithm, TrainResult
+from fedagg.clients._momentum import WorkerMomentum
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "LocalSGD",
     "Scaffold",
     "TrainResult",
+    "WorkerMomentum",
     "scaffold_server_update",
 ]

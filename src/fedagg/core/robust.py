@@ -233,7 +233,7 @@ class _Spooled:
         if other.spec != state.spec or other.version != state.version:
             raise StateError("cannot merge spools of different specs or versions")
         d = state.spec.size
-        width = self._width(1)
+        width = min(d, self._width(1))
         buf = np.empty((1, width), state.spec.dtype)
         for i in range(other.count):
             row = np.empty(d, state.spec.dtype)
@@ -264,7 +264,7 @@ class _Spooled:
         """``(c0, c1, block)``: the (scaled) rows' columns [c0, c1) as float64, in order."""
         idx = list(range(state.count)) if rows is None else list(rows)
         d = state.spec.size
-        width = self._width(len(idx))
+        width = min(d, self._width(len(idx)))
         raw = np.empty((len(idx), width), state.spec.dtype)
         wide = np.empty((len(idx), width), np.float64)
         scales = np.array([state.scales[i] for i in idx], np.float64)[:, None]

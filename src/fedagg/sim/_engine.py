@@ -12,6 +12,7 @@ policy, one by one at their virtual arrival times.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -182,6 +183,10 @@ class Simulation:
         chunk: clients trained per executor call: bounds the client data held at once (lazy
             datasets generate a client's examples only when it trains).
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
+        byzantine: the clients that lie. With ``attack`` (see :mod:`fedagg.attacks`), their
+            updates are replaced by the attack's, computed from all the honest updates of
+            the same dispatch (an omniscient adversary); with ``byzantine_algorithm`` (e.g.
+            ``attacks.LabelFlip(algorithm, 10)``) they train with it instead.
         max_time: stop at this virtual time (an equal time budget for comparing policies);
             the last record is then evaluated if it was not.
     """
@@ -200,6 +205,9 @@ class Simulation:
     chunk: int = 2048
     on_round: Callable[[RoundRecord], None] | None = None
     max_time: float = math.inf
+    byzantine: frozenset[int] = frozenset()
+    attack: Any = None
+    byzantine_algorithm: Any = None
     client_states: dict[int, Any] = field(default_factory=dict)
     _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
     _train_s: float = field(default=0.0, init=False, repr=False)
@@ -317,44 +325,88 @@ class Simulation:
         # on a second thread while this one trains (generation and BLAS release the GIL)
         pool = ThreadPoolExecutor(1) if len(chunks) > 1 and not lazy else None
         nxt = pool.submit(fetch, chunks[0]) if pool and chunks else None
+        trained: list[tuple[int, int, Any, Any]] = []
         for n_chunk, idx in enumerate(chunks):
             cl = [a.clients[i] for i in idx]
             t0 = time.perf_counter()
             datas = nxt.result() if nxt is not None else fetch(idx)
             if pool is not None and n_chunk + 1 < len(chunks):
                 nxt = pool.submit(fetch, chunks[n_chunk + 1])
-            results = self.executor.train(
-                self.algorithm,
-                self.model,
-                params,
-                datas,
-                [np.random.default_rng([self.seed, 0x7A1, jobs[i]]) for i in idx],
-                [epochs[i] for i in idx],
-                [self.client_states.get(c) for c in cl],
-                a.server_extra,
-            )
+            groups = [(self.algorithm, list(range(len(idx))))]
+            if self.byzantine_algorithm is not None and self.byzantine:
+                byz = [r for r, c in enumerate(cl) if c in self.byzantine]
+                honest = [r for r, c in enumerate(cl) if c not in self.byzantine]
+                groups = [(self.algorithm, honest), (self.byzantine_algorithm, byz)]
+            results: list[Any] = [None] * len(idx)
+            for alg, rows in groups:
+                if not rows:
+                    continue
+                out = self.executor.train(
+                    alg,
+                    self.model,
+                    params,
+                    [datas[r] for r in rows],
+                    [np.random.default_rng([self.seed, 0x7A1, jobs[idx[r]]]) for r in rows],
+                    [epochs[idx[r]] for r in rows],
+                    [self.client_states.get(cl[r]) for r in rows],
+                    a.server_extra,
+                )
+                for r, res in zip(rows, out, strict=True):
+                    results[r] = res
             self._train_s += time.perf_counter() - t0
             for i, c, (res, new_state) in zip(idx, cl, results, strict=True):
-                up = model_bytes + _nbytes(res.extra)
-                # a straggler does less work in the time of a full job (it is slow); an
-                # algorithm that counts its own work (fixed local steps, FedAMD) reports it
-                work = getattr(res, "work", None)
-                if work is None or a.partial[i]:
-                    work = res.num_examples * full
-                t = self.system.timing(c, work, down, up, job=jobs[i])
-                arrive = now + t.total
-                update = Update(
-                    delta=res.delta,
-                    weight=float(res.num_examples),
-                    client_id=str(c),
-                    base_version=server.version,
-                    metrics=res.metrics,
-                )
-                ev = Arrival(arrive, c, jobs[i], update, dict(res.extra), new_state, up)
-                push(arrive, ev)
+                trained.append((i, c, res, new_state))
+        if self.attack is not None and self.byzantine:
+            trained = self._attack(trained, server.spec, jobs[0] if jobs else 0)
+        for i, c, res, new_state in trained:  # one arrival per client, in dispatch order
+            up = model_bytes + _nbytes(res.extra)
+            # a straggler does less work in the time of a full job (it is slow); an
+            # algorithm that counts its own work (fixed local steps, FedAMD) reports it
+            work = getattr(res, "work", None)
+            if work is None or a.partial[i]:
+                work = res.num_examples * full
+            t = self.system.timing(c, work, down, up, job=jobs[i])
+            arrive = now + t.total
+            update = Update(
+                delta=res.delta,
+                weight=float(res.num_examples),
+                client_id=str(c),
+                base_version=server.version,
+                metrics=res.metrics,
+            )
+            ev = Arrival(arrive, c, jobs[i], update, dict(res.extra), new_state, up)
+            push(arrive, ev)
         if pool is not None:
             pool.shutdown()
         return job + len(a.clients)
+
+    def _attack(
+        self, trained: list[tuple[int, int, Any, Any]], spec: Any, first_job: int
+    ) -> list[tuple[int, int, Any, Any]]:
+        """Replace the Byzantine clients' updates of this dispatch by the attack's, which sees
+        every honest update of the dispatch (omniscient)."""
+        byz = [k for k, (_, c, _, _) in enumerate(trained) if c in self.byzantine]
+        if not byz:
+            return trained
+        honest_rows = [k for k in range(len(trained)) if k not in set(byz)]
+        flat = [spec.as_flat(trained[k][2].delta) for k in range(len(trained))]
+        dt = spec.dtype
+        honest = (
+            np.stack([flat[k] for k in honest_rows])
+            if honest_rows
+            else np.zeros((0, spec.size), dt)
+        )
+        if getattr(self.attack, "omniscient", False) and not honest_rows:
+            return trained  # nothing to see: the attackers send their own updates
+        own = np.stack([flat[k] for k in byz])
+        rng = np.random.default_rng([self.seed, 0xBAD, first_job])
+        rows = self.attack.malicious(honest, own, len(trained), len(byz), rng)
+        out = list(trained)
+        for k, row in zip(byz, rows, strict=True):
+            i, c, res, st = out[k]
+            bad = spec.unflatten(np.ascontiguousarray(row, dtype=dt))
+            out[k] = (i, c, dataclasses.replace(res, delta=bad), st)
+        return out
 
     def _record(
         self,

@@ -79,6 +79,10 @@ def build_algorithm(cfg: Mapping[str, Any]) -> Any:
         "lr": float(c["lr"]),
         "steps": steps,
     }
+    if c["algorithm"] == "momentum":
+        return clients.WorkerMomentum(
+            lr=common["lr"], batch_size=common["batch_size"], beta=float(c["beta"])
+        )
     if c["algorithm"] == "fedamd":
         return clients.FedAMD(
             steps=steps or 10,
@@ -93,13 +97,47 @@ def build_algorithm(cfg: Mapping[str, Any]) -> Any:
     if c["algorithm"] == "scaffold":
         return clients.Scaffold(**common)
     raise ConfigError(
-        f"unknown client algorithm {c['algorithm']!r}; valid: fedavg, fedprox, scaffold, fedamd"
+        f"unknown client algorithm {c['algorithm']!r}; valid: fedavg, fedprox, scaffold, fedamd, "
+        "momentum"
     )
+
+
+_AGGREGATORS = (
+    "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median",
+    "centered_clipping", "flag",
+)  # fmt: skip
+
+
+def build_aggregator(s: Mapping[str, Any]) -> Any:
+    """The ``[strategy] aggregator``: the mean or a robust rule (spooled to ``spool``)."""
+    from fedagg import aggregators as A
+    from fedagg import spool as spools
+
+    name = s["aggregator"]
+    if name == "mean":
+        return mean(s["accumulator"])
+    kw: dict[str, Any] = {"spool": spools.disk(s["spool"]) if s["spool"] else None}
+    f = int(s["f"])
+    rules: dict[str, Callable[[], Any]] = {
+        "median": lambda: A.median(**kw),
+        "trimmed_mean": lambda: A.trimmed_mean(int(s["trim"]) or f, **kw),
+        "krum": lambda: A.krum(f, **kw),
+        "multi_krum": lambda: A.multi_krum(f, int(s["keep"]) or 1, **kw),
+        "bulyan": lambda: A.bulyan(f, **kw),
+        "geometric_median": lambda: A.geometric_median(**kw),
+        "centered_clipping": lambda: A.centered_clipping(float(s["tau_cc"]), int(s["iters"]), **kw),
+        "flag": lambda: A.flag_aggregator(
+            int(s["subspace"]) or None, float(s["lam"]), norm="median", **kw
+        ),
+    }
+    if name not in rules:
+        raise ConfigError(f"unknown aggregator {name!r}; valid: {', '.join(_AGGREGATORS)}")
+    return rules[name]()
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
     s = cfg["strategy"]
-    agg = mean(s["accumulator"])
+    agg = build_aggregator(s)
     pre = [clip_norm(float(s["clip_norm"]))] if s["clip_norm"] else []
     name = s["name"]
     if name == "fedavg":
@@ -172,6 +210,7 @@ def build(
     algorithm = build_algorithm(cfg)
     strategy = build_strategy(cfg)
     policy = build_policy(cfg, strategy)
+    byz, attack, byz_alg = build_byzantine(cfg, algorithm, fd)
     sim = Simulation(
         data=fd,
         model=build_model(cfg, fd),
@@ -186,8 +225,36 @@ def build(
         eval_clients=int(cfg["eval_clients"]),
         on_round=on_round,
         max_time=float(cfg["max_time"]),
+        byzantine=byz,
+        attack=attack,
+        byzantine_algorithm=byz_alg,
     )
     return Built(cfg, sim, fd)
+
+
+def build_byzantine(cfg: Mapping[str, Any], algorithm: Any, data: Any) -> tuple[Any, Any, Any]:
+    """``[byzantine]``: the first ``clients`` clients lie with ``attack`` (or train on
+    flipped labels, ``attack = "label_flip"``)."""
+    from fedagg import attacks
+
+    b = cfg["byzantine"]
+    count = int(b["clients"])
+    if not 0 <= count <= len(data.clients):
+        raise ConfigError(f"byzantine.clients must be in [0, {len(data.clients)}], got {count}")
+    kind = b["attack"]
+    if count == 0 or kind == "none":
+        return frozenset(), None, None
+    byz = frozenset(range(count))
+    if kind == "label_flip":
+        return byz, None, attacks.LabelFlip(algorithm, int(data.num_classes))
+    params: dict[str, Any] = {
+        "sign_flip": {"scale": float(b["scale"])},
+        "ipm": {"eps": float(b["eps"])},
+        "alie": {"z": b["z"]},
+        "min_max": {"direction": b["direction"]},
+        "min_sum": {"direction": b["direction"]},
+    }.get(kind, {})
+    return byz, attacks.attack(kind, **params), None
 
 
 _POLICIES = ("sync", "fedbuff", "fedasync", "fedfix", "async", "fedamd")
