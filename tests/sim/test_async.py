@@ -552,3 +552,33 @@ def test_async_policy_gives_identical_results_in_worker_processes() -> None:
     local, _ = sim.run_config(base)
     procs, _ = sim.run_config({**base, "executor": {"kind": "processes", "workers": 2}})
     assert local.server.params.tobytes() == procs.server.params.tobytes()
+
+
+def test_fedfix_counts_a_job_of_exactly_whole_windows_in_the_window_it_ends() -> None:
+    """tau = 0.2 computed as work / speed lands a hair after 0.2: still in the first window."""
+    m = 10
+    data = FakeData([640] * m)
+    tau = 1 - np.arange(m) * 0.8 / (m - 1)
+    sysm = sim.SystemModel(
+        m,
+        downlink=sim.Distribution("constant", 1e18),
+        uplink=sim.Distribution("constant", 1e18),
+        latency=sim.Distribution("constant", 0.0),
+    ).with_speeds(640 / tau)
+    st = strategies.fedavg()
+    res = sim.Simulation(
+        data, FakeModel(), FakeAlgorithm(), st, sim.fedfix(st, 20, 0.2), sysm
+    ).run()
+    fastest = sum(m - 1 in r.stats.participants for r in res.records)
+    assert fastest == 20  # every window, not every other one
+
+
+def test_stop_when_ends_the_run_at_a_target() -> None:
+    built = sim.build(
+        {"rounds": 50, "data": {"name": "digits", "num_clients": 8, "partition": "iid"}}
+    )
+    built.simulation.stop_when = lambda r: r.test_accuracy >= 0.8
+    res = built.simulation.run()
+    assert res.final.test_accuracy >= 0.8
+    assert len(res.records) < 50
+    assert all(r.test_accuracy < 0.8 for r in res.records[:-1])

@@ -219,7 +219,7 @@ class AsyncPolicy:
         if isinstance(event, Start):
             self._fill(state, ctx, actions)
             if self.trigger == "window":
-                actions.append(SetTimer(self.window, 0))
+                actions.append(SetTimer(self._window_end(0), 0))
         elif isinstance(event, Arrival):
             self._arrival(state, event, ctx, actions)
         elif isinstance(event, Dropout):
@@ -232,7 +232,7 @@ class AsyncPolicy:
             state.window += 1  # clients restarted by this step start in the next window
             self._close(state, event.now, ctx, actions)
             if not state.finished:
-                actions.append(SetTimer((state.window + 1) * self.window, state.window))
+                actions.append(SetTimer(self._window_end(state.window), state.window))
         if not state.finished and not state.jobs and self.trigger != "window" and state.free:
             # nobody is training and nobody could be dispatched: nothing can happen any more
             if state.folded:
@@ -241,6 +241,12 @@ class AsyncPolicy:
                 state.finished = True
                 actions.append(Finish())
         return actions
+
+    def _window_end(self, w: int) -> float:
+        """When window ``w`` closes: ``(w + 1) dt``, plus a relative 1e-9 so that a job
+        lasting exactly a whole number of windows (up to the round-off of work / speed) is
+        counted in the window it ends, as FedFix's ``return_time <= (n + 1) dt`` does."""
+        return (w + 1) * self.window * (1.0 + 1e-9)
 
     # -- events -------------------------------------------------------------------------------
     def _arrival(

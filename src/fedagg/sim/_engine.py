@@ -219,6 +219,8 @@ class Simulation:
         chunk: clients trained per executor call: bounds the client data held at once (lazy
             datasets generate a client's examples only when it trains).
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
+        stop_when: stop after the first record for which this returns True (e.g. a target
+            accuracy: ``lambda r: r.test_accuracy >= 0.9``).
         byzantine: the clients that lie. With ``attack`` (see :mod:`fedagg.attacks`), their
             updates are replaced by the attack's, computed from all the honest updates of
             the same dispatch (an omniscient adversary); with ``byzantine_algorithm`` (e.g.
@@ -241,6 +243,7 @@ class Simulation:
     chunk: int = 2048
     on_round: Callable[[RoundRecord], None] | None = None
     max_time: float = math.inf
+    stop_when: Callable[[RoundRecord], bool] | None = None
     byzantine: frozenset[int] = frozenset()
     attack: Any = None
     byzantine_algorithm: Any = None
@@ -289,6 +292,8 @@ class Simulation:
                     records.append(rec)
                     if self.on_round is not None:
                         self.on_round(rec)
+                    if self.stop_when is not None and self.stop_when(rec):
+                        done = True
                 elif isinstance(a, Commit):
                     self.client_states.update(a.client_states)
                 elif isinstance(a, Finish):
