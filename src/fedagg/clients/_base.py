@@ -10,7 +10,7 @@ import numpy as np
 
 from fedagg.models._types import Examples, Model, Params, ParamsLike
 
-__all__ = ["ClientAlgorithm", "TrainResult"]
+__all__ = ["ClientAlgorithm", "TrainResult", "train_each"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +73,29 @@ class ClientAlgorithm(Protocol):
         states: Sequence[Any] | None = None,
         server_state: Any = None,
     ) -> list[tuple[TrainResult, Any]]: ...
+
+
+def train_each(
+    alg: Any,
+    model: Model,
+    params: ParamsLike,
+    datas: Sequence[Examples],
+    rngs: Sequence[np.random.Generator],
+    epochs: Sequence[int] | None,
+    states: Sequence[Any] | None,
+    server_state: Any,
+) -> list[tuple[TrainResult, Any]]:
+    """``train_many`` as a loop of ``alg.train`` (for algorithms with no stacked form)."""
+    from fedagg.errors import ConfigError
+
+    k = len(datas)
+    if len(rngs) != k or (states is not None and len(states) != k):
+        raise ConfigError("train_many needs one generator (and state) per client")
+    if epochs is not None and len(epochs) != k:
+        raise ConfigError(f"{len(epochs)} epoch counts for {k} clients")
+    sts = [None] * k if states is None else list(states)
+    eps: list[int | None] = [None] * k if epochs is None else list(epochs)
+    return [
+        alg.train(model, params, d, r, epochs=e, state=s, server_state=server_state)
+        for d, r, e, s in zip(datas, rngs, eps, sts, strict=True)
+    ]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.clients import _engine as eng
-from fedagg.clients._base import TrainResult
+from fedagg.clients._base import TrainResult, train_each
 from fedagg.errors import ConfigError
 from fedagg.models._types import Examples, Model, ParamsLike
 
@@ -86,11 +86,4 @@ class WorkerMomentum:
         states: Sequence[Any] | None = None,
         server_state: Any = None,
     ) -> list[tuple[TrainResult, Any]]:
-        if len(rngs) != len(datas) or (states is not None and len(states) != len(datas)):
-            raise ConfigError("train_many needs one generator (and state) per client")
-        sts = [None] * len(datas) if states is None else list(states)
-        eps = [None] * len(datas) if epochs is None else list(epochs)
-        return [
-            self.train(model, params, d, r, epochs=e, state=s)
-            for d, r, e, s in zip(datas, rngs, eps, sts, strict=True)
-        ]
+        return train_each(self, model, params, datas, rngs, epochs, states, server_state)

@@ -822,13 +822,12 @@ class IPM(Attack):
 
 
 @dataclass(frozen=True, slots=True)
-class MinMax(Attack):
-    """All attackers send :func:`min_max`'s vector; ``info["gamma"]`` is the gamma used."""
+class _Search(Attack):
+    """``mu - gamma p`` with the largest ``gamma`` the constraint of ``kind`` allows."""
 
     direction: Direction = "unit_vec"
     gamma0: float = 50.0
     tol: float = 1e-5
-    kind: ClassVar[str] = "min_max"
     omniscient: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -841,32 +840,23 @@ class MinMax(Attack):
     ) -> tuple[F64, dict[str, float]]:
         mu = g.mean(axis=0)
         p = _direction(g, mu, self.direction)
-        gamma = _min_max_gamma(g, mu, p, _pairwise_sq(g), self.gamma0, self.tol)
+        search = _min_max_gamma if self.kind == "min_max" else _min_sum_gamma
+        gamma = search(g, mu, p, _pairwise_sq(g), self.gamma0, self.tol)
         return _same(mu - gamma * p, f), {"gamma": gamma}
 
 
 @dataclass(frozen=True, slots=True)
-class MinSum(Attack):
+class MinMax(_Search):
+    """All attackers send :func:`min_max`'s vector; ``info["gamma"]`` is the gamma used."""
+
+    kind: ClassVar[str] = "min_max"
+
+
+@dataclass(frozen=True, slots=True)
+class MinSum(_Search):
     """All attackers send :func:`min_sum`'s vector; ``info["gamma"]`` is the gamma used."""
 
-    direction: Direction = "unit_vec"
-    gamma0: float = 50.0
-    tol: float = 1e-5
     kind: ClassVar[str] = "min_sum"
-    omniscient: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        g0, t = _check_search(self.direction, self.gamma0, self.tol)
-        object.__setattr__(self, "gamma0", g0)
-        object.__setattr__(self, "tol", t)
-
-    def _rows(
-        self, g: F64, own: F64, n: int, f: int, rng: np.random.Generator | None
-    ) -> tuple[F64, dict[str, float]]:
-        mu = g.mean(axis=0)
-        p = _direction(g, mu, self.direction)
-        gamma = _min_sum_gamma(g, mu, p, _pairwise_sq(g), self.gamma0, self.tol)
-        return _same(mu - gamma * p, f), {"gamma": gamma}
 
 
 _KINDS: dict[str, type[Attack]] = {
