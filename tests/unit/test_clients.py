@@ -524,7 +524,10 @@ def test_fixed_local_steps_take_exactly_k_steps_whatever_the_data_size(n: int) -
     algo = LocalSGD(batch_size=4, lr=0.1, steps=6)
     res, _ = algo.train(model, model.init(0), blobs(n, 0), np.random.default_rng(0))
     assert res.steps == 6
-    assert res.work == 6 * 4  # what a simulator charges compute time for
+    # what a simulator charges compute time for: the examples the 6 batches held
+    per = -(-n // 4)
+    assert res.work == (6 // per) * n + min((6 % per) * 4, n)
+    assert res.work == {1: 6, 3: 18, 8: 24, 50: 24}[n]
     # and the steps follow the epoch permutations: with n = 8 and B = 4, steps 1-2 are the
     # first epoch, 3-4 the second... exactly what 3 epochs without a cap would do
     if n == 8:

@@ -124,12 +124,14 @@ class FedAMD:
         order = rng.permutation(n)
         at = 0
         total = 0.0
+        seen = 0
         for _ in range(self.steps):
             if at >= n:
                 order, at = rng.permutation(n), 0
             idx = order[at : at + self.batch_size]
             at += self.batch_size
             xb, yb = x[idx], y[idx]
+            seen += 2 * len(idx)  # two gradients on the same batch
             nxt = {k: w[k] - lr[k] * g[k] for k in w}
             loss, g_new = model.loss_and_grad(nxt, xb, yb)
             _, g_old = model.loss_and_grad(w, xb, yb)
@@ -139,8 +141,7 @@ class FedAMD:
             total += float(loss)
         delta = {k: w[k] - start[k] for k in start}
         metrics = {"train_loss": total / self.steps}
-        work = 2 * self.steps * min(self.batch_size, n)
-        return TrainResult(delta, n, self.steps, metrics, {"role": "miner"}, work)
+        return TrainResult(delta, n, self.steps, metrics, {"role": "miner"}, seen)
 
     def train_many(
         self,

@@ -114,6 +114,16 @@ def num_steps(n: int, epochs: int, batch_size: int) -> int:
     return epochs * (-(-n // batch_size))
 
 
+def examples_seen(n: int, steps: int, batch_size: int) -> int:
+    """Examples in the first ``steps`` batches of epochs of ``n`` examples in batches of
+    ``batch_size`` (the last batch of each epoch holds the remainder)."""
+    if n == 0 or steps == 0:
+        return 0
+    per = -(-n // batch_size)
+    full, rest = divmod(steps, per)
+    return full * n + min(rest * batch_size, n)
+
+
 def fixed_steps(n: int, epochs: int, batch_size: int, max_steps: int | None) -> tuple[int, int]:
     """``(epochs, steps)`` to run: as given, or ``max_steps`` steps over enough epochs."""
     if max_steps is None or epochs == 0 or n == 0:

@@ -51,8 +51,9 @@ def _many_args(
 def _result(
     alg: Any, delta: Params, n: int, steps: int, loss: float, extra: dict[str, Any] | None = None
 ) -> TrainResult:
-    """A client's result; with fixed local steps, its work is ``steps * batch_size``."""
-    work = steps * alg.batch_size if alg.steps is not None else None
+    """A client's result; with fixed local steps, its work is the examples its ``steps``
+    batches held (epochs of ``ceil(n / B)`` batches, the last one of each possibly short)."""
+    work = eng.examples_seen(n, steps, alg.batch_size) if alg.steps is not None else None
     return TrainResult(delta, n, steps, _metrics(steps, loss), extra or {}, work)
 
 
