@@ -104,6 +104,14 @@ class _Reached(Exception):
     """Raised from on_round to stop a run once the top target is reached."""
 
 
+def job_work(n: int) -> int:
+    """Examples a job of STEPS batches of BATCH processes on n examples: what LocalSGD with
+    fixed steps reports (epochs of ceil(n / BATCH) batches, the last possibly short)."""
+    per = -(-n // BATCH)
+    full, rest = divmod(STEPS, per)
+    return full * n + min(rest * BATCH, n)
+
+
 def run_one(s: Setting, method: str, seed: int, horizon: float) -> dict[str, Any]:
     """One run, until the top target is reached and the virtual time is at least
     ``horizon`` (or MAX_STEPS server steps)."""
@@ -114,7 +122,7 @@ def run_one(s: Setting, method: str, seed: int, horizon: float) -> dict[str, Any
     fast = Distribution("constant", 1e15)
     system = SystemModel(
         N, seed=seed, downlink=fast, uplink=fast, latency=Distribution("constant", 0.0)
-    ).with_speeds(STEPS * BATCH / job_times(s, seed))
+    ).with_speeds(np.array([job_work(n) for n in fd.sizes()], float) / job_times(s, seed))
     st = s.strategy()
     if method == "sync":
         policy: Any = SyncPolicy(st, rounds=MAX_STEPS, clients_per_round=s.concurrency)
