@@ -105,3 +105,24 @@ def test_robust_configs_and_their_errors(tmp_path: Any) -> None:
         sim.build({**base, "byzantine": {"clients": 1, "attack": "bribe"}})
     with pytest.raises(fedagg.ConfigError, match=r"byzantine\.clients"):
         sim.build({**base, "byzantine": {"clients": 99, "attack": "ipm"}})
+
+
+def test_a_diverged_federation_is_not_a_config_error_in_the_attack() -> None:
+    """Honest NaN updates (a diverged model): the attack skips them, the rule refuses them."""
+
+    class Diverged(Recorder):
+        def train_many(self, model: Any, params: Any, datas: Any, rngs: Any, **kw: Any) -> Any:
+            from tests.sim.fakes import Result
+
+            return [
+                (Result({"w": np.full(4, np.nan, np.float32)}, len(d), 1, {}, {}), None)
+                for d in datas
+            ]
+
+    strategy = fedagg.strategies.fedavg()
+    res = sim.Simulation(
+        FakeData([3] * 6), FakeModel(), Diverged(), strategy, sim.SyncPolicy(strategy, 2, 6),
+        sim.SystemModel(6), byzantine=frozenset({0, 1}), attack=attacks.attack("ipm"),
+    ).run()  # fmt: skip
+    assert [r.stats.applied for r in res.records] == [False, False]
+    assert all(r.stats.refused == 6 for r in res.records)

@@ -414,20 +414,37 @@ def _sq_dists(g: F64, m: F64) -> F64:
     return out
 
 
+def _dists_along(g: F64, mu: F64, p: F64) -> Callable[[float], F64]:
+    """``gamma -> |mu - gamma p - g_i|^2`` for every i, as the quadratic
+    ``a_i - 2 gamma b_i + gamma^2 c`` (one pass over the data, then O(h) per gamma)."""
+    diff = mu - g
+    a = np.einsum("ij,ij->i", diff, diff)
+    b = diff @ p
+    c = float(p @ p)
+
+    def at(gamma: float) -> F64:
+        out: F64 = a - 2.0 * gamma * b + gamma * gamma * c
+        return out
+
+    return at
+
+
 def _min_max_gamma(g: F64, mu: F64, p: F64, d2: F64, gamma0: float, tol: float) -> float:
     if not p.any():
         return 0.0  # no direction to move in: the attack is the mean itself
     bound = float(d2.max())
+    at = _dists_along(g, mu, p)
     with _quiet():
-        return _search(lambda gm: bool(_sq_dists(g, mu - gm * p).max() <= bound), gamma0, tol)
+        return _search(lambda gm: bool(at(gm).max() <= bound), gamma0, tol)
 
 
 def _min_sum_gamma(g: F64, mu: F64, p: F64, d2: F64, gamma0: float, tol: float) -> float:
     if not p.any():
         return 0.0
     bound = float(d2.sum(axis=1).min())
+    at = _dists_along(g, mu, p)
     with _quiet():
-        return _search(lambda gm: bool(_sq_dists(g, mu - gm * p).sum() <= bound), gamma0, tol)
+        return _search(lambda gm: bool(at(gm).sum() <= bound), gamma0, tol)
 
 
 def min_max_gamma(

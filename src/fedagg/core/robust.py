@@ -351,8 +351,11 @@ class CoordinateMedian(_Spooled):
     def finalize_flat(self, state: SpoolState) -> Arr:
         _need(state, 1, "the median")
         out = np.empty(state.spec.size, state.spec.dtype)
+        n = state.count
         for c0, c1, blk in self._blocks(state):
-            out[c0:c1] = np.median(blk, axis=0)
+            srt = np.sort(blk, axis=0)  # faster than np.median along a short axis
+            mid = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2.0
+            out[c0:c1] = mid
         return out
 
 

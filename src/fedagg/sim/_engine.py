@@ -429,8 +429,11 @@ class Simulation:
         byz = [k for k, (_, c, _, _) in enumerate(trained) if c in self.byzantine]
         if not byz:
             return trained
-        honest_rows = [k for k in range(len(trained)) if k not in set(byz)]
         flat = [spec.as_flat(trained[k][2].delta) for k in range(len(trained))]
+        # the attackers see the honest updates that are finite (a diverged client's are not)
+        honest_rows = [
+            k for k in range(len(trained)) if k not in set(byz) and np.isfinite(flat[k]).all()
+        ]
         dt = spec.dtype
         honest = (
             np.stack([flat[k] for k in honest_rows])
@@ -440,6 +443,8 @@ class Simulation:
         if getattr(self.attack, "omniscient", False) and not honest_rows:
             return trained  # nothing to see: the attackers send their own updates
         own = np.stack([flat[k] for k in byz])
+        if not np.isfinite(own).all():
+            return trained  # the model diverged: nothing to attack, the rule refuses NaN
         rng = np.random.default_rng([self.seed, 0xBAD, first_job])
         rows = self.attack.malicious(honest, own, len(trained), len(byz), rng)
         out = list(trained)
