@@ -25,7 +25,7 @@ machine), fedagg spooling to disk (``spool=fedagg.spool.disk(dir)``), each updat
 the fly and folded, never more than one in memory. Peak RSS (VmHWM) of the child, fold and
 finalize wall times, the bytes read back from the spool and the read throughput.
 
-    python benchmarks/robust.py               # full run (1-2 h on 2 cores), writes results/
+    python benchmarks/robust.py               # full run (~30 min on 2 idle cores), writes results/
     python benchmarks/robust.py --quick       # smoke run: 20 x 100k side by side, 20 x 1M spooled
     python benchmarks/robust.py --wait-idle 1800   # wait for other processes before each run
     python benchmarks/robust.py --big-threads 1    # part 2 with one BLAS/numba thread
