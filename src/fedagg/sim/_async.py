@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from fedagg._checkpoint import register
 from fedagg.core.participation import IntervalEstimator, IntervalState
 from fedagg.core.staleness import Staleness, constant, fedbuff_staleness
 from fedagg.core.strategy import ServerState, Strategy
@@ -82,6 +83,7 @@ Normalize = Literal["participants", "clients"]
 Correction = Literal["none", "windows", "frequency"]
 
 
+@register
 @dataclass(frozen=True, slots=True)
 class _Job:
     client: int
@@ -89,6 +91,7 @@ class _Job:
     window: int  # the window it started in (FedFix)
 
 
+@register
 @dataclass
 class AsyncState:
     """The asynchronous policy's whole state (a value the engine holds)."""

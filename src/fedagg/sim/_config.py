@@ -114,6 +114,27 @@ DEFAULTS: dict[str, Any] = {
     },
     "executor": {"kind": "local", "workers": 2},
     "output": {"db": "runs/fedagg.db", "plots": "runs/plots"},
+    # `fedagg server` / `fedagg client` (see fedagg.deploy); ignored by the simulator
+    "deploy": {
+        "listen": "127.0.0.1:7531",
+        "server": "127.0.0.1:7531",
+        "state": "fedagg-state",
+        "certs": "certs",
+        "insecure": False,
+        "keys": "keys",
+        "chunk_mib": 4.0,
+        "queue": 64,
+        "order": "arrival",
+        "checkpoint_every": 1,
+        "client_timeout": 30.0,
+        "heartbeat": 10.0,
+        "wait_for": 0,
+        "rate": 50.0,
+        "burst": 200.0,
+        "skew": 60.0,
+        "fsync": True,
+        "max_clients": 100_000,
+    },
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from fedagg._checkpoint import register
 from fedagg.core.participation import Weighting
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
@@ -173,6 +174,7 @@ class Policy(Protocol):
 
 
 # -- synchronous rounds ------------------------------------------------------------------------
+@register
 @dataclass
 class SyncState:
     """The synchronous policy's whole state (a value the engine holds)."""

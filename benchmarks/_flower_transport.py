@@ -1,0 +1,1054 @@
+"""Flower half of the transport benchmark: Flower 1.42's deployment engine on loopback.
+
+Everything here runs real Flower processes on 127.0.0.1, exactly as a Flower deployment does
+(no simulation engine, nothing in-process), with TLS off (``--insecure``) and telemetry and
+update checks off (``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``):
+
+* ``flower-superlink --insecure --host 127.0.0.1 --port P
+  --disable-runtime-dependency-installation``: one process serving the Control, Fleet and
+  Runtime APIs over HTTP on one port (in 1.42 these are FastAPI/uvicorn; the old gRPC Fleet and
+  Control servers only start with ``FLWR_INTERNAL_GRPC_*_API=1``). It starts a
+  ``flower-superexec`` child (in its own session) that polls the Runtime API and launches one
+  ``flwr-serverapp`` process per run.
+* ``flower-supernode --insecure --superlink 127.0.0.1:P --host 127.0.0.1 --port Q_i``, one per
+  node, each with its own Runtime API port ``Q_i`` (1.42 removed ``--clientappio-api-address``;
+  passing it is an argparse error) and its own ``FLWR_HOME``. Each SuperNode starts a
+  ``flower-superexec`` child, which launches a fresh ``flwr-clientapp`` process per message.
+* ``flwr run APP_DIR bench --stream``, where ``APP_DIR`` is a Flower App generated into a temp
+  dir (``pyproject.toml`` with ``[tool.flwr.app]``, a ServerApp and a ClientApp) and ``bench``
+  is a SuperLink connection (``address = "127.0.0.1:P"``, ``insecure = true``) in
+  ``$FLWR_HOME/config.toml``. The CLI builds the FAB, submits it to the Control API and streams
+  the ServerApp's logs until the run ends.
+
+A message travels ClientApp -> SuperNode (Runtime HTTP API) -> SuperLink (Fleet HTTP API,
+arrays split into 5 MiB chunks, each a content-addressed object) -> ServerApp (Runtime HTTP
+API). The ServerApp writes its measurements (``time.time()`` stamps; every process is on this
+machine, so the clocks agree) to a JSON file that this module reads back.
+
+Measured:
+
+1. :func:`raw_tcp_loopback` -- the bound: one process ``sendall``-s a preallocated buffer over
+   127.0.0.1 TCP, another ``recv_into``-s a preallocated buffer; best of 3.
+2. :func:`flower_upload` -- one SuperNode whose ClientApp returns a float32 update of ``nbytes``
+   (``np.full``, no training) to a ServerApp running one round of Flower's ``FedAvg``
+   (the global model it sends is 1 float, so the round is upload-bound). ``upload_s`` is the
+   time from the moment the ClientApp holds the numpy update to the aggregated ``ArrayRecord``
+   at the ServerApp (serialise + ClientApp -> SuperNode -> SuperLink -> ServerApp + aggregate);
+   ``round_s`` is from the round's start (``configure_train``) to the same point. The
+   ServerApp's reply poll is 0.05 s here instead of ``Grid.send_and_receive``'s fixed 3 s sleep,
+   so the number is the transport's, not the poll's. Falls back to 512 and 256 MiB on failure.
+3. :func:`flower_round_latency` -- 10-float model, 2 SuperNodes, ``FedAvg`` with both nodes every
+   round, stock settings (``strategy.start`` on the real ``Grid``). Per-round wall time measured
+   in the ServerApp; startup (processes, run submission, node registration) is excluded.
+4. :func:`flower_many_clients` -- ``n`` SuperNodes each returning a ``params``-float32 update
+   (the ServerApp sends a ``params``-float32 global model, as FedAvg does), round time, and the
+   peak RSS (psutil, sampled every 50 ms) summed over the server side (SuperLink + its
+   SuperExec + the ServerApp) and, separately, over the SuperNodes (+ their SuperExecs and
+   ClientApps). :func:`choose_n_clients` measures two small federations first and picks the
+   largest ``n`` in (10, 25, 50, 100) whose predicted total RSS stays under a budget.
+
+Flower's polling sets the latency floor: a SuperNode with nothing to do sleeps 3 s between
+pulls, its SuperExec polls for tasks every 1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), every
+message starts a new ``flwr-clientapp`` Python process, and ``Grid.send_and_receive`` sleeps 3 s
+between reply pulls.
+
+Run ``python benchmarks/_flower_transport.py`` for a small smoke run (~3 min) or with ``--full``
+for the full-scale run, which writes ``benchmarks/results/flower_transport.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+GIB = 1 << 30
+MIB = 1 << 20
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "flower_transport.json"
+BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, ...
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+LOCAL = "127.0.0.1"
+SAMPLE_S = 0.05  # RSS sampling period
+CANDIDATE_NS = (10, 25, 50, 100)
+
+
+# -- raw TCP bound -------------------------------------------------------------------------------
+
+_TCP_RECEIVER = r"""
+import json, socket, sys, time
+import numpy as np
+n, reps = int(sys.argv[1]), int(sys.argv[2])
+buf = np.ones(n, np.uint8)  # preallocated and touched
+mv = memoryview(buf)
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+times = []
+for _ in range(reps):
+    conn.sendall(b"g")
+    t0 = time.perf_counter()
+    got = 0
+    while got < n:
+        k = conn.recv_into(mv[got:], n - got)
+        if k == 0:
+            raise SystemExit("sender closed early")
+        got += k
+    times.append(time.perf_counter() - t0)
+conn.sendall(b"d")
+print(json.dumps(times), flush=True)
+"""
+
+_TCP_SENDER = r"""
+import socket, sys
+import numpy as np
+port, n, reps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+buf = np.ones(n, np.uint8)
+mv = memoryview(buf)
+s = socket.create_connection(("127.0.0.1", port))
+for _ in range(reps):
+    assert s.recv(1) == b"g"
+    s.sendall(mv)
+assert s.recv(1) == b"d"
+"""
+
+
+def raw_tcp_loopback(nbytes: int = GIB, repeats: int = 3, timeout: float = 300) -> dict:
+    """Raw TCP throughput over 127.0.0.1 between two processes, best of ``repeats``.
+
+    The receiver times each transfer from its 1-byte "go" to the last byte received into its
+    preallocated buffer; the sender answers "go" with one ``sendall`` of its preallocated buffer.
+    """
+    py = sys.executable
+    rx = subprocess.Popen(
+        [py, "-c", _TCP_RECEIVER, str(nbytes), str(repeats)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    tx = None
+    try:
+        port = _readline(rx, timeout=60)
+        tx = subprocess.Popen(
+            [py, "-c", _TCP_SENDER, port, str(nbytes), str(repeats)], start_new_session=True
+        )
+        times = json.loads(_readline(rx, timeout=timeout))
+        tx.wait(timeout=30)
+        rx.wait(timeout=30)
+    finally:
+        _kill_tree([p.pid for p in (rx, tx) if p is not None])
+    best = min(times)
+    return {
+        "bytes": nbytes,
+        "seconds": best,
+        "gib_per_s": nbytes / best / GIB,
+        "all_seconds": times,
+    }
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    """One stdout line of ``proc``, or an error after ``timeout`` seconds."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out or not out[0]:
+        raise RuntimeError(f"no output from {proc.args[:2]} (exit {proc.poll()})")
+    return out[0].strip()
+
+
+# -- the Flower App (written into a temp dir, shipped as a FAB by `flwr run`) --------------------
+
+_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "transportbench"
+version = "1.0.0"
+description = "fedagg transport benchmark: Flower side"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.42.0", "numpy"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedagg"
+
+[tool.flwr.app.components]
+serverapp = "transportbench.server_app:app"
+clientapp = "transportbench.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+_CLIENT_APP = '''\
+"""ClientApp: reply to every train message with a fresh float32 update (no training)."""
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    n = int(context.run_config["update-floats"])
+    rnd = int(msg.content["config"]["server-round"])
+    # Random content, unique to (node, round): Flower splits arrays into 5 MiB chunks stored
+    # under their SHA-256, so repeated chunks (np.full, np.zeros) would be deduplicated and
+    # never uploaded.
+    rng = np.random.default_rng([context.node_id, rnd])
+    t0 = time.time()
+    update = rng.random(n, dtype=np.float32)
+    t_built = time.time()  # the update exists as a numpy array: the upload starts here
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(update)}),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": 1,
+                    "t-built": t_built,
+                    "build-s": t_built - t0,
+                    "first": float(update[0]),
+                    "last": float(update[-1]),
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+'''
+
+_SERVER_APP = '''\
+"""ServerApp: FedAvg over the SuperNodes, timing every round; results go to a JSON file."""
+
+import json
+import os
+import time
+import traceback
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+class TimedFedAvg(FedAvg):
+    """FedAvg that stamps each round's start, reply arrival and aggregation end."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rounds = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.rounds.append({"round": server_round, "t_start": time.time()})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        t_replies = time.time()
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        t_agg = time.time()
+        good = [m.content["metrics"] for m in replies if not m.has_error()]
+        built = [float(m["t-built"]) for m in good]
+        ok = None
+        if arrays is not None and good:
+            w = arrays["w"].numpy()
+            ok = bool(
+                np.isclose(w[0], np.mean([m["first"] for m in good]), rtol=1e-5)
+                and np.isclose(w[-1], np.mean([m["last"] for m in good]), rtol=1e-5)
+            )
+        self.rounds[-1].update(
+            t_replies=t_replies,
+            t_agg=t_agg,
+            n_replies=len(replies),
+            n_errors=sum(m.has_error() for m in replies),
+            errors=[m.error.reason for m in replies if m.has_error()][:3],
+            t_built=built,
+            agg_ok=ok,
+            agg_bytes=int(arrays["w"].numpy().nbytes) if arrays is not None else 0,
+        )
+        return arrays, metrics
+
+
+class PollingGrid:
+    """The real Grid, with a reply poll every `poll_s` instead of send_and_receive's 3 s."""
+
+    def __init__(self, grid, poll_s):
+        self._grid, self._poll_s = grid, poll_s
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        ids = set(self._grid.push_messages(messages))
+        end = time.time() + (3600.0 if timeout is None else timeout)
+        out = []
+        while ids and time.time() < end:
+            got = list(self._grid.pull_messages(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                time.sleep(self._poll_s)
+        return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    out_path = str(cfg["out"])
+    res = {"pid": os.getpid()}
+    try:
+        n_nodes = int(cfg["n-nodes"])
+        t0 = time.time()
+        while len(list(grid.get_node_ids())) < n_nodes:
+            if time.time() - t0 > float(cfg["node-timeout"]):
+                raise TimeoutError(f"only {len(list(grid.get_node_ids()))}/{n_nodes} nodes")
+            time.sleep(0.2)
+        res["t_nodes_ready"] = time.time()
+        res["nodes_wait_s"] = res["t_nodes_ready"] - t0
+        poll_s = float(cfg["poll-s"])
+        strategy = TimedFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=n_nodes,
+            min_available_nodes=n_nodes,
+        )
+        # Random, so that its 5 MiB chunks are distinct objects (see the ClientApp).
+        model = np.random.default_rng(0).random(int(cfg["model-floats"]), dtype=np.float32)
+        init = ArrayRecord({"w": Array(model)})
+        t1 = time.time()
+        strategy.start(
+            grid=grid if poll_s <= 0 else PollingGrid(grid, poll_s),
+            initial_arrays=init,
+            num_rounds=int(cfg["rounds"]),
+            timeout=float(cfg["round-timeout"]),
+        )
+        res["strategy_s"] = time.time() - t1
+        res["rounds"] = strategy.rounds
+    except BaseException as err:  # report, then let Flower see the failure too
+        res["error"] = f"{type(err).__name__}: {err}"
+        res["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f)
+        os.replace(tmp, out_path)
+'''
+
+
+def _write_app(app_dir: Path, config: dict[str, Any]) -> None:
+    pkg = app_dir / "transportbench"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""Transport benchmark Flower App."""\n')
+    (pkg / "client_app.py").write_text(_CLIENT_APP)
+    (pkg / "server_app.py").write_text(_SERVER_APP)
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items())
+    (app_dir / "pyproject.toml").write_text(_PYPROJECT.format(config=lines))
+
+
+# -- process management ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return int(s.getsockname()[1])
+
+
+def _descendants(pids: list[int]) -> list[psutil.Process]:
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+    return procs
+
+
+def _kill_tree(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM ``pids``, their process groups and all their descendants; SIGKILL leftovers.
+
+    Descendants are listed first: Flower's SuperLink starts its SuperExec in a new session,
+    so killing the SuperLink's process group alone would miss it.
+    """
+    procs = _descendants(pids)
+    for p in procs:
+        with contextlib.suppress(psutil.Error, OSError):
+            os.killpg(os.getpgid(p.pid), signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive + _descendants(pids):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((LOCAL, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout:.0f} s")
+
+
+class RssSampler(threading.Thread):
+    """Samples the summed RSS of process trees every ``SAMPLE_S`` seconds and keeps the peaks.
+
+    ``groups`` maps a name to root PIDs; each sample sums the RSS of every process in the trees
+    under those roots (tree membership is refreshed every 0.25 s with one /proc scan).
+    ``guard_bytes``: if the total of all groups exceeds it, ``on_guard`` is called once.
+    """
+
+    def __init__(
+        self,
+        groups: dict[str, list[int]],
+        guard_bytes: int | None = None,
+        on_guard: Any = None,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.groups = groups
+        self.peak = dict.fromkeys(groups, 0)
+        self.peak_total = 0
+        self.last = dict.fromkeys(groups, 0)
+        self.guard_bytes, self.on_guard, self.guard_hit = guard_bytes, on_guard, False
+        self.per_name_peak: dict[str, int] = {}
+        self._stop_evt = threading.Event()
+        self._members: dict[str, dict[int, psutil.Process]] = {g: {} for g in groups}
+
+    def _refresh(self) -> None:
+        children: dict[int, list[int]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            children.setdefault(p.info["ppid"], []).append(p.pid)
+        for g, roots in self.groups.items():
+            seen, todo = set(), list(roots)
+            while todo:
+                pid = todo.pop()
+                if pid not in seen:
+                    seen.add(pid)
+                    todo += children.get(pid, [])
+            old = self._members[g]
+            new = {}
+            for pid in seen:
+                if pid in old:
+                    new[pid] = old[pid]
+                else:
+                    with contextlib.suppress(psutil.Error):
+                        new[pid] = psutil.Process(pid)
+            self._members[g] = new
+
+    def sample(self) -> dict[str, int]:
+        """One sample: summed RSS per group (also updates the peaks)."""
+        sums = {}
+        by_name: dict[str, int] = {}
+        for g, members in self._members.items():
+            total = 0
+            for p in list(members.values()):
+                try:
+                    rss = p.memory_info().rss
+                    name = _role(p)
+                except psutil.Error:
+                    continue
+                total += rss
+                by_name[name] = by_name.get(name, 0) + rss
+            sums[g] = total
+            self.peak[g] = max(self.peak[g], total)
+        for name, v in by_name.items():
+            self.per_name_peak[name] = max(self.per_name_peak.get(name, 0), v)
+        total = sum(sums.values())
+        self.peak_total = max(self.peak_total, total)
+        self.last = sums
+        if self.guard_bytes and total > self.guard_bytes and not self.guard_hit:
+            self.guard_hit = True
+            if self.on_guard:
+                self.on_guard(total)
+        return sums
+
+    def run(self) -> None:
+        next_refresh = 0.0
+        while not self._stop_evt.is_set():
+            now = time.monotonic()
+            if now >= next_refresh:
+                with contextlib.suppress(Exception):
+                    self._refresh()
+                next_refresh = now + 0.25
+            self.sample()
+            self._stop_evt.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=5)
+
+
+class LogWatch(threading.Thread):
+    """Stamps (``time.time()``) the first appearance of each marker string in a log file."""
+
+    def __init__(self, path: Path, markers: tuple[str, ...]) -> None:
+        super().__init__(daemon=True)
+        self.path, self.markers = path, markers
+        self.seen: dict[str, float] = {}
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        pos, tail = 0, ""
+        while not self._stop_evt.is_set() and len(self.seen) < len(self.markers):
+            with contextlib.suppress(OSError), self.path.open(errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+                now = time.time()
+                text, tail = tail + chunk, (tail + chunk)[-200:]
+                for m in self.markers:
+                    if m not in self.seen and m in text:
+                        self.seen[m] = now
+            self._stop_evt.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=5)
+
+
+_ROLE_CACHE: dict[int, str] = {}
+
+
+def _role(p: psutil.Process) -> str:
+    """Which Flower component a process is (from its command line)."""
+    if p.pid not in _ROLE_CACHE:
+        cmd = " ".join(p.cmdline())
+        for role in (
+            "flower-superlink",
+            "flower-supernode",
+            "flower-superexec",
+            "flwr-serverapp",
+            "flwr-clientapp",
+        ):
+            if role in cmd:
+                break
+        else:
+            role = "other"
+        _ROLE_CACHE[p.pid] = role
+    return _ROLE_CACHE[p.pid]
+
+
+class Deployment:
+    """A SuperLink and ``n_nodes`` SuperNodes on loopback, torn down (always) on exit.
+
+    Use as a context manager; :meth:`run` submits the generated Flower App with ``flwr run``
+    and returns the ServerApp's JSON report.
+    """
+
+    def __init__(self, n_nodes: int, extra_env: dict[str, str] | None = None) -> None:
+        self.n_nodes = n_nodes
+        self.tmp = Path(tempfile.mkdtemp(prefix="flwr-transport-"))
+        self.env = {
+            **os.environ,
+            **FLOWER_ENV,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.tmp / "home"),
+            "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.node_pids: list[int] = []
+        self.superlink_port = 0
+        self.sampler: RssSampler | None = None
+        self.aborted: str | None = None
+        self._logs: list[Any] = []
+
+    # -- lifecycle
+
+    def __enter__(self) -> Deployment:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed in close())
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs[name] = proc
+        return proc
+
+    def _start(self) -> None:
+        self.superlink_port = _free_port()
+        sl = self._spawn(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                LOCAL,
+                "--port",
+                str(self.superlink_port),
+                "--disable-runtime-dependency-installation",
+            ],
+            self.env,
+        )
+        _wait_port(self.superlink_port, sl, timeout=120)
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+            f'address = "{LOCAL}:{self.superlink_port}"\ninsecure = true\n'
+        )
+        for i in range(self.n_nodes):
+            node_home = self.tmp / f"node{i}"
+            node_home.mkdir()
+            proc = self._spawn(
+                f"supernode{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"{LOCAL}:{self.superlink_port}",
+                    "--host",
+                    LOCAL,
+                    "--port",
+                    str(_free_port()),
+                ],
+                {**self.env, "FLWR_HOME": str(node_home)},
+            )
+            self.node_pids.append(proc.pid)
+            if self.n_nodes > 8 and i % 4 == 3:
+                time.sleep(1.0)  # stagger the imports a little on 2 cores
+
+    def close(self) -> None:
+        """Stop the sampler, kill every process this deployment started, delete the temp dir."""
+        if self.sampler is not None:
+            self.sampler.stop()
+        _kill_tree([p.pid for p in self.procs.values()])
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for log in self._logs:
+            log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- measuring
+
+    def start_sampler(self, guard_bytes: int | None = None) -> RssSampler:
+        """Start sampling RSS: group "server" = SuperLink tree, "nodes" = all SuperNode trees."""
+
+        def abort(total: int) -> None:
+            self.aborted = f"aborted: total RSS {total / GIB:.1f} GiB exceeded the guard"
+            _kill_tree([p.pid for p in self.procs.values()], grace=1)
+
+        self.sampler = RssSampler(
+            {"server": [self.procs["superlink"].pid], "nodes": list(self.node_pids)},
+            guard_bytes=guard_bytes,
+            on_guard=abort,
+        )
+        self.sampler.start()
+        return self.sampler
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        """The last ``lines`` lines of a process's log (for error reports)."""
+        path = self.tmp / f"{name}.log"
+        if not path.exists():
+            return ""
+        text = path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def errors_in_logs(self, limit: int = 10) -> list[str]:
+        """ERROR / Traceback lines from every process log."""
+        found = []
+        for path in sorted(self.tmp.glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if "ERROR" in line or "Error" in line or "Traceback" in line:
+                    found.append(f"{path.stem}: {line.strip()}")
+                    if len(found) >= limit:
+                        return found
+        return found
+
+    def run(self, config: dict[str, Any], timeout: float) -> dict:
+        """Submit the Flower App with ``config`` and wait (<= ``timeout`` s) for its report."""
+        app_dir = self.tmp / "app"
+        out = self.tmp / "serverapp.json"
+        _write_app(
+            app_dir,
+            {
+                "out": str(out),
+                "n-nodes": self.n_nodes,
+                "node-timeout": 900.0,
+                "round-timeout": timeout,
+                **config,
+            },
+        )
+        t_submit = time.time()
+        cli = self._spawn(
+            "flwr-run", [str(BIN / "flwr"), "run", str(app_dir), "bench", "--stream"], self.env
+        )
+        end = time.monotonic() + timeout
+        while not out.exists():
+            if self.aborted:
+                raise RuntimeError(self.aborted)
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"no ServerApp result within {timeout:.0f} s; last ServerApp log lines:\n"
+                    + self.log_tail("flwr-run")
+                )
+            if cli.poll() is not None and not out.exists():
+                time.sleep(2)  # the CLI may return just before the file lands
+                if not out.exists():
+                    raise RuntimeError(
+                        f"`flwr run` exited with {cli.returncode} and no ServerApp result:\n"
+                        + self.log_tail("flwr-run")
+                    )
+            time.sleep(0.2)
+        res = json.loads(out.read_text())
+        res["t_submit"] = t_submit
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cli.wait(timeout=30)
+        if "error" in res:
+            raise RuntimeError(f"ServerApp failed: {res['error']}\n{res.get('traceback', '')}")
+        return res
+
+
+def _upload_s(r: dict) -> float:
+    return r["t_agg"] - max(r["t_built"]) if r["t_built"] else float("nan")
+
+
+def _p(xs: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``xs``, linear interpolation."""
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# -- benchmarks ------------------------------------------------------------------------------------
+
+
+def _flower_upload_once(nbytes: int, timeout: float) -> dict:
+    with Deployment(1) as dep:
+        sampler = dep.start_sampler(guard_bytes=20 * GIB)
+        # The SuperNode logs "Sending: ..." once the ClientApp's reply is in its store, and
+        # "Sent successfully" once every object of it is in the SuperLink's.
+        watch = LogWatch(dep.tmp / "supernode0.log", (_SENDING, _SENT))
+        watch.start()
+        rep = dep.run(
+            {
+                "rounds": 1,
+                "model-floats": 1,
+                "update-floats": nbytes // 4,
+                "poll-s": 0.05,
+            },
+            timeout=timeout,
+        )
+        sampler.stop()
+        watch.stop()
+        r = rep["rounds"][0]
+        if r["n_errors"] or not r["agg_ok"]:
+            raise RuntimeError(f"round failed: {r['errors']} (aggregate ok: {r['agg_ok']})")
+        up = _upload_s(r)
+        t_sending, t_sent = watch.seen.get(_SENDING), watch.seen.get(_SENT)
+        stages = None
+        if t_sending and t_sent:
+            stages = {
+                "clientapp_to_supernode_s": t_sending - r["t_built"][0],
+                "supernode_to_superlink_s": t_sent - t_sending,
+                "superlink_to_serverapp_s": r["t_replies"] - t_sent,
+                "aggregate_s": r["t_agg"] - r["t_replies"],
+            }
+        return {
+            "bytes": nbytes,
+            "upload_s": up,
+            "gib_per_s": nbytes / up / GIB,
+            "round_s": r["t_agg"] - r["t_start"],
+            "round_gib_per_s": nbytes / (r["t_agg"] - r["t_start"]) / GIB,
+            "aggregate_s": r["t_agg"] - r["t_replies"],
+            "reply_wait_s": r["t_replies"] - r["t_start"],
+            "peak_rss_server_bytes": sampler.peak["server"],
+            "peak_rss_nodes_bytes": sampler.peak["nodes"],
+            "peak_rss_by_role_bytes": dict(sampler.per_name_peak),
+            "stages_s": stages,
+        }
+
+
+_SENDING, _SENT = "Sending: train message", "Sent successfully"
+
+
+def flower_upload(
+    nbytes: int = GIB,
+    fallbacks: tuple[int, ...] = (512 * MIB, 256 * MIB),
+    timeout: float = 600,
+) -> dict:
+    """Upload of one ``nbytes`` float32 update through Flower's deployment engine.
+
+    One SuperNode; its ClientApp builds ``np.full(nbytes // 4, v, float32)`` and returns it;
+    the ServerApp runs one FedAvg round over it (global model: 1 float). Returns the first size
+    of ``(nbytes, *fallbacks)`` that worked (``upload_s``: ClientApp's numpy update ->
+    aggregated ArrayRecord at the ServerApp, ``gib_per_s`` from it; ``round_s`` from the round's
+    start), plus ``failures``: ``{size: error text}`` for every size that failed before it.
+    """
+    failures: dict[str, str] = {}
+    for size in (nbytes, *fallbacks):
+        t0 = time.monotonic()
+        try:
+            res = _flower_upload_once(size, timeout)
+        except Exception as err:  # noqa: BLE001 (the failure text is the result)
+            failures[str(size)] = (
+                f"{type(err).__name__} after {time.monotonic() - t0:.0f} s: {err}"
+            )
+            continue
+        res["requested_bytes"] = nbytes
+        res["failures"] = failures
+        return res
+    return {"requested_bytes": nbytes, "bytes": None, "failures": failures}
+
+
+def flower_round_latency(
+    rounds: int = 20,
+    n_nodes: int = 2,
+    params: int = 10,
+    poll_s: float = 0.0,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 1800,
+) -> dict:
+    """Per-round wall time of FedAvg with a ``params``-float model on ``n_nodes`` SuperNodes.
+
+    Measured in the ServerApp from each round's ``configure_train`` to the end of its
+    ``aggregate_train``; startup is excluded. ``poll_s = 0`` keeps Flower's stock
+    ``Grid.send_and_receive`` (3 s between reply pulls); ``extra_env`` can set e.g.
+    ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``. Median and p90 are over rounds 2..R (round 1 also
+    fetches the FAB and starts the run's context on each node); ``all_*`` include round 1.
+    """
+    with Deployment(n_nodes, extra_env=extra_env) as dep:
+        t0 = time.time()
+        rep = dep.run(
+            {
+                "rounds": rounds,
+                "model-floats": params,
+                "update-floats": params,
+                "poll-s": poll_s,
+            },
+            timeout=timeout,
+        )
+        wall = time.time() - t0
+    per = [r["t_agg"] - r["t_start"] for r in rep["rounds"]]
+    bad = [r for r in rep["rounds"] if r["n_errors"] or r["n_replies"] != n_nodes]
+    steady = per[1:] if len(per) > 1 else per
+    return {
+        "rounds": rounds,
+        "n_nodes": n_nodes,
+        "params": params,
+        "serverapp_poll_s": poll_s if poll_s > 0 else 3.0,
+        "extra_env": extra_env or {},
+        "median_s": statistics.median(steady),
+        "p90_s": _p(steady, 0.9),
+        "total_s": sum(per),
+        "all_median_s": statistics.median(per),
+        "all_p90_s": _p(per, 0.9),
+        "first_round_s": per[0],
+        "per_round_s": per,
+        "strategy_s": rep["strategy_s"],
+        "startup_s": rep["t_nodes_ready"] - t0,
+        "wall_s": wall,
+        "failed_rounds": len(bad),
+    }
+
+
+def flower_many_clients(
+    n_clients: int = 100,
+    params: int = 10_000_000,
+    rounds: int = 2,
+    guard_gib: float = 20.0,
+    timeout: float = 1800,
+) -> dict:
+    """``n_clients`` SuperNodes each returning a ``params``-float32 update; FedAvg, all nodes.
+
+    Returns per-round times (ServerApp-side, as in :func:`flower_round_latency`, stock 3 s
+    reply poll) and peak RSS sampled every 50 ms: ``peak_rss_server_bytes`` (SuperLink +
+    SuperExec + ServerApp, summed), ``peak_rss_nodes_bytes`` (all SuperNodes + their SuperExecs
+    and ClientApps, summed) and ``peak_rss_total_bytes`` (both, at the same instant). The run is
+    killed if the total exceeds ``guard_gib`` (reported in ``error``).
+    """
+    res: dict[str, Any] = {"n_clients": n_clients, "params": params, "rounds": rounds}
+    t0 = time.time()
+    with Deployment(n_clients) as dep:
+        sampler = dep.start_sampler(guard_bytes=int(guard_gib * GIB))
+        try:
+            rep = dep.run(
+                {
+                    "rounds": rounds,
+                    "model-floats": params,
+                    "update-floats": params,
+                    "poll-s": 0.0,
+                },
+                timeout=timeout,
+            )
+        except Exception as err:  # noqa: BLE001
+            res["error"] = f"{type(err).__name__}: {err}"
+            res["log_errors"] = dep.errors_in_logs()
+            rep = None
+        idle = dict(sampler.last)
+        sampler.stop()
+        res.update(
+            peak_rss_server_bytes=sampler.peak["server"],
+            peak_rss_nodes_bytes=sampler.peak["nodes"],
+            peak_rss_total_bytes=sampler.peak_total,
+            peak_rss_by_role_bytes=dict(sampler.per_name_peak),
+            end_rss_bytes=idle,
+        )
+    res["wall_s"] = time.time() - t0
+    if rep is not None:
+        per = [r["t_agg"] - r["t_start"] for r in rep["rounds"]]
+        res.update(
+            per_round_s=per,
+            median_round_s=statistics.median(per),
+            upload_s=[_upload_s(r) for r in rep["rounds"]],
+            aggregate_s=[r["t_agg"] - r["t_replies"] for r in rep["rounds"]],
+            startup_s=rep["t_nodes_ready"] - t0,
+            failed_rounds=sum(
+                bool(r["n_errors"] or r["n_replies"] != n_clients) for r in rep["rounds"]
+            ),
+            agg_ok=all(r["agg_ok"] for r in rep["rounds"]),
+            update_bytes_per_round=n_clients * params * 4,
+        )
+    return res
+
+
+def choose_n_clients(
+    params: int = 10_000_000,
+    budget_gib: float = 16.0,
+    candidates: tuple[int, ...] = CANDIDATE_NS,
+    probe_ns: tuple[int, int] = (2, 6),
+) -> dict:
+    """Pick the largest ``n`` in ``candidates`` whose predicted peak total RSS fits the budget.
+
+    Runs one round of :func:`flower_many_clients` at each of ``probe_ns`` and fits
+    ``peak_total(n) = a + b * n`` through the two points (server and node sides separately).
+    """
+    probes = {n: flower_many_clients(n, params, rounds=1) for n in probe_ns}
+    (n1, r1), (n2, r2) = probes.items()
+    fit = {}
+    for side in ("server", "nodes"):
+        key = f"peak_rss_{side}_bytes"
+        b = (r2[key] - r1[key]) / (n2 - n1)
+        fit[side] = (r1[key] - b * n1, b)
+
+    def predict(n: int) -> float:
+        return sum(a + b * n for a, b in fit.values())
+
+    fitting = [n for n in candidates if predict(n) <= budget_gib * GIB]
+    chosen = max(fitting) if fitting else min(candidates)
+    return {
+        "chosen_n": chosen,
+        "budget_gib": budget_gib,
+        "predicted_total_gib": {n: predict(n) / GIB for n in candidates},
+        "fit_bytes": {s: {"base": a, "per_client": b} for s, (a, b) in fit.items()},
+        "probes": {
+            n: {k: v for k, v in r.items() if k.startswith("peak") or k == "per_round_s"}
+            for n, r in probes.items()
+        },
+        "why": (
+            f"largest n in {list(candidates)} with predicted peak total RSS <= "
+            f"{budget_gib:g} GiB (linear fit through {n1} and {n2} nodes)"
+            if fitting
+            else f"no candidate fits {budget_gib:g} GiB; using the smallest"
+        ),
+    }
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+@contextlib.contextmanager
+def _timed(name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    print(f"== {name} ...", flush=True)
+    yield
+    print(f"== {name}: {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    """Smoke run (default) or ``--full`` run writing ``results/flower_transport.json``."""
+    full = "--full" in argv
+    for k, v in FLOWER_ENV.items():
+        os.environ[k] = v
+    out: dict[str, Any] = {
+        "flwr_version": version("flwr"),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "mem_total_bytes": psutil.virtual_memory().total,
+        "scale": "full" if full else "smoke",
+    }
+    with _timed("raw TCP loopback"):
+        out["raw_tcp_loopback"] = raw_tcp_loopback(GIB if full else 64 * MIB)
+    print(out["raw_tcp_loopback"], flush=True)
+    with _timed("Flower upload"):
+        out["flower_upload"] = flower_upload(GIB if full else 64 * MIB)
+    print(out["flower_upload"], flush=True)
+    with _timed("Flower round latency (stock)"):
+        out["flower_round_latency"] = flower_round_latency(20 if full else 5)
+    print(out["flower_round_latency"], flush=True)
+    if full:
+        with _timed("Flower round latency (tuned polls)"):
+            out["flower_round_latency_tuned"] = flower_round_latency(
+                20, poll_s=0.05, extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
+            )
+        print(out["flower_round_latency_tuned"], flush=True)
+        with _timed("choosing n for many clients"):
+            choice = choose_n_clients()
+        print(choice, flush=True)
+        with _timed(f"Flower many clients (n={choice['chosen_n']})"):
+            many = flower_many_clients(choice["chosen_n"])
+        many["n_choice"] = choice
+    else:
+        with _timed("Flower many clients (n=4, 1M params)"):
+            many = flower_many_clients(4, 1_000_000)
+    out["flower_many_clients"] = many
+    print(many, flush=True)
+    if full:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+    else:
+        print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

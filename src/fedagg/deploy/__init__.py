@@ -1,0 +1,61 @@
+"""Deployment: the federation over a real network (gRPC), with the simulator's policies.
+
+Server side::
+
+    fed = deploy.build_federation(config, "state/")      # strategy + policy, as simulated
+    deploy.serve(config)                                   # or: fedagg server CONFIG.toml
+
+Client side (the user's training code)::
+
+    def train(model, task):                                # model: arrays like the spec
+        ...                                                # task.rng(): the job's stream
+        return deploy.Result(delta, num_examples, {"loss": loss})
+
+    key = deploy.ClientKey.load("keys/client-007.key")
+    deploy.Client("server:7531", key, train, ca=open("certs/ca.pem", "rb").read()).run()
+
+Security: TLS (``fedagg certs``) and Ed25519 client keys (``fedagg keys``) are on by default.
+Durability: every accepted update is on disk and in the event log before it is acknowledged;
+a restarted server resumes where it stopped (see :mod:`fedagg.deploy._fed`).
+"""
+
+from fedagg.deploy._app import (
+    ServeResult,
+    build_federation,
+    client_from_config,
+    config_trainer,
+    options_from_config,
+    serve,
+    serve_async,
+)
+from fedagg.deploy._auth import ClientKey, Keyring, make_keys
+from fedagg.deploy._certs import make_certs
+from fedagg.deploy._client import Client, ClientError, ClientReport, Result, TaskContext
+from fedagg.deploy._fed import Canonical, Federation, TaskInfo, canonical_strategy
+from fedagg.deploy._server import PROTOCOL, Server, ServerOptions
+
+__all__ = [
+    "PROTOCOL",
+    "Canonical",
+    "Client",
+    "ClientError",
+    "ClientKey",
+    "ClientReport",
+    "Federation",
+    "Keyring",
+    "Result",
+    "ServeResult",
+    "Server",
+    "ServerOptions",
+    "TaskContext",
+    "TaskInfo",
+    "build_federation",
+    "canonical_strategy",
+    "client_from_config",
+    "config_trainer",
+    "make_certs",
+    "make_keys",
+    "options_from_config",
+    "serve",
+    "serve_async",
+]

@@ -1,0 +1,197 @@
+"""Configs to running services: what ``fedagg server`` and ``fedagg client`` do.
+
+A deployment config is a simulation config (the same ``data``, ``model``, ``client``,
+``strategy`` and ``policy`` tables, built by the same functions) plus a ``[deploy]`` table for
+the transport. The server builds the strategy and the policy exactly as the simulator does;
+the built-in client trains exactly as a simulated client does (same data partition, same
+algorithm, same per-job random stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedagg._checkpoint import save
+from fedagg.core.spec import ArrayTree
+from fedagg.core.strategy import ServerState
+from fedagg.deploy._auth import ClientKey, Keyring
+from fedagg.deploy._client import Client, Result, TaskContext
+from fedagg.deploy._fed import Federation, canonical_strategy
+from fedagg.deploy._server import Server, ServerOptions
+from fedagg.errors import ConfigError
+from fedagg.sim._config import resolve_config
+from fedagg.sim._policy import Policy, RoundStats
+
+__all__ = [
+    "ServeResult",
+    "build_federation",
+    "client_from_config",
+    "config_trainer",
+    "options_from_config",
+    "serve",
+    "serve_async",
+]
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    server: ServerState
+    rounds: list[RoundStats]
+    replayed: int
+    uploads: int
+    duplicates: int
+    refused: int
+
+
+def _identity(cfg: Mapping[str, Any], server: ServerState) -> dict[str, str]:
+    run = {k: v for k, v in cfg.items() if k not in ("deploy", "output")}
+    digest = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
+    return {"config": digest, "spec": json.dumps(server.spec.to_dict()), "seed": str(cfg["seed"])}
+
+
+def build_federation(
+    config: Mapping[str, Any], directory: str | os.PathLike[str] | None = None
+) -> Federation:
+    """The server side of a config: model, strategy and policy as the simulator builds them."""
+    from fedagg.sim._run import build_data, build_model, build_policy, build_strategy
+
+    cfg = resolve_config(config)
+    d = cfg["deploy"]
+    seed = int(cfg["seed"])
+    fd = build_data(cfg, seed)
+    model = build_model(cfg, fd)
+    strategy = build_strategy(cfg)
+    if d["order"] == "canonical":
+        strategy = canonical_strategy(strategy)
+    elif d["order"] != "arrival":
+        raise ConfigError(f"deploy.order must be 'arrival' or 'canonical', got {d['order']!r}")
+    policy: Policy = build_policy(cfg, strategy)
+    server = strategy.init(model.init(seed))
+    return Federation(
+        policy, server, num_clients=len(fd.clients), seed=seed,
+        directory=directory or d["state"], epochs=int(cfg["client"]["epochs"]),
+        checkpoint_every=int(d["checkpoint_every"]), identity=_identity(cfg, server),
+    )  # fmt: skip
+
+
+def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = None,
+                        listen: str | None = None) -> ServerOptions:  # fmt: skip
+    d = resolve_config(config)["deploy"]
+    insecure = bool(d["insecure"]) if insecure is None else insecure
+    tls = None
+    if not insecure:
+        certs = Path(d["certs"])
+        try:
+            tls = ((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes())
+        except OSError as e:
+            raise ConfigError(
+                f"TLS needs {certs}/server.pem and server.key (make them with "
+                f"'fedagg certs {certs}'), or run with --insecure: {e}"
+            ) from e
+    return ServerOptions(
+        listen=listen or str(d["listen"]), tls=tls, insecure=insecure,
+        chunk_bytes=int(float(d["chunk_mib"]) * (1 << 20)), queue=int(d["queue"]),
+        client_timeout=float(d["client_timeout"]), heartbeat=float(d["heartbeat"]),
+        wait_for=int(d["wait_for"]), rate=float(d["rate"]), burst=float(d["burst"]),
+        skew=float(d["skew"]), fsync=bool(d["fsync"]), max_clients=int(d["max_clients"]),
+    )  # fmt: skip
+
+
+async def serve_async(
+    fed: Federation,
+    keyring: Keyring,
+    options: ServerOptions,
+    *,
+    on_round: Callable[[RoundStats], None] | None = None,
+    on_start: Callable[[Server], None] | None = None,
+) -> ServeResult:
+    """Run the server until the policy finishes; returns the final state."""
+    server = Server(fed, keyring, options, on_round=on_round)
+    await server.start()
+    if on_start is not None:
+        on_start(server)
+    try:
+        await server.wait()
+        await asyncio.sleep(0.2)  # let the streams deliver "finished"
+    finally:
+        await server.stop(grace=1.0)
+    st = server.stats
+    return ServeResult(fed.server, st.rounds, fed.replayed, st.uploads, st.duplicates, st.refused)
+
+
+def serve(
+    config: Mapping[str, Any],
+    *,
+    insecure: bool | None = None,
+    listen: str | None = None,
+    state: str | None = None,
+    on_round: Callable[[RoundStats], None] | None = None,
+    on_start: Callable[[Server], None] | None = None,
+) -> ServeResult:
+    """``fedagg server``: serve the federation a config describes; the final model is saved
+    to ``<state>/final.npz``."""
+    cfg = resolve_config(config)
+    directory = state or cfg["deploy"]["state"]
+    opts = options_from_config(cfg, insecure=insecure, listen=listen)
+    keyring = Keyring.load(Path(cfg["deploy"]["keys"]) / "authorized_keys")
+    fed = build_federation(cfg, directory)
+    if len(keyring.names) != fed.ctx.num_clients:
+        raise ConfigError(
+            f"{len(keyring.names)} registered client keys, but the config has "
+            f"{fed.ctx.num_clients} clients (data.num_clients)"
+        )
+    result = asyncio.run(serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start))
+    save(Path(directory) / "final.npz", result.server)
+    return result
+
+
+def config_trainer(config: Mapping[str, Any]) -> Callable[[ArrayTree, TaskContext], Any]:
+    """The built-in client's train function: the simulator's client, on this client's data."""
+    from fedagg.sim._run import build_algorithm, build_data, build_model
+
+    cfg = resolve_config(config)
+    seed = int(cfg["seed"])
+    fd = build_data(cfg, seed)
+    model = build_model(cfg, fd)
+    algorithm = build_algorithm(cfg)
+
+    def train(params: ArrayTree, task: TaskContext) -> Any:
+        named = params if isinstance(params, dict) else {str(i): a for i, a in enumerate(params)}
+        res, _ = algorithm.train(
+            model, named, fd.clients[task.client_index], task.rng(), epochs=task.epochs
+        )
+        return Result(res.delta, float(res.num_examples), dict(res.metrics))
+
+    return train
+
+
+def client_from_config(
+    config: Mapping[str, Any],
+    key: str | os.PathLike[str],
+    *,
+    server: str | None = None,
+    insecure: bool | None = None,
+    train: Callable[[ArrayTree, TaskContext], Any] | None = None,
+    retry_for: float = 120.0,
+) -> Client:
+    cfg = resolve_config(config)
+    d = cfg["deploy"]
+    insecure = bool(d["insecure"]) if insecure is None else insecure
+    ca = None
+    if not insecure:
+        path = Path(d["certs"]) / "ca.pem"
+        try:
+            ca = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"TLS needs the CA certificate {path} ({e}), or --insecure") from e
+    return Client(
+        server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
+        insecure=insecure, retry_for=retry_for,
+    )  # fmt: skip

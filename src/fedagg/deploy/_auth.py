@@ -1,0 +1,222 @@
+"""Client authentication: Ed25519 keys, signed requests, replay protection, rate limits.
+
+Each client holds an Ed25519 private key; the server holds the registered public keys (an
+``authorized_keys`` file: one ``name base64-public-key`` per line). Every request carries an
+``Auth``: the client's name, a timestamp, a 16-byte nonce and a signature over::
+
+    b"fedagg/v1" 0 method 0 name 0 timestamp(8 bytes, big-endian) nonce sha256(body)
+
+where ``body`` is the request's content in a canonical form (:func:`body`). The server
+refuses a signature that does not verify, a name it does not know, a timestamp outside its
+skew window, and a nonce it has seen inside that window: a captured request cannot be
+replayed, and no request can be altered or forged without the private key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedagg.errors import ConfigError
+
+__all__ = [
+    "AuthError",
+    "ClientKey",
+    "Keyring",
+    "NonceCache",
+    "RateLimiter",
+    "body",
+    "make_keys",
+    "signing_bytes",
+]
+
+PREFIX = b"fedagg/v1"
+
+
+class AuthError(Exception):
+    """A request that fails authentication; ``reason`` is safe to send back."""
+
+    def __init__(self, reason: str, *, denied: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.denied = denied  # authenticated, but not allowed (PERMISSION_DENIED)
+
+
+def body(**fields: Any) -> bytes:
+    """The canonical bytes of a request's content (what the signature covers)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def signing_bytes(method: str, name: str, timestamp_ms: int, nonce: bytes, content: bytes) -> bytes:
+    return b"\0".join(
+        [
+            PREFIX,
+            method.encode(),
+            name.encode(),
+            timestamp_ms.to_bytes(8, "big") + nonce + hashlib.sha256(content).digest(),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """A client's name and private key: signs its requests."""
+
+    name: str
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], name: str | None = None) -> ClientKey:
+        p = Path(path)
+        try:
+            key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the client key {p}: {e}") from e
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{p} is not an Ed25519 private key")
+        return cls(name or p.stem, key)
+
+    def sign(self, method: str, content: bytes) -> dict[str, Any]:
+        """The ``Auth`` fields of one request."""
+        ts = int(time.time() * 1000)
+        nonce = secrets.token_bytes(16)
+        sig = self.private.sign(signing_bytes(method, self.name, ts, nonce, content))
+        return {"client": self.name, "timestamp_ms": ts, "nonce": nonce, "signature": sig}
+
+    def public_b64(self) -> str:
+        raw = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return base64.b64encode(raw).decode()
+
+
+class Keyring:
+    """The registered clients: name -> public key, and each client's index (sorted names)."""
+
+    def __init__(self, keys: dict[str, Ed25519PublicKey]) -> None:
+        if not keys:
+            raise ConfigError("no client keys are registered")
+        self.keys = dict(sorted(keys.items()))
+        self.index = {name: i for i, name in enumerate(self.keys)}
+        self.names = list(self.keys)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Keyring:
+        keys: dict[str, Ed25519PublicKey] = {}
+        p = Path(path)
+        try:
+            lines = p.read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"cannot read authorized keys {p}: {e}") from e
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                name, b64 = line.split()
+                keys[name] = Ed25519PublicKey.from_public_bytes(
+                    base64.b64decode(b64, validate=True)
+                )
+            except ValueError as e:
+                raise ConfigError(f"{p}:{n}: expected 'name base64-ed25519-key' ({e})") from e
+        return cls(keys)
+
+    def verify(self, method: str, auth: Any, content: bytes) -> int:
+        """The client's index if ``auth`` (an ``Auth`` message) signs ``content``."""
+        name = auth.client
+        key = self.keys.get(name)
+        if key is None:
+            raise AuthError(f"unknown client {name!r}")
+        try:
+            key.verify(
+                auth.signature,
+                signing_bytes(method, name, auth.timestamp_ms, auth.nonce, content),
+            )
+        except InvalidSignature:
+            raise AuthError(f"bad signature for client {name!r}") from None
+        return self.index[name]
+
+
+@dataclass
+class NonceCache:
+    """Refuses stale timestamps and nonces seen within the skew window."""
+
+    skew_s: float = 60.0
+    max_entries: int = 1_000_000
+    _seen: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+
+    def check(self, auth: Any, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        ts = auth.timestamp_ms / 1000.0
+        if not math.isfinite(ts) or abs(now - ts) > self.skew_s:
+            raise AuthError("timestamp outside the allowed clock skew (replayed or clock wrong)")
+        if len(auth.nonce) != 16:
+            raise AuthError("nonce must be 16 bytes")
+        while self._seen and next(iter(self._seen.values())) < now - self.skew_s:
+            self._seen.popitem(last=False)
+        key = auth.client.encode() + b"\0" + auth.nonce
+        if key in self._seen:
+            raise AuthError("replayed request (nonce already used)")
+        if len(self._seen) >= self.max_entries:
+            raise AuthError("too many requests in the skew window")
+        self._seen[key] = now
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second, bursts up to ``burst``."""
+
+    rate: float = 50.0
+    burst: float = 200.0
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def allow(self, name: str, now: float | None = None) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(name, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[name] = (tokens, now)
+            return False
+        self._buckets[name] = (tokens - 1, now)
+        return True
+
+
+def make_keys(directory: str | os.PathLike[str], names: list[str]) -> Path:
+    """Write ``NAME.key`` (PEM, private) for each name and an ``authorized_keys`` file with
+    their public keys (appended to, if it exists); returns the authorized_keys path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in names:
+        if not name or any(c.isspace() for c in name) or "/" in name:
+            raise ConfigError(f"invalid client name {name!r}")
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path = d / f"{name}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        lines.append(f"{name} {ClientKey(name, key).public_b64()}\n")
+    auth = d / "authorized_keys"
+    with auth.open("a") as f:
+        f.writelines(lines)
+    return auth

@@ -1,0 +1,303 @@
+"""The client runtime: connect, wait for tasks, pull the model, train, push the update.
+
+The user supplies ``train(model, task) -> Result``; everything else (TLS, signing every
+request, streaming in chunks, retrying through server restarts and network errors) is here.
+Uploads are idempotent (keyed by client and task), so a retry after a lost acknowledgement is
+safe: the server acknowledges it without counting it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedagg.core.spec import ArrayTree, ParamSpec
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._auth import ClientKey, body
+from fedagg.deploy._faults import crash_point
+from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
+from fedagg.errors import ConfigError, FedaggError
+
+__all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext"]
+
+PROTOCOL = 1
+log = logging.getLogger("fedagg.client")
+_RETRY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class ClientError(FedaggError):
+    """The server refused the client for good (bad credentials, bad input, wrong protocol)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task tells the train function."""
+
+    job: int
+    version: int
+    epochs: int
+    seed: int
+    client_index: int
+    name: str
+
+    def rng(self) -> np.random.Generator:
+        """The job's generator: the same stream the simulator gives this job."""
+        return np.random.default_rng([self.seed, 0x7A1, self.job])
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a train function returns: ``delta = trained - received`` (arrays like the
+    model, or one flat array), the aggregation weight (sample count) and scalar metrics."""
+
+    delta: Any
+    num_examples: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientReport:
+    tasks: int = 0
+    uploads: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    retries: int = 0
+
+
+TrainFn = Callable[[ArrayTree, TaskContext], Any]
+
+
+class Client:
+    """A federation client. ``Client(server, key, train, ca=...).run()`` blocks until the
+    federation finishes.
+
+    Args:
+        server: ``host:port``.
+        key: the client's :class:`ClientKey` (``ClientKey.load("alice.key")``).
+        train: ``train(model, task) -> Result`` (or a ``fedagg.clients`` TrainResult).
+        ca: the CA certificate (PEM bytes) that signed the server's; None needs
+            ``insecure=True``.
+        retry_for: give up after this many seconds without reaching the server.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        key: ClientKey,
+        train: TrainFn,
+        *,
+        ca: bytes | None = None,
+        insecure: bool = False,
+        retry_for: float = 120.0,
+        server_name: str | None = None,
+    ) -> None:
+        if ca is None and not insecure:
+            raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
+        self.server = server
+        self.key = key
+        self.train = train
+        self.ca = ca
+        self.retry_for = retry_for
+        self.server_name = server_name
+        self.report = ClientReport()
+        self.spec: ParamSpec | None = None
+        self.index = -1
+        self._channel: grpc.aio.Channel | None = None
+
+    def run(self) -> ClientReport:
+        return asyncio.run(self.run_async())
+
+    async def run_async(self) -> ClientReport:
+        try:
+            await self._loop()
+        finally:
+            if self._channel is not None:
+                await self._channel.close()
+        return self.report
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _connect(self) -> grpc.aio.Channel:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 80 << 20),
+            ("grpc.max_send_message_length", 80 << 20),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.enable_retries", 0),
+        ]
+        if self.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.ca is None:
+            return grpc.aio.insecure_channel(self.server, options=opts)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca)
+        return grpc.aio.secure_channel(self.server, creds, options=opts)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = self._connect()
+        return self._channel
+
+    def _auth(self, method: str, content: bytes) -> pb.Auth:
+        return pb.Auth(**self.key.sign(method, content))
+
+    def _method(self, name: str, kind: str) -> Any:
+        path = f"/fedagg.v1.Federation/{name}"
+        return getattr(self.channel, kind)(path)
+
+    async def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` until it succeeds, retrying transient failures with backoff."""
+        start = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                return await fn()
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code not in _RETRY or time.monotonic() - start > self.retry_for:
+                    raise ClientError(code, e.details() or "") from None
+                self.report.retries += 1
+                log.debug("%s: %s, retrying in %.2fs", what, code.name, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    async def _hello(self) -> None:
+        async def call() -> bytes:
+            req = pb.HelloRequest(auth=self._auth("Hello", body(protocol=PROTOCOL)),
+                                  protocol=PROTOCOL)  # fmt: skip
+            raw: bytes = await self._method("Hello", "unary_unary")(
+                req.SerializeToString(), timeout=30
+            )
+            return raw
+
+        reply = pb.HelloReply.FromString(await self._retry("hello", call))
+        self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
+        self.index = reply.client_index
+        self.chunk = int(reply.chunk_bytes)
+
+    async def _loop(self) -> None:
+        await self._hello()
+        done: set[int] = set()
+        start = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                req = pb.TasksRequest(auth=self._auth("Tasks", body()))
+                stream = self._method("Tasks", "unary_stream")(req.SerializeToString())
+                async for raw in stream:
+                    start, delay = time.monotonic(), 0.05
+                    t = pb.Task.FromString(raw)
+                    if t.heartbeat:
+                        continue
+                    if t.finished:
+                        return
+                    if t.task in done:
+                        continue
+                    await self._do(t)
+                    done.add(t.task)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RETRY or time.monotonic() - start > self.retry_for:
+                    raise ClientError(e.code(), e.details() or "") from None
+            self.report.retries += 1
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    async def _do(self, t: pb.Task) -> None:
+        assert self.spec is not None
+        self.report.tasks += 1
+        try:
+            flat = await self._retry("pull", lambda: self._pull(t))
+        except ClientError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the task closed meanwhile
+                self.report.skipped += 1
+                return
+            raise
+        ctx = TaskContext(t.task, t.version, t.epochs, t.seed, self.index, self.key.name)
+        model = self.spec.unflatten(flat)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, self.train, model, ctx)
+        delta = self.spec.as_flat(result.delta)
+        delta = np.ascontiguousarray(delta, dtype=self.spec.dtype)
+        metrics = {k: float(v) for k, v in dict(getattr(result, "metrics", {}) or {}).items()}
+        weight = float(result.num_examples)
+        try:
+            reply = await self._retry("push", lambda: self._push(t, delta, weight, metrics))
+        except ClientError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                self.report.skipped += 1
+                return
+            raise
+        if reply.duplicate:
+            self.report.duplicates += 1
+        else:
+            self.report.uploads += 1
+
+    async def _pull(self, t: pb.Task) -> np.ndarray[Any, Any]:
+        assert self.spec is not None
+        req = pb.PullRequest(auth=self._auth("Pull", body(task=t.task)), task=t.task)
+        flat = np.empty(self.spec.size, dtype=self.spec.dtype)
+        view = flat.data.cast("B")
+        got = 0
+        async for raw in self._method("Pull", "unary_stream")(req.SerializeToString()):
+            c = decode_chunk(raw, MODEL_CHUNK)
+            off, n = c.ints.get(2, 0), len(c.data)
+            if c.ints.get(1, 0) != t.version or c.ints.get(4, 0) != len(view) or off != got:
+                raise ConfigError("the server sent a model that does not fit the task")
+            view[off : off + n] = c.data
+            got += n
+        if got != len(view):
+            raise ConfigError(f"truncated model: {got} of {len(view)} bytes")
+        return flat
+
+    async def _push(
+        self, t: pb.Task, delta: np.ndarray[Any, Any], weight: float, metrics: dict[str, float]
+    ) -> pb.PushReply:
+        data = delta.data.cast("B")
+        digest = hashlib.sha256(data).digest()
+        content = body(
+            task=t.task, version=t.version, weight=_json_float(weight), nbytes=len(data),
+            sha256=digest.hex(), metrics={k: _json_float(v) for k, v in metrics.items()},
+        )  # fmt: skip
+        head = pb.UploadHeader(
+            auth=self._auth("Push", content), task=t.task, version=t.version, weight=weight,
+            nbytes=len(data), sha256=digest, metrics=metrics,
+        )  # fmt: skip
+        step = self.chunk
+
+        async def chunks() -> Any:
+            yield encode_chunk({}, data[0:step], head.SerializeToString())
+            for off in range(step, len(data), step):
+                crash_point("client-upload")
+                yield encode_chunk({2: off}, data[off : off + step])
+
+        raw = await self._method("Push", "stream_unary")(chunks())
+        reply: pb.PushReply = pb.PushReply.FromString(raw)
+        return reply
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else repr(x)

@@ -1,0 +1,468 @@
+"""The server's federation engine: a round or async policy, event-sourced and crash-safe.
+
+This is the deployment counterpart of the simulator's event loop. It holds the same policy
+objects (``SyncPolicy``, ``AsyncPolicy``, ...) and feeds them the same events; what differs is
+where events come from (the network, a real clock) and that every event is made durable
+before the policy sees it:
+
+1. an accepted upload is already on disk (the spool file, fsynced) when it gets here;
+2. :meth:`Federation.log` writes the events of a batch and the uploads' idempotency keys
+   ``(client, job)`` in one SQLite transaction; only then are the uploads acknowledged;
+3. :meth:`Federation.step` feeds the logged events to the policy, in log order;
+4. after a round closes, the policy's whole state (model, optimizer, aggregation state,
+   sampling state) is checkpointed, and spool files the checkpoint covers are deleted.
+
+On restart, :meth:`Federation.open` loads the last checkpoint and replays the events logged
+after it, re-reading their updates from the spool: the policy is deterministic, so the state
+after the replay is the state before the crash, bit for bit, and an accepted update is folded
+exactly once. A retried upload finds its key in the log and is acknowledged without being
+counted again.
+
+Nothing here does network I/O or reads a clock: the server passes ``now`` in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg._checkpoint import dumps, loads, register
+from fedagg.core.aggregate import Aggregator, check_update
+from fedagg.core.spec import ArrayTree, ParamSpec
+from fedagg.core.strategy import ServerState, Strategy
+from fedagg.core.update import Update
+from fedagg.deploy._faults import crash_point
+from fedagg.deploy._store import EventRow, Store, UploadRow
+from fedagg.errors import ConfigError, StateError
+from fedagg.sim._policy import (
+    Applied,
+    Arrival,
+    Commit,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    Policy,
+    RoundStats,
+    SetTimer,
+    Start,
+    Timer,
+)
+
+__all__ = ["Canonical", "Effects", "Federation", "TaskInfo"]
+
+Arr = npt.NDArray[Any]
+Order = Literal["arrival", "canonical"]
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """One job: which client trains, from which model version, for how many epochs."""
+
+    job: int
+    client: int
+    version: int
+    epochs: int
+
+
+@dataclass
+class Effects:
+    """What the server must do after some events: send tasks, arm timers, report rounds."""
+
+    tasks: list[TaskInfo] = field(default_factory=list)
+    timers: list[tuple[float, int]] = field(default_factory=list)
+    rounds: list[RoundStats] = field(default_factory=list)
+    finished: bool = False
+
+    def merge(self, other: Effects) -> None:
+        self.tasks += other.tasks
+        self.timers += other.timers
+        self.rounds += other.rounds
+        self.finished = self.finished or other.finished
+
+
+# -- canonical fold order ------------------------------------------------------------------------
+@register
+@dataclass(eq=False)
+class CanonicalState:
+    inner: Any
+    spec: ParamSpec
+    version: int | None
+    pending: list[Update] = field(default_factory=list)
+
+    def checkpoint_view(self) -> CanonicalState:
+        if self.pending:
+            raise StateError("a canonical-order aggregate is saved only between rounds")
+        return self
+
+    @property
+    def center(self) -> Any:
+        return getattr(self.inner, "center", None)
+
+    @center.setter
+    def center(self, value: Any) -> None:
+        self.inner.center = value
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """Folds a round's updates in a canonical order (``key``), whatever order they arrived in.
+
+    Float addition is not associative, so a mean folded in arrival order depends, in its last
+    bits, on network timing. This wrapper validates each update on arrival (metadata; values
+    were checked as they streamed in) and keeps it, as a view of its spool file (no copy, no
+    memory), until ``finalize`` folds them all in key order: the result depends only on *which*
+    updates were accepted. The price is that folding waits for the round to close.
+    """
+
+    inner: Aggregator[Any]
+    key: Callable[[Update], Any]
+
+    @property
+    def decomposable(self) -> bool:
+        return bool(self.inner.decomposable)
+
+    def init(self, spec: ParamSpec, *, version: int | None = None) -> CanonicalState:
+        return CanonicalState(self.inner.init(spec, version=version), spec, version)
+
+    def fold(self, state: CanonicalState, update: Update) -> CanonicalState:
+        check_update(state.spec, state.version, update)
+        state.pending.append(update)
+        return state
+
+    def fold_many(self, state: CanonicalState, updates: Iterable[Update]) -> CanonicalState:
+        ups = list(updates)
+        for u in ups:
+            check_update(state.spec, state.version, u)
+        state.pending += ups
+        return state
+
+    def merge(self, state: CanonicalState, other: CanonicalState) -> CanonicalState:
+        self.inner.merge(state.inner, other.inner)
+        state.pending += other.pending
+        return state
+
+    def _flush(self, state: CanonicalState) -> Any:
+        if state.pending:
+            ordered = sorted(state.pending, key=self.key)
+            state.pending = []
+            state.inner = self.inner.fold_many(state.inner, ordered)
+        return state.inner
+
+    def finalize_flat(self, state: CanonicalState) -> Arr:
+        return self.inner.finalize_flat(self._flush(state))
+
+    def finalize(self, state: CanonicalState) -> ArrayTree:
+        return self.inner.finalize(self._flush(state))
+
+    def count(self, state: CanonicalState) -> int:
+        return int(self.inner.count(state.inner)) + len(state.pending)
+
+
+def _spool_key(update: Update) -> str:
+    return str(getattr(update.delta, "filename", ""))
+
+
+def canonical_strategy(strategy: Strategy) -> Strategy:
+    agg = Canonical(strategy.aggregator, _spool_key)
+    return dataclasses.replace(strategy, aggregator=agg)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+class _Ctx:
+    def __init__(self, num_clients: int, seed: int) -> None:
+        self._n = num_clients
+        self._seed = seed
+        self._all = np.arange(num_clients)
+
+    @property
+    def num_clients(self) -> int:
+        return self._n
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def available(self, slot: int) -> Arr:
+        return self._all
+
+
+@register
+@dataclass
+class _Snapshot:
+    """What a checkpoint holds besides the policy's state."""
+
+    policy: Any
+    seq: int
+    next_job: int
+    now: float
+    tasks: dict[int, TaskInfo]
+    timers: dict[int, float]
+    models: dict[int, Arr]
+    finished: bool
+
+
+def _partial_epochs(full: int, seed: int, job: int) -> int:
+    if full <= 1:
+        return 1
+    return int(np.random.default_rng([seed, 0x57A6, job]).integers(1, full))
+
+
+class Federation:
+    """Event-sourced policy execution with a durable log (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        server: ServerState,
+        *,
+        num_clients: int,
+        seed: int,
+        directory: str | os.PathLike[str],
+        epochs: int = 1,
+        checkpoint_every: int = 1,
+        identity: dict[str, str] | None = None,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ConfigError("checkpoint_every must be >= 1")
+        self.policy = policy
+        self.server0 = server
+        self.spec: ParamSpec = server.spec
+        self.ctx = _Ctx(num_clients, seed)
+        self.seed = seed
+        self.epochs = epochs
+        self.checkpoint_every = checkpoint_every
+        self.dir = Path(directory)
+        self.spool = self.dir / "spool"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.dir / "state.db")
+        self.identity = identity or {}
+        self.state: Any = None
+        self.seq = 0
+        self.next_job = 0
+        self.now = 0.0
+        self.tasks: dict[int, TaskInfo] = {}  # jobs not yet resolved (arrival or dropout)
+        self.timers: dict[int, float] = {}
+        self.models: dict[int, Arr] = {}
+        self.finished = False
+        self.started = False
+        self._since_ckpt = 0
+        self.replayed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> Effects:
+        """Start afresh, or recover: load the last checkpoint and replay the log after it.
+        Returns what the server must (re)do: outstanding tasks and timers."""
+        stored = {k: self.store.meta(k) for k in self.identity}
+        if any(v is not None for v in stored.values()):
+            diff = [k for k, v in stored.items() if v != self.identity[k]]
+            if diff:
+                raise StateError(
+                    f"the state directory {self.dir} belongs to another federation "
+                    f"(differs in: {', '.join(diff)}); use a new one"
+                )
+        else:
+            self.store.set_meta(self.identity)
+        ckpts = self.store.checkpoints()
+        if not ckpts:
+            self.state = self.policy.init(self.server0, self.ctx)
+            self.seq = self.store.last_seq()
+            if self.seq:
+                raise StateError("events were logged but no checkpoint exists")
+            self._checkpoint()
+            return Effects()
+        _, path = ckpts[0]
+        snap = loads(Path(path).read_bytes())
+        if not isinstance(snap, _Snapshot):
+            raise StateError(f"{path} is not a federation checkpoint")
+        self.state, self.seq, self.next_job = snap.policy, snap.seq, snap.next_job
+        self.now, self.tasks, self.timers = snap.now, dict(snap.tasks), dict(snap.timers)
+        self.models, self.finished = dict(snap.models), snap.finished
+        self.started = self.seq > 0
+        effects = Effects()
+        for row in self.store.events_after(self.seq):
+            effects.merge(self._apply(row))
+            self.replayed += 1
+        # what the server must redo: every task still open, every timer still armed
+        effects.tasks = sorted(self.tasks.values(), key=lambda t: t.job)
+        effects.timers = sorted((at, tag) for tag, at in self.timers.items())
+        effects.finished = self.finished
+        return effects
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- the server's entry points (engine thread only) ----------------------------------------
+    def check_upload(self, client: int, job: int, version: int) -> str | None:
+        """Why an upload for (client, job) cannot be accepted, or None. ``"duplicate"`` means
+        it was accepted before."""
+        if self.store.has_upload(client, job):
+            return "duplicate"
+        task = self.tasks.get(job)
+        if task is None:
+            return "unknown"
+        if task.client != client:
+            return "denied"
+        if task.version != version:
+            return "version"
+        return None
+
+    def log(self, events: Sequence[tuple[str, float, int | None, int | None, int | None,
+                                          UploadRow | None]]) -> list[EventRow | None]:  # fmt: skip
+        """Make a batch of events durable, in one transaction. An arrival whose key is already
+        logged (a retry) gives None and is not logged again."""
+        rows: list[EventRow | None] = []
+        with self.store.tx():
+            for kind, now, client, job, tag, upload in events:
+                if upload is not None and self.store.has_upload(upload.client, upload.job):
+                    rows.append(None)
+                    continue
+                seq = self.seq + 1
+                self.store.append(seq, kind, now, client, job, tag, upload)
+                self.seq = seq
+                rows.append(EventRow(seq, kind, now, client, job, tag, upload))
+        crash_point("logged")
+        return rows
+
+    def step(self, rows: Iterable[EventRow]) -> Effects:
+        """Feed logged events to the policy; checkpoint when rounds have closed."""
+        effects = Effects()
+        for row in rows:
+            if row.kind == "arrival":
+                crash_point("fold")
+            effects.merge(self._apply(row))
+            if effects.rounds:
+                crash_point("applied")
+            if self._since_ckpt >= self.checkpoint_every:
+                self._checkpoint()
+        return effects
+
+    def model(self, version: int) -> Arr | None:
+        """The flat model of ``version`` while a task needs it (None if no longer kept)."""
+        return self.models.get(version)
+
+    @property
+    def server(self) -> ServerState:
+        s = getattr(self.state, "server", None)
+        if not isinstance(s, ServerState):
+            raise StateError("the policy state holds no ServerState")
+        return s
+
+    # -- internals ---------------------------------------------------------------------------
+    def _event(self, row: EventRow) -> Event:
+        if row.kind == "start":
+            return Start(row.time)
+        if row.kind == "timer":
+            return Timer(row.time, int(row.tag or 0))
+        if row.kind == "dropout":
+            return Dropout(row.time, int(row.client or 0), int(row.job or 0))
+        if row.kind == "arrival" and row.upload is not None:
+            u = row.upload
+            if not u.path or not os.path.exists(u.path):
+                raise StateError(f"the spooled update of job {u.job} is missing ({u.path!r})")
+            delta = np.memmap(u.path, dtype=self.spec.dtype, mode="r", shape=(self.spec.size,))
+            update = Update(
+                delta=delta, weight=u.weight, client_id=str(u.client), base_version=u.version,
+                metrics=u.metrics,
+            )  # fmt: skip
+            return Arrival(row.time, u.client, u.job, update, {}, None, u.nbytes)
+        raise StateError(f"malformed event {row.seq} ({row.kind})")
+
+    def _apply(self, row: EventRow) -> Effects:
+        ev = self._event(row)
+        self.now = max(self.now, row.time)
+        if row.kind == "start":
+            self.started = True
+        elif row.kind == "timer":
+            self.timers.pop(int(row.tag or 0), None)
+        elif row.job is not None:
+            self.tasks.pop(row.job, None)
+        actions = self.policy.step(self.state, ev, self.ctx)
+        effects = Effects()
+        for a in actions:
+            if isinstance(a, Dispatch):
+                if a.server_extra is not None:
+                    raise ConfigError(
+                        "policies that send extra server state (SCAFFOLD) are simulation-only"
+                    )
+                version = self.server.version
+                self.models[version] = self.server.params
+                for c, slow in zip(a.clients, a.partial, strict=True):
+                    job = self.next_job
+                    self.next_job += 1
+                    epochs = _partial_epochs(self.epochs, self.seed, job) if slow else self.epochs
+                    t = TaskInfo(job, int(c), version, epochs)
+                    self.tasks[job] = t
+                    effects.tasks.append(t)
+            elif isinstance(a, SetTimer):
+                self.timers[a.tag] = a.at
+                effects.timers.append((a.at, a.tag))
+            elif isinstance(a, Applied):
+                s = a.stats
+                stats = {
+                    "round": s.round, "version": s.version, "selected": s.selected,
+                    "dispatched": s.dispatched, "folded": s.folded, "dropped": s.dropped,
+                    "refused": s.refused, "late": s.late, "applied": s.applied,
+                    "started": s.started, "ended": s.ended, "client_loss": s.client_loss,
+                    "staleness_mean": s.staleness_mean, "participants": list(s.participants),
+                }  # fmt: skip
+                with self.store.tx():
+                    self.store.put_round(s.round, s.version, s.folded, s.applied, row.seq, stats)
+                effects.rounds.append(s)
+                self._since_ckpt += 1
+            elif isinstance(a, Finish):
+                self.finished = True
+                effects.finished = True
+            elif isinstance(a, Commit):
+                pass  # client states live on the clients in deployment
+        live = {t.version for t in self.tasks.values()} | {self.server.version}
+        for v in [v for v in self.models if v not in live]:
+            del self.models[v]
+        return effects
+
+    def _checkpoint(self) -> None:
+        agg = getattr(self.state, "agg", None)
+        if isinstance(agg, CanonicalState) and agg.pending:
+            return  # mid-round in canonical order: the log covers it; try after the next
+        snap = _Snapshot(
+            self.state, self.seq, self.next_job, self.now, dict(self.tasks), dict(self.timers),
+            dict(self.models), self.finished,
+        )  # fmt: skip
+        path = self.dir / f"checkpoint-{self.seq:012d}.npz"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(dumps(snap))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.dir)
+        crash_point("checkpoint")
+        self.store.add_checkpoint(self.seq, str(path), self.server.version)
+        self._since_ckpt = 0
+        # what the checkpoint covers is no longer needed: older checkpoints, folded spools
+        for seq, old in self.store.checkpoints()[1:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+            del seq
+        self.store.drop_checkpoints_before(self.seq)
+        for p in self.store.spooled_through(self.seq):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        self.store.forget_paths(self.seq)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,605 @@
+"""The federation server: gRPC (grpc.aio) in front of a :class:`Federation`.
+
+Threads: the asyncio loop runs the RPC handlers (authentication, streaming, spooling each
+upload's chunks to disk as they arrive); one engine thread runs everything that touches the
+federation's state (logging events, the policy, folding, checkpoints), fed by a bounded
+queue: when folding falls behind, uploads wait for their acknowledgement and the clients
+slow down (backpressure).
+
+An upload is acknowledged only once it is durable: its spool file fsynced and renamed, its
+(client, job) key committed to the event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedagg.core import _kernels
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._auth import AuthError, Keyring, NonceCache, RateLimiter, body
+from fedagg.deploy._faults import crash_point
+from fedagg.deploy._fed import Effects, Federation, TaskInfo
+from fedagg.deploy._store import EventRow, UploadRow
+from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
+from fedagg.errors import ConfigError
+from fedagg.sim._policy import RoundStats
+
+__all__ = ["PROTOCOL", "Server", "ServerOptions"]
+
+PROTOCOL = 1
+SERVICE = "fedagg.v1.Federation"
+log = logging.getLogger("fedagg.server")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server listens, authenticates and limits (the ``[deploy]`` config table).
+
+    Args:
+        listen: ``host:port`` (port 0 picks a free one; see :attr:`Server.port`).
+        tls: ``(cert_pem, key_pem)`` bytes, or None to run without TLS (needs
+            ``insecure=True``: there is no silent fallback).
+        chunk_bytes: the largest data chunk accepted in an upload (and sent in a pull).
+        queue: accepted events waiting for the engine; beyond it, uploads wait (backpressure).
+        client_timeout: seconds a client with open tasks may stay disconnected before its
+            tasks count as dropped out.
+        heartbeat: seconds between keep-alives on an idle task stream.
+        wait_for: clients that must be connected before the first round (0: all).
+        rate, burst: per-client request rate limit (token bucket; rate 0 disables it).
+        skew: allowed clock skew of signed requests, seconds (also the nonce memory).
+        fsync: fsync each spooled upload before acknowledging it (durable across a power
+            loss, not only a process crash).
+        max_clients: refuse a keyring larger than this.
+    """
+
+    listen: str = "127.0.0.1:7531"
+    tls: tuple[bytes, bytes] | None = None
+    insecure: bool = False
+    chunk_bytes: int = 4 << 20
+    queue: int = 64
+    client_timeout: float = 30.0
+    heartbeat: float = 10.0
+    wait_for: int = 0
+    rate: float = 50.0
+    burst: float = 200.0
+    skew: float = 60.0
+    fsync: bool = True
+    max_clients: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.tls is None and not self.insecure:
+            raise ConfigError("TLS is on by default: give certificates, or insecure=True")
+        if self.chunk_bytes < 4096 or self.chunk_bytes > (64 << 20):
+            raise ConfigError("chunk_bytes must be in [4 KiB, 64 MiB]")
+        if self.queue < 1 or self.client_timeout <= 0 or self.heartbeat <= 0:
+            raise ConfigError("queue, client_timeout and heartbeat must be > 0")
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Session:
+    queue: asyncio.Queue[pb.Task | None] | None = None
+    drop: asyncio.TimerHandle | None = None
+    connected: bool = False
+
+
+@dataclass
+class _Item:
+    event: tuple[str, float, int | None, int | None, int | None, UploadRow | None]
+    done: asyncio.Future[EventRow | None] | None = None
+
+
+@dataclass
+class ServerStats:
+    uploads: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes_in: int = 0
+    rounds: list[RoundStats] = field(default_factory=list)
+
+
+class Server:
+    """Serve ``fed`` over gRPC: ``await server.start()``, then ``await server.wait()``."""
+
+    def __init__(
+        self,
+        fed: Federation,
+        keyring: Keyring,
+        options: ServerOptions,
+        *,
+        on_round: Callable[[RoundStats], None] | None = None,
+    ) -> None:
+        if len(keyring.names) > options.max_clients:
+            raise ConfigError(f"{len(keyring.names)} clients exceed max_clients")
+        if len(keyring.names) != fed.ctx.num_clients:
+            raise ConfigError("the keyring and the federation disagree on the number of clients")
+        self.fed = fed
+        self.keys = keyring
+        self.opt = options
+        self.on_round = on_round
+        self.nonces = NonceCache(options.skew)
+        self.rate = RateLimiter(options.rate, options.burst)
+        self.sessions = [_Session() for _ in keyring.names]
+        self.stats = ServerStats()
+        self.port = 0
+        self._ex = ThreadPoolExecutor(1, thread_name_prefix="fedagg-engine")
+        self._server: grpc.aio.Server | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._done: asyncio.Event | None = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self._mono0 = time.monotonic()
+        self._base = 0.0
+        self._start_sent = False
+        self._accepted: set[int] = set()
+        self._failure: BaseException | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def now(self) -> float:
+        return self._base + (time.monotonic() - self._mono0)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.opt.queue)
+        self._done = asyncio.Event()
+        effects = await loop.run_in_executor(self._ex, self.fed.open)
+        self._accepted = await loop.run_in_executor(self._ex, self.fed.store.accepted_jobs)
+        self._base, self._mono0 = self.fed.now, time.monotonic()
+        self._start_sent = self.fed.started
+        msg = self.opt.chunk_bytes + 64 * 1024
+        opts = [
+            ("grpc.max_receive_message_length", msg),
+            ("grpc.max_send_message_length", msg),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=opts, maximum_concurrent_rpcs=None)
+        server.add_generic_rpc_handlers([self._handlers()])
+        if self.opt.tls is not None:
+            cert, key = self.opt.tls
+            creds = grpc.ssl_server_credentials([(key, cert)])
+            self.port = server.add_secure_port(self.opt.listen, creds)
+        else:
+            self.port = server.add_insecure_port(self.opt.listen)
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {self.opt.listen}")
+        await server.start()
+        self._server = server
+        self._engine_task = asyncio.create_task(self._engine())
+        self._apply(effects)
+        if effects.finished:
+            self._done.set()
+
+    async def wait(self) -> None:
+        assert self._done is not None
+        await self._done.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._engine_task is not None:
+            self._engine_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._engine_task
+        self._ex.submit(self.fed.close).result()
+        self._ex.shutdown()
+
+    # -- the engine ----------------------------------------------------------------------------
+    async def _engine(self) -> None:
+        assert self._queue is not None and self._done is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty() and len(batch) < 256:
+                    batch.append(self._queue.get_nowait())
+                rows = await loop.run_in_executor(self._ex, self.fed.log, [i.event for i in batch])
+                for item, row in zip(batch, rows, strict=True):
+                    if row is not None and row.upload is not None:
+                        self._accepted.add(row.upload.job)
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(row)
+                live = [r for r in rows if r is not None]
+                if live:
+                    effects = await loop.run_in_executor(self._ex, self.fed.step, live)
+                    self._apply(effects)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug or a disk error: stop serving, report it
+            log.exception("federation engine failed")
+            self._failure = e
+            self._done.set()
+
+    def _enqueue_nowait(self, kind: str, client: int | None = None, job: int | None = None,
+                        tag: int | None = None) -> None:  # fmt: skip
+        assert self._queue is not None
+        item = _Item((kind, self.now(), client, job, tag, None))
+        task = asyncio.get_running_loop().create_task(self._queue.put(item))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _apply(self, effects: Effects) -> None:
+        loop = asyncio.get_running_loop()
+        for t in effects.tasks:
+            s = self.sessions[t.client]
+            if s.queue is not None:
+                s.queue.put_nowait(self._task_msg(t))
+            elif s.drop is None:  # nobody to hand it to: a dropout unless it connects in time
+                s.drop = loop.call_later(self.opt.client_timeout, self._drop, t.client)
+        for at, tag in effects.timers:
+            delay = max(0.0, at - self.now())
+            if math.isfinite(delay):
+                loop.call_later(delay, self._enqueue_nowait, "timer", None, None, tag)
+        for r in effects.rounds:
+            self.stats.rounds.append(r)
+            log.info(
+                "round %d: folded %d, dropped %d, version %d", r.round + 1, r.folded,
+                r.dropped, r.version,
+            )  # fmt: skip
+            if self.on_round is not None:
+                self.on_round(r)
+        if effects.finished:
+            for s in self.sessions:
+                if s.queue is not None:
+                    s.queue.put_nowait(pb.Task(finished=True))
+            assert self._done is not None
+            self._done.set()
+
+    def _task_msg(self, t: TaskInfo) -> pb.Task:
+        return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.fed.seed)
+
+    def _drop(self, client: int) -> None:
+        s = self.sessions[client]
+        s.drop = None
+        if s.connected:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def go() -> None:
+            jobs = await loop.run_in_executor(self._ex, self._open_jobs, client)
+            for job in jobs:
+                log.info("client %s dropped out of job %d", self.keys.names[client], job)
+                self._enqueue_nowait("dropout", client, job)
+
+        self._background.add(task := loop.create_task(go()))
+        task.add_done_callback(self._background.discard)
+
+    def _open_jobs(self, client: int) -> list[int]:
+        return sorted(t.job for t in self.fed.tasks.values() if t.client == client)
+
+    def _open_tasks(self, client: int) -> list[TaskInfo]:
+        return sorted((t for t in self.fed.tasks.values() if t.client == client),
+                      key=lambda t: t.job)  # fmt: skip
+
+    def _maybe_start(self) -> None:
+        if self._start_sent or self.fed.started:
+            return
+        need = self.opt.wait_for or len(self.sessions)
+        if sum(s.connected for s in self.sessions) >= need:
+            self._start_sent = True
+            self._enqueue_nowait("start")
+
+    # -- authentication ------------------------------------------------------------------------
+    def _auth(self, method: str, auth: Any, content: bytes) -> int:
+        try:
+            self.nonces.check(auth)
+            client = self.keys.verify(method, auth, content)
+        except AuthError as e:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
+        if not self.rate.allow(auth.client):
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
+        return client
+
+    # -- handlers ------------------------------------------------------------------------------
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        ident = None  # raw bytes in and out: we parse (and report malformed input) ourselves
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Hello": grpc.unary_unary_rpc_method_handler(
+                    self._guard_unary(self._hello), ident, ident
+                ),
+                "Tasks": grpc.unary_stream_rpc_method_handler(self._tasks, ident, ident),
+                "Pull": grpc.unary_stream_rpc_method_handler(self._pull, ident, ident),
+                "Push": grpc.stream_unary_rpc_method_handler(
+                    self._guard_unary(self._push), ident, ident
+                ),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                    self._guard_unary(self._heartbeat), ident, ident
+                ),
+            },
+        )
+
+    def _guard_unary(self, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                reply = await fn(request, context)
+                return bytes(reply.SerializeToString())
+            except _Abort as e:
+                self.stats.refused += 1
+                await context.abort(e.code, e.message)
+            raise AssertionError("unreachable")
+
+        return handler
+
+    @staticmethod
+    def _parse(cls: Any, raw: bytes) -> Any:
+        try:
+            return cls.FromString(raw)
+        except (DecodeError, ValueError) as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {e}") from None
+
+    async def _hello(self, raw: bytes, context: Any) -> pb.HelloReply:
+        req = self._parse(pb.HelloRequest, raw)
+        client = self._auth("Hello", req.auth, body(protocol=req.protocol))
+        if req.protocol != PROTOCOL:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
+            )
+        spec = self.fed.spec
+        return pb.HelloReply(
+            protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
+            model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes,
+        )  # fmt: skip
+
+    async def _heartbeat(self, raw: bytes, context: Any) -> pb.HeartbeatReply:
+        req = self._parse(pb.HeartbeatRequest, raw)
+        self._auth("Heartbeat", req.auth, body(tasks=sorted(req.tasks)))
+        return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
+
+    async def _tasks(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            req = self._parse(pb.TasksRequest, raw)
+            client = self._auth("Tasks", req.auth, body())
+        except _Abort as e:
+            self.stats.refused += 1
+            await context.abort(e.code, e.message)
+            return
+        loop = asyncio.get_running_loop()
+        s = self.sessions[client]
+        if s.queue is not None:  # a second stream replaces the first
+            s.queue.put_nowait(None)
+        queue: asyncio.Queue[pb.Task | None] = asyncio.Queue()
+        s.queue, s.connected = queue, True
+        if s.drop is not None:
+            s.drop.cancel()
+            s.drop = None
+        for t in await loop.run_in_executor(self._ex, self._open_tasks, client):
+            queue.put_nowait(self._task_msg(t))
+        if self.fed.finished:
+            queue.put_nowait(pb.Task(finished=True))
+        self._maybe_start()
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), self.opt.heartbeat)
+                except TimeoutError:
+                    msg = pb.Task(heartbeat=True)
+                if msg is None:
+                    return
+                yield msg.SerializeToString()
+                if msg.finished:
+                    return
+        finally:
+            if s.queue is queue:
+                s.queue, s.connected = None, False
+                if s.drop is None and not self.fed.finished:
+                    s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
+
+    async def _pull(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            req = self._parse(pb.PullRequest, raw)
+            client = self._auth("Pull", req.auth, body(task=req.task))
+            task = self.fed.tasks.get(req.task)
+            if task is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {req.task} is not open")
+            if task.client != client:
+                raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"task {req.task} is not yours")
+            model = self.fed.model(task.version)
+            if model is None:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"model version {task.version} is no longer kept",
+                )
+        except _Abort as e:
+            self.stats.refused += 1
+            await context.abort(e.code, e.message)
+            return
+        view = model.data.cast("B")
+        total = len(view)
+        step = self.opt.chunk_bytes
+        for off in range(0, max(total, 1), step):
+            yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
+
+    async def _push(self, stream: AsyncIterator[bytes], context: Any) -> pb.PushReply:
+        it = stream.__aiter__()
+        try:
+            first = decode_chunk(await it.__anext__(), UPLOAD_CHUNK)
+        except StopAsyncIteration:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload") from None
+        except WireError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
+        if first.header is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message needs a header")
+        head = self._parse(pb.UploadHeader, bytes(first.header))
+        metrics = dict(head.metrics)
+        content = body(
+            task=head.task, version=head.version, weight=_json_float(head.weight),
+            nbytes=head.nbytes, sha256=head.sha256.hex(),
+            metrics={k: _json_float(v) for k, v in metrics.items()},
+        )  # fmt: skip
+        client = self._auth("Push", head.auth, content)
+        spec = self.fed.spec
+        if head.nbytes != spec.nbytes:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"update has {head.nbytes} bytes, the model {spec.nbytes} "
+                f"({spec.size} x {spec.dtype})",
+            )
+        if not (math.isfinite(head.weight) and head.weight > 0):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weight must be finite and > 0")
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "metrics must be finite")
+        if len(head.sha256) != 32:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 32 bytes")
+        duplicate = head.task in self._accepted
+        if not duplicate:
+            task = self.fed.tasks.get(head.task)
+            if task is None:
+                # maybe accepted before a restart pruned it: ask the log
+                loop = asyncio.get_running_loop()
+                dup = await loop.run_in_executor(
+                    self._ex, self.fed.store.has_upload, client, head.task
+                )
+                if not dup:
+                    raise _Abort(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"task {head.task} is not open"
+                    )
+                duplicate = True
+            elif task.client != client:
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"task {head.task} was given to another client",
+                )
+            elif task.version != head.version:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"task {head.task} trains from version {task.version}, not {head.version}",
+                )
+        if duplicate:
+            async for _ in it:  # a retry of an accepted upload: drain, acknowledge
+                pass
+            self.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        path = await self._receive(first, it, head, spec)
+        upload = UploadRow(
+            client, head.task, str(path), float(head.weight), head.version, metrics,
+            head.nbytes, bytes(head.sha256),
+        )  # fmt: skip
+        assert self._queue is not None
+        done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(("arrival", self.now(), client, head.task, None, upload), done))
+        row = await done
+        if row is None:  # a concurrent retry won the race
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        self.stats.uploads += 1
+        return pb.PushReply(task=head.task, duplicate=False)
+
+    async def _receive(self, first: Any, it: AsyncIterator[bytes], head: Any, spec: Any) -> Path:
+        """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
+        and hashed chunk by chunk, straight from gRPC's buffers; fsynced and renamed at the
+        end. On any error the file is removed and nothing else has changed."""
+        dtype = np.dtype(spec.dtype)
+        tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
+        final = self.fed.spool / f"{head.task:012d}-{head.auth.client}.upd"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        sha = hashlib.sha256()
+        expect = 0
+        total = head.nbytes
+        try:
+            chunk = first
+            while True:
+                data = chunk.data
+                n = len(data)
+                if n:
+                    off = chunk.ints.get(2, 0)
+                    if off != expect:
+                        raise _Abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"chunk at offset {off}, expected {expect}",
+                        )
+                    if n > self.opt.chunk_bytes or n % dtype.itemsize or expect + n > total:
+                        raise _Abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"bad chunk size {n} at offset {off} (limit {self.opt.chunk_bytes},"
+                            f" multiple of {dtype.itemsize}, total {total})",
+                        )
+                    arr = np.frombuffer(data, dtype=dtype)
+                    if not _kernels.all_finite(arr, use_numba=True):
+                        raise _Abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"non-finite values (NaN or Inf) in the chunk at offset {off}",
+                        )
+                    sha.update(data)
+                    _write_all(fd, data)
+                    expect += n
+                    if expect < total:
+                        crash_point("upload")
+                    self.stats.bytes_in += n
+                try:
+                    raw = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+                try:
+                    chunk = decode_chunk(raw, UPLOAD_CHUNK)
+                except WireError as e:
+                    raise _Abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {e}"
+                    ) from None
+                if chunk.header is not None:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a second header")
+            if expect != total:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"truncated upload: {expect} of {total} bytes",
+                )
+            if sha.digest() != bytes(head.sha256):
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the upload's bytes do not match its signed sha256",
+                )
+            if self.opt.fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, final)
+            crash_point("spooled")
+            return final
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else repr(x)
