@@ -77,7 +77,8 @@ def build_federation(
     return Federation(
         policy, server, num_clients=len(fd.clients), seed=seed,
         directory=directory or d["state"], epochs=int(cfg["client"]["epochs"]),
-        checkpoint_every=int(d["checkpoint_every"]), identity=_identity(cfg, server),
+        checkpoint_every=int(d["checkpoint_every"]),
+        checkpoint_updates=int(d["checkpoint_updates"]), identity=_identity(cfg, server),
     )  # fmt: skip
 
 

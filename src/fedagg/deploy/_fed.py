@@ -9,8 +9,9 @@ before the policy sees it:
 2. :meth:`Federation.log` writes the events of a batch and the uploads' idempotency keys
    ``(client, job)`` in one SQLite transaction; only then are the uploads acknowledged;
 3. :meth:`Federation.step` feeds the logged events to the policy, in log order;
-4. after a round closes, the policy's whole state (model, optimizer, aggregation state,
-   sampling state) is checkpointed, and spool files the checkpoint covers are deleted.
+4. after a round closes (and, with ``checkpoint_updates=k``, after every k folds mid-round),
+   the policy's whole state is checkpointed: model, optimizer, the aggregation state (the
+   monoid's partial sums), sampling state. Spool files the checkpoint covers are deleted.
 
 On restart, :meth:`Federation.open` loads the last checkpoint and replays the events logged
 after it, re-reading their updates from the spool: the policy is deterministic, so the state
@@ -230,10 +231,11 @@ class Federation:
         directory: str | os.PathLike[str],
         epochs: int = 1,
         checkpoint_every: int = 1,
+        checkpoint_updates: int = 0,
         identity: dict[str, str] | None = None,
     ) -> None:
-        if checkpoint_every < 1:
-            raise ConfigError("checkpoint_every must be >= 1")
+        if checkpoint_every < 1 or checkpoint_updates < 0:
+            raise ConfigError("checkpoint_every must be >= 1 and checkpoint_updates >= 0")
         self.policy = policy
         self.server0 = server
         self.spec: ParamSpec = server.spec
@@ -241,6 +243,8 @@ class Federation:
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_updates = checkpoint_updates
+        self._folds_since_ckpt = 0
         self.dir = Path(directory)
         self.spool = self.dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -272,6 +276,8 @@ class Federation:
                 )
         else:
             self.store.set_meta(self.identity)
+        for tmp in self.spool.glob("tmp-*"):  # uploads cut off by a crash: never acknowledged
+            tmp.unlink()
         ckpts = self.store.checkpoints()
         if not ckpts:
             self.state = self.policy.init(self.server0, self.ctx)
@@ -291,6 +297,7 @@ class Federation:
         effects = Effects()
         for row in self.store.events_after(self.seq):
             effects.merge(self._apply(row))
+            self.seq = row.seq
             self.replayed += 1
         # what the server must redo: every task still open, every timer still armed
         effects.tasks = sorted(self.tasks.values(), key=lambda t: t.job)
@@ -339,10 +346,12 @@ class Federation:
         for row in rows:
             if row.kind == "arrival":
                 crash_point("fold")
+                self._folds_since_ckpt += 1
             effects.merge(self._apply(row))
             if effects.rounds:
                 crash_point("applied")
-            if self._since_ckpt >= self.checkpoint_every:
+            mid = 0 < self.checkpoint_updates <= self._folds_since_ckpt
+            if self._since_ckpt >= self.checkpoint_every or mid:
                 self._checkpoint()
         return effects
 
@@ -447,7 +456,7 @@ class Federation:
         _fsync_dir(self.dir)
         crash_point("checkpoint")
         self.store.add_checkpoint(self.seq, str(path), self.server.version)
-        self._since_ckpt = 0
+        self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for seq, old in self.store.checkpoints()[1:]:
             with contextlib.suppress(FileNotFoundError):

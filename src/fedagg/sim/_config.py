@@ -126,6 +126,7 @@ DEFAULTS: dict[str, Any] = {
         "queue": 64,
         "order": "arrival",
         "checkpoint_every": 1,
+        "checkpoint_updates": 0,
         "client_timeout": 30.0,
         "heartbeat": 10.0,
         "wait_for": 0,

@@ -1,0 +1,158 @@
+"""The federation engine without the network: event log, replay, idempotency, fold order."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedagg import strategies
+from fedagg.deploy import Federation, canonical_strategy
+from fedagg.deploy._store import UploadRow
+from fedagg.errors import StateError
+from fedagg.sim import SyncPolicy, fedbuff
+
+N = 6  # clients
+D = 1000  # parameters
+
+
+def _fed(d: Path, *, canonical: bool = False, kind: str = "sync", **kw: Any) -> Federation:
+    strategy = strategies.fedadam(lr=0.1)
+    if canonical:
+        strategy = canonical_strategy(strategy)
+    policy: Any
+    if kind == "sync":
+        policy = SyncPolicy(strategy=strategy, rounds=3, clients_per_round=4)
+    else:
+        policy = fedbuff(strategy, rounds=4, buffer=3, concurrency=4)
+    server = strategy.init([np.zeros(D, np.float32)])
+    return Federation(
+        policy, server, num_clients=N, seed=7, directory=d,
+        identity={"test": "federation"}, **kw,
+    )  # fmt: skip
+
+
+def _delta(job: int) -> np.ndarray:
+    rng = np.random.default_rng(job)
+    return (rng.standard_normal(D) * 10.0 ** rng.integers(-4, 1)).astype(np.float32)
+
+
+def _upload(fed: Federation, job: int, client: int, version: int) -> UploadRow:
+    path = fed.spool / f"{job:012d}-c{client}.upd"
+    d = _delta(job)
+    d.tofile(path)
+    return UploadRow(client, job, str(path), float(10 + job % 3), version, {}, d.nbytes, b"x" * 32)
+
+
+def _drive(fed: Federation, order: Any = None, stop_after: int | None = None) -> int:
+    """Run to the end: start, then answer every open task (in ``order`` of each batch)."""
+    effects = fed.open()
+    if not fed.started:
+        fed.step([r for r in fed.log([("start", 0.0, None, None, None, None)]) if r])
+    events = 0
+    t = 1.0
+    while not fed.finished:
+        tasks = sorted(fed.tasks.values(), key=lambda x: x.job)
+        assert tasks, "no open task but not finished"
+        if order is not None:
+            tasks = order(tasks)
+        task = tasks[0]
+        up = _upload(fed, task.job, task.client, task.version)
+        rows = fed.log([("arrival", t, task.client, task.job, None, up)])
+        fed.step([r for r in rows if r])
+        t += 1.0
+        events += 1
+        if stop_after is not None and events >= stop_after:
+            return events
+    del effects
+    return events
+
+
+def test_runs_to_the_end_and_counts_every_update_once(tmp_path: Path) -> None:
+    fed = _fed(tmp_path)
+    n = _drive(fed)
+    assert fed.server.version == 3
+    assert n == 12 and fed.store.count_uploads() == 12
+    rounds = fed.store.rounds()
+    assert [r["folded"] for r in rounds] == [4, 4, 4]
+    assert not list(fed.spool.glob("*.upd"))  # covered by the last checkpoint: deleted
+
+
+@pytest.mark.parametrize("kind", ["sync", "fedbuff"])
+@pytest.mark.parametrize("mid", [0, 1, 2])
+def test_a_crash_after_any_event_replays_to_the_same_bits(
+    tmp_path: Path, kind: str, mid: int
+) -> None:
+    ref = _fed(tmp_path / "ref", kind=kind, checkpoint_updates=mid)
+    total = _drive(ref)
+    want = ref.server.params.copy()
+    for k in range(1, total):
+        d = tmp_path / f"k{k}"
+        first = _fed(d, kind=kind, checkpoint_updates=mid)
+        _drive(first, stop_after=k)
+        first.close()  # the process dies here; nothing but the directory survives
+        again = _fed(d, kind=kind, checkpoint_updates=mid)
+        _drive(again)
+        assert again.server.version == ref.server.version
+        assert np.array_equal(again.server.params, want), k
+        assert again.store.count_uploads() == total
+
+
+def test_a_retried_upload_is_acknowledged_but_not_logged_again(tmp_path: Path) -> None:
+    fed = _fed(tmp_path)
+    fed.open()
+    fed.step([r for r in fed.log([("start", 0.0, None, None, None, None)]) if r])
+    task = min(fed.tasks.values(), key=lambda x: x.job)
+    up = _upload(fed, task.job, task.client, task.version)
+    rows = fed.log([("arrival", 1.0, task.client, task.job, None, up)] * 2)
+    assert rows[0] is not None and rows[1] is None
+    assert fed.check_upload(task.client, task.job, task.version) == "duplicate"
+    other = next(t for t in fed.tasks.values() if t.job != task.job)
+    assert fed.check_upload(other.client, other.job, other.version) is None
+    assert fed.check_upload((other.client + 1) % N, other.job, other.version) == "denied"
+    assert fed.check_upload(other.client, other.job, other.version + 1) == "version"
+    assert fed.check_upload(other.client, 10_000, 0) == "unknown"
+
+
+def test_canonical_order_makes_the_model_independent_of_arrival_order(tmp_path: Path) -> None:
+    finals = []
+    orders = [None, lambda ts: ts[::-1], lambda ts: ts[1:] + ts[:1]]
+    for i, order in enumerate(orders):
+        fed = _fed(tmp_path / f"c{i}", canonical=True)
+        _drive(fed, order)
+        finals.append(fed.server.params.copy())
+    for a, b in itertools.pairwise(finals):
+        assert np.array_equal(a, b)
+    # in arrival order the last bits depend on the order (deltas span 4 decades here)
+    arrival = []
+    for i, order in enumerate(orders[:2]):
+        fed = _fed(tmp_path / f"a{i}")
+        _drive(fed, order)
+        arrival.append(fed.server.params.copy())
+    np.testing.assert_allclose(arrival[0], finals[0], rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(arrival[0], arrival[1])
+
+
+def test_a_state_directory_of_another_federation_is_refused(tmp_path: Path) -> None:
+    _fed(tmp_path).open()
+    strategy = strategies.fedavg()
+    other = Federation(
+        SyncPolicy(strategy=strategy, rounds=1, clients_per_round=1),
+        strategy.init([np.zeros(D, np.float32)]), num_clients=N, seed=7, directory=tmp_path,
+        identity={"test": "another"},
+    )  # fmt: skip
+    with pytest.raises(StateError, match="another federation"):
+        other.open()
+
+
+def test_a_missing_spool_file_is_a_clear_error(tmp_path: Path) -> None:
+    fed = _fed(tmp_path)
+    _drive(fed, stop_after=2)
+    fed.close()
+    for p in fed.spool.glob("*.upd"):
+        p.unlink()
+    with pytest.raises(StateError, match="missing"):
+        _fed(tmp_path).open()
