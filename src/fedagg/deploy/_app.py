@@ -48,6 +48,7 @@ class ServeResult:
     uploads: int
     duplicates: int
     refused: int
+    receive_s: float  # upload handlers: checking, hashing and spooling chunks
 
 
 def _identity(cfg: Mapping[str, Any], server: ServerState) -> dict[str, str]:
@@ -124,7 +125,9 @@ async def serve_async(
     finally:
         await server.stop(grace=1.0)
     st = server.stats
-    return ServeResult(fed.server, st.rounds, fed.replayed, st.uploads, st.duplicates, st.refused)
+    return ServeResult(
+        fed.server, st.rounds, fed.replayed, st.uploads, st.duplicates, st.refused, st.receive_s
+    )
 
 
 def serve(

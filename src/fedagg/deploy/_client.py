@@ -85,6 +85,9 @@ class ClientReport:
     duplicates: int = 0
     skipped: int = 0
     retries: int = 0
+    pull_s: list[float] = field(default_factory=list)  # per task: model download
+    train_s: list[float] = field(default_factory=list)
+    push_s: list[float] = field(default_factory=list)  # digest, upload, durable ack
 
 
 TrainFn = Callable[[ArrayTree, TaskContext], Any]
@@ -229,6 +232,7 @@ class Client:
     async def _do(self, t: pb.Task) -> None:
         assert self.spec is not None
         self.report.tasks += 1
+        t0 = time.perf_counter()
         try:
             flat = await self._retry("pull", lambda: self._pull(t))
         except ClientError as e:
@@ -239,7 +243,9 @@ class Client:
         ctx = TaskContext(t.task, t.version, t.epochs, t.seed, self.index, self.key.name)
         model = self.spec.unflatten(flat)
         loop = asyncio.get_running_loop()
+        t1 = time.perf_counter()
         result = await loop.run_in_executor(None, self.train, model, ctx)
+        t2 = time.perf_counter()
         delta = self.spec.as_flat(result.delta)
         delta = np.ascontiguousarray(delta, dtype=self.spec.dtype)
         metrics = {k: float(v) for k, v in dict(getattr(result, "metrics", {}) or {}).items()}
@@ -251,6 +257,9 @@ class Client:
                 self.report.skipped += 1
                 return
             raise
+        self.report.pull_s.append(t1 - t0)
+        self.report.train_s.append(t2 - t1)
+        self.report.push_s.append(time.perf_counter() - t2)
         if reply.duplicate:
             self.report.duplicates += 1
         else:

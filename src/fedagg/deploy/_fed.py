@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,9 @@ class Federation:
         self.started = False
         self._since_ckpt = 0
         self.replayed = 0
+        #: seconds spent logging events, in the policy (fold, finalize, optimizer) and
+        #: writing checkpoints
+        self.timings = {"log": 0.0, "policy": 0.0, "checkpoint": 0.0}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -328,6 +332,7 @@ class Federation:
         """Make a batch of events durable, in one transaction. An arrival whose key is already
         logged (a retry) gives None and is not logged again."""
         rows: list[EventRow | None] = []
+        t0 = time.perf_counter()
         with self.store.tx():
             for kind, now, client, job, tag, upload in events:
                 if upload is not None and self.store.has_upload(upload.client, upload.job):
@@ -337,6 +342,7 @@ class Federation:
                 self.store.append(seq, kind, now, client, job, tag, upload)
                 self.seq = seq
                 rows.append(EventRow(seq, kind, now, client, job, tag, upload))
+        self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
 
@@ -347,7 +353,9 @@ class Federation:
             if row.kind == "arrival":
                 crash_point("fold")
                 self._folds_since_ckpt += 1
+            t0 = time.perf_counter()
             effects.merge(self._apply(row))
+            self.timings["policy"] += time.perf_counter() - t0
             if effects.rounds:
                 crash_point("applied")
             mid = 0 < self.checkpoint_updates <= self._folds_since_ckpt
@@ -442,6 +450,7 @@ class Federation:
         agg = getattr(self.state, "agg", None)
         if isinstance(agg, CanonicalState) and agg.pending:
             return  # mid-round in canonical order: the log covers it; try after the next
+        t0 = time.perf_counter()
         snap = _Snapshot(
             self.state, self.seq, self.next_job, self.now, dict(self.tasks), dict(self.timers),
             dict(self.models), self.finished,
@@ -467,6 +476,7 @@ class Federation:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         self.store.forget_paths(self.seq)
+        self.timings["checkpoint"] += time.perf_counter() - t0
 
 
 def _fsync_dir(d: Path) -> None:

@@ -118,6 +118,7 @@ class ServerStats:
     duplicates: int = 0
     refused: int = 0
     bytes_in: int = 0
+    receive_s: float = 0.0  # in upload handlers: checking, hashing, spooling chunks
     rounds: list[RoundStats] = field(default_factory=list)
 
 
@@ -500,7 +501,9 @@ class Server:
                 pass
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
+        t0 = time.perf_counter()
         path = await self._receive(first, it, head, spec)
+        self.stats.receive_s += time.perf_counter() - t0
         upload = UploadRow(
             client, head.task, str(path), float(head.weight), head.version, metrics,
             head.nbytes, bytes(head.sha256),
