@@ -30,13 +30,14 @@ Measured:
 1. :func:`raw_tcp_loopback` -- the bound: one process ``sendall``-s a preallocated buffer over
    127.0.0.1 TCP, another ``recv_into``-s a preallocated buffer; best of 3.
 2. :func:`flower_upload` -- one SuperNode whose ClientApp returns a float32 update of ``nbytes``
-   (``np.full``, no training) to a ServerApp running one round of Flower's ``FedAvg``
-   (the global model it sends is 1 float, so the round is upload-bound). ``upload_s`` is the
-   time from the moment the ClientApp holds the numpy update to the aggregated ``ArrayRecord``
-   at the ServerApp (serialise + ClientApp -> SuperNode -> SuperLink -> ServerApp + aggregate);
-   ``round_s`` is from the round's start (``configure_train``) to the same point. The
-   ServerApp's reply poll is 0.05 s here instead of ``Grid.send_and_receive``'s fixed 3 s sleep,
-   so the number is the transport's, not the poll's. Falls back to 512 and 256 MiB on failure.
+   (random, no training) to a ServerApp running one round of Flower's ``FedAvg`` (the global
+   model it sends is 1 float, so the round is upload-bound). ``upload_s`` is the time from the
+   moment the ClientApp holds the numpy update to the aggregated ``ArrayRecord`` at the
+   ServerApp (serialise + ClientApp -> SuperNode -> SuperLink -> ServerApp + aggregate), split
+   into ``stages_s`` by the SuperNode's "Sending" / "Sent successfully" log lines; ``round_s``
+   is from the round's start (``configure_train``) to the same point. The ServerApp's reply poll
+   is 0.05 s here instead of ``Grid.send_and_receive``'s fixed 3 s sleep, so the number is the
+   transport's, not the poll's. Falls back to 512 and 256 MiB on failure (recording why).
 3. :func:`flower_round_latency` -- 10-float model, 2 SuperNodes, ``FedAvg`` with both nodes every
    round, stock settings (``strategy.start`` on the real ``Grid``). Per-round wall time measured
    in the ServerApp; startup (processes, run submission, node registration) is excluded.
@@ -44,16 +45,21 @@ Measured:
    (the ServerApp sends a ``params``-float32 global model, as FedAvg does), round time, and the
    peak RSS (psutil, sampled every 50 ms) summed over the server side (SuperLink + its
    SuperExec + the ServerApp) and, separately, over the SuperNodes (+ their SuperExecs and
-   ClientApps). :func:`choose_n_clients` measures two small federations first and picks the
-   largest ``n`` in (10, 25, 50, 100) whose predicted total RSS stays under a budget.
+   ClientApps). :func:`flower_many_clients_auto` first measures two small federations
+   (:func:`choose_n_clients`), runs the largest ``n`` in (10, 25, 50, 100) whose predicted
+   total RSS fits the budget, then tries the larger candidates with an RSS guard.
+
+Updates and the global model are random: Flower stores every 5 MiB chunk under its SHA-256, so
+a constant array (``np.full``, ``np.zeros``) would collapse into one chunk and barely travel.
 
 Flower's polling sets the latency floor: a SuperNode with nothing to do sleeps 3 s between
 pulls, its SuperExec polls for tasks every 1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), every
 message starts a new ``flwr-clientapp`` Python process, and ``Grid.send_and_receive`` sleeps 3 s
 between reply pulls.
 
-Run ``python benchmarks/_flower_transport.py`` for a small smoke run (~3 min) or with ``--full``
-for the full-scale run, which writes ``benchmarks/results/flower_transport.json``.
+Run ``python benchmarks/_flower_transport.py`` for a small smoke run (~2 min) or with ``--full``
+(~15 min) for the full-scale run, which writes ``benchmarks/results/flower_transport.json``;
+``--wait-idle S`` waits up to S s before each benchmark for the load average to drop below 0.5.
 """
 
 from __future__ import annotations
@@ -68,10 +74,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -87,9 +91,16 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 LOCAL = "127.0.0.1"
 SAMPLE_S = 0.05  # RSS sampling period
 CANDIDATE_NS = (10, 25, 50, 100)
+ROLES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
 
 
-# -- raw TCP bound -------------------------------------------------------------------------------
+# -- raw TCP bound -----------------------------------------------------------------------------
 
 _TCP_RECEIVER = r"""
 import json, socket, sys, time
@@ -173,7 +184,7 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
     return out[0].strip()
 
 
-# -- the Flower App (written into a temp dir, shipped as a FAB by `flwr run`) --------------------
+# -- the Flower App (written into a temp dir, shipped as a FAB by `flwr run`) ------------------
 
 _PYPROJECT = """\
 [build-system]
@@ -372,7 +383,7 @@ def _write_app(app_dir: Path, config: dict[str, Any]) -> None:
     (app_dir / "pyproject.toml").write_text(_PYPROJECT.format(config=lines))
 
 
-# -- process management ---------------------------------------------------------------------------
+# -- process management ------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -397,9 +408,11 @@ def _kill_tree(pids: list[int], grace: float = 5.0) -> None:
     so killing the SuperLink's process group alone would miss it.
     """
     procs = _descendants(pids)
+    own_group = os.getpgid(0)
     for p in procs:
         with contextlib.suppress(psutil.Error, OSError):
-            os.killpg(os.getpgid(p.pid), signal.SIGTERM)
+            if (group := os.getpgid(p.pid)) != own_group:
+                os.killpg(group, signal.SIGTERM)
         with contextlib.suppress(psutil.Error):
             p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=grace)
@@ -441,8 +454,20 @@ class RssSampler(threading.Thread):
         self.last = dict.fromkeys(groups, 0)
         self.guard_bytes, self.on_guard, self.guard_hit = guard_bytes, on_guard, False
         self.per_name_peak: dict[str, int] = {}
+        # The machine's used memory, as a cross-check of the RSS sums (which count pages shared
+        # between processes, e.g. the Python binary and libraries, once per process).
+        self.system_used_start = psutil.virtual_memory().used
+        self.system_used_peak = self.system_used_start
         self._stop_evt = threading.Event()
         self._members: dict[str, dict[int, psutil.Process]] = {g: {} for g in groups}
+        self._roles: dict[int, str] = {}
+
+    def _role(self, p: psutil.Process) -> str:
+        """Which Flower component a process is (from its command line)."""
+        if p.pid not in self._roles:
+            cmd = " ".join(p.cmdline())
+            self._roles[p.pid] = next((r for r in ROLES if r in cmd), "other")
+        return self._roles[p.pid]
 
     def _refresh(self) -> None:
         children: dict[int, list[int]] = {}
@@ -474,7 +499,7 @@ class RssSampler(threading.Thread):
             for p in list(members.values()):
                 try:
                     rss = p.memory_info().rss
-                    name = _role(p)
+                    name = self._role(p)
                 except psutil.Error:
                     continue
                 total += rss
@@ -485,6 +510,7 @@ class RssSampler(threading.Thread):
             self.per_name_peak[name] = max(self.per_name_peak.get(name, 0), v)
         total = sum(sums.values())
         self.peak_total = max(self.peak_total, total)
+        self.system_used_peak = max(self.system_used_peak, psutil.virtual_memory().used)
         self.last = sums
         if self.guard_bytes and total > self.guard_bytes and not self.guard_hit:
             self.guard_hit = True
@@ -536,28 +562,6 @@ class LogWatch(threading.Thread):
         self.join(timeout=5)
 
 
-_ROLE_CACHE: dict[int, str] = {}
-
-
-def _role(p: psutil.Process) -> str:
-    """Which Flower component a process is (from its command line)."""
-    if p.pid not in _ROLE_CACHE:
-        cmd = " ".join(p.cmdline())
-        for role in (
-            "flower-superlink",
-            "flower-supernode",
-            "flower-superexec",
-            "flwr-serverapp",
-            "flwr-clientapp",
-        ):
-            if role in cmd:
-                break
-        else:
-            role = "other"
-        _ROLE_CACHE[p.pid] = role
-    return _ROLE_CACHE[p.pid]
-
-
 class Deployment:
     """A SuperLink and ``n_nodes`` SuperNodes on loopback, torn down (always) on exit.
 
@@ -581,6 +585,7 @@ class Deployment:
         self.superlink_port = 0
         self.sampler: RssSampler | None = None
         self.aborted: str | None = None
+        self.system_used_before = psutil.virtual_memory().used
         self._logs: list[Any] = []
 
     # -- lifecycle
@@ -674,6 +679,7 @@ class Deployment:
             guard_bytes=guard_bytes,
             on_guard=abort,
         )
+        self.sampler.system_used_start = self.system_used_before
         self.sampler.start()
         return self.sampler
 
@@ -755,7 +761,7 @@ def _p(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-# -- benchmarks ------------------------------------------------------------------------------------
+# -- benchmarks --------------------------------------------------------------------------------
 
 
 def _flower_upload_once(nbytes: int, timeout: float) -> dict:
@@ -765,17 +771,22 @@ def _flower_upload_once(nbytes: int, timeout: float) -> dict:
         # "Sent successfully" once every object of it is in the SuperLink's.
         watch = LogWatch(dep.tmp / "supernode0.log", (_SENDING, _SENT))
         watch.start()
-        rep = dep.run(
-            {
-                "rounds": 1,
-                "model-floats": 1,
-                "update-floats": nbytes // 4,
-                "poll-s": 0.05,
-            },
-            timeout=timeout,
-        )
-        sampler.stop()
-        watch.stop()
+        try:
+            rep = dep.run(
+                {
+                    "rounds": 1,
+                    "model-floats": 1,
+                    "update-floats": nbytes // 4,
+                    "poll-s": 0.05,
+                },
+                timeout=timeout,
+            )
+        except Exception as err:
+            errors = "\n".join(dep.errors_in_logs())
+            raise RuntimeError(f"{err}\nerrors in the process logs:\n{errors}") from err
+        finally:
+            sampler.stop()
+            watch.stop()
         r = rep["rounds"][0]
         if r["n_errors"] or not r["agg_ok"]:
             raise RuntimeError(f"round failed: {r['errors']} (aggregate ok: {r['agg_ok']})")
@@ -814,21 +825,21 @@ def flower_upload(
 ) -> dict:
     """Upload of one ``nbytes`` float32 update through Flower's deployment engine.
 
-    One SuperNode; its ClientApp builds ``np.full(nbytes // 4, v, float32)`` and returns it;
-    the ServerApp runs one FedAvg round over it (global model: 1 float). Returns the first size
+    One SuperNode; its ClientApp builds ``nbytes // 4`` random float32s and returns them; the
+    ServerApp runs one FedAvg round over it (global model: 1 float). Returns the first size
     of ``(nbytes, *fallbacks)`` that worked (``upload_s``: ClientApp's numpy update ->
-    aggregated ArrayRecord at the ServerApp, ``gib_per_s`` from it; ``round_s`` from the round's
-    start), plus ``failures``: ``{size: error text}`` for every size that failed before it.
+    aggregated ArrayRecord at the ServerApp, ``gib_per_s`` from it, ``stages_s`` its split;
+    ``round_s`` from the round's start; peak RSS per side and per component), plus
+    ``failures``: ``{size: error text}`` for every size that failed before it. A size fails on
+    any error or when no result arrives within ``timeout`` seconds.
     """
     failures: dict[str, str] = {}
     for size in (nbytes, *fallbacks):
         t0 = time.monotonic()
         try:
             res = _flower_upload_once(size, timeout)
-        except Exception as err:  # noqa: BLE001 (the failure text is the result)
-            failures[str(size)] = (
-                f"{type(err).__name__} after {time.monotonic() - t0:.0f} s: {err}"
-            )
+        except Exception as err:
+            failures[str(size)] = f"{type(err).__name__} after {time.monotonic() - t0:.0f} s: {err}"
             continue
         res["requested_bytes"] = nbytes
         res["failures"] = failures
@@ -899,8 +910,11 @@ def flower_many_clients(
     Returns per-round times (ServerApp-side, as in :func:`flower_round_latency`, stock 3 s
     reply poll) and peak RSS sampled every 50 ms: ``peak_rss_server_bytes`` (SuperLink +
     SuperExec + ServerApp, summed), ``peak_rss_nodes_bytes`` (all SuperNodes + their SuperExecs
-    and ClientApps, summed) and ``peak_rss_total_bytes`` (both, at the same instant). The run is
-    killed if the total exceeds ``guard_gib`` (reported in ``error``).
+    and ClientApps, summed) and ``peak_rss_total_bytes`` (both, at the same instant);
+    ``peak_rss_by_role_bytes`` is the peak of each component's sum (not simultaneous) and
+    ``peak_system_used_increase_bytes`` the machine's used-memory growth (counts shared pages
+    once, but also sees other processes). ``upload_s``: last ClientApp update built ->
+    aggregated. The run is killed if the total exceeds ``guard_gib`` (``aborted``, ``error``).
     """
     res: dict[str, Any] = {"n_clients": n_clients, "params": params, "rounds": rounds}
     t0 = time.time()
@@ -916,7 +930,7 @@ def flower_many_clients(
                 },
                 timeout=timeout,
             )
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             res["error"] = f"{type(err).__name__}: {err}"
             res["log_errors"] = dep.errors_in_logs()
             rep = None
@@ -927,7 +941,9 @@ def flower_many_clients(
             peak_rss_nodes_bytes=sampler.peak["nodes"],
             peak_rss_total_bytes=sampler.peak_total,
             peak_rss_by_role_bytes=dict(sampler.per_name_peak),
+            peak_system_used_increase_bytes=sampler.system_used_peak - sampler.system_used_start,
             end_rss_bytes=idle,
+            aborted=dep.aborted,
         )
     res["wall_s"] = time.time() - t0
     if rep is not None:
@@ -989,64 +1005,116 @@ def choose_n_clients(
     }
 
 
-# -- command line -----------------------------------------------------------------------------------
+def flower_many_clients_auto(
+    params: int = 10_000_000,
+    rounds: int = 2,
+    budget_gib: float = 16.0,
+    candidates: tuple[int, ...] = CANDIDATE_NS,
+) -> dict:
+    """:func:`flower_many_clients` at the largest ``n`` in ``candidates`` that fits the budget.
+
+    :func:`choose_n_clients` predicts the largest fitting ``n`` from two small federations;
+    that ``n`` is run, then each larger candidate is tried with the RSS guard set to the budget
+    (killed as soon as the summed RSS crosses it) and adopted if it completes. Returns the
+    result of the largest completed ``n`` with ``n_choice`` (the prediction) and ``attempts``
+    (every larger candidate tried: completed, or the abort / error text).
+    """
+    choice = choose_n_clients(params, budget_gib, candidates)
+    best = flower_many_clients(choice["chosen_n"], params, rounds)
+    attempts: dict[int, dict] = {}
+    for n in (c for c in candidates if c > choice["chosen_n"]):
+        r = flower_many_clients(n, params, rounds, guard_gib=budget_gib)
+        ok = not (r.get("error") or r.get("aborted") or r.get("failed_rounds"))
+        attempts[n] = {
+            "completed": ok,
+            "error": r.get("aborted") or r.get("error"),
+            "peak_rss_total_bytes": r["peak_rss_total_bytes"],
+            "wall_s": r["wall_s"],
+        }
+        if not ok:
+            break
+        best = r
+    best["n_choice"] = choice
+    best["attempts_above_prediction"] = attempts
+    best["n_used"] = best["n_clients"]
+    best["n_reason"] = (
+        f"{choice['why']}; larger candidates tried with a {budget_gib:g} GiB RSS guard: "
+        + (
+            ", ".join(
+                f"n={n} " + ("completed" if a["completed"] else f"failed ({a['error']})")
+                for n, a in attempts.items()
+            )
+            or "none"
+        )
+    )
+    return best
 
 
-def _gib(x: float) -> str:
-    return f"{x / GIB:.2f} GiB"
+# -- command line ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _timed(name: str) -> Iterator[None]:
+def _wait_idle(max_s: float, threshold: float = 0.5) -> float:
+    """Wait (at most ``max_s`` s) until the 1-min load average is below ``threshold``."""
     t0 = time.monotonic()
-    print(f"== {name} ...", flush=True)
-    yield
-    print(f"== {name}: {time.monotonic() - t0:.0f} s", flush=True)
+    while time.monotonic() - t0 < max_s and os.getloadavg()[0] >= threshold:
+        time.sleep(10)
+    return time.monotonic() - t0
+
+
+def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """``out[key] = fn(*args, **kwargs)``, printed, with its duration and the load before it.
+
+    The load average is recorded because the numbers are only meaningful on an idle machine.
+    """
+    waited = _wait_idle(out.get("wait_idle_s", 0.0))
+    load = os.getloadavg()[0]
+    print(f"== {key} (load {load:.2f}, waited {waited:.0f} s for idle) ...", flush=True)
+    t0 = time.monotonic()
+    res = fn(*args, **kwargs)
+    res["bench_wall_s"] = time.monotonic() - t0
+    res["load_avg_1min_before"] = load
+    out[key] = res
+    print(f"== {key}: {res['bench_wall_s']:.0f} s\n{res}", flush=True)
 
 
 def main(argv: list[str]) -> None:
-    """Smoke run (default) or ``--full`` run writing ``results/flower_transport.json``."""
+    """Smoke run (default, ~2 min) or ``--full`` run writing ``results/flower_transport.json``.
+
+    ``--wait-idle S``: before each benchmark, wait up to S seconds for the machine to go idle.
+    """
     full = "--full" in argv
-    for k, v in FLOWER_ENV.items():
-        os.environ[k] = v
+    wait_idle = float(argv[argv.index("--wait-idle") + 1]) if "--wait-idle" in argv else 0.0
+    os.environ.update(FLOWER_ENV)
     out: dict[str, Any] = {
         "flwr_version": version("flwr"),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "mem_total_bytes": psutil.virtual_memory().total,
         "scale": "full" if full else "smoke",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wait_idle_s": wait_idle,
     }
-    with _timed("raw TCP loopback"):
-        out["raw_tcp_loopback"] = raw_tcp_loopback(GIB if full else 64 * MIB)
-    print(out["raw_tcp_loopback"], flush=True)
-    with _timed("Flower upload"):
-        out["flower_upload"] = flower_upload(GIB if full else 64 * MIB)
-    print(out["flower_upload"], flush=True)
-    with _timed("Flower round latency (stock)"):
-        out["flower_round_latency"] = flower_round_latency(20 if full else 5)
-    print(out["flower_round_latency"], flush=True)
     if full:
-        with _timed("Flower round latency (tuned polls)"):
-            out["flower_round_latency_tuned"] = flower_round_latency(
-                20, poll_s=0.05, extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
-            )
-        print(out["flower_round_latency_tuned"], flush=True)
-        with _timed("choosing n for many clients"):
-            choice = choose_n_clients()
-        print(choice, flush=True)
-        with _timed(f"Flower many clients (n={choice['chosen_n']})"):
-            many = flower_many_clients(choice["chosen_n"])
-        many["n_choice"] = choice
-    else:
-        with _timed("Flower many clients (n=4, 1M params)"):
-            many = flower_many_clients(4, 1_000_000)
-    out["flower_many_clients"] = many
-    print(many, flush=True)
-    if full:
+        _run(out, "raw_tcp_loopback", raw_tcp_loopback, GIB)
+        _run(out, "flower_upload", flower_upload, GIB)
+        _run(out, "flower_round_latency", flower_round_latency, 20)
+        _run(
+            out,
+            "flower_round_latency_tuned",
+            flower_round_latency,
+            20,
+            poll_s=0.05,
+            extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"},
+        )
+        _run(out, "flower_many_clients", flower_many_clients_auto, 10_000_000, 2, 16.0)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {RESULTS}")
     else:
+        _run(out, "raw_tcp_loopback", raw_tcp_loopback, 64 * MIB)
+        _run(out, "flower_upload", flower_upload, 64 * MIB)
+        _run(out, "flower_round_latency", flower_round_latency, 5)
+        _run(out, "flower_many_clients", flower_many_clients, 4, 1_000_000)
         print(json.dumps(out, indent=2))
 
 
