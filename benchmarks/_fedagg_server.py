@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,10 +29,27 @@ def main() -> None:
     ap.add_argument("rounds", type=int)
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--no-fsync", action="store_true")
+    ap.add_argument("--no-digest", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=4.0)
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
+    fold_s = [0.0]
+    agg = strategy.aggregator
+
+    class TimedFold:  # the fold alone, as the engine calls it
+        decomposable = agg.decomposable
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(agg, name)
+
+        def fold(self, state: object, update: object) -> object:
+            t = time.perf_counter()
+            out = agg.fold(state, update)
+            fold_s[0] += time.perf_counter() - t
+            return out
+
+    strategy = dataclasses.replace(strategy, aggregator=TimedFold())
     policy = SyncPolicy(strategy=strategy, rounds=a.rounds, clients_per_round=a.clients)
     server = strategy.init([np.zeros(a.params, np.float32)])
     fed = Federation(policy, server, num_clients=a.clients, seed=0, directory=d / "state")
@@ -41,14 +59,17 @@ def main() -> None:
     opts = ServerOptions(
         listen=f"127.0.0.1:{a.port}", tls=tls, insecure=not a.tls, fsync=not a.no_fsync,
         chunk_bytes=int(a.chunk_mib * (1 << 20)), rate=0.0, client_timeout=600.0,
-        heartbeat=30.0,
+        heartbeat=30.0, digest=not a.no_digest,
     )  # fmt: skip
     ends: list[float] = []
     t0 = time.perf_counter()
     result = asyncio.run(
         serve_async(
-            fed, Keyring.load(d / "keys" / "authorized_keys"), opts,
+            fed,
+            Keyring.load(d / "keys" / "authorized_keys"),
+            opts,
             on_round=lambda r: ends.append(time.perf_counter() - t0),
+            on_start=lambda _: fold_s.__setitem__(0, 0.0),  # not the warm-up's folds
         )  # fmt: skip
     )
     rounds = [r.ended - r.started for r in result.rounds]
@@ -58,13 +79,24 @@ def main() -> None:
                 "round_s": rounds,
                 "round_end_s": ends,
                 "uploads": result.uploads,
-                "timings": {**fed.timings, "receive": result.receive_s},
+                "timings": {**fed.timings, "receive": result.receive_s, "fold": fold_s[0]},
                 "version": result.server.version,
-                "checksum": float(np.float64(result.server.params[:: max(1, a.params // 1000)].sum())),
+                "peak_rss": _vmhwm(),
+                "checksum": float(
+                    np.float64(result.server.params[:: max(1, a.params // 1000)].sum())
+                ),
             }
         ),
         flush=True,
     )
+
+
+def _vmhwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":

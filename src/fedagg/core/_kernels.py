@@ -340,11 +340,11 @@ def max_abs(x: Arr, *, use_numba: bool) -> float:
         return float(np.abs(x).max())
 
 
-def all_finite(x: Arr, *, use_numba: bool) -> bool:
+def all_finite(x: Arr, *, use_numba: bool, parallel: bool = True) -> bool:
     if x.size == 0:
         return True
     if use_numba and x.dtype in _NATIVE:
-        if _parallel(x.size):
+        if parallel and _parallel(x.size):
             return bool(_all_finite_par(_readonly(x)))
         return bool(_count_nonfinite(_readonly(x), 0, x.size) == 0)
     return all(

@@ -96,6 +96,11 @@ class ClientKey:
         sig = self.private.sign(signing_bytes(method, self.name, ts, nonce, content))
         return {"client": self.name, "timestamp_ms": ts, "nonce": nonce, "signature": sig}
 
+    def sign_bytes(self, method: str, ts: int, nonce: bytes, content: bytes) -> bytes:
+        """A signature tied to an earlier request's timestamp and nonce (an upload's
+        trailer, signed with its header's)."""
+        return self.private.sign(signing_bytes(method, self.name, ts, nonce, content))
+
     def public_b64(self) -> str:
         raw = self.private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -134,15 +139,16 @@ class Keyring:
                 raise ConfigError(f"{p}:{n}: expected 'name base64-ed25519-key' ({e})") from e
         return cls(keys)
 
-    def verify(self, method: str, auth: Any, content: bytes) -> int:
-        """The client's index if ``auth`` (an ``Auth`` message) signs ``content``."""
+    def verify(self, method: str, auth: Any, content: bytes, signature: bytes | None = None) -> int:
+        """The client's index if ``auth`` (an ``Auth`` message) signs ``content`` (or if
+        ``signature`` does, made with ``auth``'s name, timestamp and nonce)."""
         name = auth.client
         key = self.keys.get(name)
         if key is None:
             raise AuthError(f"unknown client {name!r}")
         try:
             key.verify(
-                auth.signature,
+                auth.signature if signature is None else signature,
                 signing_bytes(method, name, auth.timestamp_ms, auth.nonce, content),
             )
         except InvalidSignature:

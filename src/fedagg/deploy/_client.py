@@ -201,6 +201,7 @@ class Client:
         self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
         self.index = reply.client_index
         self.chunk = int(reply.chunk_bytes)
+        self.digest = bool(reply.digest)
 
     async def _loop(self) -> None:
         await self._hello()
@@ -286,22 +287,33 @@ class Client:
         self, t: pb.Task, delta: np.ndarray[Any, Any], weight: float, metrics: dict[str, float]
     ) -> pb.PushReply:
         data = delta.data.cast("B")
-        digest = hashlib.sha256(data).digest()
         content = body(
             task=t.task, version=t.version, weight=_json_float(weight), nbytes=len(data),
-            sha256=digest.hex(), metrics={k: _json_float(v) for k, v in metrics.items()},
+            metrics={k: _json_float(v) for k, v in metrics.items()},
         )  # fmt: skip
+        auth = self._auth("Push", content)
         head = pb.UploadHeader(
-            auth=self._auth("Push", content), task=t.task, version=t.version, weight=weight,
-            nbytes=len(data), sha256=digest, metrics=metrics,
+            auth=auth, task=t.task, version=t.version, weight=weight, nbytes=len(data),
+            metrics=metrics,
         )  # fmt: skip
         step = self.chunk
+        key = self.key
 
         async def chunks() -> Any:
+            # the digest is computed as the chunks go out, and signed in the trailer
+            sha = hashlib.sha256(data[0:step]) if self.digest else None
             yield encode_chunk({}, data[0:step], head.SerializeToString())
             for off in range(step, len(data), step):
                 crash_point("client-upload")
-                yield encode_chunk({2: off}, data[off : off + step])
+                piece = data[off : off + step]
+                if sha is not None:
+                    sha.update(piece)
+                yield encode_chunk({2: off}, piece)
+            digest = sha.digest() if sha is not None else b""
+            sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce,
+                                 auth.signature + digest)  # fmt: skip
+            yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=digest, signature=sig)
+                               .SerializeToString())  # fmt: skip
 
         raw = await self._method("Push", "stream_unary")(chunks())
         reply: pb.PushReply = pb.PushReply.FromString(raw)

@@ -258,6 +258,7 @@ class Federation:
         self.tasks: dict[int, TaskInfo] = {}  # jobs not yet resolved (arrival or dropout)
         self.timers: dict[int, float] = {}
         self.models: dict[int, Arr] = {}
+        self._pool: Arr | None = None
         self.finished = False
         self.started = False
         self._since_ckpt = 0
@@ -311,6 +312,28 @@ class Federation:
 
     def close(self) -> None:
         self.store.close()
+
+    def warmup(self) -> None:
+        """Compile the aggregator's kernels on a tiny update now, not on the first upload
+        (numba compiles per signature: a read-only array like a spool file's view)."""
+        from fedagg.core import _kernels
+
+        small = np.zeros(1024, self.spec.dtype)
+        small.flags.writeable = False
+        _kernels.all_finite(small, use_numba=True, parallel=False)
+        strategy = getattr(self.policy, "strategy", None)
+        agg = getattr(strategy, "aggregator", None)
+        if agg is None:
+            return
+        # serial and parallel kernels, on a read-only array (as a spool file's view is)
+        for n in (1024, 2 * _kernels.PARALLEL_MIN_WORK):
+            x = np.zeros(n, self.spec.dtype)
+            x.flags.writeable = False
+            spec = ParamSpec.from_arrays([np.zeros(n, self.spec.dtype)])
+            with contextlib.suppress(Exception):  # best effort: some rules need several
+                st = agg.init(spec, version=None)
+                st = agg.fold(st, Update(delta=x, weight=1.0))
+                agg.finalize_flat(st)
 
     # -- the server's entry points (engine thread only) ----------------------------------------
     def check_upload(self, client: int, job: int, version: int) -> str | None:
@@ -386,13 +409,36 @@ class Federation:
             u = row.upload
             if not u.path or not os.path.exists(u.path):
                 raise StateError(f"the spooled update of job {u.job} is missing ({u.path!r})")
-            delta = np.memmap(u.path, dtype=self.spec.dtype, mode="r", shape=(self.spec.size,))
+            delta = self._read(u.path)
             update = Update(
                 delta=delta, weight=u.weight, client_id=str(u.client), base_version=u.version,
                 metrics=u.metrics,
             )  # fmt: skip
             return Arrival(row.time, u.client, u.job, update, {}, None, u.nbytes)
         raise StateError(f"malformed event {row.seq} ({row.kind})")
+
+    def _read(self, path: str) -> Arr:
+        """A spooled update as an array. Folded at once (arrival order): read into one pooled
+        buffer, reused for every update (page faults on fresh memory cost more than the copy
+        from the page cache). Kept until the round closes (canonical order): a read-only map
+        of the file, which costs no memory until it is folded."""
+        n = self.spec.size
+        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
+        if isinstance(agg, Canonical):
+            return np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
+        if self._pool is None:
+            self._pool = np.empty(n, self.spec.dtype)
+        view = self._pool.data.cast("B")
+        with open(path, "rb", buffering=0) as f:
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise StateError(f"the spooled update {path} is truncated")
+                got += k
+        out = self._pool.view()
+        out.flags.writeable = False
+        return out
 
     def _apply(self, row: EventRow) -> Effects:
         ev = self._event(row)

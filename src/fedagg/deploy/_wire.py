@@ -36,11 +36,20 @@ class WireError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A decoded ModelChunk or UploadChunk: ``ints`` by field number, ``data`` a view
-    (field 3 of both), ``header`` the raw bytes of UploadChunk's field 1 (or None)."""
+    (field 3 of both), ``subs`` the raw bytes of the other length-delimited fields
+    (UploadChunk's header, field 1, and trailer, field 4)."""
 
     ints: dict[int, int]
     data: memoryview
-    header: memoryview | None
+    subs: dict[int, memoryview]
+
+    @property
+    def header(self) -> memoryview | None:
+        return self.subs.get(1)
+
+    @property
+    def trailer(self) -> memoryview | None:
+        return self.subs.get(4)
 
 
 def encode_varint(value: int) -> bytes:
@@ -76,10 +85,14 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 
 def encode_chunk(
-    ints: dict[int, int], data: memoryview | bytes, header: bytes | None = None
+    ints: dict[int, int],
+    data: memoryview | bytes,
+    header: bytes | None = None,
+    trailer: bytes | None = None,
 ) -> bytes:
     """A chunk message: ``header`` as field 1 (UploadChunk), each ``ints`` entry as a varint
-    field, ``data`` as field 3. Fields equal to zero are omitted, as protobuf does."""
+    field, ``data`` as field 3, ``trailer`` as field 4 (UploadChunk). Fields equal to zero
+    are omitted, as protobuf does."""
     parts: list[bytes | memoryview] = []
     if header is not None:
         parts += [b"\x0a", encode_varint(len(header)), header]
@@ -90,12 +103,14 @@ def encode_chunk(
             parts += [encode_varint(field << 3 | _VARINT), encode_varint(ints[field])]
     if len(data):
         parts += [b"\x1a", encode_varint(len(data)), data]
+    if trailer is not None:
+        parts += [b"\x22", encode_varint(len(trailer)), trailer]
     return b"".join(parts)
 
 
 #: Field numbers by wire type, per message (``fedagg.proto``).
 MODEL_CHUNK = (frozenset({1, 2, 4}), frozenset({3}))
-UPLOAD_CHUNK = (frozenset({2}), frozenset({1, 3}))
+UPLOAD_CHUNK = (frozenset({2}), frozenset({1, 3, 4}))
 
 
 def decode_chunk(
@@ -110,7 +125,7 @@ def decode_chunk(
     pos = 0
     ints: dict[int, int] = {}
     data = buf[0:0]
-    header: memoryview | None = None
+    subs: dict[int, memoryview] = {}
     while pos < end:
         key, pos = _read_varint(buf, pos, end)
         field, wire = key >> 3, key & 7
@@ -132,7 +147,7 @@ def decode_chunk(
             if field == 3:
                 data = view
             elif known:
-                header = view  # protobuf merges repeated submessages; only one is sent
+                subs[field] = view  # protobuf merges repeated submessages; only one is sent
         elif wire == _I64:
             if end - pos < 8:
                 raise WireError("truncated fixed64")
@@ -143,4 +158,4 @@ def decode_chunk(
             pos += 4
         else:
             raise WireError(f"unsupported wire type {wire}")
-    return Chunk(ints, data, header)
+    return Chunk(ints, data, subs)

@@ -1,15 +1,13 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Auth(_message.Message):
-    __slots__ = ("client", "nonce", "signature", "timestamp_ms")
+    __slots__ = ("client", "timestamp_ms", "nonce", "signature")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -18,13 +16,7 @@ class Auth(_message.Message):
     timestamp_ms: int
     nonce: bytes
     signature: bytes
-    def __init__(
-        self,
-        client: str | None = ...,
-        timestamp_ms: int | None = ...,
-        nonce: bytes | None = ...,
-        signature: bytes | None = ...,
-    ) -> None: ...
+    def __init__(self, client: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("auth", "protocol")
@@ -32,37 +24,32 @@ class HelloRequest(_message.Message):
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     protocol: int
-    def __init__(self, auth: Auth | _Mapping | None = ..., protocol: int | None = ...) -> None: ...
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("chunk_bytes", "client_index", "model_bytes", "protocol", "spec_json")
+    __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     client_index: int
     spec_json: str
     model_bytes: int
     chunk_bytes: int
-    def __init__(
-        self,
-        protocol: int | None = ...,
-        client_index: int | None = ...,
-        spec_json: str | None = ...,
-        model_bytes: int | None = ...,
-        chunk_bytes: int | None = ...,
-    ) -> None: ...
+    digest: bool
+    def __init__(self, protocol: _Optional[int] = ..., client_index: _Optional[int] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., digest: bool = ...) -> None: ...
 
 class TasksRequest(_message.Message):
     __slots__ = ("auth",)
     AUTH_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
-    def __init__(self, auth: Auth | _Mapping | None = ...) -> None: ...
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("epochs", "finished", "heartbeat", "seed", "task", "version")
+    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -75,15 +62,7 @@ class Task(_message.Message):
     heartbeat: bool
     finished: bool
     seed: int
-    def __init__(
-        self,
-        task: int | None = ...,
-        version: int | None = ...,
-        epochs: int | None = ...,
-        heartbeat: bool = ...,
-        finished: bool = ...,
-        seed: int | None = ...,
-    ) -> None: ...
+    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("auth", "task")
@@ -91,10 +70,10 @@ class PullRequest(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     task: int
-    def __init__(self, auth: Auth | _Mapping | None = ..., task: int | None = ...) -> None: ...
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("data", "offset", "total", "version")
+    __slots__ = ("version", "offset", "data", "total")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -103,71 +82,58 @@ class ModelChunk(_message.Message):
     offset: int
     data: bytes
     total: int
-    def __init__(
-        self,
-        version: int | None = ...,
-        offset: int | None = ...,
-        data: bytes | None = ...,
-        total: int | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("auth", "metrics", "nbytes", "sha256", "task", "version", "weight")
+    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     AUTH_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     task: int
     version: int
     weight: float
     nbytes: int
-    sha256: bytes
     metrics: _containers.ScalarMap[str, float]
-    def __init__(
-        self,
-        auth: Auth | _Mapping | None = ...,
-        task: int | None = ...,
-        version: int | None = ...,
-        weight: float | None = ...,
-        nbytes: int | None = ...,
-        sha256: bytes | None = ...,
-        metrics: _Mapping[str, float] | None = ...,
-    ) -> None: ...
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class UploadTrailer(_message.Message):
+    __slots__ = ("sha256", "signature")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    sha256: bytes
+    signature: bytes
+    def __init__(self, sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
-    __slots__ = ("data", "header", "offset")
+    __slots__ = ("header", "offset", "data", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: UploadHeader
     offset: int
     data: bytes
-    def __init__(
-        self,
-        header: UploadHeader | _Mapping | None = ...,
-        offset: int | None = ...,
-        data: bytes | None = ...,
-    ) -> None: ...
+    trailer: UploadTrailer
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[UploadTrailer, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("duplicate", "task")
+    __slots__ = ("task", "duplicate")
     TASK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     task: int
     duplicate: bool
-    def __init__(self, task: int | None = ..., duplicate: bool = ...) -> None: ...
+    def __init__(self, task: _Optional[int] = ..., duplicate: bool = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("auth", "tasks")
@@ -175,12 +141,10 @@ class HeartbeatRequest(_message.Message):
     TASKS_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     tasks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self, auth: Auth | _Mapping | None = ..., tasks: _Iterable[int] | None = ...
-    ) -> None: ...
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., tasks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("server_time_ms",)
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
-    def __init__(self, server_time_ms: int | None = ...) -> None: ...
+    def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...

@@ -135,6 +135,7 @@ DEFAULTS: dict[str, Any] = {
         "skew": 60.0,
         "fsync": True,
         "max_clients": 100_000,
+        "digest": True,
     },
 }
 
