@@ -42,7 +42,7 @@ def main() -> None:
             ca=ca,
             insecure=not a.tls,
             retry_for=600.0,
-        )  # fmt: skip
+        )
         for i in range(a.first, a.first + a.count)
     ]
 

@@ -70,7 +70,7 @@ def main() -> None:
             opts,
             on_round=lambda r: ends.append(time.perf_counter() - t0),
             on_start=lambda _: fold_s.__setitem__(0, 0.0),  # not the warm-up's folds
-        )  # fmt: skip
+        )
     )
     rounds = [r.ended - r.started for r in result.rounds]
     print(

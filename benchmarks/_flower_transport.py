@@ -59,7 +59,7 @@ between reply pulls.
 
 Run ``python benchmarks/_flower_transport.py`` for a small smoke run (~2 min) or with ``--full``
 (~15 min) for the full-scale run, which writes ``benchmarks/results/flower_transport.json``;
-``--wait-idle S`` waits up to S s before each benchmark for the load average to drop below 0.5.
+``--wait-idle S`` waits up to S s before each benchmark for other processes to use < 5% CPU.
 """
 
 from __future__ import annotations
@@ -433,6 +433,21 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout:.0f} s")
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds used by this process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
 class RssSampler(threading.Thread):
     """Samples the summed RSS of process trees every ``SAMPLE_S`` seconds and keeps the peaks.
 
@@ -461,6 +476,13 @@ class RssSampler(threading.Thread):
         self._stop_evt = threading.Event()
         self._members: dict[str, dict[int, psutil.Process]] = {g: {} for g in groups}
         self._roles: dict[int, str] = {}
+        # CPU seconds: the machine's busy time, ours (this process + the sampled trees; a
+        # process started after the sampler counts from 0, others from when first seen).
+        self._t0, self._t0_wall = time.monotonic(), time.time()
+        self._busy0, self._own0 = _busy_cpu_s(), _own_cpu_s()
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self.other_cpu_share: float | None = None
 
     def _role(self, p: psutil.Process) -> str:
         """Which Flower component a process is (from its command line)."""
@@ -489,6 +511,13 @@ class RssSampler(threading.Thread):
                     with contextlib.suppress(psutil.Error):
                         new[pid] = psutil.Process(pid)
             self._members[g] = new
+            for pid, p in new.items():
+                with contextlib.suppress(psutil.Error):
+                    ct = p.cpu_times()
+                    if pid not in self._cpu_first:
+                        born_after = p.create_time() >= self._t0_wall
+                        self._cpu_first[pid] = 0.0 if born_after else ct.user + ct.system
+                    self._cpu_last[pid] = ct.user + ct.system
 
     def sample(self) -> dict[str, int]:
         """One sample: summed RSS per group (also updates the peaks)."""
@@ -530,8 +559,16 @@ class RssSampler(threading.Thread):
             self._stop_evt.wait(SAMPLE_S)
 
     def stop(self) -> None:
+        """Stop sampling; sets ``other_cpu_share`` (of all cores, while sampling)."""
+        if self._stop_evt.is_set():
+            return
         self._stop_evt.set()
         self.join(timeout=5)
+        wall = time.monotonic() - self._t0
+        ours = sum(self._cpu_last[p] - self._cpu_first[p] for p in self._cpu_last)
+        ours += _own_cpu_s() - self._own0
+        other = _busy_cpu_s() - self._busy0 - ours
+        self.other_cpu_share = max(0.0, other / (wall * (os.cpu_count() or 1)))
 
 
 class LogWatch(threading.Thread):
@@ -812,6 +849,7 @@ def _flower_upload_once(nbytes: int, timeout: float) -> dict:
             "peak_rss_nodes_bytes": sampler.peak["nodes"],
             "peak_rss_by_role_bytes": dict(sampler.per_name_peak),
             "stages_s": stages,
+            "other_cpu_share_during": sampler.other_cpu_share,
         }
 
 
@@ -864,6 +902,7 @@ def flower_round_latency(
     fetches the FAB and starts the run's context on each node); ``all_*`` include round 1.
     """
     with Deployment(n_nodes, extra_env=extra_env) as dep:
+        sampler = dep.start_sampler()
         t0 = time.time()
         rep = dep.run(
             {
@@ -875,6 +914,7 @@ def flower_round_latency(
             timeout=timeout,
         )
         wall = time.time() - t0
+        sampler.stop()
     per = [r["t_agg"] - r["t_start"] for r in rep["rounds"]]
     bad = [r for r in rep["rounds"] if r["n_errors"] or r["n_replies"] != n_nodes]
     steady = per[1:] if len(per) > 1 else per
@@ -895,6 +935,9 @@ def flower_round_latency(
         "startup_s": rep["t_nodes_ready"] - t0,
         "wall_s": wall,
         "failed_rounds": len(bad),
+        "peak_rss_server_bytes": sampler.peak["server"],
+        "peak_rss_nodes_bytes": sampler.peak["nodes"],
+        "other_cpu_share_during": sampler.other_cpu_share,
     }
 
 
@@ -944,6 +987,7 @@ def flower_many_clients(
             peak_system_used_increase_bytes=sampler.system_used_peak - sampler.system_used_start,
             end_rss_bytes=idle,
             aborted=dep.aborted,
+            other_cpu_share_during=sampler.other_cpu_share,
         )
     res["wall_s"] = time.time() - t0
     if rep is not None:
@@ -1053,26 +1097,39 @@ def flower_many_clients_auto(
 # -- command line ------------------------------------------------------------------------------
 
 
-def _wait_idle(max_s: float, threshold: float = 0.5) -> float:
-    """Wait (at most ``max_s`` s) until the 1-min load average is below ``threshold``."""
+def _busy_share(probe_s: float = 3.0) -> float:
+    """Share of the machine's CPU in use over ``probe_s`` seconds (nothing of ours runs)."""
+    b0, t0 = _busy_cpu_s(), time.monotonic()
+    time.sleep(probe_s)
+    return (_busy_cpu_s() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+
+
+def _wait_idle(max_s: float, share: float = 0.05) -> tuple[float, float]:
+    """Wait (at most ``max_s`` s) until other processes use < ``share`` of the CPU.
+
+    Returns (seconds waited, the last CPU share measured).
+    """
     t0 = time.monotonic()
-    while time.monotonic() - t0 < max_s and os.getloadavg()[0] >= threshold:
-        time.sleep(10)
-    return time.monotonic() - t0
+    busy = _busy_share()
+    while time.monotonic() - t0 < max_s and busy >= share:
+        busy = _busy_share()
+    return time.monotonic() - t0, busy
 
 
 def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, **kwargs: Any) -> None:
     """``out[key] = fn(*args, **kwargs)``, printed, with its duration and the load before it.
 
-    The load average is recorded because the numbers are only meaningful on an idle machine.
+    The CPU share other processes used just before and the load average are recorded: the
+    numbers are only meaningful on an otherwise idle machine.
     """
-    waited = _wait_idle(out.get("wait_idle_s", 0.0))
+    waited, busy = _wait_idle(out.get("wait_idle_s", 0.0))
     load = os.getloadavg()[0]
-    print(f"== {key} (load {load:.2f}, waited {waited:.0f} s for idle) ...", flush=True)
+    print(f"== {key} (CPU {busy:.0%} busy, waited {waited:.0f} s) ...", flush=True)
     t0 = time.monotonic()
     res = fn(*args, **kwargs)
     res["bench_wall_s"] = time.monotonic() - t0
     res["load_avg_1min_before"] = load
+    res["other_cpu_share_before"] = busy  # of all cores, over the 3 s before it started
     out[key] = res
     print(f"== {key}: {res['bench_wall_s']:.0f} s\n{res}", flush=True)
 
@@ -1080,7 +1137,7 @@ def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, **kwargs: Any) -> N
 def main(argv: list[str]) -> None:
     """Smoke run (default, ~2 min) or ``--full`` run writing ``results/flower_transport.json``.
 
-    ``--wait-idle S``: before each benchmark, wait up to S seconds for the machine to go idle.
+    ``--wait-idle S``: before each benchmark, wait up to S s for the machine to go idle.
     """
     full = "--full" in argv
     wait_idle = float(argv[argv.index("--wait-idle") + 1]) if "--wait-idle" in argv else 0.0

@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import itertools
+
 from _common import FLOWER_ENV, GIB, MIB, machine_info, wait_for_idle
 
 HERE = Path(__file__).resolve().parent
@@ -92,8 +94,8 @@ def fedagg_run(
                 ],
                 stdout=subprocess.PIPE,
                 env=env,
-            )  # fmt: skip
-            for lo, hi in zip(per, per[1:], strict=False)
+            )
+            for lo, hi in itertools.pairwise(per)
         ]
         try:
             out = server.communicate(timeout=timeout)[0].decode()
@@ -250,7 +252,7 @@ def render(res: dict[str, Any], out: Path) -> None:
         ax[0].set_ylabel("server peak RSS (MiB)")
         ax[0].legend()
         names = [r["setting"].replace("fedagg", "").strip(", ") or "fedagg" for r in res["upload"]]
-        ax[1].barh(names + ["raw TCP"], [r["gib_per_s"] for r in res["upload"]] + [tcp])
+        ax[1].barh([*names, "raw TCP"], [r["gib_per_s"] for r in res["upload"]] + [tcp])
         ax[1].set_xlabel("1 GiB upload+fold (GiB/s)")
         fig.tight_layout()
         fig.savefig(out / "transport.png", dpi=120)
