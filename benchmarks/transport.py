@@ -184,12 +184,12 @@ def render(res: dict[str, Any], out: Path) -> None:
         "| setting | upload+fold | GiB/s | of raw TCP | push | fold | pull (download) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in res["upload"]:
-        lines.append(
-            f"| {r['setting']} | {r['upload_fold_s']:.2f} s | {r['gib_per_s']:.2f} | "
-            f"{r['gib_per_s'] / tcp:.0%} | {r['push_s']:.2f} s | {r['fold_s']:.2f} s | "
-            f"{r['pull_s']:.2f} s |"
-        )
+    lines += [
+        f"| {r['setting']} | {r['upload_fold_s']:.2f} s | {r['gib_per_s']:.2f} | "
+        f"{r['gib_per_s'] / tcp:.0%} | {r['push_s']:.2f} s | {r['fold_s']:.2f} s | "
+        f"{r['pull_s']:.2f} s |"
+        for r in res["upload"]
+    ]
     fl = res.get("flower", {}).get("upload")
     if fl:
         up = fl.get("upload_s") or float("nan")
