@@ -164,13 +164,21 @@ class NonceCache:
     max_entries: int = 1_000_000
     _seen: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
 
-    def check(self, auth: Any, now: float | None = None) -> None:
+    def check_time(self, auth: Any, now: float | None = None) -> None:
+        """The stateless part: timestamp within the window, nonce well-formed. Run it before
+        verifying the signature, and :meth:`check` after (so that forged requests can neither
+        fill the cache nor use up a genuine request's nonce)."""
         now = time.time() if now is None else now
         ts = auth.timestamp_ms / 1000.0
         if not math.isfinite(ts) or abs(now - ts) > self.skew_s:
             raise AuthError("timestamp outside the allowed clock skew (replayed or clock wrong)")
         if len(auth.nonce) != 16:
             raise AuthError("nonce must be 16 bytes")
+
+    def check(self, auth: Any, now: float | None = None) -> None:
+        """Refuse a nonce seen in the window, else remember it (after authentication)."""
+        now = time.time() if now is None else now
+        self.check_time(auth, now)
         while self._seen and next(iter(self._seen.values())) < now - self.skew_s:
             self._seen.popitem(last=False)
         key = auth.client.encode() + b"\0" + auth.nonce

@@ -26,6 +26,7 @@ from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, body
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
 
@@ -134,6 +135,7 @@ class Client:
         return asyncio.run(self.run_async())
 
     async def run_async(self) -> ClientReport:
+        keep_large_buffers()
         try:
             await self._loop()
         finally:

@@ -24,10 +24,12 @@ Nothing here does network I/O or reads a clock: the server passes ``now`` in.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +261,9 @@ class Federation:
         self.timers: dict[int, float] = {}
         self.models: dict[int, Arr] = {}
         self._pool: Arr | None = None
+        #: recycled spool files (see _recycle); deque append and pop are thread-safe
+        self.free: collections.deque[Path] = collections.deque()
+        self.keep_free = 8
         self.finished = False
         self.started = False
         self._since_ckpt = 0
@@ -283,6 +288,11 @@ class Federation:
             self.store.set_meta(self.identity)
         for tmp in self.spool.glob("tmp-*"):  # uploads cut off by a crash: never acknowledged
             tmp.unlink()
+        for f in sorted(self.spool.glob("free-*")):
+            if f.stat().st_size == self.spec.nbytes and len(self.free) < self.keep_free:
+                self.free.append(f)
+            else:
+                f.unlink()
         ckpts = self.store.checkpoints()
         if not ckpts:
             self.state = self.policy.init(self.server0, self.ctx)
@@ -417,6 +427,26 @@ class Federation:
             return Arrival(row.time, u.client, u.job, update, {}, None, u.nbytes)
         raise StateError(f"malformed event {row.seq} ({row.kind})")
 
+    def _recycle(self, path: str) -> None:
+        """A spool file no longer needed: kept (renamed) for the next upload to overwrite, up
+        to :attr:`keep_free` of them. Overwriting a file of the same size reuses its page
+        cache and its disk blocks: no fresh pages to fault in, no allocation."""
+        if len(self.free) < self.keep_free:
+            new = self.spool / f"free-{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, new)
+                self.free.append(new)
+                return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def take_free(self) -> Path | None:
+        """A spool file to overwrite (any thread), or None."""
+        try:
+            return self.free.pop()
+        except IndexError:
+            return None
+
     def _read(self, path: str) -> Arr:
         """A spooled update as an array. Folded at once (arrival order): read into one pooled
         buffer, reused for every update (page faults on fresh memory cost more than the copy
@@ -519,8 +549,7 @@ class Federation:
             del seq
         self.store.drop_checkpoints_before(self.seq)
         for p in self.store.spooled_through(self.seq):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+            self._recycle(p)
         self.store.forget_paths(self.seq)
         self.timings["checkpoint"] += time.perf_counter() - t0
 

@@ -36,6 +36,7 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import AuthError, Keyring, NonceCache, RateLimiter, body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, Federation, TaskInfo
+from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError
@@ -160,7 +161,7 @@ class Server:
         self._mono0 = time.monotonic()
         self._base = 0.0
         self._start_sent = False
-        self._accepted: set[int] = set()
+        self._accepted: set[tuple[int, int]] = set()  # (client, job) keys already logged
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -169,12 +170,13 @@ class Server:
         return self._base + (time.monotonic() - self._mono0)
 
     async def start(self) -> None:
+        keep_large_buffers()
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(self.opt.queue)
         self._done = asyncio.Event()
         effects = await loop.run_in_executor(self._ex, self.fed.open)
         await loop.run_in_executor(self._ex, self.fed.warmup)
-        self._accepted = await loop.run_in_executor(self._ex, self.fed.store.accepted_jobs)
+        self._accepted = await loop.run_in_executor(self._ex, self.fed.store.accepted_keys)
         self._base, self._mono0 = self.fed.now, time.monotonic()
         self._start_sent = self.fed.started
         msg = self.opt.chunk_bytes + 64 * 1024
@@ -233,7 +235,7 @@ class Server:
                 rows = await loop.run_in_executor(self._ex, self.fed.log, [i.event for i in batch])
                 for item, row in zip(batch, rows, strict=True):
                     if row is not None and row.upload is not None:
-                        self._accepted.add(row.upload.job)
+                        self._accepted.add((row.upload.client, row.upload.job))
                     if item.done is not None and not item.done.done():
                         item.done.set_result(row)
                 live = [r for r in rows if r is not None]
@@ -319,8 +321,11 @@ class Server:
     # -- authentication ------------------------------------------------------------------------
     def _auth(self, method: str, auth: Any, content: bytes) -> int:
         try:
-            self.nonces.check(auth)
+            if not auth.client or not auth.signature:
+                raise AuthError("missing credentials: every request must be signed")
+            self.nonces.check_time(auth)
             client = self.keys.verify(method, auth, content)
+            self.nonces.check(auth)
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
         if not self.rate.allow(auth.client):
@@ -478,7 +483,7 @@ class Server:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weight must be finite and > 0")
         if not all(math.isfinite(v) for v in metrics.values()):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "metrics must be finite")
-        duplicate = head.task in self._accepted
+        duplicate = (client, head.task) in self._accepted
         if not duplicate:
             task = self.fed.tasks.get(head.task)
             if task is None:
@@ -508,7 +513,7 @@ class Server:
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
         t0 = time.perf_counter()
-        path, digest = await self._receive(first, it, head, spec)
+        path, digest = await self._receive(client, first, it, head, spec)
         self.stats.receive_s += time.perf_counter() - t0
         upload = UploadRow(
             client, head.task, str(path), float(head.weight), head.version, metrics,
@@ -527,7 +532,7 @@ class Server:
         return pb.PushReply(task=head.task, duplicate=False)
 
     async def _receive(
-        self, first: Any, it: AsyncIterator[bytes], head: Any, spec: Any
+        self, client: int, first: Any, it: AsyncIterator[bytes], head: Any, spec: Any
     ) -> tuple[Path, bytes]:
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk, straight from gRPC's buffers, on a worker thread while the
@@ -536,8 +541,14 @@ class Server:
         loop = asyncio.get_running_loop()
         dtype = np.dtype(spec.dtype)
         tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
-        final = self.fed.spool / f"{head.task:012d}-{head.auth.client}.upd"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # one name per attempt: a concurrent retry never touches the accepted attempt's file
+        final = self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd"
+        reuse = self.fed.take_free()
+        if reuse is not None:  # overwrite a recycled file of the same size in place
+            os.rename(reuse, tmp)
+            fd = os.open(tmp, os.O_WRONLY)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         sha = hashlib.sha256() if self.opt.digest else None
         expect = 0
         total = head.nbytes

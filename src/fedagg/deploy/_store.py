@@ -173,8 +173,9 @@ class Store:
         rows = self.db.execute("SELECT stats FROM rounds ORDER BY round").fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def accepted_jobs(self) -> set[int]:
-        return {int(r[0]) for r in self.db.execute("SELECT job FROM uploads").fetchall()}
+    def accepted_keys(self) -> set[tuple[int, int]]:
+        rows = self.db.execute("SELECT client, job FROM uploads").fetchall()
+        return {(int(c), int(j)) for c, j in rows}
 
     def count_uploads(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM uploads").fetchone()[0])

@@ -127,7 +127,10 @@ def decode_chunk(
     data = buf[0:0]
     subs: dict[int, memoryview] = {}
     while pos < end:
+        start = pos
         key, pos = _read_varint(buf, pos, end)
+        if pos - start > 5 or key >> 32:
+            raise WireError("field key longer than 5 bytes")
         field, wire = key >> 3, key & 7
         if field == 0 or field > _MAX_FIELD:
             raise WireError(f"invalid field number {field}")
