@@ -59,7 +59,8 @@ between reply pulls.
 
 Run ``python benchmarks/_flower_transport.py`` for a small smoke run (~2 min) or with ``--full``
 (~15 min) for the full-scale run, which writes ``benchmarks/results/flower_transport.json``;
-``--wait-idle S`` waits up to S s before each benchmark for other processes to use < 5% CPU.
+``--wait-idle S`` waits up to S s before each benchmark for other processes to use < 5% CPU,
+and a benchmark during which other processes used > 10% of the CPU is repeated (up to 3 tries).
 """
 
 from __future__ import annotations
@@ -434,18 +435,16 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (from /proc/stat)."""
+    """CPU seconds the whole machine has spent busy in processes (from /proc/stat).
+
+    Interrupt time is left out: loopback TCP is largely processed in softirq context, which is
+    charged to no process, so counting it would book our own traffic as someone else's.
+    """
     with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(
             int, f.readline().split()[1:9]
         )
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds used by this process (all threads)."""
-    t = os.times()
-    return t.user + t.system
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler(threading.Thread):
@@ -476,10 +475,11 @@ class RssSampler(threading.Thread):
         self._stop_evt = threading.Event()
         self._members: dict[str, dict[int, psutil.Process]] = {g: {} for g in groups}
         self._roles: dict[int, str] = {}
-        # CPU seconds: the machine's busy time, ours (this process + the sampled trees; a
+        # CPU seconds: the machine's busy time and ours (this process and its descendants; a
         # process started after the sampler counts from 0, others from when first seen).
         self._t0, self._t0_wall = time.monotonic(), time.time()
-        self._busy0, self._own0 = _busy_cpu_s(), _own_cpu_s()
+        self._busy0 = _busy_cpu_s()
+        self._mine: dict[int, psutil.Process] = {}
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self.other_cpu_share: float | None = None
@@ -495,14 +495,14 @@ class RssSampler(threading.Thread):
         children: dict[int, list[int]] = {}
         for p in psutil.process_iter(["ppid"]):
             children.setdefault(p.info["ppid"], []).append(p.pid)
-        for g, roots in self.groups.items():
+
+        def tree(roots: list[int], old: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
             seen, todo = set(), list(roots)
             while todo:
                 pid = todo.pop()
                 if pid not in seen:
                     seen.add(pid)
                     todo += children.get(pid, [])
-            old = self._members[g]
             new = {}
             for pid in seen:
                 if pid in old:
@@ -510,14 +510,19 @@ class RssSampler(threading.Thread):
                 else:
                     with contextlib.suppress(psutil.Error):
                         new[pid] = psutil.Process(pid)
-            self._members[g] = new
-            for pid, p in new.items():
-                with contextlib.suppress(psutil.Error):
-                    ct = p.cpu_times()
-                    if pid not in self._cpu_first:
-                        born_after = p.create_time() >= self._t0_wall
-                        self._cpu_first[pid] = 0.0 if born_after else ct.user + ct.system
-                    self._cpu_last[pid] = ct.user + ct.system
+            return new
+
+        for g, roots in self.groups.items():
+            self._members[g] = tree(roots, self._members[g])
+        # CPU: everything this benchmark runs descends from this process (incl. `flwr run`).
+        self._mine = tree([os.getpid()], self._mine)
+        for pid, p in self._mine.items():
+            with contextlib.suppress(psutil.Error):
+                ct = p.cpu_times()
+                if pid not in self._cpu_first:
+                    born_after = p.create_time() >= self._t0_wall
+                    self._cpu_first[pid] = 0.0 if born_after else ct.user + ct.system
+                self._cpu_last[pid] = ct.user + ct.system
 
     def sample(self) -> dict[str, int]:
         """One sample: summed RSS per group (also updates the peaks)."""
@@ -565,8 +570,9 @@ class RssSampler(threading.Thread):
         self._stop_evt.set()
         self.join(timeout=5)
         wall = time.monotonic() - self._t0
+        with contextlib.suppress(Exception):
+            self._refresh()  # the final CPU times of the processes still alive
         ours = sum(self._cpu_last[p] - self._cpu_first[p] for p in self._cpu_last)
-        ours += _own_cpu_s() - self._own0
         other = _busy_cpu_s() - self._busy0 - ours
         self.other_cpu_share = max(0.0, other / (wall * (os.cpu_count() or 1)))
 
@@ -1116,29 +1122,47 @@ def _wait_idle(max_s: float, share: float = 0.05) -> tuple[float, float]:
     return time.monotonic() - t0, busy
 
 
-def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-    """``out[key] = fn(*args, **kwargs)``, printed, with its duration and the load before it.
+def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, tries: int = 3, **kwargs: Any) -> None:
+    """``out[key] = fn(*args, **kwargs)``, printed, with its duration and CPU contention.
 
-    The CPU share other processes used just before and the load average are recorded: the
-    numbers are only meaningful on an otherwise idle machine.
+    The numbers are only meaningful on an otherwise idle machine (2 cores): before each try
+    this waits (``--wait-idle``) for other processes to go quiet, and measures the share of all
+    cores other processes used during the try (``other_cpu_share``). A try disturbed by more
+    than 10% is repeated, up to ``tries`` times in all; the least disturbed one is kept and
+    ``other_cpu_share_tries`` lists them all.
     """
-    waited, busy = _wait_idle(out.get("wait_idle_s", 0.0))
-    load = os.getloadavg()[0]
-    print(f"== {key} (CPU {busy:.0%} busy, waited {waited:.0f} s) ...", flush=True)
-    t0 = time.monotonic()
-    res = fn(*args, **kwargs)
-    res["bench_wall_s"] = time.monotonic() - t0
-    res["load_avg_1min_before"] = load
-    res["other_cpu_share_before"] = busy  # of all cores, over the 3 s before it started
-    out[key] = res
-    print(f"== {key}: {res['bench_wall_s']:.0f} s\n{res}", flush=True)
+    best: dict[str, Any] | None = None
+    shares: list[float] = []
+    for _ in range(tries):
+        waited, busy = _wait_idle(out.get("wait_idle_s", 0.0))
+        print(f"== {key} (other CPU {busy:.0%} after waiting {waited:.0f} s) ...", flush=True)
+        cpu = RssSampler({})  # no RSS groups: CPU accounting only
+        cpu.start()
+        t0 = time.monotonic()
+        res = fn(*args, **kwargs)
+        res["bench_wall_s"] = time.monotonic() - t0
+        cpu.stop()
+        res["other_cpu_share"] = share = cpu.other_cpu_share or 0.0
+        res["other_cpu_share_before"] = busy
+        shares.append(share)
+        print(f"== {key}: {res['bench_wall_s']:.0f} s, other CPU {share:.0%}\n{res}", flush=True)
+        if best is None or share < best["other_cpu_share"]:
+            best = res
+        if share <= 0.10:
+            break
+    assert best is not None
+    best["other_cpu_share_tries"] = shares
+    out[key] = best
 
 
 def main(argv: list[str]) -> None:
     """Smoke run (default, ~2 min) or ``--full`` run writing ``results/flower_transport.json``.
 
-    ``--wait-idle S``: before each benchmark, wait up to S s for the machine to go idle.
+    ``--wait-idle S``: before each try of a benchmark, wait up to S s for the machine to go
+    idle (other processes < 5% CPU); disturbed tries are repeated (see :func:`_run`).
     """
+    # Turn SIGTERM into SystemExit so that every Deployment still tears its processes down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     full = "--full" in argv
     wait_idle = float(argv[argv.index("--wait-idle") + 1]) if "--wait-idle" in argv else 0.0
     os.environ.update(FLOWER_ENV)
@@ -1163,7 +1187,7 @@ def main(argv: list[str]) -> None:
             poll_s=0.05,
             extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"},
         )
-        _run(out, "flower_many_clients", flower_many_clients_auto, 10_000_000, 2, 16.0)
+        _run(out, "flower_many_clients", flower_many_clients_auto, 10_000_000, 2, 16.0, tries=2)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {RESULTS}")
