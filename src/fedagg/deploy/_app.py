@@ -66,6 +66,11 @@ def build_federation(
     cfg = resolve_config(config)
     d = cfg["deploy"]
     seed = int(cfg["seed"])
+    if cfg["client"]["algorithm"] in ("scaffold", "fedamd"):
+        raise ConfigError(
+            f"client algorithm {cfg['client']['algorithm']!r} sends server-side state "
+            "(control variates, anchors) and runs in the simulator only"
+        )
     fd = build_data(cfg, seed)
     model = build_model(cfg, fd)
     strategy = build_strategy(cfg)
@@ -167,11 +172,14 @@ def config_trainer(config: Mapping[str, Any]) -> Callable[[ArrayTree, TaskContex
     model = build_model(cfg, fd)
     algorithm = build_algorithm(cfg)
 
+    states: dict[int, Any] = {}  # a stateful algorithm's client state (worker momentum)
+
     def train(params: ArrayTree, task: TaskContext) -> Any:
         named = params if isinstance(params, dict) else {str(i): a for i, a in enumerate(params)}
-        res, _ = algorithm.train(
-            model, named, fd.clients[task.client_index], task.rng(), epochs=task.epochs
-        )
+        res, states[task.client_index] = algorithm.train(
+            model, named, fd.clients[task.client_index], task.rng(), epochs=task.epochs,
+            state=states.get(task.client_index),
+        )  # fmt: skip
         return Result(res.delta, float(res.num_examples), dict(res.metrics))
 
     return train

@@ -254,7 +254,8 @@ class Federation:
         self.store = Store(self.dir / "state.db")
         self.identity = identity or {}
         self.state: Any = None
-        self.seq = 0
+        self.seq = 0  # the last event logged
+        self.applied = 0  # the last event fed to the policy (what a checkpoint covers)
         self.next_job = 0
         self.now = 0.0
         self.tasks: dict[int, TaskInfo] = {}  # jobs not yet resolved (arrival or dropout)
@@ -306,6 +307,7 @@ class Federation:
         if not isinstance(snap, _Snapshot):
             raise StateError(f"{path} is not a federation checkpoint")
         self.state, self.seq, self.next_job = snap.policy, snap.seq, snap.next_job
+        self.applied = snap.seq
         self.now, self.tasks, self.timers = snap.now, dict(snap.tasks), dict(snap.timers)
         self.models, self.finished = dict(snap.models), snap.finished
         self.started = self.seq > 0
@@ -472,6 +474,7 @@ class Federation:
 
     def _apply(self, row: EventRow) -> Effects:
         ev = self._event(row)
+        self.applied = row.seq
         self.now = max(self.now, row.time)
         if row.kind == "start":
             self.started = True
@@ -528,10 +531,10 @@ class Federation:
             return  # mid-round in canonical order: the log covers it; try after the next
         t0 = time.perf_counter()
         snap = _Snapshot(
-            self.state, self.seq, self.next_job, self.now, dict(self.tasks), dict(self.timers),
+            self.state, self.applied, self.next_job, self.now, dict(self.tasks), dict(self.timers),
             dict(self.models), self.finished,
         )  # fmt: skip
-        path = self.dir / f"checkpoint-{self.seq:012d}.npz"
+        path = self.dir / f"checkpoint-{self.applied:012d}.npz"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(dumps(snap))
@@ -540,17 +543,17 @@ class Federation:
         os.replace(tmp, path)
         _fsync_dir(self.dir)
         crash_point("checkpoint")
-        self.store.add_checkpoint(self.seq, str(path), self.server.version)
+        self.store.add_checkpoint(self.applied, str(path), self.server.version)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for seq, old in self.store.checkpoints()[1:]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old)
             del seq
-        self.store.drop_checkpoints_before(self.seq)
-        for p in self.store.spooled_through(self.seq):
+        self.store.drop_checkpoints_before(self.applied)
+        for p in self.store.spooled_through(self.applied):
             self._recycle(p)
-        self.store.forget_paths(self.seq)
+        self.store.forget_paths(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
 
 
