@@ -98,3 +98,39 @@ def test_stateful_server_algorithms_are_refused_for_deployment(tmp_path: Path) -
     fed = make_fed(tmp_path, clients=2, extra={"client": {"algorithm": "scaffold"}})
     with pytest.raises(ConfigError, match="simulator only"):
         build_federation(fed.cfg, tmp_path / "state")
+
+
+def test_heartbeats_keep_a_disconnected_clients_task_open(tmp_path: Path) -> None:
+    """A client whose task stream is cut while it trains (here: a slow train function and a
+    server-side drop timer shorter than the training) keeps its task through heartbeats."""
+    import asyncio
+    import time
+
+    from fedagg.deploy import Client, ClientKey, Result
+    from tests.deploy.harness import read_log, start_server, wait, wait_listening
+
+    with federation(
+        tmp_path, clients=1, rounds=1, deploy={"client_timeout": 1.0, "heartbeat": 0.3}
+    ) as fed:
+        server = start_server(fed)
+        wait_listening(fed, server)
+        ca = (fed.dir / "certs" / "ca.pem").read_bytes()
+        holder: dict[str, Any] = {}
+
+        def train(model: Any, task: Any) -> Result:
+            # cut the task stream from the client side, then train for 3 x client_timeout
+            holder["loop"].call_soon_threadsafe(holder["cut"])
+            time.sleep(3.0)
+            return Result({k: np.full_like(v, 0.01) for k, v in model.items()}, 5)
+
+        async def go() -> Any:
+            c = Client(fed.address, ClientKey.load(fed.key(0)), train, ca=ca, heartbeat=0.3)
+            holder["loop"] = asyncio.get_running_loop()
+            holder["cut"] = lambda: c._stream.cancel()  # the task stream only
+            return c, await c.run_async()
+
+        client, report = asyncio.run(go())
+        assert wait(server, 60) == 0, read_log(fed)
+        rs = _rounds(fed)
+    assert report.heartbeats >= 5 and report.uploads == 1, report
+    assert [(r["folded"], r["dropped"]) for r in rs] == [(1, 0)]

@@ -86,6 +86,7 @@ class ClientReport:
     duplicates: int = 0
     skipped: int = 0
     retries: int = 0
+    heartbeats: int = 0
     pull_s: list[float] = field(default_factory=list)  # per task: model download
     train_s: list[float] = field(default_factory=list)
     push_s: list[float] = field(default_factory=list)  # digest, upload, durable ack
@@ -105,6 +106,8 @@ class Client:
         ca: the CA certificate (PEM bytes) that signed the server's; None needs
             ``insecure=True``.
         retry_for: give up after this many seconds without reaching the server.
+        heartbeat: while training, tell the server every this many seconds that the client
+            is alive (keeps its task open if the task stream is down).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Client:
         insecure: bool = False,
         retry_for: float = 120.0,
         server_name: str | None = None,
+        heartbeat: float = 10.0,
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -126,10 +130,12 @@ class Client:
         self.ca = ca
         self.retry_for = retry_for
         self.server_name = server_name
+        self.heartbeat = heartbeat
         self.report = ClientReport()
         self.spec: ParamSpec | None = None
         self.index = -1
         self._channel: grpc.aio.Channel | None = None
+        self._stream: Any = None  # the open task stream
 
     def run(self) -> ClientReport:
         return asyncio.run(self.run_async())
@@ -214,6 +220,7 @@ class Client:
             try:
                 req = pb.TasksRequest(auth=self._auth("Tasks", body()))
                 stream = self._method("Tasks", "unary_stream")(req.SerializeToString())
+                self._stream = stream
                 async for raw in stream:
                     start, delay = time.monotonic(), 0.05
                     t = pb.Task.FromString(raw)
@@ -228,6 +235,10 @@ class Client:
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _RETRY or time.monotonic() - start > self.retry_for:
                     raise ClientError(e.code(), e.details() or "") from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled, not just the stream
             self.report.retries += 1
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
@@ -247,7 +258,11 @@ class Client:
         model = self.spec.unflatten(flat)
         loop = asyncio.get_running_loop()
         t1 = time.perf_counter()
-        result = await loop.run_in_executor(None, self.train, model, ctx)
+        beats = asyncio.create_task(self._beat(t.task))
+        try:
+            result = await loop.run_in_executor(None, self.train, model, ctx)
+        finally:
+            beats.cancel()
         t2 = time.perf_counter()
         delta = self.spec.as_flat(result.delta)
         delta = np.ascontiguousarray(delta, dtype=self.spec.dtype)
@@ -267,6 +282,19 @@ class Client:
             self.report.duplicates += 1
         else:
             self.report.uploads += 1
+
+    async def _beat(self, task: int) -> None:
+        """Heartbeats while a task trains; a failed one is not an error (the next may pass)."""
+        call = self._method("Heartbeat", "unary_unary")
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            req = pb.HeartbeatRequest(auth=self._auth("Heartbeat", body(tasks=[task])),
+                                      tasks=[task])  # fmt: skip
+            try:
+                await call(req.SerializeToString(), timeout=self.heartbeat)
+                self.report.heartbeats += 1
+            except grpc.aio.AioRpcError as e:
+                log.debug("heartbeat: %s", e.code().name)
 
     async def _pull(self, t: pb.Task) -> np.ndarray[Any, Any]:
         assert self.spec is not None

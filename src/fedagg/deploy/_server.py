@@ -386,8 +386,15 @@ class Server:
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes, context: Any) -> pb.HeartbeatReply:
+        """A client at work says it is alive: if its task stream is down (a proxy that cuts
+        idle streams, a reconnect in progress), its tasks do not count as dropped yet."""
         req = self._parse(pb.HeartbeatRequest, raw)
-        self._auth("Heartbeat", req.auth, body(tasks=sorted(req.tasks)))
+        client = self._auth("Heartbeat", req.auth, body(tasks=sorted(req.tasks)))
+        s = self.sessions[client]
+        if s.drop is not None:
+            s.drop.cancel()
+            loop = asyncio.get_running_loop()
+            s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
         return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
 
     async def _tasks(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
