@@ -129,7 +129,7 @@ def test_heartbeats_keep_a_disconnected_clients_task_open(tmp_path: Path) -> Non
             holder["cut"] = lambda: c._stream.cancel()  # the task stream only
             return c, await c.run_async()
 
-        client, report = asyncio.run(go())
+        _, report = asyncio.run(go())
         assert wait(server, 60) == 0, read_log(fed)
         rs = _rounds(fed)
     assert report.heartbeats >= 5 and report.uploads == 1, report
