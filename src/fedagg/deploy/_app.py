@@ -108,7 +108,7 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         client_timeout=float(d["client_timeout"]), heartbeat=float(d["heartbeat"]),
         wait_for=int(d["wait_for"]), rate=float(d["rate"]), burst=float(d["burst"]),
         skew=float(d["skew"]), fsync=bool(d["fsync"]), max_clients=int(d["max_clients"]),
-        digest=bool(d["digest"]),
+        digest=bool(d["digest"]), max_uploads=int(d["max_uploads"]),
     )  # fmt: skip
 
 

@@ -68,6 +68,8 @@ class ServerOptions:
         fsync: fsync each spooled upload before acknowledging it (durable across a power
             loss, not only a process crash).
         max_clients: refuse a keyring larger than this.
+        max_uploads: uploads received at once; more wait (their senders are held by gRPC flow
+            control), so the server's memory does not grow with the number of clients.
         digest: require a signed sha256 of every upload's bytes (end-to-end payload
             authenticity, also through a TLS-terminating proxy). It costs a hash pass on
             both sides (~1 GB/s per core); with TLS end to end, turning it off loses nothing
@@ -87,6 +89,7 @@ class ServerOptions:
     skew: float = 60.0
     fsync: bool = True
     max_clients: int = 100_000
+    max_uploads: int = 8
     digest: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class ServerOptions:
             raise ConfigError("chunk_bytes must be in [4 KiB, 64 MiB]")
         if self.queue < 1 or self.client_timeout <= 0 or self.heartbeat <= 0:
             raise ConfigError("queue, client_timeout and heartbeat must be > 0")
+        if self.max_uploads < 1:
+            raise ConfigError("max_uploads must be >= 1")
 
 
 class _Abort(Exception):
@@ -156,6 +161,7 @@ class Server:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="fedagg-spool")
         self._server: grpc.aio.Server | None = None
         self._queue: asyncio.Queue[_Item] | None = None
+        self._uploads: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
         self._mono0 = time.monotonic()
@@ -173,6 +179,7 @@ class Server:
         keep_large_buffers()
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(self.opt.queue)
+        self._uploads = asyncio.Semaphore(self.opt.max_uploads)
         self._done = asyncio.Event()
         effects = await loop.run_in_executor(self._ex, self.fed.open)
         await loop.run_in_executor(self._ex, self.fed.warmup)
@@ -519,9 +526,11 @@ class Server:
                 pass
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
-        t0 = time.perf_counter()
-        path, digest = await self._receive(client, first, it, head, spec)
-        self.stats.receive_s += time.perf_counter() - t0
+        assert self._uploads is not None
+        async with self._uploads:
+            t0 = time.perf_counter()
+            path, digest = await self._receive(client, first, it, head, spec)
+            self.stats.receive_s += time.perf_counter() - t0
         upload = UploadRow(
             client, head.task, str(path), float(head.weight), head.version, metrics,
             head.nbytes, digest,

@@ -136,6 +136,7 @@ DEFAULTS: dict[str, Any] = {
         "fsync": True,
         "max_clients": 100_000,
         "digest": True,
+        "max_uploads": 8,
     },
 }
 
