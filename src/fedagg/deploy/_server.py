@@ -469,6 +469,13 @@ class Server:
             yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
 
     async def _push(self, stream: AsyncIterator[bytes], context: Any) -> pb.PushReply:
+        # at most max_uploads streams are read at once; the others wait unread, held back by
+        # gRPC's flow control, so memory does not grow with the clients pushing
+        assert self._uploads is not None
+        async with self._uploads:
+            return await self._push_one(stream)
+
+    async def _push_one(self, stream: AsyncIterator[bytes]) -> pb.PushReply:
         it = stream.__aiter__()
         try:
             first = decode_chunk(await it.__anext__(), UPLOAD_CHUNK)
@@ -526,11 +533,9 @@ class Server:
                 pass
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
-        assert self._uploads is not None
-        async with self._uploads:
-            t0 = time.perf_counter()
-            path, digest = await self._receive(client, first, it, head, spec)
-            self.stats.receive_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path, digest = await self._receive(client, first, it, head, spec)
+        self.stats.receive_s += time.perf_counter() - t0
         upload = UploadRow(
             client, head.task, str(path), float(head.weight), head.version, metrics,
             head.nbytes, digest,
