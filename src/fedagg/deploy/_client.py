@@ -188,7 +188,10 @@ class Client:
                 return await fn()
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                if code not in _RETRY or time.monotonic() - start > self.retry_for:
+                skewed = code == grpc.StatusCode.UNAUTHENTICATED and "clock skew" in (
+                    e.details() or ""
+                )  # delayed past the window: re-signed with a fresh timestamp on retry
+                if (code not in _RETRY and not skewed) or time.monotonic() - start > self.retry_for:
                     raise ClientError(code, e.details() or "") from None
                 self.report.retries += 1
                 log.debug("%s: %s, retrying in %.2fs", what, code.name, delay)

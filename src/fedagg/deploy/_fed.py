@@ -86,12 +86,14 @@ class Effects:
     timers: list[tuple[float, int]] = field(default_factory=list)
     rounds: list[RoundStats] = field(default_factory=list)
     finished: bool = False
+    min_open_job: int = 0  # every job below this one is resolved
 
     def merge(self, other: Effects) -> None:
         self.tasks += other.tasks
         self.timers += other.timers
         self.rounds += other.rounds
         self.finished = self.finished or other.finished
+        self.min_open_job = max(self.min_open_job, other.min_open_job)
 
 
 # -- canonical fold order ------------------------------------------------------------------------
@@ -523,6 +525,7 @@ class Federation:
         live = {t.version for t in self.tasks.values()} | {self.server.version}
         for v in [v for v in self.models if v not in live]:
             del self.models[v]
+        effects.min_open_job = min(self.tasks, default=self.next_job)
         return effects
 
     def _checkpoint(self) -> None:

@@ -170,6 +170,7 @@ class Server:
         self._accepted: set[tuple[int, int]] = set()  # (client, job) keys already logged
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.keep_rounds = 100_000  # round stats kept in memory (all are in the state DB)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -249,6 +250,9 @@ class Server:
                 if live:
                     effects = await loop.run_in_executor(self._ex, self.fed.step, live)
                     self._apply(effects)
+                    if effects.rounds:  # keys of closed jobs: the log answers for them
+                        lo = effects.min_open_job
+                        self._accepted = {k for k in self._accepted if k[1] >= lo}
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug or a disk error: stop serving, report it
@@ -278,6 +282,7 @@ class Server:
                 loop.call_later(delay, self._enqueue_nowait, "timer", None, None, tag)
         for r in effects.rounds:
             self.stats.rounds.append(r)
+            del self.stats.rounds[: -self.keep_rounds]
             log.info(
                 "round %d: folded %d, dropped %d, version %d", r.round + 1, r.folded,
                 r.dropped, r.version,
@@ -552,6 +557,14 @@ class Server:
         self.stats.uploads += 1
         return pb.PushReply(task=head.task, duplicate=False)
 
+    def _open_spool(self, tmp: Path) -> int:
+        """A file to spool an upload into (on the I/O thread: file creation can block)."""
+        reuse = self.fed.take_free()
+        if reuse is not None:  # overwrite a recycled file of the same size in place
+            os.rename(reuse, tmp)
+            return os.open(tmp, os.O_WRONLY)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
     async def _receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any, spec: Any
     ) -> tuple[Path, bytes]:
@@ -564,12 +577,7 @@ class Server:
         tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
         final = self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd"
-        reuse = self.fed.take_free()
-        if reuse is not None:  # overwrite a recycled file of the same size in place
-            os.rename(reuse, tmp)
-            fd = os.open(tmp, os.O_WRONLY)
-        else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = await loop.run_in_executor(self._io, self._open_spool, tmp)
         sha = hashlib.sha256() if self.opt.digest else None
         expect = 0
         total = head.nbytes
@@ -641,9 +649,8 @@ class Server:
                 raise _Abort(grpc.StatusCode.UNAUTHENTICATED, f"trailer: {e.reason}") from None
             if self.opt.fsync:
                 await loop.run_in_executor(self._io, os.fsync, fd)
-            os.close(fd)
+            await loop.run_in_executor(self._io, _close_and_rename, fd, tmp, final)
             fd = -1
-            os.replace(tmp, final)
             crash_point("spooled")
             return final, digest
         except BaseException:
@@ -655,6 +662,11 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _close_and_rename(fd: int, tmp: Path, final: Path) -> None:
+    os.close(fd)
+    os.replace(tmp, final)
 
 
 def _spool_chunk(fd: int, sha: Any, data: memoryview, dtype: np.dtype[Any], off: int) -> str | None:
