@@ -91,6 +91,7 @@ BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, ...
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 LOCAL = "127.0.0.1"
 SAMPLE_S = 0.05  # RSS sampling period
+MIN_AVAILABLE = GIB  # a guarded run is killed when the machine has less memory than this left
 CANDIDATE_NS = (10, 25, 50, 100)
 ROLES = (
     "flower-superlink",
@@ -141,7 +142,7 @@ assert s.recv(1) == b"d"
 """
 
 
-def raw_tcp_loopback(nbytes: int = GIB, repeats: int = 3, timeout: float = 300) -> dict:
+def raw_tcp_loopback(nbytes: int = GIB, repeats: int = 3, timeout: float = 300) -> dict[str, Any]:
     """Raw TCP throughput over 127.0.0.1 between two processes, best of ``repeats``.
 
     The receiver times each transfer from its 1-byte "go" to the last byte received into its
@@ -174,14 +175,16 @@ def raw_tcp_loopback(nbytes: int = GIB, repeats: int = 3, timeout: float = 300) 
     }
 
 
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     """One stdout line of ``proc``, or an error after ``timeout`` seconds."""
+    stdout = proc.stdout
+    assert stdout is not None
     out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+    t = threading.Thread(target=lambda: out.append(stdout.readline()), daemon=True)
     t.start()
     t.join(timeout)
     if not out or not out[0]:
-        raise RuntimeError(f"no output from {proc.args[:2]} (exit {proc.poll()})")
+        raise RuntimeError(f"no output from a child process (exit {proc.poll()})")
     return out[0].strip()
 
 
@@ -423,15 +426,16 @@ def _kill_tree(pids: list[int], grace: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening")
         with contextlib.suppress(OSError), socket.create_connection((LOCAL, port), timeout=1):
             return
         time.sleep(0.1)
-    raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout:.0f} s")
+    raise TimeoutError(f"{name} did not listen on {port} within {timeout:.0f} s")
 
 
 def _busy_cpu_s() -> float:
@@ -452,7 +456,9 @@ class RssSampler(threading.Thread):
 
     ``groups`` maps a name to root PIDs; each sample sums the RSS of every process in the trees
     under those roots (tree membership is refreshed every 0.25 s with one /proc scan).
-    ``guard_bytes``: if the total of all groups exceeds it, ``on_guard`` is called once.
+    ``guard_bytes``: if the total of all groups exceeds it, or if the machine has less than
+    ``MIN_AVAILABLE`` bytes of memory left (whoever uses it), ``on_guard(reason)`` is called
+    once.
     """
 
     def __init__(
@@ -544,12 +550,20 @@ class RssSampler(threading.Thread):
             self.per_name_peak[name] = max(self.per_name_peak.get(name, 0), v)
         total = sum(sums.values())
         self.peak_total = max(self.peak_total, total)
-        self.system_used_peak = max(self.system_used_peak, psutil.virtual_memory().used)
+        vm = psutil.virtual_memory()
+        self.system_used_peak = max(self.system_used_peak, vm.used)
         self.last = sums
-        if self.guard_bytes and total > self.guard_bytes and not self.guard_hit:
+        reason = None
+        if self.guard_bytes and total > self.guard_bytes:
+            reason = (
+                f"total RSS {total / GIB:.1f} GiB exceeded the {self.guard_bytes / GIB:g} GiB guard"
+            )
+        elif self.guard_bytes and vm.available < MIN_AVAILABLE:
+            reason = f"the machine had only {vm.available / GIB:.1f} GiB available"
+        if reason and not self.guard_hit:
             self.guard_hit = True
             if self.on_guard:
-                self.on_guard(total)
+                self.on_guard(reason)
         return sums
 
     def run(self) -> None:
@@ -623,7 +637,7 @@ class Deployment:
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.node_pids: list[int] = []
         self.superlink_port = 0
         self.sampler: RssSampler | None = None
@@ -644,7 +658,7 @@ class Deployment:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed in close())
         self._logs.append(log)
         proc = subprocess.Popen(
@@ -713,8 +727,8 @@ class Deployment:
     def start_sampler(self, guard_bytes: int | None = None) -> RssSampler:
         """Start sampling RSS: group "server" = SuperLink tree, "nodes" = all SuperNode trees."""
 
-        def abort(total: int) -> None:
-            self.aborted = f"aborted: total RSS {total / GIB:.1f} GiB exceeded the guard"
+        def abort(reason: str) -> None:
+            self.aborted = f"aborted: {reason}"
             _kill_tree([p.pid for p in self.procs.values()], grace=1)
 
         self.sampler = RssSampler(
@@ -745,7 +759,7 @@ class Deployment:
                         return found
         return found
 
-    def run(self, config: dict[str, Any], timeout: float) -> dict:
+    def run(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Submit the Flower App with ``config`` and wait (<= ``timeout`` s) for its report."""
         app_dir = self.tmp / "app"
         out = self.tmp / "serverapp.json"
@@ -780,7 +794,7 @@ class Deployment:
                         + self.log_tail("flwr-run")
                     )
             time.sleep(0.2)
-        res = json.loads(out.read_text())
+        res: dict[str, Any] = json.loads(out.read_text())
         res["t_submit"] = t_submit
         with contextlib.suppress(subprocess.TimeoutExpired):
             cli.wait(timeout=30)
@@ -789,7 +803,7 @@ class Deployment:
         return res
 
 
-def _upload_s(r: dict) -> float:
+def _upload_s(r: dict[str, Any]) -> float:
     return r["t_agg"] - max(r["t_built"]) if r["t_built"] else float("nan")
 
 
@@ -807,7 +821,7 @@ def _p(xs: list[float], q: float) -> float:
 # -- benchmarks --------------------------------------------------------------------------------
 
 
-def _flower_upload_once(nbytes: int, timeout: float) -> dict:
+def _flower_upload_once(nbytes: int, timeout: float) -> dict[str, Any]:
     with Deployment(1) as dep:
         sampler = dep.start_sampler(guard_bytes=20 * GIB)
         # The SuperNode logs "Sending: ..." once the ClientApp's reply is in its store, and
@@ -866,7 +880,7 @@ def flower_upload(
     nbytes: int = GIB,
     fallbacks: tuple[int, ...] = (512 * MIB, 256 * MIB),
     timeout: float = 600,
-) -> dict:
+) -> dict[str, Any]:
     """Upload of one ``nbytes`` float32 update through Flower's deployment engine.
 
     One SuperNode; its ClientApp builds ``nbytes // 4`` random float32s and returns them; the
@@ -898,7 +912,7 @@ def flower_round_latency(
     poll_s: float = 0.0,
     extra_env: dict[str, str] | None = None,
     timeout: float = 1800,
-) -> dict:
+) -> dict[str, Any]:
     """Per-round wall time of FedAvg with a ``params``-float model on ``n_nodes`` SuperNodes.
 
     Measured in the ServerApp from each round's ``configure_train`` to the end of its
@@ -953,7 +967,7 @@ def flower_many_clients(
     rounds: int = 2,
     guard_gib: float = 20.0,
     timeout: float = 1800,
-) -> dict:
+) -> dict[str, Any]:
     """``n_clients`` SuperNodes each returning a ``params``-float32 update; FedAvg, all nodes.
 
     Returns per-round times (ServerApp-side, as in :func:`flower_round_latency`, stock 3 s
@@ -1018,7 +1032,7 @@ def choose_n_clients(
     budget_gib: float = 16.0,
     candidates: tuple[int, ...] = CANDIDATE_NS,
     probe_ns: tuple[int, int] = (2, 6),
-) -> dict:
+) -> dict[str, Any]:
     """Pick the largest ``n`` in ``candidates`` whose predicted peak total RSS fits the budget.
 
     Runs one round of :func:`flower_many_clients` at each of ``probe_ns`` and fits
@@ -1026,7 +1040,7 @@ def choose_n_clients(
     """
     probes = {n: flower_many_clients(n, params, rounds=1) for n in probe_ns}
     (n1, r1), (n2, r2) = probes.items()
-    fit = {}
+    fit: dict[str, tuple[float, float]] = {}
     for side in ("server", "nodes"):
         key = f"peak_rss_{side}_bytes"
         b = (r2[key] - r1[key]) / (n2 - n1)
@@ -1060,7 +1074,7 @@ def flower_many_clients_auto(
     rounds: int = 2,
     budget_gib: float = 16.0,
     candidates: tuple[int, ...] = CANDIDATE_NS,
-) -> dict:
+) -> dict[str, Any]:
     """:func:`flower_many_clients` at the largest ``n`` in ``candidates`` that fits the budget.
 
     :func:`choose_n_clients` predicts the largest fitting ``n`` from two small federations;
@@ -1071,7 +1085,7 @@ def flower_many_clients_auto(
     """
     choice = choose_n_clients(params, budget_gib, candidates)
     best = flower_many_clients(choice["chosen_n"], params, rounds)
-    attempts: dict[int, dict] = {}
+    attempts: dict[int, dict[str, Any]] = {}
     for n in (c for c in candidates if c > choice["chosen_n"]):
         r = flower_many_clients(n, params, rounds, guard_gib=budget_gib)
         ok = not (r.get("error") or r.get("aborted") or r.get("failed_rounds"))
@@ -1155,6 +1169,23 @@ def _run(out: dict[str, Any], key: str, fn: Any, *args: Any, tries: int = 3, **k
     out[key] = best
 
 
+def failures(out: dict[str, Any]) -> list[str]:
+    """Every failure recorded in a results dict, one line each (for the JSON's summary)."""
+    lines = [
+        f"flower_upload of {size} bytes: {err}"
+        for size, err in out.get("flower_upload", {}).get("failures", {}).items()
+    ]
+    many = out.get("flower_many_clients", {})
+    if many.get("error"):
+        lines.append(f"flower_many_clients n={many['n_clients']}: {many['error']}")
+    lines += [
+        f"flower_many_clients n={n}: {a['error']}"
+        for n, a in many.get("attempts_above_prediction", {}).items()
+        if not a["completed"]
+    ]
+    return lines
+
+
 def main(argv: list[str]) -> None:
     """Smoke run (default, ~2 min) or ``--full`` run writing ``results/flower_transport.json``.
 
@@ -1188,6 +1219,7 @@ def main(argv: list[str]) -> None:
             extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"},
         )
         _run(out, "flower_many_clients", flower_many_clients_auto, 10_000_000, 2, 16.0, tries=2)
+        out["failures"] = failures(out)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {RESULTS}")
