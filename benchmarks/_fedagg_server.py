@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--no-digest", action="store_true")
+    ap.add_argument("--adaptive-window", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=4.0)
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
     fold_s = [0.0]
+    folds: list[float] = []  # each fold's time
     agg = strategy.aggregator
 
     class TimedFold:  # the fold alone, as the engine calls it
@@ -47,6 +49,7 @@ def main() -> None:
             t = time.perf_counter()
             out = agg.fold(state, update)
             fold_s[0] += time.perf_counter() - t
+            folds.append(time.perf_counter() - t)
             return out
 
     strategy = dataclasses.replace(strategy, aggregator=TimedFold())
@@ -59,7 +62,7 @@ def main() -> None:
     opts = ServerOptions(
         listen=f"127.0.0.1:{a.port}", tls=tls, insecure=not a.tls, fsync=not a.no_fsync,
         chunk_bytes=int(a.chunk_mib * (1 << 20)), rate=0.0, client_timeout=600.0,
-        heartbeat=30.0, digest=not a.no_digest,
+        heartbeat=30.0, digest=not a.no_digest, adaptive_window=a.adaptive_window,
     )  # fmt: skip
     ends: list[float] = []
     t0 = time.perf_counter()
@@ -69,7 +72,7 @@ def main() -> None:
             Keyring.load(d / "keys" / "authorized_keys"),
             opts,
             on_round=lambda r: ends.append(time.perf_counter() - t0),
-            on_start=lambda _: fold_s.__setitem__(0, 0.0),  # not the warm-up's folds
+            on_start=lambda _: (fold_s.__setitem__(0, 0.0), folds.clear()),  # not warm-up's
         )
     )
     rounds = [r.ended - r.started for r in result.rounds]
@@ -80,6 +83,7 @@ def main() -> None:
                 "round_end_s": ends,
                 "uploads": result.uploads,
                 "timings": {**fed.timings, "receive": result.receive_s, "fold": fold_s[0]},
+                "folds": folds,
                 "version": result.server.version,
                 "peak_rss": _vmhwm(),
                 "checksum": float(

@@ -109,6 +109,7 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         wait_for=int(d["wait_for"]), rate=float(d["rate"]), burst=float(d["burst"]),
         skew=float(d["skew"]), fsync=bool(d["fsync"]), max_clients=int(d["max_clients"]),
         digest=bool(d["digest"]), max_uploads=int(d["max_uploads"]),
+        adaptive_window=bool(d["adaptive_window"]),
     )  # fmt: skip
 
 

@@ -68,8 +68,11 @@ class ServerOptions:
         fsync: fsync each spooled upload before acknowledging it (durable across a power
             loss, not only a process crash).
         max_clients: refuse a keyring larger than this.
-        max_uploads: uploads received at once; more wait (their senders are held by gRPC flow
-            control), so the server's memory does not grow with the number of clients.
+        max_uploads: uploads received at once, and models sent at once; more wait (held back
+            by gRPC flow control), so the server's memory does not grow with the number of
+            clients.
+        adaptive_window: let gRPC grow each stream's flow-control window (BDP probing):
+            faster for a few large uploads, but memory then grows with concurrent clients.
         digest: require a signed sha256 of every upload's bytes (end-to-end payload
             authenticity, also through a TLS-terminating proxy). It costs a hash pass on
             both sides (~1 GB/s per core); with TLS end to end, turning it off loses nothing
@@ -90,6 +93,7 @@ class ServerOptions:
     fsync: bool = True
     max_clients: int = 100_000
     max_uploads: int = 8
+    adaptive_window: bool = False
     digest: bool = True
 
     def __post_init__(self) -> None:
@@ -162,6 +166,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._queue: asyncio.Queue[_Item] | None = None
         self._uploads: asyncio.Semaphore | None = None
+        self._pulls: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
         self._mono0 = time.monotonic()
@@ -181,6 +186,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(self.opt.queue)
         self._uploads = asyncio.Semaphore(self.opt.max_uploads)
+        self._pulls = asyncio.Semaphore(self.opt.max_uploads)
         self._done = asyncio.Event()
         effects = await loop.run_in_executor(self._ex, self.fed.open)
         await loop.run_in_executor(self._ex, self.fed.warmup)
@@ -196,6 +202,10 @@ class Server:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
+            # a fixed per-stream window (no BDP probing): an upload waiting for its slot holds
+            # 64 KiB in gRPC, not megabytes; the adaptive window is ~2x faster for one big
+            # upload but makes memory grow with the number of clients pushing at once
+            ("grpc.http2.bdp_probe", int(self.opt.adaptive_window)),
         ]
         server = grpc.aio.server(options=opts, maximum_concurrent_rpcs=None)
         server.add_generic_rpc_handlers([self._handlers()])
@@ -470,8 +480,10 @@ class Server:
         view = model.data.cast("B")
         total = len(view)
         step = self.opt.chunk_bytes
-        for off in range(0, max(total, 1), step):
-            yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
+        assert self._pulls is not None
+        async with self._pulls:  # at most max_uploads models streamed at once
+            for off in range(0, max(total, 1), step):
+                yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
 
     async def _push(self, stream: AsyncIterator[bytes], context: Any) -> pb.PushReply:
         # at most max_uploads streams are read at once; the others wait unread, held back by

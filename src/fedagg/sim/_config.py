@@ -137,6 +137,7 @@ DEFAULTS: dict[str, Any] = {
         "max_clients": 100_000,
         "digest": True,
         "max_uploads": 8,
+        "adaptive_window": False,
     },
 }
 
