@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_rss
 from fedagg import strategies
 from fedagg.deploy import Federation, Keyring, ServerOptions, serve_async
 from fedagg.sim import SyncPolicy
@@ -85,7 +86,7 @@ def main() -> None:
                 "timings": {**fed.timings, "receive": result.receive_s, "fold": fold_s[0]},
                 "folds": folds,
                 "version": result.server.version,
-                "peak_rss": _vmhwm(),
+                "peak_rss": peak_rss(),
                 "checksum": float(
                     np.float64(result.server.params[:: max(1, a.params // 1000)].sum())
                 ),
@@ -93,14 +94,6 @@ def main() -> None:
         ),
         flush=True,
     )
-
-
-def _vmhwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
     "body",
     "make_keys",
     "signing_bytes",
+    "upload_body",
 ]
 
 PREFIX = b"fedagg/v1"
@@ -58,6 +59,20 @@ class AuthError(Exception):
 def body(**fields: Any) -> bytes:
     """The canonical bytes of a request's content (what the signature covers)."""
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def upload_body(
+    task: int, version: int, weight: float, nbytes: int, metrics: dict[str, float]
+) -> bytes:
+    """What an upload's header signature covers (client and server build it here, alike)."""
+
+    def num(x: float) -> float | str:  # JSON has no NaN/Inf; the server refuses them later
+        return x if math.isfinite(x) else repr(x)
+
+    return body(
+        task=task, version=version, weight=num(weight), nbytes=nbytes,
+        metrics={k: num(v) for k, v in metrics.items()},
+    )  # fmt: skip
 
 
 def signing_bytes(method: str, name: str, timestamp_ms: int, nonce: bytes, content: bytes) -> bytes:

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ import numpy as np
 
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import ClientKey, body
+from fedagg.deploy._auth import ClientKey, body, upload_body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
@@ -320,10 +319,7 @@ class Client:
         self, t: pb.Task, delta: np.ndarray[Any, Any], weight: float, metrics: dict[str, float]
     ) -> pb.PushReply:
         data = delta.data.cast("B")
-        content = body(
-            task=t.task, version=t.version, weight=_json_float(weight), nbytes=len(data),
-            metrics={k: _json_float(v) for k, v in metrics.items()},
-        )  # fmt: skip
+        content = upload_body(t.task, t.version, weight, len(data), metrics)
         auth = self._auth("Push", content)
         head = pb.UploadHeader(
             auth=auth, task=t.task, version=t.version, weight=weight, nbytes=len(data),
@@ -351,7 +347,3 @@ class Client:
         raw = await self._method("Push", "stream_unary")(chunks())
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else repr(x)

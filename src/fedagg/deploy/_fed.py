@@ -46,6 +46,7 @@ from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._store import EventRow, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
+from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
     Applied,
     Arrival,
@@ -217,12 +218,6 @@ class _Snapshot:
     finished: bool
 
 
-def _partial_epochs(full: int, seed: int, job: int) -> int:
-    if full <= 1:
-        return 1
-    return int(np.random.default_rng([seed, 0x57A6, job]).integers(1, full))
-
-
 class Federation:
     """Event-sourced policy execution with a durable log (see the module docstring)."""
 
@@ -355,6 +350,11 @@ class Federation:
         it was accepted before."""
         if self.store.has_upload(client, job):
             return "duplicate"
+        return self.task_problem(client, job, version)
+
+    def task_problem(self, client: int, job: int, version: int) -> str | None:
+        """Why (client, job, version) is not an open task of that client, without asking the
+        log (safe from the server's event loop): ``"unknown"``, ``"denied"``, ``"version"``."""
         task = self.tasks.get(job)
         if task is None:
             return "unknown"
@@ -549,10 +549,9 @@ class Federation:
         self.store.add_checkpoint(self.applied, str(path), self.server.version)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
-        for seq, old in self.store.checkpoints()[1:]:
+        for _, old in self.store.checkpoints()[1:]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old)
-            del seq
         self.store.drop_checkpoints_before(self.applied)
         for p in self.store.spooled_through(self.applied):
             self._recycle(p)

@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from fedagg.core import _kernels
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import AuthError, Keyring, NonceCache, RateLimiter, body
+from fedagg.deploy._auth import AuthError, Keyring, NonceCache, RateLimiter, body, upload_body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, Federation, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
@@ -504,11 +504,7 @@ class Server:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message needs a header")
         head = self._parse(pb.UploadHeader, bytes(first.header))
         metrics = dict(head.metrics)
-        content = body(
-            task=head.task, version=head.version, weight=_json_float(head.weight),
-            nbytes=head.nbytes,
-            metrics={k: _json_float(v) for k, v in metrics.items()},
-        )  # fmt: skip
+        content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
         client = self._auth("Push", head.auth, content)
         spec = self.fed.spec
         if head.nbytes != spec.nbytes:
@@ -522,29 +518,24 @@ class Server:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "metrics must be finite")
         duplicate = (client, head.task) in self._accepted
-        if not duplicate:
-            task = self.fed.tasks.get(head.task)
-            if task is None:
-                # maybe accepted before a restart pruned it: ask the log
-                loop = asyncio.get_running_loop()
-                dup = await loop.run_in_executor(
-                    self._ex, self.fed.store.has_upload, client, head.task
-                )
-                if not dup:
-                    raise _Abort(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"task {head.task} is not open"
-                    )
-                duplicate = True
-            elif task.client != client:
-                raise _Abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"task {head.task} was given to another client",
-                )
-            elif task.version != head.version:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"task {head.task} trains from version {task.version}, not {head.version}",
-                )
+        problem = None if duplicate else self.fed.task_problem(client, head.task, head.version)
+        if problem == "unknown":
+            # maybe accepted before a restart pruned it: ask the log
+            loop = asyncio.get_running_loop()
+            dup = await loop.run_in_executor(self._ex, self.fed.store.has_upload, client, head.task)
+            if not dup:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {head.task} is not open")
+            duplicate = True
+        elif problem == "denied":
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"task {head.task} was given to another client"
+            )
+        elif problem == "version":
+            version = self.fed.tasks[head.task].version
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"task {head.task} trains from version {version}, not {head.version}",
+            )
         if duplicate:
             async for _ in it:  # a retry of an accepted upload: drain, acknowledge
                 pass
@@ -702,7 +693,3 @@ def _write_all(fd: int, data: memoryview) -> None:
     while len(data):
         n = os.write(fd, data)
         data = data[n:]
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else repr(x)
