@@ -39,6 +39,7 @@ __all__ = [
     "NonceCache",
     "RateLimiter",
     "body",
+    "edge_upload_body",
     "make_keys",
     "signing_bytes",
     "upload_body",
@@ -72,6 +73,24 @@ def upload_body(
     return body(
         task=task, version=version, weight=num(weight), nbytes=nbytes,
         metrics={k: num(v) for k, v in metrics.items()},
+    )  # fmt: skip
+
+
+def edge_upload_body(base: bytes, head: Any) -> bytes:
+    """What an edge aggregator's upload header signature covers: the upload body and the
+    relay or partial-aggregate fields (jobs in a canonical order)."""
+
+    def jobs(items: Any) -> list[list[Any]]:
+        return sorted(
+            [int(j.task), int(j.client), repr(float(j.weight)), repr(float(j.train_loss))]
+            for j in items
+        )
+
+    p = head.partial
+    return body(
+        base=base.decode(), relay=bool(head.relay), on_behalf=int(head.on_behalf),
+        jobs=jobs(p.jobs), dropped=jobs(p.dropped), weight=repr(float(p.weight)),
+        weight_comp=repr(float(p.weight_comp)), bits=int(p.accumulator_bits),
     )  # fmt: skip
 
 

@@ -44,7 +44,8 @@ from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._store import EventRow, Store, UploadRow
+from fedagg.deploy._partial import load_partial
+from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
 from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
@@ -55,6 +56,7 @@ from fedagg.sim._policy import (
     Dropout,
     Event,
     Finish,
+    Merge,
     Policy,
     RoundStats,
     SetTimer,
@@ -62,10 +64,13 @@ from fedagg.sim._policy import (
     Timer,
 )
 
-__all__ = ["Canonical", "Effects", "Federation", "TaskInfo"]
+__all__ = ["Canonical", "Effects", "Federation", "LogItem", "TaskInfo"]
 
 Arr = npt.NDArray[Any]
 Order = Literal["arrival", "canonical"]
+#: An event as the server hands it to :meth:`Federation.log`:
+#: ``(kind, time, client, job, tag, upload or partial aggregate)``.
+LogItem = tuple[str, float, int | None, int | None, int | None, UploadRow | PartialRows | None]
 
 
 @register
@@ -364,21 +369,26 @@ class Federation:
             return "version"
         return None
 
-    def log(self, events: Sequence[tuple[str, float, int | None, int | None, int | None,
-                                          UploadRow | None]]) -> list[EventRow | None]:  # fmt: skip
+    def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
         """Make a batch of events durable, in one transaction. An arrival whose key is already
-        logged (a retry) gives None and is not logged again."""
+        logged (a retry) gives None and is not logged again (a partial aggregate: if any of
+        its keys is)."""
         rows: list[EventRow | None] = []
         t0 = time.perf_counter()
         with self.store.tx():
             for kind, now, client, job, tag, upload in events:
-                if upload is not None and self.store.has_upload(upload.client, upload.job):
+                parts = upload.parts if isinstance(upload, PartialRows) else ()
+                single = upload if isinstance(upload, UploadRow) else None
+                keys = parts or ((single,) if single is not None else ())
+                if any(self.store.has_upload(u.client, u.job) for u in keys):
                     rows.append(None)
                     continue
                 seq = self.seq + 1
-                self.store.append(seq, kind, now, client, job, tag, upload)
+                info = upload.info if isinstance(upload, PartialRows) else None
+                self.store.append(seq, kind, now, client, job, tag, single, parts, info)
                 self.seq = seq
-                rows.append(EventRow(seq, kind, now, client, job, tag, upload))
+                first = parts[0] if parts else single
+                rows.append(EventRow(seq, kind, now, client, job, tag, first, parts, info or {}))
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
@@ -387,7 +397,7 @@ class Federation:
         """Feed logged events to the policy; checkpoint when rounds have closed."""
         effects = Effects()
         for row in rows:
-            if row.kind == "arrival":
+            if row.kind in ("arrival", "partial"):
                 crash_point("fold")
                 self._folds_since_ckpt += 1
             t0 = time.perf_counter()
@@ -429,12 +439,29 @@ class Federation:
                 metrics=u.metrics,
             )  # fmt: skip
             return Arrival(row.time, u.client, u.job, update, {}, None, u.nbytes)
+        if row.kind == "partial" and row.parts:
+            p = row.parts[0]
+            if not p.path or not os.path.exists(p.path):
+                raise StateError(f"the spooled partial aggregate {p.path!r} is missing")
+            agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
+            if agg is None:
+                raise StateError("this policy cannot merge partial aggregates")
+            state = load_partial(agg, self.spec, p.version, p.path, row.info, len(row.parts))
+            jobs = tuple(
+                (u.client, u.job, u.weight, float(u.metrics.get("train_loss", float("nan"))))
+                for u in row.parts
+            )
+            return Merge(row.time, jobs, state)
         raise StateError(f"malformed event {row.seq} ({row.kind})")
 
     def _recycle(self, path: str) -> None:
         """A spool file no longer needed: kept (renamed) for the next upload to overwrite, up
         to :attr:`keep_free` of them. Overwriting a file of the same size reuses its page
         cache and its disk blocks: no fresh pages to fault in, no allocation."""
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) != self.spec.nbytes:  # a partial aggregate's payload
+                os.unlink(path)
+                return
         if len(self.free) < self.keep_free:
             new = self.spool / f"free-{uuid.uuid4().hex}"
             with contextlib.suppress(FileNotFoundError):
@@ -484,6 +511,8 @@ class Federation:
             self.timers.pop(int(row.tag or 0), None)
         elif row.job is not None:
             self.tasks.pop(row.job, None)
+        for u in row.parts:
+            self.tasks.pop(u.job, None)
         actions = self.policy.step(self.state, ev, self.ctx)
         effects = Effects()
         for a in actions:

@@ -33,11 +33,20 @@ from google.protobuf.message import DecodeError
 
 from fedagg.core import _kernels
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import AuthError, Keyring, NonceCache, RateLimiter, body, upload_body
+from fedagg.deploy._auth import (
+    AuthError,
+    Keyring,
+    NonceCache,
+    RateLimiter,
+    body,
+    edge_upload_body,
+    upload_body,
+)
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._fed import Effects, Federation, TaskInfo
+from fedagg.deploy._fed import Effects, Federation, LogItem, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
-from fedagg.deploy._store import EventRow, UploadRow
+from fedagg.deploy._partial import partial_dtype, partial_nbytes
+from fedagg.deploy._store import EventRow, PartialRows, UploadRow
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError
 from fedagg.sim._policy import RoundStats
@@ -123,7 +132,7 @@ class _Session:
 
 @dataclass
 class _Item:
-    event: tuple[str, float, int | None, int | None, int | None, UploadRow | None]
+    event: LogItem
     done: asyncio.Future[EventRow | None] | None = None
 
 
@@ -147,6 +156,8 @@ class Server:
         options: ServerOptions,
         *,
         on_round: Callable[[RoundStats], None] | None = None,
+        edges: Keyring | None = None,
+        serves: set[int] | None = None,
     ) -> None:
         if len(keyring.names) > options.max_clients:
             raise ConfigError(f"{len(keyring.names)} clients exceed max_clients")
@@ -159,6 +170,13 @@ class Server:
         self.nonces = NonceCache(options.skew)
         self.rate = RateLimiter(options.rate, options.burst)
         self.sessions = [_Session() for _ in keyring.names]
+        #: edge aggregators below this server (their own keyring), the sessions of their
+        #: task streams, and which of them each routed client's tasks go to
+        self.edges = edges
+        self.edge_sessions = {n: _Session() for n in (edges.names if edges else [])}
+        self.route: dict[int, str] = {}
+        #: the clients this server may serve (an edge aggregator's subtree); None: all
+        self.serves = serves
         self.stats = ServerStats()
         self.port = 0
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="fedagg-engine")
@@ -252,8 +270,9 @@ class Server:
                     batch.append(self._queue.get_nowait())
                 rows = await loop.run_in_executor(self._ex, self.fed.log, [i.event for i in batch])
                 for item, row in zip(batch, rows, strict=True):
-                    if row is not None and row.upload is not None:
-                        self._accepted.add((row.upload.client, row.upload.job))
+                    if row is not None:
+                        for u in row.parts or ((row.upload,) if row.upload else ()):
+                            self._accepted.add((u.client, u.job))
                     if item.done is not None and not item.done.done():
                         item.done.set_result(row)
                 live = [r for r in rows if r is not None]
@@ -281,11 +300,15 @@ class Server:
     def _apply(self, effects: Effects) -> None:
         loop = asyncio.get_running_loop()
         for t in effects.tasks:
-            s = self.sessions[t.client]
+            edge = self.route.get(t.client)
+            s = self.sessions[t.client] if edge is None else self.edge_sessions[edge]
             if s.queue is not None:
                 s.queue.put_nowait(self._task_msg(t))
             elif s.drop is None:  # nobody to hand it to: a dropout unless it connects in time
-                s.drop = loop.call_later(self.opt.client_timeout, self._drop, t.client)
+                if edge is None:
+                    s.drop = loop.call_later(self.opt.client_timeout, self._drop, t.client)
+                else:
+                    s.drop = loop.call_later(self.opt.client_timeout, self._drop_edge, edge)
         for at, tag in effects.timers:
             delay = max(0.0, at - self.now())
             if math.isfinite(delay):
@@ -300,14 +323,15 @@ class Server:
             if self.on_round is not None:
                 self.on_round(r)
         if effects.finished:
-            for s in self.sessions:
+            for s in [*self.sessions, *self.edge_sessions.values()]:
                 if s.queue is not None:
                     s.queue.put_nowait(pb.Task(finished=True))
             assert self._done is not None
             self._done.set()
 
     def _task_msg(self, t: TaskInfo) -> pb.Task:
-        return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.fed.seed)
+        return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.fed.seed,
+                       client=t.client)  # fmt: skip
 
     def _drop(self, client: int) -> None:
         s = self.sessions[client]
@@ -325,6 +349,18 @@ class Server:
         self._background.add(task := loop.create_task(go()))
         task.add_done_callback(self._background.discard)
 
+    def _drop_edge(self, name: str) -> None:
+        """An edge aggregator stayed away for ``client_timeout``: every open job of its
+        subtree is a dropout (what it accepted and did not forward is re-sent, and refused,
+        if it comes back: the parent neither double counts nor waits for it)."""
+        s = self.edge_sessions[name]
+        s.drop = None
+        if s.connected:
+            return
+        for c in [c for c, e in self.route.items() if e == name]:
+            self.sessions[c].connected = False
+            self._drop(c)
+
     def _open_jobs(self, client: int) -> list[int]:
         return sorted(t.job for t in self.fed.tasks.values() if t.client == client)
 
@@ -336,7 +372,8 @@ class Server:
         if self._start_sent or self.fed.started:
             return
         need = self.opt.wait_for or len(self.sessions)
-        if sum(s.connected for s in self.sessions) >= need:
+        routed = sum(self.edge_sessions[e].connected for c, e in self.route.items())
+        if sum(s.connected for s in self.sessions) + routed >= need:
             self._start_sent = True
             self._enqueue_nowait("start")
 
@@ -353,6 +390,30 @@ class Server:
         if not self.rate.allow(auth.client):
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
         return client
+
+    def _is_edge(self, auth: Any) -> bool:
+        return self.edges is not None and auth.client in self.edges.index
+
+    def _auth_edge(self, method: str, auth: Any, content: bytes) -> str:
+        assert self.edges is not None
+        try:
+            if not auth.signature:
+                raise AuthError("missing credentials: every request must be signed")
+            self.nonces.check_time(auth)
+            self.edges.verify(method, auth, content)
+            self.nonces.check(auth)
+        except AuthError as e:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
+        if not self.rate.allow(auth.client):
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
+        return str(auth.client)
+
+    def _routed(self, edge: str, client: int) -> None:
+        if self.route.get(client) != edge:
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {client} is not in the subtree of edge {edge!r}",
+            )
 
     # -- handlers ------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
@@ -395,7 +456,14 @@ class Server:
 
     async def _hello(self, raw: bytes, context: Any) -> pb.HelloReply:
         req = self._parse(pb.HelloRequest, raw)
+        if self._is_edge(req.auth):
+            return self._edge_hello(req)
         client = self._auth("Hello", req.auth, body(protocol=req.protocol))
+        if self.serves is not None and client not in self.serves:
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {req.auth.client!r} is not served by this edge aggregator",
+            )
         if req.protocol != PROTOCOL:
             raise _Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -407,25 +475,63 @@ class Server:
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
         )  # fmt: skip
 
+    def _edge_hello(self, req: Any) -> pb.HelloReply:
+        serves = sorted(int(c) for c in req.serves)
+        name = self._auth_edge("Hello", req.auth, body(protocol=req.protocol, serves=serves))
+        if req.protocol != PROTOCOL:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
+            )
+        bad = [c for c in serves if not 0 <= c < len(self.sessions)
+               or (self.serves is not None and c not in self.serves)]  # fmt: skip
+        if bad:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"edge {name!r} claims clients {bad[:5]} this server does not serve",
+            )
+        for c in serves:
+            self.route[c] = name
+        spec = self.fed.spec
+        return pb.HelloReply(
+            protocol=PROTOCOL, client_index=0, spec_json=json.dumps(spec.to_dict()),
+            model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
+        )  # fmt: skip
+
     async def _heartbeat(self, raw: bytes, context: Any) -> pb.HeartbeatReply:
         """A client at work says it is alive: if its task stream is down (a proxy that cuts
         idle streams, a reconnect in progress), its tasks do not count as dropped yet."""
         req = self._parse(pb.HeartbeatRequest, raw)
+        loop = asyncio.get_running_loop()
+        if self._is_edge(req.auth):
+            name = self._auth_edge("Heartbeat", req.auth, body(tasks=sorted(req.tasks)))
+            es = self.edge_sessions[name]
+            if es.drop is not None:
+                es.drop.cancel()
+                es.drop = loop.call_later(self.opt.client_timeout, self._drop_edge, name)
+            return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
         client = self._auth("Heartbeat", req.auth, body(tasks=sorted(req.tasks)))
         s = self.sessions[client]
         if s.drop is not None:
             s.drop.cancel()
-            loop = asyncio.get_running_loop()
             s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
         return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
 
     async def _tasks(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        edge: str | None = None
         try:
             req = self._parse(pb.TasksRequest, raw)
-            client = self._auth("Tasks", req.auth, body())
+            if self._is_edge(req.auth):
+                edge = self._auth_edge("Tasks", req.auth, body())
+            else:
+                client = self._auth("Tasks", req.auth, body())
         except _Abort as e:
             self.stats.refused += 1
             await context.abort(e.code, e.message)
+            return
+        if edge is not None:
+            async for out in self._edge_tasks(edge):
+                yield out
             return
         loop = asyncio.get_running_loop()
         s = self.sessions[client]
@@ -458,14 +564,64 @@ class Server:
                 if s.drop is None and not self.fed.finished:
                     s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
 
+    async def _edge_tasks(self, edge: str) -> AsyncIterator[bytes]:
+        """An edge aggregator's task stream: the tasks of every client of its subtree."""
+        loop = asyncio.get_running_loop()
+        s = self.edge_sessions[edge]
+        if s.queue is not None:
+            s.queue.put_nowait(None)
+        queue: asyncio.Queue[pb.Task | None] = asyncio.Queue()
+        s.queue, s.connected = queue, True
+        if s.drop is not None:
+            s.drop.cancel()
+            s.drop = None
+        mine = [c for c, e in self.route.items() if e == edge]
+        for c in mine:
+            self.sessions[c].connected = True
+            if self.sessions[c].drop is not None:
+                self.sessions[c].drop.cancel()  # type: ignore[union-attr]
+                self.sessions[c].drop = None
+        tasks = await loop.run_in_executor(self._ex, self._open_tasks_of, set(mine))
+        for t in tasks:
+            queue.put_nowait(self._task_msg(t))
+        if self.fed.finished:
+            queue.put_nowait(pb.Task(finished=True))
+        self._maybe_start()
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), self.opt.heartbeat)
+                except TimeoutError:
+                    msg = pb.Task(heartbeat=True)
+                if msg is None:
+                    return
+                yield msg.SerializeToString()
+                if msg.finished:
+                    return
+        finally:
+            if s.queue is queue:
+                s.queue, s.connected = None, False
+                if s.drop is None and not self.fed.finished:
+                    s.drop = loop.call_later(self.opt.client_timeout, self._drop_edge, edge)
+
+    def _open_tasks_of(self, clients: set[int]) -> list[TaskInfo]:
+        return sorted((t for t in self.fed.tasks.values() if t.client in clients),
+                      key=lambda t: t.job)  # fmt: skip
+
     async def _pull(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
         try:
             req = self._parse(pb.PullRequest, raw)
-            client = self._auth("Pull", req.auth, body(task=req.task))
+            edge = None
+            if self._is_edge(req.auth):
+                edge = self._auth_edge("Pull", req.auth, body(task=req.task))
+            else:
+                client = self._auth("Pull", req.auth, body(task=req.task))
             task = self.fed.tasks.get(req.task)
             if task is None:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {req.task} is not open")
-            if task.client != client:
+            if edge is not None:
+                self._routed(edge, task.client)
+            elif task.client != client:
                 raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"task {req.task} is not yours")
             model = self.fed.model(task.version)
             if model is None:
@@ -505,7 +661,21 @@ class Server:
         head = self._parse(pb.UploadHeader, bytes(first.header))
         metrics = dict(head.metrics)
         content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
-        client = self._auth("Push", head.auth, content)
+        keyring = self.keys
+        if self._is_edge(head.auth):
+            assert self.edges is not None
+            edge = self._auth_edge("Push", head.auth, edge_upload_body(content, head))
+            keyring = self.edges
+            if not head.relay:
+                return await self._push_partial(edge, first, it, head)
+            client = int(head.on_behalf)
+            self._routed(edge, client)
+        else:
+            if head.relay or head.partial.jobs or head.partial.dropped:
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "only edge aggregators relay or merge"
+                )
+            client = self._auth("Push", head.auth, content)
         spec = self.fed.spec
         if head.nbytes != spec.nbytes:
             raise _Abort(
@@ -542,7 +712,7 @@ class Server:
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
         t0 = time.perf_counter()
-        path, digest = await self._receive(client, first, it, head, spec)
+        path, digest = await self._receive(client, first, it, head, spec.dtype, keyring)
         self.stats.receive_s += time.perf_counter() - t0
         upload = UploadRow(
             client, head.task, str(path), float(head.weight), head.version, metrics,
@@ -560,6 +730,89 @@ class Server:
         self.stats.uploads += 1
         return pb.PushReply(task=head.task, duplicate=False)
 
+    async def _push_partial(
+        self, edge: str, first: Any, it: AsyncIterator[bytes], head: Any
+    ) -> pb.PushReply:
+        """A partial aggregate from an edge aggregator: its jobs must be open tasks of its
+        subtree, all of them, for one model version; taken whole, once (a re-sent partial whose
+        jobs were all accepted is acknowledged as a duplicate)."""
+        assert self.edges is not None
+        p = head.partial
+        loop = asyncio.get_running_loop()
+        for d in p.dropped:  # clients that dropped out at the edge
+            task = self.fed.tasks.get(d.task)
+            if task is not None and task.client == d.client and self.route.get(d.client) == edge:
+                self._enqueue_nowait("dropout", int(d.client), int(d.task))
+        if not p.jobs:
+            async for _ in it:
+                pass
+            return pb.PushReply(task=head.task, duplicate=False)
+        keys = [(int(j.client), int(j.task)) for j in p.jobs]
+        if len(set(k[1] for k in keys)) != len(keys):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a partial lists a job twice")
+        for c, _ in keys:
+            self._routed(edge, c)
+        if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weights must be finite and > 0")
+        seen = [
+            k in self._accepted
+            or await loop.run_in_executor(self._ex, self.fed.store.has_upload, *k)
+            for k in keys
+        ]
+        if all(seen):
+            async for _ in it:
+                pass
+            self.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        if any(seen):
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "a partial overlaps accepted uploads")
+        for c, j in keys:
+            problem = self.fed.task_problem(c, j, head.version)
+            if problem is not None:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"job {j} of client {c} cannot be merged ({problem})",
+                )
+        acc = {32: "float32", 64: "float64"}.get(int(p.accumulator_bits))
+        if acc is None or not (math.isfinite(p.weight) and p.weight > 0):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "bad partial accumulator or weight")
+        spec = self.fed.spec
+        if head.nbytes != partial_nbytes(spec, acc):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"partial has {head.nbytes} bytes, expected {partial_nbytes(spec, acc)}",
+            )
+        path, digest = await self._receive(
+            keys[0][0], first, it, head, partial_dtype(spec, acc), self.edges
+        )
+        parts = tuple(
+            UploadRow(
+                int(j.client),
+                int(j.task),
+                str(path),
+                float(j.weight),
+                head.version,
+                {"train_loss": float(j.train_loss)} if math.isfinite(j.train_loss) else {},
+                head.nbytes,
+                digest,
+            )
+            for j in sorted(p.jobs, key=lambda j: j.task)
+        )
+        info = {"weight": float(p.weight), "weight_comp": float(p.weight_comp),
+                "accumulator": acc, "edge": edge}  # fmt: skip
+        assert self._queue is not None
+        done: asyncio.Future[EventRow | None] = loop.create_future()
+        item = ("partial", self.now(), None, None, None, PartialRows(parts, info))
+        await self._queue.put(_Item(item, done))
+        row = await done
+        if row is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        self.stats.uploads += len(parts)
+        return pb.PushReply(task=head.task, duplicate=False)
+
     def _open_spool(self, tmp: Path) -> int:
         """A file to spool an upload into (on the I/O thread: file creation can block)."""
         reuse = self.fed.take_free()
@@ -569,14 +822,15 @@ class Server:
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     async def _receive(
-        self, client: int, first: Any, it: AsyncIterator[bytes], head: Any, spec: Any
-    ) -> tuple[Path, bytes]:
+        self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
+        dtype: np.dtype[Any], keyring: Keyring,
+    ) -> tuple[Path, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk, straight from gRPC's buffers, on a worker thread while the
         next chunk is received; the signed trailer's digest is checked at the end, the file
         fsynced and renamed. On any error the file is removed and nothing else has changed."""
         loop = asyncio.get_running_loop()
-        dtype = np.dtype(spec.dtype)
+        dtype = np.dtype(dtype)
         tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
         final = self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd"
@@ -646,7 +900,7 @@ class Server:
                     "the upload's bytes do not match its trailer's sha256",
                 )
             try:
-                self.keys.verify("PushTrailer", head.auth, head.auth.signature + digest,
+                keyring.verify("PushTrailer", head.auth, head.auth.signature + digest,
                                  trailer.signature)  # fmt: skip
             except AuthError as e:
                 raise _Abort(grpc.StatusCode.UNAUTHENTICATED, f"trailer: {e.reason}") from None

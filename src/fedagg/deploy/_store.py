@@ -3,7 +3,9 @@
 Tables:
     meta         key -> value (the federation's identity: spec, seed, config digest)
     events       the event log fed to the policy, in order (start, arrival, dropout, timer)
-    uploads      accepted updates, unique by (client, job): the idempotency keys
+    uploads      accepted updates, unique by (client, job): the idempotency keys (a partial
+                 aggregate from an edge has one row per job it covers, all with its seq)
+    partials     what a partial aggregate holds besides its payload (weight sums, accumulator)
     checkpoints  policy-state snapshots and the last event each one includes
     rounds       one row per closed round (what the policy reported)
 
@@ -17,10 +19,10 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EventRow", "Store", "UploadRow"]
+__all__ = ["EventRow", "PartialRows", "Store", "UploadRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,6 +33,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     client INTEGER NOT NULL, job INTEGER NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL,
     weight REAL NOT NULL, version INTEGER NOT NULL, metrics TEXT NOT NULL,
     nbytes INTEGER NOT NULL, sha256 BLOB NOT NULL, PRIMARY KEY (client, job));
+CREATE TABLE IF NOT EXISTS partials (seq INTEGER PRIMARY KEY, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY, path TEXT NOT NULL, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -52,6 +55,15 @@ class UploadRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PartialRows:
+    """What a partial aggregate logs: one upload row per job it covers (all pointing at its
+    payload file) and its info (weight sums, accumulator, version)."""
+
+    parts: tuple[UploadRow, ...]
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class EventRow:
     seq: int
     kind: str
@@ -60,6 +72,9 @@ class EventRow:
     job: int | None
     tag: int | None
     upload: UploadRow | None
+    #: a partial aggregate's jobs (one row each; ``upload`` is the first) and its info
+    parts: tuple[UploadRow, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -113,33 +128,56 @@ class Store:
         job: int | None = None,
         tag: int | None = None,
         upload: UploadRow | None = None,
+        parts: tuple[UploadRow, ...] = (),
+        info: dict[str, Any] | None = None,
     ) -> None:
-        """Log one event (inside a transaction); an arrival's upload row with it."""
+        """Log one event (inside a transaction); an arrival's upload row with it, or a
+        partial aggregate's rows (one per job) and info."""
         self.db.execute(
             "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", (seq, kind, time, client, job, tag)
         )
-        if upload is not None:
-            u = upload
+        rows = parts or ((upload,) if upload is not None else ())
+        for u in rows:
             self.db.execute(
                 "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (u.client, u.job, seq, u.path, u.weight, u.version, json.dumps(u.metrics),
                  u.nbytes, u.sha256),
             )  # fmt: skip
+        if info is not None:
+            self.db.execute("INSERT INTO partials VALUES (?, ?)", (seq, json.dumps(info)))
 
     def events_after(self, seq: int) -> Iterator[EventRow]:
         q = (
             "SELECT e.seq, e.kind, e.time, e.client, e.job, e.tag, u.path, u.weight, u.version,"
-            " u.metrics, u.nbytes, u.sha256 FROM events e LEFT JOIN uploads u ON u.seq = e.seq"
+            " u.metrics, u.nbytes, u.sha256 FROM events e"
+            " LEFT JOIN uploads u ON u.seq = e.seq AND e.kind = 'arrival'"
             " WHERE e.seq > ? ORDER BY e.seq"
         )
         for r in self.db.execute(q, (seq,)).fetchall():
             up = None
             if r[1] == "arrival":
                 up = UploadRow(r[3], r[4], r[6], r[7], r[8], json.loads(r[9]), r[10], r[11])
+            if r[1] == "partial":
+                yield self._partial(r)
+                continue
             yield EventRow(r[0], r[1], r[2], r[3], r[4], r[5], up)
 
+    def _partial(self, r: Any) -> EventRow:
+        q = (
+            "SELECT client, job, path, weight, version, metrics, nbytes, sha256 FROM uploads"
+            " WHERE seq = ? ORDER BY job"
+        )
+        parts = tuple(
+            UploadRow(int(c), int(j), p, w, v, json.loads(m), n, h)
+            for c, j, p, w, v, m, n, h in self.db.execute(q, (r[0],)).fetchall()
+        )
+        got = self.db.execute("SELECT info FROM partials WHERE seq = ?", (r[0],)).fetchone()
+        info = json.loads(got[0]) if got is not None else {}
+        return EventRow(r[0], "partial", r[2], r[3], r[4], r[5], parts[0] if parts else None,
+                        parts, info)  # fmt: skip
+
     def spooled_through(self, seq: int) -> list[str]:
-        q = "SELECT path FROM uploads WHERE seq <= ? AND path != ''"
+        q = "SELECT DISTINCT path FROM uploads WHERE seq <= ? AND path != ''"
         return [str(r[0]) for r in self.db.execute(q, (seq,)).fetchall()]
 
     def forget_paths(self, seq: int) -> None:

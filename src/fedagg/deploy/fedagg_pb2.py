@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64\x61gg.proto\x12\tfedagg.v1\"N\n\x04\x41uth\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"?\n\x0cHelloRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x10\n\x08protocol\x18\x02 \x01(\r\"\x81\x01\n\nHelloReply\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\r\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x13\n\x0bmodel_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12\x0e\n\x06\x64igest\x18\x06 \x01(\x08\"-\n\x0cTasksRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\"h\n\x04Task\x12\x0c\n\x04task\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x11\n\theartbeat\x18\x04 \x01(\x08\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\":\n\x0bPullRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x0c\n\x04task\x18\x02 \x01(\x04\"J\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05total\x18\x04 \x01(\x04\"\xd9\x01\n\x0cUploadHeader\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x0c\n\x04task\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x35\n\x07metrics\x18\x07 \x03(\x0b\x32$.fedagg.v1.UploadHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x06\x10\x07\"2\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x7f\n\x0bUploadChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedagg.v1.UploadHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12)\n\x07trailer\x18\x04 \x01(\x0b\x32\x18.fedagg.v1.UploadTrailer\",\n\tPushReply\x12\x0c\n\x04task\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"@\n\x10HeartbeatRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\r\n\x05tasks\x18\x02 \x03(\x04\"(\n\x0eHeartbeatReply\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x04\x32\xb0\x02\n\nFederation\x12\x37\n\x05Hello\x12\x17.fedagg.v1.HelloRequest\x1a\x15.fedagg.v1.HelloReply\x12\x33\n\x05Tasks\x12\x17.fedagg.v1.TasksRequest\x1a\x0f.fedagg.v1.Task0\x01\x12\x37\n\x04Pull\x12\x16.fedagg.v1.PullRequest\x1a\x15.fedagg.v1.ModelChunk0\x01\x12\x36\n\x04Push\x12\x16.fedagg.v1.UploadChunk\x1a\x14.fedagg.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedagg.v1.HeartbeatRequest\x1a\x19.fedagg.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64\x61gg.proto\x12\tfedagg.v1\"N\n\x04\x41uth\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"O\n\x0cHelloRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x0e\n\x06serves\x18\x03 \x03(\r\"\x81\x01\n\nHelloReply\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\r\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x13\n\x0bmodel_bytes\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12\x0e\n\x06\x64igest\x18\x06 \x01(\x08\"-\n\x0cTasksRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\"x\n\x04Task\x12\x0c\n\x04task\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x11\n\theartbeat\x18\x04 \x01(\x08\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06\x63lient\x18\x07 \x01(\r\":\n\x0bPullRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x0c\n\x04task\x18\x02 \x01(\x04\"J\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05total\x18\x04 \x01(\x04\"\xa0\x02\n\x0cUploadHeader\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\x0c\n\x04task\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x35\n\x07metrics\x18\x07 \x03(\x0b\x32$.fedagg.v1.UploadHeader.MetricsEntry\x12\r\n\x05relay\x18\x08 \x01(\x08\x12\x11\n\ton_behalf\x18\t \x01(\r\x12#\n\x07partial\x18\n \x01(\x0b\x32\x12.fedagg.v1.Partial\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x06\x10\x07\"N\n\nPartialJob\x12\x0c\n\x04task\x18\x01 \x01(\x04\x12\x0e\n\x06\x63lient\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\"\x95\x01\n\x07Partial\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.fedagg.v1.PartialJob\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0bweight_comp\x18\x03 \x01(\x01\x12\x18\n\x10\x61\x63\x63umulator_bits\x18\x04 \x01(\r\x12&\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x15.fedagg.v1.PartialJob\"2\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x7f\n\x0bUploadChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedagg.v1.UploadHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12)\n\x07trailer\x18\x04 \x01(\x0b\x32\x18.fedagg.v1.UploadTrailer\",\n\tPushReply\x12\x0c\n\x04task\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"@\n\x10HeartbeatRequest\x12\x1d\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x0f.fedagg.v1.Auth\x12\r\n\x05tasks\x18\x02 \x03(\x04\"(\n\x0eHeartbeatReply\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x04\x32\xb0\x02\n\nFederation\x12\x37\n\x05Hello\x12\x17.fedagg.v1.HelloRequest\x1a\x15.fedagg.v1.HelloReply\x12\x33\n\x05Tasks\x12\x17.fedagg.v1.TasksRequest\x1a\x0f.fedagg.v1.Task0\x01\x12\x37\n\x04Pull\x12\x16.fedagg.v1.PullRequest\x1a\x15.fedagg.v1.ModelChunk0\x01\x12\x36\n\x04Push\x12\x16.fedagg.v1.UploadChunk\x1a\x14.fedagg.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedagg.v1.HeartbeatRequest\x1a\x19.fedagg.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTH']._serialized_start=27
   _globals['_AUTH']._serialized_end=105
   _globals['_HELLOREQUEST']._serialized_start=107
-  _globals['_HELLOREQUEST']._serialized_end=170
-  _globals['_HELLOREPLY']._serialized_start=173
-  _globals['_HELLOREPLY']._serialized_end=302
-  _globals['_TASKSREQUEST']._serialized_start=304
-  _globals['_TASKSREQUEST']._serialized_end=349
-  _globals['_TASK']._serialized_start=351
-  _globals['_TASK']._serialized_end=455
-  _globals['_PULLREQUEST']._serialized_start=457
-  _globals['_PULLREQUEST']._serialized_end=515
-  _globals['_MODELCHUNK']._serialized_start=517
-  _globals['_MODELCHUNK']._serialized_end=591
-  _globals['_UPLOADHEADER']._serialized_start=594
-  _globals['_UPLOADHEADER']._serialized_end=811
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=759
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=805
-  _globals['_UPLOADTRAILER']._serialized_start=813
-  _globals['_UPLOADTRAILER']._serialized_end=863
-  _globals['_UPLOADCHUNK']._serialized_start=865
-  _globals['_UPLOADCHUNK']._serialized_end=992
-  _globals['_PUSHREPLY']._serialized_start=994
-  _globals['_PUSHREPLY']._serialized_end=1038
-  _globals['_HEARTBEATREQUEST']._serialized_start=1040
-  _globals['_HEARTBEATREQUEST']._serialized_end=1104
-  _globals['_HEARTBEATREPLY']._serialized_start=1106
-  _globals['_HEARTBEATREPLY']._serialized_end=1146
-  _globals['_FEDERATION']._serialized_start=1149
-  _globals['_FEDERATION']._serialized_end=1453
+  _globals['_HELLOREQUEST']._serialized_end=186
+  _globals['_HELLOREPLY']._serialized_start=189
+  _globals['_HELLOREPLY']._serialized_end=318
+  _globals['_TASKSREQUEST']._serialized_start=320
+  _globals['_TASKSREQUEST']._serialized_end=365
+  _globals['_TASK']._serialized_start=367
+  _globals['_TASK']._serialized_end=487
+  _globals['_PULLREQUEST']._serialized_start=489
+  _globals['_PULLREQUEST']._serialized_end=547
+  _globals['_MODELCHUNK']._serialized_start=549
+  _globals['_MODELCHUNK']._serialized_end=623
+  _globals['_UPLOADHEADER']._serialized_start=626
+  _globals['_UPLOADHEADER']._serialized_end=914
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=862
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=908
+  _globals['_PARTIALJOB']._serialized_start=916
+  _globals['_PARTIALJOB']._serialized_end=994
+  _globals['_PARTIAL']._serialized_start=997
+  _globals['_PARTIAL']._serialized_end=1146
+  _globals['_UPLOADTRAILER']._serialized_start=1148
+  _globals['_UPLOADTRAILER']._serialized_end=1198
+  _globals['_UPLOADCHUNK']._serialized_start=1200
+  _globals['_UPLOADCHUNK']._serialized_end=1327
+  _globals['_PUSHREPLY']._serialized_start=1329
+  _globals['_PUSHREPLY']._serialized_end=1373
+  _globals['_HEARTBEATREQUEST']._serialized_start=1375
+  _globals['_HEARTBEATREQUEST']._serialized_end=1439
+  _globals['_HEARTBEATREPLY']._serialized_start=1441
+  _globals['_HEARTBEATREPLY']._serialized_end=1481
+  _globals['_FEDERATION']._serialized_start=1484
+  _globals['_FEDERATION']._serialized_end=1788
 # @@protoc_insertion_point(module_scope)

@@ -19,12 +19,14 @@ class Auth(_message.Message):
     def __init__(self, client: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("auth", "protocol")
+    __slots__ = ("auth", "protocol", "serves")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    SERVES_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     protocol: int
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., protocol: _Optional[int] = ...) -> None: ...
+    serves: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., protocol: _Optional[int] = ..., serves: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest")
@@ -49,20 +51,22 @@ class TasksRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed")
+    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
     task: int
     version: int
     epochs: int
     heartbeat: bool
     finished: bool
     seed: int
-    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ...) -> None: ...
+    client: int
+    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("auth", "task")
@@ -85,7 +89,7 @@ class ModelChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics")
+    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics", "relay", "on_behalf", "partial")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,13 +103,45 @@ class UploadHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    ON_BEHALF_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     task: int
     version: int
     weight: float
     nbytes: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    relay: bool
+    on_behalf: int
+    partial: Partial
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., relay: bool = ..., on_behalf: _Optional[int] = ..., partial: _Optional[_Union[Partial, _Mapping]] = ...) -> None: ...
+
+class PartialJob(_message.Message):
+    __slots__ = ("task", "client", "weight", "train_loss")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    task: int
+    client: int
+    weight: float
+    train_loss: float
+    def __init__(self, task: _Optional[int] = ..., client: _Optional[int] = ..., weight: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class Partial(_message.Message):
+    __slots__ = ("jobs", "weight", "weight_comp", "accumulator_bits", "dropped")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_COMP_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATOR_BITS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[PartialJob]
+    weight: float
+    weight_comp: float
+    accumulator_bits: int
+    dropped: _containers.RepeatedCompositeFieldContainer[PartialJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[PartialJob, _Mapping]]] = ..., weight: _Optional[float] = ..., weight_comp: _Optional[float] = ..., accumulator_bits: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[PartialJob, _Mapping]]] = ...) -> None: ...
 
 class UploadTrailer(_message.Message):
     __slots__ = ("sha256", "signature")

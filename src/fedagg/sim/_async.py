@@ -55,6 +55,7 @@ from fedagg.sim._policy import (
     Dropout,
     Event,
     Finish,
+    Merge,
     PolicyContext,
     RoundStats,
     SetTimer,
@@ -225,6 +226,11 @@ class AsyncPolicy:
                 actions.append(SetTimer(self._window_end(0), 0))
         elif isinstance(event, Arrival):
             self._arrival(state, event, ctx, actions)
+        elif isinstance(event, Merge):
+            raise ConfigError(
+                "async policies measure staleness per update at the root: edge aggregators "
+                "relay their clients' updates (relay mode) instead of merging them"
+            )
         elif isinstance(event, Dropout):
             job = self._finish_job(state, event.job)
             if job is not None:

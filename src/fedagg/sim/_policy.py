@@ -21,7 +21,7 @@ from fedagg._checkpoint import register
 from fedagg.core.participation import Weighting
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
-from fedagg.errors import ConfigError, EmptyAggregate, UpdateError
+from fedagg.errors import ConfigError, EmptyAggregate, StateError, UpdateError
 
 __all__ = [
     "Action",
@@ -32,6 +32,7 @@ __all__ = [
     "Dropout",
     "Event",
     "Finish",
+    "Merge",
     "Policy",
     "PolicyContext",
     "RoundStats",
@@ -68,6 +69,19 @@ class Arrival:
 
 
 @dataclass(frozen=True, slots=True)
+class Merge:
+    """A partial aggregate from a subtree (an edge aggregator): several clients' updates,
+    already folded by the same aggregator into ``state``, merged into the round's aggregate
+    with the monoid's ``merge``. ``jobs`` holds ``(client, job, weight, train_loss)`` for
+    each update it covers; it is taken whole or (if any of its jobs is no longer pending)
+    not at all."""
+
+    now: float
+    jobs: tuple[tuple[int, int, float, float], ...]
+    state: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Dropout:
     """A dispatched client will never report for ``job``."""
 
@@ -82,7 +96,7 @@ class Timer:
     tag: int
 
 
-Event: TypeAlias = Start | Arrival | Dropout | Timer
+Event: TypeAlias = Start | Arrival | Merge | Dropout | Timer
 
 
 # -- actions (policy -> engine) ----------------------------------------------------------------
@@ -258,6 +272,8 @@ class SyncPolicy:
             return self._advance(state, event.now, ctx, [])
         if isinstance(event, Arrival):
             return self._arrival(state, event, ctx)
+        if isinstance(event, Merge):
+            return self._merge(state, event, ctx)
         if isinstance(event, Dropout):
             if state.open and event.job in state.pending:
                 state.pending.discard(event.job)
@@ -346,6 +362,31 @@ class SyncPolicy:
         if state.control_sum is not None and delta_c is not None:
             for k, v in delta_c.items():
                 state.control_sum[k] += v
+        return self._maybe_close(state, ev.now, ctx)
+
+    def _merge(self, state: SyncState, ev: Merge, ctx: PolicyContext) -> list[Action]:
+        if self.weighting is not None or self.scaffold:
+            raise ConfigError(
+                "partial aggregates (edge aggregators) need per-update weights fixed at the "
+                "edge: participation weighting (FedAU) and SCAFFOLD work only without edges"
+            )
+        jobs = [j for _, j, _, _ in ev.jobs]
+        if not state.open or not all(j in state.pending for j in jobs):
+            state.late += len(jobs)  # from a closed round (or partly resolved): ignored
+            return []
+        try:
+            self.strategy.aggregator.merge(state.agg, ev.state)
+        except (UpdateError, StateError):
+            state.pending.difference_update(jobs)
+            state.refused += len(jobs)
+            return self._maybe_close(state, ev.now, ctx)
+        state.pending.difference_update(jobs)
+        for client, _, w, loss in ev.jobs:
+            state.folded += 1
+            state.participants.append(client)
+            state.weights.append(w)
+            state.weight_sum += w
+            state.loss_sum += w * loss
         return self._maybe_close(state, ev.now, ctx)
 
     def _maybe_close(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
