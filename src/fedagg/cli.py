@@ -353,10 +353,20 @@ def _run_server(args: argparse.Namespace) -> int:
             tls = "insecure" if server.opt.tls is None else "TLS"
             print(f"fedagg server: listening on port {server.port} ({tls})", flush=True)
 
+        insecure = True if args.insecure else None
+        if cfg.get("deploy", {}).get("parent"):
+            edge = deploy.serve_edge(
+                cfg, insecure=insecure, listen=args.listen, state=args.state, on_start=started
+            )
+            print(
+                f"fedagg server: edge aggregator finished ({edge.uploads} uploads, "
+                f"{edge.forwarded} forwards to the parent, {edge.duplicates} retries "
+                f"acknowledged, {edge.replayed} events replayed)"
+            )
+            return EXIT_OK
         result = deploy.serve(
-            cfg, insecure=True if args.insecure else None, listen=args.listen,
-            state=args.state, on_start=started,
-        )  # fmt: skip
+            cfg, insecure=insecure, listen=args.listen, state=args.state, on_start=started
+        )
     except fedagg.FedaggError as e:
         print(f"fedagg server: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR

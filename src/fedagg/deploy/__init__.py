@@ -14,12 +14,17 @@ Client side (the user's training code)::
     key = deploy.ClientKey.load("keys/client-007.key")
     deploy.Client("server:7531", key, train, ca=open("certs/ca.pem", "rb").read()).run()
 
+Aggregation tiers: the same server with ``deploy.parent = "host:port"`` is an edge (or
+intermediate) aggregator, folding its subtree's updates into partial monoid states for its
+parent (``deploy.serve_edge``; see :mod:`fedagg.deploy._edge`).
+
 Security: TLS (``fedagg certs``) and Ed25519 client keys (``fedagg keys``) are on by default.
 Durability: every accepted update is on disk and in the event log before it is acknowledged;
 a restarted server resumes where it stopped (see :mod:`fedagg.deploy._fed`).
 """
 
 from fedagg.deploy._app import (
+    EdgeResult,
     ServeResult,
     build_federation,
     client_from_config,
@@ -27,10 +32,12 @@ from fedagg.deploy._app import (
     options_from_config,
     serve,
     serve_async,
+    serve_edge,
 )
 from fedagg.deploy._auth import ClientKey, Keyring, make_keys
 from fedagg.deploy._certs import make_certs
 from fedagg.deploy._client import Client, ClientError, ClientReport, Result, TaskContext
+from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
 from fedagg.deploy._fed import Canonical, Federation, TaskInfo, canonical_strategy
 from fedagg.deploy._server import PROTOCOL, Server, ServerOptions
 
@@ -41,8 +48,12 @@ __all__ = [
     "ClientError",
     "ClientKey",
     "ClientReport",
+    "EdgeEngine",
+    "EdgeResult",
+    "EdgeServer",
     "Federation",
     "Keyring",
+    "ParentLink",
     "Result",
     "ServeResult",
     "Server",
@@ -58,4 +69,5 @@ __all__ = [
     "options_from_config",
     "serve",
     "serve_async",
+    "serve_edge",
 ]

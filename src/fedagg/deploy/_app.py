@@ -30,6 +30,7 @@ from fedagg.sim._config import resolve_config
 from fedagg.sim._policy import Policy, RoundStats
 
 __all__ = [
+    "EdgeResult",
     "ServeResult",
     "build_federation",
     "client_from_config",
@@ -37,6 +38,7 @@ __all__ = [
     "options_from_config",
     "serve",
     "serve_async",
+    "serve_edge",
 ]
 
 
@@ -49,6 +51,17 @@ class ServeResult:
     duplicates: int
     refused: int
     receive_s: float  # upload handlers: checking, hashing and spooling chunks
+
+
+@dataclass(frozen=True)
+class EdgeResult:
+    """What an edge aggregator did: updates accepted from its subtree, forwards sent up."""
+
+    uploads: int
+    duplicates: int
+    refused: int
+    forwarded: int
+    replayed: int
 
 
 def _identity(cfg: Mapping[str, Any], server: ServerState) -> dict[str, str]:
@@ -120,9 +133,10 @@ async def serve_async(
     *,
     on_round: Callable[[RoundStats], None] | None = None,
     on_start: Callable[[Server], None] | None = None,
+    edges: Keyring | None = None,
 ) -> ServeResult:
     """Run the server until the policy finishes; returns the final state."""
-    server = Server(fed, keyring, options, on_round=on_round)
+    server = Server(fed, keyring, options, on_round=on_round, edges=edges)
     await server.start()
     if on_start is not None:
         on_start(server)
@@ -149,18 +163,79 @@ def serve(
     """``fedagg server``: serve the federation a config describes; the final model is saved
     to ``<state>/final.npz``."""
     cfg = resolve_config(config)
+    if cfg["deploy"]["parent"]:
+        raise ConfigError("this config has a deploy.parent: run it with serve_edge")
     directory = state or cfg["deploy"]["state"]
     opts = options_from_config(cfg, insecure=insecure, listen=listen)
     keyring = Keyring.load(Path(cfg["deploy"]["keys"]) / "authorized_keys")
+    edges = Keyring.load(cfg["deploy"]["edges"]) if cfg["deploy"]["edges"] else None
     fed = build_federation(cfg, directory)
     if len(keyring.names) != fed.ctx.num_clients:
         raise ConfigError(
             f"{len(keyring.names)} registered client keys, but the config has "
             f"{fed.ctx.num_clients} clients (data.num_clients)"
         )
-    result = asyncio.run(serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start))
+    result = asyncio.run(
+        serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges)
+    )
     save(Path(directory) / "final.npz", result.server)
     return result
+
+
+def serve_edge(
+    config: Mapping[str, Any],
+    *,
+    insecure: bool | None = None,
+    listen: str | None = None,
+    state: str | None = None,
+    on_start: Callable[[Server], None] | None = None,
+) -> EdgeResult:
+    """``fedagg server`` with ``deploy.parent`` set: run an edge (or intermediate) aggregator
+    until its parent says the federation is over."""
+    from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.sim._run import build_data, build_model, build_strategy
+
+    cfg = resolve_config(config)
+    d = cfg["deploy"]
+    if not d["parent"] or not d["edge_key"]:
+        raise ConfigError("an edge aggregator needs deploy.parent and deploy.edge_key")
+    insecure = bool(d["insecure"]) if insecure is None else insecure
+    opts = options_from_config(cfg, insecure=insecure, listen=listen)
+    keyring = Keyring.load(Path(d["keys"]) / "authorized_keys")
+    edges = Keyring.load(d["edges"]) if d["edges"] else None
+    unknown = [n for n in d["serves"] if n not in keyring.index]
+    if unknown:
+        raise ConfigError(f"deploy.serves names unregistered clients: {unknown[:5]}")
+    serves = {keyring.index[n] for n in d["serves"]} or set(range(len(keyring.names)))
+    mode = d["edge_mode"]
+    if mode == "auto":
+        mode = "aggregate" if cfg["policy"]["kind"] == "sync" else "relay"
+    seed = int(cfg["seed"])
+    fd = build_data(cfg, seed)
+    spec = build_strategy(cfg).init(build_model(cfg, fd).init(seed)).spec
+    engine = EdgeEngine(
+        build_strategy(cfg).aggregator, spec, num_clients=len(keyring.names),
+        directory=state or d["state"], mode=mode, flush_after=float(d["flush_after"]),
+    )  # fmt: skip
+    ca = None if insecure else (Path(d["certs"]) / "ca.pem").read_bytes()
+    link = ParentLink(str(d["parent"]), ClientKey.load(d["edge_key"]), sorted(serves), ca=ca,
+                      insecure=insecure)  # fmt: skip
+
+    async def run() -> EdgeResult:
+        server = EdgeServer(engine, keyring, opts, link, edges=edges, serves=serves)
+        await server.start()
+        if on_start is not None:
+            on_start(server)
+        try:
+            await server.wait()
+            await asyncio.sleep(0.2)
+        finally:
+            await server.stop(grace=1.0)
+        st = server.stats
+        return EdgeResult(st.uploads, st.duplicates, st.refused, engine.forwarded,
+                          engine.replayed)  # fmt: skip
+
+    return asyncio.run(run())
 
 
 def config_trainer(config: Mapping[str, Any]) -> Callable[[ArrayTree, TaskContext], Any]:

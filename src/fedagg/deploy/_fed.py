@@ -93,8 +93,10 @@ class Effects:
     rounds: list[RoundStats] = field(default_factory=list)
     finished: bool = False
     min_open_job: int = 0  # every job below this one is resolved
+    forward: list[Any] = field(default_factory=list)  # an edge's partials to send up
 
     def merge(self, other: Effects) -> None:
+        self.forward += other.forward
         self.tasks += other.tasks
         self.timers += other.timers
         self.rounds += other.rounds

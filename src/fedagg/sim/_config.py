@@ -138,6 +138,13 @@ DEFAULTS: dict[str, Any] = {
         "digest": True,
         "max_uploads": 8,
         "adaptive_window": False,
+        # aggregation tiers (see fedagg.deploy._edge): a server with a parent is an edge
+        "parent": "",  # host:port of the parent; empty: this server is the root
+        "edge_key": "",  # this edge's private key (its name is the key's)
+        "edges": "",  # authorized keys of the edge aggregators below this server
+        "serves": [],  # client names of this edge's subtree (empty: all)
+        "edge_mode": "auto",  # aggregate (partials), relay (updates), auto: by policy
+        "flush_after": 1.0,  # seconds after its first update a partial is sent anyway
     },
 }
 

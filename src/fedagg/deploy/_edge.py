@@ -1,0 +1,511 @@
+"""Edge and intermediate aggregators: a tier of the aggregation tree (LIFL, AI Flow).
+
+An edge aggregator is the same server with a parent: ``fedagg server`` with
+``deploy.parent = "host:port"``. Towards its clients (and child edges) it speaks the usual
+protocol; towards its parent it is an edge: it says which clients its subtree serves, receives
+their tasks, pulls each model version once and serves it down, and sends up either
+
+* **partial aggregates** (``edge_mode = "aggregate"``, the default under synchronous rounds):
+  its clients' updates folded with the federation's own aggregator into one mean-monoid state
+  per model version, and merged at the parent with ``merge`` (any depth: an intermediate merges
+  its children's partials into its own); or
+* **relayed updates** (``"relay"``, the default under asynchronous policies): each update
+  passed on unchanged, so the root sees every update's base version and measures its
+  staleness itself, exactly as without the tree.
+
+A partial is forwarded when every task of its version in the subtree is resolved (uploaded or
+dropped), or ``flush_after`` seconds after its first update, whichever is first.
+
+Nothing accepted is lost: an upload is acknowledged to the client only once it is spooled,
+fsynced and logged at the edge, and it stays there until the parent acknowledges the partial
+(or relay) that carries it. An edge that restarts replays its log and re-sends what the parent
+has not acknowledged; the parent recognises the jobs (its idempotency keys) and counts them
+once. A parent whose edge stays away longer than ``client_timeout`` drops the subtree's open
+jobs, so it never waits forever; what the edge re-sends for them later is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core.aggregate import Aggregator
+from fedagg.core.spec import ParamSpec
+from fedagg.core.update import Update
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
+from fedagg.deploy._client import PROTOCOL, Client, ClientError
+from fedagg.deploy._faults import crash_point
+from fedagg.deploy._fed import Effects, LogItem, TaskInfo, _Ctx
+from fedagg.deploy._partial import load_partial, mean_state, partial_buffers, partial_info
+from fedagg.deploy._server import Server, ServerOptions
+from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
+from fedagg.deploy._wire import encode_chunk
+from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
+
+__all__ = ["EdgeEngine", "EdgeServer", "Forward", "ParentLink"]
+
+Arr = npt.NDArray[Any]
+EdgeMode = Literal["aggregate", "relay"]
+log = logging.getLogger("fedagg.edge")
+
+
+@dataclass
+class Forward:
+    """What an edge sends up once: a partial aggregate of one version (``state``), or one
+    relayed update (``relay``), and the jobs of clients that dropped out."""
+
+    version: int
+    jobs: list[tuple[int, int, float, float]]  # (client, job, weight, train_loss)
+    dropped: list[tuple[int, int]] = field(default_factory=list)
+    state: Any = None
+    relay: UploadRow | None = None
+    paths: list[str] = field(default_factory=list)  # spool files to delete once acknowledged
+
+
+@dataclass
+class _Pending:
+    state: Any
+    jobs: list[tuple[int, int, float, float]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+class EdgeEngine:
+    """The state of an edge aggregator; the server's engine thread drives it, as it drives a
+    :class:`~fedagg.deploy._fed.Federation` at the root (the same entry points)."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator[Any],
+        spec: ParamSpec,
+        *,
+        num_clients: int,
+        directory: str | os.PathLike[str],
+        mode: EdgeMode = "aggregate",
+        flush_after: float = 1.0,
+    ) -> None:
+        if mode not in ("aggregate", "relay"):
+            raise ConfigError(f"edge_mode must be 'aggregate' or 'relay', not {mode!r}")
+        if not flush_after > 0:
+            raise ConfigError("flush_after must be > 0")
+        self.agg = aggregator
+        self.spec = spec
+        self.mode: EdgeMode = mode
+        self.flush_after = flush_after
+        self.ctx = _Ctx(num_clients, 0)
+        self.seed = 0
+        self.dir = Path(directory)
+        self.spool = self.dir / "spool"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.dir / "state.db")
+        self.tasks: dict[int, TaskInfo] = {}
+        self.models: dict[int, Arr] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.dropped: list[tuple[int, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.started = True  # rounds start at the root
+        self.finished = False
+        self.replayed = 0
+        self.forwarded = 0
+        if mode == "aggregate":
+            mean_state(aggregator.init(ParamSpec.from_arrays([np.zeros(1, spec.dtype)])))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> Effects:
+        """Recover: everything logged and not acknowledged by the parent is folded again and
+        forwarded at once (the tasks come back from the parent when the link reconnects)."""
+        for tmp in self.spool.glob("tmp-*"):
+            tmp.unlink()
+        self.seq = self.store.last_seq()
+        rows = list(self.store.events_after(0))
+        acked = {(r.client, r.job) for r in rows if r.kind == "acked"}
+        effects = Effects()
+        for row in rows:
+            keys = {(u.client, u.job) for u in (row.parts or ((row.upload,) if row.upload else ()))}
+            if row.kind in ("arrival", "partial") and keys and keys <= acked:
+                continue
+            if row.kind == "dropout" and (row.client, row.job) in acked:
+                continue
+            if row.kind in ("arrival", "partial", "dropout"):
+                effects.merge(self._apply(row))
+                self.replayed += 1
+        effects.merge(self._flush(force=True))
+        return effects
+
+    def close(self) -> None:
+        self.store.close()
+
+    def warmup(self) -> None:
+        small = np.zeros(1024, self.spec.dtype)
+        small.flags.writeable = False
+        spec = ParamSpec.from_arrays([np.zeros(1024, self.spec.dtype)])
+        with contextlib.suppress(Exception):
+            st = self.agg.init(spec, version=None)
+            self.agg.fold(st, Update(delta=small, weight=1.0))
+
+    # -- what the server asks ------------------------------------------------------------------
+    def model(self, version: int) -> Arr | None:
+        return self.models.get(version)
+
+    def task_problem(self, client: int, job: int, version: int) -> str | None:
+        task = self.tasks.get(job)
+        if task is None:
+            return "unknown"
+        if task.client != client:
+            return "denied"
+        if task.version != version:
+            return "version"
+        return None
+
+    def take_free(self) -> Path | None:
+        return None
+
+    def add_tasks(self, tasks: Sequence[TaskInfo], seed: int) -> Effects:
+        """Tasks from the parent for clients of this subtree (their model is already here)."""
+        self.seed = seed
+        effects = Effects()
+        for t in tasks:
+            if t.job not in self.tasks and not self.store.has_upload(t.client, t.job):
+                self.tasks[t.job] = t
+                effects.tasks.append(t)
+        return effects
+
+    def finish(self) -> Effects:
+        self.finished = True
+        return Effects(finished=True)
+
+    def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
+        rows: list[EventRow | None] = []
+        with self.store.tx():
+            for kind, now, client, job, tag, upload in events:
+                parts = upload.parts if isinstance(upload, PartialRows) else ()
+                single = upload if isinstance(upload, UploadRow) else None
+                keys = parts or ((single,) if single is not None else ())
+                if any(self.store.has_upload(u.client, u.job) for u in keys):
+                    rows.append(None)
+                    continue
+                self.seq += 1
+                info = upload.info if isinstance(upload, PartialRows) else None
+                self.store.append(self.seq, kind, now, client, job, tag, single, parts, info)
+                first = parts[0] if parts else single
+                rows.append(EventRow(self.seq, kind, now, client, job, tag, first, parts,
+                                     info or {}))  # fmt: skip
+        crash_point("edge-logged")
+        return rows
+
+    def step(self, rows: Iterable[EventRow]) -> Effects:
+        effects = Effects()
+        for row in rows:
+            effects.merge(self._apply(row))
+        effects.merge(self._flush(force=False))
+        live = {t.version for t in self.tasks.values()}
+        newest = max(self.models, default=-1)
+        for v in [v for v in self.models if v not in live and v != newest]:
+            del self.models[v]
+        return effects
+
+    # -- internals -----------------------------------------------------------------------------
+    def _apply(self, row: EventRow) -> Effects:
+        self.now = max(self.now, row.time)
+        effects = Effects()
+        if row.kind == "timer":
+            effects.merge(self._flush(force=False, version=row.tag))
+            return effects
+        if row.kind == "acked":
+            return effects  # the link deleted the spool files; the log keeps the key
+        if row.kind == "dropout" and row.job is not None and row.client is not None:
+            self.tasks.pop(row.job, None)
+            self.dropped.append((row.client, row.job))
+            return effects
+        if row.kind == "arrival" and row.upload is not None:
+            u = row.upload
+            self.tasks.pop(u.job, None)
+            if self.mode == "relay":
+                loss = float(u.metrics.get("train_loss", math.nan))
+                effects.forward.append(
+                    Forward(u.version, [(u.client, u.job, u.weight, loss)], relay=u, paths=[u.path])
+                )
+                return effects
+            pend = self._pending(u.version, effects)
+            delta = np.memmap(u.path, dtype=self.spec.dtype, mode="r", shape=(self.spec.size,))
+            update = Update(delta=delta, weight=u.weight, client_id=str(u.client),
+                            base_version=u.version, metrics=u.metrics)  # fmt: skip
+            try:
+                self.agg.fold(pend.state, update)
+            except UpdateError as e:  # refused by a pre-transform: reported as a dropout
+                log.warning("job %d refused at the edge: %s", u.job, e)
+                self.dropped.append((u.client, u.job))
+                return effects
+            finally:
+                del delta
+            loss = float(u.metrics.get("train_loss", math.nan))
+            pend.jobs.append((u.client, u.job, u.weight, loss))
+            pend.paths.append(u.path)
+            return effects
+        if row.kind == "partial" and row.parts:
+            p = row.parts[0]
+            for u in row.parts:
+                self.tasks.pop(u.job, None)
+            other = load_partial(self.agg, self.spec, p.version, p.path, row.info, len(row.parts))
+            pend = self._pending(p.version, effects)
+            self.agg.merge(pend.state, other)
+            pend.jobs += [
+                (u.client, u.job, u.weight, float(u.metrics.get("train_loss", math.nan)))
+                for u in row.parts
+            ]
+            pend.paths.append(p.path)
+            return effects
+        raise StateError(f"malformed edge event {row.seq} ({row.kind})")
+
+    def _pending(self, version: int, effects: Effects) -> _Pending:
+        pend = self.pending.get(version)
+        if pend is None:
+            pend = self.pending[version] = _Pending(self.agg.init(self.spec, version=version))
+            effects.timers.append((self.now + self.flush_after, version))
+        return pend
+
+    def _flush(self, *, force: bool, version: int | None = None) -> Effects:
+        effects = Effects()
+        open_versions = {t.version for t in self.tasks.values()}
+        for v in sorted(self.pending):
+            if force or v == version or v not in open_versions:
+                pend = self.pending.pop(v)
+                if pend.jobs:
+                    effects.forward.append(Forward(v, pend.jobs, state=pend.state,
+                                                   paths=pend.paths))  # fmt: skip
+        if self.dropped:  # reported with the next forward, or alone if none is waiting
+            if effects.forward:
+                effects.forward[-1].dropped += self.dropped
+                self.dropped = []
+            elif force or not self.pending:
+                effects.forward.append(Forward(-1, [], dropped=self.dropped))
+                self.dropped = []
+        self.forwarded += len(effects.forward)
+        return effects
+
+
+class ParentLink(Client):
+    """The edge's side of its parent: the client protocol, as an edge (it reuses the client's
+    TLS, signing and retry plumbing)."""
+
+    def __init__(self, parent: str, key: ClientKey, serves: Sequence[int], *,
+                 ca: bytes | None = None, insecure: bool = False, retry_for: float = 120.0,
+                 server_name: str | None = None) -> None:  # fmt: skip
+        super().__init__(parent, key, _no_train, ca=ca, insecure=insecure, retry_for=retry_for,
+                         server_name=server_name)  # fmt: skip
+        self.serves = sorted(int(c) for c in serves)
+
+    async def hello(self) -> None:
+        serves = self.serves
+
+        async def call() -> bytes:
+            req = pb.HelloRequest(
+                auth=self._auth("Hello", body(protocol=PROTOCOL, serves=serves)),
+                protocol=PROTOCOL, serves=serves,
+            )  # fmt: skip
+            raw: bytes = await self._method("Hello", "unary_unary")(
+                req.SerializeToString(), timeout=30
+            )
+            return raw
+
+        reply = pb.HelloReply.FromString(await self._retry("hello", call))
+        self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
+        self.chunk = int(reply.chunk_bytes)
+        self.digest = bool(reply.digest)
+
+    async def pull_model(self, task: pb.Task) -> Arr:
+        async def call() -> Arr:
+            return await self._pull(task)
+
+        flat: Arr = await self._retry("pull", call)
+        return flat
+
+    async def push_forward(self, fwd: Forward) -> pb.PushReply:
+        """Send one forward until the parent acknowledges it (or refuses it for good)."""
+        assert self.spec is not None
+        head = pb.UploadHeader(version=max(fwd.version, 0))
+        buffers: list[memoryview] = []
+        if fwd.relay is not None:
+            u = fwd.relay
+            data = np.fromfile(u.path, dtype=np.uint8)
+            buffers = [data.data.cast("B")]
+            head.task, head.weight, head.relay, head.on_behalf = u.job, u.weight, True, u.client
+            head.metrics.update(u.metrics)
+        else:
+            if fwd.state is not None:
+                info = partial_info(fwd.state)
+                buffers = partial_buffers(fwd.state)
+                head.partial.weight = float(info["weight"])
+                head.partial.weight_comp = float(info["weight_comp"])
+                head.partial.accumulator_bits = 64 if info["accumulator"] == "float64" else 32
+            for c, j, w, loss in fwd.jobs:
+                head.partial.jobs.add(task=j, client=c, weight=w, train_loss=loss)
+            for c, j in fwd.dropped:
+                head.partial.dropped.add(task=j, client=c, weight=1.0, train_loss=math.nan)
+            head.task = fwd.jobs[0][1] if fwd.jobs else 0
+        head.nbytes = sum(len(b) for b in buffers)
+        metrics = dict(head.metrics)
+
+        async def call() -> pb.PushReply:
+            content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
+            auth = self._auth("Push", edge_upload_body(content, head))
+            head.auth.CopyFrom(auth)
+            return await self._stream_up(head, auth, buffers)
+
+        reply: pb.PushReply = await self._retry("forward", call)
+        return reply
+
+    async def _stream_up(self, head: Any, auth: Any, buffers: list[memoryview]) -> pb.PushReply:
+        step = self.chunk
+        key = self.key
+        digest_on = self.digest
+
+        async def chunks() -> Any:
+            sha = hashlib.sha256() if digest_on else None
+            yield encode_chunk({}, b"", head.SerializeToString())
+            off = 0
+            for buf in buffers:
+                for lo in range(0, len(buf), step):
+                    piece = buf[lo : lo + step]
+                    if sha is not None:
+                        sha.update(piece)
+                    yield encode_chunk({2: off}, piece)
+                    off += len(piece)
+            digest = sha.digest() if sha is not None else b""
+            sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce,
+                                 auth.signature + digest)  # fmt: skip
+            yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=digest, signature=sig)
+                               .SerializeToString())  # fmt: skip
+
+        raw = await self._method("Push", "stream_unary")(chunks())
+        reply: pb.PushReply = pb.PushReply.FromString(raw)
+        return reply
+
+    async def beat(self, tasks: list[int]) -> None:
+        req = pb.HeartbeatRequest(auth=self._auth("Heartbeat", body(tasks=sorted(tasks))),
+                                  tasks=sorted(tasks))  # fmt: skip
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._method("Heartbeat", "unary_unary")(req.SerializeToString(), timeout=10)
+
+
+def _no_train(model: Any, task: Any) -> Any:  # pragma: no cover - an edge never trains
+    raise FedaggError("an edge aggregator does not train")
+
+
+class EdgeServer(Server):
+    """A server whose engine is an :class:`EdgeEngine` and who has a parent."""
+
+    fed: EdgeEngine  # type: ignore[assignment]
+
+    def __init__(
+        self, engine: EdgeEngine, keyring: Keyring, options: ServerOptions, link: ParentLink,
+        *, edges: Keyring | None = None, serves: set[int] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(engine, keyring, options, edges=edges, serves=serves)  # type: ignore[arg-type]
+        self.link = link
+        self._linked = asyncio.Event()
+        self._link_task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await super().start()
+        await self.link.hello()
+        self._linked.set()
+        self._link_task = asyncio.create_task(self._follow_parent())
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for t in [self._link_task, *self._sends]:
+            if t is not None:
+                t.cancel()
+        await self.link.channel.close()
+        await super().stop(grace)
+
+    def _apply(self, effects: Effects) -> None:
+        super()._apply(effects)
+        for fwd in effects.forward:
+            task = asyncio.get_running_loop().create_task(self._send(fwd))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _send(self, fwd: Forward) -> None:
+        await self._linked.wait()
+        try:
+            reply = await self.link.push_forward(fwd)
+            log.info("forwarded %d jobs of version %d%s", len(fwd.jobs), fwd.version,
+                     " (duplicate)" if reply.duplicate else "")  # fmt: skip
+        except ClientError as e:  # refused for good: the parent dropped these jobs
+            log.warning("parent refused %d jobs of version %d: %s", len(fwd.jobs),
+                        fwd.version, e.message)  # fmt: skip
+        crash_point("edge-forwarded")
+        keys = [(c, j) for c, j, _, _ in fwd.jobs] + list(fwd.dropped)
+        for c, j in keys:
+            self._enqueue_nowait("acked", c, j)
+        await asyncio.sleep(0)
+        for p in fwd.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    async def _follow_parent(self) -> None:
+        """The parent's task stream: fetch each new model version, then hand the tasks down."""
+        link = self.link
+        loop = asyncio.get_running_loop()
+        start, delay = time.monotonic(), 0.05
+        beats = asyncio.create_task(self._beat_parent())
+        try:
+            while True:
+                try:
+                    req = pb.TasksRequest(auth=link._auth("Tasks", body()))
+                    stream = link._method("Tasks", "unary_stream")(req.SerializeToString())
+                    async for raw in stream:
+                        start, delay = time.monotonic(), 0.05
+                        t = pb.Task.FromString(raw)
+                        if t.heartbeat:
+                            continue
+                        if t.finished:
+                            effects = await loop.run_in_executor(self._ex, self.fed.finish)
+                            self._apply(effects)
+                            return
+                        if self.fed.model(t.version) is None:
+                            self.fed.models[t.version] = await link.pull_model(t)
+                        info = TaskInfo(int(t.task), int(t.client), int(t.version), int(t.epochs))
+                        effects = await loop.run_in_executor(
+                            self._ex, self.fed.add_tasks, [info], int(t.seed)
+                        )
+                        self._apply(effects)
+                except grpc.aio.AioRpcError as e:
+                    if time.monotonic() - start > link.retry_for:
+                        raise ClientError(e.code(), e.details() or "") from None
+                except ClientError as e:
+                    if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            log.exception("edge link failed")
+            self._failure = e
+            assert self._done is not None
+            self._done.set()
+        finally:
+            beats.cancel()
+
+    async def _beat_parent(self) -> None:
+        while True:
+            await asyncio.sleep(self.opt.heartbeat)
+            await self.link.beat(sorted(self.fed.tasks))

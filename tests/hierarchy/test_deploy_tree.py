@@ -1,0 +1,151 @@
+"""Aggregation trees of real processes on loopback: root <- intermediate <- edges <- clients."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedagg
+from fedagg.deploy import TaskContext, config_trainer
+from fedagg.sim._config import load_config, resolve_config
+from fedagg.sim._run import build_data, build_model, build_strategy
+from tests.deploy.harness import (
+    federation,
+    kill,
+    run_all,
+    wait_listening,
+)
+from tests.hierarchy.tree_harness import (
+    finish,
+    node_log,
+    start_node,
+    start_tree_client,
+    tree_context,
+)
+
+CLIENTS = 4
+THREE_LEVELS = {"mid": "root", "edge-a": "mid", "edge-b": "mid"}
+SERVES = {"mid": [0, 1, 2, 3], "edge-a": [0, 1], "edge-b": [2, 3]}
+
+
+def _kw(accumulator: str, rounds: int = 2) -> dict[str, object]:
+    return {
+        "clients": CLIENTS,
+        "rounds": rounds,
+        "extra": {"strategy": {"accumulator": accumulator}},
+        "deploy": {"client_timeout": 60.0},
+    }
+
+
+def _flat(root: Path, accumulator: str, rounds: int = 2) -> np.ndarray:
+    with federation(root, **_kw(accumulator, rounds)) as fed:  # type: ignore[arg-type]
+        run_all(fed, timeout=180)
+        return np.asarray(fed.final().params)
+
+
+@pytest.fixture(scope="module")
+def flat64(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return _flat(tmp_path_factory.mktemp("flat64"), "float64")
+
+
+def _run_tree(root: Path, accumulator: str, rounds: int = 2) -> tuple[np.ndarray, str, Path]:
+    with tree_context(root, parents=THREE_LEVELS, serves=SERVES,
+                      **_kw(accumulator, rounds)) as tree:  # type: ignore[arg-type]  # fmt: skip
+        r = start_node(tree, "root")
+        wait_listening(tree.fed, r, log="root.log")
+        edges = [start_node(tree, n) for n in ("mid", "edge-a", "edge-b")]
+        clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
+        finish(tree, r, edges + clients)
+        logs = "\n".join(node_log(tree, n) for n in ("root", "mid", "edge-a", "edge-b"))
+        return np.asarray(tree.fed.final().params), logs, tree.fed.config
+
+
+def test_three_level_tree_equals_the_flat_fold_bitwise_with_float64(
+    tmp_path: Path, flat64: np.ndarray
+) -> None:
+    tree, logs, _ = _run_tree(tmp_path / "tree", "float64")
+    # the edges really merged their clients' updates, and the intermediate its edges' partials
+    sizes = [int(n) for n in re.findall(r"forwarded (\d+) jobs", logs)]
+    assert max(sizes) >= 2 and sum(sizes) >= 2 * 2 * CLIENTS  # edges' and mid's forwards
+    assert np.array_equal(tree, flat64), np.max(np.abs(tree - flat64))
+
+
+def test_three_level_tree_with_float32_is_within_the_documented_bound(tmp_path: Path) -> None:
+    """One round, float32 sums: the tree's model and the flat one's differ by at most the
+    recursive-summation bound of each, 2 * gamma_{n-1} * sum|w x| / W per coordinate (plus
+    the final roundings), computed here from the clients' actual updates."""
+    flat = _flat(tmp_path / "flat", "float32", rounds=1)
+    tree, _, config = _run_tree(tmp_path / "tree", "float32", rounds=1)
+    cfg = resolve_config(load_config(config))
+    fd = build_data(cfg, 0)
+    x0 = build_strategy(cfg).init(build_model(cfg, fd).init(0))
+    train = config_trainer(cfg)
+    spec = x0.spec
+    abs_sum, weight = np.zeros(spec.size), 0.0
+    for i in range(CLIENTS):  # round 0: all 4 clients, sorted, get jobs 0..3
+        r = train(spec.unflatten(x0.params.copy()), TaskContext(i, 0, 1, 0, i, f"c{i}"))
+        abs_sum += r.num_examples * np.abs(spec.as_flat(r.delta).astype(np.float64))
+        weight += r.num_examples
+    u = 2.0**-24
+    gamma = (CLIENTS - 1) * u / (1 - (CLIENTS - 1) * u)
+    bound = 2 * gamma * abs_sum / weight + 4 * u * (np.abs(flat) + np.abs(tree))
+    diff = np.abs(tree.astype(np.float64) - flat.astype(np.float64))
+    assert np.all(diff <= bound)
+    assert not np.array_equal(tree, x0.params)  # a round was applied
+
+
+def test_edge_killed_mid_round_loses_nothing_and_the_root_neither_double_counts_nor_stalls(
+    tmp_path: Path, flat64: np.ndarray
+) -> None:
+    flat = flat64
+    with tree_context(tmp_path / "tree", parents={"edge-a": "root", "edge-b": "root"},
+                      serves={"edge-a": [0, 1], "edge-b": [2, 3]},
+                      **_kw("float64")) as tree:  # type: ignore[arg-type]  # fmt: skip
+        r = start_node(tree, "root")
+        wait_listening(tree.fed, r, log="root.log")
+        # edge-a dies right after its parent acknowledged its first partial, before it logs
+        # the acknowledgement: on restart it re-sends it, and the root must not count it twice
+        a = start_node(tree, "edge-a", env={"FEDAGG_CRASH_AT": "edge-forwarded:1"})
+        b = start_node(tree, "edge-b")
+        clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
+        deadline = time.monotonic() + 120
+        while a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert a.returncode == -9, node_log(tree, "edge-a")
+        a2 = start_node(tree, "edge-a")
+        finish(tree, r, [a2, b, *clients])
+        model = np.asarray(tree.fed.final().params)
+        db = tree.fed.state / "state.db"
+        with sqlite3.connect(db) as con:
+            uploads = con.execute("SELECT count(*) FROM uploads").fetchone()[0]
+            folded = [row[0] for row in con.execute("SELECT folded FROM rounds ORDER BY round")]
+        assert uploads == 2 * CLIENTS  # every update accepted exactly once
+        assert folded == [CLIENTS] * 2
+        assert "duplicate" in node_log(tree, "edge-a")
+        assert np.array_equal(model, flat)
+
+
+def test_a_dead_edge_is_dropped_after_client_timeout_and_the_rounds_go_on(tmp_path: Path) -> None:
+    kw = _kw("float64", rounds=1)
+    kw["deploy"] = {"client_timeout": 3.0}
+    kw["policy"] = {"clients_per_round": CLIENTS}
+    with tree_context(tmp_path / "tree", parents={"edge-a": "root", "edge-b": "root"},
+                      serves={"edge-a": [0, 1], "edge-b": [2, 3]},
+                      **kw) as tree:  # type: ignore[arg-type]  # fmt: skip
+        r = start_node(tree, "root")
+        wait_listening(tree.fed, r, log="root.log")
+        a = start_node(tree, "edge-a")
+        b = start_node(tree, "edge-b")
+        clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
+        time.sleep(1.0)
+        kill(a)  # edge-a never comes back: its clients' jobs must not block the root
+        kill(clients[0])
+        kill(clients[1])
+        finish(tree, r, [b, clients[2], clients[3]], timeout=120)
+        state = fedagg.load(tree.fed.state / "final.npz")
+        assert state.version >= 1
