@@ -15,8 +15,16 @@ Robust rules (``median``, ``trimmed_mean``, ``krum``, ``multi_krum``, ``bulyan``
 spool (memory, or disk with ``spool=fedagg.spool.disk(dir)``) and read it in coordinate
 blocks; ``weiszfeld_step`` and ``clip_step`` are the per-iteration monoids of RFA and
 centered clipping.
+
+Hierarchical aggregation (``fedagg.core.tree``): ``sharded`` (the mean over coordinate shards,
+bit-identical to the unsharded one), ``reduce_tree`` (merge partial states along a balanced
+tree) and ``tree_error_bound``; for the rules that are not monoids, ``leaf_then_mean`` (a
+robust rule per leaf, then a mean: a different rule), ``tree_rfa`` and
+``tree_centered_clipping`` (exact, one monoid pass per iteration) and ``sketch_krum``
+(Krum on Johnson-Lindenstrauss sketches, then a masked mean: approximate).
 """
 
+from fedagg._checkpoint import register as _register
 from fedagg.core.aggregate import Aggregator, Composed, Mean, MeanState, compose, mean
 from fedagg.core.robust import (
     Bulyan,
@@ -42,6 +50,26 @@ from fedagg.core.robust import (
     trimmed_mean,
     weiszfeld_step,
 )
+from fedagg.core.tree import (
+    LeafThenMean,
+    MaskedMean,
+    Sharded,
+    ShardedState,
+    SketchKrum,
+    SketchState,
+    compensated_margin,
+    jl_dim,
+    leaf_then_mean,
+    reduce_tree,
+    sharded,
+    sketch_krum,
+    tree_centered_clipping,
+    tree_error_bound,
+    tree_rfa,
+)
+
+_register(ShardedState)
+_register(SketchState)
 
 __all__ = [
     "Aggregator",
@@ -53,23 +81,38 @@ __all__ = [
     "FlagAggregator",
     "GeometricMedian",
     "Krum",
+    "LeafThenMean",
+    "MaskedMean",
     "Mean",
     "MeanState",
     "MemoryStore",
     "RowStore",
+    "Sharded",
+    "ShardedState",
+    "SketchKrum",
+    "SketchState",
     "SpoolState",
     "StoreFactory",
     "TrimmedMean",
     "bulyan",
     "centered_clipping",
     "clip_step",
+    "compensated_margin",
     "compose",
     "flag_aggregator",
     "geometric_median",
+    "jl_dim",
     "krum",
+    "leaf_then_mean",
     "mean",
     "median",
     "multi_krum",
+    "reduce_tree",
+    "sharded",
+    "sketch_krum",
+    "tree_centered_clipping",
+    "tree_error_bound",
+    "tree_rfa",
     "trimmed_mean",
     "weiszfeld_step",
 ]

@@ -50,6 +50,13 @@ AGGREGATORS: dict[str, Callable[[], Any]] = {
     # per-iteration monoids of RFA and centered clipping
     "weiszfeld-step": lambda: A.weiszfeld_step(np.zeros(1)),
     "clip-step": lambda: A.clip_step(np.zeros(1), 2.0),
+    # the mean over coordinate shards (bit-identical to the unsharded mean); align=1 puts
+    # refused values in a later shard than the first, so the cross-shard roll-back is tested
+    "sharded-mean-f32": lambda: A.sharded(A.mean("float32"), 3, align=1),
+    "sharded-mean-f64": lambda: A.sharded(A.mean("float64"), 4),
+    "sharded-clip+mean": lambda: A.sharded(
+        A.compose(fedagg.transforms.clip_norm(1e6), A.mean()), 5, align=1
+    ),
 }
 
 #: What each aggregator must compute, from the updates (float64 flat result).

@@ -25,6 +25,10 @@ EXPECTED = {
         "RowStore", "SpoolState", "StoreFactory", "TrimmedMean", "bulyan", "centered_clipping",
         "clip_step", "compose", "flag_aggregator", "geometric_median", "krum", "mean", "median",
         "multi_krum", "trimmed_mean", "weiszfeld_step",
+        # trees and shards (fedagg.core.tree)
+        "LeafThenMean", "MaskedMean", "Sharded", "ShardedState", "SketchKrum", "SketchState",
+        "compensated_margin", "jl_dim", "leaf_then_mean", "reduce_tree", "sharded",
+        "sketch_krum", "tree_centered_clipping", "tree_error_bound", "tree_rfa",
     ],
     "fedagg.spool": ["DiskStore", "disk"],
     "fedagg.attacks": [
