@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,21 +13,22 @@ import numpy as np
 import pytest
 
 import fedagg
-from fedagg.deploy import TaskContext, config_trainer
+from fedagg.deploy import TaskContext, config_trainer, make_certs
 from fedagg.sim._config import load_config, resolve_config
 from fedagg.sim._run import build_data, build_model, build_strategy
 from tests.deploy.harness import (
     federation,
     kill,
     run_all,
-    wait_listening,
 )
+from tests.hierarchy import netns
 from tests.hierarchy.tree_harness import (
     finish,
     node_log,
     start_node,
     start_tree_client,
     tree_context,
+    wait_node,
 )
 
 CLIENTS = 4
@@ -53,13 +56,33 @@ def flat64(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     return _flat(tmp_path_factory.mktemp("flat64"), "float64")
 
 
-def _run_tree(root: Path, accumulator: str, rounds: int = 2) -> tuple[np.ndarray, str, Path]:
+#: where each node runs in the multi-host test: one network namespace per host
+PLACEMENT = {"root": "host-1", "mid": "host-2", "edge-a": "host-2", "edge-b": "host-3"}
+LEAF = {0: "edge-a", 1: "edge-a", 2: "edge-b", 3: "edge-b"}
+
+
+def _run_tree(
+    root: Path, accumulator: str, rounds: int = 2,
+    hosts: dict[str, tuple[str, str]] | None = None,
+) -> tuple[np.ndarray, str, Path]:  # fmt: skip
+    where = {n: hosts[h] for n, h in PLACEMENT.items()} if hosts else {}
     with tree_context(root, parents=THREE_LEVELS, serves=SERVES,
+                      hosts={n: ip for n, (_, ip) in where.items()},
                       **_kw(accumulator, rounds)) as tree:  # type: ignore[arg-type]  # fmt: skip
-        r = start_node(tree, "root")
-        wait_listening(tree.fed, r, log="root.log")
-        edges = [start_node(tree, n) for n in ("mid", "edge-a", "edge-b")]
-        clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
+        if hosts:  # the servers' certificate must name the hosts' addresses
+            make_certs(
+                tree.fed.dir / "certs", ("localhost", *sorted(ip for _, ip in where.values()))
+            )
+        ns = {n: w[0] for n, w in where.items()}
+        r = start_node(tree, "root", netns=ns.get("root"))
+        wait_node(tree, "root", r)
+        edges = [start_node(tree, n, netns=ns.get(n)) for n in ("mid", "edge-a", "edge-b")]
+        clients = [start_tree_client(tree, i, netns=ns.get(LEAF[i])) for i in range(CLIENTS)]
+        for p, n in zip([r, *edges], ["root", "mid", "edge-a", "edge-b"], strict=True):
+            if n in ns:  # each node really runs in its host's namespace
+                got = subprocess.run(["ip", "netns", "identify", str(p.pid)],
+                                     capture_output=True, text=True, timeout=10)  # fmt: skip
+                assert got.stdout.strip() == ns[n], (n, got.stdout, got.stderr)
         finish(tree, r, edges + clients)
         logs = "\n".join(node_log(tree, n) for n in ("root", "mid", "edge-a", "edge-b"))
         return np.asarray(tree.fed.final().params), logs, tree.fed.config
@@ -68,7 +91,13 @@ def _run_tree(root: Path, accumulator: str, rounds: int = 2) -> tuple[np.ndarray
 def test_three_level_tree_equals_the_flat_fold_bitwise_with_float64(
     tmp_path: Path, flat64: np.ndarray
 ) -> None:
-    tree, logs, _ = _run_tree(tmp_path / "tree", "float64")
+    """Across three hosts (network namespaces on a bridge) where the machine allows it (root),
+    else across processes on loopback."""
+    with contextlib.ExitStack() as stack:
+        hosts = stack.enter_context(netns.hosts(["host-1", "host-2", "host-3"])) if (
+            netns.available()
+        ) else None  # fmt: skip
+        tree, logs, _ = _run_tree(tmp_path / "tree", "float64", hosts=hosts)
     # the edges really merged their clients' updates, and the intermediate its edges' partials
     sizes = [int(n) for n in re.findall(r"forwarded (\d+) jobs", logs)]
     assert max(sizes) >= 2 and sum(sizes) >= 2 * 2 * CLIENTS  # edges' and mid's forwards
@@ -107,7 +136,7 @@ def test_edge_killed_mid_round_loses_nothing_and_the_root_neither_double_counts_
                       serves={"edge-a": [0, 1], "edge-b": [2, 3]},
                       **_kw("float64")) as tree:  # type: ignore[arg-type]  # fmt: skip
         r = start_node(tree, "root")
-        wait_listening(tree.fed, r, log="root.log")
+        wait_node(tree, "root", r)
         # edge-a dies right after its parent acknowledged its first partial, before it logs
         # the acknowledgement: on restart it re-sends it, and the root must not count it twice
         a = start_node(tree, "edge-a", env={"FEDAGG_CRASH_AT": "edge-forwarded:1"})
@@ -138,7 +167,7 @@ def test_a_dead_edge_is_dropped_after_client_timeout_and_the_rounds_go_on(tmp_pa
                       serves={"edge-a": [0, 1], "edge-b": [2, 3]},
                       **kw) as tree:  # type: ignore[arg-type]  # fmt: skip
         r = start_node(tree, "root")
-        wait_listening(tree.fed, r, log="root.log")
+        wait_node(tree, "root", r)
         a = start_node(tree, "edge-a")
         b = start_node(tree, "edge-b")
         clients = [start_tree_client(tree, i) for i in range(CLIENTS)]

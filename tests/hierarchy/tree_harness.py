@@ -8,7 +8,9 @@ Every node is ``python -m fedagg.cli server CONFIG`` (an edge is a server whose 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +127,19 @@ def tree_context(root: Path, **kw: Any) -> Iterator[Tree]:
     finally:
         for p in tree.procs:
             kill(p)
+
+
+def wait_node(tree: Tree, name: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait until a node accepts connections at its address (from this namespace)."""
+    host, port = tree.address(name).rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited {proc.returncode}:\n{node_log(tree, name)}")
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not listening after {timeout}s:\n{node_log(tree, name)}")
 
 
 def node_log(tree: Tree, name: str) -> str:
