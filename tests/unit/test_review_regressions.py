@@ -103,3 +103,25 @@ def test_bad_buffers_and_keys_get_typed_errors() -> None:
     assert spec.dtype == np.float32
     int_views = list(spec_of(4).unflatten(np.arange(4, dtype=np.float32)))
     assert spec_of(4).mismatch([int_views[0].view(np.int32)]) is not None
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("where", [0, 1, 700, 4095, 4096, 9999])
+def test_float64_mean_refuses_a_nan_anywhere_in_the_update(backend: str, where: int) -> None:
+    """A NaN followed by larger finite values in its block was once hidden by the max-abs
+    kernel (``not v <= m`` let the next value overwrite the NaN): the f64 fold accepted it."""
+    import fedagg
+    from fedagg.core import _kernels
+    from fedagg.errors import NonFiniteUpdate
+
+    if backend == "numba" and not _kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    x = np.linspace(0.0, 5.0, 10_000).astype(np.float32)
+    x[where] = np.nan
+    spec = fedagg.ParamSpec.from_arrays([np.zeros(10_000, np.float32)])
+    agg = fedagg.aggregators.mean("float64", backend=backend)  # type: ignore[arg-type]
+    state = agg.init(spec)
+    with pytest.raises(NonFiniteUpdate):
+        agg.fold(state, fedagg.Update(delta=x, weight=1.0))
+    assert state.count == 0 and not state.acc.any()
+    assert _kernels.max_abs(x.astype(np.float64), use_numba=backend == "numba") != 5.0

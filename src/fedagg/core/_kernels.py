@@ -182,7 +182,9 @@ if HAVE_NUMBA:
         m = 0.0
         for i in range(hi - lo):
             v = abs(np.float64(xb[i]))
-            if not v <= m:  # also catches NaN
+            if v != v:  # NaN: the answer, whatever follows (a later max must not hide it)
+                return v
+            if v > m:
                 m = v
         return m
 
@@ -195,7 +197,9 @@ if HAVE_NUMBA:
             part[b] = _maxabs_block(x, b * BLOCK, min(n, (b + 1) * BLOCK))
         m = 0.0
         for b in range(nblk):
-            if not part[b] <= m:
+            if part[b] != part[b]:
+                return part[b]
+            if part[b] > m:
                 m = part[b]
         return m
 
