@@ -198,7 +198,7 @@ if HAVE_NUMBA:
         m = 0.0
         for b in range(nblk):
             if part[b] != part[b]:
-                return part[b]
+                return float(part[b])
             if part[b] > m:
                 m = part[b]
         return m

@@ -228,7 +228,7 @@ def serve_edge(
             on_start(server)
         try:
             await server.wait()
-            await asyncio.sleep(0.2)
+            await server.drain(min(10.0, opts.client_timeout))
         finally:
             await server.stop(grace=1.0)
         st = server.stats

@@ -51,7 +51,13 @@ from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, uplo
 from fedagg.deploy._client import PROTOCOL, Client, ClientError
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, LogItem, TaskInfo, _Ctx
-from fedagg.deploy._partial import load_partial, mean_state, partial_buffers, partial_info
+from fedagg.deploy._partial import (
+    accumulator_of,
+    load_partial,
+    mean_state,
+    partial_buffers,
+    partial_info,
+)
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
 from fedagg.deploy._wire import encode_chunk
@@ -172,6 +178,9 @@ class EdgeEngine:
             return "version"
         return None
 
+    def partial_accumulator(self) -> str | None:
+        return accumulator_of(self.agg) if self.mode == "aggregate" else None
+
     def take_free(self) -> Path | None:
         return None
 
@@ -180,13 +189,19 @@ class EdgeEngine:
         self.seed = seed
         effects = Effects()
         for t in tasks:
-            if t.job not in self.tasks and not self.store.has_upload(t.client, t.job):
+            resolved = self.store.has_upload(t.client, t.job) or self.store.has_event(
+                "dropout", t.job
+            )  # a job that dropped out here stays out, even if the parent re-sends it
+            if t.job not in self.tasks and not resolved:
                 self.tasks[t.job] = t
                 effects.tasks.append(t)
         return effects
 
     def finish(self) -> Effects:
+        """The parent says the federation is over: no task stays open (a late upload is
+        told so, and its client stops), nothing more is forwarded."""
         self.finished = True
+        self.tasks.clear()
         return Effects(finished=True)
 
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
@@ -424,9 +439,23 @@ class EdgeServer(Server):
 
     async def start(self) -> None:
         await super().start()
+        # link up once the subtree is connected (as a root waits for its clients before the
+        # first round), or after client_timeout with whoever came
+        need = self.opt.wait_for or len(self.serves or ())
+        deadline = time.monotonic() + self.opt.client_timeout
+        while self.connected() < need and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await self.link.hello()
         self._linked.set()
         self._link_task = asyncio.create_task(self._follow_parent())
+
+    async def drain(self, timeout: float) -> None:
+        """After the end: wait (up to ``timeout``) for the subtree's clients and edges to
+        read "finished" and hang up, so none is left retrying against a closed port."""
+        deadline = time.monotonic() + timeout
+        sessions = [*self.sessions, *self.edge_sessions.values()]
+        while time.monotonic() < deadline and any(s.queue is not None for s in sessions):
+            await asyncio.sleep(0.05)
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in [self._link_task, *self._sends]:
@@ -437,7 +466,7 @@ class EdgeServer(Server):
 
     def _apply(self, effects: Effects) -> None:
         super()._apply(effects)
-        for fwd in effects.forward:
+        for fwd in [] if self.fed.finished else effects.forward:
             task = asyncio.get_running_loop().create_task(self._send(fwd))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)

@@ -44,7 +44,7 @@ from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._partial import load_partial
+from fedagg.deploy._partial import accumulator_of, load_partial
 from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
 from fedagg.sim._engine import _partial_epochs
@@ -411,6 +411,11 @@ class Federation:
             if self._since_ckpt >= self.checkpoint_every or mid:
                 self._checkpoint()
         return effects
+
+    def partial_accumulator(self) -> str | None:
+        """The accumulator partial aggregates must use to merge here (None: they cannot)."""
+        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
+        return None if agg is None else accumulator_of(agg)
 
     def model(self, version: int) -> Arr | None:
         """The flat model of ``version`` while a task needs it (None if no longer kept)."""

@@ -26,6 +26,7 @@ from fedagg.core.spec import ParamSpec
 from fedagg.errors import ConfigError, StateError
 
 __all__ = [
+    "accumulator_of",
     "load_partial",
     "mean_state",
     "partial_buffers",
@@ -47,6 +48,15 @@ def mean_state(state: Any) -> MeanState:
         f"centered-clipping steps); {type(state).__name__} is not one: use a robust rule at "
         "the leaves and a mean above (fedagg.core.tree.leaf_then_mean)"
     )
+
+
+def accumulator_of(agg: Aggregator[Any]) -> str | None:
+    """The accumulator of ``agg``'s mean state, or None if it has none (cannot merge)."""
+    try:
+        ms = mean_state(agg.init(ParamSpec.from_arrays([np.zeros(1, np.float32)])))
+    except (ConfigError, TypeError, ValueError):
+        return None
+    return ms.accumulator
 
 
 def partial_dtype(spec: ParamSpec, accumulator: str) -> np.dtype[Any]:

@@ -368,12 +368,17 @@ class Server:
         return sorted((t for t in self.fed.tasks.values() if t.client == client),
                       key=lambda t: t.job)  # fmt: skip
 
+    def connected(self) -> int:
+        """Clients connected, directly or through a connected edge aggregator."""
+        routed = sum(self.edge_sessions[e].connected for e in self.route.values())
+        direct = sum(s.connected for c, s in enumerate(self.sessions) if c not in self.route)
+        return direct + routed
+
     def _maybe_start(self) -> None:
         if self._start_sent or self.fed.started:
             return
         need = self.opt.wait_for or len(self.sessions)
-        routed = sum(self.edge_sessions[e].connected for c, e in self.route.items())
-        if sum(s.connected for s in self.sessions) + routed >= need:
+        if self.connected() >= need:
             self._start_sent = True
             self._enqueue_nowait("start")
 
@@ -671,11 +676,11 @@ class Server:
             client = int(head.on_behalf)
             self._routed(edge, client)
         else:
+            client = self._auth("Push", head.auth, content)
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise _Abort(
                     grpc.StatusCode.PERMISSION_DENIED, "only edge aggregators relay or merge"
                 )
-            client = self._auth("Push", head.auth, content)
         spec = self.fed.spec
         if head.nbytes != spec.nbytes:
             raise _Abort(
@@ -739,13 +744,21 @@ class Server:
         assert self.edges is not None
         p = head.partial
         loop = asyncio.get_running_loop()
-        for d in p.dropped:  # clients that dropped out at the edge
-            task = self.fed.tasks.get(d.task)
-            if task is not None and task.client == d.client and self.route.get(d.client) == edge:
-                self._enqueue_nowait("dropout", int(d.client), int(d.task))
+
+        def report_dropouts() -> None:  # clients that dropped out at the edge
+            for d in p.dropped:
+                task = self.fed.tasks.get(d.task)
+                if task is not None and task.client == d.client and (
+                    self.route.get(d.client) == edge
+                ):  # fmt: skip
+                    self._enqueue_nowait("dropout", int(d.client), int(d.task))
+
         if not p.jobs:
+            if head.nbytes:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a payload without jobs")
             async for _ in it:
                 pass
+            report_dropouts()
             return pb.PushReply(task=head.task, duplicate=False)
         keys = [(int(j.client), int(j.task)) for j in p.jobs]
         if len(set(k[1] for k in keys)) != len(keys):
@@ -776,6 +789,18 @@ class Server:
         acc = {32: "float32", 64: "float64"}.get(int(p.accumulator_bits))
         if acc is None or not (math.isfinite(p.weight) and p.weight > 0):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "bad partial accumulator or weight")
+        mine = self.fed.partial_accumulator()
+        if mine is None:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server's aggregator is not a mean monoid: it cannot merge partials",
+            )
+        if acc != mine:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a {acc} partial cannot merge into this server's {mine} accumulator: "
+                "configure every tier alike",
+            )
         spec = self.fed.spec
         if head.nbytes != partial_nbytes(spec, acc):
             raise _Abort(
@@ -800,6 +825,7 @@ class Server:
         )
         info = {"weight": float(p.weight), "weight_comp": float(p.weight_comp),
                 "accumulator": acc, "edge": edge}  # fmt: skip
+        report_dropouts()
         assert self._queue is not None
         done: asyncio.Future[EventRow | None] = loop.create_future()
         item = ("partial", self.now(), None, None, None, PartialRows(parts, info))

@@ -119,6 +119,10 @@ class Store:
         q = "SELECT 1 FROM uploads WHERE client=? AND job=?"
         return self.db.execute(q, (client, job)).fetchone() is not None
 
+    def has_event(self, kind: str, job: int) -> bool:
+        q = "SELECT 1 FROM events WHERE kind=? AND job=? LIMIT 1"
+        return self.db.execute(q, (kind, job)).fetchone() is not None
+
     def append(
         self,
         seq: int,
