@@ -593,3 +593,67 @@ def test_async_policies_refuse_a_merge() -> None:
     sp = SyncPolicy(strategy=strategy, rounds=1, clients_per_round=N)
     with pytest.raises(ConfigError, match="relay"):
         policy.step(state, _merge(sp, [0, 1]), ctx)
+
+
+# -- robust at the leaves, mean above (deploy.leaf_rule) -------------------------------------
+def test_a_leaf_rule_edge_forwards_its_robust_result_as_a_mean_partial(tmp_path: Path) -> None:
+    """An edge with a leaf rule (the median) over 5 clients, one of them wild, forwards the
+    median of its clients as a float64 mean partial weighted by their total weight; the root
+    merging two such edges gets the weight-weighted mean of the two medians."""
+    med = fedagg.aggregators.median()
+    eng = EdgeEngine(fedagg.aggregators.mean("float64"), SPEC, num_clients=8,
+                     directory=tmp_path / "a", leaf_rule=med)  # fmt: skip
+    eng.open()
+    _tasks(eng, {j: (j, 0) for j in range(5)})
+    ups = [_upload(eng, j, j) for j in range(5)]
+    wild = np.full(SPEC.size, 1e6, np.float32)
+    wild.tofile(ups[4].path)  # client 4 sends garbage: the median ignores it
+    fwd: list[Forward] = []
+    for u in ups:
+        fwd += _arrive(eng, u).forward
+    assert len(fwd) == 1 and sorted(j for _, j, _, _ in fwd[0].jobs) == [0, 1, 2, 3, 4]
+    rows = [_delta(j) for j in range(4)] + [wild]
+    expected = np.median(np.stack(rows).astype(np.float64), axis=0).astype(np.float32)
+    got = _finalize(eng, fwd[0])
+    assert np.array_equal(got, expected)
+    ms = mean_state(fwd[0].state)
+    assert ms.count == 1 and math.isclose(ms.weight, sum(u.weight for u in ups))
+    eng.close()
+    # a second edge's sealed median, merged at the "root" with the float64 mean monoid
+    eng2 = EdgeEngine(fedagg.aggregators.mean("float64"), SPEC, num_clients=8,
+                      directory=tmp_path / "b", leaf_rule=med)  # fmt: skip
+    eng2.open()
+    _tasks(eng2, {j: (j, 0) for j in range(5, 8)})
+    fwd2: list[Forward] = []
+    for j in range(5, 8):
+        fwd2 += _arrive(eng2, _upload(eng2, j, j)).forward
+    med2 = np.median(np.stack([_delta(j) for j in range(5, 8)]).astype(np.float64), axis=0)
+    root = fedagg.aggregators.mean("float64")
+    st = root.init(SPEC, version=0)
+    root.merge(st, fwd[0].state)
+    root.merge(st, fwd2[0].state)
+    w1, w2 = sum(u.weight for u in ups), sum(_weight(j) for j in range(5, 8))
+    want = (w1 * expected.astype(np.float64) + w2 * med2.astype(np.float32)) / (w1 + w2)
+    assert np.allclose(root.finalize_flat(st), want, rtol=1e-6, atol=0)
+    eng2.close()
+
+
+def test_a_leaf_rule_needs_the_float64_mean_and_aggregate_mode(tmp_path: Path) -> None:
+    med = fedagg.aggregators.median()
+    with pytest.raises(ConfigError, match="float64 mean"):
+        EdgeEngine(fedagg.aggregators.mean("float32"), SPEC, num_clients=8,
+                   directory=tmp_path / "a", leaf_rule=med)  # fmt: skip
+    with pytest.raises(ConfigError, match="float64 mean"):
+        EdgeEngine(fedagg.aggregators.mean("float64"), SPEC, num_clients=8,
+                   directory=tmp_path / "b", mode="relay", leaf_rule=med)  # fmt: skip
+
+
+def test_a_leaf_rule_with_too_few_updates_reports_them_dropped(tmp_path: Path) -> None:
+    krum = fedagg.aggregators.krum(1)  # needs n >= 2f + 3 = 5
+    eng = EdgeEngine(fedagg.aggregators.mean("float64"), SPEC, num_clients=8,
+                     directory=tmp_path, leaf_rule=krum)  # fmt: skip
+    eng.open()
+    _tasks(eng, {0: (0, 0), 1: (1, 0)})
+    fwd = _arrive(eng, _upload(eng, 0, 0)).forward + _arrive(eng, _upload(eng, 1, 1)).forward
+    assert len(fwd) == 1 and fwd[0].jobs == [] and sorted(fwd[0].dropped) == [(0, 0), (1, 1)]
+    eng.close()

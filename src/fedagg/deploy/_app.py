@@ -213,9 +213,15 @@ def serve_edge(
     seed = int(cfg["seed"])
     fd = build_data(cfg, seed)
     spec = build_strategy(cfg).init(build_model(cfg, fd).init(seed)).spec
+    leaf = None
+    if d["leaf_rule"]:
+        from fedagg.sim._run import build_aggregator
+
+        leaf = build_aggregator({**cfg["strategy"], "aggregator": d["leaf_rule"]})
     engine = EdgeEngine(
         build_strategy(cfg).aggregator, spec, num_clients=len(keyring.names),
         directory=state or d["state"], mode=mode, flush_after=float(d["flush_after"]),
+        leaf_rule=leaf,
     )  # fmt: skip
     ca = None if insecure else (Path(d["certs"]) / "ca.pem").read_bytes()
     link = ParentLink(str(d["parent"]), ClientKey.load(d["edge_key"]), sorted(serves), ca=ca,

@@ -13,6 +13,11 @@ their tasks, pulls each model version once and serves it down, and sends up eith
   passed on unchanged, so the root sees every update's base version and measures its
   staleness itself, exactly as without the tree.
 
+With ``deploy.leaf_rule`` (e.g. ``"krum"``), an edge runs that robust rule over its own
+clients and sends its result up as a mean partial weighted by its clients' total weight:
+"robust at the leaves, then a mean above" (:class:`fedagg.core.tree.LeafThenMean`, whose
+docstring states what that tolerates). The parents and the root then need the float64 mean.
+
 A partial is forwarded when every task of its version in the subtree is resolved (uploaded or
 dropped), or ``flush_after`` seconds after its first update, whichever is first.
 
@@ -45,6 +50,7 @@ import numpy.typing as npt
 
 from fedagg.core.aggregate import Aggregator
 from fedagg.core.spec import ParamSpec
+from fedagg.core.tree import LeafThenMean
 from fedagg.core.update import Update
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
@@ -86,6 +92,8 @@ class Forward:
 @dataclass
 class _Pending:
     state: Any
+    leaf: Any = None  # the leaf rule's state over this edge's own clients (leaf_rule)
+    leaf_jobs: list[tuple[int, int]] = field(default_factory=list)
     jobs: list[tuple[int, int, float, float]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
 
@@ -103,6 +111,7 @@ class EdgeEngine:
         directory: str | os.PathLike[str],
         mode: EdgeMode = "aggregate",
         flush_after: float = 1.0,
+        leaf_rule: Aggregator[Any] | None = None,
     ) -> None:
         if mode not in ("aggregate", "relay"):
             raise ConfigError(f"edge_mode must be 'aggregate' or 'relay', not {mode!r}")
@@ -130,6 +139,14 @@ class EdgeEngine:
         self.forwarded = 0
         if mode == "aggregate":
             mean_state(aggregator.init(ParamSpec.from_arrays([np.zeros(1, spec.dtype)])))
+        self.leaf: LeafThenMean | None = None
+        if leaf_rule is not None:
+            if mode != "aggregate" or accumulator_of(aggregator) != "float64":
+                raise ConfigError(
+                    "a leaf rule seals its result into a float64 mean partial: it needs "
+                    "edge_mode 'aggregate' and the float64 mean above (strategy.accumulator)"
+                )
+            self.leaf = LeafThenMean(leaf_rule, by="weight")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -261,7 +278,13 @@ class EdgeEngine:
             update = Update(delta=delta, weight=u.weight, client_id=str(u.client),
                             base_version=u.version, metrics=u.metrics)  # fmt: skip
             try:
-                self.agg.fold(pend.state, update)
+                if self.leaf is not None:
+                    if pend.leaf is None:
+                        pend.leaf = self.leaf.leaf.init(self.spec, version=u.version)
+                    self.leaf.leaf.fold(pend.leaf, update)
+                    pend.leaf_jobs.append((u.client, u.job))
+                else:
+                    self.agg.fold(pend.state, update)
             except UpdateError as e:  # refused by a pre-transform: reported as a dropout
                 log.warning("job %d refused at the edge: %s", u.job, e)
                 self.dropped.append((u.client, u.job))
@@ -287,6 +310,20 @@ class EdgeEngine:
             return effects
         raise StateError(f"malformed edge event {row.seq} ({row.kind})")
 
+    def _seal(self, pend: _Pending) -> None:
+        """The leaf rule's result over this edge's clients, as a mean partial merged into the
+        forward (its jobs' weights sum to the partial's weight)."""
+        assert self.leaf is not None
+        try:
+            sealed = self.leaf.seal(pend.leaf, leaf_id="edge")
+        except (UpdateError, FedaggError) as e:  # too few updates for the rule, say
+            log.warning("leaf rule refused %d updates: %s", self.leaf.leaf.count(pend.leaf), e)
+            leaf_jobs = set(pend.leaf_jobs)
+            self.dropped += pend.leaf_jobs
+            pend.jobs = [x for x in pend.jobs if (x[0], x[1]) not in leaf_jobs]
+            return
+        self.agg.merge(pend.state, sealed)
+
     def _pending(self, version: int, effects: Effects) -> _Pending:
         pend = self.pending.get(version)
         if pend is None:
@@ -300,6 +337,8 @@ class EdgeEngine:
         for v in sorted(self.pending):
             if force or v == version or v not in open_versions:
                 pend = self.pending.pop(v)
+                if pend.leaf is not None:
+                    self._seal(pend)
                 if pend.jobs:
                     effects.forward.append(Forward(v, pend.jobs, state=pend.state,
                                                    paths=pend.paths))  # fmt: skip

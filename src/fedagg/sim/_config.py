@@ -145,6 +145,7 @@ DEFAULTS: dict[str, Any] = {
         "serves": [],  # client names of this edge's subtree (empty: all)
         "edge_mode": "auto",  # aggregate (partials), relay (updates), auto: by policy
         "flush_after": 1.0,  # seconds after its first update a partial is sent anyway
+        "leaf_rule": "",  # a robust rule run over this edge's own clients (then a mean above)
     },
 }
 
