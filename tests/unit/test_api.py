@@ -53,7 +53,7 @@ EXPECTED = {
     "fedagg.sim": [
         "Action", "Applied", "Arrival", "AsyncPolicy", "AsyncState", "Availability", "Built",
         "Commit", "DEFAULTS", "Dispatch", "Distribution", "Dropout", "Event", "Executor",
-        "FedAMDPolicy", "FedAMDState", "Finish", "LocalExecutor", "Policy",
+        "FedAMDPolicy", "FedAMDState", "Finish", "LocalExecutor", "Merge", "Policy",
         "PolicyContext", "RoundRecord", "RoundStats", "RunDB", "RunInfo", "SetTimer", "SimResult",
         "Simulation", "Start", "SyncPolicy", "SyncState", "SystemModel", "Timer", "Timing",
         "async_fedavg", "build", "fedasync", "fedbuff", "fedfix", "format_table",
@@ -71,6 +71,13 @@ EXPECTED = {
     "fedagg.clients": [
         "ClientAlgorithm", "FedAMD", "FedProx", "LocalSGD", "Scaffold", "TrainResult",
         "WorkerMomentum", "scaffold_server_update",
+    ],
+    "fedagg.hierarchy": [
+        "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",
+        "ShardReceiver", "ShardSender", "Sharded", "ShmAggregator", "SketchKrum",
+        "SocketAggregator", "leaf_then_mean", "placement_options", "reduce_tree", "send_sharded",
+        "shard_bounds", "sharded", "sketch_krum", "train_round", "tree_aggregate",
+        "tree_centered_clipping", "tree_error_bound", "tree_rfa", "tree_shape",
     ],
 }  # fmt: skip
 
