@@ -336,6 +336,27 @@ def _configure_server(p: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="no TLS (on loopback or a trusted network only)"
     )
     p.add_argument("--rounds", type=_positive_int, help="override the config's rounds")
+    t = p.add_argument_group("aggregation tiers (an edge or intermediate aggregator)")
+    t.add_argument("--parent", help="host:port of the parent: run as an edge aggregator")
+    t.add_argument("--edge-key", help="this edge's private key (from 'fedagg keys')")
+    t.add_argument("--serves", help="comma-separated client names of this edge's subtree")
+    t.add_argument("--edges", help="authorized keys of the edge aggregators below this server")
+    t.add_argument("--leaf-rule", help="a robust rule over this edge's own clients (e.g. krum)")
+
+
+def _tier_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.parent:
+        out["parent"] = args.parent
+    if args.edge_key:
+        out["edge_key"] = args.edge_key
+    if args.serves:
+        out["serves"] = [n.strip() for n in args.serves.split(",") if n.strip()]
+    if args.edges:
+        out["edges"] = args.edges
+    if args.leaf_rule:
+        out["leaf_rule"] = args.leaf_rule
+    return out
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -348,6 +369,9 @@ def _run_server(args: argparse.Namespace) -> int:
         cfg = sim.load_config(args.config)
         if args.rounds is not None:
             cfg["rounds"] = args.rounds
+        tier = _tier_overrides(args)
+        if tier:
+            cfg["deploy"] = {**cfg.get("deploy", {}), **tier}
 
         def started(server: Any) -> None:
             tls = "insecure" if server.opt.tls is None else "TLS"

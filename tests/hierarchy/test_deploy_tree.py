@@ -197,7 +197,8 @@ def test_fedbuff_through_relaying_edges_measures_staleness_at_the_root(tmp_path:
                       **kw) as tree:  # type: ignore[arg-type]  # fmt: skip
         r = start_node(tree, "root")
         wait_node(tree, "root", r)
-        edges = [start_node(tree, n) for n in ("edge-a", "edge-b")]
+        # the edges run the root's own config file, their role given on the command line
+        edges = [start_node(tree, n, flags=True) for n in ("edge-a", "edge-b")]
         clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
         finish(tree, r, edges + clients)
         with sqlite3.connect(tree.fed.state / "state.db") as con:

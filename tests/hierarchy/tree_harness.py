@@ -37,6 +37,7 @@ class Tree:
     ports: dict[str, int]
     client_server: dict[int, str]  # client index -> the address it connects to
     host: dict[str, str] = field(default_factory=dict)  # node -> host it listens on
+    deploy: dict[str, dict[str, Any]] = field(default_factory=dict)  # edge -> its [deploy]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def address(self, node: str) -> str:
@@ -88,17 +89,28 @@ def make_tree(
         path = root / f"{name}.toml"
         write_toml(path, cfg)
         nodes[name] = path
+        tree.deploy[name] = cfg["deploy"]
     tree.client_server = {c: tree.address(e) for c, e in leaf_of.items()}
     return tree
 
 
-def start_node(tree: Tree, name: str, *, env: Mapping[str, str] | None = None,
-               netns: str | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+def start_node(
+    tree: Tree, name: str, *, env: Mapping[str, str] | None = None, netns: str | None = None,
+    flags: bool = False,
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """Start a node. ``flags``: an edge runs the root's own config, its role given by
+    command-line flags (``--parent``, ``--edge-key``, ``--serves``, ``--listen``, ``--state``)."""
     config = tree.fed.config if name == "root" else tree.nodes[name]
+    extra: list[str] = []
+    if flags and name != "root":
+        d = tree.deploy[name]
+        config = tree.fed.config
+        extra = ["--parent", d["parent"], "--edge-key", d["edge_key"], "--serves",
+                 ",".join(d["serves"]), "--listen", d["listen"], "--state", d["state"]]  # fmt: skip
     prefix = ["ip", "netns", "exec", netns] if netns else []
     with open(tree.fed.dir / f"{name}.log", "ab") as out:
         p = subprocess.Popen(
-            [*prefix, PY, "-m", "fedagg.cli", "server", str(config)],
+            [*prefix, PY, "-m", "fedagg.cli", "server", str(config), *extra],
             stdout=out, stderr=subprocess.STDOUT, env=_env(env), start_new_session=True,
         )  # fmt: skip
     tree.procs.append(p)
