@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
 
-__all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext"]
+__all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext", "upload_chunks"]
 
 PROTOCOL = 1
 log = logging.getLogger("fedagg.client")
@@ -325,25 +325,38 @@ class Client:
             auth=auth, task=t.task, version=t.version, weight=weight, nbytes=len(data),
             metrics=metrics,
         )  # fmt: skip
-        step = self.chunk
-        key = self.key
-
-        async def chunks() -> Any:
-            # the digest is computed as the chunks go out, and signed in the trailer
-            sha = hashlib.sha256(data[0:step]) if self.digest else None
-            yield encode_chunk({}, data[0:step], head.SerializeToString())
-            for off in range(step, len(data), step):
-                crash_point("client-upload")
-                piece = data[off : off + step]
-                if sha is not None:
-                    sha.update(piece)
-                yield encode_chunk({2: off}, piece)
-            digest = sha.digest() if sha is not None else b""
-            sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce,
-                                 auth.signature + digest)  # fmt: skip
-            yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=digest, signature=sig)
-                               .SerializeToString())  # fmt: skip
-
-        raw = await self._method("Push", "stream_unary")(chunks())
+        chunks = upload_chunks(head.SerializeToString(), [data], self.chunk, self.digest,
+                               self.key, auth)  # fmt: skip
+        raw = await self._method("Push", "stream_unary")(chunks)
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply
+
+
+async def upload_chunks(
+    head: bytes, buffers: list[memoryview], step: int, digest: bool, key: ClientKey, auth: Any
+) -> AsyncIterator[bytes]:
+    """An upload as Push messages: the header (with the first data chunk), the data in chunks
+    of ``step`` bytes taken from ``buffers`` in turn (no copy), then the trailer: the sha256
+    of every data byte (computed as the chunks go out; empty unless ``digest``) signed with
+    the header's signature."""
+    sha = hashlib.sha256() if digest else None
+    first = True
+    off = 0
+    for buf in buffers:
+        for lo in range(0, len(buf), step):
+            piece = buf[lo : lo + step]
+            if sha is not None:
+                sha.update(piece)
+            if first:
+                yield encode_chunk({}, piece, head)
+                first = False
+            else:
+                crash_point("client-upload")
+                yield encode_chunk({2: off}, piece)
+            off += len(piece)
+    if first:
+        yield encode_chunk({}, b"", head)
+    got = sha.digest() if sha is not None else b""
+    sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce, auth.signature + got)
+    yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=got, signature=sig)
+                       .SerializeToString())  # fmt: skip

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -54,9 +53,9 @@ from fedagg.core.tree import LeafThenMean
 from fedagg.core.update import Update
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
-from fedagg.deploy._client import PROTOCOL, Client, ClientError
+from fedagg.deploy._client import PROTOCOL, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._fed import Effects, LogItem, TaskInfo, _Ctx
+from fedagg.deploy._fed import Effects, TaskInfo, _Ctx
 from fedagg.deploy._partial import (
     accumulator_of,
     load_partial,
@@ -65,8 +64,7 @@ from fedagg.deploy._partial import (
     partial_info,
 )
 from fedagg.deploy._server import Server, ServerOptions
-from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
-from fedagg.deploy._wire import encode_chunk
+from fedagg.deploy._store import EventRow, LogItem, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 
 __all__ = ["EdgeEngine", "EdgeServer", "Forward", "ParentLink"]
@@ -222,21 +220,7 @@ class EdgeEngine:
         return Effects(finished=True)
 
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
-        rows: list[EventRow | None] = []
-        with self.store.tx():
-            for kind, now, client, job, tag, upload in events:
-                parts = upload.parts if isinstance(upload, PartialRows) else ()
-                single = upload if isinstance(upload, UploadRow) else None
-                keys = parts or ((single,) if single is not None else ())
-                if any(self.store.has_upload(u.client, u.job) for u in keys):
-                    rows.append(None)
-                    continue
-                self.seq += 1
-                info = upload.info if isinstance(upload, PartialRows) else None
-                self.store.append(self.seq, kind, now, client, job, tag, single, parts, info)
-                first = parts[0] if parts else single
-                rows.append(EventRow(self.seq, kind, now, client, job, tag, first, parts,
-                                     info or {}))  # fmt: skip
+        rows, self.seq = self.store.log_batch(self.seq, events)
         crash_point("edge-logged")
         return rows
 
@@ -425,28 +409,9 @@ class ParentLink(Client):
         return reply
 
     async def _stream_up(self, head: Any, auth: Any, buffers: list[memoryview]) -> pb.PushReply:
-        step = self.chunk
-        key = self.key
-        digest_on = self.digest
-
-        async def chunks() -> Any:
-            sha = hashlib.sha256() if digest_on else None
-            yield encode_chunk({}, b"", head.SerializeToString())
-            off = 0
-            for buf in buffers:
-                for lo in range(0, len(buf), step):
-                    piece = buf[lo : lo + step]
-                    if sha is not None:
-                        sha.update(piece)
-                    yield encode_chunk({2: off}, piece)
-                    off += len(piece)
-            digest = sha.digest() if sha is not None else b""
-            sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce,
-                                 auth.signature + digest)  # fmt: skip
-            yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=digest, signature=sig)
-                               .SerializeToString())  # fmt: skip
-
-        raw = await self._method("Push", "stream_unary")(chunks())
+        chunks = upload_chunks(head.SerializeToString(), buffers, self.chunk, self.digest,
+                               self.key, auth)  # fmt: skip
+        raw = await self._method("Push", "stream_unary")(chunks)
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply
 

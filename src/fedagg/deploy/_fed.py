@@ -44,8 +44,8 @@ from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._partial import accumulator_of, load_partial
-from fedagg.deploy._store import EventRow, PartialRows, Store, UploadRow
+from fedagg.deploy._partial import accumulator_of, load_partial, read_into
+from fedagg.deploy._store import EventRow, LogItem, Store
 from fedagg.errors import ConfigError, StateError
 from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
@@ -68,9 +68,6 @@ __all__ = ["Canonical", "Effects", "Federation", "LogItem", "TaskInfo"]
 
 Arr = npt.NDArray[Any]
 Order = Literal["arrival", "canonical"]
-#: An event as the server hands it to :meth:`Federation.log`:
-#: ``(kind, time, client, job, tag, upload or partial aggregate)``.
-LogItem = tuple[str, float, int | None, int | None, int | None, UploadRow | PartialRows | None]
 
 
 @register
@@ -372,25 +369,9 @@ class Federation:
         return None
 
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
-        """Make a batch of events durable, in one transaction. An arrival whose key is already
-        logged (a retry) gives None and is not logged again (a partial aggregate: if any of
-        its keys is)."""
-        rows: list[EventRow | None] = []
+        """Make a batch of events durable, in one transaction (see :meth:`Store.log_batch`)."""
         t0 = time.perf_counter()
-        with self.store.tx():
-            for kind, now, client, job, tag, upload in events:
-                parts = upload.parts if isinstance(upload, PartialRows) else ()
-                single = upload if isinstance(upload, UploadRow) else None
-                keys = parts or ((single,) if single is not None else ())
-                if any(self.store.has_upload(u.client, u.job) for u in keys):
-                    rows.append(None)
-                    continue
-                seq = self.seq + 1
-                info = upload.info if isinstance(upload, PartialRows) else None
-                self.store.append(seq, kind, now, client, job, tag, single, parts, info)
-                self.seq = seq
-                first = parts[0] if parts else single
-                rows.append(EventRow(seq, kind, now, client, job, tag, first, parts, info or {}))
+        rows, self.seq = self.store.log_batch(self.seq, events)
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
@@ -496,14 +477,7 @@ class Federation:
             return np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
         if self._pool is None:
             self._pool = np.empty(n, self.spec.dtype)
-        view = self._pool.data.cast("B")
-        with open(path, "rb", buffering=0) as f:
-            got = 0
-            while got < len(view):
-                k = f.readinto(view[got:])
-                if not k:
-                    raise StateError(f"the spooled update {path} is truncated")
-                got += k
+        read_into(path, [self._pool.data.cast("B")], "the spooled update")
         out = self._pool.view()
         out.flags.writeable = False
         return out

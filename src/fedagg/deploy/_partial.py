@@ -33,6 +33,7 @@ __all__ = [
     "partial_dtype",
     "partial_info",
     "partial_nbytes",
+    "read_into",
 ]
 
 
@@ -88,6 +89,18 @@ def partial_buffers(state: Any) -> list[memoryview]:
     return out
 
 
+def read_into(path: str | os.PathLike[str], views: list[memoryview], what: str) -> None:
+    """Fill ``views`` in turn from the file's bytes (no intermediate copy)."""
+    with open(path, "rb", buffering=0) as f:
+        for view in views:
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise StateError(f"{what} {path} is truncated")
+                got += k
+
+
 def load_partial(
     agg: Aggregator[Any], spec: ParamSpec, version: int | None, path: str | os.PathLike[str],
     info: dict[str, Any], count: int,
@@ -103,14 +116,7 @@ def load_partial(
     weight, comp = float(info.get("weight", math.nan)), float(info.get("weight_comp", 0.0))
     if not (math.isfinite(weight) and weight > 0 and math.isfinite(comp)) or count < 1:
         raise StateError("a partial aggregate needs a finite weight > 0 and updates")
-    with open(path, "rb", buffering=0) as f:
-        for arr in [ms.acc] + ([ms.comp] if ms.comp is not None else []):
-            view = arr.data.cast("B")
-            got = 0
-            while got < len(view):
-                k = f.readinto(view[got:])
-                if not k:
-                    raise StateError(f"the partial aggregate {path} is truncated")
-                got += k
+    arrays = [ms.acc] + ([ms.comp] if ms.comp is not None else [])
+    read_into(path, [a.data.cast("B") for a in arrays], "the partial aggregate")
     ms.weight, ms.weight_comp, ms.count = weight, comp, int(count)
     return state

@@ -43,10 +43,10 @@ from fedagg.deploy._auth import (
     upload_body,
 )
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._fed import Effects, Federation, LogItem, TaskInfo
+from fedagg.deploy._fed import Effects, Federation, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._partial import partial_dtype, partial_nbytes
-from fedagg.deploy._store import EventRow, PartialRows, UploadRow
+from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError
 from fedagg.sim._policy import RoundStats
@@ -364,10 +364,6 @@ class Server:
     def _open_jobs(self, client: int) -> list[int]:
         return sorted(t.job for t in self.fed.tasks.values() if t.client == client)
 
-    def _open_tasks(self, client: int) -> list[TaskInfo]:
-        return sorted((t for t in self.fed.tasks.values() if t.client == client),
-                      key=lambda t: t.job)  # fmt: skip
-
     def connected(self) -> int:
         """Clients connected, directly or through a connected edge aggregator."""
         routed = sum(self.edge_sessions[e].connected for e in self.route.values())
@@ -538,8 +534,32 @@ class Server:
             async for out in self._edge_tasks(edge):
                 yield out
             return
+        async for out in self._stream_tasks(
+            self.sessions[client], {client}, lambda: self._drop(client)
+        ):
+            yield out
+
+    async def _edge_tasks(self, edge: str) -> AsyncIterator[bytes]:
+        """An edge aggregator's task stream: the tasks of every client of its subtree."""
+        mine = {c for c, e in self.route.items() if e == edge}
+        for c in mine:
+            cs = self.sessions[c]
+            cs.connected = True
+            if cs.drop is not None:
+                cs.drop.cancel()
+                cs.drop = None
+        async for out in self._stream_tasks(
+            self.edge_sessions[edge], mine, lambda: self._drop_edge(edge)
+        ):
+            yield out
+
+    async def _stream_tasks(
+        self, s: _Session, clients: set[int], drop: Callable[[], None]
+    ) -> AsyncIterator[bytes]:
+        """A task stream (a client's, or an edge's for its subtree): the open tasks of
+        ``clients``, then new ones as they come, heartbeats when idle. When it ends, ``drop``
+        runs after ``client_timeout`` unless the stream is back by then."""
         loop = asyncio.get_running_loop()
-        s = self.sessions[client]
         if s.queue is not None:  # a second stream replaces the first
             s.queue.put_nowait(None)
         queue: asyncio.Queue[pb.Task | None] = asyncio.Queue()
@@ -547,7 +567,7 @@ class Server:
         if s.drop is not None:
             s.drop.cancel()
             s.drop = None
-        for t in await loop.run_in_executor(self._ex, self._open_tasks, client):
+        for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self._task_msg(t))
         if self.fed.finished:
             queue.put_nowait(pb.Task(finished=True))
@@ -567,47 +587,7 @@ class Server:
             if s.queue is queue:
                 s.queue, s.connected = None, False
                 if s.drop is None and not self.fed.finished:
-                    s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
-
-    async def _edge_tasks(self, edge: str) -> AsyncIterator[bytes]:
-        """An edge aggregator's task stream: the tasks of every client of its subtree."""
-        loop = asyncio.get_running_loop()
-        s = self.edge_sessions[edge]
-        if s.queue is not None:
-            s.queue.put_nowait(None)
-        queue: asyncio.Queue[pb.Task | None] = asyncio.Queue()
-        s.queue, s.connected = queue, True
-        if s.drop is not None:
-            s.drop.cancel()
-            s.drop = None
-        mine = [c for c, e in self.route.items() if e == edge]
-        for c in mine:
-            self.sessions[c].connected = True
-            if self.sessions[c].drop is not None:
-                self.sessions[c].drop.cancel()  # type: ignore[union-attr]
-                self.sessions[c].drop = None
-        tasks = await loop.run_in_executor(self._ex, self._open_tasks_of, set(mine))
-        for t in tasks:
-            queue.put_nowait(self._task_msg(t))
-        if self.fed.finished:
-            queue.put_nowait(pb.Task(finished=True))
-        self._maybe_start()
-        try:
-            while True:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), self.opt.heartbeat)
-                except TimeoutError:
-                    msg = pb.Task(heartbeat=True)
-                if msg is None:
-                    return
-                yield msg.SerializeToString()
-                if msg.finished:
-                    return
-        finally:
-            if s.queue is queue:
-                s.queue, s.connected = None, False
-                if s.drop is None and not self.fed.finished:
-                    s.drop = loop.call_later(self.opt.client_timeout, self._drop_edge, edge)
+                    s.drop = loop.call_later(self.opt.client_timeout, drop)
 
     def _open_tasks_of(self, clients: set[int]) -> list[TaskInfo]:
         return sorted((t for t in self.fed.tasks.values() if t.client in clients),

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EventRow", "PartialRows", "Store", "UploadRow"]
+__all__ = ["EventRow", "LogItem", "PartialRows", "Store", "UploadRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,6 +77,11 @@ class EventRow:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+#: An event as the server hands it to the engine's ``log``:
+#: ``(kind, time, client, job, tag, upload or partial aggregate)``.
+LogItem = tuple[str, float, int | None, int | None, int | None, UploadRow | PartialRows | None]
+
+
 class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.db = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
@@ -118,6 +123,26 @@ class Store:
     def has_upload(self, client: int, job: int) -> bool:
         q = "SELECT 1 FROM uploads WHERE client=? AND job=?"
         return self.db.execute(q, (client, job)).fetchone() is not None
+
+    def log_batch(self, seq: int, events: Sequence[LogItem]) -> tuple[list[EventRow | None], int]:
+        """Log events after ``seq`` in one transaction; returns their rows and the new last seq.
+        An upload whose key is already logged (a retry) gives None and is not logged again (a
+        partial aggregate: if any of its keys is)."""
+        rows: list[EventRow | None] = []
+        with self.tx():
+            for kind, now, client, job, tag, upload in events:
+                parts = upload.parts if isinstance(upload, PartialRows) else ()
+                single = upload if isinstance(upload, UploadRow) else None
+                keys = parts or ((single,) if single is not None else ())
+                if any(self.has_upload(u.client, u.job) for u in keys):
+                    rows.append(None)
+                    continue
+                seq += 1
+                info = upload.info if isinstance(upload, PartialRows) else None
+                self.append(seq, kind, now, client, job, tag, single, parts, info)
+                first = parts[0] if parts else single
+                rows.append(EventRow(seq, kind, now, client, job, tag, first, parts, info or {}))
+        return rows, seq
 
     def has_event(self, kind: str, job: int) -> bool:
         q = "SELECT 1 FROM events WHERE kind=? AND job=? LIMIT 1"
