@@ -412,13 +412,15 @@ def train_round(
     the object store (client ``i`` of ``n`` to leaf ``i * leaves // n``, a contiguous split),
     and the tree reduces. The tree is reset to ``version`` first. Refused updates are reported,
     not raised."""
+    from fedagg.sim._exec import Jobs
+
     tree.reset(version)
     n = len(datas)
     route = [i * tree.leaves // max(1, n) for i in range(n)]
+    jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state)
     meta, per_leaf = executor.train_to_updates(
-        algorithm, model, params, datas, rngs, epochs, states, server_state,
-        client_ids=client_ids, version=version, route=route,
-    )  # fmt: skip
+        jobs, client_ids=client_ids, version=version, route=route
+    )
     for leaf, refs in enumerate(per_leaf):
         for r in refs:
             tree.submit_async(leaf, r)

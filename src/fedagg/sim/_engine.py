@@ -28,7 +28,7 @@ import numpy.typing as npt
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import train_chunk
+from fedagg.sim._exec import Jobs, train_chunk
 from fedagg.sim._policy import (
     Action,
     Applied,
@@ -89,11 +89,11 @@ class LocalExecutor:
         states: Sequence[Any],
         server_state: Any,
     ) -> list[tuple[Any, Any]]:
-        args = (algorithm, model, params, datas, rngs, epochs, states, server_state)
+        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state)
         if len(datas) >= SMALL_CALL:
-            return train_chunk(*args)
+            return train_chunk(jobs)
         with _one_blas_thread():
-            return train_chunk(*args)
+            return train_chunk(jobs)
 
     def close(self) -> None:
         pass

@@ -4,37 +4,42 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["chunk_args", "split", "train_chunk"]
+__all__ = ["Jobs", "chunks", "split", "train_chunk"]
 
 Arr = npt.NDArray[Any]
 
 
-def train_chunk(
-    algorithm: Any,
-    model: Any,
-    params: dict[str, Arr],
-    datas: Sequence[Any],
-    rngs: Sequence[np.random.Generator],
-    epochs: Sequence[int],
-    states: Sequence[Any],
-    server_state: Any,
-) -> list[tuple[Any, Any]]:
+class Jobs(NamedTuple):
+    """A batch of client training jobs: the arguments of :meth:`Executor.train
+    <fedagg.sim.Executor.train>`, one entry per job in each sequence (picklable)."""
+
+    algorithm: Any
+    model: Any
+    params: dict[str, Arr]
+    datas: Sequence[Any]
+    rngs: Sequence[np.random.Generator]
+    epochs: Sequence[int]
+    states: Sequence[Any]
+    server_state: Any
+
+
+def train_chunk(jobs: Jobs) -> list[tuple[Any, Any]]:
     """One batched ``train_many`` call (stacked parameters where the model allows). A client's
     result does not depend on which others share the call, so any cut gives the same model."""
     return list(
-        algorithm.train_many(
-            model,
-            params,
-            list(datas),
-            list(rngs),
-            epochs=list(epochs),
-            states=list(states),
-            server_state=server_state,
+        jobs.algorithm.train_many(
+            jobs.model,
+            jobs.params,
+            list(jobs.datas),
+            list(jobs.rngs),
+            epochs=list(jobs.epochs),
+            states=list(jobs.states),
+            server_state=jobs.server_state,
         )
     )
 
@@ -46,20 +51,10 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def chunk_args(
-    workers: int,
-    algorithm: Any,
-    model: Any,
-    params: Any,
-    datas: Sequence[Any],
-    rngs: Sequence[np.random.Generator],
-    epochs: Sequence[int],
-    states: Sequence[Any],
-    server_state: Any,
-) -> list[tuple[Any, ...]]:
-    """:func:`train_chunk`'s arguments for each of at most ``workers`` contiguous chunks."""
+def chunks(jobs: Jobs, workers: int) -> list[Jobs]:
+    """``jobs`` cut into at most ``workers`` contiguous chunks, for :func:`train_chunk`."""
     return [
-        (algorithm, model, params, datas[a:b], list(rngs[a:b]), list(epochs[a:b]),
-         list(states[a:b]), server_state)
-        for a, b in split(len(datas), workers)
+        jobs._replace(datas=jobs.datas[a:b], rngs=list(jobs.rngs[a:b]),
+                      epochs=list(jobs.epochs[a:b]), states=list(jobs.states[a:b]))
+        for a, b in split(len(jobs.datas), workers)
     ]  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import chunk_args, train_chunk
+from fedagg.sim._exec import Jobs, chunks, train_chunk
 
 __all__ = ["ClientSlice", "ProcessExecutor"]
 
@@ -84,9 +84,8 @@ class ProcessExecutor:
     ) -> list[tuple[Any, Any]]:
         plain = {name: np.array(v) for name, v in params.items()}  # writable copies pickle
         pool = self._get_pool()
-        args = chunk_args(self.workers, algorithm, model, plain, datas, rngs, epochs, states,
-                          server_state)  # fmt: skip
-        futures = [pool.submit(train_chunk, *a) for a in args]
+        jobs = Jobs(algorithm, model, plain, datas, rngs, epochs, states, server_state)
+        futures = [pool.submit(train_chunk, c) for c in chunks(jobs, self.workers)]
         out: list[tuple[Any, Any]] = []
         for f in futures:
             out.extend(f.result())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import train_chunk
+from fedagg.sim._exec import Jobs, train_chunk
 
 __all__ = ["RayExecutor", "SimWorker", "assign_jobs"]
 
@@ -111,30 +111,22 @@ class SimWorker:
     ) -> list[tuple[Any, Any]]:
         self._sync(ship, evict)
         datas = [self._objs[k] for k in data_keys]
-        return train_chunk(self._objs[alg_key], self._objs[model_key], params, datas, rngs,
-                           epochs, states, server_state)  # fmt: skip
+        jobs = Jobs(self._objs[alg_key], self._objs[model_key], params, datas, rngs, epochs,
+                    states, server_state)  # fmt: skip
+        return train_chunk(jobs)
 
     def train_to_updates(
         self,
-        ship: Sequence[tuple[int, Any]],
-        evict: Sequence[int],
-        alg_key: int,
-        model_key: int,
-        params: dict[str, Arr],
-        data_keys: Sequence[int],
-        rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int],
-        states: Sequence[Any],
-        server_state: Any,
         client_ids: Sequence[str],
         version: int | None,
         groups: Sequence[Sequence[int]],
+        *call: Any,
     ) -> tuple[Any, ...]:
-        """Train, then return ``(meta, *updates per group)``: ``meta`` holds each job's
-        ``(new_state, metrics, num_examples, extra)``; group ``g`` is the list of the
-        :class:`Update` objects of the jobs ``groups[g]`` (positions in this call)."""
-        out = self.train(ship, evict, alg_key, model_key, params, data_keys, rngs, epochs,
-                         states, server_state)  # fmt: skip
+        """:meth:`train` on ``call`` (its arguments), then return ``(meta, *updates per
+        group)``: ``meta`` holds each job's ``(new_state, metrics, num_examples, extra)``; group
+        ``g`` is the list of the :class:`Update` objects of the jobs ``groups[g]`` (positions in
+        this call)."""
+        out = self.train(*call)
         ups = [
             Update(
                 delta=res.delta,
@@ -273,22 +265,14 @@ class RayExecutor:
             self._release(k)
         return ship, evict
 
-    def _dispatch(
-        self,
-        method: str,
-        algorithm: Any,
-        model: Any,
-        params: dict[str, Arr],
-        datas: Sequence[Any],
-        rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int],
-        states: Sequence[Any],
-        server_state: Any,
-        extra: Any = None,
-    ) -> list[tuple[list[int], Any]]:
-        p_ref = self._ray.put(params)
-        alg_key, model_key = self._key(algorithm), self._key(model)
-        keys = [self._key(d) for d in datas]
+    def _run(self, jobs: Jobs, call: Callable[[Any, list[int], tuple[Any, ...]], Any]) -> list[Any]:
+        """Spread ``jobs`` over the workers: ``call(actor, idx, args)`` starts worker training
+        of the jobs ``idx`` (positions in ``jobs``) on ``args`` (:meth:`SimWorker.train`'s) and
+        returns a reference to a list of one result per job. Returns the results in dispatch
+        order."""
+        p_ref = self._ray.put(jobs.params)
+        alg_key, model_key = self._key(jobs.algorithm), self._key(jobs.model)
+        keys = [self._key(d) for d in jobs.datas]
         plan = assign_jobs(keys, self.workers, self._lru, self._lru_bytes)
         calls: list[tuple[list[int], Any]] = []
         for w, idx in enumerate(plan):
@@ -296,14 +280,14 @@ class RayExecutor:
                 continue
             ship, evict = self._plan(w, alg_key, model_key, [keys[i] for i in idx])
             args = (ship, evict, alg_key, model_key, p_ref, [keys[i] for i in idx],
-                    [rngs[i] for i in idx], [epochs[i] for i in idx], [states[i] for i in idx],
-                    server_state)  # fmt: skip
-            m = getattr(self.actors[w], method)
-            if extra is None:
-                calls.append((idx, m.remote(*args)))
-            else:
-                calls.append((idx, extra(w, idx, m, args)))
-        return calls
+                    [jobs.rngs[i] for i in idx], [jobs.epochs[i] for i in idx],
+                    [jobs.states[i] for i in idx], jobs.server_state)  # fmt: skip
+            calls.append((idx, call(self.actors[w], idx, args)))
+        out: list[Any] = [None] * len(jobs.datas)
+        for (idx, _), chunk in zip(calls, self._ray.get([f for _, f in calls]), strict=True):
+            for i, res in zip(idx, chunk, strict=True):
+                out[i] = res
+        return out
 
     # -- the executor protocol ----------------------------------------------------------------
     def train(
@@ -317,57 +301,40 @@ class RayExecutor:
         states: Sequence[Any],
         server_state: Any,
     ) -> list[tuple[Any, Any]]:
-        calls = self._dispatch("train", algorithm, model, params, datas, rngs, epochs, states,
-                               server_state)  # fmt: skip
-        out: list[Any] = [None] * len(datas)
-        for (idx, _), chunk in zip(calls, self._ray.get([f for _, f in calls]), strict=True):
-            for i, res in zip(idx, chunk, strict=True):
-                out[i] = res
-        return out
+        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state)
+        return self._run(jobs, lambda actor, idx, args: actor.train.remote(*args))
 
     def train_to_updates(
         self,
-        algorithm: Any,
-        model: Any,
-        params: dict[str, Arr],
-        datas: Sequence[Any],
-        rngs: Sequence[np.random.Generator],
-        epochs: Sequence[int],
-        states: Sequence[Any],
-        server_state: Any,
+        jobs: Jobs,
         *,
         client_ids: Sequence[str],
         version: int | None,
         route: Sequence[int],
     ) -> tuple[list[tuple[Any, dict[str, float], int, dict[str, Any]]], list[list[Any]]]:
-        """Train and keep the updates in Ray's object store.
+        """Train ``jobs`` (:meth:`train`'s arguments) and keep the updates in Ray's object store.
 
         ``route[i]`` is the destination (e.g. a tree leaf) of job ``i``'s update. Returns each
         job's ``(new_state, metrics, num_examples, extra)`` in dispatch order, and per
         destination the object references of lists of updates for it, in worker order.
         """
-        if len(route) != len(datas) or len(client_ids) != len(datas):
+        n = len(jobs.datas)
+        if len(route) != n or len(client_ids) != n:
             raise ConfigError("route and client_ids need one entry per job")
         dests = max(route, default=-1) + 1
         per_dest: list[list[Any]] = [[] for _ in range(dests)]
 
-        def call(w: int, idx: list[int], m: Any, args: tuple[Any, ...]) -> Any:
+        def call(actor: Any, idx: list[int], args: tuple[Any, ...]) -> Any:
             groups = [[p for p, i in enumerate(idx) if route[i] == d] for d in range(dests)]
             used = [d for d in range(dests) if groups[d]]
-            refs = m.options(num_returns=1 + len(used)).remote(
-                *args, [client_ids[i] for i in idx], version, [groups[d] for d in used]
+            refs = actor.train_to_updates.options(num_returns=1 + len(used)).remote(
+                [client_ids[i] for i in idx], version, [groups[d] for d in used], *args
             )
             for d, r in zip(used, refs[1:], strict=True):
                 per_dest[d].append(r)
             return refs[0]
 
-        calls = self._dispatch("train_to_updates", algorithm, model, params, datas, rngs,
-                               epochs, states, server_state, extra=call)  # fmt: skip
-        meta: list[Any] = [None] * len(datas)
-        for (idx, _), chunk in zip(calls, self._ray.get([f for _, f in calls]), strict=True):
-            for i, m in zip(idx, chunk, strict=True):
-                meta[i] = m
-        return meta, per_dest
+        return self._run(jobs, call), per_dest
 
     def close(self) -> None:
         if self._ray.is_initialized():
