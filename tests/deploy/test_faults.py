@@ -28,7 +28,7 @@ from tests.deploy.harness import (
     wait_listening,
 )
 
-SERVER_POINTS = [p for p in POINTS if not p.startswith("client")]
+SERVER_POINTS = [p for p in POINTS if not p.startswith(("client", "edge"))]
 
 
 def _cfg(rounds: int, clients: int) -> dict[str, object]:

@@ -22,6 +22,8 @@ POINTS = (
     "applied",  # server: a round closed, before its checkpoint
     "checkpoint",  # server: checkpoint file written, not yet recorded
     "client-upload",  # client: mid-way through pushing an update
+    "edge-logged",  # edge aggregator: uploads logged (acks may not have gone out), not forwarded
+    "edge-forwarded",  # edge aggregator: the parent acknowledged a forward, not yet recorded
 )
 
 _SPEC = os.environ.get("FEDAGG_CRASH_AT", "")
