@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fedagg
+from fedagg.core import _kernels
 from fedagg.errors import (
     ConfigError,
     InvalidWeight,
@@ -25,7 +26,14 @@ from fedagg.errors import (
     StaleUpdate,
     StateError,
 )
-from fedagg.hierarchy._shm import SHM_PREFIX, AggregatorFailed, ShmAggregator, copy_peak, peak
+from fedagg.hierarchy._shm import (
+    SHM_PREFIX,
+    AggregatorFailed,
+    ShmAggregator,
+    copy_peak,
+    fold_validated,
+    peak,
+)
 from fedagg.hierarchy._sockets import ShardReceiver, ShardSender, SocketAggregator, send_sharded
 
 SPEC = fedagg.ParamSpec.from_arrays(
@@ -118,6 +126,8 @@ def test_shm_equals_in_process_fold(acc: str, shards: int, workers: int) -> None
             sa.submit(delta, w)
         assert sa.count == N_UP
         assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+        stats = sa._fold_stats()  # every update went through the validated fast fold
+        assert [(st["validated"], st["checked"]) for st in stats] == [(N_UP, 0)] * workers
         got = sa.state()
         assert _same_state(got, ref)
         parts = sa.shard_states()
@@ -141,6 +151,7 @@ def test_socket_and_sharded_tcp_equal_in_process_fold(acc: str) -> None:
             so.submit(x, w)
         assert _same_bits(so.finalize_flat(), want)
         assert _same_state(so.state(), ref)
+        assert [(st["validated"], st["checked"]) for st in so._fold_stats()] == [(N_UP, 0)] * 2
     for shards in (1, 3):
         with ShardReceiver(SPEC, shards=shards, accumulator=acc, **NP) as rx:  # type: ignore[arg-type]
             res = _tcp_round(
@@ -150,6 +161,7 @@ def test_socket_and_sharded_tcp_equal_in_process_fold(acc: str) -> None:
             assert res == [(f"c{i}", None) for i in range(N_UP)]
             assert _same_bits(rx.finalize_flat(), want)
             assert _same_state(rx.state(), ref)
+            assert all(st["validated"] == N_UP for st in rx._fold_stats())
 
 
 def test_merge_partials_through_slots() -> None:
@@ -218,6 +230,8 @@ def test_float32_overflow_in_one_shard_rolls_back_every_shard() -> None:
             sa.submit(big, 1.0)
         assert sa.count == 1
         assert _same_state(sa.state(), ref)
+        # past the receiver's bound every fold takes the checked path, never the fast one
+        assert all(st["validated"] == 0 and st["checked"] >= 1 for st in sa._fold_stats())
         with pytest.raises(NonFiniteUpdate):  # what the in-process fold says too
             agg.fold(agg.fold(agg.init(SPEC), fedagg.Update(delta=big)), fedagg.Update(delta=big))
         small = np.full(SPEC.size, -1.0, np.float32)
@@ -318,6 +332,36 @@ def test_copy_peak_kernels() -> None:
         assert not np.isfinite(copy_peak(out, y)) and not np.isfinite(peak(y))
     d = x.astype(np.float64) * 1e300
     assert peak(d) == float(np.abs(d).max())
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+@pytest.mark.parametrize("size", [_kernels.BLOCK * 3 + 5, 1000])
+def test_fold_validated_equals_mean_fold(backend: str, acc: str, size: int) -> None:
+    """The workers' fast fold: the bits, weight sum, compensation and count of Mean.fold
+    one update at a time, for one update per call and for blocked batches (numba kernel
+    above NUMBA_MIN_SIZE, numpy below; float32 and float64 deltas)."""
+    if backend == "numba" and not _kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(size)
+    for dtype in (np.float32, np.float64):
+        spec = fedagg.ParamSpec.from_arrays([np.zeros(size, dtype)])
+        xs = [
+            (rng.standard_normal(size) * 10.0 ** rng.integers(-3, 4)).astype(dtype)
+            for _ in range(6)
+        ]
+        ws = [float(w) for w in rng.uniform(0.5, 500.0, 6)]
+        ss = [1.0, -0.5, 1.0, 3.0, 1.0, 0.25]
+        agg = fedagg.aggregators.mean(acc, backend=backend)  # type: ignore[arg-type]
+        ref, got = agg.init(spec), agg.init(spec)
+        for x, w, s in zip(xs, ws, ss, strict=True):
+            agg.fold(ref, fedagg.Update(delta=x, weight=w, scale=s))
+        use_numba = backend == "numba"
+        fold_validated(got, xs[:1], ws[:1], ss[:1], use_numba=use_numba)
+        fold_validated(got, xs[1:4], ws[1:4], ss[1:4], use_numba=use_numba)
+        fold_validated(got, xs[4:], ws[4:], ss[4:], use_numba=use_numba)
+        fold_validated(got, [], [], [], use_numba=use_numba)
+        assert _same_state(got, ref), (dtype, acc, backend, size)
 
 
 def test_lease_commit_writes_in_place() -> None:

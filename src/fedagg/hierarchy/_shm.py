@@ -24,6 +24,13 @@ cannot reach float32's range, no worker can overflow and updates are pipelined; 
 for values near 1e38) each update is folded synchronously and rolled back on every shard if
 any shard overflows.
 
+Pipelined updates are therefore already validated when a worker sees them, and the worker folds
+them with :func:`fold_validated`: ``acc[lo:hi] += w * slot[lo:hi]`` straight out of the slot
+(float32; float64 uses :mod:`fedagg.core._kernels`' compensated kernel), with ``Mean``'s weight
+and count bookkeeping, so the bits are those of ``Mean.fold``, without ``Mean``'s second look at
+the values (an undo copy and a finiteness test, or a ``max |x|`` pass). Synchronous folds use
+``Mean.fold`` itself (checked, with a snapshot).
+
 A worker that dies or does not answer within ``timeout`` seconds raises
 :class:`AggregatorFailed` (no hang); the aggregator is then unusable and :meth:`close` (or
 leaving the ``with`` block) stops the workers and unlinks every shared-memory segment.
@@ -91,10 +98,12 @@ class AggregatorFailed(FedaggError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels: one pass that copies an update and takes max |x| from its bit patterns
+# Kernels: one pass that copies an update and takes max |x| from its bit patterns; the
+# workers' fold of updates the receiver has already validated
 # --------------------------------------------------------------------------------------------
 
 _MASKS = {4: (np.uint32, 0x7FFFFFFF), 8: (np.uint64, 0x7FFFFFFFFFFFFFFF)}
+_BLOCK = _kernels.BLOCK
 
 if _kernels.HAVE_NUMBA:
     import numba
@@ -118,6 +127,29 @@ if _kernels.HAVE_NUMBA:
             a = src[i] & mask
             m = a if a > m else m
         return m
+
+    @numba.njit(cache=True, nogil=True)
+    def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
+        # acc += sum_k ws[k] * xs[k], in acc's dtype, no fast-math: each ``a += w*x`` rounds
+        # the product and the sum exactly as _kernels' folds and numpy do (same bits). Inputs
+        # were validated by the receiver, so there is no undo copy, no scratch block and no
+        # finiteness test. One update: a single stream; several: one cache block of acc at a
+        # time, read and written once for all of them.
+        n = acc.size
+        if len(xs) == 1:
+            x = xs[0]
+            w = ws[0]
+            for i in range(n):
+                acc[i] += w * x[i]
+            return
+        for lo in range(0, n, _BLOCK):
+            hi = min(n, lo + _BLOCK)
+            a = acc[lo:hi]
+            for k in range(len(xs)):
+                xk = xs[k][lo:hi]
+                wk = ws[k]
+                for i in range(hi - lo):
+                    a[i] += wk * xk[i]
 
 
 def _fast(src: Arr) -> bool:
@@ -152,6 +184,44 @@ def peak(src: Arr, *, use_numba: bool = True) -> float:
     return _kernels.max_abs(src, use_numba=False)
 
 
+def fold_validated(
+    state: MeanState,
+    xs: Sequence[Arr],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    *,
+    use_numba: bool = True,
+) -> None:
+    """``Mean.fold_many(state, updates)`` for updates the receiver has already validated
+    (finite values, weights, and an overflow bound that no fold can reach): the same bits in
+    ``acc``/``comp``, the same weight sum, compensation and count; without ``fold_many``'s
+    second look at the values (float32: an undo copy and a finiteness test of every
+    coordinate; float64: a separate ``max |x|`` pass per update).
+
+    ``xs[k]`` is update k's flat delta over ``state``'s coordinates (e.g. a shard's slice of
+    a shared-memory slot, zero-copy); ``weights``/``scales`` as in :class:`Update`.
+    """
+    if not xs:
+        return
+    ws = np.array([float(w) * float(s) for w, s in zip(weights, scales, strict=True)], np.float64)
+    acc, comp = state.acc, state.comp
+    if comp is not None:  # float64: Neumaier's compensated kernel, as Mean uses
+        ok = _kernels.fold_compensated(acc, comp, xs, ws, use_numba=use_numba)
+    elif _kernels.HAVE_NUMBA and _kernels._compiled(use_numba, acc.size, acc, *xs):
+        _fold_trusted_nb(acc, _kernels._typed(xs), ws.astype(acc.dtype))
+        ok = True
+    else:  # small or non-native: Mean's numpy kernel, minus the undo copy
+        ok = _kernels.fold_plain(acc, acc, xs, ws, save_undo=False, use_numba=False)
+    if not ok:  # cannot happen for validated input: the slot changed after it was checked
+        raise AggregatorFailed("a validated update left a non-finite accumulator")
+    w, wc = state.weight, state.weight_comp
+    for wt in weights:
+        w, e = _two_sum(w, float(wt))
+        wc += e
+    state.weight, state.weight_comp = w, wc
+    state.count += len(xs)
+
+
 # --------------------------------------------------------------------------------------------
 # Worker side: the states of the shards one worker owns
 # --------------------------------------------------------------------------------------------
@@ -179,6 +249,8 @@ class _Shards:
         self.subs = [_sub_spec(spec, lo, hi) for lo, hi in self.bounds]
         self.states = [self.agg.init(s, version=version) for s in self.subs]
         self._snap: list[tuple[Arr, Arr | None, float, float, int]] | None = None
+        #: updates folded by each path since the start (``_Service._fold_stats``)
+        self.stats = {"validated": 0, "validated_passes": 0, "checked": 0}
 
     def reset(self, version: int | None) -> None:
         self.states = [self.agg.init(s, version=version) for s in self.subs]
@@ -220,15 +292,22 @@ class _Shards:
             raise
 
     def fold(self, views: Sequence[Arr], weight: float, scale: float, cid: str) -> None:
+        """The checked fold (``Mean.fold``: values re-checked, undo copy): for updates that
+        could overflow float32, run under :meth:`run` with a snapshot."""
         for st, v in zip(self.states, views, strict=True):
             self.agg.fold(st, Update(delta=v, weight=weight, scale=scale, client_id=cid))
+        self.stats["checked"] += 1
 
-    def fold_batch(self, batch: Sequence[tuple[Arr, float, float, str]]) -> None:
-        """Fold several queued updates (full-model views) with one cache-blocked pass per
-        shard (``Mean.fold_many``: the same bits as folding them one by one)."""
-        for (lo, hi), st in zip(self.bounds, self.states, strict=True):
-            ups = [Update(delta=v[lo:hi], weight=w, scale=s, client_id=c) for v, w, s, c in batch]
-            self.agg.fold_many(st, ups)
+    def fold_validated(self, batch: Sequence[tuple[Sequence[Arr], float, float]]) -> None:
+        """Fold updates the receiver has validated and found unable to overflow: each is
+        ``(one view per owned shard, weight, scale)``. Several queued updates go in one
+        cache-blocked pass per shard; the bits are those of ``Mean.fold`` one by one."""
+        self._snap = None
+        ws, ss = [b[1] for b in batch], [b[2] for b in batch]
+        for j, st in enumerate(self.states):
+            fold_validated(st, [b[0][j] for b in batch], ws, ss, use_numba=self.agg._numba)
+        self.stats["validated"] += len(batch)
+        self.stats["validated_passes"] += 1
 
     def merge(
         self,
@@ -259,6 +338,8 @@ class _Shards:
         for sub, v in zip(self.subs, views, strict=True):
             scratch = self.agg.init(sub)
             self.agg.fold(scratch, Update(delta=v))
+            fold_validated(scratch, [v], [1.0], [1.0], use_numba=self.agg._numba)
+            fold_validated(scratch, [v, v], [1.0, 1.0], [1.0, 1.0], use_numba=self.agg._numba)
             self.agg.finalize_flat(scratch)
 
 
@@ -308,6 +389,8 @@ def handle_common(
     if op == "reset":
         shards.reset(msg[2])
         return ("ok", seq, -1, None)
+    if op == "stats":
+        return ("ok", seq, -1, dict(shards.stats))
     if op == "finalize":
         seg = _attach(msg[2])
         try:
@@ -382,7 +465,8 @@ def _shm_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                 conn.send(("ok", seq, -1, None))
                 return
             if op == "fold" and not msg[6]:
-                # pipelined folds already queued behind this one go in one fold_many pass
+                # a pipelined fold: validated by the receiver and unable to overflow, so the
+                # fast fold; those already queued behind it go in the same blocked pass
                 batch = [msg]
                 while len(batch) < _MAX_BATCH and not backlog and conn.poll():
                     nxt = conn.recv()
@@ -391,8 +475,12 @@ def _shm_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                     else:
                         backlog.append(nxt)
                 try:
-                    shards._snap = None
-                    shards.fold_batch([(slots[m[2]], m[3], m[4], m[5]) for m in batch])
+                    shards.fold_validated(
+                        [
+                            ([slots[m[2]][lo:hi] for lo, hi in shards.bounds], m[3], m[4])
+                            for m in batch
+                        ]
+                    )
                     replies = [("ok", m[1], m[2], None) for m in batch]
                 except BaseException as e:
                     replies = [(*_error_reply(m[1], e), m[2]) for m in batch]
@@ -664,6 +752,12 @@ class _Service:
                     self._on_message(i, c.recv())
             except (EOFError, OSError) as e:
                 raise self._fail(f"worker {i} is gone: {e}") from e
+
+    def _fold_stats(self) -> list[dict[str, int]]:
+        """Per worker: updates folded by the validated fast path (and in how many blocked
+        passes) and by the checked path, since the workers started."""
+        self._check_usable()
+        return cast(list[dict[str, int]], self._call(lambda i, seq: ("stats", seq), "stats"))
 
     def flush(self) -> None:
         """Wait until every update handed to the workers has been folded."""

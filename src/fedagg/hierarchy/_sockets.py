@@ -4,6 +4,9 @@
   receiver hands each update to the workers over a Unix socket: each worker ``recv_into`` a
   buffer it preallocated (after it started) for its shards, then folds it. Every byte crosses
   the kernel twice (receiver -> socket buffer -> worker), which is the copy shared memory saves.
+  The receiver checks each update before sending it, and the workers fold it with the shared-
+  memory workers' fast fold (:func:`~fedagg.hierarchy._shm.fold_validated`), so the two planes
+  differ only in the hand-off.
 * :class:`ShardReceiver` and :class:`ShardSender` / :func:`send_sharded`: application-layer flow
   splitting. Worker ``i`` owns shard ``i`` and listens on its own TCP port on 127.0.0.1; a
   sender opens one connection per shard and sends byte range ``i`` of the flat update on
@@ -119,7 +122,10 @@ def _unix_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                     _, _, _, w, s, cid, sync = msg
                     for v in views:
                         recv_exact(sock, v)
-                    shards.run(sync, partial(shards.fold, bufs, w, s, cid))
+                    if sync:  # could overflow float32: the checked fold, with a snapshot
+                        shards.run(True, partial(shards.fold, bufs, w, s, cid))
+                    else:  # the receiver checked these bytes: the same fast fold as shm's
+                        shards.fold_validated([(bufs, w, s)])
                     reply: tuple[Any, ...] = ("ok", seq, -1, None)
                 else:
                     common = handle_common(shards, spec, msg, acc_dtype)
@@ -329,8 +335,10 @@ def _tcp_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                 continue
             _, seq, _uid, do_fold, sync = msg
             try:
-                if do_fold:
-                    shards.run(sync, partial(shards.fold, [buf], w, s, cid))
+                if do_fold and sync:
+                    shards.run(True, partial(shards.fold, [buf], w, s, cid))
+                elif do_fold:  # admitted on this slice's own max|x|: the fast fold
+                    shards.fold_validated([([buf], w, s)])
                 conn.send(("ok", seq, -1, None))
             except BaseException as e:
                 conn.send(_error_reply(seq, e))
