@@ -40,7 +40,7 @@ import numba
 import numpy as np
 
 import fedagg
-from _common import MIB, ForeignCpu, machine_info, measure_bandwidth, wait_for_idle
+from _common import GIB, MIB, ForeignCpu, machine_info, measure_bandwidth, wait_for_idle
 from fedagg.core import tree
 from fedagg.hierarchy._shm import ShmAggregator, copy_peak, fold_validated, peak
 from fedagg.hierarchy._sockets import ShardReceiver, ShardSender, SocketAggregator
@@ -348,6 +348,35 @@ LINKS_GBPS = (10.0, 100.0)
 CLIENTS, EDGES, INTERMEDIATES = 1_000_000, 1000, 32
 
 
+def grpc_rates(path: Path = Path(__file__).parent / "results" / "transport.json") -> Result:
+    """The deployed edge's ingest rate (update bytes/s through fedagg's gRPC server, spooled
+    and folded), as ``benchmarks/transport.py`` measured it: 100 clients x 10M params with
+    the defaults (TLS, signed sha256, fsync before each ack), and one 1 GiB upload without
+    TLS, digest or fsync (steady state)."""
+    try:
+        t = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out: Result = {}
+    many = [r for r in t.get("many", []) if r.get("clients") == 100]
+    if many:
+        r = many[0]
+        out["grpc_default_Bps"] = r["clients"] * r["params"] * 4 / statistics.median(r["round_s"])
+    fast = [u for u in t.get("upload", []) if u.get("setting", "").startswith("fedagg, no TLS")]
+    if fast:
+        out["grpc_fast_Bps"] = fast[0]["gib_per_s"] * GIB
+    return out
+
+
+PLANES = (
+    ("shm", "shm_Bps"),
+    ("unix socket", "unix_Bps"),
+    ("in-process, 1 core", "inproc_Bps"),
+    ("fedagg gRPC edge, no TLS/digest/fsync", "grpc_fast_Bps"),
+    ("fedagg gRPC edge, defaults", "grpc_default_Bps"),
+)
+
+
 def projection(rates: Result) -> list[Result]:
     """Round time of a 3-level tree (see FORMULA) for each model, link speed and edge plane."""
     rows = []
@@ -359,11 +388,9 @@ def projection(rates: Result) -> list[Result]:
         t_fin = rates["finalize_s_per_byte"] * b
         for gbps in LINKS_GBPS:
             link = gbps * 1e9 / 8
-            for plane, key in (
-                ("shm", "shm_Bps"),
-                ("unix socket", "unix_Bps"),
-                ("in-process, 1 core", "inproc_Bps"),
-            ):
+            for plane, key in PLANES:
+                if key not in rates:
+                    continue
                 r_edge = rates[key]
                 t_edge = max(c * b / link, c * b / r_edge) + b / r_edge
                 t_int = max(e_i * b / link, e_i * t_merge) + t_merge
@@ -518,6 +545,7 @@ def drive(args: argparse.Namespace) -> Result:
         "inproc_Bps": best_rate(INPROC),
         "merge_s_per_byte": trees["t_merge_s"] / (trees["m"] * 4),
         "finalize_s_per_byte": max(fin),
+        **grpc_rates(),
     }
     argv = " ".join(["python", "benchmarks/hierarchy.py", *sys.argv[1:]])
     return {
@@ -698,6 +726,21 @@ def markdown(report: Result) -> str:
         f"{rates['inproc_Bps'] / 1e9:.2f} GB/s; merge {rates['merge_s_per_byte'] * per_m:.2f} ms "
         f"and finalize {rates['finalize_s_per_byte'] * per_m:.2f} ms per 1M params.",
         "",
+        "The deployed edge (`fedagg server --parent`, gRPC) is bounded by its ingest rate as "
+        "`benchmarks/transport.py` measured it (`results/transport.json`): "
+        + (
+            f"{rates['grpc_default_Bps'] / 1e9:.3f} GB/s with the defaults (TLS, signed sha256, "
+            f"fsync before each ack; 100 clients x 10M params), "
+            if "grpc_default_Bps" in rates
+            else ""
+        )
+        + (
+            f"{rates['grpc_fast_Bps'] / 1e9:.2f} GB/s without TLS, digest or fsync (one 1 GiB "
+            "upload, steady state)."
+            if "grpc_fast_Bps" in rates
+            else ""
+        ),
+        "",
         "| params | link per host | edge plane | edge GB/s | edge bound by | T_edge s | T_int s "
         "| T_root s | **T_round s** |",
         "|---:|---:|---|---:|---|---:|---:|---:|---:|",
@@ -822,7 +865,16 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     if args.render:
-        write(json.loads(Path(args.render).read_text()), out)
+        report = json.loads(Path(args.render).read_text())
+        report["rates"] = {**report["rates"], **grpc_rates()}
+        report["projection"] = projection(report["rates"])
+        again = (
+            "`; re-rendered with the gRPC edge rows by "
+            f"`python benchmarks/hierarchy.py --render {args.render}"
+        )
+        if "re-rendered" not in report["command"]:
+            report["command"] += again
+        write(report, out)
         return
     report = drive(args)
     write(report, out)
