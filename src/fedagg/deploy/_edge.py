@@ -132,6 +132,9 @@ class EdgeEngine:
         self.seq = 0
         self.now = 0.0
         self.started = True  # rounds start at the root
+        #: the parent's open tasks have all arrived (its task stream marks the end of them
+        #: with a heartbeat); until then a request for an unknown task is told to retry
+        self.synced = False
         self.finished = False
         self.replayed = 0
         self.forwarded = 0
@@ -192,6 +195,9 @@ class EdgeEngine:
         if task.version != version:
             return "version"
         return None
+
+    def ready(self) -> bool:
+        return self.synced
 
     def partial_accumulator(self) -> str | None:
         return accumulator_of(self.agg) if self.mode == "aggregate" else None
@@ -443,11 +449,13 @@ class EdgeServer(Server):
 
     async def start(self) -> None:
         await super().start()
-        # link up once the subtree is connected (as a root waits for its clients before the
-        # first round), or after client_timeout with whoever came
+        # a fresh edge links up once its subtree is connected (as a root waits for its
+        # clients before the first round), or after client_timeout with whoever came; a
+        # restarted one at once (its clients are busy retrying what they were doing)
         need = self.opt.wait_for or len(self.serves or ())
         deadline = time.monotonic() + self.opt.client_timeout
-        while self.connected() < need and time.monotonic() < deadline:
+        fresh = self.fed.seq == 0
+        while fresh and self.connected() < need and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.link.hello()
         self._linked.set()
@@ -502,12 +510,14 @@ class EdgeServer(Server):
         try:
             while True:
                 try:
+                    self.fed.synced = False
                     req = pb.TasksRequest(auth=link._auth("Tasks", body()))
                     stream = link._method("Tasks", "unary_stream")(req.SerializeToString())
                     async for raw in stream:
                         start, delay = time.monotonic(), 0.05
                         t = pb.Task.FromString(raw)
                         if t.heartbeat:
+                            self.fed.synced = True
                             continue
                         if t.finished:
                             effects = await loop.run_in_executor(self._ex, self.fed.finish)

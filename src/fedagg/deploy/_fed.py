@@ -393,6 +393,10 @@ class Federation:
                 self._checkpoint()
         return effects
 
+    def ready(self) -> bool:
+        """Whether every open task is known here (the root: always)."""
+        return True
+
     def partial_accumulator(self) -> str | None:
         """The accumulator partial aggregates must use to merge here (None: they cannot)."""
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)

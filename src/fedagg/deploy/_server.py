@@ -409,6 +409,16 @@ class Server:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
         return str(auth.client)
 
+    def _unknown_task(self, task: int) -> None:
+        """Refuse a request for a task this server does not know: for good (the task is
+        closed), or, at an edge still learning its subtree's tasks from its parent, for now."""
+        if not self.fed.ready():
+            raise _Abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "this edge aggregator is catching up with its parent: retry",
+            )
+        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {task} is not open")
+
     def _routed(self, edge: str, client: int) -> None:
         if self.route.get(client) != edge:
             raise _Abort(
@@ -569,6 +579,7 @@ class Server:
             s.drop = None
         for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self._task_msg(t))
+        queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
         if self.fed.finished:
             queue.put_nowait(pb.Task(finished=True))
         self._maybe_start()
@@ -603,7 +614,8 @@ class Server:
                 client = self._auth("Pull", req.auth, body(task=req.task))
             task = self.fed.tasks.get(req.task)
             if task is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {req.task} is not open")
+                self._unknown_task(req.task)
+            assert task is not None
             if edge is not None:
                 self._routed(edge, task.client)
             elif task.client != client:
@@ -679,7 +691,7 @@ class Server:
             loop = asyncio.get_running_loop()
             dup = await loop.run_in_executor(self._ex, self.fed.store.has_upload, client, head.task)
             if not dup:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"task {head.task} is not open")
+                self._unknown_task(head.task)
             duplicate = True
         elif problem == "denied":
             raise _Abort(
