@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,9 @@ def local_ray() -> Iterator[None]:
 
 
 def spec_and_updates(
-    n: int, seed: int = 0, version: int | None = None, kind: str = "big"
+    n: int, seed: int = 0, version: int | None = None, spec: ParamSpec | None = None
 ) -> tuple[ParamSpec, list[Update]]:
-    spec = ParamSpec.from_arrays(make_model(kind))
+    spec = BIG if spec is None else spec
     rng = np.random.default_rng(seed)
     ups = [
         Update(
@@ -80,7 +81,7 @@ def by_leaf(ups: list[Update], leaves: int) -> list[list[Update]]:
     return [ups[n * j // leaves : n * (j + 1) // leaves] for j in range(leaves)]
 
 
-def submit_all(tree: RayTree, ups: list[Update]) -> None:
+def submit_all(tree: RayTree, ups: list[Any]) -> None:
     for j, group in enumerate(by_leaf(ups, tree.leaves)):
         for u in group:
             tree.submit_async(j, u)
@@ -121,30 +122,69 @@ def test_job_assignment_is_balanced_and_sticky() -> None:
 
 
 # -- the tree -----------------------------------------------------------------------------------
-# Every actor is a worker process (about a second of start-up on 2 cores): the trees are shared.
+# Every actor is a worker process (a second or two of start-up, CPU-bound on 2 cores, and each
+# level of a tree waits for the level above): the module's actors are few, shared, and all
+# started at once. A three-level tree needs 6 actors (fanout 2 over 3 leaves); the float32 tree
+# takes 3, the executor 2 and tree_aggregate's one-shot tree 1. The tree nodes fold with numpy
+# kernels, bit-identical to numba's by design (tests/conformance:
+# test_numba_and_numpy_backends_agree), so that no actor loads compiled kernels.
 
-BIG = ParamSpec.from_arrays(make_model("big"))
+#: The model of the simulated round, whose spec every tree test uses: 40,080 float32 parameters,
+#: so that every update and state travels through Ray's shared-memory object store (over 100 KiB)
+#: and reaches a node as read-only arrays.
+MODEL = LogReg(500, 80)
+BIG = ParamSpec.from_arrays(MODEL.init(0))
 
 
 @pytest.fixture(scope="module")
-def tree64() -> Iterator[RayTree]:
-    """A 3-level binary tree (7 actors), float64 mean over the 70k-parameter spec."""
-    with RayTree(mean("float64"), BIG, fanout=2, depth=3, timeout=60) as tree:
-        yield tree
+def started(local_ray: None) -> Iterator[dict[str, Future[Any]]]:
+    """The shared trees and the executor, their actors started in parallel."""
+    pool = ThreadPoolExecutor(4)
+    spec, ups = spec_and_updates(9, seed=5, spec=ParamSpec.from_arrays(make_model("dict")))
+    refs = [ray.put(u) for u in ups]
+    futures: dict[str, Future[Any]] = {
+        # three levels over three leaves: the second inner node has one child
+        "tree64": pool.submit(
+            RayTree, mean("float64", backend="numpy"), BIG, fanout=2, leaves=3, timeout=60
+        ),
+        # two leaves under the root; the last test to use it kills its nodes
+        "tree32": pool.submit(
+            RayTree, mean("float32", backend="numpy"), BIG, fanout=2, leaves=2, timeout=60
+        ),
+        "executor": pool.submit(RayExecutor, workers=2),
+        # for test_object_refs_are_folded_where_they_land: a one-shot tree (one node; the refs
+        # spread over several leaves are folded by tree64 in that test)
+        "refs": pool.submit(
+            lambda: (spec, ups, tree_aggregate(by_leaf(refs, 1), mean("float64"), spec, fanout=2))
+        ),
+    }
+    yield futures
+    pool.shutdown()
+    for name in ("tree64", "tree32", "executor"):
+        if futures[name].exception() is None:
+            futures[name].result().close()
 
 
-@pytest.fixture(scope="module")
-def tree32() -> Iterator[RayTree]:
-    """Three leaves under two inner nodes (6 actors), float32 mean over the same spec."""
-    with RayTree(mean("float32"), BIG, fanout=2, leaves=3, timeout=60) as tree:
-        yield tree
+@pytest.fixture
+def tree64(started: dict[str, Future[Any]]) -> RayTree:
+    """A 3-level tree (6 actors), float64 mean over BIG."""
+    tree: RayTree = started["tree64"].result()
+    return tree
+
+
+@pytest.fixture
+def tree32(started: dict[str, Future[Any]]) -> RayTree:
+    """Two leaves under the root (3 actors), float32 mean over BIG."""
+    tree: RayTree = started["tree32"].result()
+    return tree
 
 
 def test_three_level_tree_is_exact_and_placed_with_parents(tree64: RayTree) -> None:
     tree64.reset()
     spec, ups = spec_and_updates(20)
-    assert tree64.shape == [1, 2, 4]
-    assert len(tree64.actors) == 7
+    assert tree64.shape == [1, 2, 3]
+    assert len(tree64.actors) == 6
+    assert tree64.children == [[1, 2], [3, 4], [5], [], [], []]
     for i, p in enumerate(tree64.parent):
         if p is not None:
             assert tree64.node_ids[i] == tree64.node_ids[p]
@@ -158,12 +198,12 @@ def test_three_level_tree_is_exact_and_placed_with_parents(tree64: RayTree) -> N
     assert tree64.finalize_flat().tobytes() == want.tobytes()  # a flush is repeatable
     out = tree64.finalize()
     assert isinstance(out, dict)
-    assert set(out) == {"w", "b", "s"}
+    assert set(out) == {"W", "b"}
 
 
 def test_float32_tree_is_within_the_summation_bound(tree64: RayTree, tree32: RayTree) -> None:
     spec, ups = spec_and_updates(20, seed=1)
-    assert tree32.shape == [1, 2, 3]
+    assert tree32.shape == [1, 2]
     tree32.reset()
     submit_all(tree32, ups)
     got = tree32.finalize_flat().astype(np.float64)
@@ -201,7 +241,7 @@ def test_reset_starts_a_new_round_on_the_same_actors(tree64: RayTree) -> None:
 
 def poisoned(u: Update, value: float, client_id: str) -> Update:
     bad = {k: v.copy() for k, v in u.delta.items()}  # type: ignore[union-attr]
-    bad["w"][1, 2] = value
+    bad["W"][1, 2] = value
     return Update(bad, weight=2.0, client_id=client_id)
 
 
@@ -210,8 +250,8 @@ def test_bad_updates_raise_typed_errors_and_change_nothing(
     which: str, tree64: RayTree, tree32: RayTree
 ) -> None:
     tree = tree32 if which == "float32" else tree64
-    # NaN for float32; float64 gets Inf: its numba max_abs kernel misses a NaN followed by a
-    # finite value (core/_kernels.py, reported)
+    # NaN for float32; float64 gets Inf: the numba float64 max_abs kernel misses a NaN
+    # followed by a finite value (core/_kernels.py, reported)
     bad_value = np.nan if which == "float32" else np.inf
     tree.reset()
     spec, ups = spec_and_updates(6, seed=4)
@@ -239,44 +279,51 @@ def test_bad_updates_raise_typed_errors_and_change_nothing(
         tree.submit(0, np.zeros(spec.size, np.float32))  # not an Update
 
 
-def test_object_refs_are_folded_where_they_land() -> None:
-    spec, ups = spec_and_updates(9, seed=5, kind="dict")
-    agg = mean("float64")
-    refs = [ray.put(u) for u in ups]
-    got = tree_aggregate(by_leaf(refs, 2), agg, spec, fanout=2)  # type: ignore[arg-type]
-    want = spec.unflatten(flat_fold(agg, spec, ups))
+def test_object_refs_are_folded_where_they_land(
+    started: dict[str, Future[Any]], tree64: RayTree
+) -> None:
+    # tree_aggregate over object references (run in ``started``, so that its one-node tree
+    # starts with the other actors)
+    spec, ups, got = started["refs"].result()
+    want = spec.unflatten(flat_fold(mean("float64"), spec, ups))
     assert isinstance(got, dict) and isinstance(want, dict)
     for k in want:
         assert got[k].tobytes() == want[k].tobytes()
+    # references spread over the leaves of a 3-level tree
+    _, big = spec_and_updates(9, seed=5)
+    tree64.reset()
+    submit_all(tree64, [ray.put(u) for u in big])
+    assert tree64.count() == 9
+    assert tree64.finalize_flat().tobytes() == flat_fold(mean("float64"), BIG, big).tobytes()
 
 
-def test_a_killed_node_gives_a_clear_error() -> None:
-    spec, ups = spec_and_updates(4, seed=6, kind="dict")
-    tree = RayTree(mean("float64"), spec, fanout=2, leaves=2, timeout=60)
-    try:
-        submit_all(tree, ups)
-        tree.drain()
-        ray.kill(tree.actors[tree.leaf_node(1)])
-        with pytest.raises(NodeLost, match="died"):
-            tree.finalize_flat()  # the dead leaf's flush fails, and so the root's
-        with pytest.raises(NodeLost):
-            tree.submit(1, ups[0])
-        ray.kill(tree.actors[0])
-        with pytest.raises(NodeLost):
-            tree.finalize_flat()
-    finally:
-        tree.close()
+def test_a_killed_node_gives_a_clear_error(tree32: RayTree) -> None:
+    """Kills tree32's nodes: the last test that uses it."""
+    tree = tree32
+    tree.reset()
+    _, ups = spec_and_updates(4, seed=6)
+    submit_all(tree, ups)
+    tree.drain()
+    ray.kill(tree.actors[tree.leaf_node(1)])
+    with pytest.raises(NodeLost, match="died"):
+        tree.finalize_flat()  # the dead leaf's flush fails, and so the root's
+    with pytest.raises(NodeLost):
+        tree.submit(1, ups[0])
+    ray.kill(tree.actors[0])
+    with pytest.raises(NodeLost):
+        tree.finalize_flat()
 
 
 # -- the actor-based executor, and a round on Ray -------------------------------------------------
 
 
-def clients(n: int, seed: int = 7) -> list[ArrayDataset]:
+def clients(n: int, seed: int = 7, features: int = 10, classes: int = 3) -> list[ArrayDataset]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         m = int(rng.integers(8, 40))
-        out.append(ArrayDataset(rng.standard_normal((m, 10)), rng.integers(0, 3, m), 3))
+        x = rng.standard_normal((m, features))
+        out.append(ArrayDataset(x, rng.integers(0, classes, m), classes))
     return out
 
 
@@ -285,12 +332,11 @@ def job_args(datas: list[ArrayDataset], picks: list[int], seed: int) -> tuple[An
     return [datas[j] for j in picks], rngs, [1 + j % 2 for j in picks], [None] * len(picks)
 
 
-@pytest.fixture(scope="module")
-def executor() -> Iterator[RayExecutor]:
-    ex = RayExecutor(workers=2)
+@pytest.fixture
+def executor(started: dict[str, Future[Any]]) -> RayExecutor:
+    ex: RayExecutor = started["executor"].result()
     assert not ex._owned  # the module's Ray instance: close() leaves it running
-    yield ex
-    ex.close()
+    return ex
 
 
 def test_actor_executor_matches_the_local_executor_and_caches_data(executor: RayExecutor) -> None:
@@ -324,40 +370,43 @@ def test_actor_executor_matches_the_local_executor_and_caches_data(executor: Ray
     assert sum(map(len, held)) == sum(executor._holders.values())  # the mirror is right
 
 
-def test_a_round_trains_on_workers_and_folds_at_the_leaves(executor: RayExecutor) -> None:
-    model = LogReg(10, 3)
+def test_a_round_trains_on_workers_and_folds_at_the_leaves(
+    executor: RayExecutor, tree64: RayTree
+) -> None:
+    model = MODEL
     alg = LocalSGD(epochs=1, batch_size=8, lr=0.1)
     params = model.init(0)
     spec = ParamSpec.from_arrays(params)
-    datas = clients(10, seed=8)
+    assert spec == tree64.spec
+    datas = clients(10, seed=8, features=500, classes=80)
     picks = list(range(10))
     ids = [str(j) for j in picks]
     agg = mean("float64")
-    with RayTree(agg, spec, fanout=2, leaves=2, timeout=60) as tree:
-        d, rngs, epochs, states = job_args(datas, picks, 1)
-        res = train_round(executor, tree, alg, model, params, d, rngs, epochs, states, None,
-                          client_ids=ids, version=4)  # fmt: skip
-        d, rngs, epochs, states = job_args(datas, picks, 1)
-        local = LocalExecutor().train(alg, model, params, d, rngs, epochs, states, None)
-        ups = [
-            Update(r.delta, weight=float(r.num_examples), client_id=str(j), base_version=4)
-            for (r, _), j in zip(local, picks, strict=True)
-        ]
-        want = flat_fold(agg, spec, ups, version=4)
-        assert res.refused == []
-        assert res.delta is not None
-        assert spec.as_flat(res.delta).tobytes() == want.tobytes()
-        assert res.num_examples == [len(datas[j]) for j in picks]
-        assert tree.count() == 10
-        # the next round reuses the actors and the cached data
-        shipped = executor.shipped
-        d, rngs, epochs, states = job_args(datas, picks, 2)
-        res2 = train_round(executor, tree, alg, model, params, d, rngs, epochs, states, None,
-                           client_ids=ids, version=5)  # fmt: skip
-        assert executor.shipped == shipped
-        assert res2.delta is not None and tree.count() == 10
+    tree = tree64  # train_round resets it
+    d, rngs, epochs, states = job_args(datas, picks, 1)
+    res = train_round(executor, tree, alg, model, params, d, rngs, epochs, states, None,
+                      client_ids=ids, version=4)  # fmt: skip
+    d, rngs, epochs, states = job_args(datas, picks, 1)
+    local = LocalExecutor().train(alg, model, params, d, rngs, epochs, states, None)
+    ups = [
+        Update(r.delta, weight=float(r.num_examples), client_id=str(j), base_version=4)
+        for (r, _), j in zip(local, picks, strict=True)
+    ]
+    want = flat_fold(agg, spec, ups, version=4)
+    assert res.refused == []
+    assert res.delta is not None
+    assert spec.as_flat(res.delta).tobytes() == want.tobytes()
+    assert res.num_examples == [len(datas[j]) for j in picks]
+    assert tree.count() == 10
+    # the next round reuses the actors and the cached data
+    shipped = executor.shipped
+    d, rngs, epochs, states = job_args(datas, picks, 2)
+    res2 = train_round(executor, tree, alg, model, params, d, rngs, epochs, states, None,
+                       client_ids=ids, version=5)  # fmt: skip
+    assert executor.shipped == shipped
+    assert res2.delta is not None and tree.count() == 10
 
 
 def test_an_executor_too_big_for_the_cluster_fails_clearly() -> None:
     with pytest.raises(ConfigError, match="did not start"):
-        RayExecutor(workers=1, num_cpus=64, start_timeout=1.0)
+        RayExecutor(workers=1, num_cpus=64, start_timeout=0.2)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,11 +51,72 @@ def _segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
 
 
+#: Segments of the module's shared pools (see ``pools``): they outlive a test by design.
+_SHARED: set[str] = set()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     before = _segments()
     yield
+    assert _segments() - before - _SHARED == set(), "shared-memory segments leaked"
+
+
+Pools = Callable[..., Any]
+
+
+@pytest.fixture(scope="module")
+def pools() -> Iterator[Pools]:
+    """Worker pools shared by the tests of this module: ``pools(cls, **kw)`` is one
+    ``cls(SPEC, **kw)`` (numpy kernels) per distinct configuration, reset to ``version`` at
+    every request. Starting workers is most of what a test here costs; a reset gives the empty
+    state, and fold statistics are compared as differences (``_folds``)."""
+    before = _segments()
+    made: dict[tuple[Any, ...], Any] = {}
+
+    def get(cls: Any, version: int | None = None, **kw: Any) -> Any:
+        key = (cls, *sorted(kw.items()))
+        if key not in made:
+            fresh = _segments()
+            made[key] = cls(SPEC, **kw, **NP)
+            _SHARED.update(_segments() - fresh)
+        agg = made[key]
+        agg.reset(version)
+        return agg
+
+    yield get
+    for agg in made.values():
+        agg.close()
+    _SHARED.clear()
     assert _segments() - before == set(), "shared-memory segments leaked"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_backend_pool() -> Iterator[Future[ShmAggregator]]:
+    """The one pool with the default kernels (numba): its workers load compiled kernels, seconds
+    on a busy 2-core machine, so it starts first, in the background, and is used last
+    (``test_default_backend_equals_in_process_fold``)."""
+    before = _segments()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(ShmAggregator, SPEC, shards=1, workers=1, accumulator="float32", slots=2)
+        while not fut.done() and not _segments() - before:  # its segment exists at once
+            time.sleep(0.005)
+        mine = _segments() - before
+        _SHARED.update(mine)
+        yield fut
+    if fut.exception() is None:
+        fut.result().close()
+    _SHARED.difference_update(mine)
+    assert _segments() - before == set(), "shared-memory segments leaked"
+
+
+def _folds(agg: Any) -> list[tuple[int, int]]:
+    """Per worker: updates folded so far by the validated and by the checked path."""
+    return [(st["validated"], st["checked"]) for st in agg._fold_stats()]
+
+
+def _since(agg: Any, before: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(v - v0, c - c0) for (v, c), (v0, c0) in zip(_folds(agg), before, strict=True)]
 
 
 def _updates(seed: int = 0, n: int = N_UP) -> list[tuple[np.ndarray, float]]:
@@ -107,64 +170,63 @@ def _tcp_round(rx: ShardReceiver, sends: list[dict[str, Any]]) -> list[Any]:
 # -- bit-identical results -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("acc", ["float32", "float64"])
-@pytest.mark.parametrize(("shards", "workers"), [(1, 1), (2, 2), (3, 3), (3, 2)])
-def test_shm_equals_in_process_fold(acc: str, shards: int, workers: int) -> None:
+def _check_equals_in_process_fold(sa: ShmAggregator, acc: str, shards: int, workers: int) -> None:
     ups = _updates(shards)
     agg, ref = _reference(ups, acc)
-    kw = {} if (shards, acc) == (1, "float32") else NP
-    with ShmAggregator(
-        SPEC,
-        shards=shards,
-        workers=workers,
-        accumulator=acc,
-        slots=2,
-        **kw,  # type: ignore[arg-type]
-    ) as sa:
-        for i, (x, w) in enumerate(ups):  # several delta forms: flat, dict of views, bytes
-            delta: Any = x if i % 3 == 0 else SPEC.unflatten(x) if i % 3 == 1 else x.tobytes()
-            sa.submit(delta, w)
-        assert sa.count == N_UP
-        assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
-        stats = sa._fold_stats()  # every update went through the validated fast fold
-        assert [(st["validated"], st["checked"]) for st in stats] == [(N_UP, 0)] * workers
-        got = sa.state()
-        assert _same_state(got, ref)
-        parts = sa.shard_states()
-        assert len(parts) == shards
-        assert _same_bits(np.concatenate([p.acc for p in parts]), ref.acc)
-        out = sa.finalize()
-        assert isinstance(out, dict) and _same_bits(out["b"], agg.finalize(ref)["b"])  # type: ignore[call-overload]
-        sa.reset()  # a second round on the same workers
-        sa.submit(ups[0][0], ups[0][1])
-        _, one = _reference(ups[:1], acc)
-        assert _same_state(sa.state(), one)
+    base = _folds(sa)
+    for i, (x, w) in enumerate(ups):  # several delta forms: flat, dict of views, bytes
+        delta: Any = x if i % 3 == 0 else SPEC.unflatten(x) if i % 3 == 1 else x.tobytes()
+        sa.submit(delta, w)
+    assert sa.count == N_UP
+    assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+    # every update went through the validated fast fold
+    assert _since(sa, base) == [(N_UP, 0)] * workers
+    got = sa.state()
+    assert _same_state(got, ref)
+    parts = sa.shard_states()
+    assert len(parts) == shards
+    assert _same_bits(np.concatenate([p.acc for p in parts]), ref.acc)
+    out = sa.finalize()
+    assert isinstance(out, dict) and _same_bits(out["b"], agg.finalize(ref)["b"])  # type: ignore[call-overload]
+    sa.reset()  # a second round on the same workers
+    sa.submit(ups[0][0], ups[0][1])
+    _, one = _reference(ups[:1], acc)
+    assert _same_state(sa.state(), one)
 
 
 @pytest.mark.parametrize("acc", ["float32", "float64"])
-def test_socket_and_sharded_tcp_equal_in_process_fold(acc: str) -> None:
+@pytest.mark.parametrize(("shards", "workers"), [(1, 1), (2, 2), (3, 3), (3, 2)])
+def test_shm_equals_in_process_fold(acc: str, shards: int, workers: int, pools: Pools) -> None:
+    sa = pools(ShmAggregator, shards=shards, workers=workers, accumulator=acc, slots=2)
+    _check_equals_in_process_fold(sa, acc, shards, workers)
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+def test_socket_and_sharded_tcp_equal_in_process_fold(acc: str, pools: Pools) -> None:
     ups = _updates(7)
     agg, ref = _reference(ups, acc)
     want = agg.finalize_flat(ref)
-    with SocketAggregator(SPEC, shards=3, workers=2, accumulator=acc, **NP) as so:  # type: ignore[arg-type]
-        for x, w in ups:
-            so.submit(x, w)
-        assert _same_bits(so.finalize_flat(), want)
-        assert _same_state(so.state(), ref)
-        assert [(st["validated"], st["checked"]) for st in so._fold_stats()] == [(N_UP, 0)] * 2
+    so = pools(SocketAggregator, shards=3, workers=2, accumulator=acc)
+    base = _folds(so)
+    for x, w in ups:
+        so.submit(x, w)
+    assert _same_bits(so.finalize_flat(), want)
+    assert _same_state(so.state(), ref)
+    assert _since(so, base) == [(N_UP, 0)] * 2
     for shards in (1, 3):
-        with ShardReceiver(SPEC, shards=shards, accumulator=acc, **NP) as rx:  # type: ignore[arg-type]
-            res = _tcp_round(
-                rx,
-                [{"update": x, "weight": w, "client_id": f"c{i}"} for i, (x, w) in enumerate(ups)],
-            )
-            assert res == [(f"c{i}", None) for i in range(N_UP)]
-            assert _same_bits(rx.finalize_flat(), want)
-            assert _same_state(rx.state(), ref)
-            assert all(st["validated"] == N_UP for st in rx._fold_stats())
+        rx = pools(ShardReceiver, shards=shards, accumulator=acc)
+        base = _folds(rx)
+        res = _tcp_round(
+            rx,
+            [{"update": x, "weight": w, "client_id": f"c{i}"} for i, (x, w) in enumerate(ups)],
+        )
+        assert res == [(f"c{i}", None) for i in range(N_UP)]
+        assert _same_bits(rx.finalize_flat(), want)
+        assert _same_state(rx.state(), ref)
+        assert all(v == N_UP for v, _ in _since(rx, base))
 
 
-def test_merge_partials_through_slots() -> None:
+def test_merge_partials_through_slots(pools: Pools) -> None:
     a, b = _updates(1, 3), _updates(2, 2)
     agg, whole = _reference(a + b, "float64")
     _, pa = _reference(a, "float64")
@@ -178,7 +240,8 @@ def test_merge_partials_through_slots() -> None:
         assert sa.count == whole.count
         with pytest.raises(StateError):
             sa.merge(fedagg.aggregators.mean("float32").init(SPEC))
-    with ShmAggregator(SPEC, shards=2, **NP) as plain, pytest.raises(ConfigError):
+    plain = pools(ShmAggregator, shards=2, workers=2, accumulator="float32", slots=2)
+    with pytest.raises(ConfigError):
         plain.merge(pa)
 
 
@@ -203,83 +266,88 @@ def _bad_inputs() -> list[tuple[Any, float, type[Exception]]]:
 
 @pytest.mark.parametrize("kind", ["shm", "unix"])
 @pytest.mark.parametrize("acc", ["float32", "float64"])
-def test_bad_updates_raise_typed_errors_and_change_nothing(kind: str, acc: str) -> None:
+def test_bad_updates_raise_typed_errors_and_change_nothing(
+    kind: str, acc: str, pools: Pools
+) -> None:
     ups = _updates(4, 3)
     agg, ref = _reference(ups, acc)
-    cls = ShmAggregator if kind == "shm" else SocketAggregator
-    with cls(SPEC, shards=3, accumulator=acc, version=7, **NP) as sa:  # type: ignore[arg-type]
-        sa.submit(ups[0][0], ups[0][1])
-        for bad, w, err in _bad_inputs():
-            with pytest.raises(err):
-                sa.submit(bad, w)
-        with pytest.raises(StaleUpdate):
-            sa.submit(ups[1][0], 1.0, base_version=6)
-        assert sa.count == 1
-        for x, w in ups[1:]:
-            sa.submit(fedagg.Update(delta=x, weight=w, base_version=7))
-        assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+    if kind == "shm":
+        sa = pools(ShmAggregator, version=7, shards=3, workers=3, accumulator=acc, slots=2)
+    else:
+        sa = pools(SocketAggregator, version=7, shards=3, workers=2, accumulator=acc)
+    sa.submit(ups[0][0], ups[0][1])
+    for bad, w, err in _bad_inputs():
+        with pytest.raises(err):
+            sa.submit(bad, w)
+    with pytest.raises(StaleUpdate):
+        sa.submit(ups[1][0], 1.0, base_version=6)
+    assert sa.count == 1
+    for x, w in ups[1:]:
+        sa.submit(fedagg.Update(delta=x, weight=w, base_version=7))
+    assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
 
 
-def test_float32_overflow_in_one_shard_rolls_back_every_shard() -> None:
+def test_float32_overflow_in_one_shard_rolls_back_every_shard(pools: Pools) -> None:
     big = np.full(SPEC.size, 1.0, np.float32)
     big[-10:] = 3e38  # only the last shard overflows when this is folded twice
     agg, ref = _reference([(big, 1.0)], "float32")
-    with ShmAggregator(SPEC, shards=3, **NP) as sa:
+    sa = pools(ShmAggregator, shards=3, workers=3, accumulator="float32", slots=2)
+    base = _folds(sa)
+    sa.submit(big, 1.0)
+    with pytest.raises(NonFiniteUpdate, match="overflows float32"):
         sa.submit(big, 1.0)
-        with pytest.raises(NonFiniteUpdate, match="overflows float32"):
-            sa.submit(big, 1.0)
-        assert sa.count == 1
-        assert _same_state(sa.state(), ref)
-        # past the receiver's bound every fold takes the checked path, never the fast one
-        assert all(st["validated"] == 0 and st["checked"] >= 1 for st in sa._fold_stats())
-        with pytest.raises(NonFiniteUpdate):  # what the in-process fold says too
-            agg.fold(agg.fold(agg.init(SPEC), fedagg.Update(delta=big)), fedagg.Update(delta=big))
-        small = np.full(SPEC.size, -1.0, np.float32)
-        sa.submit(small, 1.0)
-        agg.fold(ref, fedagg.Update(delta=small, weight=1.0))
-        assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+    assert sa.count == 1
+    assert _same_state(sa.state(), ref)
+    # past the receiver's bound every fold takes the checked path, never the fast one
+    assert all(v == 0 and c >= 1 for v, c in _since(sa, base))
+    with pytest.raises(NonFiniteUpdate):  # what the in-process fold says too
+        agg.fold(agg.fold(agg.init(SPEC), fedagg.Update(delta=big)), fedagg.Update(delta=big))
+    small = np.full(SPEC.size, -1.0, np.float32)
+    sa.submit(small, 1.0)
+    agg.fold(ref, fedagg.Update(delta=small, weight=1.0))
+    assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
 
 
-def test_sharded_tcp_refuses_bad_updates_without_changing_any_shard() -> None:
+def test_sharded_tcp_refuses_bad_updates_without_changing_any_shard(pools: Pools) -> None:
     ups = _updates(5, 2)
     agg, ref = _reference(ups, "float32")
     bad = ups[0][0].copy()
     bad[-1] = np.nan  # the last shard only
-    with ShardReceiver(SPEC, shards=3, **NP) as rx:
-        res = _tcp_round(
-            rx,
-            [
-                {"update": ups[0][0], "weight": ups[0][1], "client_id": "a"},
-                {"update": bad, "weight": 1.0, "client_id": "nan"},
-                {"update": ups[1][0], "weight": -1.0, "client_id": "neg"},
-                {"update": ups[1][0], "weight": ups[1][1], "client_id": "b"},
-            ],
-        )
-        assert [cid for cid, _ in res] == ["a", "nan", "neg", "b"]
-        assert res[0][1] is None and res[3][1] is None
-        assert isinstance(res[1][1], NonFiniteUpdate)
-        assert isinstance(res[2][1], InvalidWeight)
-        # shards of the wrong size: refused, and the sender's connections are dropped
-        with ShardSender(rx.addrs, SPEC) as s:
-            wrong = memoryview(np.zeros(SPEC.size, np.float32)).cast("B")
+    rx = pools(ShardReceiver, shards=3, accumulator="float32")
+    res = _tcp_round(
+        rx,
+        [
+            {"update": ups[0][0], "weight": ups[0][1], "client_id": "a"},
+            {"update": bad, "weight": 1.0, "client_id": "nan"},
+            {"update": ups[1][0], "weight": -1.0, "client_id": "neg"},
+            {"update": ups[1][0], "weight": ups[1][1], "client_id": "b"},
+        ],
+    )
+    assert [cid for cid, _ in res] == ["a", "nan", "neg", "b"]
+    assert res[0][1] is None and res[3][1] is None
+    assert isinstance(res[1][1], NonFiniteUpdate)
+    assert isinstance(res[2][1], InvalidWeight)
+    # shards of the wrong size: refused, and the sender's connections are dropped
+    with ShardSender(rx.addrs, SPEC) as s:
+        wrong = memoryview(np.zeros(SPEC.size, np.float32)).cast("B")
 
-            def send_wrong() -> None:
-                with contextlib.suppress(OSError):  # the workers may drop us first
-                    s.send_raw(b"x" * 16, wrong, 1.0, 1.0, "short", None, [8, 8, 8])
+        def send_wrong() -> None:
+            with contextlib.suppress(OSError):  # the workers may drop us first
+                s.send_raw(b"x" * 16, wrong, 1.0, 1.0, "short", None, [8, 8, 8])
 
-            t = threading.Thread(target=send_wrong)
-            t.start()
-            ((cid, err),) = rx.wait(1, timeout=30)
-            t.join(30)
-        assert cid == "short" and isinstance(err, SpecMismatch)
-        assert _same_state(rx.state(), ref)
-        x, w = _updates(6, 1)[0]
-        t = threading.Thread(target=send_sharded, args=(x, rx.addrs, SPEC, w))
+        t = threading.Thread(target=send_wrong)
         t.start()
-        assert rx.wait(1, timeout=30)[0][1] is None
+        ((cid, err),) = rx.wait(1, timeout=30)
         t.join(30)
-        agg.fold(ref, fedagg.Update(delta=x, weight=w))
-        assert _same_bits(rx.finalize_flat(), agg.finalize_flat(ref))
+    assert cid == "short" and isinstance(err, SpecMismatch)
+    assert _same_state(rx.state(), ref)
+    x, w = _updates(6, 1)[0]
+    t = threading.Thread(target=send_sharded, args=(x, rx.addrs, SPEC, w))
+    t.start()
+    assert rx.wait(1, timeout=30)[0][1] is None
+    t.join(30)
+    agg.fold(ref, fedagg.Update(delta=x, weight=w))
+    assert _same_bits(rx.finalize_flat(), agg.finalize_flat(ref))
 
 
 # -- failures: no hang, no leak ----------------------------------------------------------------
@@ -364,20 +432,29 @@ def test_fold_validated_equals_mean_fold(backend: str, acc: str, size: int) -> N
         assert _same_state(got, ref), (dtype, acc, backend, size)
 
 
-def test_lease_commit_writes_in_place() -> None:
+def test_lease_commit_writes_in_place(pools: Pools) -> None:
     ups = _updates(9, 3)
     agg, ref = _reference(ups, "float32")
-    with ShmAggregator(SPEC, shards=2, slots=2, **NP) as sa:
-        for x, w in ups:
-            lease = sa.lease()
-            lease.array[...] = x  # e.g. sock.recv_into(lease.array)
+    sa = pools(ShmAggregator, shards=2, workers=2, accumulator="float32", slots=2)
+    for x, w in ups:
+        lease = sa.lease()
+        lease.array[...] = x  # e.g. sock.recv_into(lease.array)
+        sa.commit(lease, w)
+        with pytest.raises(StateError):
             sa.commit(lease, w)
-            with pytest.raises(StateError):
-                sa.commit(lease, w)
-        bad = sa.lease()
-        bad.array[...] = ups[0][0]
-        bad.array[3] = np.nan
-        with pytest.raises(NonFiniteUpdate):
-            sa.commit(bad, 1.0)
-        sa.release(sa.lease())
-        assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+    bad = sa.lease()
+    bad.array[...] = ups[0][0]
+    bad.array[3] = np.nan
+    with pytest.raises(NonFiniteUpdate):
+        sa.commit(bad, 1.0)
+    sa.release(sa.lease())
+    assert _same_bits(sa.finalize_flat(), agg.finalize_flat(ref))
+
+
+def test_default_backend_equals_in_process_fold(
+    default_backend_pool: Future[ShmAggregator],
+) -> None:
+    """As test_shm_equals_in_process_fold, with the workers' default (compiled) kernels."""
+    sa = default_backend_pool.result()
+    sa.reset()
+    _check_equals_in_process_fold(sa, "float32", 1, 1)
