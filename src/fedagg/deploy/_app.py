@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -224,8 +225,9 @@ def serve_edge(
         leaf_rule=leaf,
     )  # fmt: skip
     ca = None if insecure else (Path(d["certs"]) / "ca.pem").read_bytes()
+    # an edge holds accepted updates for its parent: it keeps trying it for as long as it runs
     link = ParentLink(str(d["parent"]), ClientKey.load(d["edge_key"]), sorted(serves), ca=ca,
-                      insecure=insecure)  # fmt: skip
+                      insecure=insecure, retry_for=math.inf)  # fmt: skip
 
     async def run() -> EdgeResult:
         server = EdgeServer(engine, keyring, opts, link, edges=edges, serves=serves)

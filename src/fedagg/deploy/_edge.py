@@ -53,7 +53,7 @@ from fedagg.core.tree import LeafThenMean
 from fedagg.core.update import Update
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
-from fedagg.deploy._client import PROTOCOL, Client, ClientError, upload_chunks
+from fedagg.deploy._client import _RETRY, PROTOCOL, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, TaskInfo, _Ctx
 from fedagg.deploy._partial import (
@@ -485,13 +485,21 @@ class EdgeServer(Server):
 
     async def _send(self, fwd: Forward) -> None:
         await self._linked.wait()
-        try:
-            reply = await self.link.push_forward(fwd)
-            log.info("forwarded %d jobs of version %d%s", len(fwd.jobs), fwd.version,
-                     " (duplicate)" if reply.duplicate else "")  # fmt: skip
-        except ClientError as e:  # refused for good: the parent dropped these jobs
-            log.warning("parent refused %d jobs of version %d: %s", len(fwd.jobs),
-                        fwd.version, e.message)  # fmt: skip
+        while True:
+            try:
+                reply = await self.link.push_forward(fwd)
+                log.info("forwarded %d jobs of version %d%s", len(fwd.jobs), fwd.version,
+                         " (duplicate)" if reply.duplicate else "")  # fmt: skip
+                break
+            except ClientError as e:
+                if e.code in _RETRY:  # the parent is away: keep the updates, try again
+                    log.warning("forward of version %d: %s; retrying", fwd.version, e.message)
+                    await asyncio.sleep(1.0)
+                    continue
+                # refused for good (the parent dropped these jobs): nothing to count them in
+                log.warning("parent refused %d jobs of version %d: %s", len(fwd.jobs),
+                            fwd.version, e.message)  # fmt: skip
+                break
         crash_point("edge-forwarded")
         keys = [(c, j) for c, j, _, _ in fwd.jobs] + list(fwd.dropped)
         for c, j in keys:
