@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fedagg
 from fedagg.deploy import TaskContext, config_trainer, make_certs
 from fedagg.sim._config import load_config, resolve_config
 from fedagg.sim._run import build_data, build_model, build_strategy
@@ -105,21 +106,27 @@ def test_three_level_tree_equals_the_flat_fold_bitwise_with_float64(
 
 
 def test_three_level_tree_with_float32_is_within_the_documented_bound(tmp_path: Path) -> None:
-    """One round, float32 sums: the tree's model and the flat one's differ by at most the
-    recursive-summation bound of each, 2 * gamma_{n-1} * sum|w x| / W per coordinate (plus
-    the final roundings), computed here from the clients' actual updates."""
-    flat = _flat(tmp_path / "flat", "float32", rounds=1)
+    """One round, float32 sums: the tree's model and a flat fold of the same four updates (done
+    here, in job order, by the config's own strategy) differ by at most the recursive-summation
+    bound of each, 2 * gamma_{n-1} * sum|w x| / W per coordinate (plus the final roundings),
+    computed from the clients' actual updates (training is deterministic per job)."""
     tree, _, config = _run_tree(tmp_path / "tree", "float32", rounds=1)
     cfg = resolve_config(load_config(config))
     fd = build_data(cfg, 0)
-    x0 = build_strategy(cfg).init(build_model(cfg, fd).init(0))
+    strategy = build_strategy(cfg)
+    x0 = strategy.init(build_model(cfg, fd).init(0))
     train = config_trainer(cfg)
     spec = x0.spec
+    agg = strategy.begin(x0)
     abs_sum, weight = np.zeros(spec.size), 0.0
     for i in range(CLIENTS):  # round 0: all 4 clients, sorted, get jobs 0..3
         r = train(spec.unflatten(x0.params.copy()), TaskContext(i, 0, 1, 0, i, f"c{i}"))
-        abs_sum += r.num_examples * np.abs(spec.as_flat(r.delta).astype(np.float64))
+        delta = spec.as_flat(r.delta)
+        strategy.aggregator.fold(agg, fedagg.Update(delta=delta, weight=r.num_examples,
+                                                    base_version=0))  # fmt: skip
+        abs_sum += r.num_examples * np.abs(delta.astype(np.float64))
         weight += r.num_examples
+    flat = np.asarray(strategy.apply(x0, agg).params)
     u = 2.0**-24
     gamma = (CLIENTS - 1) * u / (1 - (CLIENTS - 1) * u)
     bound = 2 * gamma * abs_sum / weight + 4 * u * (np.abs(flat) + np.abs(tree))
