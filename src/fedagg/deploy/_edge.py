@@ -55,7 +55,7 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._client import _RETRY, PROTOCOL, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._fed import Effects, TaskInfo, _Ctx
+from fedagg.deploy._fed import Effects, TaskInfo, _Ctx, task_problem
 from fedagg.deploy._partial import (
     accumulator_of,
     load_partial,
@@ -187,14 +187,7 @@ class EdgeEngine:
         return self.models.get(version)
 
     def task_problem(self, client: int, job: int, version: int) -> str | None:
-        task = self.tasks.get(job)
-        if task is None:
-            return "unknown"
-        if task.client != client:
-            return "denied"
-        if task.version != version:
-            return "version"
-        return None
+        return task_problem(self.tasks, client, job, version)
 
     def ready(self) -> bool:
         return self.synced

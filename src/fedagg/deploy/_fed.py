@@ -101,6 +101,19 @@ class Effects:
         self.min_open_job = max(self.min_open_job, other.min_open_job)
 
 
+def task_problem(tasks: dict[int, TaskInfo], client: int, job: int, version: int) -> str | None:
+    """Why (client, job, version) is not an open task of that client in ``tasks``:
+    ``"unknown"``, ``"denied"`` (another client's), ``"version"``; None if it is."""
+    task = tasks.get(job)
+    if task is None:
+        return "unknown"
+    if task.client != client:
+        return "denied"
+    if task.version != version:
+        return "version"
+    return None
+
+
 # -- canonical fold order ------------------------------------------------------------------------
 @register
 @dataclass(eq=False)
@@ -359,14 +372,7 @@ class Federation:
     def task_problem(self, client: int, job: int, version: int) -> str | None:
         """Why (client, job, version) is not an open task of that client, without asking the
         log (safe from the server's event loop): ``"unknown"``, ``"denied"``, ``"version"``."""
-        task = self.tasks.get(job)
-        if task is None:
-            return "unknown"
-        if task.client != client:
-            return "denied"
-        if task.version != version:
-            return "version"
-        return None
+        return task_problem(self.tasks, client, job, version)
 
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
         """Make a batch of events durable, in one transaction (see :meth:`Store.log_batch`)."""
