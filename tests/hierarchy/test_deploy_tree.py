@@ -135,42 +135,50 @@ def test_three_level_tree_with_float32_is_within_the_documented_bound(tmp_path: 
     assert not np.array_equal(tree, x0.params)  # a round was applied
 
 
-def test_edges_killed_mid_round_lose_nothing_and_the_root_neither_double_counts_nor_stalls(
+def test_a_tree_killed_everywhere_mid_round_loses_nothing_and_counts_everything_once(
     tmp_path: Path, flat64: np.ndarray
 ) -> None:
-    """Both edges are SIGKILLed in the first round, at two different points, and restarted:
+    """The root and both edges are SIGKILLed in the first round, each at its own point, and
+    restarted:
 
     * edge-a right after logging its first client upload (accepted, its acknowledgement
       maybe not sent, not forwarded): on restart it must re-fold it from its own spool and
       forward it (the client's retry is acknowledged as a duplicate);
     * edge-b right after its parent acknowledged its first partial, before it recorded that:
-      on restart it re-sends the partial, and the root must not count it twice.
+      on restart it re-sends the partial, and the root must not count it twice;
+    * the root right after logging its second batch of events (a partial, not yet
+      acknowledged): the edge keeps retrying it while the root is down, and the restarted
+      root replays its log.
     """
     with tree_context(tmp_path / "tree", parents={"edge-a": "root", "edge-b": "root"},
                       serves={"edge-a": [0, 1], "edge-b": [2, 3]},
                       **_kw("float64")) as tree:  # type: ignore[arg-type]  # fmt: skip
-        r = start_node(tree, "root")
-        wait_node(tree, "root", r)
-        a = start_node(tree, "edge-a", env={"FEDAGG_CRASH_AT": "edge-logged:1"})
-        b = start_node(tree, "edge-b", env={"FEDAGG_CRASH_AT": "edge-forwarded:1"})
+        crash = {"root": "logged:2", "edge-a": "edge-logged:1", "edge-b": "edge-forwarded:1"}
+        procs = {"root": start_node(tree, "root", env={"FEDAGG_CRASH_AT": crash["root"]})}
+        wait_node(tree, "root", procs["root"])
+        for name in ("edge-a", "edge-b"):
+            procs[name] = start_node(tree, name, env={"FEDAGG_CRASH_AT": crash[name]})
         clients = [start_tree_client(tree, i) for i in range(CLIENTS)]
-        restarted = []
-        deadline = time.monotonic() + 120
-        for name, p in (("edge-a", a), ("edge-b", b)):
-            while p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert p.returncode == -9, node_log(tree, name)
-            restarted.append(start_node(tree, name))
-        finish(tree, r, [*restarted, *clients])
+        again: dict[str, subprocess.Popen[bytes]] = {}
+        deadline = time.monotonic() + 150
+        while len(again) < 3 and time.monotonic() < deadline:
+            for name, p in procs.items():
+                if name not in again and p.poll() is not None:
+                    assert p.returncode == -9, node_log(tree, name)
+                    again[name] = start_node(tree, name)
+            time.sleep(0.1)
+        assert len(again) == 3, {n: p.poll() for n, p in procs.items()}
+        finish(tree, again["root"], [again["edge-a"], again["edge-b"], *clients])
         model = np.asarray(tree.fed.final().params)
         with sqlite3.connect(tree.fed.state / "state.db") as con:
             uploads = con.execute("SELECT count(*) FROM uploads").fetchone()[0]
             folded = [row[0] for row in con.execute("SELECT folded FROM rounds ORDER BY round")]
-        log_a, log_b = node_log(tree, "edge-a"), node_log(tree, "edge-b")
+        logs = {n: node_log(tree, n) for n in ("root", "edge-a", "edge-b")}
     assert uploads == 2 * CLIENTS  # every update accepted exactly once
     assert folded == [CLIENTS] * 2
-    assert re.search(r"[1-9]\d* events replayed", log_a), log_a  # re-folded from its spool
-    assert "(duplicate)" in log_b, log_b  # re-sent, acknowledged, not counted again
+    assert re.search(r"[1-9]\d* events replayed", logs["edge-a"]), logs["edge-a"]
+    assert "(duplicate)" in logs["edge-b"], logs["edge-b"]  # re-sent, not counted again
+    assert re.search(r"[1-9]\d* events replayed", logs["root"]), logs["root"]
     assert np.array_equal(model, flat64)
 
 
