@@ -122,6 +122,9 @@ def make_fed(
 def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("FEDAGG_CRASH_AT", None)
+    # the processes under test cache their bytecode as Python does by default (a shell that
+    # turned that off would make each of the suite's ~100 process starts recompile fedagg)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
     env.update(extra or {})
     return env
