@@ -379,7 +379,7 @@ class ParentLink(Client):
         buffers: list[memoryview] = []
         if fwd.relay is not None:
             u = fwd.relay
-            data = np.fromfile(u.path, dtype=np.uint8)
+            data = np.memmap(u.path, dtype=np.uint8, mode="r")  # streamed from the page cache
             buffers = [data.data.cast("B")]
             head.task, head.weight, head.relay, head.on_behalf = u.job, u.weight, True, u.client
             head.metrics.update(u.metrics)

@@ -759,11 +759,11 @@ class Server:
             self._routed(edge, c)
         if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weights must be finite and > 0")
-        seen = [
-            k in self._accepted
-            or await loop.run_in_executor(self._ex, self.fed.store.has_upload, *k)
-            for k in keys
-        ]
+        fresh = [k for k in keys if k not in self._accepted]
+        logged = await loop.run_in_executor(  # one trip to the engine thread, not one per job
+            self._ex, lambda: {k for k in fresh if self.fed.store.has_upload(*k)}
+        )
+        seen = [k not in fresh or k in logged for k in keys]
         if all(seen):
             async for _ in it:
                 pass
