@@ -78,15 +78,39 @@ def centered_clipping(x: Arr, tau: float, iters: int, v0: Arr | None = None) -> 
     return v
 
 
-def flag(x: Arr, m: int, lam: float = 0.0, iters: int = 3, eps: float = 1e-7) -> Arr:
-    """IRLS with explicit (n x columns) matrices and SVDs, from weights 1."""
+def flag_weights(y: Arr, g: Arr, lam: float, eps: float) -> tuple[float, Arr, Arr]:
+    """The objective at subspace ``y`` and the reference's IRLS weights, one pair at a time."""
+    p = g.shape[1]
+    r = ((y.T @ g) ** 2).sum(0)
+    sin2 = np.abs(1 - r)
+    obj = float(np.sqrt(sin2).sum())
+    a = (sin2 + eps) ** -0.25
+    b = np.zeros((p, p))
+    if lam > 0:
+        scale = lam / (p * (p - 1))
+        for i in range(p):
+            for j in range(p):
+                if i != j:
+                    dr = float(((y.T @ (g[:, i] - g[:, j])) ** 2).sum())
+                    obj += scale * np.sqrt(abs(1 - dr))
+                    b[i, j] = scale * (abs(1 - dr) + eps) ** -0.25
+    return obj, a, b
+
+
+def flag(
+    x: Arr, m: int, lam: float = 0.0, iters: int = 3, eps: float = 1e-7, start: Arr | None = None
+) -> Arr:
+    """IRLS with explicit (n x columns) matrices and SVDs. The first weights come from the
+    orthonormal ``start`` (n x m) as in the reference code (which draws it at random); by
+    default from a subspace orthogonal to every update (``Y0^T g = 0``), the limit of a random
+    start in high dimension."""
     norms = np.linalg.norm(x, axis=1)
     keep = norms > 0
     g = (x[keep] / norms[keep, None]).T  # n x p
     p = g.shape[1]
     m = min(m, p)
-    a = np.ones(p)
-    b = np.zeros((p, p))
+    y0 = np.zeros((g.shape[0], m)) if start is None else start
+    _, a, b = flag_weights(y0, g, lam, eps)
     best = None
     for _ in range(iters):
         cols = [a[i] * g[:, i] for i in range(p)]
@@ -94,19 +118,7 @@ def flag(x: Arr, m: int, lam: float = 0.0, iters: int = 3, eps: float = 1e-7) ->
         mat = np.stack(cols, axis=1)
         u, sv, _ = np.linalg.svd(mat, full_matrices=False)
         y = u[:, :m][:, sv[:m] > sv.max() * 1e-6]
-        r = ((y.T @ g) ** 2).sum(0)
-        sin2 = np.abs(1 - r)
-        obj = float(np.sqrt(sin2).sum())
-        a = (sin2 + eps) ** -0.25
-        b = np.zeros((p, p))
-        if lam > 0:
-            scale = lam / (p * (p - 1))
-            for i in range(p):
-                for j in range(p):
-                    if i != j:
-                        dr = float(((y.T @ (g[:, i] - g[:, j])) ** 2).sum())
-                        obj += scale * np.sqrt(abs(1 - dr))
-                        b[i, j] = scale * (abs(1 - dr) + eps) ** -0.25
+        obj, a, b = flag_weights(y, g, lam, eps)
         if best is not None and best[0] - obj <= 1e-10:
             if obj < best[0]:
                 best = (obj, y)

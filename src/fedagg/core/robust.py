@@ -12,8 +12,12 @@ and reads them back in *coordinate blocks* of bounded size:
   iterate is a combination of the updates), and one last pass forms the result.
 
 So memory is O(n**2 + n * block) beyond the store whatever the model size, and the store
-streams. Every rule reads the same blocks in the same order whatever the store, so a spooled
-result equals the in-memory one bit for bit.
+streams. Every rule reads the same blocks in the same order whatever the store, and the Gram
+matrix is summed over fixed chunks of :data:`GRAM_CHUNK` coordinates whatever the block size,
+so a spooled or blocked result equals the in-memory one bit for bit. Rankings (Krum,
+Multi-Krum, Bulyan) do not hinge on the last bits of those sums, which BLAS kernels, thread
+counts and CPUs round differently: scores within :data:`TIE_RTOL` of the best are ties, won by
+the earliest folded update, so the same updates give the same picks on every machine.
 
 Updates are unweighted here (each client one vote), except RFA, which uses ``alpha_i = n_i /
 sum n`` as its reference code does. A pre-transform's ``Update.scale`` (clipping) is applied
@@ -39,6 +43,8 @@ from fedagg.core.update import Update
 from fedagg.errors import ConfigError, EmptyAggregate, NonFiniteUpdate, StateError, TooFewUpdates
 
 __all__ = [
+    "GRAM_CHUNK",
+    "TIE_RTOL",
     "Bulyan",
     "CenterWeight",
     "CenteredClipping",
@@ -46,6 +52,7 @@ __all__ = [
     "CoordinateMedian",
     "FlagAggregator",
     "GeometricMedian",
+    "Gram",
     "Krum",
     "MemoryStore",
     "RowStore",
@@ -60,9 +67,12 @@ __all__ = [
     "flag_aggregator",
     "geometric_median",
     "gram",
+    "gram_sum",
     "krum",
+    "krum_pick",
     "median",
     "multi_krum",
+    "pick_best",
     "trimmed_mean",
     "weiszfeld_step",
 ]
@@ -287,41 +297,151 @@ class _Spooled:
             out[c0:c1] = (blk * c).sum(axis=0)
         return out
 
-    def _gram(self, state: SpoolState, extra: Arr | None = None) -> F64:
+    def _gram(self, state: SpoolState, extra: Arr | None = None, *, centre: bool = True) -> Gram:
         """The Gram matrix of the scaled updates (and of ``extra``, as a last row)."""
-        return gram(self._blocks(state), extra)
+        return gram_sum(self._blocks(state), extra, centre=centre)
+
+
+#: Coordinates per Gram chunk. Every distance-based rule sums its Gram matrix over chunks of
+#: exactly these columns (aligned to absolute coordinates), in chunk order, whatever the I/O
+#: block size or store: the grouping of the float64 sums is fixed by the model size alone.
+GRAM_CHUNK = 4096
+
+#: Ranking rules (Krum, Multi-Krum, Bulyan's selection, SketchKrum) treat scores within
+#: ``TIE_RTOL * (best + scale)`` of the best as tied, and take the earliest folded update
+#: among them (job order; the canonical order in a deployment with ``order = "canonical"``).
+#: ``scale`` is the rounding scale of a score: ``k`` times the median centred squared norm of
+#: the updates (``k`` distances are summed). Rounding differences between BLAS kernels,
+#: thread counts and CPUs are ~1e-13 of that scale, far inside the tolerance, so the picks do
+#: not hinge on the last bits of a sum.
+TIE_RTOL = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Gram:
+    """A Gram matrix accumulated over fixed coordinate chunks, each chunk centred on its own
+    column means: ``X X^T = centred + u 1^T + 1 u^T + s``.
+
+    Distances depend only on ``centred`` (the cross terms cancel exactly), so
+    :meth:`sq_dists` never sees the cancellation of a large common component, and its result
+    is exactly symmetric: two updates that are each other's nearest neighbour get bit-equal
+    distances (an exact tie stays a tie)."""
+
+    centred: F64
+    u: F64
+    s: float
+
+    def full(self) -> F64:
+        """``X X^T`` (float64)."""
+        out: F64 = self.centred + (self.u[:, None] + self.u[None, :]) + self.s
+        return out
+
+    def sq_dists(self) -> F64:
+        """Squared pairwise distances (exactly symmetric, zero on the diagonal)."""
+        g = self.centred
+        diag = np.diag(g)
+        out: F64 = np.maximum((diag[:, None] + diag[None, :]) - 2.0 * g, 0.0)
+        np.fill_diagonal(out, 0.0)
+        return out
+
+    def spread(self) -> float:
+        """The median centred squared norm: the scale of the distances' rounding errors."""
+        return float(np.median(np.diag(self.centred)))
+
+
+class _GramAcc:
+    """Accumulates ``Gram`` over :data:`GRAM_CHUNK`-column chunks from blocks of any width."""
+
+    def __init__(self, centre: bool) -> None:
+        self.centre = centre
+        self.g: F64 | None = None
+        self.u: F64 | None = None
+        self.s = 0.0
+        self.pend: F64 | None = None
+        self.fill = 0
+
+    def add(self, x: F64) -> None:
+        """The next columns (in coordinate order) of every row."""
+        k = x.shape[1]
+        pos = 0
+        while pos < k:
+            if self.fill == 0 and k - pos >= GRAM_CHUNK:
+                self._chunk(x[:, pos : pos + GRAM_CHUNK])
+                pos += GRAM_CHUNK
+                continue
+            if self.pend is None:
+                self.pend = np.empty((len(x), GRAM_CHUNK))
+            take = min(GRAM_CHUNK - self.fill, k - pos)
+            self.pend[:, self.fill : self.fill + take] = x[:, pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == GRAM_CHUNK:
+                self._chunk(self.pend)
+                self.fill = 0
+
+    def _chunk(self, x: F64) -> None:
+        if self.g is None:
+            self.g = np.zeros((len(x), len(x)))
+            self.u = np.zeros(len(x))
+        assert self.u is not None
+        if self.centre:
+            mu = x.mean(axis=0)
+            xc = x - mu  # a fresh C-contiguous array: BLAS sees the same input whatever x was
+            self.g += xc @ xc.T
+            self.u += xc @ mu
+            self.s += float(mu @ mu)
+        else:
+            xc = np.ascontiguousarray(x)
+            self.g += xc @ xc.T
+
+    def result(self) -> Gram:
+        if self.fill:
+            assert self.pend is not None
+            self._chunk(self.pend[:, : self.fill])
+            self.fill = 0
+        if self.g is None:
+            raise EmptyAggregate("no coordinates")
+        assert self.u is not None
+        return Gram(self.g, self.u, self.s)
+
+
+def gram_sum(
+    blocks: Iterable[tuple[int, int, F64]], extra: Arr | None = None, *, centre: bool = True
+) -> Gram:
+    """The :class:`Gram` of the rows delivered block by block (blocks of any width, in
+    coordinate order), plus ``extra`` as a last row. ``centre=False`` sums the plain products
+    (then ``centred`` is ``X X^T`` itself: an all-zero row has an exactly zero norm)."""
+    acc = _GramAcc(centre)
+    for c0, c1, blk in blocks:
+        acc.add(blk if extra is None else np.vstack([blk, extra[c0:c1].astype(np.float64)]))
+    return acc.result()
 
 
 def gram(blocks: Iterable[tuple[int, int, F64]], extra: Arr | None = None) -> F64:
     """``X X^T`` (float64) of the rows delivered block by block, plus ``extra`` as a last row.
 
-    Each block is centred on its own column means before its product, and the cross terms
-    added back: inner products are exact sums of the same float64 products, but the centred
-    part (what distances depend on) does not lose its digits to a large common component.
-    """
-    g: F64 | None = None
-    u: F64 | None = None
-    s = 0.0
-    for c0, c1, blk in blocks:
-        x = blk if extra is None else np.vstack([blk, extra[c0:c1].astype(np.float64)])
-        mu = x.mean(axis=0)
-        xc = x - mu
-        if g is None:
-            g = np.zeros((len(x), len(x)))
-            u = np.zeros(len(x))
-        assert u is not None
-        g += xc @ xc.T
-        u += xc @ mu
-        s += float(mu @ mu)
-    if g is None:
-        raise EmptyAggregate("no coordinates")
-    assert u is not None
-    return g + u[:, None] + u[None, :] + s
+    Each fixed chunk of :data:`GRAM_CHUNK` coordinates is centred on its own column means
+    before its product, and the cross terms added back: inner products are sums of the same
+    float64 products, but the centred part (what distances depend on) does not lose its digits
+    to a large common component. The grouping depends on the model size only, not on the
+    blocks."""
+    return gram_sum(blocks, extra).full()
 
 
-def _sq_dists(g: F64) -> F64:
-    diag = np.diag(g)
-    return np.maximum(diag[:, None] + diag[None, :] - 2.0 * g, 0.0)
+def pick_best(scores: F64, m: int, scale: float = 0.0) -> list[int]:
+    """The indices of the ``m`` lowest ``scores``, in the order picked: each pick is the
+    earliest index whose score is within ``TIE_RTOL * (best + scale)`` of the lowest score
+    left (see :data:`TIE_RTOL`)."""
+    left = np.arange(len(scores))
+    out: list[int] = []
+    for _ in range(min(m, len(scores))):
+        s = scores[left]
+        lo = float(s.min())
+        tied = np.flatnonzero(s <= lo + TIE_RTOL * (lo + scale))
+        i = int(left[tied[0]])
+        out.append(i)
+        left = left[left != i]
+    return out
 
 
 def _need(state: SpoolState, n_min: int, rule: str) -> int:
@@ -399,7 +519,8 @@ class TrimmedMean(_Spooled):
 
 def _krum_scores(d2: F64, alive: Sequence[int], f: int) -> F64:
     """Krum's score of each alive update: the sum of its ``n - f - 2`` smallest squared
-    distances to the other alive updates."""
+    distances to the other alive updates (summed smallest first: equal multisets of
+    distances give bit-equal scores)."""
     sub = d2[np.ix_(alive, alive)]
     n = len(alive)
     k = n - f - 2
@@ -409,12 +530,21 @@ def _krum_scores(d2: F64, alive: Sequence[int], f: int) -> F64:
     return out
 
 
+def krum_pick(d2: F64, alive: Sequence[int], f: int, m: int, spread: float = 0.0) -> list[int]:
+    """The ``m`` alive updates with the best Krum scores, ties (:data:`TIE_RTOL`) going to the
+    earliest; ``spread`` is the distances' rounding scale (:meth:`Gram.spread`)."""
+    k = max(0, len(alive) - f - 2)
+    best = pick_best(_krum_scores(d2, alive, f), m, k * spread)
+    return [alive[i] for i in best]
+
+
 @dataclass(frozen=True, slots=True)
 class Krum(_Spooled):
     """Krum (Blanchard et al. 2017) and Multi-Krum: score each update by the sum of its
     ``n - f - 2`` smallest squared distances to the others; return the best one (``m = 1``)
     or the plain mean of the ``m`` best (Multi-Krum, scored once). Needs ``n >= 2f + 3``.
-    Distances come from the Gram matrix (one pass over the updates)."""
+    Distances come from the Gram matrix (one pass over the updates); ties within
+    :data:`TIE_RTOL` go to the earliest folded update."""
 
     f: int = 0
     m: int = 1
@@ -427,9 +557,8 @@ class Krum(_Spooled):
     def select(self, state: SpoolState) -> list[int]:
         """The indices (in fold order) of the selected updates."""
         n = _need(state, 2 * self.f + 3, "Krum")
-        scores = _krum_scores(_sq_dists(self._gram(state)), list(range(n)), self.f)
-        order = np.argsort(scores, kind="stable")
-        return sorted(order[: min(self.m, n)].tolist())
+        g = self._gram(state)
+        return sorted(krum_pick(g.sq_dists(), range(n), self.f, self.m, g.spread()))
 
     def finalize_flat(self, state: SpoolState) -> Arr:
         chosen = self.select(state)
@@ -449,13 +578,13 @@ class Bulyan(_Spooled):
 
     def select(self, state: SpoolState) -> list[int]:
         n = _need(state, 4 * self.f + 3, "Bulyan")
-        d2 = _sq_dists(self._gram(state))
+        g = self._gram(state)
+        d2, spread = g.sq_dists(), g.spread()
         alive = list(range(n))
         chosen: list[int] = []
         for _ in range(n - 2 * self.f):
             f = min(self.f, max(0, len(alive) - 3))  # Krum over the remaining candidates
-            scores = _krum_scores(d2, alive, f)
-            pick = alive[int(np.argmin(scores))]
+            (pick,) = krum_pick(d2, alive, f, 1, spread)
             chosen.append(pick)
             alive.remove(pick)
         return sorted(chosen)
@@ -521,7 +650,7 @@ class GeometricMedian(_Spooled):
 
     def finalize_flat(self, state: SpoolState) -> Arr:
         _need(state, 1, "the geometric median")
-        coef = self.coefficients(self._gram(state), state.weights)
+        coef = self.coefficients(self._gram(state).full(), state.weights)
         return self._combine(state, coef)
 
 
@@ -559,7 +688,7 @@ class CenteredClipping(_Spooled):
         v0 = state.center
         if v0 is None:
             v0 = np.zeros(state.spec.size, state.spec.dtype)
-        coef = self.coefficients(self._gram(state, v0))
+        coef = self.coefficients(self._gram(state, v0).full())
         out = self._combine(state, coef[:n])
         if coef[n] != 0.0:
             out += (coef[n] * v0.astype(np.float64)).astype(state.spec.dtype)
@@ -578,11 +707,16 @@ class FlagAggregator(_Spooled):
     ``sum_i sqrt(1 - ||Y^T g_i||^2)`` plus ``lam`` times the pairwise term), then
     ``(1/m) Y Y^T sum_i g_i``.
 
-    Everything runs on the p x p Gram matrix: the scatter matrix is ``G (diag(a^2) + L) G^T``
-    with L the Laplacian of the pairwise weights, so an IRLS step is a p x p eigenproblem,
-    O(n p^2 + p^3) for any ``lam``. The first weights are all 1 (what the reference's random
-    start gives in high dimension), and the result is always an SVD result, never a start.
-    Zero updates are left out (they have no direction). ``m`` defaults to ``ceil(p / 2)``.
+    Everything runs on the p x p Gram matrix (plain products, not centred: angles need each
+    inner product to its own relative precision): the scatter matrix is
+    ``G (diag(a^2) + L) G^T`` with L the Laplacian of the pairwise weights, so an IRLS step is
+    a p x p eigenproblem, O(n p^2 + p^3) for any ``lam``. The first weights are those the
+    reference's random start ``Y0`` gives in high dimension, where ``||Y0^T g||^2 = 0``:
+    ``a_i = (1 + eps)^(-1/4)`` and ``b_ij = lam / (p (p - 1)) (1 + eps)^(-1/4)``, so ``lam``
+    acts from the first step; the result is always an SVD result, never a start. Updates
+    whose scaled values are all zero are left out (they have no direction; their norm is
+    exactly 0). ``m`` defaults to ``ceil(p / 2)`` (the reference's scripts: p=7 -> 4,
+    p=15 -> 8).
     ``norm="unit"`` returns the reference's aggregate of unit vectors; ``"median"`` rescales
     it by the median update norm, so it is a delta on the updates' scale.
     """
@@ -612,8 +746,7 @@ class FlagAggregator(_Spooled):
         p = len(keep)
         k = g[np.ix_(keep, keep)] / np.outer(norms[keep], norms[keep])  # unit-vector Gram
         m = min(self.m if self.m is not None else -(-p // 2), p)
-        a = np.ones(p)
-        b = np.zeros((p, p))
+        a, b = self._start(p)
         best: tuple[float, F64] | None = None
         for _ in range(self.iters):
             proj = self._projector(k, a, b, m)  # P with ||Y^T G e||^2 = e^T K P K e
@@ -633,6 +766,16 @@ class FlagAggregator(_Spooled):
         if self.norm == "median":
             coef *= float(np.median(norms[keep]))
         return coef, m
+
+    def _start(self, p: int) -> tuple[F64, F64]:
+        """The first IRLS weights: the reference's, at a start orthogonal to every update."""
+        w0 = (1.0 + self.eps) ** -0.25
+        a = np.full(p, w0)
+        b = np.zeros((p, p))
+        if self.lam > 0 and p > 1:
+            b[...] = self.lam / (p * (p - 1)) * w0
+            np.fill_diagonal(b, 0.0)
+        return a, b
 
     def _projector(self, k: F64, a: F64, b: F64, m: int) -> F64:
         """``Q`` (p x p) such that ``Y Y^T = G Q G^T`` for the top-m eigenvectors Y of the
@@ -671,7 +814,7 @@ class FlagAggregator(_Spooled):
 
     def finalize_flat(self, state: SpoolState) -> Arr:
         _need(state, 1, "the Flag Aggregator")
-        coef, _ = self.coefficients(self._gram(state))
+        coef, _ = self.coefficients(self._gram(state, centre=False).full())
         return self._combine(state, coef)
 
 

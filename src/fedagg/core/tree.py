@@ -37,7 +37,7 @@ from fedagg.core.aggregate import (
     PreTransform,
     check_update,
 )
-from fedagg.core.robust import _krum_scores, distance_to
+from fedagg.core.robust import distance_to, krum_pick
 from fedagg.core.spec import ArrayTree, Delta, ParamSpec
 from fedagg.core.update import Update
 from fedagg.errors import (
@@ -993,9 +993,11 @@ class SketchKrum:
             raise TooFewUpdates(f"Krum needs at least {2 * self.f + 3} updates, got {n}")
         if len(set(state.clients)) != n:
             raise StateError("SketchKrum needs unique client ids to select by id")
-        scores = _krum_scores(self.sketch_sq_dists(state), list(range(n)), self.f)
-        order = np.argsort(scores, kind="stable")
-        return [state.clients[i] for i in sorted(order[: min(self.m, n)].tolist())]
+        y = np.array(state.rows).reshape(n, self.k)
+        yc = y - y.mean(axis=0)
+        spread = float(np.median(np.einsum("ij,ij->i", yc, yc)))  # the sketches' rounding scale
+        chosen = krum_pick(self.sketch_sq_dists(state), range(n), self.f, self.m, spread)
+        return [state.clients[i] for i in sorted(chosen)]
 
     def second_pass(self, selected: Iterable[str]) -> MaskedMean:
         """The monoid of pass 2: the mean of the selected clients' updates."""
