@@ -14,7 +14,9 @@ Min-Max / Min-Sum directions for CC / CM / Krum, ALIE with the paper's z, and a 
 how far ALIE moves the coordinate median.
 
 R6: p = 15 clients, f = 3 sending U[0,1)^d (``random``), FA (m = 8, lambda = 0) against the
-mean, the fault-free mean and CM / Krum / Multi-Krum / Bulyan.
+mean, the fault-free mean and CM / Krum / Multi-Krum / Bulyan; and the paper's lambda sweep
+(p = 7, f = 1, m = 4, lambda in {0, 1, 2, 4, ..., 64}). ``--only r6`` reruns just these and
+merges them into an existing results.json.
 
 Writes ``results/results.md``, ``results/results.json`` and PNG plots.
 
@@ -54,6 +56,8 @@ LR_SWEEP = (0.1, 0.3, 0.5)
 R6_P, R6_F, R6_M = 15, 3, 8
 R6_RULES = ("Mean (fault-free)", "Mean", "FA", "FA unit", "FA 1 IRLS", "CM", "Krum", "MKrum",
             "Bulyan")  # fmt: skip
+# the paper's lambda sweep: p = 7, f = 1, m = 4, lambda in {0, 1, 2, 4, ..., 64}
+LAM_P, LAM_F, LAMBDAS = 7, 1, (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 LAST = 3  # final accuracy = mean of the last LAST evaluations
 
 
@@ -163,6 +167,8 @@ def make_rule(rule: str, n: int, f: int, tau: float) -> Any:
         "FA unit": lambda: A.flag_aggregator(m_fa, 0.0, norm="unit"),
         "FA 1 IRLS": lambda: A.flag_aggregator(m_fa, 0.0, norm="median", iters=1),
     }
+    if rule.startswith("FA lam="):  # the lambda sweep
+        return A.flag_aggregator(m_fa, float(rule.split("=")[1]), norm="median")
     return rules[rule]()
 
 
@@ -315,11 +321,11 @@ def plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str,
     for b in (0.0,) if q else BETAS:
         tasks += [base(args, "lr", rule="Mean", attack="none", beta=b, lr=lr)
                   for lr in LR_SWEEP if lr != args.lr]  # fmt: skip
-        for rule in ("Mean", "FA") if q else R6_RULES:
-            tasks.append(base(args, "r6", rule=rule, attack="random", beta=b, n=R6_P, f=R6_F))
         for rule in ("CM",) if q else ALIE_PAPER_RULES:
             if rule != "CC":
                 tasks.append(base(args, "alie_paper", rule=rule, attack="ALIE", beta=b, z="paper"))
+    tasks += [t for t in r6_tasks(args)
+              if not q or (t["rule"] in ("Mean", "FA") and t["exp"] == "r6")]  # fmt: skip
     for b in (0.0,):
         for rule in ("CM",) if q else DIR_RULES:
             if rule == "CC":
@@ -327,6 +333,40 @@ def plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str,
             tasks += [base(args, "dir", rule=rule, attack=a, beta=b, direction=d)
                       for a in ("MinMax", "MinSum") for d in ("sign", "std")]  # fmt: skip
     return tasks, sweep
+
+
+def r6_tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """R6 and the lambda sweep."""
+    tasks = [base(args, "r6", rule=rule, attack="random", beta=b, n=R6_P, f=R6_F)
+             for b in BETAS for rule in R6_RULES]  # fmt: skip
+    tasks += [base(args, "r6_lambda", rule=f"FA lam={lam:g}", lam=lam, attack="random", beta=b,
+                   n=LAM_P, f=LAM_F) for b in BETAS for lam in LAMBDAS]  # fmt: skip
+    tasks += [base(args, "r6_lambda", rule=rule, attack="random", beta=b, n=LAM_P, f=LAM_F)
+              for b in BETAS for rule in ("Mean (fault-free)", "Mean")]  # fmt: skip
+    return tasks
+
+
+def rerun_r6(args: argparse.Namespace) -> int:
+    """Rerun R6 and the lambda sweep; replace them in results.json; rewrite tables and plots."""
+    path = os.path.join(args.out, "results.json")
+    with open(path) as fh:
+        saved = json.load(fh)
+    t0 = time.perf_counter()
+    tasks = r6_tasks(args)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        new = list(pool.map(simulate, sorted(tasks, key=_cost, reverse=True)))
+    for r in new:
+        print(f"{r['exp']:<10} beta={r['beta']:<3} {r['rule']:<17} final {r['final']:.3f}")
+    runs = [r for r in saved["runs"] if r["exp"] not in ("r6", "r6_lambda")] + new
+    meta = saved["meta"]
+    meta["r6_rerun"] = {"command": "python experiments/robust/run.py --only r6",
+                        "commit": _commit(), "wall_s": time.perf_counter() - t0,
+                        "cpu_s": sum(r["cpu_s"] for r in new)}  # fmt: skip
+    with open(path, "w") as fh:
+        json.dump({"meta": meta, "runs": runs}, fh, indent=1)
+    write_markdown(runs, meta, args)
+    plot(runs, meta, args.out)
+    return 0
 
 
 def tau_tasks(args: argparse.Namespace, tau_grad: float) -> list[dict[str, Any]]:
@@ -379,6 +419,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="10 rounds on a subset (smoke test)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--replot", action="store_true", help="rewrite md + plots from results.json")
+    ap.add_argument("--only", choices=("r6",), help="rerun R6 + the lambda sweep only (merged)")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(args.out, "results.json")) as fh:
@@ -390,6 +431,8 @@ def main() -> int:
     if args.quick:
         args.rounds = 10
     args.eval_every = max(1, args.rounds // 20)
+    if args.only == "r6":
+        return rerun_r6(args)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     tasks, sweep = plan(args)
@@ -642,6 +685,29 @@ def write_markdown(results: list[dict[str, Any]], meta: dict[str, Any], args: An
             if r is not None:
                 L.append(f"| {rule} | {b} | {_pct(r['final'])} | "
                          f"{_pct(r['last_half_mean'])} | {_pct(r['last_half_min'])} |")  # fmt: skip
+    L += [
+        "",
+        f"## R6b: the Flag paper's lambda sweep, p = {LAM_P}, f = {LAM_F}, m = "
+        f"{math.ceil(LAM_P / 2)}, random attack",
+        "",
+        'FA with norm "median", 3 IRLS iterations; lambda weighs the pairwise term '
+        "lambda / (p (p - 1)) sum_ij sqrt(|1 - ||Y^T (g_i - g_j)||^2|), active from the first "
+        "IRLS step.",
+        "",
+        "| rule | beta | final | last-half mean | last-half min |",
+        "|---|---|---|---|---|",
+    ]
+    for b in BETAS:
+        for rule in ("Mean (fault-free)", "Mean", *(f"FA lam={lam:g}" for lam in LAMBDAS)):
+            r = _find(results, exp="r6_lambda", rule=rule, beta=b)
+            if r is not None:
+                L.append(f"| {rule} | {b} | {_pct(r['final'])} | "
+                         f"{_pct(r['last_half_mean'])} | {_pct(r['last_half_min'])} |")  # fmt: skip
+    if "r6_rerun" in meta:
+        rr = meta["r6_rerun"]
+        L += ["", f"R6 and R6b were rerun with `{rr['command']}` at commit {rr['commit']} "
+              f"({rr['wall_s'] / 60:.1f} min wall); the other tables are from the full "
+              "run."]  # fmt: skip
     errs = [r for r in results if r["error"]]
     if errs:
         L += ["", "## Runs that stopped with an error", ""]
@@ -722,6 +788,29 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "flag_aggregator_r6.png"), dpi=90)
     plt.close(fig)
+
+    lam_runs = [r for r in results if r["exp"] == "r6_lambda"]
+    if lam_runs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, b in enumerate(BETAS):
+            pts = sorted((r["lam"], 100 * r["final"]) for r in lam_runs
+                         if r["beta"] == b and "lam" in r)  # fmt: skip
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot([max(x, 0.5) for x in xs], ys, "o-", color=f"C{i}", label=f"FA, beta={b}")
+            for rule, style in (("Mean (fault-free)", "--"), ("Mean", ":")):
+                r = _find(lam_runs, rule=rule, beta=b)
+                if r is not None and not math.isnan(r["final"]):
+                    ax.axhline(100 * r["final"], ls=style, color=f"C{i}", lw=1,
+                               label=f"{rule}, beta={b}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("lambda (0 plotted at 0.5)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(f"Flag Aggregator lambda sweep, p = {LAM_P}, f = {LAM_F}, random attack")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "flag_lambda_sweep.png"), dpi=90)
+        plt.close(fig)
 
 
 if __name__ == "__main__":
