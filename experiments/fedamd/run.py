@@ -10,8 +10,11 @@ and 0.05), the same for every method:
 * SCAFFOLD: K local steps with control variates (option II, from zero);
 * FedAMD, anchor probability p = 0.2 (the paper's): an initial full-gradient pass over all
   clients, then each sampled client is an anchor (full local gradient, no model update) with
-  probability p, else a miner (K recursive variance-reduced steps seeded with d_t);
-* FedAMD, p = 0.5: an ablation (fresher anchors, fewer miners).
+  probability p, else a miner (K recursive variance-reduced steps seeded with d_t); the server
+  adds the plain mean of the miners' deltas, as the reference code does;
+* FedAMD, p = 0.5: an ablation (fresher anchors, fewer miners);
+* FedAMD, p = 0.2, weights=examples: the miners' deltas weighted by sample count instead
+  (fedagg's rule before the plain mean became the default), for comparison.
 
 Writes ``results/results.md`` (rounds and gradient work to 80/85/90% test accuracy, final
 and tail accuracy, traffic), ``results/results.json`` and the plots
@@ -52,7 +55,7 @@ PARTITIONS = {
     "shards-2": {"partition": "shards", "shards_per_client": 2},
 }
 LRS = (0.01, 0.05)
-METHODS = ("FedAvg", "SCAFFOLD", "FedAMD p=0.2", "FedAMD p=0.5")
+METHODS = ("FedAvg", "SCAFFOLD", "FedAMD p=0.2", "FedAMD p=0.5", "FedAMD p=0.2 weights=examples")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -104,9 +107,12 @@ def build(method: str, lr: float, rounds: int) -> tuple[Any, Any, Any]:
     if method == "SCAFFOLD":
         alg = clients.Scaffold(batch_size=BATCH, lr=lr, steps=STEPS)
         return st, alg, SyncPolicy(st, rounds, PER_ROUND, scaffold=True)
-    p = float(method.split("=")[1])
+    # "FedAMD p=<p>" (the plain mean of the miners, the reference's), or with
+    # " weights=examples" the mean weighted by the miners' sample counts
+    p = float(method.split()[1].removeprefix("p="))
+    weights = "examples" if method.endswith("weights=examples") else "identical"
     alg = clients.FedAMD(steps=STEPS, batch_size=BATCH, lr=lr)
-    return st, alg, sim.FedAMDPolicy(st, rounds, PER_ROUND, anchor_prob=p)
+    return st, alg, sim.FedAMDPolicy(st, rounds, PER_ROUND, anchor_prob=p, weights=weights)
 
 
 def run_one(
@@ -238,7 +244,7 @@ def main() -> int:
                         f"{k}@{'-' if v is None else v['round']}" for k, v in r["to_target"].items()
                     )
                     print(
-                        f"{part:<13} seed {seed} lr {lr:<5} {method:<13} "
+                        f"{part:<13} seed {seed} lr {lr:<5} {method:<29} "
                         f"final {r['final_test_accuracy']:.3f} tail {r['tail_test_accuracy']:.3f}"
                         f"  {hits}  ({r['wall_s']:.1f} s)",
                         flush=True,
@@ -300,7 +306,8 @@ def write_markdown(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -
         "miner step two gradients on its batch, an anchor its whole local set; FedAMD's "
         f"initial pass over all {N} clients is included. Anchor rounds move no model; FedAMD "
         "rounds in which every sampled client became an anchor are counted in *no-update "
-        "rounds*.",
+        "rounds*. FedAMD's server adds the plain mean of its miners' deltas, as the reference "
+        "code does; *weights=examples* weighs them by sample count instead.",
         "",
         f"| split | lr | method | {tcols} | grads to 85% (M) | final acc | mean acc from "
         f"round {FROM} | tail acc "

@@ -8,13 +8,16 @@ unit; lognormal sigma, or Pareto). Both methods keep C clients training:
 
 * sync FedAvg: C clients per round, the round waits for its slowest client;
 * FedBuff: C clients training at once, each reporting client is replaced at once by an idle
-  one (restart on arrival), the server steps every K folded updates, staleness weight
-  s(tau) = 1 / sqrt(1 + tau).
+  one (restart on arrival), the server steps every K folded updates with
+  sum_i s(tau_i) delta_i / K (the paper's Algorithm 1, ``weights="identical"``), staleness
+  weight s(tau) = 1 / sqrt(1 + tau). One sweep row weighs by sample count instead
+  (``weights="examples"``: sum_i s(tau_i) n_i delta_i / sum_i n_i, fedagg's old default).
 
 Both use the same server optimizer (server SGD lr 1 unless a sweep row says otherwise). We
 measure the virtual time (and server steps, client updates) to first reach each target test
 accuracy and the speed-up sync_time / fedbuff_time, for a headline setting and a
-one-factor-at-a-time sweep around it (tail, concurrency, buffer, server optimizer, data split).
+one-factor-at-a-time sweep around it (tail, concurrency, buffer, server optimizer, data split,
+FedBuff's weighting).
 
 Writes ``results/results.md``, ``results/results.json``, ``results/accuracy_vs_time.png``
 (headline setting) and ``results/speedup_sweep.png``.
@@ -64,6 +67,7 @@ class Setting:
     buffer: int = 10
     server: str = "sgd"  # sgd (lr 1), fedavgm, fedadam
     partition: str = "dirichlet"
+    weights: str = "identical"  # FedBuff's: the paper's 1/K, or "examples" (n_i / sum n_j)
 
     def strategy(self) -> Strategy:
         if self.server == "sgd":
@@ -88,6 +92,7 @@ SWEEP = [
     replace(HEADLINE, label="server FedAvgM (lr 1, momentum 0.9)", server="fedavgm"),
     replace(HEADLINE, label="server FedAdam (lr 0.01)", server="fedadam"),
     replace(HEADLINE, label="IID split", partition="iid"),
+    replace(HEADLINE, label="FedBuff weights=examples (n_i; old default)", weights="examples"),
 ]
 
 
@@ -127,7 +132,13 @@ def run_one(s: Setting, method: str, seed: int, horizon: float) -> dict[str, Any
     if method == "sync":
         policy: Any = SyncPolicy(st, rounds=MAX_STEPS, clients_per_round=s.concurrency)
     else:
-        policy = sim.fedbuff(st, MAX_STEPS, buffer=s.buffer, concurrency=s.concurrency)
+        policy = sim.fedbuff(
+            st,
+            MAX_STEPS,
+            buffer=s.buffer,
+            concurrency=s.concurrency,
+            weights=s.weights,  # type: ignore[arg-type]
+        )
     rows: list[dict[str, Any]] = []
 
     def on_round(rec: RoundRecord) -> None:
@@ -247,6 +258,8 @@ def main() -> int:
             "model": "logreg",
             "local": {"steps": STEPS, "batch_size": BATCH, "lr": LR},
             "staleness": "1/sqrt(1+tau)",
+            "fedbuff_step": "sum_i s(tau_i) delta_i / K (weights='identical') unless a row "
+            "says weights=examples",
             "restart": "arrival",
             "settings": [s.__dict__ for s in settings],
         },
@@ -270,13 +283,15 @@ def write_markdown(table: list[dict[str, Any]], meta: dict[str, Any], out: str) 
         f"MNIST-5k, {N} clients, Dirichlet alpha = 0.5 split, logistic regression, every job "
         f"{STEPS} local steps of batch {BATCH} at lr {LR}; job times drawn per client from the "
         "tail named in the setting (median 1 virtual time unit). Sync FedAvg: C clients per "
-        "round. FedBuff: C clients training at once, restart on arrival, step every K updates, "
-        "s(tau) = 1/sqrt(1+tau). Times are the first evaluation (after every server step) at "
-        f"or above the target; values are means over {seeds} seed(s). Speed-up = mean sync "
-        "time / mean FedBuff time (per-seed ratios in brackets). Updates = client updates "
-        "folded up to that step (every update is the same work, "
-        f"{STEPS} x {BATCH} examples); staleness over the folded updates. The speed-up "
-        "factors into the throughput ratio (updates per unit of virtual time, FedBuff / sync) "
+        "round. FedBuff: C clients training at once, restart on arrival, step every K updates "
+        "adding sum s(tau_i) delta_i / K (the paper's rule; the row 'weights=examples' uses "
+        "sum s(tau_i) n_i delta_i / sum n_i instead), s(tau) = 1/sqrt(1+tau). Times are the "
+        "first evaluation (after every server step) at or above the target; values are "
+        f"means over {seeds} seed(s). Speed-up = mean sync time / mean FedBuff time "
+        "(per-seed ratios in brackets). Updates = client updates folded up to that step "
+        f"(every update is the same work, {STEPS} x {BATCH} examples); staleness over the "
+        "folded updates. The speed-up factors into the throughput ratio (updates per unit of "
+        "virtual time, FedBuff / sync) "
         "times the update ratio (updates needed, sync / FedBuff).",
         "",
         "## Headline",

@@ -26,6 +26,8 @@ POLICIES: dict[str, Callable[[fedagg.Strategy], Any]] = {
     "sync": lambda s: sim.SyncPolicy(s, 8, 4),
     "fedau": lambda s: sim.SyncPolicy(s, 8, 10, weighting=weighting.fedau(6)),
     "fedbuff": lambda s: sim.fedbuff(s, 10, 3, 6),
+    # the sample-count weighting, FedBuff's default until issue 13: the old "fedbuff" digests
+    "fedbuff-examples": lambda s: sim.fedbuff(s, 10, 3, 6, weights="examples"),
     "fedbuff-unbiased": lambda s: sim.fedbuff(s, 10, 3, 6, weights="unbiased"),
     "fedasync": lambda s: sim.fedasync(s, 12, 0.6, staleness=staleness.hinge(10, 2)),
     "fedfix": lambda s: sim.fedfix(s, 10, 0.08),

@@ -62,6 +62,8 @@ STRATEGIES: dict[str, Callable[[fedagg.aggregators.Mean], fedagg.Strategy]] = {
     ),
     "fedyogi": lambda a: fedagg.strategies.fedyogi(0.02, aggregator=a),
     "fedadagrad": lambda a: fedagg.strategies.fedadagrad(0.05, aggregator=a),
+    # beta1 = 0, the paper flavor's default until issue 13: the old "fedadagrad" digest
+    "fedadagrad-beta1-0": lambda a: fedagg.strategies.fedadagrad(0.05, 0.0, aggregator=a),
     "fedavg-clipped": lambda a: fedagg.strategies.fedavg(
         aggregator=a, pre=[fedagg.transforms.clip_norm(0.5)]
     ),

@@ -50,10 +50,14 @@ def real(
 def test_fedbuff_with_k_equal_participants_and_no_staleness_is_sync_fedavg(
     digits: Any, dropout: float
 ) -> None:
+    """With sample-count weights (``weights="examples"``; the paper's default divides by K
+    instead), K = C and restarts at each step, FedBuff is sync FedAvg."""
     sync = real(digits, lambda s: sim.SyncPolicy(s, rounds=6, clients_per_round=5), dropout=dropout)
     buff = real(
         digits,
-        lambda s: sim.fedbuff(s, rounds=6, buffer=5, concurrency=5, restart="step"),
+        lambda s: sim.fedbuff(
+            s, rounds=6, buffer=5, concurrency=5, restart="step", weights="examples"
+        ),
         dropout=dropout,
     )
     general = real(digits, lambda s: sim.sync_fedavg(s, 6, 5), dropout=dropout)
@@ -142,16 +146,22 @@ def test_an_old_run_db_gains_the_new_columns(tmp_path: Any) -> None:
 
 
 # -- FedBuff ---------------------------------------------------------------------------------------
-def test_fedbuff_weights_follow_staleness_and_sample_counts() -> None:
+@pytest.mark.parametrize("weights", ["identical", "examples"])
+def test_fedbuff_weights_follow_staleness(weights: str) -> None:
     data = FakeData(SIZES)
     st = strategies.fedavg()
-    pol = sim.fedbuff(st, rounds=20, buffer=3, concurrency=8)
+    pol = sim.fedbuff(st, rounds=20, buffer=3, concurrency=8, weights=weights)  # type: ignore[arg-type]
     sysm = sim.SystemModel(8, seed=0, compute=sim.Distribution("lognormal", 100.0, 1.0))
     res = sim.Simulation(data, FakeModel(), FakeAlgorithm(), st, pol, sysm).run()
     for r in res.records:
         assert r.stats.folded == 3
-        # omega_i = n_i s(tau_i) / sum_j n_j: the fresh ones sum to at most 1
+        # omega_i = b_i s(tau_i) / sum_j b_j: the fresh ones sum to at most 1
         assert math.fsum(r.stats.omega) <= 1.0 + 1e-12
+        if weights == "identical":  # b = 1: omega_i = s(tau_i) / K, s(tau) = 1/sqrt(1 + tau)
+            taus = [1 / (3 * w) ** 2 - 1 for w in r.stats.omega]
+            assert taus == pytest.approx([round(t) for t in taus], abs=1e-9)
+            assert max(round(t) for t in taus) == r.stats.staleness_max
+            assert np.mean(taus) == pytest.approx(r.stats.staleness_mean)
     assert any(math.fsum(r.stats.omega) < 0.999 for r in res.records)  # stale -> discounted
 
 

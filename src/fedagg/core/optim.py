@@ -10,9 +10,11 @@ so every optimizer *adds* its step. FedOpt's pseudo-gradient is ``-delta``.
 
 ``flavor`` picks the reference to match:
 
-* ``"paper"`` (Reddi et al., ICLR 2021): ``v_{-1} = tau**2``, no bias correction.
+* ``"paper"`` (Reddi et al., ICLR 2021): ``v_{-1} = tau**2``, no bias correction; beta1
+  defaults to 0.9 for FedAdam, FedYogi and FedAdagrad alike.
 * ``"flower"`` (Flower 1.42): ``v_{-1} = 0``; FedAdam multiplies the learning rate by
-  ``sqrt(1 - b2**(t+1)) / (1 - b1**(t+1))`` where t is the 1-based round.
+  ``sqrt(1 - b2**(t+1)) / (1 - b1**(t+1))`` where t is the 1-based round; FedAdagrad's beta1
+  defaults to 0 (Flower fixes it there).
 """
 
 from __future__ import annotations
@@ -368,16 +370,23 @@ def yogi(
 
 
 def adagrad(
-    lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3, flavor: Flavor = "paper"
+    lr: float = 0.1, beta1: float | None = None, tau: float = 1e-3, flavor: Flavor = "paper"
 ) -> ServerOptimizer:
-    """FedAdagrad: ``v = v + d^2``; ``beta1 = 0`` (Flower's setting) makes ``m = d``."""
+    """FedAdagrad: ``m = b1 m + (1-b1) d``, ``v = v + d^2``, ``x += lr m/(sqrt v + tau)``.
+
+    ``beta1=None`` takes the flavor's default: 0.9 for ``"paper"`` (Reddi et al. use the same
+    beta1 for FedAdagrad, FedAdam and FedYogi), 0 for ``"flower"`` (Flower's FedAdagrad fixes
+    beta1 at 0, so ``m = d``).
+    """
     _check_positive("lr", lr)
+    _check_flavor(flavor)
+    b1 = (0.9 if flavor == "paper" else 0.0) if beta1 is None else beta1
     return _opt(
         "adagrad",
-        scale_by_adagrad(beta1, tau, flavor),
+        scale_by_adagrad(b1, tau, flavor),
         scale(lr),
         lr=lr,
-        beta1=beta1,
+        beta1=b1,
         tau=tau,
         flavor=flavor,
     )

@@ -3,11 +3,16 @@
 Before the first round every client computes its anchor gradient at ``x_0`` (the paper's
 initial full pass). Each round then samples ``clients_per_round`` clients (the same stream
 as :class:`SyncPolicy`, so runs compare client for client) and makes each an anchor with
-probability ``anchor_prob`` (or, if it is an integer ``P >= 1``, all of them every P-th
-round), else a miner. Miners receive ``d_t = S / N``; anchors refresh their stored anchors,
-whose differences the server adds to ``S = sum_i v_i`` as they arrive (so ``d_{t+1}`` sees
-them). The miners' deltas go through the strategy: ``x <- x + lr * mean(miner deltas)``; a
-round without a miner leaves the model as it was.
+probability ``anchor_prob``, else a miner. As in the reference code (``--pr``), an integer
+``anchor_prob = P >= 2`` is a period instead: all the sampled clients are anchors in the
+rounds ``t`` with ``t mod P == 0`` (counting from 0), and miners otherwise. ``P = 1`` is
+refused: every round would be all anchors and the model would never move. Miners receive
+``d_t = S / N``; anchors refresh their stored anchors, whose differences the server adds to
+``S = sum_i v_i`` as they arrive (so ``d_{t+1}`` sees them).
+
+The miners' deltas go through the strategy: ``x <- x + lr * mean(miner deltas)``, the plain
+mean of the reference (``weights="identical"``), or with ``weights="examples"`` the mean
+weighted by the miners' sample counts. A round without a miner leaves the model as it was.
 
 The server holds the model, ``S`` (float64) and the round's aggregate: O(model), never the
 N anchors, which each client keeps as its own state.
@@ -16,8 +21,8 @@ N anchors, which each client keeps as its own state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +50,7 @@ from fedagg.sim._policy import (
 __all__ = ["FedAMDPolicy", "FedAMDState"]
 
 Arr = npt.NDArray[Any]
+MinerWeights = Literal["identical", "examples"]
 
 
 @register
@@ -65,26 +71,49 @@ class FedAMDState:
     refused: int = 0
     late: int = 0
     loss_sum: float = 0.0
-    weights: list[float] = field(default_factory=list)
+    loss_weight: float = 0.0
+    weights: list[float] = field(default_factory=list)  # the miners' aggregation weights
     participants: list[int] = field(default_factory=list)
     accepted: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class FedAMDPolicy:
-    """FedAMD (module docstring). Use with :class:`fedagg.clients.FedAMD`."""
+    """FedAMD (module docstring). Use with :class:`fedagg.clients.FedAMD`.
+
+    Args:
+        strategy: aggregator and server optimizer of the miners' deltas.
+        rounds: T.
+        clients_per_round: clients sampled each round (anchors and miners together).
+        anchor_prob: the probability that a sampled client is an anchor, in ``[0, 1)``; or an
+            integer period ``P >= 2``: all sampled clients are anchors when ``t mod P == 0``.
+        weights: ``"identical"`` (the reference's plain mean of the miners' deltas) or
+            ``"examples"`` (weighted by the miners' sample counts).
+    """
 
     strategy: Strategy
     rounds: int
     clients_per_round: int
     anchor_prob: float = 0.2
+    weights: MinerWeights = "identical"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
             raise ConfigError("rounds and clients_per_round must be >= 1")
         p = self.anchor_prob
-        if not (0 <= p < 1 or (p >= 1 and float(p).is_integer())):
-            raise ConfigError(f"anchor_prob must be in [0, 1) or an integer period, got {p!r}")
+        if p == 1:
+            raise ConfigError(
+                "anchor_prob = 1 would make every sampled client an anchor in every round "
+                "(period 1), so the model would never move. Use a probability in [0, 1), or "
+                "an integer period P >= 2 (all sampled clients are anchors when t mod P == 0). "
+                "The reference code's pr = 1 means no anchors at all: anchor_prob = 0 here"
+            )
+        if not (0 <= p < 1 or (p >= 2 and float(p).is_integer())):
+            raise ConfigError(f"anchor_prob must be in [0, 1) or an integer period >= 2, got {p!r}")
+        if self.weights not in ("identical", "examples"):
+            raise ConfigError(
+                f"FedAMD's weights must be 'identical' or 'examples', not {self.weights!r}"
+            )
 
     def init(self, server: ServerState, ctx: PolicyContext) -> FedAMDState:
         return FedAMDState(server=server, anchor_sum=np.zeros(server.spec.size, np.float64))
@@ -145,16 +174,20 @@ class FedAMDPolicy:
             state.accepted[ev.client] = ev.client_state
 
     def _miner(self, state: FedAMDState, ev: Arrival) -> None:
+        update = ev.update
+        if self.weights == "identical" and update.is_weight_valid():
+            update = replace(update, weight=1.0)  # an invalid weight is still refused
         try:
-            self.strategy.aggregator.fold(state.agg, ev.update)
+            self.strategy.aggregator.fold(state.agg, update)
         except UpdateError:
             state.refused += 1
             return
         state.folded += 1
         state.participants.append(ev.client)
-        w = float(ev.update.weight)
-        state.weights.append(w)
-        state.loss_sum += w * float(ev.update.metrics.get("train_loss", math.nan))
+        state.weights.append(float(update.weight))
+        n = float(ev.update.weight)  # the loss is averaged over the miners' examples
+        state.loss_sum += n * float(ev.update.metrics.get("train_loss", math.nan))
+        state.loss_weight += n
 
     def _advance(
         self, state: FedAMDState, now: float, ctx: PolicyContext, actions: list[Action]
@@ -180,7 +213,7 @@ class FedAMDPolicy:
         state.agg = self.strategy.begin(state.server)
         state.started, state.selected = now, want
         state.anchors = state.folded = state.dropped = state.refused = state.late = 0
-        state.loss_sum = 0.0
+        state.loss_sum = state.loss_weight = 0.0
         state.weights, state.participants, state.accepted = [], [], {}
         if want == 0:
             return False
@@ -200,11 +233,10 @@ class FedAMDPolicy:
     def _close(self, state: FedAMDState, now: float, actions: list[Action]) -> None:
         new = apply_or_skip(self.strategy, state.server, state.agg, 1.0) if state.folded else None
         applied = new is not None
-        weight = math.fsum(state.weights)
         omega = effective_weights(state.weights, 1.0) if applied else ()
         stats = round_stats(
-            state, state.round, now, applied, state.selected, state.loss_sum, weight, omega,
-            dispatched=state.selected,
+            state, state.round, now, applied, state.selected, state.loss_sum,
+            state.loss_weight, omega, dispatched=state.selected,
         )  # fmt: skip
         if new is not None:
             state.server = new

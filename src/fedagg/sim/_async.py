@@ -17,11 +17,15 @@ What differs between the papers is only *when* the server steps and *who* restar
 policy                    trigger       restart     weights
 ========================  ============  ==========  ===========================================
 sync FedAvg               buffer = C    step        b = n_i, D = participants
-FedBuff (Nguyen et al.)   buffer = K    arrival     b = n_i, s = 1/sqrt(1+tau), D = participants
+FedBuff (Nguyen et al.)   buffer = K    arrival     b = 1, s = 1/sqrt(1+tau), D = K (updates)
 async FedAvg              arrival       arrival     identical: omega = 1; unbiased: frequency
 FedFix-dt                 window dt     step        identical: p_i; unbiased: p_i ceil(tau/dt)
 FedAsync (Xie et al.)     arrival       arrival     mixing: x <- (1-a) x + a (x_tau + delta)
 ========================  ============  ==========  ===========================================
+
+FedBuff divides the buffer's sum by the number of updates in it, as the paper's Algorithm 1
+does; ``fedbuff(..., weights="examples")`` weighs by sample count instead (``b = n_i``,
+``D = sum n_i``).
 
 ``concurrency`` clients train at any time. ``restart="arrival"`` gives a client that
 reported (or dropped out) a new job at once, with the current model; ``"step"`` makes it
@@ -462,6 +466,7 @@ class AsyncPolicy:
 
 # -- recipes -------------------------------------------------------------------------------------
 Weights = Literal["identical", "unbiased"]
+BufferWeights = Literal["identical", "unbiased", "examples"]
 
 
 def fedbuff(
@@ -472,16 +477,24 @@ def fedbuff(
     *,
     staleness: Staleness | None = None,
     restart: Restart = "arrival",
-    weights: Weights = "identical",
+    weights: BufferWeights = "identical",
     max_staleness: int | None = None,
 ) -> AsyncPolicy:
-    """FedBuff (Nguyen et al., AISTATS 2022): fold ``s(tau) n_i delta_i`` into a buffer and
+    """FedBuff (Nguyen et al., AISTATS 2022): fold ``s(tau_i) delta_i`` into a buffer and
     step the server optimizer (any: FedBuff + FedAdam is ``fedbuff(fedadam(), ...)``) every
-    ``buffer`` updates, dividing by the buffer's weights. ``weights="unbiased"`` uses
-    ``p_i / freq_i`` with ``p_i = 1/N`` (Fraboni et al.)."""
+    ``buffer`` updates.
+
+    ``weights`` sets what the step adds:
+
+    * ``"identical"`` (default; the paper's Algorithm 1): ``sum_i s(tau_i) delta_i / K``, K
+      the updates in the buffer (fewer than ``buffer`` only if it closes early because
+      nobody is training any more);
+    * ``"examples"``: weighted by sample count, ``sum_i s(tau_i) n_i delta_i / sum_i n_i``;
+    * ``"unbiased"``: ``p_i / freq_i`` with ``p_i = 1/N`` (Fraboni et al.), divided by N.
+    """
     s = fedbuff_staleness() if staleness is None else staleness
+    _check_weights(weights, ("identical", "unbiased", "examples"))
     unbiased = weights == "unbiased"
-    _check_weights(weights)
     return AsyncPolicy(
         strategy,
         rounds,
@@ -490,7 +503,7 @@ def fedbuff(
         concurrency=concurrency,
         restart=restart,
         staleness=s,
-        base="uniform" if unbiased else "examples",
+        base="examples" if weights == "examples" else "uniform",
         normalize="clients" if unbiased else "participants",
         correction="frequency" if unbiased else "none",
         max_staleness=max_staleness,
@@ -584,6 +597,7 @@ def sync_fedavg(strategy: Strategy, rounds: int, clients_per_round: int) -> Asyn
     )
 
 
-def _check_weights(weights: str) -> None:
-    if weights not in ("identical", "unbiased"):
-        raise ConfigError(f"weights must be 'identical' or 'unbiased', not {weights!r}")
+def _check_weights(weights: str, valid: tuple[str, ...] = ("identical", "unbiased")) -> None:
+    if weights not in valid:
+        names = ", ".join(repr(v) for v in valid[:-1]) + f" or {valid[-1]!r}"
+        raise ConfigError(f"weights must be {names}, not {weights!r}")

@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "name": "fedavg",
         "lr": 1.0,
         "momentum": 0.9,
-        "beta1": 0.9,
+        "beta1": 0.9,  # fedadagrad with flavor "flower": Flower's fixed 0 (see _run.py)
         "beta2": 0.99,
         "tau": 1e-3,
         "flavor": "paper",
@@ -94,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "buffer": 10,
         "concurrency": 0,
         "restart": "arrival",
-        "weights": "identical",
+        "weights": "identical",  # fedbuff and fedamd also take "examples" (by sample count)
         "staleness": "polynomial",
         "staleness_a": 0.5,
         "staleness_b": 4.0,

@@ -105,7 +105,7 @@ class Dispatch:
     """Send the current model to ``clients``. ``partial[i]`` marks a straggler that does only
     part of its local work (the engine draws 1..E-1 epochs for it, as the FedProx code does,
     and gives it the duration of a full job). ``server_extra`` goes to every client
-    (SCAFFOLD's c)."""
+    (SCAFFOLD's c); the policy hands over a value it will not change afterwards."""
 
     clients: tuple[int, ...]
     partial: tuple[bool, ...]
@@ -327,7 +327,10 @@ class SyncPolicy:
             state.control_sum = {k: np.zeros_like(v) for k, v in state.control.items()}
         if not clients:
             return None
-        return Dispatch(tuple(clients), tuple(c in slow for c in clients), state.control)
+        # SCAFFOLD's c is sent as a copy: the server updates its own c in place after the
+        # round, and what a client received must not change with it (nor change it)
+        sent = None if state.control is None else {k: v.copy() for k, v in state.control.items()}
+        return Dispatch(tuple(clients), tuple(c in slow for c in clients), sent)
 
     def _arrival(self, state: SyncState, ev: Arrival, ctx: PolicyContext) -> list[Action]:
         if not state.open or ev.job not in state.pending:

@@ -13,13 +13,16 @@ from fedagg.core.aggregate import mean
 from fedagg.core.pretransforms import clip_norm
 from fedagg.core.strategy import Strategy
 from fedagg.errors import ConfigError
-from fedagg.sim._config import resolve_config
+from fedagg.sim._config import DEFAULTS, resolve_config
 from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
 from fedagg.sim._policy import SyncPolicy
 from fedagg.sim._rundb import RunDB
 from fedagg.sim._system import Availability, Distribution, SystemModel
+from fedagg.strategies import fedadagrad
 
 __all__ = ["Built", "build", "format_table", "plot_run", "run_config"]
+
+_DEFAULT_BETA1 = float(DEFAULTS["strategy"]["beta1"])
 
 _DATA_KEYS = {
     "dirichlet": ("alpha",),
@@ -154,10 +157,25 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
             beta1=s["beta1"], beta2=s["beta2"], **opt, aggregator=agg, pre=pre
         )
     if name == "fedadagrad":
-        return strategies.fedadagrad(beta1=0.0, **opt, aggregator=agg, pre=pre)
+        return fedadagrad(beta1=_adagrad_beta1(s), **opt, aggregator=agg, pre=pre)
     raise ConfigError(
         f"unknown strategy {name!r}; valid: fedavg, fedavgm, fedadam, fedyogi, fedadagrad"
     )
+
+
+def _adagrad_beta1(s: Mapping[str, Any]) -> float | None:
+    """FedAdagrad's beta1 from ``[strategy]``: the ``beta1`` key (default 0.9, the paper's)
+    in the paper's flavor. Flower's FedAdagrad fixes beta1 at 0, so the flower flavor takes
+    that and refuses any other explicit value (only the default 0.9, or 0, pass)."""
+    beta1 = float(s["beta1"])
+    if s["flavor"] != "flower":
+        return beta1
+    if beta1 not in (_DEFAULT_BETA1, 0.0):
+        raise ConfigError(
+            f"strategy.beta1 = {beta1} with fedadagrad's flavor 'flower': Flower's FedAdagrad "
+            "fixes beta1 at 0; use flavor = 'paper' for another beta1"
+        )
+    return None
 
 
 def build_system(cfg: Mapping[str, Any], num_clients: int, seed: int) -> SystemModel:
@@ -335,7 +353,13 @@ def build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
     if kind == "fedamd":
         from fedagg.sim._amd import FedAMDPolicy
 
-        return FedAMDPolicy(strategy, rounds, int(p["clients_per_round"]), float(p["anchor_prob"]))
+        return FedAMDPolicy(
+            strategy,
+            rounds,
+            int(p["clients_per_round"]),
+            float(p["anchor_prob"]),
+            weights=p["weights"],
+        )
     raise ConfigError(f"unknown policy {kind!r}; valid: {', '.join(_POLICIES)}")
 
 
