@@ -191,13 +191,14 @@ def fedyogi(
 
 def fedadagrad(
     lr: float = 0.1,
-    beta1: float = 0.0,
+    beta1: float | None = None,
     tau: float = 1e-3,
     flavor: Flavor = "paper",
     *,
     aggregator: Aggregator[Any] | None = None,
     pre: Iterable[PreTransform] = (),
 ) -> Strategy:
-    """FedAdagrad (Reddi et al. 2021)."""
+    """FedAdagrad (Reddi et al. 2021). ``beta1=None`` is the flavor's default: 0.9 for
+    ``"paper"`` (as FedAdam and FedYogi), 0 for ``"flower"`` (Flower's FedAdagrad)."""
     opt = optim.adagrad(lr, beta1, tau, flavor)
     return strategy("fedadagrad", opt, aggregator=aggregator, pre=pre)
