@@ -143,12 +143,42 @@ def start_server(
     return p
 
 
+# ``fedagg client`` that appends "client task duplicate" to $FEDAGG_TEST_ACKS for every
+# upload the server acknowledged, once the acknowledgement is in (nothing else changes)
+_RECORD_ACKS = """
+import os, sys
+from fedagg.deploy import _client
+
+_push = _client.Client._push
+
+async def _push_and_record(self, t, *args):
+    reply = await _push(self, t, *args)
+    with open(os.environ["FEDAGG_TEST_ACKS"], "a") as f:
+        f.write(f"{self.index} {t.task} {int(reply.duplicate)}\\n")
+    return reply
+
+_client.Client._push = _push_and_record
+from fedagg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def acks_path(fed: Fed, i: int) -> Path:
+    return fed.dir / f"client-{i}.acks"
+
+
 def start_client(
-    fed: Fed, i: int, *, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
-) -> subprocess.Popen[bytes]:
+    fed: Fed, i: int, *, env: Mapping[str, str] | None = None, args: tuple[str, ...] = (),
+    record_acks: bool = False,
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``fedagg client`` as client ``i``; ``record_acks``: it appends every acknowledgement it
+    receives to :func:`acks_path` (see :func:`read_acks`)."""
+    run = ["-c", _RECORD_ACKS] if record_acks else ["-m", "fedagg.cli"]
+    if record_acks:
+        env = {**(env or {}), "FEDAGG_TEST_ACKS": str(acks_path(fed, i))}
     with open(fed.dir / f"client-{i}.log", "ab") as out:
         p = subprocess.Popen(
-            [PY, "-m", "fedagg.cli", "client", str(fed.config), "--key", str(fed.key(i)), *args],
+            [PY, *run, "client", str(fed.config), "--key", str(fed.key(i)), *args],
             stdout=out, stderr=subprocess.STDOUT, env=_env(env), start_new_session=True,
         )  # fmt: skip
     fed.procs.append(p)
@@ -182,6 +212,21 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+
+
+def read_acks(fed: Fed) -> list[tuple[int, int, bool]]:
+    """Every acknowledgement the clients started with ``record_acks`` received so far:
+    ``(client, task, duplicate)``, in each client's order (a line still being written is
+    left for the next call)."""
+    out = []
+    for i in range(len(fed.names)):
+        p = acks_path(fed, i)
+        text = p.read_text() if p.exists() else ""
+        for line in text.splitlines(keepends=True):
+            if line.endswith("\n"):
+                c, t, d = line.split()
+                out.append((int(c), int(t), d == "1"))
+    return out
 
 
 def read_log(fed: Fed, name: str = "server.log") -> str:

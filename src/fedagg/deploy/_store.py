@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedagg.deploy._faults import crash_point
+
 __all__ = ["EventRow", "LogItem", "PartialRows", "Store", "UploadRow"]
 
 _SCHEMA = """
@@ -138,6 +140,8 @@ class Store:
                 if any(self.has_upload(u.client, u.job) for u in keys):
                     rows.append(None)
                     continue
+                if keys:  # an accepted upload, queued: its batch is not committed yet
+                    crash_point("upload-queued")
                 seq += 1
                 info = upload.info if isinstance(upload, PartialRows) else None
                 self.append(seq, kind, now, client, job, tag, single, parts, info)
