@@ -284,6 +284,43 @@ def test_a_childs_partial_merges_into_the_pending_partial(tmp_path: Path) -> Non
     eng.close()
 
 
+def test_a_childs_compensation_buffer_is_merged_and_forwarded(tmp_path: Path) -> None:
+    """A child's partial of ``1e16`` and ``1`` (the 1 is only in its compensation buffer),
+    merged with this edge's own ``-1e16``: the mean is 1/3, here and at the parent that loads
+    what this edge forwards. Reading a partial's sums but not its compensation gives 0."""
+    eng = _engine(tmp_path)
+    _tasks(eng, {j: (j, 0) for j in range(3)})
+    values = [1e16, 1.0, -1e16]
+    deltas = [np.full(SPEC.size, v, np.float32) for v in values]
+    child = eng.agg.init(SPEC, version=0)
+    for d in deltas[:2]:
+        eng.agg.fold(child, Update(delta=d, weight=1.0))
+    assert np.all(child.comp == 1.0)
+    path = eng.spool / "partial-child.upd"
+    info = _write_partial(path, child)
+    size = path.stat().st_size
+    parts = tuple(UploadRow(j, j, str(path), 1.0, 0, {}, size, b"") for j in (0, 1))
+    assert _feed(eng, ("partial", 1.0, None, None, None, PartialRows(parts, info))).forward == []
+    own = eng.spool / f"{2:012d}-2.upd"
+    deltas[2].tofile(own)
+    up = UploadRow(2, 2, str(own), 1.0, 0, {"train_loss": 0.5}, deltas[2].nbytes, b"\0" * 32)
+    (fwd,) = _arrive(eng, up, t=2.0).forward
+    agg = eng.agg
+    flat = agg.fold_many(agg.init(SPEC, version=0), [Update(d, 1.0) for d in deltas])
+    want = agg.finalize_flat(flat)
+    assert np.all(want == np.float32(1 / 3))
+    assert np.array_equal(_finalize(eng, fwd), want)
+    ms = mean_state(fwd.state)
+    assert np.array_equal(ms.acc, flat.acc) and np.array_equal(ms.comp, flat.comp)
+    # the parent: what this edge sends (sums, then compensation), loaded and finalized
+    sent = tmp_path / "sent.upd"
+    info = _write_partial(sent, fwd.state)
+    assert sent.stat().st_size == partial_nbytes(SPEC, "float64")
+    at_parent = load_partial(agg, SPEC, 0, sent, info, 3)
+    assert np.array_equal(agg.finalize_flat(at_parent), want)
+    eng.close()
+
+
 def test_a_partial_with_another_accumulator_is_refused(tmp_path: Path) -> None:
     eng = _engine(tmp_path, "float64")
     _tasks(eng, {0: (0, 0), 1: (1, 0)})

@@ -14,6 +14,14 @@ accumulator block into ``undo`` (one write stream per batch, amortised over K up
 batch turns out bad the caller copies ``undo`` back, so the state is bit-for-bit what it was.
 The check itself is free: a non-finite input (or an overflow) leaves a non-finite accumulator
 value, and the kernel tests the block while it is still in cache.
+
+Why error-free products (the float64 accumulator): Neumaier's compensated sum keeps every
+addition's rounding error, but a rounded product ``fl(w*x)`` would already have lost up to
+``2**-53 |w x|`` before the sum sees it (e.g. ``0.1*3 - 0.3*1`` is off by 100%). Each product is
+therefore split exactly, ``w*x = p + y`` with ``p = fl(w*x)``, by Dekker's ``TwoProduct``
+(Veltkamp's split into 26-bit halves, plain multiplies and adds: no FMA, the same bits on any
+IEEE-754 machine and in both backends), and ``y`` joins the addition's error in the
+compensation term: Ogita, Rump and Oishi's ``Dot2`` (SIAM J. Sci. Comput. 26(6), 2005).
 """
 
 from __future__ import annotations
@@ -40,6 +48,28 @@ Arr = npt.NDArray[Any]
 #: Elements per cache block: 32Ki float32 = 128 KiB of accumulator, well inside L2.
 BLOCK = 32768
 _NP_BLOCK = 1 << 18
+
+#: Veltkamp's splitter for float64: ``c = SPLIT*a; hi = c - (c - a); lo = a - hi`` gives
+#: ``a == hi + lo`` exactly, each half with at most 26 significant bits.
+_SPLIT = 134217729.0  # 2**27 + 1
+#: ``SPLIT*a`` would overflow above this: such a factor is split (and its product's error
+#: computed) at ``a * 2**-28``, then scaled back; every scaling by a power of 2 is exact there.
+_SPLIT_MAX = 2.0**996
+_DOWN = 2.0**-28
+_UP = 2.0**28
+
+
+def _split_weight(w: float) -> tuple[float, float, float, float]:
+    """``(hi, lo, down, up)``: Veltkamp's split of ``w*down`` and the power of 2 undoing it.
+
+    The kernels use the very same float64 operations on the weight (bit-identical results).
+    """
+    down, up = (_DOWN, _UP) if abs(w) > _SPLIT_MAX else (1.0, 1.0)
+    a = w * down
+    c = _SPLIT * a
+    hi = c - (c - a)
+    return hi, a - hi, down, up
+
 
 try:  # pragma: no cover - exercised by whichever environment runs the tests
     import numba
@@ -108,23 +138,66 @@ if HAVE_NUMBA:
         return bool(bad == 0)
 
     @_jit_exact
-    def _comp_block(acc: Arr, comp: Arr, xs: Any, ws: Arr, lo: int, hi: int) -> int:
-        # Neumaier's compensated summation, per coordinate. No fastmath: the compensation
-        # term is exactly what re-association would optimise away.
+    def _comp_block(acc: Arr, comp: Arr, xs: Any, ws: Arr, wide: bool, lo: int, hi: int) -> int:
+        # Neumaier's compensated summation of error-free products (Dot2), per coordinate. No
+        # fastmath: the compensation and the split are exactly what re-association (or a
+        # contraction into an FMA) would change. ``wide``: float64 inputs, split like the
+        # weight; a float32 input has 24 significant bits, so it is its own high half.
         m = hi - lo
         s = acc[lo:hi].copy()
         c = comp[lo:hi].copy()
         for k in range(len(xs)):
             x = xs[k][lo:hi]
             w = ws[k]
-            for i in range(m):
-                v = w * np.float64(x[i])
-                t = s[i] + v
-                if abs(s[i]) >= abs(v):
-                    c[i] += (s[i] - t) + v
-                else:
-                    c[i] += (v - t) + s[i]
-                s[i] = t
+            # _split_weight, inline (numba cannot call the Python function)
+            down = _DOWN if abs(w) > _SPLIT_MAX else 1.0
+            up = _UP if abs(w) > _SPLIT_MAX else 1.0
+            wa = w * down
+            cw = _SPLIT * wa
+            wh = cw - (cw - wa)
+            wl = wa - wh
+            nbig = 0
+            if wide:  # values too large for SPLIT*x: rare, so looked for first
+                for i in range(m):
+                    nbig += abs(x[i]) > _SPLIT_MAX
+            if wide and nbig == 0 and down == 1.0:  # the guarded loop below, minus the x1.0s
+                for i in range(m):
+                    xv = np.float64(x[i])
+                    cx = _SPLIT * xv
+                    xh = cx - (cx - xv)
+                    xl = xv - xh
+                    v = w * xv
+                    y = wl * xl - (((v - wh * xh) - wl * xh) - wh * xl)
+                    t = s[i] + v
+                    e = ((s[i] - t) + v) if abs(s[i]) >= abs(v) else ((v - t) + s[i])
+                    c[i] += e + y
+                    s[i] = t
+            elif wide:
+                for i in range(m):
+                    xv = np.float64(x[i])
+                    big = abs(xv) > _SPLIT_MAX
+                    fx = _DOWN if big else 1.0
+                    ux = _UP if big else 1.0
+                    xa = xv * fx
+                    cx = _SPLIT * xa
+                    xh = cx - (cx - xa)
+                    xl = xa - xh
+                    v = w * xv
+                    vs = v * (fx * down)
+                    y = (wl * xl - (((vs - wh * xh) - wl * xh) - wh * xl)) * (ux * up)
+                    t = s[i] + v
+                    e = ((s[i] - t) + v) if abs(s[i]) >= abs(v) else ((v - t) + s[i])
+                    c[i] += e + y
+                    s[i] = t
+            else:
+                for i in range(m):
+                    xv = np.float64(x[i])
+                    v = w * xv
+                    y = ((wh * xv - v * down) + wl * xv) * up
+                    t = s[i] + v
+                    e = ((s[i] - t) + v) if abs(s[i]) >= abs(v) else ((v - t) + s[i])
+                    c[i] += e + y
+                    s[i] = t
         nbad = 0
         for i in range(m):
             nbad += not (np.isfinite(s[i]) and np.isfinite(c[i]))
@@ -133,20 +206,20 @@ if HAVE_NUMBA:
         return nbad
 
     @_pjit_exact
-    def _fold_comp_par(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
+    def _fold_comp_par(acc: Arr, comp: Arr, xs: Any, ws: Arr, wide: bool) -> bool:
         n = acc.size
         nblk = (n + BLOCK - 1) // BLOCK
         bad = np.zeros(nblk, np.int64)
         for b in prange(nblk):
-            bad[b] = _comp_block(acc, comp, xs, ws, b * BLOCK, min(n, (b + 1) * BLOCK))
+            bad[b] = _comp_block(acc, comp, xs, ws, wide, b * BLOCK, min(n, (b + 1) * BLOCK))
         return bool(bad.sum() == 0)
 
     @_jit_exact
-    def _fold_comp_ser(acc: Arr, comp: Arr, xs: Any, ws: Arr) -> bool:
+    def _fold_comp_ser(acc: Arr, comp: Arr, xs: Any, ws: Arr, wide: bool) -> bool:
         n = acc.size
         bad = 0
         for lo in range(0, n, BLOCK):
-            bad += _comp_block(acc, comp, xs, ws, lo, min(n, lo + BLOCK))
+            bad += _comp_block(acc, comp, xs, ws, wide, lo, min(n, lo + BLOCK))
         return bool(bad == 0)
 
     @_pjit_exact
@@ -289,27 +362,83 @@ def _fold_plain_np(acc: Arr, undo: Arr, xs: Sequence[Arr], ws: Arr, save_undo: b
 
 
 def fold_compensated(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr, *, use_numba: bool) -> bool:
-    """Neumaier-compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64."""
+    """Compensated ``(acc, comp) += sum_k ws[k] * xs[k]`` in float64; True iff both stay finite.
+
+    Every product ``ws[k] * xs[k][i]`` enters exactly: its rounded value is added to ``acc``
+    and its rounding error, with the addition's, to ``comp`` (Dekker's TwoProduct, then
+    Neumaier's step). Exact as long as no product underflows (``|w x| >= 2**-969`` or 0).
+    Both backends give the same bits.
+    """
     _same_size(acc, comp, xs)
     if _compiled(use_numba, acc.size, acc, *xs[:1]):
         kern = _fold_comp_par if _parallel(acc.size, len(xs)) else _fold_comp_ser
-        return bool(kern(acc, comp, _typed(xs), ws.astype(np.float64)))
+        wide = bool(xs[0].dtype.itemsize > 4) if xs else False
+        return bool(kern(acc, comp, _typed(xs), ws.astype(np.float64), wide))
     with np.errstate(over="ignore", invalid="ignore"):
         _fold_comp_np(acc, comp, xs, ws)
     return bool(np.isfinite(acc).all() and np.isfinite(comp).all())
 
 
 def _fold_comp_np(acc: Arr, comp: Arr, xs: Sequence[Arr], ws: Arr) -> None:
+    """The numba kernel's arithmetic, block-vectorised: the same float64 operations in the same
+    order, so the same bits (a scaling by 1.0, which changes nothing, is skipped)."""
+    nb = min(_NP_BLOCK, acc.size)
+    v, t, y, a, b = (np.empty(nb) for _ in range(5))
+    mask = np.empty(nb, np.bool_)
     for lo in range(0, acc.size, _NP_BLOCK):
         hi = min(acc.size, lo + _NP_BLOCK)
-        s = acc[lo:hi]
-        c = comp[lo:hi]
+        m = hi - lo
+        s, c = acc[lo:hi], comp[lo:hi]
+        v_, t_, y_, a_, b_, mask_ = v[:m], t[:m], y[:m], a[:m], b[:m], mask[:m]
         for x, w in zip(xs, ws, strict=True):
-            v = x[lo:hi].astype(np.float64) * float(w)
-            t = s + v
-            big = np.abs(s) >= np.abs(v)
-            c += np.where(big, (s - t) + v, (v - t) + s)
-            s[...] = t
+            wh, wl, down, up = _split_weight(float(w))
+            xv = np.asarray(x[lo:hi], np.float64)
+            np.multiply(xv, float(w), out=v_)  # the rounded product
+            if x.dtype.itemsize > 4:  # y = wl*xl - (((v - wh*xh) - wl*xh) - wh*xl)
+                np.abs(xv, out=a_)
+                np.greater(a_, _SPLIT_MAX, out=mask_)
+                if mask_.any():  # huge values: split at x * 2**-28 (rare)
+                    fx = np.where(mask_, _DOWN, 1.0)
+                    ux: Arr | float = np.where(mask_, _UP, 1.0)
+                    xa = xv * fx
+                    vs = v_ * (fx * down)
+                else:
+                    ux, xa = 1.0, xv
+                    vs = v_ * down if down != 1.0 else v_
+                np.multiply(xa, _SPLIT, out=a_)
+                np.subtract(a_, xa, out=b_)
+                np.subtract(a_, b_, out=a_)  # xh
+                np.subtract(xa, a_, out=b_)  # xl
+                np.multiply(a_, wh, out=y_)
+                np.subtract(vs, y_, out=y_)
+                np.multiply(a_, wl, out=a_)
+                np.subtract(y_, a_, out=y_)
+                np.multiply(b_, wh, out=a_)
+                np.subtract(y_, a_, out=y_)
+                np.multiply(b_, wl, out=b_)
+                np.subtract(b_, y_, out=y_)
+                if up != 1.0 or not isinstance(ux, float):
+                    y_ *= ux * up
+            else:  # a float32 value is its own high half: y = (wh*x - v) + wl*x
+                np.multiply(xv, wh, out=y_)
+                np.subtract(y_, v_ * down if down != 1.0 else v_, out=y_)
+                np.multiply(xv, wl, out=a_)
+                y_ += a_
+                if up != 1.0:
+                    y_ *= up
+            # Neumaier: e = (s - t) + v if |s| >= |v| else (v - t) + s; c += e + y
+            np.add(s, v_, out=t_)
+            np.abs(s, out=a_)
+            np.abs(v_, out=b_)
+            np.greater_equal(a_, b_, out=mask_)
+            np.subtract(s, t_, out=a_)
+            a_ += v_
+            np.subtract(v_, t_, out=b_)
+            b_ += s
+            np.copyto(b_, a_, where=mask_)
+            b_ += y_
+            c += b_
+            s[...] = t_
 
 
 def merge_compensated(s1: Arr, c1: Arr, s2: Arr, c2: Arr, *, use_numba: bool) -> None:

@@ -129,7 +129,9 @@ class MeanState:
     """The weighted mean's partial aggregate: ``(sum w*delta, sum w, count)``.
 
     ``acc`` holds ``sum w*delta`` in the accumulator dtype; with the float64 accumulator,
-    ``comp`` holds Neumaier's running compensation (the true sum is ``acc + comp``).
+    ``comp`` holds the running compensation: the rounding errors of every product and every
+    addition, summed (the sum is ``acc + comp``, exact up to the rounding of ``comp``'s own
+    additions; see :class:`Mean`).
     ``weight``/``weight_comp`` do the same for the scalar weight sum. ``undo`` is scratch
     memory (never saved) that lets a bad batch be rolled back exactly.
     """
@@ -182,17 +184,33 @@ class Mean:
     """Weighted mean of the deltas: ``sum(w_i * s_i * delta_i) / sum(w_i)``.
 
     Args:
-        accumulator: ``"float32"`` (fast: plain sums) or ``"float64"`` (exact mode: Neumaier-
-            compensated sums).
+        accumulator: ``"float32"`` (fast: plain sums) or ``"float64"`` (exact mode: error-free
+            products in compensated sums).
 
             * float32: for each coordinate, ``|err| <= gamma_n * sum_i |w_i x_i| / W`` plus
               one rounding, with ``gamma_n = n*u/(1-n*u)``, ``u = 2**-24`` and n the number
               of updates (the recursive-summation bound; blocking and merge trees only shorten
               the chains). Extra memory: 2x the model (accumulator and undo scratch).
-            * float64: ``|err| <= 2*u*|S| + O(n * u**2) * sum_i |w_i x_i|`` with ``u = 2**-53``
-              before the final cast to the model dtype, i.e. accurate to the last bit for any
-              n below ~1e13. Extra memory: two float64 buffers (4x a float32 model); values
-              are checked in a separate read pass instead of an undo buffer.
+            * float64: each product is split exactly into its rounded value and its
+              rounding error (Dekker's TwoProduct, plain float64 multiplies and adds), and the
+              rounded values are summed with Neumaier's compensation, which also collects the
+              products' errors (Ogita, Rump and Oishi's Dot2). Write ``v_i`` for the float64
+              ``w_i * s_i`` (``= w_i`` unless a pre-transform scales), ``W = sum_i w_i`` and
+              ``q = sum_i v_i x_i / W`` (both exact), ``A = sum_i |v_i x_i|`` and
+              ``u = 2**-53``. Then, per coordinate, the float64 quotient ``q'`` (before the
+              final cast to the model dtype) of the flat fold *or of any merge tree* (any
+              batching, order or shape) satisfies::
+
+                  |q' - q| <= 3*u*|q| + 5*(n**2 + 1)*u**2 * A / W
+
+              for ``n <= 2**43`` updates, barring underflow (a nonzero ``|v_i x_i|`` or ``|q|``
+              below ``2**-969 ~ 2e-292``). The rounded sum ``acc + comp`` is within
+              ``u*|S| + gamma_n*gamma_2n*A`` of ``S = sum_i v_i x_i``, with ``gamma_k =
+              k*u/(1 - k*u)``, and the weight sum within ``(u + gamma_n*gamma_2n)*W`` of
+              ``W``. So a float32 model gets ``q`` correctly rounded unless ``q`` lies within
+              that distance of a float32 rounding boundary. Extra memory: two float64 buffers
+              (4x a float32 model); values are checked in a separate read pass instead of an
+              undo buffer.
         batch: how many queued updates ``fold_many`` adds per cache-blocked pass.
         backend: ``"numba"`` (compiled kernels), ``"numpy"`` (pure numpy fallback) or
             ``"auto"`` (numba when installed).
