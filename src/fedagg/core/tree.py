@@ -150,12 +150,12 @@ def _units(dtype: npt.DTypeLike) -> tuple[float, float]:
 def compensated_margin(abs_weighted_sum: npt.ArrayLike, total_weight: float, n: int) -> F64:
     """How far the float64 quotient of the compensated mean may be from the exact mean.
 
-    With the ``"float64"`` accumulator, every tree (and the flat fold) computes the same
-    products ``v_i = fl(w_i s_i x_i)``; Neumaier's sums keep each addition's error exactly and
-    round only the running compensation, so the sum before the final division is within
-    ``~2 n**2 u**2 * A`` of ``sum v_i`` (``u = 2**-53``, ``A = sum |w_i s_i x_i|``), and the
-    quotient ``(acc + comp) / W`` within ``(4u + 7 n**2 u**2) * A / W`` of the exact mean
-    ``sum v_i / W``. Returns that margin per coordinate (a generous constant: it is used to
+    With the ``"float64"`` accumulator, every tree (and the flat fold) keeps each product
+    ``w_i s_i x_i`` exactly (value + error, Dekker's split) and each addition's error, and
+    rounds only the running compensation: the quotient is within
+    ``3u|q| + 5 (n**2 + 1) u**2 * A / W`` of the exact mean ``q`` (``u = 2**-53``,
+    ``A = sum |w_i s_i x_i|``; see ``fedagg.aggregators.mean``). This returns the looser
+    ``(4u + 7 n**2 u**2) * A / W`` per coordinate (a generous constant: it is used to
     certify, not to estimate).
     """
     a = np.asarray(abs_weighted_sum, np.float64)
