@@ -340,6 +340,11 @@ def executor(started: dict[str, Future[Any]]) -> RayExecutor:
 
 
 def test_actor_executor_matches_the_local_executor_and_caches_data(executor: RayExecutor) -> None:
+    # Bit for bit on any machine: an actor and the test process run the same BLAS kernels with
+    # one thread each (the local executor's calls of under SMALL_CALL clients, the actors'
+    # num_cpus=1). That matters: OpenBLAS's product bits can change with its thread count (a
+    # 64 x 500 by 500 x 80 float32 product already does), while the batches of 8 rows here and
+    # in the round below give the same bits with one thread or two.
     model = LogReg(10, 3)
     alg = LocalSGD(epochs=1, batch_size=8, lr=0.1)
     rng = np.random.default_rng(0)
