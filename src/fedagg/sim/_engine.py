@@ -75,7 +75,10 @@ class LocalExecutor:
 
     A call with fewer than :data:`SMALL_CALL` clients (asynchronous policies train one client
     per dispatch) runs with one BLAS thread: its matrix products are too small to split, and
-    BLAS threads contending for 2 cores made them up to 15x slower. Results do not change.
+    BLAS threads contending for 2 cores made them up to 15x slower. Products this small give
+    the same bits with one thread or several; large ones need not (OpenBLAS splits them by
+    thread count), so calls of ``SMALL_CALL`` clients or more replay bit for bit only with the
+    same BLAS thread count.
     """
 
     def train(
