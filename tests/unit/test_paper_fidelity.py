@@ -15,7 +15,6 @@ names:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import sqrt
 from typing import Any
 
@@ -25,17 +24,10 @@ import pytest
 import fedagg
 from fedagg import sim, strategies
 from fedagg.errors import ConfigError
+from tests.sim.test_async import Ctx
+from tests.unit.test_known_answers import X0, two_steps
 
 EXACT = fedagg.aggregators.mean("float64")
-
-
-@dataclass
-class Ctx:
-    num_clients: int
-    seed: int = 0
-
-    def available(self, slot: int) -> np.ndarray:
-        return np.arange(self.num_clients)
 
 
 def arrival(
@@ -163,16 +155,7 @@ def test_fedamd_weights_from_a_config() -> None:
 
 
 # -- 6. FedAdagrad ---------------------------------------------------------------------------------
-X0 = np.array([1.0, -2.0])
-D1 = np.array([0.5, 0.1])
-D2 = np.array([-0.2, 0.1])
-
-
-def two_steps(opt: fedagg.optimizers.ServerOptimizer) -> tuple[np.ndarray, np.ndarray]:
-    state = opt.init([X0])
-    (x1,), state = opt.step(state, [X0], [D1])
-    (x2,), state = opt.step(state, [x1], [D2])
-    return x1, x2
+# two_steps: x0 = (1, -2), d1 = (0.5, 0.1), d2 = (-0.2, 0.1) (tests/unit/test_known_answers.py)
 
 
 def test_fedadagrad_paper_flavor_defaults_to_beta1_0_9() -> None:
