@@ -166,6 +166,9 @@ def test_pick_best_breaks_ties_by_index_within_the_documented_tolerance() -> Non
     # m picks in pick order; each pick against what is left
     assert robust.pick_best(np.array([5.0, 2.0, 2.0, 1.0]), 3) == [3, 1, 2]
     assert robust.pick_best(np.array([2.0]), 4) == [0]
+    # overflowed scores (NaN, inf) rank last and never crash the ranking
+    assert robust.pick_best(np.array([np.nan, 3.0, np.inf, 1.0]), 4) == [3, 1, 0, 2]
+    assert robust.pick_best(np.array([np.nan, np.nan]), 1, scale=np.nan) == [0]
 
 
 def test_krum_scores_of_mirror_images_are_bit_equal() -> None:

@@ -434,11 +434,13 @@ def pick_best(scores: F64, m: int, scale: float = 0.0) -> list[int]:
     left (see :data:`TIE_RTOL`)."""
     left = np.arange(len(scores))
     out: list[int] = []
+    clean = np.where(np.isnan(scores), np.inf, scores)  # an overflowed score ranks last
     for _ in range(min(m, len(scores))):
-        s = scores[left]
+        s = clean[left]
         lo = float(s.min())
-        tied = np.flatnonzero(s <= lo + TIE_RTOL * (lo + scale))
-        i = int(left[tied[0]])
+        tol = TIE_RTOL * (lo + scale)
+        tied = np.flatnonzero(s <= lo + (tol if math.isfinite(tol) else 0.0))
+        i = int(left[tied[0]]) if len(tied) else int(left[0])
         out.append(i)
         left = left[left != i]
     return out
