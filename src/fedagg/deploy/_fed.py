@@ -27,6 +27,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import logging
+import math
 import os
 import time
 import uuid
@@ -39,14 +41,15 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import dumps, loads, register
-from fedagg.core.aggregate import Aggregator, check_update
+from fedagg.core import _kernels
+from fedagg.core.aggregate import _F64_SAFE, Aggregator, check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
 from fedagg.deploy._store import EventRow, LogItem, Store
-from fedagg.errors import ConfigError, StateError
+from fedagg.errors import ConfigError, FedaggError, NonFiniteUpdate, StateError, UpdateError
 from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
     Applied,
@@ -68,6 +71,7 @@ __all__ = ["Canonical", "Effects", "Federation", "LogItem", "TaskInfo"]
 
 Arr = npt.NDArray[Any]
 Order = Literal["arrival", "canonical"]
+log = logging.getLogger("fedagg.server")
 
 
 @register
@@ -122,6 +126,10 @@ class CanonicalState:
     spec: ParamSpec
     version: int | None
     pending: list[Update] = field(default_factory=list)
+    #: ``sum |weight * scale| * max|delta|`` over ``pending``: what folding them can add
+    bound: float = 0.0
+    #: ``(client_id, reason)`` of the updates the round's fold refused, in key order
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def checkpoint_view(self) -> CanonicalState:
         if self.pending:
@@ -146,10 +154,24 @@ class Canonical:
     were checked as they streamed in) and keeps it, as a view of its spool file (no copy, no
     memory), until ``finalize`` folds them all in key order: the result depends only on *which*
     updates were accepted. The price is that folding waits for the round to close.
+
+    The fold at the round's close must not fail, or the round could never close (and a
+    restart, replaying the same updates, would fail again). So, for a mean-monoid aggregator,
+    an arriving update is refused (:class:`NonFiniteUpdate`, through the policy's ordinary
+    refusal path) when ``|weight * scale| * max|delta|``, added to the same bound of the
+    updates already kept, could overflow the accumulator: the kept updates' sum then cannot.
+    Should the fold at the close still refuse an update (a rule's own check), the others are
+    folded one by one in key order and the refused ones skipped and recorded in
+    :attr:`CanonicalState.refused`: the same updates give the same outcome on every replay.
     """
 
     inner: Aggregator[Any]
     key: Callable[[Update], Any]
+    #: the bound kept updates must stay under (None: no mean accumulator, no bound)
+    limit: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limit", _overflow_limit(self.inner))
 
     @property
     def decomposable(self) -> bool:
@@ -158,28 +180,63 @@ class Canonical:
     def init(self, spec: ParamSpec, *, version: int | None = None) -> CanonicalState:
         return CanonicalState(self.inner.init(spec, version=version), spec, version)
 
-    def fold(self, state: CanonicalState, update: Update) -> CanonicalState:
+    def _admit(self, state: CanonicalState, bound: float, update: Update) -> float:
+        """Check ``update`` and return the pending bound with it (raises UpdateError)."""
         check_update(state.spec, state.version, update)
+        limit = self.limit
+        if limit is None:
+            return bound
+        if state.spec.dtype.itemsize > 4:
+            limit = _F64_SAFE  # a float64 model always gets a float64 accumulator
+        segs = state.spec.segments(update.delta)
+        peak = max((_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0)
+        if not math.isfinite(peak):
+            raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
+        size = abs(float(update.weight) * float(update.scale)) * peak
+        if not bound + size <= limit:  # Python floats: inf, no warning
+            e = NonFiniteUpdate(
+                update.client_id,
+                f"weighted delta too large: |weight| * max|delta| = {size:.3g} would overflow "
+                f"the round's accumulator (room left {max(0.0, limit - bound):.3g})",
+            )
+            log.warning("%s", e)
+            raise e
+        return bound + size
+
+    def fold(self, state: CanonicalState, update: Update) -> CanonicalState:
+        state.bound = self._admit(state, state.bound, update)
         state.pending.append(update)
         return state
 
     def fold_many(self, state: CanonicalState, updates: Iterable[Update]) -> CanonicalState:
         ups = list(updates)
+        bound = state.bound
         for u in ups:
-            check_update(state.spec, state.version, u)
+            bound = self._admit(state, bound, u)
         state.pending += ups
+        state.bound = bound
         return state
 
     def merge(self, state: CanonicalState, other: CanonicalState) -> CanonicalState:
         self.inner.merge(state.inner, other.inner)
         state.pending += other.pending
+        state.bound += other.bound
         return state
 
     def _flush(self, state: CanonicalState) -> Any:
         if state.pending:
             ordered = sorted(state.pending, key=self.key)
-            state.pending = []
-            state.inner = self.inner.fold_many(state.inner, ordered)
+            state.pending, state.bound = [], 0.0
+            try:
+                state.inner = self.inner.fold_many(state.inner, ordered)
+            except UpdateError:
+                # a refused batch leaves the state unchanged: fold one by one, skip the bad
+                for u in ordered:
+                    try:
+                        state.inner = self.inner.fold(state.inner, u)
+                    except UpdateError as e:
+                        state.refused.append((e.client_id, e.reason))
+                        log.warning("at the round's fold: %s", e)
         return state.inner
 
     def finalize_flat(self, state: CanonicalState) -> Arr:
@@ -190,6 +247,19 @@ class Canonical:
 
     def count(self, state: CanonicalState) -> int:
         return int(self.inner.count(state.inner)) + len(state.pending)
+
+
+def _overflow_limit(agg: Aggregator[Any]) -> float | None:
+    """What the pending updates' bound must stay under for ``agg``'s mean accumulator: half
+    the float32 range (room for the sums' rounding), or the float64 accumulator's own
+    per-update bound; None if ``agg`` has no mean accumulator."""
+    try:
+        acc = accumulator_of(agg)
+    except FedaggError:  # a rule that cannot even start on a one-coordinate model
+        return None
+    if acc is None:
+        return None
+    return float(np.finfo(np.float32).max) / 2 if acc == "float32" else _F64_SAFE
 
 
 def _spool_key(update: Update) -> str:
