@@ -210,6 +210,8 @@ def test_canonical_order_refuses_on_arrival_what_would_overflow_the_round_fold()
     for value, weight in [(3e38, 10.0), (1e30, 1e12)]:  # too large by itself
         with pytest.raises(NonFiniteUpdate, match="weighted delta too large"):
             agg.fold(st, _up("x", value, weight))
+    with pytest.raises(NonFiniteUpdate, match="weight 1e\\+39 overflows"):  # cast to float32
+        agg.fold(st, _up("x", 1e-40, 1e39))
     agg.fold(st, _up("b", 1e38, 1.0))  # fits alone, but not twice: the sum could overflow
     with pytest.raises(NonFiniteUpdate, match="room left"):
         agg.fold_many(st, [_up("c", 1.0, 1.0), _up("d", 1e38, 1.0)])  # all or none

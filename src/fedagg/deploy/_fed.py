@@ -192,13 +192,18 @@ class Canonical:
         peak = max((_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0)
         if not math.isfinite(peak):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
-        size = abs(float(update.weight) * float(update.scale)) * peak
-        if not bound + size <= limit:  # Python floats: inf, no warning
-            e = NonFiniteUpdate(
-                update.client_id,
+        w = abs(float(update.weight) * float(update.scale))
+        size = w * peak
+        problem = None
+        if not max(w, abs(float(update.weight))) <= limit:  # weights are cast to its dtype
+            problem = f"weight {update.weight:.3g} overflows the round's accumulator"
+        elif not bound + size <= limit:  # Python floats: inf, no warning
+            problem = (
                 f"weighted delta too large: |weight| * max|delta| = {size:.3g} would overflow "
-                f"the round's accumulator (room left {max(0.0, limit - bound):.3g})",
+                f"the round's accumulator (room left {max(0.0, limit - bound):.3g})"
             )
+        if problem is not None:
+            e = NonFiniteUpdate(update.client_id, problem)
             log.warning("%s", e)
             raise e
         return bound + size
