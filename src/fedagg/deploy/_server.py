@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,15 @@ __all__ = ["PROTOCOL", "Server", "ServerOptions"]
 PROTOCOL = 1
 SERVICE = "fedagg.v1.Federation"
 log = logging.getLogger("fedagg.server")
+
+#: An upload's metrics: at most MAX_METRICS, each named by 1 to MAX_METRIC_NAME characters of
+#: ``A-Z a-z 0-9 _ . : / -``, each a finite float. They are checked before anything else is
+#: done for the upload (its signature, spool file, state DB row), so a header stuffed with
+#: metrics costs the server nothing. (Module constants: the ``[deploy]`` table has no limits
+#: section.)
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+_METRIC_NAME = re.compile(rf"[A-Za-z0-9_.:/\-]{{1,{MAX_METRIC_NAME}}}")
 
 
 @dataclass(frozen=True)
@@ -656,7 +666,7 @@ class Server:
         if first.header is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message needs a header")
         head = self._parse(pb.UploadHeader, bytes(first.header))
-        metrics = dict(head.metrics)
+        metrics = _check_metrics(head.metrics)
         content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
         keyring = self.keys
         if self._is_edge(head.auth):
@@ -682,8 +692,6 @@ class Server:
             )
         if not (math.isfinite(head.weight) and head.weight > 0):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weight must be finite and > 0")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "metrics must be finite")
         duplicate = (client, head.task) in self._accepted
         problem = None if duplicate else self.fed.task_problem(client, head.task, head.version)
         if problem == "unknown":
@@ -703,9 +711,9 @@ class Server:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"task {head.task} trains from version {version}, not {head.version}",
             )
-        if duplicate:
-            async for _ in it:  # a retry of an accepted upload: drain, acknowledge
-                pass
+        if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
+            what = f"re-sent upload of accepted task {head.task}"
+            await self._read_unspooled(first, it, head, spec.dtype.itemsize, what)
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
         t0 = time.perf_counter()
@@ -748,8 +756,7 @@ class Server:
         if not p.jobs:
             if head.nbytes:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a payload without jobs")
-            async for _ in it:
-                pass
+            await self._read_unspooled(first, it, head, 1, "a dropout report")
             report_dropouts()
             return pb.PushReply(task=head.task, duplicate=False)
         keys = [(int(j.client), int(j.task)) for j in p.jobs]
@@ -764,9 +771,17 @@ class Server:
             self._ex, lambda: {k for k in fresh if self.fed.store.has_upload(*k)}
         )
         seen = [k not in fresh or k in logged for k in keys]
-        if all(seen):
-            async for _ in it:
-                pass
+        if all(seen):  # a re-sent partial: read it (no larger than the accepted one), acknowledge
+            acc = {32: "float32", 64: "float64"}.get(int(p.accumulator_bits))
+            spec = self.fed.spec
+            if acc is None or head.nbytes != partial_nbytes(spec, acc):
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"re-sent partial of {head.nbytes} bytes, accumulator bits "
+                    f"{p.accumulator_bits}: not the size of a partial of this model",
+                )
+            itemsize = partial_dtype(spec, acc).itemsize
+            await self._read_unspooled(first, it, head, itemsize, "re-sent partial")
             self.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
         if any(seen):
@@ -830,6 +845,55 @@ class Server:
             return pb.PushReply(task=head.task, duplicate=True)
         self.stats.uploads += len(parts)
         return pb.PushReply(task=head.task, duplicate=False)
+
+    async def _read_unspooled(
+        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str
+    ) -> None:
+        """Read to its end an upload that is not spooled (a re-send of an accepted upload,
+        which stands; a dropout report), checking its shape as far as it goes: ``head.nbytes``
+        of data (the caller checked it is the accepted upload's size) in chunks in order, each
+        within ``chunk_bytes``, every message after the first carrying data or the trailer,
+        the trailer last. Reading stops at the first deviation, so such an upload costs at
+        most its declared size and one more message, never an unbounded drain. (The bytes
+        are not hashed: whatever they are, the accepted upload is the one that counts.)"""
+        total = head.nbytes
+        expect = 0
+        chunk = first
+        trailer = False
+        while True:
+            n = len(chunk.data)
+            if n:
+                off = chunk.ints.get(2, 0)
+                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > total - expect:
+                    raise _Abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{what} deviates from it: {n} bytes at offset {off} (expected offset "
+                        f"{expect}, chunks of at most {self.opt.chunk_bytes}, {total} in all)",
+                    )
+                expect += n
+            elif chunk.trailer is None and chunk is not first:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: an empty message")
+            trailer = chunk.trailer is not None
+            try:
+                raw = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            if trailer:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{what}: a message after the trailer"
+                )
+            try:
+                chunk = decode_chunk(raw, UPLOAD_CHUNK)
+            except WireError as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
+            if chunk.header is not None:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a second header")
+        if expect != total or not trailer:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} ends after {expect} of {total} bytes"
+                + ("" if trailer else ", without a trailer"),
+            )
 
     def _open_spool(self, tmp: Path) -> int:
         """A file to spool an upload into (on the I/O thread: file creation can block)."""
@@ -937,6 +1001,29 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """An upload's metrics, within the limits (:data:`MAX_METRICS`): counted before they are
+    read, names checked before values."""
+    if len(metrics) > MAX_METRICS:
+        raise _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"too many metrics: {len(metrics)} (at most {MAX_METRICS})",
+        )
+    out = dict(metrics)
+    for name, value in out.items():
+        if not _METRIC_NAME.fullmatch(name):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad metric name {name[: MAX_METRIC_NAME + 1]!r}: 1 to {MAX_METRIC_NAME} "
+                "characters of A-Z a-z 0-9 _ . : / -",
+            )
+        if not math.isfinite(value):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"metrics must be finite: {name} is {value}"
+            )
+    return out
 
 
 def _close_and_rename(fd: int, tmp: Path, final: Path) -> None:
