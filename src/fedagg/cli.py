@@ -20,6 +20,7 @@ __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_STATE = 3  # the state directory cannot be used as it is (e.g. an unreadable state.db)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +287,15 @@ COMMANDS: dict[str, Command] = {
 
 
 def _configure_certs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", help="where to write ca.pem, ca.key, server.pem, server.key")
+    p.add_argument(
+        "directory",
+        help="what the server and clients read (deploy.certs): ca.pem, server.pem, server.key",
+    )
+    p.add_argument(
+        "--ca-dir",
+        help="where the CA's private key ca.key goes, outside DIRECTORY (default: "
+        "DIRECTORY-ca beside it); keep it offline",
+    )
     p.add_argument(
         "--host",
         action="append",
@@ -300,10 +309,24 @@ def _run_certs(args: argparse.Namespace) -> int:
     from fedagg.deploy import make_certs
 
     hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
-    paths = make_certs(args.directory, hosts, args.days)
+    try:
+        paths = make_certs(args.directory, hosts, args.days, ca_dir=args.ca_dir)
+    except fedagg.FedaggError as e:
+        print(f"fedagg certs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"fedagg certs: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     for what, path in paths.items():
         print(f"{what:7s} {path}")
-    print("give ca.pem to the clients; keep ca.key offline")
+    print(f"give ca.pem to the clients; keep {paths['ca_key']} offline")
+    stale = paths["cert"].parent / "ca.key"
+    if stale.exists():
+        print(
+            f"warning: {stale} (an older CA's private key) is in the directory the server "
+            "reads: move it offline",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -324,6 +347,9 @@ def _run_keys(args: argparse.Namespace) -> int:
     except fedagg.FedaggError as e:
         print(f"fedagg keys: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        print(f"fedagg keys: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"{len(names)} client keys in {args.directory}; the server reads {auth}")
     return EXIT_OK
 
@@ -361,10 +387,12 @@ def _tier_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_server(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from fedagg import deploy, sim
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.umask(0o077)  # whatever the server creates (state, checkpoints, spool) is private
     try:
         cfg = sim.load_config(args.config)
         if args.rounds is not None:
@@ -393,6 +421,8 @@ def _run_server(args: argparse.Namespace) -> int:
         )
     except fedagg.FedaggError as e:
         print(f"fedagg server: error: {e}", file=sys.stderr)
+        if isinstance(e, fedagg.StateError):
+            return EXIT_STATE
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
     applied = sum(r.applied for r in result.rounds)
     print(
@@ -454,7 +484,11 @@ COMMANDS.update(
         ),
         "certs": Command(
             help="create a private CA and a TLS certificate for the server",
-            description="Write ca.pem, ca.key, server.pem and server.key (ECDSA P-256).",
+            description=(
+                "Write ca.pem, server.pem and server.key (ECDSA P-256) to DIRECTORY, and the "
+                "CA's private key ca.key to a separate directory (--ca-dir, default "
+                "DIRECTORY-ca): never into the one the server reads. Keys are mode 0600."
+            ),
             configure=_configure_certs,
             run=_run_certs,
         ),

@@ -56,6 +56,7 @@ from tests.deploy.harness import (
     start_server,
     wait,
     wait_listening,
+    write_toml,
 )
 
 CHUNK = 4096
@@ -73,7 +74,8 @@ GARBAGE = b"garbage!\xff\xff\xff"  # neither a protobuf message nor a chunk
 INVALID = "INVALID_ARGUMENT"
 UNAUTH = "UNAUTHENTICATED"
 STALE = "timestamp outside the allowed clock skew"
-BAD_SIG = "bad signature for client 'client-000'"
+#: an unknown name and a bad signature of a known one get the same answer (issue 14, finding 11)
+BAD_SIG = "authentication failed (unknown name or bad signature)"
 MISSING = "missing credentials"
 
 #: case -> (status code, a substring of the status message)
@@ -98,7 +100,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "hello_signed_by_another_key": (UNAUTH, BAD_SIG),
     "hello_signed_for_another_method": (UNAUTH, BAD_SIG),
     "hello_content_altered": (UNAUTH, BAD_SIG),
-    "hello_unknown_client": (UNAUTH, "unknown client 'mallory'"),
+    "hello_unknown_client": (UNAUTH, BAD_SIG),
     "hello_short_nonce": (UNAUTH, "nonce must be 16 bytes"),
     "hello_replayed": (UNAUTH, "replayed request"),
     "hello_protocol_2": ("FAILED_PRECONDITION", "protocol 2 not supported"),
@@ -109,7 +111,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "push_forged_signature": (UNAUTH, BAD_SIG),
     "push_missing_auth": (UNAUTH, MISSING),
     "push_stale_timestamp": (UNAUTH, STALE),
-    "push_unknown_client": (UNAUTH, "unknown client 'mallory'"),
+    "push_unknown_client": (UNAUTH, BAD_SIG),
     "push_header_altered_after_signing": (UNAUTH, BAD_SIG),
     "push_replayed_header": (UNAUTH, "replayed request"),
     # tasks
@@ -363,11 +365,14 @@ def exit_time(proc: subprocess.Popen[bytes]) -> Callable[[], float]:
     return get
 
 
-def cli_client(fed: Fed, key: Path, log: str, *args: str) -> subprocess.Popen[bytes]:
+def cli_client(
+    fed: Fed, key: Path, log: str, *args: str, config: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``fedagg client`` with a key of our choosing, output to ``log`` in the federation dir."""
     with open(fed.dir / log, "wb") as out:
         p = subprocess.Popen(
-            [PY, "-m", "fedagg.cli", "client", str(fed.config), "--key", str(key), *args],
+            [PY, "-m", "fedagg.cli", "client", str(config or fed.config), "--key", str(key),
+             *args],
             stdout=out, stderr=subprocess.STDOUT, env=_env(None), start_new_session=True,
         )  # fmt: skip
     fed.procs.append(p)
@@ -590,7 +595,11 @@ def _scenario(fed: Fed, root: Path) -> Scenario:
     make_keys(root / "intruder", ["intruder"])
     intruder = cli_client(fed, root / "intruder" / "intruder.key", "intruder.log")
     wait_listening(fed, server)
-    insecure = cli_client(fed, fed.key(2), "insecure.log", "--insecure", "--retry-for", "3")
+    # a plaintext client (no certificates configured: --insecure with them is refused)
+    plain = fed.dir / "plain.toml"
+    write_toml(plain, {**fed.cfg, "deploy": {**fed.cfg["deploy"], "certs": ""}})
+    insecure = cli_client(fed, fed.key(2), "insecure.log", "--insecure", "--retry-for", "3",
+                          config=plain)  # fmt: skip
     insecure_exit = exit_time(insecure)
 
     cfg = sim.load_config(fed.config)
@@ -774,7 +783,18 @@ def test_the_federation_ends_with_the_clean_runs_model(scenario: Scenario) -> No
 def test_a_client_whose_key_is_not_registered_is_refused(scenario: Scenario) -> None:
     rc, log = scenario.intruder
     assert rc == 1, log
-    assert "fedagg client: error: UNAUTHENTICATED: unknown client 'intruder'" in log
+    assert f"fedagg client: error: UNAUTHENTICATED: {BAD_SIG}" in log
+
+
+@pytest.mark.parametrize("rpc", ["hello", "push"])
+def test_an_unknown_name_and_a_bad_signature_get_the_same_answer(
+    scenario: Scenario, rpc: str
+) -> None:
+    """The peer cannot tell a registered name from an unregistered one (issue 14, finding 11):
+    the same status code and the very same message (the server's log says which it was)."""
+    assert (
+        scenario.outcomes[f"{rpc}_unknown_client"] == scenario.outcomes[f"{rpc}_forged_signature"]
+    )
 
 
 def test_an_insecure_client_cannot_talk_to_a_tls_server(scenario: Scenario) -> None:

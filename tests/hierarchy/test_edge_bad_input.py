@@ -35,7 +35,13 @@ from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy import ClientKey, make_keys
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import body, edge_upload_body, signing_bytes, upload_body
+from fedagg.deploy._auth import (
+    AUTH_FAILED,
+    body,
+    edge_upload_body,
+    signing_bytes,
+    upload_body,
+)
 from fedagg.deploy._partial import partial_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.sim._config import load_config, resolve_config
@@ -57,8 +63,8 @@ EXPECTED: dict[str, tuple[str, str]] = {
     # who may be an edge, and of what
     "hello_claims_client_out_of_range": (INVALID, "edge 'edge-a' claims clients [4] this server"),
     "relay_after_the_refused_hello": (DENIED, "client 0 is not in the subtree of edge 'edge-a'"),
-    "hello_unknown_edge_key": (UNAUTH, "unknown client 'edge-rogue'"),
-    "tasks_unknown_edge_key": (UNAUTH, "unknown client 'edge-rogue'"),
+    "hello_unknown_edge_key": (UNAUTH, AUTH_FAILED),
+    "tasks_unknown_edge_key": (UNAUTH, AUTH_FAILED),
     "client_relays": (DENIED, ONLY_EDGES),
     "client_pushes_partial": (DENIED, ONLY_EDGES),
     "client_reports_dropouts": (DENIED, ONLY_EDGES),
@@ -81,10 +87,10 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "partial_wrong_version": (PRECOND, "job 0 of client 0 cannot be merged (version)"),
     "relay_wrong_nbytes": (INVALID, "update has 10400 bytes, the model 2600"),
     # signatures
-    "partial_header_tampered": (UNAUTH, "bad signature for client 'edge-a'"),
-    "partial_jobs_tampered": (UNAUTH, "bad signature for client 'edge-a'"),
-    "partial_signed_by_another_edge": (UNAUTH, "bad signature for client 'edge-a'"),
-    "partial_trailer_signed_by_another_edge": (UNAUTH, "trailer: bad signature for client"),
+    "partial_header_tampered": (UNAUTH, AUTH_FAILED),
+    "partial_jobs_tampered": (UNAUTH, AUTH_FAILED),
+    "partial_signed_by_another_edge": (UNAUTH, AUTH_FAILED),
+    "partial_trailer_signed_by_another_edge": (UNAUTH, f"trailer: {AUTH_FAILED}"),
     "partial_payload_altered": (INVALID, "do not match its trailer's sha256"),
     # after the first partial was accepted
     "partial_overlaps_accepted_uploads": (PRECOND, "a partial overlaps accepted uploads"),
@@ -591,7 +597,7 @@ def test_the_first_round_waits_for_every_edge(scenario: Scenario) -> None:
 # -- bugs this suite found ---------------------------------------------------------------------
 def test_an_unknown_key_pushing_a_partial_is_unauthenticated(scenario: Scenario) -> None:
     assert scenario.rogue_partial[0] == UNAUTH, scenario.rogue_partial
-    assert "unknown client 'edge-rogue'" in scenario.rogue_partial[1]
+    assert AUTH_FAILED in scenario.rogue_partial[1]
 
 
 def test_a_refused_partial_reports_no_dropouts(scenario: Scenario) -> None:

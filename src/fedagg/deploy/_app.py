@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -19,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedagg._checkpoint import save
+from fedagg._checkpoint import dumps
 from fedagg.core.spec import ArrayTree
 from fedagg.core.strategy import ServerState
 from fedagg.deploy._auth import ClientKey, Keyring
 from fedagg.deploy._client import Client, Result, TaskContext
 from fedagg.deploy._fed import Federation, canonical_strategy
+from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.errors import ConfigError
 from fedagg.sim._config import resolve_config
@@ -41,6 +43,26 @@ __all__ = [
     "serve_async",
     "serve_edge",
 ]
+
+log = logging.getLogger("fedagg.server")
+
+
+def _certs_dir(d: Mapping[str, Any], insecure: bool, side: str, needs: tuple[str, ...]) -> Path:
+    """``deploy.certs``, checked for one side (server: ``server.pem``/``server.key``; client:
+    ``ca.pem``). Insecure with certificates configured (any of ``needs`` exists) is refused:
+    plaintext is never chosen silently over certificates that are there."""
+    certs = Path(d["certs"]) if d["certs"] else None
+    if insecure and certs is not None:
+        present = [certs / n for n in needs if (certs / n).exists()]
+        if present:
+            raise ConfigError(
+                f"--insecure (or deploy.insecure) turns TLS off for the {side}, but "
+                f"certificates are configured ({present[0]} exists): drop --insecure to use "
+                f'TLS, or set deploy.certs = "" to run without certificates'
+            )
+    if not insecure and certs is None:
+        raise ConfigError(f"TLS needs deploy.certs (the {side}'s certificates), or --insecure")
+    return certs or Path()
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,7 @@ def build_federation(
     cfg = resolve_config(config)
     d = cfg["deploy"]
     seed = int(cfg["seed"])
+    directory = private_state_dir(directory or d["state"])  # 0700, its files 0600
     if cfg["client"]["algorithm"] in ("scaffold", "fedamd"):
         raise ConfigError(
             f"client algorithm {cfg['client']['algorithm']!r} sends server-side state "
@@ -96,7 +119,7 @@ def build_federation(
     server = strategy.init(model.init(seed))
     return Federation(
         policy, server, num_clients=len(fd.clients), seed=seed,
-        directory=directory or d["state"], epochs=int(cfg["client"]["epochs"]),
+        directory=directory, epochs=int(cfg["client"]["epochs"]),
         checkpoint_every=int(d["checkpoint_every"]),
         checkpoint_updates=int(d["checkpoint_updates"]), identity=_identity(cfg, server),
     )  # fmt: skip
@@ -107,8 +130,14 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
     d = resolve_config(config)["deploy"]
     insecure = bool(d["insecure"]) if insecure is None else insecure
     tls = None
+    certs = _certs_dir(d, insecure, "server", ("server.pem", "server.key"))
     if not insecure:
-        certs = Path(d["certs"])
+        if (certs / "ca.key").exists():
+            log.warning(
+                "the CA's private key %s is in the directory the server reads its certificate "
+                "from: move it offline ('fedagg certs' now writes it to a separate directory)",
+                certs / "ca.key",
+            )
         try:
             tls = ((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes())
         except OSError as e:
@@ -179,7 +208,7 @@ def serve(
     result = asyncio.run(
         serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges)
     )
-    save(Path(directory) / "final.npz", result.server)
+    write_private(Path(directory) / "final.npz", dumps(result.server))
     return result
 
 
@@ -202,6 +231,7 @@ def serve_edge(
         raise ConfigError("an edge aggregator needs deploy.parent and deploy.edge_key")
     insecure = bool(d["insecure"]) if insecure is None else insecure
     opts = options_from_config(cfg, insecure=insecure, listen=listen)
+    certs = _certs_dir(d, insecure, "link to the parent", ("ca.pem",))
     keyring = Keyring.load(Path(d["keys"]) / "authorized_keys")
     edges = Keyring.load(d["edges"]) if d["edges"] else None
     unknown = [n for n in d["serves"] if n not in keyring.index]
@@ -221,10 +251,15 @@ def serve_edge(
         leaf = build_aggregator({**cfg["strategy"], "aggregator": d["leaf_rule"]})
     engine = EdgeEngine(
         build_strategy(cfg).aggregator, spec, num_clients=len(keyring.names),
-        directory=state or d["state"], mode=mode, flush_after=float(d["flush_after"]),
-        leaf_rule=leaf,
+        directory=private_state_dir(state or d["state"]), mode=mode,
+        flush_after=float(d["flush_after"]), leaf_rule=leaf,
     )  # fmt: skip
-    ca = None if insecure else (Path(d["certs"]) / "ca.pem").read_bytes()
+    ca = None
+    if not insecure:
+        try:
+            ca = (certs / "ca.pem").read_bytes()
+        except OSError as e:
+            raise ConfigError(f"TLS needs the CA certificate {certs / 'ca.pem'} ({e})") from e
     # an edge holds accepted updates for its parent: it keeps trying it for as long as it runs
     link = ParentLink(str(d["parent"]), ClientKey.load(d["edge_key"]), sorted(serves), ca=ca,
                       insecure=insecure, retry_for=math.inf)  # fmt: skip
@@ -282,8 +317,9 @@ def client_from_config(
     d = cfg["deploy"]
     insecure = bool(d["insecure"]) if insecure is None else insecure
     ca = None
+    certs = _certs_dir(d, insecure, "client", ("ca.pem",))
     if not insecure:
-        path = Path(d["certs"]) / "ca.pem"
+        path = certs / "ca.pem"
         try:
             ca = path.read_bytes()
         except OSError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -30,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedagg.deploy._files import write_private
 from fedagg.errors import ConfigError
 
 __all__ = [
@@ -46,6 +48,13 @@ __all__ = [
 ]
 
 PREFIX = b"fedagg/v1"
+
+#: What the peer is told when its name is not registered or its signature does not verify: the
+#: same words for both, so that a peer cannot learn which names are registered (the server's log
+#: says which it was).
+AUTH_FAILED = "authentication failed (unknown name or bad signature)"
+
+log = logging.getLogger("fedagg.auth")
 
 
 class AuthError(Exception):
@@ -151,6 +160,8 @@ class Keyring:
         self.keys = dict(sorted(keys.items()))
         self.index = {name: i for i, name in enumerate(self.keys)}
         self.names = list(self.keys)
+        #: verifies an unknown name's signature too (it fails): both refusals cost the same
+        self._nobody = Ed25519PrivateKey.generate().public_key()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Keyring:
@@ -178,16 +189,19 @@ class Keyring:
         ``signature`` does, made with ``auth``'s name, timestamp and nonce)."""
         name = auth.client
         key = self.keys.get(name)
-        if key is None:
-            raise AuthError(f"unknown client {name!r}")
         try:
-            key.verify(
+            (key if key is not None else self._nobody).verify(
                 auth.signature if signature is None else signature,
                 signing_bytes(method, name, auth.timestamp_ms, auth.nonce, content),
             )
         except InvalidSignature:
-            raise AuthError(f"bad signature for client {name!r}") from None
-        return self.index[name]
+            pass
+        else:
+            if key is not None:
+                return self.index[name]
+        what = "unknown name" if key is None else "bad signature for"
+        log.info("%s refused: %s %r", method, what, name)
+        raise AuthError(AUTH_FAILED)
 
 
 @dataclass
@@ -259,10 +273,7 @@ def make_keys(directory: str | os.PathLike[str], names: list[str]) -> Path:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path = d / f"{name}.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        write_private(d / f"{name}.key", pem)  # 0600, also over an existing file
         lines.append(f"{name} {ClientKey(name, key).public_b64()}\n")
     auth = d / "authorized_keys"
     with auth.open("a") as f:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedagg.deploy._faults import crash_point
+from fedagg.errors import StateError
 
 __all__ = ["EventRow", "LogItem", "PartialRows", "Store", "UploadRow"]
 
@@ -85,12 +86,32 @@ class EventRow:
 LogItem = tuple[str, float, int | None, int | None, int | None, UploadRow | PartialRows | None]
 
 
+#: what to do about a state database that cannot be read (in every such error's message)
+RECOVERY_HINT = (
+    "restore it (with its -wal file) from a backup, or move the state directory aside to "
+    "start a new federation (its progress is then lost)"
+)
+
+
 class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.db = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        path = os.fspath(path)
+        try:
+            # created 0600 (SQLite gives the -wal and -shm files the database file's mode)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise StateError(f"cannot open the state database {path}: {e}; {RECOVERY_HINT}") from e
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.Error as e:
+            self.db.close()
+            raise StateError(
+                f"the state database {path} is unreadable ({e}): {RECOVERY_HINT}"
+            ) from e
 
     def close(self) -> None:
         self.db.close()
