@@ -634,7 +634,8 @@ class Federation:
         )  # fmt: skip
         path = self.dir / f"checkpoint-{self.applied:012d}.npz"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, any umask
+        with os.fdopen(fd, "wb") as f:
             f.write(dumps(snap))
             f.flush()
             os.fsync(f.fileno())
