@@ -96,6 +96,17 @@ class ServerOptions:
             authenticity, also through a TLS-terminating proxy). It costs a hash pass on
             both sides (~1 GB/s per core); with TLS end to end, turning it off loses nothing
             in transit (the channel authenticates every byte).
+        first_timeout: seconds an RPC may take to send its first message (an upload's
+            header), which is read, size-capped (gRPC's message limit, ``chunk_bytes`` plus
+            64 KiB) and authenticated before the upload takes a slot, a file or a thread.
+        idle_timeout: seconds an upload holding a slot may go without sending a message.
+        min_rate: progress floor of an upload holding a slot, bytes/s: it must end within
+            ``idle_timeout + nbytes / min_rate`` seconds of taking its slot.
+        client_uploads: slots one client (or one edge's partials) may hold at once, out of
+            ``max_uploads``; beyond, an upload is refused (RESOURCE_EXHAUSTED: clients retry
+            later). 2: an upload and a concurrent retry of it (after a lost connection).
+            (``idle_timeout``, ``first_timeout``, ``min_rate`` and ``client_uploads`` are not
+            in the ``[deploy]`` table: their defaults apply.)
     """
 
     listen: str = "127.0.0.1:7531"
@@ -114,6 +125,10 @@ class ServerOptions:
     max_uploads: int = 8
     adaptive_window: bool = False
     digest: bool = True
+    first_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    min_rate: float = 64 * 1024.0
+    client_uploads: int = 2
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -122,8 +137,10 @@ class ServerOptions:
             raise ConfigError("chunk_bytes must be in [4 KiB, 64 MiB]")
         if self.queue < 1 or self.client_timeout <= 0 or self.heartbeat <= 0:
             raise ConfigError("queue, client_timeout and heartbeat must be > 0")
-        if self.max_uploads < 1:
-            raise ConfigError("max_uploads must be >= 1")
+        if self.max_uploads < 1 or self.client_uploads < 1:
+            raise ConfigError("max_uploads and client_uploads must be >= 1")
+        if not (self.first_timeout > 0 and self.idle_timeout > 0 and self.min_rate > 0):
+            raise ConfigError("first_timeout, idle_timeout and min_rate must be > 0")
 
 
 class _Abort(Exception):
@@ -194,6 +211,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._queue: asyncio.Queue[_Item] | None = None
         self._uploads: asyncio.Semaphore | None = None
+        self._slots: dict[str, int] = {}  # upload slots held, by owner (client or edge)
         self._pulls: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
@@ -649,16 +667,45 @@ class Server:
                 yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
 
     async def _push(self, stream: AsyncIterator[bytes], context: Any) -> pb.PushReply:
-        # at most max_uploads streams are read at once; the others wait unread, held back by
-        # gRPC's flow control, so memory does not grow with the clients pushing
+        return await self._push_one(stream)
+
+    @contextlib.asynccontextmanager
+    async def _slot(
+        self, owner: str, it: AsyncIterator[bytes], nbytes: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """An upload slot for an authenticated upload (``owner``: its client or edge), taken
+        after its header is checked: at most ``client_uploads`` per owner, refused beyond
+        (RESOURCE_EXHAUSTED, retried by clients), so one client cannot take the pool;
+        then one of the ``max_uploads`` slots, waited for (the stream waits unread, held back
+        by gRPC's flow control, so memory does not grow with the clients pushing). Yields the
+        rest of the stream, cut off (DEADLINE_EXCEEDED) when idle for ``idle_timeout`` or
+        slower than ``min_rate``; the slot is released however the upload ends."""
+        if self._slots.get(owner, 0) >= self.opt.client_uploads:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.opt.client_uploads} uploads of yours are being received: retry later",
+            )
         assert self._uploads is not None
-        async with self._uploads:
-            return await self._push_one(stream)
+        self._slots[owner] = self._slots.get(owner, 0) + 1
+        try:
+            async with self._uploads:
+                until = time.monotonic() + self.opt.idle_timeout + nbytes / self.opt.min_rate
+                yield _Paced(it, self.opt.idle_timeout, until)
+        finally:
+            self._slots[owner] -= 1
+            if not self._slots[owner]:
+                del self._slots[owner]
 
     async def _push_one(self, stream: AsyncIterator[bytes]) -> pb.PushReply:
         it = stream.__aiter__()
-        try:
-            first = decode_chunk(await it.__anext__(), UPLOAD_CHUNK)
+        try:  # the header: read (with a deadline) and checked before anything is committed
+            raw = await asyncio.wait_for(it.__anext__(), self.opt.first_timeout)
+            first = decode_chunk(raw, UPLOAD_CHUNK)
+        except TimeoutError:
+            raise _Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no upload header within {self.opt.first_timeout:g}s",
+            ) from None
         except StopAsyncIteration:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload") from None
         except WireError as e:
@@ -674,7 +721,8 @@ class Server:
             edge = self._auth_edge("Push", head.auth, edge_upload_body(content, head))
             keyring = self.edges
             if not head.relay:
-                return await self._push_partial(edge, first, it, head)
+                async with self._slot(f"edge:{edge}", it, head.nbytes) as paced:
+                    return await self._push_partial(edge, first, paced, head)
             client = int(head.on_behalf)
             self._routed(edge, client)
         else:
@@ -711,29 +759,32 @@ class Server:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"task {head.task} trains from version {version}, not {head.version}",
             )
-        if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
-            what = f"re-sent upload of accepted task {head.task}"
-            await self._read_unspooled(first, it, head, spec.dtype.itemsize, what)
-            self.stats.duplicates += 1
-            return pb.PushReply(task=head.task, duplicate=True)
-        t0 = time.perf_counter()
-        path, digest = await self._receive(client, first, it, head, spec.dtype, keyring)
-        self.stats.receive_s += time.perf_counter() - t0
-        upload = UploadRow(
-            client, head.task, str(path), float(head.weight), head.version, metrics,
-            head.nbytes, digest,
-        )  # fmt: skip
-        assert self._queue is not None
-        done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(("arrival", self.now(), client, head.task, None, upload), done))
-        row = await done
-        if row is None:  # a concurrent retry won the race
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self.stats.duplicates += 1
-            return pb.PushReply(task=head.task, duplicate=True)
-        self.stats.uploads += 1
-        return pb.PushReply(task=head.task, duplicate=False)
+        async with self._slot(f"client:{client}", it, head.nbytes) as paced:
+            # the slot is held until the upload is acknowledged (backpressure)
+            if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
+                what = f"re-sent upload of accepted task {head.task}"
+                await self._read_unspooled(first, paced, head, spec.dtype.itemsize, what)
+                self.stats.duplicates += 1
+                return pb.PushReply(task=head.task, duplicate=True)
+            t0 = time.perf_counter()
+            path, digest = await self._receive(client, first, paced, head, spec.dtype, keyring)
+            self.stats.receive_s += time.perf_counter() - t0
+            upload = UploadRow(
+                client, head.task, str(path), float(head.weight), head.version, metrics,
+                head.nbytes, digest,
+            )  # fmt: skip
+            assert self._queue is not None
+            done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
+            event = ("arrival", self.now(), client, head.task, None, upload)
+            await self._queue.put(_Item(event, done))
+            row = await done
+            if row is None:  # a concurrent retry won the race
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                self.stats.duplicates += 1
+                return pb.PushReply(task=head.task, duplicate=True)
+            self.stats.uploads += 1
+            return pb.PushReply(task=head.task, duplicate=False)
 
     async def _push_partial(
         self, edge: str, first: Any, it: AsyncIterator[bytes], head: Any
@@ -951,6 +1002,8 @@ class Server:
                     self.stats.bytes_in += n
                     if expect < total:
                         crash_point("upload")
+                elif chunk.trailer is None and chunk is not first:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty message")
                 if chunk.trailer is not None:
                     trailer = self._parse(pb.UploadTrailer, bytes(chunk.trailer))
                 try:
@@ -1001,6 +1054,25 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+class _Paced:
+    """The rest of an upload's stream, each message within ``idle`` seconds of the previous
+    one and all of them by ``until`` (monotonic): a silent or slow peer is cut off."""
+
+    def __init__(self, it: AsyncIterator[bytes], idle: float, until: float) -> None:
+        self.it, self.idle, self.until = it, idle, until
+
+    def __aiter__(self) -> _Paced:
+        return self
+
+    async def __anext__(self) -> bytes:
+        left = self.until - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.it.__anext__(), max(0.0, min(self.idle, left)))
+        except TimeoutError:
+            why = f"idle for {self.idle:g}s" if left > self.idle else "below the progress floor"
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"upload cut off: {why}") from None
 
 
 def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

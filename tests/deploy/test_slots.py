@@ -1,0 +1,215 @@
+"""Upload slots cannot be held by a silent peer (issue 14, findings 1 and 5).
+
+A real server process on loopback (TLS, logistic regression), started with short deadlines
+(``first_timeout``, ``idle_timeout``: :data:`FIRST`, :data:`IDLE`; the ``[deploy]`` table has
+no keys for them, so the server process is started with patched defaults). Checked:
+
+(a) Push streams from an outsider that send nothing take no slot: the run ends while they
+    wait, and each is cut off once its header is late.
+(b) A registered client's signed upload headers followed by nothing: two are received (the
+    server's ``client_uploads``), the others are refused at once, those received are cut off
+    when idle, leaving no spool file; the other clients' uploads are acknowledged meanwhile.
+(c) A fresh upload padded with thousands of empty messages is refused.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._wire import encode_chunk
+from tests.deploy.harness import (
+    PY,
+    Fed,
+    _env,
+    federation,
+    read_acks,
+    read_log,
+    start_client,
+    wait,
+    wait_listening,
+)
+from tests.deploy.test_limits import SERVICE, Peer, TaskStream
+
+FIRST = 2.0  # seconds for an upload's header
+IDLE = 2.0  # seconds an upload holding a slot may stay silent
+SILENT = 10  # silent streams opened: more than max_uploads (8)
+CLIENT_UPLOADS = 2  # upload slots one client may hold (the server's default)
+BOUND = 40.0  # seconds the test waits for what must happen (it fails, not hangs)
+
+# ``fedagg server`` with short upload deadlines (only options this server knows are set, so
+# the same script runs a server without them, to see these tests fail)
+_SERVER = f"""
+import dataclasses, functools, sys
+from fedagg.deploy import _app, _server
+
+known = {{f.name for f in dataclasses.fields(_server.ServerOptions)}}
+short = {{"first_timeout": {FIRST}, "idle_timeout": {IDLE}}}
+_app.ServerOptions = functools.partial(
+    _server.ServerOptions, **{{k: v for k, v in short.items() if k in known}}
+)
+from fedagg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_server(fed: Fed) -> subprocess.Popen[bytes]:
+    with open(fed.dir / "server.log", "ab") as out:
+        p = subprocess.Popen(
+            [PY, "-c", _SERVER, "server", str(fed.config)],
+            stdout=out, stderr=subprocess.STDOUT, env=_env(None), start_new_session=True,
+        )  # fmt: skip
+    fed.procs.append(p)
+    wait_listening(fed, p)
+    return p
+
+
+class Silent:
+    """Push streams, one per item of ``firsts``: each sends its messages (maybe none), then
+    nothing more until closed."""
+
+    def __init__(self, channel: grpc.Channel, firsts: list[list[bytes]]) -> None:
+        self.stop = threading.Event()
+        call = channel.stream_unary(SERVICE + "Push")
+        self.futures = [call.future(self._messages(m), timeout=BOUND + 30) for m in firsts]
+        self.t0 = time.monotonic()
+
+    def _messages(self, first: list[bytes]) -> Iterator[bytes]:
+        yield from first
+        self.stop.wait()
+
+    def outcomes(self, timeout: float) -> list[tuple[str, float]]:
+        """Each stream's status code and when it ended (seconds after opening)."""
+        out = []
+        for f in self.futures:
+            try:
+                f.result(timeout=max(0.01, self.t0 + timeout - time.monotonic()))
+                out.append(("OK", time.monotonic() - self.t0))
+            except grpc.FutureTimeoutError:
+                out.append(("STILL OPEN", timeout))
+            except grpc.RpcError as e:
+                out.append((e.code().name, time.monotonic() - self.t0))
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+        for f in self.futures:
+            f.cancel()
+
+
+def spool_tmp(fed: Fed) -> list[str]:
+    return sorted(p.name for p in fed.state.rglob("tmp-*"))
+
+
+def test_outsider_silent_streams_take_no_slot(tmp_path: Path) -> None:
+    with federation(tmp_path, clients=2, rounds=2) as fed:
+        server = start_server(fed)
+        ca = (fed.dir / "certs" / "ca.pem").read_bytes()
+        channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca))
+        silent = Silent(channel, [[]] * SILENT)
+        try:
+            time.sleep(0.5)
+            clients = [start_client(fed, i) for i in range(2)]
+            t0 = time.monotonic()
+            assert wait(server, BOUND) == 0, read_log(fed)
+            ended = time.monotonic() - t0
+            for i, c in enumerate(clients):
+                assert wait(c, 30) == 0, read_log(fed, f"client-{i}.log")
+            print(f"run ended {ended:.1f}s after the clients started")
+        finally:
+            silent.close()
+            channel.close()
+
+
+def test_outsider_silent_streams_are_cut_off(tmp_path: Path) -> None:
+    with federation(tmp_path, clients=2, rounds=1) as fed:
+        start_server(fed)
+        ca = (fed.dir / "certs" / "ca.pem").read_bytes()
+        channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca))
+        silent = Silent(channel, [[]] * SILENT)
+        try:
+            got = silent.outcomes(FIRST + 10)
+        finally:
+            silent.close()
+            channel.close()
+        assert all(code == "DEADLINE_EXCEEDED" for code, _ in got), got
+        assert all(t < FIRST + 5 for _, t in got), got
+
+
+def _peer_with_task(fed: Fed) -> tuple[Peer, TaskStream, pb.Task, int]:
+    """Client 0 by hand, connected, with its first task (the round starts once it is
+    connected: ``wait_for = 1``)."""
+    peer = Peer(fed)
+    nbytes = peer.hello().model_bytes
+    tasks = TaskStream(peer)
+    return peer, tasks, tasks.next(30), nbytes
+
+
+def test_client_silent_uploads_do_not_block_others(tmp_path: Path) -> None:
+    with federation(tmp_path, clients=3, rounds=1, deploy={"wait_for": 1}) as fed:
+        start_server(fed)
+        peer, tasks, task, nbytes = _peer_with_task(fed)
+        silent = None
+        try:
+            data = bytes(nbytes)
+            heads = [
+                encode_chunk({}, b"", peer.header(task, data, {}).SerializeToString())
+                for _ in range(SILENT)
+            ]
+            silent = Silent(peer.channel, [[h] for h in heads])
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            for i in (1, 2):
+                start_client(fed, i, record_acks=True)
+            deadline = t0 + BOUND
+            while {c for c, _, _ in read_acks(fed)} != {1, 2}:
+                assert time.monotonic() < deadline, (
+                    f"the other clients' uploads were not acknowledged: {read_acks(fed)}\n"
+                    + read_log(fed)
+                )
+                time.sleep(0.1)
+            print(f"other clients acknowledged after {time.monotonic() - t0:.1f}s")
+            got = silent.outcomes(IDLE + 10)
+            codes = sorted(code for code, _ in got)
+            held = CLIENT_UPLOADS
+            assert codes == ["DEADLINE_EXCEEDED"] * held + ["RESOURCE_EXHAUSTED"] * (SILENT - held)
+            cut = [t for code, t in got if code == "DEADLINE_EXCEEDED"]
+            assert all(IDLE - 0.5 < t < IDLE + 5 for t in cut), got
+            assert spool_tmp(fed) == []
+            # the slot is free again: the real upload is received and acknowledged
+            reply = peer.push(peer.upload(task, data, {}))
+            assert not reply.duplicate
+        finally:
+            if silent is not None:
+                silent.close()
+            tasks.close()
+            peer.channel.close()
+
+
+def test_fresh_upload_of_empty_messages_is_refused(tmp_path: Path) -> None:
+    with federation(tmp_path, clients=2, rounds=1, deploy={"wait_for": 1}) as fed:
+        start_server(fed)
+        peer, tasks, task, nbytes = _peer_with_task(fed)
+        try:
+            data = bytes(nbytes)
+            head = peer.header(task, data, {})
+            messages = [encode_chunk({}, b"", head.SerializeToString())]
+            messages += [encode_chunk({}, b"")] * 5000
+            messages += [encode_chunk({}, data), peer.trailer(head, data)]
+            try:
+                peer.push(messages)
+                raise AssertionError("an upload of 5000 empty messages was accepted")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+                assert "empty message" in (e.details() or ""), e
+            assert spool_tmp(fed) == []
+            assert not peer.push(peer.upload(task, data, {})).duplicate
+        finally:
+            tasks.close()
+            peer.channel.close()
