@@ -39,6 +39,7 @@ __all__ = [
     "ClientKey",
     "Keyring",
     "NonceCache",
+    "RateLimited",
     "RateLimiter",
     "body",
     "edge_upload_body",
@@ -204,13 +205,29 @@ class Keyring:
         raise AuthError(AUTH_FAILED)
 
 
+class RateLimited(AuthError):
+    """An authenticated request over its client's rate limit (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self) -> None:
+        super().__init__("rate limit exceeded")
+
+
 @dataclass
 class NonceCache:
-    """Refuses stale timestamps and nonces seen within the skew window."""
+    """Refuses stale timestamps and nonces seen within the skew window.
+
+    Each client has its own table of the nonces it used in the window, of at most
+    ``max_entries``: a client that sends too much fills only its own (and is refused), never
+    another's. Only authenticated requests reach a table (see :meth:`check_time`), so the
+    tables are bounded by the number of registered clients times ``max_entries``; with the
+    rate limiter's default (50/s, bursts of 200) a client uses at most 3,200 of them in the
+    default 60 s window.
+    """
 
     skew_s: float = 60.0
-    max_entries: int = 1_000_000
-    _seen: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    #: nonces remembered per client (not shared: one client cannot lock out the others)
+    max_entries: int = 10_000
+    _seen: dict[str, OrderedDict[bytes, float]] = field(default_factory=dict)
 
     def check_time(self, auth: Any, now: float | None = None) -> None:
         """The stateless part: timestamp within the window, nonce well-formed. Run it before
@@ -223,18 +240,31 @@ class NonceCache:
         if len(auth.nonce) != 16:
             raise AuthError("nonce must be 16 bytes")
 
-    def check(self, auth: Any, now: float | None = None) -> None:
-        """Refuse a nonce seen in the window, else remember it (after authentication)."""
+    def check(self, auth: Any, now: float | None = None, rate: RateLimiter | None = None) -> None:
+        """Refuse a nonce seen in the window, else remember it (after authentication).
+
+        With ``rate``, the client's rate limit is applied after the replay check and before
+        the nonce is recorded: a replay costs its client no token, and a rate-limited request
+        (:class:`RateLimited`) leaves no nonce behind."""
         now = time.time() if now is None else now
         self.check_time(auth, now)
-        while self._seen and next(iter(self._seen.values())) < now - self.skew_s:
-            self._seen.popitem(last=False)
-        key = auth.client.encode() + b"\0" + auth.nonce
-        if key in self._seen:
+        seen = self._seen.get(auth.client)
+        if seen is None:
+            seen = self._seen[auth.client] = OrderedDict()
+        while seen and next(iter(seen.values())) < now - self.skew_s:
+            seen.popitem(last=False)
+        nonce = bytes(auth.nonce)
+        if nonce in seen:
             raise AuthError("replayed request (nonce already used)")
-        if len(self._seen) >= self.max_entries:
+        if rate is not None and not rate.allow(auth.client):
+            raise RateLimited()
+        if len(seen) >= self.max_entries:
             raise AuthError("too many requests in the skew window")
-        self._seen[key] = now
+        seen[nonce] = now
+
+    def entries(self, client: str) -> int:
+        """How many nonces ``client`` has in its table."""
+        return len(self._seen.get(client, ()))
 
 
 @dataclass
