@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,16 @@ def _upload(fed: Federation, job: int, client: int, version: int) -> UploadRow:
     path = fed.spool / f"{job:012d}-c{client}.upd"
     d = _delta(job)
     d.tofile(path)
-    return UploadRow(client, job, str(path), float(10 + job % 3), version, {}, d.nbytes, b"x" * 32)
+    return UploadRow(
+        client,
+        job,
+        str(path),
+        float(10 + job % 3),
+        version,
+        {},
+        d.nbytes,
+        hashlib.sha256(d.tobytes()).digest(),
+    )
 
 
 def _drive(fed: Federation, order: Any = None, stop_after: int | None = None) -> int:

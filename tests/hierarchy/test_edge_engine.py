@@ -8,6 +8,7 @@ its parent comes back in ``Effects.forward``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -303,7 +304,16 @@ def test_a_childs_compensation_buffer_is_merged_and_forwarded(tmp_path: Path) ->
     assert _feed(eng, ("partial", 1.0, None, None, None, PartialRows(parts, info))).forward == []
     own = eng.spool / f"{2:012d}-2.upd"
     deltas[2].tofile(own)
-    up = UploadRow(2, 2, str(own), 1.0, 0, {"train_loss": 0.5}, deltas[2].nbytes, b"\0" * 32)
+    up = UploadRow(
+        2,
+        2,
+        str(own),
+        1.0,
+        0,
+        {"train_loss": 0.5},
+        deltas[2].nbytes,
+        hashlib.sha256(deltas[2].tobytes()).digest(),
+    )
     (fwd,) = _arrive(eng, up, t=2.0).forward
     agg = eng.agg
     flat = agg.fold_many(agg.init(SPEC, version=0), [Update(d, 1.0) for d in deltas])

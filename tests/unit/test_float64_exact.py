@@ -15,6 +15,7 @@ compensation carried through every merge (in process, the edges' partials and th
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from fractions import Fraction
@@ -322,7 +323,16 @@ def _upload(fed: Federation, job: int, client: int, version: int) -> UploadRow:
     delta = np.full(D, _VALUES[job], np.float32)
     path = fed.spool / f"{job:012d}-c{client}.upd"
     delta.tofile(path)
-    return UploadRow(client, job, str(path), 1.0, version, {}, delta.nbytes, b"x" * 32)
+    return UploadRow(
+        client,
+        job,
+        str(path),
+        1.0,
+        version,
+        {},
+        delta.nbytes,
+        hashlib.sha256(delta.tobytes()).digest(),
+    )
 
 
 def _start(fed: Federation) -> dict[int, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -506,7 +507,7 @@ class Federation:
             u = row.upload
             if not u.path or not os.path.exists(u.path):
                 raise StateError(f"the spooled update of job {u.job} is missing ({u.path!r})")
-            delta = self._read(u.path)
+            delta = self._read(u.path, u.nbytes, u.sha256, f"client {u.client}, job {u.job}")
             update = Update(
                 delta=delta, weight=u.weight, client_id=str(u.client), base_version=u.version,
                 metrics=u.metrics,
@@ -516,6 +517,7 @@ class Federation:
             p = row.parts[0]
             if not p.path or not os.path.exists(p.path):
                 raise StateError(f"the spooled partial aggregate {p.path!r} is missing")
+            _verify_file(p.path, p.nbytes, p.sha256, f"partial aggregate, job {p.job}")
             agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
             if agg is None:
                 raise StateError("this policy cannot merge partial aggregates")
@@ -551,20 +553,30 @@ class Federation:
         except IndexError:
             return None
 
-    def _read(self, path: str) -> Arr:
-        """A spooled update as an array. Folded at once (arrival order): read into one pooled
-        buffer, reused for every update (page faults on fresh memory cost more than the copy
-        from the page cache). Kept until the round closes (canonical order): a read-only map
-        of the file, which costs no memory until it is folded."""
+    def _read(self, path: str, nbytes: int, sha256: bytes, what: str) -> Arr:
+        """A spooled update as an array, re-verified against what was logged when it was
+        accepted (size, and sha256 when the server required digests): a file altered,
+        truncated or corrupted on disk is a :class:`StateError`, never folded.
+
+        Folded at once (arrival order): read into one pooled buffer, reused for every update
+        (page faults on fresh memory cost more than the copy from the page cache), and hashed
+        there. Kept until the round closes (canonical order): a read-only map of the file,
+        which costs no memory until it is folded, hashed through the map."""
         n = self.spec.size
+        _check_size(path, nbytes, n * self.spec.dtype.itemsize, what)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
         if isinstance(agg, Canonical):
-            return np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
-        if self._pool is None:
-            self._pool = np.empty(n, self.spec.dtype)
-        read_into(path, [self._pool.data.cast("B")], "the spooled update")
-        out = self._pool.view()
-        out.flags.writeable = False
+            out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
+        else:
+            if self._pool is None:
+                self._pool = np.empty(n, self.spec.dtype)
+            read_into(path, [self._pool.data.cast("B")], "the spooled update")
+            out = self._pool.view()
+            out.flags.writeable = False
+        if sha256:
+            _check_digest(path, hashlib.sha256(out.data.cast("B")).digest(), sha256, what)
+        elif n and not math.isfinite(_kernels.max_abs(out, use_numba=False)):
+            raise StateError(_corrupt(path, what, "it holds NaN or Inf values"))
         return out
 
     def _apply(self, row: EventRow) -> Effects:
@@ -653,6 +665,48 @@ class Federation:
             self._recycle(p)
         self.store.forget_paths(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
+
+
+#: what to do about a spooled file that no longer matches what was accepted
+SPOOL_HINT = (
+    "it was acknowledged to its client, so it is neither folded nor dropped: restore the file "
+    "(and the state directory) from a backup, or move the state directory aside to start a "
+    "new federation (its progress is then lost)"
+)
+
+
+def _corrupt(path: str, what: str, problem: str) -> str:
+    return f"the spooled file {path} ({what}) is corrupted: {problem}; {SPOOL_HINT}"
+
+
+def _check_size(path: str, logged: int, expect: int, what: str) -> None:
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise StateError(_corrupt(path, what, f"cannot read it ({e})")) from None
+    if size != logged or size != expect:
+        raise StateError(
+            _corrupt(path, what, f"{size} bytes, {logged} were accepted (truncated or altered)")
+        )
+
+
+def _check_digest(path: str, got: bytes, logged: bytes, what: str) -> None:
+    if got != logged:
+        raise StateError(
+            _corrupt(path, what, "its sha256 differs from the one logged when it was accepted")
+        )
+
+
+def _verify_file(path: str, nbytes: int, sha256: bytes, what: str) -> None:
+    """A spooled file's size and (if one was logged) sha256 against the log (one read)."""
+    _check_size(path, nbytes, nbytes, what)
+    if sha256:
+        try:
+            with open(path, "rb") as f:
+                got = hashlib.file_digest(f, "sha256").digest()
+        except OSError as e:
+            raise StateError(_corrupt(path, what, f"cannot read it ({e})")) from None
+        _check_digest(path, got, sha256, what)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -38,6 +38,7 @@ from fedagg.deploy._auth import (
     AuthError,
     Keyring,
     NonceCache,
+    RateLimited,
     RateLimiter,
     body,
     edge_upload_body,
@@ -194,7 +195,11 @@ class Server:
         self.keys = keyring
         self.opt = options
         self.on_round = on_round
-        self.nonces = NonceCache(options.skew)
+        # per client: what the rate limit lets through in a skew window, and some room
+        per_client = 10_000
+        if options.rate > 0:
+            per_client = max(1_000, int(options.burst + options.rate * options.skew) + 64)
+        self.nonces = NonceCache(options.skew, per_client)
         self.rate = RateLimiter(options.rate, options.burst)
         self.sessions = [_Session() for _ in keyring.names]
         #: edge aggregators below this server (their own keyring), the sessions of their
@@ -413,11 +418,11 @@ class Server:
                 raise AuthError("missing credentials: every request must be signed")
             self.nonces.check_time(auth)
             client = self.keys.verify(method, auth, content)
-            self.nonces.check(auth)
+            self.nonces.check(auth, rate=self.rate)  # rate-limited: no nonce recorded
+        except RateLimited as e:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.reason) from None
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
-        if not self.rate.allow(auth.client):
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
         return client
 
     def _is_edge(self, auth: Any) -> bool:
@@ -430,11 +435,11 @@ class Server:
                 raise AuthError("missing credentials: every request must be signed")
             self.nonces.check_time(auth)
             self.edges.verify(method, auth, content)
-            self.nonces.check(auth)
+            self.nonces.check(auth, rate=self.rate)  # rate-limited: no nonce recorded
+        except RateLimited as e:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.reason) from None
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
-        if not self.rate.allow(auth.client):
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded")
         return str(auth.client)
 
     def _unknown_task(self, task: int) -> None:

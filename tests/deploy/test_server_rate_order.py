@@ -1,0 +1,45 @@
+"""The server's request authentication rate-limits before recording a nonce, and each
+client has its own replay table (issue 14, finding 13; goes with finding13_server.patch)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._auth import ClientKey, Keyring, NonceCache, RateLimiter, body
+from fedagg.deploy._server import Server, _Abort
+
+
+def _server(max_entries: int, rate: float, burst: float) -> tuple[Any, dict[str, ClientKey]]:
+    keys = {n: ClientKey(n, Ed25519PrivateKey.generate()) for n in ("alice", "flood")}
+    ring = Keyring({n: k.private.public_key() for n, k in keys.items()})
+    srv = SimpleNamespace(
+        nonces=NonceCache(60.0, max_entries), keys=ring, rate=RateLimiter(rate, burst)
+    )
+    return srv, keys
+
+
+def _call(srv: Any, key: ClientKey) -> pb.Auth:
+    content = body(task=0)
+    auth = pb.Auth(**key.sign("Poll", content))
+    Server._auth(srv, "Poll", auth, content)
+    return auth
+
+
+def test_rate_limited_requests_record_no_nonce_and_spare_other_clients() -> None:
+    srv, keys = _server(max_entries=4, rate=1e-9, burst=2.0)
+    for _ in range(2):
+        _call(srv, keys["flood"])
+    for _ in range(20):  # a flood over the limit: refused as such, nothing recorded
+        with pytest.raises(_Abort) as e:
+            _call(srv, keys["flood"])
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.message
+    assert srv.nonces.entries("flood") == 2
+    for _ in range(2):  # another client: its own bucket and its own table
+        _call(srv, keys["alice"])
+    assert srv.nonces.entries("alice") == 2
