@@ -16,9 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -39,6 +37,7 @@ from tests.deploy.harness import (
     wait,
     wait_listening,
 )
+from tests.deploy.test_bad_input import TaskStream, outcome
 
 SERVICE = "/fedagg.v1.Federation/"
 RPC_TIMEOUT = 30.0
@@ -92,42 +91,6 @@ class Peer:
         call = self.channel.stream_unary(SERVICE + "Push")
         reply: pb.PushReply = pb.PushReply.FromString(call(iter(messages), timeout=RPC_TIMEOUT))
         return reply
-
-
-def outcome(fn: Callable[[], Any]) -> tuple[str, str]:
-    try:
-        return "OK", repr(fn())
-    except grpc.RpcError as e:
-        return e.code().name, e.details() or ""
-
-
-class TaskStream:
-    def __init__(self, peer: Peer) -> None:
-        req = pb.TasksRequest(auth=peer.auth("Tasks", body())).SerializeToString()
-        self.call = peer.channel.unary_stream(SERVICE + "Tasks")(req)
-        self.q: queue.Queue[pb.Task | BaseException] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            for raw in self.call:
-                self.q.put(pb.Task.FromString(raw))
-        except grpc.RpcError as e:
-            self.q.put(e)
-
-    def next(self, timeout: float) -> pb.Task:
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(item, BaseException):
-                raise item
-            if not item.heartbeat:
-                return item
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.thread.join(10)
 
 
 class Counted:
