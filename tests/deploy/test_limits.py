@@ -37,7 +37,7 @@ from tests.deploy.harness import (
     wait,
     wait_listening,
 )
-from tests.deploy.test_bad_input import TaskStream, outcome
+from tests.deploy.test_bad_input import TaskStream, outcome, wait_for
 
 SERVICE = "/fedagg.v1.Federation/"
 RPC_TIMEOUT = 30.0
@@ -121,14 +121,6 @@ def uploads(fed: Fed) -> list[tuple[int, int]]:
 
 def spool_files(fed: Fed) -> list[str]:
     return sorted(p.name for p in fed.state.rglob("*.upd"))
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 METRIC_CASES: dict[str, Callable[[], dict[str, float]]] = {

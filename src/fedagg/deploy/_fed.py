@@ -575,7 +575,7 @@ class Federation:
             out.flags.writeable = False
         if sha256:
             _check_digest(path, hashlib.sha256(out.data.cast("B")).digest(), sha256, what)
-        elif n and not math.isfinite(_kernels.max_abs(out, use_numba=False)):
+        elif n and not math.isfinite(_kernels.max_abs(out, use_numba=_kernels.HAVE_NUMBA)):
             raise StateError(_corrupt(path, what, "it holds NaN or Inf values"))
         return out
 
