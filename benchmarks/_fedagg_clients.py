@@ -1,6 +1,7 @@
 """Benchmark clients for benchmarks/transport.py: K fedagg clients on one asyncio loop, each
 its own gRPC channel, answering every task with the same constant delta (no training: the
-benchmark measures the transport). Prints one JSON line with each client's timings.
+benchmark measures the transport). Prints a JSON line naming the ``fedagg`` it imported
+(``{"fedagg_file": ...}``), then, when done, one JSON line with each client's timings.
 
     python benchmarks/_fedagg_clients.py DIR PORT PARAMS FIRST COUNT [--tls]
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import fedagg
 from fedagg.deploy import Client, ClientKey, Result
 
 
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("count", type=int)
     ap.add_argument("--tls", action="store_true")
     a = ap.parse_args()
+    print(json.dumps({"fedagg_file": fedagg.__file__}), flush=True)
     d = Path(a.dir)
     delta = np.full(a.params, 0.5, np.float32)
 

@@ -2,6 +2,11 @@
 FedAvg, synchronous rounds of every client. Prints one JSON line of timings when done.
 
     python benchmarks/_fedagg_server.py DIR PORT PARAMS CLIENTS ROUNDS [--tls] [--no-fsync]
+
+Also reports the server's ``Federation.timings`` after each round (``round_timings``: the
+engine's cumulative log / policy / checkpoint seconds; a round's policy time is the spooled
+update's read-back (and, from issue 14 on, its re-verification) plus the fold) and which
+``fedagg`` it imported (``fedagg_file``: ``transport.py --baseline`` checks it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import fedagg
 from _common import peak_rss
 from fedagg import strategies
 from fedagg.deploy import Federation, Keyring, ServerOptions, serve_async
@@ -66,13 +72,19 @@ def main() -> None:
         heartbeat=30.0, digest=not a.no_digest, adaptive_window=a.adaptive_window,
     )  # fmt: skip
     ends: list[float] = []
+    round_timings: list[dict[str, float]] = []
+
+    def on_round(_: object) -> None:
+        ends.append(time.perf_counter() - t0)
+        round_timings.append(dict(fed.timings))
+
     t0 = time.perf_counter()
     result = asyncio.run(
         serve_async(
             fed,
             Keyring.load(d / "keys" / "authorized_keys"),
             opts,
-            on_round=lambda r: ends.append(time.perf_counter() - t0),
+            on_round=on_round,
             on_start=lambda _: (fold_s.__setitem__(0, 0.0), folds.clear()),  # not warm-up's
         )
     )
@@ -82,11 +94,13 @@ def main() -> None:
             {
                 "round_s": rounds,
                 "round_end_s": ends,
+                "round_timings": round_timings,
                 "uploads": result.uploads,
                 "timings": {**fed.timings, "receive": result.receive_s, "fold": fold_s[0]},
                 "folds": folds,
                 "version": result.server.version,
                 "peak_rss": peak_rss(),
+                "fedagg_file": fedagg.__file__,
                 "checksum": float(
                     np.float64(result.server.params[:: max(1, a.params // 1000)].sum())
                 ),
