@@ -367,6 +367,11 @@ def _configure_server(p: argparse.ArgumentParser) -> None:
     t.add_argument("--edge-key", help="this edge's private key (from 'fedagg keys')")
     t.add_argument("--serves", help="comma-separated client names of this edge's subtree")
     t.add_argument("--edges", help="authorized keys of the edge aggregators below this server")
+    t.add_argument(
+        "--edge-clients", action="append", metavar="EDGE=CLIENTS",
+        help="the clients an edge below this server may serve: EDGE=client-000,client-001, or "
+        "EDGE='*' for any; repeat per edge (deploy.edge_clients; an edge not given serves none)",
+    )  # fmt: skip
     t.add_argument("--leaf-rule", help="a robust rule over this edge's own clients (e.g. krum)")
 
 
@@ -380,6 +385,17 @@ def _tier_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["serves"] = [n.strip() for n in args.serves.split(",") if n.strip()]
     if args.edges:
         out["edges"] = args.edges
+    if args.edge_clients:
+        scopes: dict[str, Any] = {}
+        for item in args.edge_clients:
+            name, sep, clients = item.partition("=")
+            if not sep or not name.strip():
+                raise fedagg.ConfigError(
+                    f"--edge-clients {item!r}: expected EDGE=client,client or EDGE=*"
+                )
+            names = [n.strip() for n in clients.split(",") if n.strip()]
+            scopes[name.strip()] = "*" if names == ["*"] else names
+        out["edge_clients"] = scopes
     if args.leaf_rule:
         out["leaf_rule"] = args.leaf_rule
     return out

@@ -52,6 +52,8 @@ SERVICE = "/fedagg.v1.Federation/"
 RPC_TIMEOUT = 20.0
 CLIENTS = 4
 SERVES = {"edge-a": [0, 1], "edge-b": [2, 3]}
+#: the clients' own keys: what a genuine edge forwards carries their signatures (``Origin``)
+CLIENT_KEYS: dict[int, ClientKey] = {}
 
 INVALID, DENIED, UNAUTH, PRECOND = (
     "INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION",
@@ -61,7 +63,7 @@ ONLY_EDGES = "only edge aggregators relay or merge"
 #: case -> (status code, a substring of the status message)
 EXPECTED: dict[str, tuple[str, str]] = {
     # who may be an edge, and of what
-    "hello_claims_client_out_of_range": (INVALID, "edge 'edge-a' claims clients [4] this server"),
+    "hello_claims_client_out_of_range": (DENIED, "edge 'edge-a' may not serve clients [4] here"),
     "relay_after_the_refused_hello": (DENIED, "client 0 is not in the subtree of edge 'edge-a'"),
     "hello_unknown_edge_key": (UNAUTH, AUTH_FAILED),
     "tasks_unknown_edge_key": (UNAUTH, AUTH_FAILED),
@@ -161,6 +163,7 @@ class Peer:
         """Header, data chunks (4 KiB), and the trailer: the data's sha256 signed with the
         header's timestamp and nonce, over the header's signature and the digest."""
         digest = hashlib.sha256(data if digest_of is None else digest_of).digest()
+        with_origins(head, digest)
         a = head.auth
         sig = (key or self.key).sign_bytes("PushTrailer", a.timestamp_ms, a.nonce,
                                            a.signature + digest)  # fmt: skip
@@ -175,6 +178,32 @@ class Peer:
         raw = self.channel.stream_unary(SERVICE + "Push")(iter(messages), timeout=RPC_TIMEOUT)
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply
+
+
+def origin(client: int, task: int, version: int, weight: float, nbytes: int,
+           metrics: dict[str, float], digest: bytes) -> pb.Origin:  # fmt: skip
+    """What a genuine edge keeps of a client's upload: the client's header Auth, digest and
+    trailer signature, signed with the client's own key."""
+    key = CLIENT_KEYS[client]
+    auth = pb.Auth(**key.sign("Push", upload_body(task, version, weight, nbytes, metrics)))
+    sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce, auth.signature + digest)
+    return pb.Origin(auth=auth, sha256=digest, trailer_signature=sig, metrics=metrics)
+
+
+def with_origins(head: pb.UploadHeader, digest: bytes, nbytes: int = 2600) -> None:
+    """The clients' signatures over what an edge's header says of them (the edge's own
+    signature does not cover them): a relay's over its header and bytes, each partial job's
+    over the job."""
+    if not CLIENT_KEYS:
+        return
+    if head.relay and not head.HasField("origin") and head.on_behalf in CLIENT_KEYS:
+        head.origin.CopyFrom(origin(head.on_behalf, head.task, head.version, head.weight,
+                                    head.nbytes, dict(head.metrics), digest))  # fmt: skip
+    for j in head.partial.jobs:
+        if not j.HasField("origin") and j.client in CLIENT_KEYS:
+            m = {} if math.isnan(j.train_loss) else {"train_loss": j.train_loss}
+            d = hashlib.sha256(f"job {j.task}".encode()).digest()
+            j.origin.CopyFrom(origin(j.client, j.task, head.version, j.weight, nbytes, m, d))
 
 
 def partial_header(version: int, jobs: Sequence[Job], state: Any, nbytes: int, *,
@@ -336,6 +365,7 @@ def _scenario(fed: Fed, root: Path, sc: Scenario) -> None:
     ka, kb = ClientKey.load(keys / "edge-a.key"), ClientKey.load(keys / "edge-b.key")
     rogue_key = ClientKey.load(root / "rogue" / "edge-rogue.key")
     client_key = ClientKey.load(fed.key(2))
+    CLIENT_KEYS.update({c: ClientKey.load(fed.key(c)) for c in range(CLIENTS)})
     wait_listening(fed, server)
     a, b = Peer(fed.address, ka), Peer(fed.address, kb)
     rogue, client = Peer(fed.address, rogue_key), Peer(fed.address, client_key)
@@ -513,7 +543,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     sc = Scenario()
     with federation(root, clients=CLIENTS, rounds=2, tls=False,
                     extra={"strategy": {"accumulator": "float64"}},
-                    deploy={"edges": str(edges), "client_timeout": 60.0}) as fed:  # fmt: skip
+                    deploy={"edges": str(edges), "client_timeout": 60.0,
+                            "edge_clients": {e: [f"client-{c:03d}" for c in cs]
+                                             for e, cs in SERVES.items()}}) as fed:  # fmt: skip
         _scenario(fed, root, sc)
     return sc
 

@@ -61,6 +61,11 @@ def make_tree(
     make_keys(root / "edgekeys", sorted(parents))
     edges_file = str(root / "edgekeys" / "authorized_keys")
     fed.cfg["deploy"]["edges"] = edges_file
+
+    def scopes(parent: str) -> dict[str, list[str]]:  # the clients each child edge may serve
+        return {n: [fed.names[c] for c in serves[n]] for n, p in parents.items() if p == parent}
+
+    fed.cfg["deploy"]["edge_clients"] = scopes("root")
     if "root" in hosts:
         fed.cfg["deploy"]["listen"] = f"{hosts['root']}:{fed.port}"
     write_toml(fed.config, fed.cfg)
@@ -84,6 +89,7 @@ def make_tree(
             "parent": tree.address(parent),
             "edge_key": str(root / "edgekeys" / f"{name}.key"),
             "serves": [fed.names[c] for c in serves[name]],
+            "edge_clients": scopes(name),
             **(edge_deploy or {}),
         }
         path = root / f"{name}.toml"

@@ -38,6 +38,7 @@ __all__ = [
     "build_federation",
     "client_from_config",
     "config_trainer",
+    "edge_scopes",
     "options_from_config",
     "serve",
     "serve_async",
@@ -63,6 +64,37 @@ def _certs_dir(d: Mapping[str, Any], insecure: bool, side: str, needs: tuple[str
     if not insecure and certs is None:
         raise ConfigError(f"TLS needs deploy.certs (the {side}'s certificates), or --insecure")
     return certs or Path()
+
+
+def edge_scopes(
+    d: Mapping[str, Any], keyring: Keyring, edges: Keyring | None
+) -> dict[str, set[int]]:
+    """``deploy.edge_clients``: for each edge aggregator below this server (a name in
+    ``deploy.edges``), the clients it may serve, by index: a list of client names, or ``"*"``
+    for any. An edge not listed may serve none."""
+    raw = d["edge_clients"]
+    if not isinstance(raw, Mapping):
+        raise ConfigError('deploy.edge_clients must be a table: edge name = ["client", ...] or "*"')
+    if raw and edges is None:
+        raise ConfigError("deploy.edge_clients needs deploy.edges (the edges' authorized keys)")
+    scopes: dict[str, set[int]] = {}
+    for name, clients in raw.items():
+        if edges is None or name not in edges.index:
+            raise ConfigError(f"deploy.edge_clients names {name!r}, not a key in deploy.edges")
+        if clients == "*":
+            scopes[name] = set(range(len(keyring.names)))
+            continue
+        if isinstance(clients, str) or not isinstance(clients, list):
+            raise ConfigError(f'deploy.edge_clients.{name} must be a list of client names or "*"')
+        unknown = [c for c in clients if c not in keyring.index]
+        if unknown:
+            raise ConfigError(f"deploy.edge_clients.{name} names unregistered clients: "
+                              f"{unknown[:5]}")  # fmt: skip
+        scopes[name] = {keyring.index[c] for c in clients}
+    for name in edges.names if edges is not None else ():
+        if name not in scopes:
+            log.warning("edge %r has no deploy.edge_clients entry: it may serve no client", name)
+    return scopes
 
 
 @dataclass(frozen=True)
@@ -164,9 +196,12 @@ async def serve_async(
     on_round: Callable[[RoundStats], None] | None = None,
     on_start: Callable[[Server], None] | None = None,
     edges: Keyring | None = None,
+    edge_clients: Mapping[str, set[int]] | None = None,
 ) -> ServeResult:
-    """Run the server until the policy finishes; returns the final state."""
-    server = Server(fed, keyring, options, on_round=on_round, edges=edges)
+    """Run the server until the policy finishes; returns the final state. ``edge_clients``:
+    the clients each of the ``edges`` may serve (:func:`edge_scopes`)."""
+    server = Server(fed, keyring, options, on_round=on_round, edges=edges,
+                    edge_clients=edge_clients)  # fmt: skip
     await server.start()
     if on_start is not None:
         on_start(server)
@@ -199,15 +234,16 @@ def serve(
     opts = options_from_config(cfg, insecure=insecure, listen=listen)
     keyring = Keyring.load(Path(cfg["deploy"]["keys"]) / "authorized_keys")
     edges = Keyring.load(cfg["deploy"]["edges"]) if cfg["deploy"]["edges"] else None
+    scopes = edge_scopes(cfg["deploy"], keyring, edges)
     fed = build_federation(cfg, directory)
     if len(keyring.names) != fed.ctx.num_clients:
         raise ConfigError(
             f"{len(keyring.names)} registered client keys, but the config has "
             f"{fed.ctx.num_clients} clients (data.num_clients)"
         )
-    result = asyncio.run(
-        serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges)
-    )
+    run = serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges,
+                      edge_clients=scopes)  # fmt: skip
+    result = asyncio.run(run)
     write_private(Path(directory) / "final.npz", dumps(result.server))
     return result
 
@@ -234,6 +270,7 @@ def serve_edge(
     certs = _certs_dir(d, insecure, "link to the parent", ("ca.pem",))
     keyring = Keyring.load(Path(d["keys"]) / "authorized_keys")
     edges = Keyring.load(d["edges"]) if d["edges"] else None
+    scopes = edge_scopes(d, keyring, edges)
     unknown = [n for n in d["serves"] if n not in keyring.index]
     if unknown:
         raise ConfigError(f"deploy.serves names unregistered clients: {unknown[:5]}")
@@ -265,7 +302,8 @@ def serve_edge(
                       insecure=insecure, retry_for=math.inf)  # fmt: skip
 
     async def run() -> EdgeResult:
-        server = EdgeServer(engine, keyring, opts, link, edges=edges, serves=serves)
+        server = EdgeServer(engine, keyring, opts, link, edges=edges, serves=serves,
+                            edge_clients=scopes)  # fmt: skip
         await server.start()
         if on_start is not None:
             on_start(server)

@@ -27,6 +27,16 @@ fsynced and logged at the edge, and it stays there until the parent acknowledges
 has not acknowledged; the parent recognises the jobs (its idempotency keys) and counts them
 once. A parent whose edge stays away longer than ``client_timeout`` drops the subtree's open
 jobs, so it never waits forever; what the edge re-sends for them later is refused.
+
+Edges are scoped and cannot forge. The parent's ``deploy.edge_clients`` says which clients each
+edge may claim (none if it is not listed); a client connected directly, or held by another
+live edge, cannot be claimed. Every update an edge forwards carries its client's own
+signatures (``Origin``: the client's header Auth, digest and trailer signature), which the edge
+keeps with the upload (in its state database, so a forward after a restart still carries
+them) and every tier above verifies with the client's key and passes on unchanged: an edge can
+neither invent a client's participation nor change its weight, metrics or (relayed) bytes. It
+can still mis-add a partial's sum, of which it holds no proof: relay mode, or a robust rule at
+the root, is the answer to an edge that is not trusted with that.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,7 +74,7 @@ from fedagg.deploy._partial import (
     partial_info,
 )
 from fedagg.deploy._server import Server, ServerOptions
-from fedagg.deploy._store import EventRow, LogItem, Store, UploadRow
+from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 
 __all__ = ["EdgeEngine", "EdgeServer", "Forward", "ParentLink"]
@@ -85,6 +95,8 @@ class Forward:
     state: Any = None
     relay: UploadRow | None = None
     paths: list[str] = field(default_factory=list)  # spool files to delete once acknowledged
+    #: each job's client signatures (a serialized ``Origin``), loaded before it is sent
+    origins: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +137,16 @@ class EdgeEngine:
         self.spool = self.dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.dir / "state.db")
+        # each accepted job's client signatures (serialized ``Origin``), until the parent
+        # acknowledges the job: an edge-only table in the edge's state database
+        self.store.db.execute(
+            "CREATE TABLE IF NOT EXISTS edge_origins (client INTEGER NOT NULL, job INTEGER NOT "
+            "NULL, origin BLOB NOT NULL, PRIMARY KEY (client, job))"
+        )
+        #: origins of uploads on their way to the log (written just before it), and of jobs
+        #: acknowledged by the parent (deleted with the next batch)
+        self.new_origins: dict[tuple[int, int], bytes] = {}
+        self._forget: list[tuple[int, int]] = []
         self.tasks: dict[int, TaskInfo] = {}
         self.models: dict[int, Arr] = {}
         self.pending: dict[int, _Pending] = {}
@@ -158,6 +180,9 @@ class EdgeEngine:
         self.seq = self.store.last_seq()
         rows = list(self.store.events_after(0))
         acked = {(r.client, r.job) for r in rows if r.kind == "acked"}
+        with self.store.tx():
+            q = "DELETE FROM edge_origins WHERE client=? AND job=?"
+            self.store.db.executemany(q, sorted(k for k in acked if k[0] is not None))
         effects = Effects()
         for row in rows:
             keys = {(u.client, u.job) for u in (row.parts or ((row.upload,) if row.upload else ()))}
@@ -219,9 +244,39 @@ class EdgeEngine:
         return Effects(finished=True)
 
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
+        """Log events (after writing the client signatures of the uploads among them: what
+        the log holds, the edge can forward with its proof)."""
+        keep = []
+        for _, _, _, _, _, up in events:
+            parts = up.parts if isinstance(up, PartialRows) else (up,) if up is not None else ()
+            for u in parts:
+                origin = self.new_origins.pop((u.client, u.job), None)
+                if origin is not None:
+                    keep.append((u.client, u.job, origin))
+        if keep or self._forget:
+            with self.store.tx():
+                self.store.db.executemany(
+                    "DELETE FROM edge_origins WHERE client=? AND job=?", self._forget
+                )
+                self.store.db.executemany(
+                    "INSERT OR IGNORE INTO edge_origins VALUES (?, ?, ?)", keep
+                )
+            self._forget = []
         rows, self.seq = self.store.log_batch(self.seq, events)
+        self._forget = [(c, j) for k, _, c, j, _, _ in events
+                        if k == "acked" and c is not None and j is not None]  # fmt: skip
         crash_point("edge-logged")
         return rows
+
+    def origins_of(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The kept client signatures of these jobs (those it has)."""
+        q = "SELECT origin FROM edge_origins WHERE client=? AND job=?"
+        out = {}
+        for k in keys:
+            row = self.store.db.execute(q, k).fetchone()
+            if row is not None:
+                out[k] = bytes(row[0])
+        return out
 
     def step(self, rows: Iterable[EventRow]) -> Effects:
         effects = Effects()
@@ -383,6 +438,7 @@ class ParentLink(Client):
             buffers = [data.data.cast("B")]
             head.task, head.weight, head.relay, head.on_behalf = u.job, u.weight, True, u.client
             head.metrics.update(u.metrics)
+            head.origin.ParseFromString(fwd.origins.get((u.client, u.job), b""))
         else:
             if fwd.state is not None:
                 info = partial_info(fwd.state)
@@ -391,7 +447,8 @@ class ParentLink(Client):
                 head.partial.weight_comp = float(info["weight_comp"])
                 head.partial.accumulator_bits = 64 if info["accumulator"] == "float64" else 32
             for c, j, w, loss in fwd.jobs:
-                head.partial.jobs.add(task=j, client=c, weight=w, train_loss=loss)
+                job = head.partial.jobs.add(task=j, client=c, weight=w, train_loss=loss)
+                job.origin.ParseFromString(fwd.origins.get((c, j), b""))
             for c, j in fwd.dropped:
                 head.partial.dropped.add(task=j, client=c, weight=1.0, train_loss=math.nan)
             head.task = fwd.jobs[0][1] if fwd.jobs else 0
@@ -433,8 +490,10 @@ class EdgeServer(Server):
     def __init__(
         self, engine: EdgeEngine, keyring: Keyring, options: ServerOptions, link: ParentLink,
         *, edges: Keyring | None = None, serves: set[int] | None = None,
+        edge_clients: Mapping[str, Collection[int]] | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(engine, keyring, options, edges=edges, serves=serves)  # type: ignore[arg-type]
+        super().__init__(engine, keyring, options, edges=edges, serves=serves,  # type: ignore[arg-type]
+                         edge_clients=edge_clients)  # fmt: skip
         self.link = link
         self._linked = asyncio.Event()
         self._link_task: asyncio.Task[None] | None = None
@@ -476,8 +535,16 @@ class EdgeServer(Server):
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
+    def _keep_origin(self, client: int, job: int, origin: Any) -> None:
+        # logged (with the upload) by the engine thread's next batch: see EdgeEngine.log
+        self.fed.new_origins[(client, job)] = origin.SerializeToString()
+
     async def _send(self, fwd: Forward) -> None:
         await self._linked.wait()
+        keys = [(c, j) for c, j, _, _ in fwd.jobs]
+        if keys:
+            loop = asyncio.get_running_loop()
+            fwd.origins = await loop.run_in_executor(self._ex, self.fed.origins_of, keys)
         while True:
             try:
                 reply = await self.link.push_forward(fwd)

@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +186,7 @@ class Server:
         on_round: Callable[[RoundStats], None] | None = None,
         edges: Keyring | None = None,
         serves: set[int] | None = None,
+        edge_clients: Mapping[str, Collection[int]] | None = None,
     ) -> None:
         if len(keyring.names) > options.max_clients:
             raise ConfigError(f"{len(keyring.names)} clients exceed max_clients")
@@ -207,6 +208,9 @@ class Server:
         self.edges = edges
         self.edge_sessions = {n: _Session() for n in (edges.names if edges else [])}
         self.route: dict[int, str] = {}
+        #: the clients each edge aggregator may claim (``deploy.edge_clients``); an edge not
+        #: in it may claim none
+        self.edge_clients = {n: frozenset(cs) for n, cs in (edge_clients or {}).items()}
         #: the clients this server may serve (an edge aggregator's subtree); None: all
         self.serves = serves
         self.stats = ServerStats()
@@ -459,6 +463,76 @@ class Server:
                 f"client {client} is not in the subtree of edge {edge!r}",
             )
 
+    def _edge_live(self, edge: str) -> bool:
+        """The edge's task stream is open, or closed less than ``client_timeout`` ago (its
+        subtree is not dropped yet): it holds the clients it claimed."""
+        s = self.edge_sessions[edge]
+        return s.connected or s.drop is not None
+
+    def _held(self, client: int, edge: str) -> bool:
+        """Whether ``client`` is served otherwise than through ``edge``: it has a direct task
+        stream open here, or another edge holds it (see :meth:`_edge_live`)."""
+        other = self.route.get(client)
+        if other is not None and other != edge:
+            return self._edge_live(other)
+        return other is None and self.sessions[client].queue is not None
+
+    def _check_direct(self, client: int) -> None:
+        """A client connecting directly: refused while an edge aggregator holds it (its tasks
+        go there); once that edge is gone (dropped after ``client_timeout``), the client is
+        served directly from now on, and the edge cannot claim it back while it is connected."""
+        edge = self.route.get(client)
+        if edge is None:
+            return
+        if self._edge_live(edge):
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {self.keys.names[client]!r} is served through an edge aggregator here",
+            )
+        del self.route[client]
+
+    def _verify_origin(
+        self, client: int, origin: Any, task: int, version: int, weight: float, nbytes: int,
+        metrics: Mapping[str, float],
+    ) -> None:  # fmt: skip
+        """An update an edge forwards (relayed, or a job of a partial) must carry its client's
+        own signatures (``Origin``), checked here with the client's key: the header signature
+        over the same upload body (task, version, weight, size, metrics) and the trailer
+        signature over (that signature, the digest). With ``digest`` on, the digest must be
+        there (a relay's bytes are then checked against it as they arrive).
+
+        The client's timestamp and nonce are not checked for freshness: the edge's own
+        request around them is (signed, fresh, never replayed), the client's signature only
+        proves what the client sent, and the (client, job) idempotency key stops the same job
+        from being counted twice whatever carries it."""
+        why = None
+        if len(origin.sha256) not in (0, 32) or (self.opt.digest and not origin.sha256):
+            why = "no client digest" if not origin.sha256 else "a malformed digest"
+        elif not origin.auth.signature or not origin.trailer_signature:
+            why = "no client signature"
+        else:
+            content = upload_body(task, version, weight, nbytes, dict(metrics))
+            try:
+                who = self.keys.verify("Push", origin.auth, content)
+                signed = origin.auth.signature + origin.sha256
+                self.keys.verify("PushTrailer", origin.auth, signed, origin.trailer_signature)
+            except AuthError:
+                why = "the client's signature does not verify"
+            else:
+                if who != client:
+                    why = "signed by another client"
+        if why is not None:
+            log.info("job %d of client %d refused: %s", task, client, why)
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"job {task} of client {client}: {why} (an edge forwards only what its "
+                "clients signed)",
+            )
+
+    def _keep_origin(self, client: int, job: int, origin: Any) -> None:
+        """An accepted upload's client signatures: an edge aggregator keeps them to forward
+        (:class:`~fedagg.deploy._edge.EdgeServer`); the root has no use for them."""
+
     # -- handlers ------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
         ident = None  # raw bytes in and out: we parse (and report malformed input) ourselves
@@ -508,6 +582,7 @@ class Server:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"client {req.auth.client!r} is not served by this edge aggregator",
             )
+        self._check_direct(client)
         if req.protocol != PROTOCOL:
             raise _Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -527,12 +602,25 @@ class Server:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
             )
-        bad = [c for c in serves if not 0 <= c < len(self.sessions)
+        # its scope (deploy.edge_clients): a client out of range, not served here or not in
+        # the scope gets the same words (an edge learns nothing of other names or indices)
+        scope = self.edge_clients.get(name, frozenset())
+        bad = [c for c in serves if c not in scope or not 0 <= c < len(self.sessions)
                or (self.serves is not None and c not in self.serves)]  # fmt: skip
         if bad:
+            log.info("edge %r refused: claims clients %s outside its scope", name, bad[:5])
             raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"edge {name!r} claims clients {bad[:5]} this server does not serve",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"edge {name!r} may not serve clients {bad[:5]} here (deploy.edge_clients)",
+            )
+        held = [c for c in serves if self._held(c, name)]
+        if held:
+            log.info("edge %r refused: clients %s are served directly or by another edge",
+                     name, held[:5])  # fmt: skip
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"edge {name!r} claims clients {held[:5]} that are connected directly or "
+                "through another edge",
             )
         for c in serves:
             self.route[c] = name
@@ -569,6 +657,7 @@ class Server:
                 edge = self._auth_edge("Tasks", req.auth, body())
             else:
                 client = self._auth("Tasks", req.auth, body())
+                self._check_direct(client)
         except _Abort as e:
             self.stats.refused += 1
             await context.abort(e.code, e.message)
@@ -721,6 +810,8 @@ class Server:
         metrics = _check_metrics(head.metrics)
         content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
         keyring = self.keys
+        origin: Any = None  # a relayed update's client signatures
+        origin_sha = b""
         if self._is_edge(head.auth):
             assert self.edges is not None
             edge = self._auth_edge("Push", head.auth, edge_upload_body(content, head))
@@ -730,6 +821,11 @@ class Server:
                     return await self._push_partial(edge, first, paced, head)
             client = int(head.on_behalf)
             self._routed(edge, client)
+            self._verify_origin(client, head.origin, head.task, head.version, head.weight,
+                                head.nbytes, metrics)  # fmt: skip
+            origin = pb.Origin(auth=head.origin.auth, sha256=head.origin.sha256, metrics=metrics,
+                               trailer_signature=head.origin.trailer_signature)  # fmt: skip
+            origin_sha = bytes(origin.sha256)
         else:
             client = self._auth("Push", head.auth, content)
             if head.relay or head.partial.jobs or head.partial.dropped:
@@ -772,8 +868,14 @@ class Server:
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             t0 = time.perf_counter()
-            path, digest = await self._receive(client, first, paced, head, spec.dtype, keyring)
+            path, digest, tsig = await self._receive(
+                client, first, paced, head, spec.dtype, keyring, origin_sha
+            )
             self.stats.receive_s += time.perf_counter() - t0
+            if origin is None:  # the client's own upload: its signatures are the origin
+                origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
+                                   metrics=metrics)  # fmt: skip
+            self._keep_origin(client, head.task, origin)
             upload = UploadRow(
                 client, head.task, str(path), float(head.weight), head.version, metrics,
                 head.nbytes, digest,
@@ -822,6 +924,7 @@ class Server:
             self._routed(edge, c)
         if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "weights must be finite and > 0")
+        self._verify_jobs(head)
         fresh = [k for k in keys if k not in self._accepted]
         logged = await loop.run_in_executor(  # one trip to the engine thread, not one per job
             self._ex, lambda: {k for k in fresh if self.fed.store.has_upload(*k)}
@@ -870,7 +973,7 @@ class Server:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"partial has {head.nbytes} bytes, expected {partial_nbytes(spec, acc)}",
             )
-        path, digest = await self._receive(
+        path, digest, _ = await self._receive(
             keys[0][0], first, it, head, partial_dtype(spec, acc), self.edges
         )
         parts = tuple(
@@ -889,6 +992,7 @@ class Server:
         info = {"weight": float(p.weight), "weight_comp": float(p.weight_comp),
                 "accumulator": acc, "edge": edge}  # fmt: skip
         report_dropouts()
+        self._keep_partial_origins(head)
         assert self._queue is not None
         done: asyncio.Future[EventRow | None] = loop.create_future()
         item = ("partial", self.now(), None, None, None, PartialRows(parts, info))
@@ -901,6 +1005,30 @@ class Server:
             return pb.PushReply(task=head.task, duplicate=True)
         self.stats.uploads += len(parts)
         return pb.PushReply(task=head.task, duplicate=False)
+
+    def _verify_jobs(self, head: Any) -> None:
+        """Each job of a partial carries its client's signatures over what the job says (task,
+        the partial's version, weight, the model's size, metrics as signed, whose
+        ``train_loss`` must be the job's): an edge cannot invent a client's participation or
+        change its weight. It can still mis-add the sum (the root holds no proof of it):
+        relay mode, or a robust rule at the root, answers that."""
+        nbytes = self.fed.spec.nbytes
+        for j in head.partial.jobs:
+            o = j.origin
+            metrics = _check_metrics(o.metrics)
+            loss = metrics.get("train_loss", math.nan)
+            if not (loss == j.train_loss or (math.isnan(loss) and math.isnan(j.train_loss))):
+                raise _Abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"job {j.task} of client {j.client}: train_loss {j.train_loss} is not the "
+                    f"one its client signed",
+                )
+            self._verify_origin(int(j.client), o, int(j.task), int(head.version),
+                                float(j.weight), nbytes, metrics)  # fmt: skip
+
+    def _keep_partial_origins(self, head: Any) -> None:
+        for j in head.partial.jobs:
+            self._keep_origin(int(j.client), int(j.task), j.origin)
 
     async def _read_unspooled(
         self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str
@@ -961,19 +1089,23 @@ class Server:
 
     async def _receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
-        dtype: np.dtype[Any], keyring: Keyring,
-    ) -> tuple[Path, bytes]:  # fmt: skip
+        dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"",
+    ) -> tuple[Path, bytes, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk, straight from gRPC's buffers, on a worker thread while the
         next chunk is received; the signed trailer's digest is checked at the end, the file
-        fsynced and renamed. On any error the file is removed and nothing else has changed."""
+        fsynced and renamed. On any error the file is removed and nothing else has changed.
+        Returns the file, the bytes' digest and the trailer's signature.
+
+        ``origin_sha``: a relayed update's digest as its client signed it: the bytes are
+        hashed (whatever ``digest`` says) and must match it."""
         loop = asyncio.get_running_loop()
         dtype = np.dtype(dtype)
         tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
         final = self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd"
         fd = await loop.run_in_executor(self._io, self._open_spool, tmp)
-        sha = hashlib.sha256() if self.opt.digest else None
+        sha = hashlib.sha256() if self.opt.digest or origin_sha else None
         expect = 0
         total = head.nbytes
         pending: asyncio.Future[str | None] | None = None
@@ -1034,22 +1166,30 @@ class Server:
             if trailer is None:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload has no trailer")
             digest = sha.digest() if sha is not None else b""
-            if trailer.sha256 != digest:
+            sent = digest if self.opt.digest else b""  # what the sender was asked to sign
+            if trailer.sha256 != sent:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "the upload's bytes do not match its trailer's sha256",
                 )
             try:
-                keyring.verify("PushTrailer", head.auth, head.auth.signature + digest,
+                keyring.verify("PushTrailer", head.auth, head.auth.signature + sent,
                                  trailer.signature)  # fmt: skip
             except AuthError as e:
                 raise _Abort(grpc.StatusCode.UNAUTHENTICATED, f"trailer: {e.reason}") from None
+            if origin_sha and digest != origin_sha:
+                log.info("relayed job %d of client %d: bytes differ from its client's digest",
+                         head.task, client)  # fmt: skip
+                raise _Abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"relayed job {head.task}: the bytes are not those its client signed",
+                )
             if self.opt.fsync:
                 await loop.run_in_executor(self._io, os.fsync, fd)
             await loop.run_in_executor(self._io, _close_and_rename, fd, tmp, final)
             fd = -1
             crash_point("spooled")
-            return final, digest
+            return final, digest, bytes(trailer.signature)
         except BaseException:
             if pending is not None:  # let the worker finish with the descriptor first
                 with contextlib.suppress(BaseException):

@@ -89,7 +89,7 @@ class ModelChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics", "relay", "on_behalf", "partial")
+    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics", "relay", "on_behalf", "partial", "origin")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class UploadHeader(_message.Message):
     RELAY_FIELD_NUMBER: _ClassVar[int]
     ON_BEHALF_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     task: int
     version: int
@@ -115,19 +116,41 @@ class UploadHeader(_message.Message):
     relay: bool
     on_behalf: int
     partial: Partial
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., relay: bool = ..., on_behalf: _Optional[int] = ..., partial: _Optional[_Union[Partial, _Mapping]] = ...) -> None: ...
+    origin: Origin
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., relay: bool = ..., on_behalf: _Optional[int] = ..., partial: _Optional[_Union[Partial, _Mapping]] = ..., origin: _Optional[_Union[Origin, _Mapping]] = ...) -> None: ...
+
+class Origin(_message.Message):
+    __slots__ = ("auth", "sha256", "trailer_signature", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    auth: Auth
+    sha256: bytes
+    trailer_signature: bytes
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., sha256: _Optional[bytes] = ..., trailer_signature: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PartialJob(_message.Message):
-    __slots__ = ("task", "client", "weight", "train_loss")
+    __slots__ = ("task", "client", "weight", "train_loss", "origin")
     TASK_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     task: int
     client: int
     weight: float
     train_loss: float
-    def __init__(self, task: _Optional[int] = ..., client: _Optional[int] = ..., weight: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    origin: Origin
+    def __init__(self, task: _Optional[int] = ..., client: _Optional[int] = ..., weight: _Optional[float] = ..., train_loss: _Optional[float] = ..., origin: _Optional[_Union[Origin, _Mapping]] = ...) -> None: ...
 
 class Partial(_message.Message):
     __slots__ = ("jobs", "weight", "weight_comp", "accumulator_bits", "dropped")

@@ -142,6 +142,10 @@ DEFAULTS: dict[str, Any] = {
         "parent": "",  # host:port of the parent; empty: this server is the root
         "edge_key": "",  # this edge's private key (its name is the key's)
         "edges": "",  # authorized keys of the edge aggregators below this server
+        # which clients each of those edges may serve: { "edge-0" = ["client-0", ...] }, or
+        # "*" for any client (not connected directly, not held by another edge); an edge not
+        # listed may serve none
+        "edge_clients": {},
         "serves": [],  # client names of this edge's subtree (empty: all)
         "edge_mode": "auto",  # aggregate (partials), relay (updates), auto: by policy
         "flush_after": 1.0,  # seconds after its first update a partial is sent anyway
@@ -156,7 +160,11 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], where: str) -> dict[st
         if k not in base:
             valid = ", ".join(sorted(base))
             raise ConfigError(f"unknown key {where}{k!r}; valid keys: {valid}")
-        if isinstance(base[k], dict):
+        if isinstance(base[k], dict) and not base[k]:  # a free-form table (checked by its user)
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{where}{k} must be a table")
+            out[k] = copy.deepcopy(dict(v))
+        elif isinstance(base[k], dict):
             if not isinstance(v, Mapping):
                 raise ConfigError(f"{where}{k} must be a table")
             out[k] = _merge(base[k], v, f"{where}{k}.")
