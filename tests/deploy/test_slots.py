@@ -19,16 +19,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._auth import body
 from fedagg.deploy._wire import encode_chunk
 from tests.deploy.harness import (
     PY,
     Fed,
     _env,
     federation,
+    kill,
     read_acks,
     read_log,
     start_client,
@@ -40,7 +44,6 @@ from tests.deploy.test_limits import SERVICE, Peer, TaskStream
 FIRST = 2.0  # seconds for an upload's header
 IDLE = 2.0  # seconds an upload holding a slot may stay silent
 SILENT = 10  # silent streams opened: more than max_uploads (8)
-CLIENT_UPLOADS = 2  # upload slots one client may hold (the server's default)
 BOUND = 40.0  # seconds the test waits for what must happen (it fails, not hangs)
 
 # ``fedagg server`` with short upload deadlines (only options this server knows are set, so
@@ -51,9 +54,16 @@ from fedagg.deploy import _app, _server
 
 known = {{f.name for f in dataclasses.fields(_server.ServerOptions)}}
 short = {{"first_timeout": {FIRST}, "idle_timeout": {IDLE}}}
-_app.ServerOptions = functools.partial(
-    _server.ServerOptions, **{{k: v for k, v in short.items() if k in known}}
-)
+_options = _app.options_from_config
+
+
+@functools.wraps(_options)
+def options(*args, **kw):
+    opts = _options(*args, **kw)
+    return dataclasses.replace(opts, **{{k: v for k, v in short.items() if k in known}})
+
+
+_app.options_from_config = options
 from fedagg.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -177,7 +187,7 @@ def test_client_silent_uploads_do_not_block_others(tmp_path: Path) -> None:
             print(f"other clients acknowledged after {time.monotonic() - t0:.1f}s")
             got = silent.outcomes(IDLE + 10)
             codes = sorted(code for code, _ in got)
-            held = CLIENT_UPLOADS
+            held = 1  # one upload per open task at a time: the others are refused at once
             assert codes == ["DEADLINE_EXCEEDED"] * held + ["RESOURCE_EXHAUSTED"] * (SILENT - held)
             cut = [t for code, t in got if code == "DEADLINE_EXCEEDED"]
             assert all(IDLE - 0.5 < t < IDLE + 5 for t in cut), got
@@ -213,3 +223,50 @@ def test_fresh_upload_of_empty_messages_is_refused(tmp_path: Path) -> None:
         finally:
             tasks.close()
             peer.channel.close()
+
+
+def test_stalled_downloads_are_capped_per_client(tmp_path: Path) -> None:
+    """A client that pulls its model and stops reading makes gRPC buffer the model for it
+    until the RPC ends: it may hold at most ``client_uploads`` (2) such downloads; a third is
+    refused (RESOURCE_EXHAUSTED), the other client's download and upload go on, and once the
+    stalled calls end their slots are free again. Before, one client could open any number,
+    each holding a copy of the model in the server's memory."""
+    model = {"name": "mlp", "hidden": [4096, 512]}  # ~9.6 MB: more than the stream windows
+    deploy = {"wait_for": 2, "client_timeout": 60.0}
+    with federation(tmp_path, clients=2, rounds=1, extra={"model": model},
+                    deploy=deploy) as fed:  # fmt: skip
+        start_server(fed)
+        peer = Peer(fed)
+        peer.hello()
+        tasks = TaskStream(peer)
+        ca = (fed.dir / "certs" / "ca.pem").read_bytes()
+        opts = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 8 << 20)]
+        slow = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca), options=opts)
+        other = start_client(fed, 1, record_acks=True)
+        try:
+            task = tasks.next(60)
+
+            def pull() -> Any:
+                auth = peer.auth("Pull", body(task=task.task))
+                req = pb.PullRequest(auth=auth, task=task.task).SerializeToString()
+                return slow.unary_stream(SERVICE + "Pull")(req, timeout=120)
+
+            stalled = [pull(), pull()]
+            time.sleep(1.0)
+            with pytest.raises(grpc.RpcError) as err:
+                list(pull())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            assert "model downloads of yours are in progress" in (err.value.details() or "")
+            t0 = time.monotonic()
+            while not read_acks(fed):  # client 1 pulls, trains and uploads meanwhile
+                assert time.monotonic() - t0 < BOUND, read_log(fed)
+                time.sleep(0.1)
+            for call in stalled:
+                call.cancel()
+            time.sleep(1.0)
+            assert len(b"".join(pb.ModelChunk.FromString(m).data for m in pull())) > 9_000_000
+        finally:
+            slow.close()
+            tasks.close()
+            peer.channel.close()
+            kill(other)

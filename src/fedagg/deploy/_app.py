@@ -184,7 +184,10 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         wait_for=int(d["wait_for"]), rate=float(d["rate"]), burst=float(d["burst"]),
         skew=float(d["skew"]), fsync=bool(d["fsync"]), max_clients=int(d["max_clients"]),
         digest=bool(d["digest"]), max_uploads=int(d["max_uploads"]),
-        adaptive_window=bool(d["adaptive_window"]),
+        adaptive_window=bool(d["adaptive_window"]), first_timeout=float(d["first_timeout"]),
+        idle_timeout=float(d["idle_timeout"]), min_rate=float(d["min_rate_kib"]) * 1024,
+        client_uploads=int(d["client_uploads"]), preauth=int(d["preauth"]),
+        preauth_per_peer=int(d["preauth_per_peer"]),
     )  # fmt: skip
 
 

@@ -22,11 +22,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -49,7 +49,7 @@ from fedagg.deploy._fed import Effects, Federation, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._partial import partial_dtype, partial_nbytes
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow
-from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
+from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk, leading_name
 from fedagg.errors import ConfigError
 from fedagg.sim._policy import RoundStats
 
@@ -58,6 +58,7 @@ __all__ = ["PROTOCOL", "Server", "ServerOptions"]
 PROTOCOL = 1
 SERVICE = "fedagg.v1.Federation"
 log = logging.getLogger("fedagg.server")
+T = TypeVar("T")
 
 #: An upload's metrics: at most MAX_METRICS, each named by 1 to MAX_METRIC_NAME characters of
 #: ``A-Z a-z 0-9 _ . : / -``, each a finite float. They are checked before anything else is
@@ -67,6 +68,12 @@ log = logging.getLogger("fedagg.server")
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
 _METRIC_NAME = re.compile(rf"[A-Za-z0-9_.:/\-]{{1,{MAX_METRIC_NAME}}}")
+#: The first message of an RPC (an upload's header, not its data) is at most MAX_REQUEST
+#: bytes; one signed by an edge aggregator's name may carry per-client lists (the clients it
+#: serves, their tasks, a partial's jobs with their clients' signatures): EDGE_PER_CLIENT
+#: more bytes per client of the federation. Checked on the raw bytes, before parsing.
+MAX_REQUEST = 16 * 1024
+EDGE_PER_CLIENT = 512
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,18 @@ class ServerOptions:
             both sides (~1 GB/s per core); with TLS end to end, turning it off loses nothing
             in transit (the channel authenticates every byte).
         first_timeout: seconds an RPC may take to send its first message (an upload's
-            header), which is read, size-capped (gRPC's message limit, ``chunk_bytes`` plus
-            64 KiB) and authenticated before the upload takes a slot, a file or a thread.
+            header), which is read, size-capped (:data:`MAX_REQUEST`) and authenticated
+            before the RPC takes a slot, a file or a thread.
         idle_timeout: seconds an upload holding a slot may go without sending a message.
         min_rate: progress floor of an upload holding a slot, bytes/s: it must end within
             ``idle_timeout + nbytes / min_rate`` seconds of taking its slot.
         client_uploads: slots one client (or one edge's partials) may hold at once, out of
             ``max_uploads``; beyond, an upload is refused (RESOURCE_EXHAUSTED: clients retry
             later). 2: an upload and a concurrent retry of it (after a lost connection).
-            (``idle_timeout``, ``first_timeout``, ``min_rate`` and ``client_uploads`` are not
-            in the ``[deploy]`` table: their defaults apply.)
+        preauth: unauthenticated RPCs in progress at once (a message not yet received, or
+            being checked), over all peers; beyond, a new RPC is refused at once
+            (RESOURCE_EXHAUSTED: clients retry) and costs nothing.
+        preauth_per_peer: the same, per peer IP address, so one host cannot take them all.
     """
 
     listen: str = "127.0.0.1:7531"
@@ -130,6 +139,8 @@ class ServerOptions:
     idle_timeout: float = 30.0
     min_rate: float = 64 * 1024.0
     client_uploads: int = 2
+    preauth: int = 64
+    preauth_per_peer: int = 32
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -142,6 +153,8 @@ class ServerOptions:
             raise ConfigError("max_uploads and client_uploads must be >= 1")
         if not (self.first_timeout > 0 and self.idle_timeout > 0 and self.min_rate > 0):
             raise ConfigError("first_timeout, idle_timeout and min_rate must be > 0")
+        if self.preauth < 1 or self.preauth_per_peer < 1:
+            raise ConfigError("preauth and preauth_per_peer must be >= 1")
 
 
 class _Abort(Exception):
@@ -221,6 +234,10 @@ class Server:
         self._queue: asyncio.Queue[_Item] | None = None
         self._uploads: asyncio.Semaphore | None = None
         self._slots: dict[str, int] = {}  # upload slots held, by owner (client or edge)
+        self._pull_slots: dict[str, int] = {}  # model streams in progress, by owner
+        self._inflight: set[tuple[int, int]] = set()  # (client, task) uploads being received
+        self._pre_total = 0  # unauthenticated RPCs in progress
+        self._pre_peer: dict[str, int] = {}  # the same, by peer address
         self._pulls: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
@@ -256,6 +273,10 @@ class Server:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            # a connection must finish its TLS and HTTP/2 handshakes within first_timeout, and
+            # one without RPCs is closed after a minute (every client keeps a task stream)
+            ("grpc.server_handshake_timeout_ms", int(self.opt.first_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", 60_000),
             ("grpc.so_reuseport", 0),
             # a fixed per-stream window (no BDP probing): an upload waiting for its slot holds
             # 64 KiB in gRPC, not megabytes; the adaptive window is ~2x faster for one big
@@ -535,28 +556,37 @@ class Server:
 
     # -- handlers ------------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
-        ident = None  # raw bytes in and out: we parse (and report malformed input) ourselves
+        # Every method is served as a stream (the wire is the same for a unary call): the
+        # handler runs as soon as a call opens, so its first message is awaited under
+        # ``first_timeout`` and counted against the unauthenticated caps, never held by gRPC,
+        # unbounded, before our code runs. Raw bytes in and out: we parse (and report
+        # malformed input) ourselves.
+        ident = None
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Hello": grpc.unary_unary_rpc_method_handler(
-                    self._guard_unary(self._hello), ident, ident
+                "Hello": grpc.stream_unary_rpc_method_handler(
+                    self._unary(self._hello), ident, ident
                 ),
-                "Tasks": grpc.unary_stream_rpc_method_handler(self._tasks, ident, ident),
-                "Pull": grpc.unary_stream_rpc_method_handler(self._pull, ident, ident),
-                "Push": grpc.stream_unary_rpc_method_handler(
-                    self._guard_unary(self._push), ident, ident
-                ),
-                "Heartbeat": grpc.unary_unary_rpc_method_handler(
-                    self._guard_unary(self._heartbeat), ident, ident
+                "Tasks": grpc.stream_stream_rpc_method_handler(self._tasks, ident, ident),
+                "Pull": grpc.stream_stream_rpc_method_handler(self._pull, ident, ident),
+                "Push": grpc.stream_unary_rpc_method_handler(self._push, ident, ident),
+                "Heartbeat": grpc.stream_unary_rpc_method_handler(
+                    self._unary(self._heartbeat), ident, ident
                 ),
             },
         )
 
-    def _guard_unary(self, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+    def _unary(self, fn: Callable[[bytes, Any], Any]) -> Callable[[AsyncIterator[bytes], Any], Any]:
+        """A one-message RPC: its request read and size-checked before ``fn`` parses and
+        authenticates it, all as an unauthenticated RPC (see :meth:`_unauthenticated`)."""
+
+        async def handler(stream: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             try:
-                reply = await fn(request, context)
+                with self._unauthenticated(context):
+                    raw = await self._first(stream.__aiter__())
+                    self._sized(raw)
+                    reply = await fn(raw, context)
                 return bytes(reply.SerializeToString())
             except _Abort as e:
                 self.stats.refused += 1
@@ -564,6 +594,65 @@ class Server:
             raise AssertionError("unreachable")
 
         return handler
+
+    @contextlib.contextmanager
+    def _unauthenticated(self, context: Any) -> Iterator[Callable[[], None]]:
+        """Count an RPC as unauthenticated until the returned function is called (or it
+        ends): at most ``preauth`` of them at once, ``preauth_per_peer`` per peer address;
+        beyond, it is refused before anything is read (RESOURCE_EXHAUSTED: retry later)."""
+        peer = _peer_host(str(context.peer() or ""))
+        if (
+            self._pre_total >= self.opt.preauth
+            or self._pre_peer.get(peer, 0) >= self.opt.preauth_per_peer
+        ):
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many requests are being opened at once: retry later",
+            )
+        self._pre_total += 1
+        self._pre_peer[peer] = self._pre_peer.get(peer, 0) + 1
+        held = True
+
+        def authenticated() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._pre_total -= 1
+                left = self._pre_peer[peer] - 1
+                if left:
+                    self._pre_peer[peer] = left
+                else:
+                    del self._pre_peer[peer]
+
+        try:
+            yield authenticated
+        finally:
+            authenticated()
+
+    async def _first(self, it: AsyncIterator[bytes], what: str = "request") -> bytes:
+        """An RPC's first message (``what``), within ``first_timeout``."""
+        try:
+            return await asyncio.wait_for(it.__anext__(), self.opt.first_timeout)
+        except TimeoutError:
+            raise _Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no {what} within {self.opt.first_timeout:g}s",
+            ) from None
+        except StopAsyncIteration:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"empty {what}") from None
+
+    def _sized(self, raw: bytes | memoryview) -> None:
+        """Refuse a request (an upload's header) larger than :data:`MAX_REQUEST`, plus
+        :data:`EDGE_PER_CLIENT` per client if it names an edge aggregator: checked on its
+        length, before it is parsed."""
+        cap = MAX_REQUEST
+        if self.edges is not None and leading_name(raw) in self.edges.index:
+            cap += EDGE_PER_CLIENT * len(self.sessions)
+        if len(raw) > cap:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request of {len(raw)} bytes: at most {cap} (data goes in upload chunks)",
+            )
 
     @staticmethod
     def _parse(cls: Any, raw: bytes) -> Any:
@@ -649,15 +738,18 @@ class Server:
             s.drop = loop.call_later(self.opt.client_timeout, self._drop, client)
         return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
 
-    async def _tasks(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
+    async def _tasks(self, stream: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         edge: str | None = None
         try:
-            req = self._parse(pb.TasksRequest, raw)
-            if self._is_edge(req.auth):
-                edge = self._auth_edge("Tasks", req.auth, body())
-            else:
-                client = self._auth("Tasks", req.auth, body())
-                self._check_direct(client)
+            with self._unauthenticated(context):
+                raw = await self._first(stream.__aiter__())
+                self._sized(raw)
+                req = self._parse(pb.TasksRequest, raw)
+                if self._is_edge(req.auth):
+                    edge = self._auth_edge("Tasks", req.auth, body())
+                else:
+                    client = self._auth("Tasks", req.auth, body())
+                    self._check_direct(client)
         except _Abort as e:
             self.stats.refused += 1
             await context.abort(e.code, e.message)
@@ -726,14 +818,17 @@ class Server:
         return sorted((t for t in self.fed.tasks.values() if t.client in clients),
                       key=lambda t: t.job)  # fmt: skip
 
-    async def _pull(self, raw: bytes, context: Any) -> AsyncIterator[bytes]:
+    async def _pull(self, stream: AsyncIterator[bytes], context: Any) -> None:
         try:
-            req = self._parse(pb.PullRequest, raw)
-            edge = None
-            if self._is_edge(req.auth):
-                edge = self._auth_edge("Pull", req.auth, body(task=req.task))
-            else:
-                client = self._auth("Pull", req.auth, body(task=req.task))
+            with self._unauthenticated(context):
+                raw = await self._first(stream.__aiter__())
+                self._sized(raw)
+                req = self._parse(pb.PullRequest, raw)
+                edge = None
+                if self._is_edge(req.auth):
+                    edge = self._auth_edge("Pull", req.auth, body(task=req.task))
+                else:
+                    client = self._auth("Pull", req.auth, body(task=req.task))
             task = self.fed.tasks.get(req.task)
             if task is None:
                 self._unknown_task(req.task)
@@ -748,20 +843,67 @@ class Server:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"model version {task.version} is no longer kept",
                 )
+            view = model.data.cast("B")
+            total = len(view)
+            step = self.opt.chunk_bytes
+            assert self._pulls is not None
+            # at most client_uploads downloads per client until each RPC is over (gRPC may
+            # buffer a whole model for a peer that stops reading: one client cannot make it
+            # buffer more than a few), max_uploads being written at once (more wait); a write
+            # that stalls for idle_timeout, or the stream below min_rate, is cut off
+            release = self._take(self._pull_slots, f"client:{task.client}", "model downloads")
+            context.add_done_callback(lambda _: release())
+            if context.done():
+                release()
+            async with self._pulls:
+                until = time.monotonic() + self.opt.idle_timeout + total / self.opt.min_rate
+                for off in range(0, max(total, 1), step):
+                    msg = encode_chunk({1: task.version, 2: off, 4: total},
+                                       view[off : off + step])  # fmt: skip
+                    await _paced(context.write(msg), self.opt.idle_timeout, until, "download")
         except _Abort as e:
             self.stats.refused += 1
             await context.abort(e.code, e.message)
-            return
-        view = model.data.cast("B")
-        total = len(view)
-        step = self.opt.chunk_bytes
-        assert self._pulls is not None
-        async with self._pulls:  # at most max_uploads models streamed at once
-            for off in range(0, max(total, 1), step):
-                yield encode_chunk({1: task.version, 2: off, 4: total}, view[off : off + step])
 
-    async def _push(self, stream: AsyncIterator[bytes], context: Any) -> pb.PushReply:
-        return await self._push_one(stream)
+    async def _push(self, stream: AsyncIterator[bytes], context: Any) -> bytes:
+        try:
+            with self._unauthenticated(context) as authenticated:
+                reply = await self._push_one(stream, authenticated)
+            return bytes(reply.SerializeToString())
+        except _Abort as e:
+            self.stats.refused += 1
+            await context.abort(e.code, e.message)
+        raise AssertionError("unreachable")
+
+    def _take(self, counts: dict[str, int], owner: str, what: str) -> Callable[[], None]:
+        """One of the ``client_uploads`` slots ``owner`` may hold in ``counts``, refused
+        beyond (RESOURCE_EXHAUSTED: clients retry later) so that one client cannot take a
+        pool; returns its release (idempotent)."""
+        if counts.get(owner, 0) >= self.opt.client_uploads:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.opt.client_uploads} {what} of yours are in progress: retry later",
+            )
+        counts[owner] = counts.get(owner, 0) + 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                counts[owner] -= 1
+                if not counts[owner]:
+                    del counts[owner]
+
+        return release
+
+    @contextlib.contextmanager
+    def _owned(self, counts: dict[str, int], owner: str, what: str) -> Iterator[None]:
+        release = self._take(counts, owner, what)
+        try:
+            yield
+        finally:
+            release()
 
     @contextlib.asynccontextmanager
     async def _slot(
@@ -774,38 +916,42 @@ class Server:
         by gRPC's flow control, so memory does not grow with the clients pushing). Yields the
         rest of the stream, cut off (DEADLINE_EXCEEDED) when idle for ``idle_timeout`` or
         slower than ``min_rate``; the slot is released however the upload ends."""
-        if self._slots.get(owner, 0) >= self.opt.client_uploads:
-            raise _Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.opt.client_uploads} uploads of yours are being received: retry later",
-            )
         assert self._uploads is not None
-        self._slots[owner] = self._slots.get(owner, 0) + 1
-        try:
+        with self._owned(self._slots, owner, "uploads"):
             async with self._uploads:
                 until = time.monotonic() + self.opt.idle_timeout + nbytes / self.opt.min_rate
                 yield _Paced(it, self.opt.idle_timeout, until)
-        finally:
-            self._slots[owner] -= 1
-            if not self._slots[owner]:
-                del self._slots[owner]
 
-    async def _push_one(self, stream: AsyncIterator[bytes]) -> pb.PushReply:
-        it = stream.__aiter__()
-        try:  # the header: read (with a deadline) and checked before anything is committed
-            raw = await asyncio.wait_for(it.__anext__(), self.opt.first_timeout)
-            first = decode_chunk(raw, UPLOAD_CHUNK)
-        except TimeoutError:
+    @contextlib.asynccontextmanager
+    async def _one_upload(self, client: int, task: int) -> AsyncIterator[None]:
+        """At most one upload per task is received at a time: another (a retry racing the
+        first, after a lost connection) is refused until the first ends (RESOURCE_EXHAUSTED:
+        the client retries, and then finds it accepted or gone)."""
+        key = (client, task)
+        if key in self._inflight:
             raise _Abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no upload header within {self.opt.first_timeout:g}s",
-            ) from None
-        except StopAsyncIteration:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload") from None
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"an upload of task {task} is already being received: retry later",
+            )
+        self._inflight.add(key)
+        try:
+            yield
+        finally:
+            self._inflight.discard(key)
+
+    async def _push_one(
+        self, stream: AsyncIterator[bytes], authenticated: Callable[[], None]
+    ) -> pb.PushReply:
+        it = stream.__aiter__()
+        # the header: checked before anything is committed
+        raw = await self._first(it, "upload header")
+        try:
+            first = decode_chunk(raw, UPLOAD_CHUNK)
         except WireError as e:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
         if first.header is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message needs a header")
+        self._sized(first.header)
         head = self._parse(pb.UploadHeader, bytes(first.header))
         metrics = _check_metrics(head.metrics)
         content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
@@ -815,6 +961,7 @@ class Server:
         if self._is_edge(head.auth):
             assert self.edges is not None
             edge = self._auth_edge("Push", head.auth, edge_upload_body(content, head))
+            authenticated()
             keyring = self.edges
             if not head.relay:
                 async with self._slot(f"edge:{edge}", it, head.nbytes) as paced:
@@ -828,6 +975,7 @@ class Server:
             origin_sha = bytes(origin.sha256)
         else:
             client = self._auth("Push", head.auth, content)
+            authenticated()
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise _Abort(
                     grpc.StatusCode.PERMISSION_DENIED, "only edge aggregators relay or merge"
@@ -860,7 +1008,10 @@ class Server:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"task {head.task} trains from version {version}, not {head.version}",
             )
-        async with self._slot(f"client:{client}", it, head.nbytes) as paced:
+        async with (
+            self._one_upload(client, head.task),
+            self._slot(f"client:{client}", it, head.nbytes) as paced,
+        ):
             # the slot is held until the upload is acknowledged (backpressure)
             if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
                 what = f"re-sent upload of accepted task {head.task}"
@@ -1212,12 +1363,25 @@ class _Paced:
         return self
 
     async def __anext__(self) -> bytes:
-        left = self.until - time.monotonic()
-        try:
-            return await asyncio.wait_for(self.it.__anext__(), max(0.0, min(self.idle, left)))
-        except TimeoutError:
-            why = f"idle for {self.idle:g}s" if left > self.idle else "below the progress floor"
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"upload cut off: {why}") from None
+        return await _paced(self.it.__anext__(), self.idle, self.until, "upload")
+
+
+async def _paced(step: Awaitable[T], idle: float, until: float, what: str) -> T:
+    """``step`` (a stream's next message, in or out) within ``idle`` seconds and by ``until``
+    (monotonic), or the RPC is cut off (DEADLINE_EXCEEDED)."""
+    left = until - time.monotonic()
+    try:
+        return await asyncio.wait_for(step, max(0.0, min(idle, left)))
+    except TimeoutError:
+        why = f"idle for {idle:g}s" if left > idle else "below the progress floor"
+        raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} cut off: {why}") from None
+
+
+def _peer_host(peer: str) -> str:
+    """A gRPC peer string's address without its port (``ipv4:1.2.3.4:567`` -> ``ipv4:1.2.3.4``,
+    ``ipv6:[::1]:567`` -> ``ipv6:[::1]``)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -23,6 +23,7 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "encode_varint",
+    "leading_name",
 ]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -162,3 +163,21 @@ def decode_chunk(
         else:
             raise WireError(f"unsupported wire type {wire}")
     return Chunk(ints, data, subs)
+
+
+def leading_name(raw: bytes | memoryview) -> str:
+    """The signer's name in a request, read without parsing the rest: the ``Auth.client`` of
+    a message whose first serialized field is its ``Auth`` (field 1 of every request, and of
+    ``UploadHeader``), as protobuf serializers write it. ``""`` when the message does not
+    start that way. It only chooses the size cap a request is held to before it is parsed
+    and authenticated: a wrong answer costs a refusal, never a bypass."""
+    buf = raw if isinstance(raw, memoryview) else memoryview(raw)
+    try:
+        for _ in range(2):  # the message's field 1 (Auth), then the Auth's field 1 (client)
+            if len(buf) < 2 or buf[0] != 0x0A:
+                return ""
+            n, pos = _read_varint(buf, 1, min(len(buf), 6))
+            buf = buf[pos : pos + n]
+        return bytes(buf).decode("utf-8", "replace")
+    except WireError:
+        return ""

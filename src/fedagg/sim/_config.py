@@ -138,6 +138,16 @@ DEFAULTS: dict[str, Any] = {
         "digest": True,
         "max_uploads": 8,
         "adaptive_window": False,
+        # limits on what a peer can hold (see ServerOptions): seconds for an RPC's first
+        # message, seconds an upload or download may stall, its progress floor (KiB/s),
+        # uploads/downloads one client may have in progress, unauthenticated RPCs at once
+        # (in all, and per peer IP address)
+        "first_timeout": 10.0,
+        "idle_timeout": 30.0,
+        "min_rate_kib": 64.0,
+        "client_uploads": 2,
+        "preauth": 64,
+        "preauth_per_peer": 32,
         # aggregation tiers (see fedagg.deploy._edge): a server with a parent is an edge
         "parent": "",  # host:port of the parent; empty: this server is the root
         "edge_key": "",  # this edge's private key (its name is the key's)
