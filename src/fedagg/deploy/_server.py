@@ -70,10 +70,11 @@ MAX_METRIC_NAME = 64
 _METRIC_NAME = re.compile(rf"[A-Za-z0-9_.:/\-]{{1,{MAX_METRIC_NAME}}}")
 #: The first message of an RPC (an upload's header, not its data) is at most MAX_REQUEST
 #: bytes; one signed by an edge aggregator's name may carry per-client lists (the clients it
-#: serves, their tasks, a partial's jobs with their clients' signatures): EDGE_PER_CLIENT
-#: more bytes per client of the federation. Checked on the raw bytes, before parsing.
+#: serves, their tasks, a partial's jobs with their clients' signatures and metrics):
+#: EDGE_PER_CLIENT more bytes per client in its scope (``deploy.edge_clients``). Checked on
+#: the raw bytes, before parsing. (gRPC's message limit, ``chunk_bytes`` + 64 KiB, caps it.)
 MAX_REQUEST = 16 * 1024
-EDGE_PER_CLIENT = 512
+EDGE_PER_CLIENT = 6 * 1024
 
 
 @dataclass(frozen=True)
@@ -643,11 +644,13 @@ class Server:
 
     def _sized(self, raw: bytes | memoryview) -> None:
         """Refuse a request (an upload's header) larger than :data:`MAX_REQUEST`, plus
-        :data:`EDGE_PER_CLIENT` per client if it names an edge aggregator: checked on its
+        :data:`EDGE_PER_CLIENT` per client of its scope if it names an edge: checked on its
         length, before it is parsed."""
         cap = MAX_REQUEST
-        if self.edges is not None and leading_name(raw) in self.edges.index:
-            cap += EDGE_PER_CLIENT * len(self.sessions)
+        if self.edges is not None:
+            name = leading_name(raw)
+            if name in self.edges.index:
+                cap += EDGE_PER_CLIENT * len(self.edge_clients.get(name, ()))
         if len(raw) > cap:
             raise _Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
