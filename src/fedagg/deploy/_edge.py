@@ -175,6 +175,7 @@ class EdgeEngine:
     def open(self) -> Effects:
         """Recover: everything logged and not acknowledged by the parent is folded again and
         forwarded at once (the tasks come back from the parent when the link reconnects)."""
+        self.store.verify()  # the event log against its hash chain (StateError if broken)
         for tmp in self.spool.glob("tmp-*"):
             tmp.unlink()
         self.seq = self.store.last_seq()

@@ -49,7 +49,7 @@ from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
-from fedagg.deploy._store import EventRow, LogItem, Store
+from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store
 from fedagg.errors import ConfigError, FedaggError, NonFiniteUpdate, StateError, UpdateError
 from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
@@ -377,6 +377,8 @@ class Federation:
                 )
         else:
             self.store.set_meta(self.identity)
+        # the whole event log against its hash chain: an edit or a cut is a StateError
+        self.store.verify()
         for tmp in self.spool.glob("tmp-*"):  # uploads cut off by a crash: never acknowledged
             tmp.unlink()
         for f in sorted(self.spool.glob("free-*")):
@@ -389,11 +391,14 @@ class Federation:
             self.state = self.policy.init(self.server0, self.ctx)
             self.seq = self.store.last_seq()
             if self.seq:
-                raise StateError("events were logged but no checkpoint exists")
+                raise StateError(
+                    f"events were logged in {self.store.path} but no checkpoint is recorded: "
+                    f"{RECOVERY_HINT}"
+                )
             self._checkpoint()
             return Effects()
-        _, path = ckpts[0]
-        snap = loads(Path(path).read_bytes())
+        at, path = ckpts[0]
+        snap = loads(self.store.read_checkpoint(at))  # its sha256 checked against its record
         if not isinstance(snap, _Snapshot):
             raise StateError(f"{path} is not a federation checkpoint")
         self.state, self.seq, self.next_job = snap.policy, snap.seq, snap.next_job
