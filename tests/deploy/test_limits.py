@@ -156,6 +156,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for name, make in METRIC_CASES.items():
                 msgs = peer.upload(task, data, make())
                 out["metrics"][name] = outcome(functools.partial(peer.push, msgs))
+
+            def tiny(metrics: dict[str, float]) -> tuple[str, str]:
+                """The upload in 4-byte chunks: hundreds of messages."""
+                head = peer.header(task, data, metrics)
+                msgs = [encode_chunk({}, data[:4], head.SerializeToString())]
+                msgs += [encode_chunk({2: o}, data[o : o + 4]) for o in range(4, len(data), 4)]
+                return outcome(lambda: peer.push([*msgs, peer.trailer(head, data)]))
+
+            out["tiny_chunks"] = tiny({})
             out["db_growth"] = db_bytes(fed) - size0
             out["spool_unchanged"] = spool_files(fed) == spool0
             out["rows_after_refusals"] = uploads(fed)
@@ -163,6 +172,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ok_metrics |= {"train_loss": 0.5, "val/acc:top-1.x": 0.9}  # MAX_METRICS in all
             out["accepted"] = outcome(lambda: peer.push(peer.upload(task, data, ok_metrics)))
             out["honest_resend"] = outcome(lambda: peer.push(peer.upload(task, data, ok_metrics)))
+            out["tiny_resend"] = tiny(ok_metrics)
 
             def junk(offsets: Callable[[int], int]) -> dict[str, Any]:
                 good = peer.upload(task, data, ok_metrics)
@@ -224,6 +234,15 @@ def test_oversized_metrics_are_refused(scenario: dict[str, Any], case: str) -> N
         assert "at most 16384" in message, message
     else:
         assert "metric" in message, message
+
+
+@pytest.mark.parametrize("case", ["tiny_chunks", "tiny_resend"])
+def test_an_upload_in_tiny_chunks_is_refused(scenario: dict[str, Any], case: str) -> None:
+    """The number of an upload's chunks is bounded (issue 14: chunk counts), fresh or re-sent:
+    the model in 4-byte chunks is refused after a dozen of them."""
+    code, message = scenario[case]
+    assert code == "INVALID_ARGUMENT", (code, message)
+    assert "too many chunks: more than 12 for" in message, message
 
 
 def test_refused_metrics_write_nothing(scenario: dict[str, Any]) -> None:

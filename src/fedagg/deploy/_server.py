@@ -74,6 +74,10 @@ _METRIC_NAME = re.compile(rf"[A-Za-z0-9_.:/\-]{{1,{MAX_METRIC_NAME}}}")
 #: EDGE_PER_CLIENT more bytes per client in its scope (``deploy.edge_clients``). Checked on
 #: the raw bytes, before parsing. (gRPC's message limit, ``chunk_bytes`` + 64 KiB, caps it.)
 MAX_REQUEST = 16 * 1024
+#: An upload's data comes in chunks of at most ``chunk_bytes``, split where the client likes
+#: (at its arrays' ends, say): at most ``nbytes / min(MIN_CHUNK, chunk_bytes)`` + 2 per array
+#: of the model + 8 of them, so tiny chunks cannot multiply the per-message cost of an upload.
+MIN_CHUNK = 64 * 1024
 EDGE_PER_CLIENT = 6 * 1024
 
 
@@ -1198,9 +1202,11 @@ class Server:
         expect = 0
         chunk = first
         trailer = False
+        count = self._chunk_counter(total)
         while True:
             n = len(chunk.data)
             if n:
+                count()
                 off = chunk.ints.get(2, 0)
                 if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > total - expect:
                     raise _Abort(
@@ -1233,6 +1239,23 @@ class Server:
                 + ("" if trailer else ", without a trailer"),
             )
 
+    def _chunk_counter(self, nbytes: int) -> Callable[[], None]:
+        """Counts an upload's data chunks; refuses the one over :data:`MIN_CHUNK`'s bound."""
+        limit = nbytes // min(MIN_CHUNK, self.opt.chunk_bytes) + 2 * len(self.fed.spec.names) + 8
+        seen = 0
+
+        def count() -> None:
+            nonlocal seen
+            seen += 1
+            if seen > limit:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"too many chunks: more than {limit} for {nbytes} bytes (send chunks of up "
+                    f"to {self.opt.chunk_bytes} bytes)",
+                )
+
+        return count
+
     def _open_spool(self, tmp: Path) -> int:
         """A file to spool an upload into (on the I/O thread: file creation can block)."""
         reuse = self.fed.take_free()
@@ -1264,12 +1287,14 @@ class Server:
         total = head.nbytes
         pending: asyncio.Future[str | None] | None = None
         trailer = None
+        count = self._chunk_counter(total)
         try:
             chunk = first
             while True:
                 data = chunk.data
                 n = len(data)
                 if n:
+                    count()
                     if trailer is not None:
                         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "data after the trailer")
                     off = chunk.ints.get(2, 0)
