@@ -24,6 +24,7 @@ from fedagg._checkpoint import dumps
 from fedagg.core.spec import ArrayTree
 from fedagg.core.strategy import ServerState
 from fedagg.deploy._auth import ClientKey, Keyring
+from fedagg.deploy._bounds import bounded_strategy, bounds_of
 from fedagg.deploy._client import Client, Result, TaskContext
 from fedagg.deploy._fed import Federation, canonical_strategy
 from fedagg.deploy._files import private_state_dir, write_private
@@ -143,10 +144,15 @@ def build_federation(
     fd = build_data(cfg, seed)
     model = build_model(cfg, fd)
     strategy = build_strategy(cfg)
-    if d["order"] == "canonical":
-        strategy = canonical_strategy(strategy)
-    elif d["order"] != "arrival":
+    if d["order"] not in ("arrival", "canonical"):
         raise ConfigError(f"deploy.order must be 'arrival' or 'canonical', got {d['order']!r}")
+    # every client's claimed weight and update norm (issue 14, #6); warm once the window holds
+    # bound_warmup clients, or half the clients of a smaller federation
+    bounds = bounds_of(d, clients=len(fd.clients))
+    if bounds.enabled:
+        strategy = bounded_strategy(strategy, bounds, canonical=d["order"] == "canonical")
+    elif d["order"] == "canonical":
+        strategy = canonical_strategy(strategy)
     policy: Policy = build_policy(cfg, strategy)
     server = strategy.init(model.init(seed))
     return Federation(

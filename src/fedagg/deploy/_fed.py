@@ -163,7 +163,9 @@ class Canonical:
     updates already kept, could overflow the accumulator: the kept updates' sum then cannot.
     Should the fold at the close still refuse an update (a rule's own check), the others are
     folded one by one in key order and the refused ones skipped and recorded in
-    :attr:`CanonicalState.refused`: the same updates give the same outcome on every replay.
+    :attr:`CanonicalState.refused` (and returned by :meth:`settle`, which the policies call as
+    a round closes, so they count as refused, not folded): the same updates give the same
+    outcome on every replay.
     """
 
     inner: Aggregator[Any]
@@ -181,16 +183,22 @@ class Canonical:
     def init(self, spec: ParamSpec, *, version: int | None = None) -> CanonicalState:
         return CanonicalState(self.inner.init(spec, version=version), spec, version)
 
-    def _admit(self, state: CanonicalState, bound: float, update: Update) -> float:
-        """Check ``update`` and return the pending bound with it (raises UpdateError)."""
+    def _admit(
+        self, state: CanonicalState, bound: float, update: Update, peak: float | None = None
+    ) -> float:
+        """Check ``update`` and return the pending bound with it (raises UpdateError).
+        ``peak``: a bound on ``max|delta|`` already computed (else one pass computes it)."""
         check_update(state.spec, state.version, update)
         limit = self.limit
         if limit is None:
             return bound
         if state.spec.dtype.itemsize > 4:
             limit = _F64_SAFE  # a float64 model always gets a float64 accumulator
-        segs = state.spec.segments(update.delta)
-        peak = max((_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0)
+        if peak is None:
+            segs = state.spec.segments(update.delta)
+            peak = max(
+                (_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0
+            )
         if not math.isfinite(peak):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
         w = abs(float(update.weight) * float(update.scale))
@@ -229,7 +237,18 @@ class Canonical:
         state.bound += other.bound
         return state
 
-    def _flush(self, state: CanonicalState) -> Any:
+    def holds(self, state: Any) -> bool:
+        """Whether an update arriving in ``state`` (the policy's current aggregate) is kept
+        until the round closes, so is read as a view of its spool file: always, here."""
+        return True
+
+    def settle(self, state: CanonicalState) -> list[Update]:
+        """Fold the kept updates now (the round is closing); returns those the fold refused
+        (also recorded in :attr:`CanonicalState.refused`), for the round's stats."""
+        return self._flush(state)
+
+    def _flush(self, state: CanonicalState) -> list[Update]:
+        refused: list[Update] = []
         if state.pending:
             ordered = sorted(state.pending, key=self.key)
             state.pending, state.bound = [], 0.0
@@ -242,14 +261,17 @@ class Canonical:
                         state.inner = self.inner.fold(state.inner, u)
                     except UpdateError as e:
                         state.refused.append((e.client_id, e.reason))
+                        refused.append(u)
                         log.warning("at the round's fold: %s", e)
-        return state.inner
+        return refused
 
     def finalize_flat(self, state: CanonicalState) -> Arr:
-        return self.inner.finalize_flat(self._flush(state))
+        self._flush(state)
+        return self.inner.finalize_flat(state.inner)
 
     def finalize(self, state: CanonicalState) -> ArrayTree:
-        return self.inner.finalize(self._flush(state))
+        self._flush(state)
+        return self.inner.finalize(state.inner)
 
     def count(self, state: CanonicalState) -> int:
         return int(self.inner.count(state.inner)) + len(state.pending)
@@ -428,8 +450,11 @@ class Federation:
         small = np.zeros(1024, self.spec.dtype)
         small.flags.writeable = False
         _kernels.all_finite(small, use_numba=True, parallel=False)
+        _kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
         strategy = getattr(self.policy, "strategy", None)
         agg = getattr(strategy, "aggregator", None)
+        while isinstance(agg, Canonical):  # the rule itself (a wrapper's state must not see it)
+            agg = agg.inner
         if agg is None:
             return
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
@@ -565,12 +590,13 @@ class Federation:
 
         Folded at once (arrival order): read into one pooled buffer, reused for every update
         (page faults on fresh memory cost more than the copy from the page cache), and hashed
-        there. Kept until the round closes (canonical order): a read-only map of the file,
+        there. Kept until the round closes (canonical order, or bounds warming up, see
+        :meth:`Canonical.holds`): a read-only map of the file,
         which costs no memory until it is folded, hashed through the map."""
         n = self.spec.size
         _check_size(path, nbytes, n * self.spec.dtype.itemsize, what)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
-        if isinstance(agg, Canonical):
+        if isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None)):
             out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
         else:
             if self._pool is None:
@@ -596,6 +622,10 @@ class Federation:
             self.tasks.pop(row.job, None)
         for u in row.parts:
             self.tasks.pop(u.job, None)
+        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
+        adopt = getattr(agg, "adopt", None)
+        if adopt is not None:  # bounds: the next round's window, from the state (a loaded one)
+            adopt(getattr(self.state, "agg", None))
         actions = self.policy.step(self.state, ev, self.ctx)
         effects = Effects()
         for a in actions:
@@ -643,7 +673,8 @@ class Federation:
     def _checkpoint(self) -> None:
         agg = getattr(self.state, "agg", None)
         if isinstance(agg, CanonicalState) and agg.pending:
-            return  # mid-round in canonical order: the log covers it; try after the next
+            return  # updates kept until the close (canonical order, bounds warming up): the
+            # log covers them; try after the next event
         t0 = time.perf_counter()
         snap = _Snapshot(
             self.state, self.applied, self.next_job, self.now, dict(self.tasks), dict(self.timers),

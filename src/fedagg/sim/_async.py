@@ -127,6 +127,8 @@ class AsyncState:
     bases: dict[int, Arr] = field(default_factory=dict)  # mixing: models still trained on
     base_refs: dict[int, int] = field(default_factory=dict)
     finished: bool = False
+    #: each folded update's (claimed weight, train loss), as ``loss_sum`` adds them
+    claims: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,7 @@ class AsyncPolicy:
             state.accepted[ev.client] = ev.client_state
         n = float(ev.update.weight)
         loss = float(ev.update.metrics.get("train_loss", math.nan))
+        state.claims.append((n, loss))
         if math.isfinite(loss):
             state.loss_sum += n * loss
             state.loss_weight += n
@@ -336,6 +339,7 @@ class AsyncPolicy:
     def _close(
         self, state: AsyncState, now: float, ctx: PolicyContext, actions: list[Action]
     ) -> None:
+        self._settle(state)
         applied = state.folded > 0
         mass = 1.0
         if applied:
@@ -409,7 +413,40 @@ class AsyncPolicy:
         state.loss_sum = state.loss_weight = 0.0
         state.weights, state.base_weights, state.staleness = [], [], []
         state.participants = []
+        state.claims = []
         state.accepted = {}
+
+    def _settle(self, state: AsyncState) -> None:
+        """An aggregator that keeps updates until the step closes (the server's canonical
+        order, :meth:`fedagg.deploy.Canonical.settle`) folds them now: those its fold refuses
+        count as refused, not folded, and leave the step's participants and losses."""
+        settle = getattr(self.strategy.aggregator, "settle", None)
+        if settle is None or state.agg is None:
+            return
+        for u in settle(state.agg):
+            i = next(
+                (
+                    i
+                    for i, (c, w) in enumerate(zip(state.participants, state.weights, strict=False))
+                    if str(c) == u.client_id and w == float(u.weight)
+                ),
+                None,
+            )
+            if i is None:
+                continue
+            client = state.participants.pop(i)
+            for seq in (state.weights, state.base_weights, state.staleness, state.claims):
+                if i < len(seq):
+                    seq.pop(i)
+            state.accepted.pop(client, None)
+            state.folded -= 1
+            state.refused += 1
+            # the sums as if the refused update had never been added (same order, same bits)
+            state.loss_sum = state.loss_weight = 0.0
+            for n, loss in state.claims:
+                if math.isfinite(loss):
+                    state.loss_sum += n * loss
+                    state.loss_weight += n
 
     def _stats(
         self, state: AsyncState, now: float, applied: bool, omega: tuple[float, ...]

@@ -160,6 +160,19 @@ DEFAULTS: dict[str, Any] = {
         "edge_mode": "auto",  # aggregate (partials), relay (updates), auto: by policy
         "flush_after": 1.0,  # seconds after its first update a partial is sent anyway
         "leaf_rule": "",  # a robust rule run over this edge's own clients (then a mean above)
+        # bounds on what a client claims (see fedagg.deploy._bounds), before its update is
+        # folded: a weight is capped at weight_cap x the median claimed weight, an update's L2
+        # norm bounded by norm_cap x the median norm (clipped, or refused with "reject") and by
+        # max_norm; medians over the latest accepted claims of the last bound_window clients
+        # of earlier rounds, or, until bound_warmup clients (or half the federation) have one,
+        # over the round's own (its updates kept until its close). 0 disables a cap (all
+        # three 0: no bounds)
+        "weight_cap": 10.0,
+        "norm_cap": 10.0,
+        "norm_mode": "clip",  # clip (scale the update down to the bound) or reject
+        "max_norm": 0.0,  # an absolute bound on every update's norm (0: none)
+        "bound_window": 64,
+        "bound_warmup": 5,
     },
 }
 

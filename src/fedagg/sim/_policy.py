@@ -214,6 +214,8 @@ class SyncState:
     next_job: int = 0
     weights: list[float] = field(default_factory=list)  # the aggregation weight of each folded
     weighting: Any = None  # the participation weighting's state (FedAU's estimator)
+    #: each folded update's (claimed weight, train loss), as ``weight_sum``/``loss_sum`` add them
+    claims: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,7 @@ class SyncPolicy:
         state.loss_sum = state.weight_sum = 0.0
         state.participants = []
         state.weights = []
+        state.claims = []
         state.accepted = {}
         if self.scaffold and state.control is not None:
             state.control_sum = {k: np.zeros_like(v) for k, v in state.control.items()}
@@ -360,8 +363,10 @@ class SyncPolicy:
         if ev.client_state is not None:
             state.accepted[ev.client] = ev.client_state
         w = float(ev.update.weight)
+        loss = float(ev.update.metrics.get("train_loss", math.nan))
+        state.claims.append((w, loss))
         state.weight_sum += w
-        state.loss_sum += w * float(ev.update.metrics.get("train_loss", math.nan))
+        state.loss_sum += w * loss
         if state.control_sum is not None and delta_c is not None:
             for k, v in delta_c.items():
                 state.control_sum[k] += v
@@ -388,6 +393,7 @@ class SyncPolicy:
             state.folded += 1
             state.participants.append(client)
             state.weights.append(w)
+            state.claims.append((w, loss))
             state.weight_sum += w
             state.loss_sum += w * loss
         return self._maybe_close(state, ev.now, ctx)
@@ -397,7 +403,32 @@ class SyncPolicy:
             return self._close(state, now, ctx)
         return []
 
+    def _settle(self, state: SyncState) -> None:
+        """An aggregator that keeps updates until the round closes (the server's canonical
+        order, :meth:`fedagg.deploy.Canonical.settle`) folds them now: those its fold refuses
+        count as refused, not folded, and leave the round's participants and losses."""
+        settle = getattr(self.strategy.aggregator, "settle", None)
+        if settle is None or state.agg is None:
+            return
+        for u in settle(state.agg):
+            i = next((i for i, c in enumerate(state.participants) if str(c) == u.client_id), None)
+            if i is None:
+                continue
+            client = state.participants.pop(i)
+            state.weights.pop(i)
+            if i < len(state.claims):
+                state.claims.pop(i)
+            state.accepted.pop(client, None)
+            state.folded -= 1
+            state.refused += 1
+            # the sums as if the refused update had never been added (same order, same bits)
+            state.weight_sum = state.loss_sum = 0.0
+            for w, loss in state.claims:
+                state.weight_sum += w
+                state.loss_sum += w * loss
+
     def _close(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
+        self._settle(state)
         applied = state.folded >= self.min_updates
         mass = 1.0
         if self.weighting is not None and applied:
