@@ -684,13 +684,15 @@ class Federation:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, any umask
         with os.fdopen(fd, "wb") as f:
-            f.write(dumps(snap))
+            data = dumps(snap)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(self.dir)
         crash_point("checkpoint")
-        self.store.add_checkpoint(self.applied, str(path), self.server.version)
+        digest = hashlib.sha256(data).digest()  # what was written: no read back
+        self.store.add_checkpoint(self.applied, str(path), self.server.version, digest)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for _, old in self.store.checkpoints()[1:]:
