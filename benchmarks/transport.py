@@ -686,7 +686,11 @@ def render_hardening(res: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="64 MiB, 10 rounds, N in {4, 8}")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 MiB, 10 rounds, N in {4, 8} (with --baseline: 256 MiB uploads)",
+    )
     ap.add_argument("--no-flower", action="store_true")
     ap.add_argument("--wait-idle", type=float, default=0.0)
     ap.add_argument("--out", default=str(HERE / "results"))
