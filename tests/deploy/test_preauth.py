@@ -279,6 +279,9 @@ def test_partial_first_messages_are_bounded_by_the_message_limit(tmp_path: Path)
             peer.channel.close()
         finally:
             staller.kill()
+            staller.wait(30)
+            if staller.stdout is not None:
+                staller.stdout.close()
     print(f"server RSS grew {grown:.1f} MiB with 200 stalled 4 MB messages")
     assert grown < 64, grown
     assert took < 5, took
