@@ -295,10 +295,15 @@ def serve_edge(
         from fedagg.sim._run import build_aggregator
 
         leaf = build_aggregator({**cfg["strategy"], "aggregator": d["leaf_rule"]})
+    # its clients' claimed weights and update norms, bounded before they are folded into a
+    # partial (aggregate mode; relayed updates are bounded by the root), warm once the window
+    # holds bound_warmup clients or half of this edge's subtree (issue 14, #6)
+    bounds = bounds_of(d, clients=len(serves))
     engine = EdgeEngine(
         build_strategy(cfg).aggregator, spec, num_clients=len(keyring.names),
         directory=private_state_dir(state or d["state"]), mode=mode,
         flush_after=float(d["flush_after"]), leaf_rule=leaf,
+        bounds=bounds if bounds.enabled else None,
     )  # fmt: skip
     ca = None
     if not insecure:

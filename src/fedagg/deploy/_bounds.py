@@ -26,9 +26,13 @@ every round's updates until the close anyway, and bounds them relative to the wi
 warming up, the round's own claims). Medians are lower medians (with two values, the
 smaller), so one client of two cannot raise them.
 
+An edge aggregator in aggregate mode bounds its own clients' updates the same way, with the
+same ``[deploy]`` settings, before folding them into its partial (see
+:mod:`fedagg.deploy._edge`); the root merges partial aggregates as they come.
+
 What stays unbounded: a coalition holding half the reference (or half a warming-up round)
-moves the medians; a partial aggregate from an edge aggregator is merged as it comes (it was
-folded below); an asynchronous step whose buffer holds one client only (FedAsync, or a
+moves the medians; an edge's own sum (it is trusted with it, as the edge docstring says); an
+asynchronous step whose buffer holds one client only (FedAsync, or a
 first FedBuff buffer filled by one fast client) is bounded by ``max_norm`` alone until the
 window is warm.
 
@@ -54,7 +58,19 @@ from fedagg.core.update import Update
 from fedagg.deploy._fed import Canonical, CanonicalState, _spool_key
 from fedagg.errors import ConfigError, NonFiniteUpdate, UpdateError
 
-__all__ = ["Bounded", "BoundedState", "Bounds", "OutOfBounds", "bounded_strategy", "bounds_of"]
+__all__ = [
+    "Bounded",
+    "BoundedState",
+    "Bounds",
+    "Claim",
+    "OutOfBounds",
+    "bound_update",
+    "bounded_strategy",
+    "bounds_of",
+    "check_claim",
+    "limits",
+    "slide",
+]
 
 log = logging.getLogger("fedagg.server")
 NormMode = Literal["clip", "reject"]
@@ -141,7 +157,8 @@ def slide(window: Iterable[Claim], claims: Iterable[Claim], size: int) -> list[C
     return out[-size:]
 
 
-def _limits(b: Bounds, ref: list[Claim], why: str) -> _Limits:
+def limits(b: Bounds, ref: list[Claim], why: str) -> _Limits:
+    """The limits relative to the reference claims ``ref`` (``why`` names them in the log)."""
     weights, norms = [w for _, w, _ in ref], [n for _, _, n in ref]
     wl = b.weight_cap * lower_median(weights) if b.weight_cap > 0 and weights else None
     nl = b.norm_cap * lower_median(norms) if b.norm_cap > 0 and norms else None
@@ -172,6 +189,57 @@ class _Tracker:
     """The window the next round starts from (set when a round closes, read by ``init``)."""
 
     window: tuple[Claim, ...] = ()
+
+
+def update_norm(spec: ParamSpec, update: Update) -> float:
+    """The delta's L2 norm times its scale (one compiled pass, float64 sums)."""
+    use = _kernels.HAVE_NUMBA
+    segs = spec.segments(update.delta)
+    norm = math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use) for s in segs))
+    norm *= abs(float(update.scale))
+    if not math.isfinite(norm):
+        raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
+    return norm
+
+
+def check_claim(b: Bounds, spec: ParamSpec, version: int | None, update: Update) -> float:
+    """Metadata and norm of an arriving update (its L2 norm returned); the absolute bound
+    ``max_norm`` refuses at once under ``norm_mode = "reject"`` (raises UpdateError)."""
+    check_update(spec, version, update)
+    norm = update_norm(spec, update)
+    if b.max_norm > 0 and norm > b.max_norm and b.norm_mode == "reject":
+        e = OutOfBounds(
+            update.client_id, f"update norm {norm:.3g} over deploy.max_norm {b.max_norm:.3g}"
+        )
+        log.warning("%s", e)
+        raise e
+    return norm
+
+
+def bound_update(b: Bounds, u: Update, norm: float, lim: _Limits) -> tuple[Update, float, float]:
+    """``u`` (of L2 norm ``norm``) bounded by ``lim``: (the update to fold, its bounded
+    weight, its bounded norm); raises :class:`OutOfBounds` under ``norm_mode = "reject"``."""
+    w, scale, what = float(u.weight), 1.0, []
+    if lim.weight is not None and w > lim.weight:
+        what.append(f"weight {w:.3g} capped to {lim.weight:.3g}")
+        w = lim.weight
+    if lim.norm is not None and norm > lim.norm:
+        if b.norm_mode == "reject":
+            e = OutOfBounds(
+                u.client_id, f"update norm {norm:.3g} over the bound {lim.norm:.3g} "
+                f"({b.norm_cap:g} x {lim.why}, or deploy.max_norm)",
+            )  # fmt: skip
+            log.warning("%s", e)
+            raise e
+        what.append(f"norm {norm:.3g} clipped to {lim.norm:.3g}")
+        scale, norm = lim.norm / norm, lim.norm
+    if not what:
+        return u, w, norm
+    log.warning(
+        "update from client %r bounded (relative to %s): %s", u.client_id, lim.why,
+        ", ".join(what),
+    )  # fmt: skip
+    return replace(u, weight=w, scale=float(u.scale) * scale), w, norm
 
 
 def _arrival_key(update: Update) -> int:
@@ -211,54 +279,18 @@ class Bounded(Canonical):
 
     # -- bounding --------------------------------------------------------------------------
     def _norm(self, state: CanonicalState, update: Update) -> float:
-        """The delta's L2 norm times its scale (one compiled pass, float64 sums)."""
-        use = _kernels.HAVE_NUMBA
-        segs = state.spec.segments(update.delta)
-        norm = math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use) for s in segs))
-        norm *= abs(float(update.scale))
-        if not math.isfinite(norm):
-            raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
-        return norm
+        return update_norm(state.spec, update)
 
     def _check(self, state: CanonicalState, update: Update) -> float:
         """Metadata and norm of an arriving update; the absolute bound refuses at once."""
-        check_update(state.spec, state.version, update)
-        norm = self._norm(state, update)
-        b = self.bounds
-        if b.max_norm > 0 and norm > b.max_norm and b.norm_mode == "reject":
-            e = OutOfBounds(
-                update.client_id, f"update norm {norm:.3g} over deploy.max_norm {b.max_norm:.3g}"
-            )
-            log.warning("%s", e)
-            raise e
-        return norm
+        return check_claim(self.bounds, state.spec, state.version, update)
 
     def _window_limits(self, state: BoundedState) -> _Limits:
-        return _limits(self.bounds, state.window, "the recent rounds' median")
+        return limits(self.bounds, state.window, "the recent rounds' median")
 
     def _bound(self, u: Update, norm: float, lim: _Limits) -> tuple[Update, float, float]:
         """``u`` bounded: (the update to fold, its bounded weight, its bounded norm)."""
-        w, scale, what = float(u.weight), 1.0, []
-        if lim.weight is not None and w > lim.weight:
-            what.append(f"weight {w:.3g} capped to {lim.weight:.3g}")
-            w = lim.weight
-        if lim.norm is not None and norm > lim.norm:
-            if self.bounds.norm_mode == "reject":
-                e = OutOfBounds(
-                    u.client_id, f"update norm {norm:.3g} over the bound {lim.norm:.3g} "
-                    f"({self.bounds.norm_cap:g} x {lim.why}, or deploy.max_norm)",
-                )  # fmt: skip
-                log.warning("%s", e)
-                raise e
-            what.append(f"norm {norm:.3g} clipped to {lim.norm:.3g}")
-            scale, norm = lim.norm / norm, lim.norm
-        if not what:
-            return u, w, norm
-        log.warning(
-            "update from client %r bounded (relative to %s): %s", u.client_id, lim.why,
-            ", ".join(what),
-        )  # fmt: skip
-        return replace(u, weight=w, scale=float(u.scale) * scale), w, norm
+        return bound_update(self.bounds, u, norm, lim)
 
     # -- the monoid ------------------------------------------------------------------------
     def fold(self, state: CanonicalState, update: Update) -> CanonicalState:
@@ -311,7 +343,7 @@ class Bounded(Canonical):
             lim = self._window_limits(state)
         else:  # warming up: relative to this round's own claims (each client's latest)
             own = [(ups[i].client_id, float(ups[i].weight), norms[i]) for i in order]
-            lim = _limits(self.bounds, slide((), own, len(own)), "this round's median")
+            lim = limits(self.bounds, slide((), own, len(own)), "this round's median")
         kept: list[tuple[Update, Update, float, float]] = []  # (as sent, bounded, w, norm)
         for i in order:
             try:

@@ -21,6 +21,21 @@ docstring states what that tolerates). The parents and the root then need the fl
 A partial is forwarded when every task of its version in the subtree is resolved (uploaded or
 dropped), or ``flush_after`` seconds after its first update, whichever is first.
 
+In aggregate mode the edge bounds what its clients claim before folding, as the root does
+(:mod:`fedagg.deploy._bounds`, the same ``[deploy]`` settings; relayed updates are bounded by
+the root): a weight is capped at ``weight_cap`` x the lower median claimed weight, an update's
+norm clipped (or refused) at ``norm_cap`` x the median norm and ``max_norm``. The reference
+is the edge's own window: the bounded claims of the last ``bound_window`` clients among the
+jobs its parent has acknowledged (each client's latest), kept in its state database in the
+transaction that logs the acknowledgement, so a restart rebuilds it from the log exactly.
+While it holds fewer than ``bound_warmup`` clients (or half the edge's subtree), a version's
+updates are kept as views of their spool files until the partial is flushed, and bounded then
+against their own claims (each client's latest): its flush timer then waits until that many
+clients' updates are in, or every task of the version is resolved (or a restart forces it
+out), so one client's update is never its own reference. The partial's jobs carry their
+clients' signed weights (which the parent verifies); its weight sum, what the parent merges,
+is the sum of the bounded weights, and may be less than theirs.
+
 Nothing accepted is lost: an upload is acknowledged to the client only once it is spooled,
 fsynced and logged at the edge, and it stays there until the parent acknowledges the partial
 (or relay) that carries it. An edge that restarts replays its log and re-sends what the parent
@@ -63,6 +78,7 @@ from fedagg.core.tree import LeafThenMean
 from fedagg.core.update import Update
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
+from fedagg.deploy._bounds import Bounds, Claim, bound_update, check_claim, limits, slide
 from fedagg.deploy._client import _RETRY, PROTOCOL, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, TaskInfo, _Ctx, task_problem
@@ -106,6 +122,14 @@ class _Pending:
     leaf_jobs: list[tuple[int, int]] = field(default_factory=list)
     jobs: list[tuple[int, int, float, float]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    #: bounds warming up: this version's updates (views of their spool files) and their norms,
+    #: kept until the partial is flushed and bounded then (None: bounded as they arrive)
+    held: list[tuple[Update, float, UploadRow]] | None = None
+    #: each folded job's bounded claim (weight, norm); the window takes it once acknowledged
+    claims: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    #: its flush timer fired while too few updates were kept to bound them against: it is
+    #: flushed once there are enough, or every task of its version is resolved
+    due: bool = False
 
 
 class EdgeEngine:
@@ -122,6 +146,7 @@ class EdgeEngine:
         mode: EdgeMode = "aggregate",
         flush_after: float = 1.0,
         leaf_rule: Aggregator[Any] | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
         if mode not in ("aggregate", "relay"):
             raise ConfigError(f"edge_mode must be 'aggregate' or 'relay', not {mode!r}")
@@ -147,6 +172,19 @@ class EdgeEngine:
         #: acknowledged by the parent (deleted with the next batch)
         self.new_origins: dict[tuple[int, int], bytes] = {}
         self._forget: list[tuple[int, int]] = []
+        #: the bounds on its clients' claims (aggregate mode; relayed updates are bounded
+        #: above), the reference window (each recent client's latest acknowledged bounded
+        #: claim, oldest first) and the claims of jobs forwarded and not yet acknowledged
+        self.bounds = (
+            bounds if bounds is not None and bounds.enabled and mode == "aggregate" else None
+        )
+        self.window: list[Claim] = []
+        self.claims: dict[tuple[int, int], tuple[float, float]] = {}
+        if self.bounds is not None:  # each client's latest acknowledged claim (job, bounded)
+            self.store.db.execute(
+                "CREATE TABLE IF NOT EXISTS edge_claims (client INTEGER PRIMARY KEY, job INTEGER "
+                "NOT NULL, weight REAL NOT NULL, norm REAL NOT NULL)"
+            )
         self.tasks: dict[int, TaskInfo] = {}
         self.models: dict[int, Arr] = {}
         self.pending: dict[int, _Pending] = {}
@@ -184,6 +222,8 @@ class EdgeEngine:
         with self.store.tx():
             q = "DELETE FROM edge_origins WHERE client=? AND job=?"
             self.store.db.executemany(q, sorted(k for k in acked if k[0] is not None))
+        if self.bounds is not None:
+            self.window = self._acked_window(rows)
         effects = Effects()
         for row in rows:
             keys = {(u.client, u.job) for u in (row.parts or ((row.upload,) if row.upload else ()))}
@@ -263,7 +303,16 @@ class EdgeEngine:
                     "INSERT OR IGNORE INTO edge_origins VALUES (?, ?, ?)", keep
                 )
             self._forget = []
-        rows, self.seq = self.store.log_batch(self.seq, events)
+        # the bounded claims of the jobs acknowledged in this batch, in its transaction: the
+        # window a restart rebuilds from the log is the one this run has
+        claimed = [
+            (c, j, *self.claims[(c, j)])
+            for k, _, c, j, _, _ in events
+            if k == "acked" and c is not None and j is not None and (c, j) in self.claims
+        ]
+        sql = "INSERT OR REPLACE INTO edge_claims VALUES (?, ?, ?, ?)"
+        also = [(sql, claimed)] if claimed else []
+        rows, self.seq = self.store.log_batch(self.seq, events, also)
         self._forget = [(c, j) for k, _, c, j, _, _ in events
                         if k == "acked" and c is not None and j is not None]  # fmt: skip
         crash_point("edge-logged")
@@ -297,8 +346,14 @@ class EdgeEngine:
         if row.kind == "timer":
             effects.merge(self._flush(force=False, version=row.tag))
             return effects
-        if row.kind == "acked":
-            return effects  # the link deleted the spool files; the log keeps the key
+        if row.kind == "acked":  # the link deleted the spool files; the log keeps the key
+            if self.bounds is not None and row.client is not None and row.job is not None:
+                claim = self.claims.pop((row.client, row.job), None)
+                if claim is not None:  # folded, forwarded, and now in the parent's aggregate
+                    self.window = slide(
+                        self.window, [(str(row.client), *claim)], self.bounds.window
+                    )
+            return effects
         if row.kind == "dropout" and row.job is not None and row.client is not None:
             self.tasks.pop(row.job, None)
             self.dropped.append((row.client, row.job))
@@ -317,22 +372,23 @@ class EdgeEngine:
             update = Update(delta=delta, weight=u.weight, client_id=str(u.client),
                             base_version=u.version, metrics=u.metrics)  # fmt: skip
             try:
-                if self.leaf is not None:
-                    if pend.leaf is None:
-                        pend.leaf = self.leaf.leaf.init(self.spec, version=u.version)
-                    self.leaf.leaf.fold(pend.leaf, update)
-                    pend.leaf_jobs.append((u.client, u.job))
-                else:
-                    self.agg.fold(pend.state, update)
+                claim = None
+                if self.bounds is not None:
+                    norm = check_claim(self.bounds, self.spec, u.version, update)
+                    if pend.held is not None:  # warming up: bounded when the partial is flushed
+                        pend.held.append((update, norm, u))
+                        return effects
+                    lim = limits(self.bounds, self.window, "this edge's recent claims")
+                    update, w, n = bound_update(self.bounds, update, norm, lim)
+                    claim = (w, n)
+                self._fold(pend, u, update)
             except UpdateError as e:  # refused by a pre-transform: reported as a dropout
                 log.warning("job %d refused at the edge: %s", u.job, e)
                 self.dropped.append((u.client, u.job))
                 return effects
             finally:
                 del delta
-            loss = float(u.metrics.get("train_loss", math.nan))
-            pend.jobs.append((u.client, u.job, u.weight, loss))
-            pend.paths.append(u.path)
+            self._folded(pend, u, claim)
             return effects
         if row.kind == "partial" and row.parts:
             p = row.parts[0]
@@ -348,6 +404,69 @@ class EdgeEngine:
             pend.paths.append(p.path)
             return effects
         raise StateError(f"malformed edge event {row.seq} ({row.kind})")
+
+    def _fold(self, pend: _Pending, u: UploadRow, update: Update) -> None:
+        """Fold one client's (bounded) update into its version's partial (or leaf rule)."""
+        if self.leaf is not None:
+            if pend.leaf is None:
+                pend.leaf = self.leaf.leaf.init(self.spec, version=u.version)
+            self.leaf.leaf.fold(pend.leaf, update)
+            pend.leaf_jobs.append((u.client, u.job))
+        else:
+            self.agg.fold(pend.state, update)
+
+    def _folded(self, pend: _Pending, u: UploadRow, claim: tuple[float, float] | None) -> None:
+        """A folded update's job, as the partial lists it: its client's signed claim (the
+        weight the client signed, not the bounded one the partial's sum holds)."""
+        loss = float(u.metrics.get("train_loss", math.nan))
+        pend.jobs.append((u.client, u.job, u.weight, loss))
+        pend.paths.append(u.path)
+        if claim is not None:
+            pend.claims[(u.client, u.job)] = claim
+
+    def _acked_window(self, rows: Sequence[EventRow]) -> list[Claim]:
+        """The reference window from the log: the bounded claims of the acknowledged jobs, in
+        the order the acknowledgements were logged (each client's latest is kept)."""
+        assert self.bounds is not None
+        q = "SELECT client, job, weight, norm FROM edge_claims"
+        kept = {int(c): (int(j), float(w), float(n)) for c, j, w, n in self.store.db.execute(q)}
+        acked: list[Claim] = []
+        for r in rows:
+            k = kept.get(r.client) if r.kind == "acked" and r.client is not None else None
+            if k is not None and k[0] == r.job:
+                acked.append((str(r.client), k[1], k[2]))
+        return slide((), acked, self.bounds.window)
+
+    def _warm(self) -> bool:
+        return self.bounds is not None and len(self.window) >= self.bounds.warmup
+
+    def _enough(self, pend: _Pending) -> bool:
+        """Whether a partial may be flushed before its version's tasks are all resolved: not
+        while it keeps fewer updates (clients) than the warm-up asks to bound them against."""
+        if not pend.held or self.bounds is None or self._warm():
+            return True  # (a partial of child partials only: nothing kept to bound)
+        return len({u.client for _, _, u in pend.held}) >= self.bounds.warmup
+
+    def _settle(self, pend: _Pending) -> None:
+        """Bound the updates kept while warming up and fold them, in arrival order: against
+        the window if it is warm by now, else against these updates' own claims (each
+        client's latest), as the root bounds a warming-up round at its close."""
+        assert self.bounds is not None and pend.held is not None
+        held, pend.held, b = pend.held, None, self.bounds
+        if self._warm():
+            lim = limits(b, self.window, "this edge's recent claims")
+        else:
+            own = [(str(u.client), float(u.weight), n) for _, n, u in held]
+            lim = limits(b, slide((), own, len(own)), "this partial's own median")
+        for update, norm, u in held:
+            try:
+                bounded, w, n = bound_update(b, update, norm, lim)
+                self._fold(pend, u, bounded)
+            except UpdateError as e:
+                log.warning("job %d refused at the edge: %s", u.job, e)
+                self.dropped.append((u.client, u.job))
+                continue
+            self._folded(pend, u, (w, n))
 
     def _seal(self, pend: _Pending) -> None:
         """The leaf rule's result over this edge's clients, as a mean partial merged into the
@@ -367,6 +486,8 @@ class EdgeEngine:
         pend = self.pending.get(version)
         if pend is None:
             pend = self.pending[version] = _Pending(self.agg.init(self.spec, version=version))
+            if self.bounds is not None and not self._warm():
+                pend.held = []
             effects.timers.append((self.now + self.flush_after, version))
         return pend
 
@@ -374,11 +495,21 @@ class EdgeEngine:
         effects = Effects()
         open_versions = {t.version for t in self.tasks.values()}
         for v in sorted(self.pending):
-            if force or v == version or v not in open_versions:
-                pend = self.pending.pop(v)
+            pend = self.pending[v]
+            if force or v == version or pend.due or v not in open_versions:
+                if not force and v in open_versions and not self._enough(pend):
+                    pend.due = True  # warming up, too few to bound against: wait for more
+                    continue
+                del self.pending[v]
+                if pend.held is not None:
+                    self._settle(pend)
                 if pend.leaf is not None:
                     self._seal(pend)
                 if pend.jobs:
+                    self.claims.update(
+                        (k, pend.claims[k]) for k in ((c, j) for c, j, _, _ in pend.jobs)
+                        if k in pend.claims
+                    )  # fmt: skip
                     effects.forward.append(Forward(v, pend.jobs, state=pend.state,
                                                    paths=pend.paths))  # fmt: skip
         if self.dropped:  # reported with the next forward, or alone if none is waiting

@@ -186,13 +186,19 @@ class Store:
         q = "SELECT 1 FROM uploads WHERE client=? AND job=?"
         return self.db.execute(q, (client, job)).fetchone() is not None
 
-    def log_batch(self, seq: int, events: Sequence[LogItem]) -> tuple[list[EventRow | None], int]:
+    def log_batch(
+        self, seq: int, events: Sequence[LogItem],
+        also: Sequence[tuple[str, Sequence[tuple[Any, ...]]]] = (),
+    ) -> tuple[list[EventRow | None], int]:  # fmt: skip
         """Log events after ``seq`` in one transaction; returns their rows and the new last seq.
         An upload whose key is already logged (a retry) gives None and is not logged again (a
-        partial aggregate: if any of its keys is)."""
+        partial aggregate: if any of its keys is). ``also``: ``(sql, rows)`` statements run in
+        the same transaction (an edge's side tables, kept in step with its log)."""
         rows: list[EventRow | None] = []
         prev: bytes | None = None  # the chain so far (read once, when an event is logged)
         with self.tx():
+            for sql, params in also:
+                self.db.executemany(sql, params)
             for kind, now, client, job, tag, upload in events:
                 parts = upload.parts if isinstance(upload, PartialRows) else ()
                 single = upload if isinstance(upload, UploadRow) else None
