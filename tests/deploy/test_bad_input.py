@@ -44,6 +44,7 @@ from fedagg.core.spec import ParamSpec
 from fedagg.deploy import ClientKey, TaskContext, config_trainer, make_keys
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body, signing_bytes
+from fedagg.deploy._calls import signed_channel
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from tests.deploy.harness import (
     PY,
@@ -175,7 +176,8 @@ class Peer:
     def __init__(self, fed: Fed, key: ClientKey) -> None:
         ca = (fed.dir / "certs" / "ca.pem").read_bytes()
         creds = grpc.ssl_channel_credentials(root_certificates=ca)
-        self.channel = grpc.secure_channel(fed.address, creds)
+        # its calls carry the key's call credentials (fedagg.deploy._calls)
+        self.channel = signed_channel(grpc.secure_channel(fed.address, creds), key)
         self.key = key
 
     def auth(

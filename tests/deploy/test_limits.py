@@ -27,6 +27,7 @@ import pytest
 from fedagg.deploy import ClientKey
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body, upload_body
+from fedagg.deploy._calls import signed_channel
 from fedagg.deploy._wire import encode_chunk
 from tests.deploy.harness import (
     Fed,
@@ -52,8 +53,9 @@ class Peer:
 
     def __init__(self, fed: Fed) -> None:
         ca = (fed.dir / "certs" / "ca.pem").read_bytes()
-        self.channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca))
         self.key = ClientKey.load(fed.key(0))
+        channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca))
+        self.channel = signed_channel(channel, self.key)  # its calls carry call credentials
 
     def auth(self, method: str, content: bytes) -> pb.Auth:
         return pb.Auth(**self.key.sign(method, content))

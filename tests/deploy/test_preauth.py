@@ -26,8 +26,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fedagg.deploy import ClientKey
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body
+from fedagg.deploy._calls import signed_channel
 from fedagg.deploy._wire import encode_chunk
 from tests.deploy.harness import (
     Fed,
@@ -173,25 +175,44 @@ class Silent:
 
 FIRST = 3.0  # the test server's first_timeout
 PER_PEER = 16  # its preauth_per_peer
+PER_CALLER = 8  # calls one caller may have opening (fedagg.deploy._server.OPENING_PER_CALLER)
+
+
+def channel(f: Fed, key: int | None = None) -> grpc.Channel:
+    """A TLS channel, its calls credentialed with client ``key``'s key (None: an outsider)."""
+    ca = (f.dir / "certs" / "ca.pem").read_bytes()
+    ch = grpc.secure_channel(f.address, grpc.ssl_channel_credentials(ca))
+    return ch if key is None else signed_channel(ch, ClientKey.load(f.key(key)))
 
 
 @pytest.mark.parametrize("method", ["Hello", "Heartbeat", "Tasks", "Pull", "Push"])
-def test_silent_calls_are_capped_per_peer_and_cut_off(tmp_path: Path, method: str) -> None:
+def test_silent_calls_are_capped_and_cut_off(tmp_path: Path, method: str) -> None:
+    """Calls that open and send nothing: an outsider's are refused as they open, before
+    anything is read (no credentials); registered clients' wait for their first message
+    until first_timeout, at most PER_CALLER per client and PER_PEER per address, the others
+    refused at once."""
     deploy = {"first_timeout": FIRST, "preauth_per_peer": PER_PEER}
-    with federation(tmp_path, clients=2, rounds=1, deploy=deploy) as f:
+    with federation(tmp_path, clients=3, rounds=1, deploy=deploy) as f:
         wait_listening(f, start_server(f))
-        peer = Peer(f)
-        silent = Silent(peer.channel, method, PER_PEER + 8)
+        outsider = channel(f)
+        mine = [channel(f, i) for i in range(3)]
+        silent = [Silent(outsider, method, 20)]
+        silent += [Silent(ch, method, PER_CALLER + 2) for ch in mine]  # 30 in all
         try:
-            got = silent.outcomes(FIRST + 15)
+            got = [s.outcomes(FIRST + 15) for s in silent]
         finally:
-            silent.close()
-            peer.channel.close()
-    cut = sorted(t for code, t in got if code == "DEADLINE_EXCEEDED")
-    refused = sorted(t for code, t in got if code == "RESOURCE_EXHAUSTED")
-    assert (len(cut), len(refused)) == (PER_PEER, 8), got
-    assert all(FIRST - 0.5 < t < FIRST + 5 for t in cut), got
-    assert all(t < FIRST - 0.5 for t in refused), got  # at once, not after the deadline
+            for s in silent:
+                s.close()
+            for ch in [outsider, *mine]:
+                ch.close()
+    assert all(code == "UNAUTHENTICATED" and t < FIRST - 0.5 for code, t in got[0]), got[0]
+    theirs = [x for g in got[1:] for x in g]
+    cut = sorted(t for code, t in theirs if code == "DEADLINE_EXCEEDED")
+    refused = sorted(t for code, t in theirs if code == "RESOURCE_EXHAUSTED")
+    assert (len(cut), len(refused)) == (PER_PEER, 3 * (PER_CALLER + 2) - PER_PEER), theirs
+    assert all(sum(c == "DEADLINE_EXCEEDED" for c, _ in g) <= PER_CALLER for g in got[1:]), got
+    assert all(FIRST - 0.5 < t < FIRST + 5 for t in cut), theirs
+    assert all(t < FIRST - 0.5 for t in refused), theirs  # at once, not after the deadline
 
 
 def _rss_mib(pid: int) -> float:
@@ -202,17 +223,16 @@ def _rss_mib(pid: int) -> float:
 
 
 def test_stalled_unauthenticated_calls_hold_no_memory_and_rounds_go_on(tmp_path: Path) -> None:
-    """400 silent calls over 4 connections (before: +491 MiB, uploads blocked): the server
-    grows by a few MiB at most, refuses what is over the cap, and once they are cut off the
-    clients run the federation to its end."""
+    """400 silent calls over 4 connections, with no call credentials: refused as they open,
+    the server grows by a few MiB at most, and the clients run the federation to its end."""
     with federation(tmp_path, clients=2, rounds=2) as f:
         server = start_server(f)
         wait_listening(f, server)
         time.sleep(1.0)
         before = _rss_mib(server.pid)
-        peers = [Peer(f) for _ in range(4)]
+        chans = [channel(f) for _ in range(4)]  # outsiders
         methods = ["Push", "Hello", "Tasks", "Pull"]
-        silent = [Silent(p.channel, m, 100) for p, m in zip(peers, methods, strict=True)]
+        silent = [Silent(ch, m, 100) for ch, m in zip(chans, methods, strict=True)]
         try:
             time.sleep(3.0)
             grown = _rss_mib(server.pid) - before
@@ -224,13 +244,12 @@ def test_stalled_unauthenticated_calls_hold_no_memory_and_rounds_go_on(tmp_path:
         finally:
             for s in silent:
                 s.close()
-            for p in peers:
-                p.channel.close()
+            for ch in chans:
+                ch.close()
     print(f"server RSS grew {grown:.1f} MiB with 400 silent calls open")
     assert grown < 64, grown
-    # 32 (the default per-peer cap) were held until first_timeout, the rest refused at once
-    assert got.count("DEADLINE_EXCEEDED") == 32, sorted(set(got))
-    assert got.count("RESOURCE_EXHAUSTED") == 400 - 32, sorted(set(got))
+    # without call credentials, every one was refused as it opened
+    assert got == ["UNAUTHENTICATED"] * 400, sorted(set(got))
 
 
 _STALLER = """
@@ -247,17 +266,18 @@ time.sleep(120)
 """
 
 
-def test_partial_first_messages_are_bounded_by_the_message_limit(tmp_path: Path) -> None:
-    """200 connections each start a 4 MB first message and stall (the sender is stopped):
-    gRPC's transport buffers what arrives of a message before any handler runs, up to the
-    server's message limit (``chunk_mib`` + 64 KiB), so that limit is the per-stream bound.
-    With ``chunk_mib = 0.5`` the 4 MB messages are refused on their length prefix and the
-    server grows by a few MiB (at the 4 MiB default the same attack costs ~480 MiB)."""
+def test_stalled_first_messages_hold_little_memory(tmp_path: Path) -> None:
+    """200 connections each start a 4 MB first message and stall (the sender is stopped).
+    gRPC buffers a message once the server asks for it, up to the message limit (4 MiB +
+    64 KiB): before, the server asked at once, and this attack cost ~480 MiB. Now it reads
+    nothing before a call's credentials are verified: an outsider's calls are refused as they
+    open, and gRPC holds at most a flow-control window of each. (A registered client has at
+    most PER_CALLER calls whose first message is being read: see the silent-calls test.)"""
     import signal
     import subprocess
     import sys
 
-    with federation(tmp_path, clients=2, rounds=1, deploy={"chunk_mib": 0.5}) as f:
+    with federation(tmp_path, clients=2, rounds=1) as f:
         server = start_server(f)
         wait_listening(f, server)
         time.sleep(1.0)

@@ -42,6 +42,7 @@ from fedagg.deploy._auth import (
     signing_bytes,
     upload_body,
 )
+from fedagg.deploy._calls import signed_channel
 from fedagg.deploy._partial import partial_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.sim._config import load_config, resolve_config
@@ -112,7 +113,7 @@ class Peer:
     """One key speaking the protocol by hand over an insecure channel."""
 
     def __init__(self, address: str, key: ClientKey) -> None:
-        self.channel = grpc.insecure_channel(address)
+        self.channel = signed_channel(grpc.insecure_channel(address), key)  # call credentials
         self.key = key
 
     def auth(self, method: str, content: bytes, key: ClientKey | None = None) -> pb.Auth:

@@ -24,6 +24,7 @@ import numpy as np
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, body, upload_body
+from fedagg.deploy._calls import call_signers
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
@@ -160,10 +161,11 @@ class Client:
         ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
+        signer = call_signers(self.key)  # every call carries fresh call credentials
         if self.ca is None:
-            return grpc.aio.insecure_channel(self.server, options=opts)
+            return grpc.aio.insecure_channel(self.server, options=opts, interceptors=signer)
         creds = grpc.ssl_channel_credentials(root_certificates=self.ca)
-        return grpc.aio.secure_channel(self.server, creds, options=opts)
+        return grpc.aio.secure_channel(self.server, creds, options=opts, interceptors=signer)
 
     @property
     def channel(self) -> grpc.aio.Channel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from google.protobuf.message import DecodeError
 from fedagg.core import _kernels
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import (
+    AUTH_FAILED,
     AuthError,
     Keyring,
     NonceCache,
@@ -44,6 +46,7 @@ from fedagg.deploy._auth import (
     edge_upload_body,
     upload_body,
 )
+from fedagg.deploy._calls import CALL_METADATA, call_method
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, Federation, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
@@ -74,6 +77,11 @@ _METRIC_NAME = re.compile(rf"[A-Za-z0-9_.:/\-]{{1,{MAX_METRIC_NAME}}}")
 #: EDGE_PER_CLIENT more bytes per client in its scope (``deploy.edge_clients``). Checked on
 #: the raw bytes, before parsing. (gRPC's message limit, ``chunk_bytes`` + 64 KiB, caps it.)
 MAX_REQUEST = 16 * 1024
+#: RPCs one caller may have opening at once (credentials checked, first message not yet read
+#: and authenticated): each may make gRPC hold up to its message limit.
+OPENING_PER_CALLER = 8
+#: the caller of the RPC being handled (each RPC runs in its own task, with its own context)
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("fedagg_caller", default="")
 #: An upload's data comes in chunks of at most ``chunk_bytes``, split where the client likes
 #: (at its arrays' ends, say): at most ``nbytes / min(MIN_CHUNK, chunk_bytes)`` + 2 per array
 #: of the model + 8 of them, so tiny chunks cannot multiply the per-message cost of an upload.
@@ -219,6 +227,7 @@ class Server:
         if options.rate > 0:
             per_client = max(1_000, int(options.burst + options.rate * options.skew) + 64)
         self.nonces = NonceCache(options.skew, per_client)
+        self.call_nonces = NonceCache(options.skew, per_client)  # call credentials' nonces
         self.rate = RateLimiter(options.rate, options.burst)
         self.sessions = [_Session() for _ in keyring.names]
         #: edge aggregators below this server (their own keyring), the sessions of their
@@ -243,6 +252,7 @@ class Server:
         self._inflight: set[tuple[int, int]] = set()  # (client, task) uploads being received
         self._pre_total = 0  # unauthenticated RPCs in progress
         self._pre_peer: dict[str, int] = {}  # the same, by peer address
+        self._opening: dict[str, int] = {}  # the same, by caller (call credentials)
         self._pulls: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
@@ -442,32 +452,61 @@ class Server:
             self._enqueue_nowait("start")
 
     # -- authentication ------------------------------------------------------------------------
-    def _auth(self, method: str, auth: Any, content: bytes) -> int:
+    def _verify(self, keyring: Keyring, method: str, auth: Any, content: bytes) -> int:
+        """``auth`` signs ``content`` for ``method``, by the caller the call's credentials
+        named (see :meth:`_caller`): the index of its key in ``keyring``."""
         try:
             if not auth.client or not auth.signature:
                 raise AuthError("missing credentials: every request must be signed")
+            if auth.client != _CALLER.get():
+                log.info("%s refused: signed by %r in a call by %r", method, auth.client,
+                         _CALLER.get())  # fmt: skip
+                raise AuthError(AUTH_FAILED)
             self.nonces.check_time(auth)
-            client = self.keys.verify(method, auth, content)
+            index = keyring.verify(method, auth, content)
             self.nonces.check(auth, rate=self.rate)  # rate-limited: no nonce recorded
         except RateLimited as e:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.reason) from None
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
-        return client
+        return index
+
+    def _auth(self, method: str, auth: Any, content: bytes) -> int:
+        return self._verify(self.keys, method, auth, content)
 
     def _is_edge(self, auth: Any) -> bool:
         return self.edges is not None and auth.client in self.edges.index
 
     def _auth_edge(self, method: str, auth: Any, content: bytes) -> str:
         assert self.edges is not None
+        self._verify(self.edges, method, auth, content)
+        return str(auth.client)
+
+    def _caller(self, context: Any, method: str) -> str:
+        """The name a call's credentials (``fedagg-call-bin`` metadata, see
+        :mod:`fedagg.deploy._calls`) are signed by, verified as the call opens, before any of
+        its messages is read (UNAUTHENTICATED if missing, stale, replayed or forged)."""
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == CALL_METADATA:
+                token = value
         try:
-            if not auth.signature:
-                raise AuthError("missing credentials: every request must be signed")
-            self.nonces.check_time(auth)
-            self.edges.verify(method, auth, content)
-            self.nonces.check(auth, rate=self.rate)  # rate-limited: no nonce recorded
-        except RateLimited as e:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.reason) from None
+            if not isinstance(token, bytes):
+                raise AuthError(
+                    f"missing call credentials ({CALL_METADATA} metadata): every call must "
+                    "be signed (update the client)"
+                )
+            try:
+                auth = pb.Auth.FromString(token)
+            except (DecodeError, ValueError):
+                raise AuthError("malformed call credentials") from None
+            edge = self.edges is not None and auth.client in self.edges.index
+            keyring = self.edges if edge and self.edges is not None else self.keys
+            if not auth.client or not auth.signature:
+                raise AuthError("missing call credentials: every call must be signed")
+            self.call_nonces.check_time(auth)
+            keyring.verify(call_method(method), auth, b"")
+            self.call_nonces.check(auth)
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
         return str(auth.client)
@@ -571,24 +610,26 @@ class Server:
             SERVICE,
             {
                 "Hello": grpc.stream_unary_rpc_method_handler(
-                    self._unary(self._hello), ident, ident
+                    self._unary(self._hello, "Hello"), ident, ident
                 ),
                 "Tasks": grpc.stream_stream_rpc_method_handler(self._tasks, ident, ident),
                 "Pull": grpc.stream_stream_rpc_method_handler(self._pull, ident, ident),
                 "Push": grpc.stream_unary_rpc_method_handler(self._push, ident, ident),
                 "Heartbeat": grpc.stream_unary_rpc_method_handler(
-                    self._unary(self._heartbeat), ident, ident
+                    self._unary(self._heartbeat, "Heartbeat"), ident, ident
                 ),
             },
         )
 
-    def _unary(self, fn: Callable[[bytes, Any], Any]) -> Callable[[AsyncIterator[bytes], Any], Any]:
+    def _unary(
+        self, fn: Callable[[bytes, Any], Any], method: str
+    ) -> Callable[[AsyncIterator[bytes], Any], Any]:
         """A one-message RPC: its request read and size-checked before ``fn`` parses and
         authenticates it, all as an unauthenticated RPC (see :meth:`_unauthenticated`)."""
 
         async def handler(stream: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             try:
-                with self._unauthenticated(context):
+                with self._unauthenticated(context, method):
                     raw = await self._first(stream.__aiter__())
                     self._sized(raw)
                     reply = await fn(raw, context)
@@ -601,10 +642,12 @@ class Server:
         return handler
 
     @contextlib.contextmanager
-    def _unauthenticated(self, context: Any) -> Iterator[Callable[[], None]]:
-        """Count an RPC as unauthenticated until the returned function is called (or it
-        ends): at most ``preauth`` of them at once, ``preauth_per_peer`` per peer address;
-        beyond, it is refused before anything is read (RESOURCE_EXHAUSTED: retry later)."""
+    def _unauthenticated(self, context: Any, method: str) -> Iterator[Callable[[], None]]:
+        """An RPC opening: its call credentials verified (:meth:`_caller`) before anything is
+        read, then counted as opening until the returned function is called (its first
+        message read and authenticated) or it ends. At most ``preauth`` RPCs open at once,
+        ``preauth_per_peer`` per peer address and :data:`OPENING_PER_CALLER` per caller;
+        beyond, refused at once (RESOURCE_EXHAUSTED: retry later)."""
         peer = _peer_host(str(context.peer() or ""))
         if (
             self._pre_total >= self.opt.preauth
@@ -614,8 +657,17 @@ class Server:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "too many requests are being opened at once: retry later",
             )
+        caller = self._caller(context, method)
+        if self._opening.get(caller, 0) >= OPENING_PER_CALLER:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{OPENING_PER_CALLER} calls of yours are being opened: retry later",
+            )
+        _CALLER.set(caller)
+        counts = (self._pre_peer, peer), (self._opening, caller)
         self._pre_total += 1
-        self._pre_peer[peer] = self._pre_peer.get(peer, 0) + 1
+        for table, key in counts:
+            table[key] = table.get(key, 0) + 1
         held = True
 
         def authenticated() -> None:
@@ -623,11 +675,10 @@ class Server:
             if held:
                 held = False
                 self._pre_total -= 1
-                left = self._pre_peer[peer] - 1
-                if left:
-                    self._pre_peer[peer] = left
-                else:
-                    del self._pre_peer[peer]
+                for table, key in counts:
+                    table[key] -= 1
+                    if not table[key]:
+                        del table[key]
 
         try:
             yield authenticated
@@ -748,7 +799,7 @@ class Server:
     async def _tasks(self, stream: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         edge: str | None = None
         try:
-            with self._unauthenticated(context):
+            with self._unauthenticated(context, "Tasks"):
                 raw = await self._first(stream.__aiter__())
                 self._sized(raw)
                 req = self._parse(pb.TasksRequest, raw)
@@ -827,7 +878,7 @@ class Server:
 
     async def _pull(self, stream: AsyncIterator[bytes], context: Any) -> None:
         try:
-            with self._unauthenticated(context):
+            with self._unauthenticated(context, "Pull"):
                 raw = await self._first(stream.__aiter__())
                 self._sized(raw)
                 req = self._parse(pb.PullRequest, raw)
@@ -874,7 +925,7 @@ class Server:
 
     async def _push(self, stream: AsyncIterator[bytes], context: Any) -> bytes:
         try:
-            with self._unauthenticated(context) as authenticated:
+            with self._unauthenticated(context, "Push") as authenticated:
                 reply = await self._push_one(stream, authenticated)
             return bytes(reply.SerializeToString())
         except _Abort as e:
