@@ -250,9 +250,9 @@ class Server:
         self._slots: dict[str, int] = {}  # upload slots held, by owner (client or edge)
         self._pull_slots: dict[str, int] = {}  # model streams in progress, by owner
         self._inflight: set[tuple[int, int]] = set()  # (client, task) uploads being received
-        self._pre_total = 0  # unauthenticated RPCs in progress
-        self._pre_peer: dict[str, int] = {}  # the same, by peer address
-        self._opening: dict[str, int] = {}  # the same, by caller (call credentials)
+        #: RPCs opening (first message not yet read and authenticated): in all ("*"), by
+        #: peer address ("peer:..."), by caller ("caller:...")
+        self._opening: dict[str, int] = {}
         self._pulls: asyncio.Semaphore | None = None
         self._done: asyncio.Event | None = None
         self._engine_task: asyncio.Task[None] | None = None
@@ -648,38 +648,24 @@ class Server:
         message read and authenticated) or it ends. At most ``preauth`` RPCs open at once,
         ``preauth_per_peer`` per peer address and :data:`OPENING_PER_CALLER` per caller;
         beyond, refused at once (RESOURCE_EXHAUSTED: retry later)."""
-        peer = _peer_host(str(context.peer() or ""))
+        opening = self._opening
+        peer = "peer:" + _peer_host(str(context.peer() or ""))
         if (
-            self._pre_total >= self.opt.preauth
-            or self._pre_peer.get(peer, 0) >= self.opt.preauth_per_peer
+            opening.get("*", 0) >= self.opt.preauth
+            or opening.get(peer, 0) >= self.opt.preauth_per_peer
         ):
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "too many requests are being opened at once: retry later",
             )
         caller = self._caller(context, method)
-        if self._opening.get(caller, 0) >= OPENING_PER_CALLER:
+        if opening.get("caller:" + caller, 0) >= OPENING_PER_CALLER:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{OPENING_PER_CALLER} calls of yours are being opened: retry later",
             )
         _CALLER.set(caller)
-        counts = (self._pre_peer, peer), (self._opening, caller)
-        self._pre_total += 1
-        for table, key in counts:
-            table[key] = table.get(key, 0) + 1
-        held = True
-
-        def authenticated() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self._pre_total -= 1
-                for table, key in counts:
-                    table[key] -= 1
-                    if not table[key]:
-                        del table[key]
-
+        authenticated = _hold(opening, "*", peer, "caller:" + caller)
         try:
             yield authenticated
         finally:
@@ -942,18 +928,7 @@ class Server:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.opt.client_uploads} {what} of yours are in progress: retry later",
             )
-        counts[owner] = counts.get(owner, 0) + 1
-        held = True
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                held = False
-                counts[owner] -= 1
-                if not counts[owner]:
-                    del counts[owner]
-
-        return release
+        return _hold(counts, owner)
 
     @contextlib.contextmanager
     def _owned(self, counts: dict[str, int], owner: str, what: str) -> Iterator[None]:
@@ -1454,6 +1429,24 @@ async def _paced(step: Awaitable[T], idle: float, until: float, what: str) -> T:
     except TimeoutError:
         why = f"idle for {idle:g}s" if left > idle else "below the progress floor"
         raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} cut off: {why}") from None
+
+
+def _hold(counts: dict[str, int], *keys: str) -> Callable[[], None]:
+    """Count one more under each of ``keys``; returns the (idempotent) release."""
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    held = True
+
+    def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            for key in keys:
+                counts[key] -= 1
+                if not counts[key]:
+                    del counts[key]
+
+    return release
 
 
 def _peer_host(peer: str) -> str:
