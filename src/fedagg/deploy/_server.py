@@ -126,10 +126,12 @@ class ServerOptions:
         client_uploads: slots one client (or one edge's partials) may hold at once, out of
             ``max_uploads``; beyond, an upload is refused (RESOURCE_EXHAUSTED: clients retry
             later). 2: an upload and a concurrent retry of it (after a lost connection).
-        preauth: unauthenticated RPCs in progress at once (a message not yet received, or
-            being checked), over all peers; beyond, a new RPC is refused at once
-            (RESOURCE_EXHAUSTED: clients retry) and costs nothing.
-        preauth_per_peer: the same, per peer IP address, so one host cannot take them all.
+        preauth: RPCs opening at once (call credentials verified, first message not yet
+            read and authenticated), over all peers; beyond, a new RPC is refused at once
+            (RESOURCE_EXHAUSTED: clients retry) and costs nothing. A call without valid call
+            credentials (see :mod:`fedagg.deploy._calls`) is refused before it opens.
+        preauth_per_peer: the same, per peer IP address, so one host cannot take them all
+            (and :data:`OPENING_PER_CALLER` per caller).
     """
 
     listen: str = "127.0.0.1:7531"
