@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, NonceCache, RateLimiter, body
-from fedagg.deploy._server import Server, _Abort
+from fedagg.deploy._server import _CALLER, Server, _Abort
 
 
 def _server(max_entries: int, rate: float, burst: float) -> tuple[Any, dict[str, ClientKey]]:
@@ -27,7 +27,11 @@ def _server(max_entries: int, rate: float, burst: float) -> tuple[Any, dict[str,
 def _call(srv: Any, key: ClientKey) -> pb.Auth:
     content = body(task=0)
     auth = pb.Auth(**key.sign("Poll", content))
-    Server._auth(srv, "Poll", auth, content)
+    token = _CALLER.set(key.name)  # the call's credentials named this client
+    try:
+        Server._verify(srv, srv.keys, "Poll", auth, content)
+    finally:
+        _CALLER.reset(token)
     return auth
 
 
@@ -43,3 +47,21 @@ def test_rate_limited_requests_record_no_nonce_and_spare_other_clients() -> None
     for _ in range(2):  # another client: its own bucket and its own table
         _call(srv, keys["alice"])
     assert srv.nonces.entries("alice") == 2
+
+
+def test_a_request_must_be_signed_by_the_caller() -> None:
+    """A call's credentials name its caller; a request in it signed with another registered
+    key (even a valid signature) gets the same answer as a forged one, and records no nonce."""
+    from fedagg.deploy._auth import AUTH_FAILED
+
+    srv, keys = _server(max_entries=4, rate=0.0, burst=1.0)
+    content = body(task=0)
+    auth = pb.Auth(**keys["alice"].sign("Poll", content))
+    token = _CALLER.set("flood")
+    try:
+        with pytest.raises(_Abort) as e:
+            Server._verify(srv, srv.keys, "Poll", auth, content)
+    finally:
+        _CALLER.reset(token)
+    assert (e.value.code, e.value.message) == (grpc.StatusCode.UNAUTHENTICATED, AUTH_FAILED)
+    assert srv.nonces.entries("alice") == 0
