@@ -23,7 +23,7 @@ import grpc
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey
 
-__all__ = ["CALL_METADATA", "call_method", "call_signers", "call_token", "signed_channel"]
+__all__ = ["CALL_METADATA", "call_method", "call_token", "signed_channel"]
 
 CALL_METADATA = "fedagg-call-bin"
 
@@ -44,37 +44,6 @@ def _with_token(key: ClientKey, details: Any) -> Any:
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
     metadata = [*(details.metadata or ()), (CALL_METADATA, call_token(key, method))]
     return details._replace(metadata=metadata)
-
-
-class _Signer:
-    def __init__(self, key: ClientKey) -> None:
-        self.key = key
-
-    async def _go(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_token(self.key, details), request)
-
-
-class _UnaryUnary(_Signer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    intercept_unary_unary = _Signer._go
-
-
-class _UnaryStream(_Signer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    intercept_unary_stream = _Signer._go
-
-
-class _StreamUnary(_Signer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    intercept_stream_unary = _Signer._go
-
-
-class _StreamStream(_Signer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    intercept_stream_stream = _Signer._go
-
-
-def call_signers(key: ClientKey) -> list[Any]:
-    """Interceptors for an asyncio channel (``interceptors=``) that add a fresh call
-    credential to every call (one per kind of call: grpc.aio files an interceptor under the
-    first kind it implements)."""
-    return [cls(key) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 class _SyncSigner(
