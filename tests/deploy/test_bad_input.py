@@ -345,11 +345,14 @@ def uploads(fed: Fed) -> list[tuple[int, int]]:
     return [(int(c), int(j)) for c, j in rows]
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    cond: Callable[[], bool], timeout: float, what: str, state: Callable[[], object] = str
+) -> None:
+    """Wait for ``cond``; on timeout, fail with ``state()`` (what was seen instead)."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {state()}")
         time.sleep(0.05)
 
 
@@ -659,7 +662,11 @@ def _scenario(fed: Fed, root: Path) -> Scenario:
     with ThreadPoolExecutor(1) as ex:
         fa = ex.submit(peer.push, held())
         assert sent.wait(20)
-        wait_for(lambda: spooling() == [len(good.data)], 20, "the upload spooling")
+        wait_for(
+            lambda: spooling() == [len(good.data)] or fa.done(), 20, "the upload spooling",
+            lambda: (sorted(p.name for p in spool.iterdir()), spooling()),
+        )  # fmt: skip
+        assert not fa.done(), (outcome(fa.result), sorted(p.name for p in spool.iterdir()))
         # one upload per task at a time: the retry is refused at once, and retried later
         concurrent = outcome(lambda: peer.push(peer.upload(good)))
         release.set()

@@ -13,6 +13,7 @@ An upload is acknowledged only once it is durable: its spool file fsynced and re
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -46,12 +47,12 @@ from fedagg.deploy._auth import (
     edge_upload_body,
     upload_body,
 )
-from fedagg.deploy._calls import CALL_METADATA, call_method
+from fedagg.deploy._calls import CALL_METADATA, VerifiedCalls, call_method
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, Federation, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._partial import partial_dtype, partial_nbytes
-from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow
+from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow, new_checksum
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk, leading_name
 from fedagg.errors import ConfigError
 from fedagg.sim._policy import RoundStats
@@ -229,7 +230,7 @@ class Server:
         if options.rate > 0:
             per_client = max(1_000, int(options.burst + options.rate * options.skew) + 64)
         self.nonces = NonceCache(options.skew, per_client)
-        self.call_nonces = NonceCache(options.skew, per_client)  # call credentials' nonces
+        self.calls = VerifiedCalls(options.skew)  # call credentials recently verified
         self.rate = RateLimiter(options.rate, options.burst)
         self.sessions = [_Session() for _ in keyring.names]
         #: edge aggregators below this server (their own keyring), the sessions of their
@@ -492,6 +493,9 @@ class Server:
         for key, value in context.invocation_metadata() or ():
             if key == CALL_METADATA:
                 token = value
+        signs = call_method(method)
+        if isinstance(token, bytes) and (known := self.calls.caller(token, signs)) is not None:
+            return known  # a reused token, verified earlier in its window
         try:
             if not isinstance(token, bytes):
                 raise AuthError(
@@ -506,11 +510,11 @@ class Server:
             keyring = self.edges if edge and self.edges is not None else self.keys
             if not auth.client or not auth.signature:
                 raise AuthError("missing call credentials: every call must be signed")
-            self.call_nonces.check_time(auth)
-            keyring.verify(call_method(method), auth, b"")
-            self.call_nonces.check(auth)
+            self.nonces.check_time(auth)  # the window only: a call credential is reused
+            keyring.verify(signs, auth, b"")
         except AuthError as e:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, e.reason) from None
+        self.calls.add(token, signs, str(auth.client), int(auth.timestamp_ms))
         return str(auth.client)
 
     def _unknown_task(self, task: int) -> None:
@@ -676,7 +680,8 @@ class Server:
     async def _first(self, it: AsyncIterator[bytes], what: str = "request") -> bytes:
         """An RPC's first message (``what``), within ``first_timeout``."""
         try:
-            return await asyncio.wait_for(it.__anext__(), self.opt.first_timeout)
+            async with asyncio.timeout(self.opt.first_timeout):
+                return await it.__anext__()
         except TimeoutError:
             raise _Abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -1054,7 +1059,7 @@ class Server:
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             t0 = time.perf_counter()
-            path, digest, tsig = await self._receive(
+            path, digest, check, tsig = await self._receive(
                 client, first, paced, head, spec.dtype, keyring, origin_sha
             )
             self.stats.receive_s += time.perf_counter() - t0
@@ -1064,7 +1069,7 @@ class Server:
             self._keep_origin(client, head.task, origin)
             upload = UploadRow(
                 client, head.task, str(path), float(head.weight), head.version, metrics,
-                head.nbytes, digest,
+                head.nbytes, digest, check,
             )  # fmt: skip
             assert self._queue is not None
             done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
@@ -1159,7 +1164,7 @@ class Server:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"partial has {head.nbytes} bytes, expected {partial_nbytes(spec, acc)}",
             )
-        path, digest, _ = await self._receive(
+        path, digest, check, _ = await self._receive(
             keys[0][0], first, it, head, partial_dtype(spec, acc), self.edges
         )
         parts = tuple(
@@ -1172,6 +1177,7 @@ class Server:
                 {"train_loss": float(j.train_loss)} if math.isfinite(j.train_loss) else {},
                 head.nbytes,
                 digest,
+                check,
             )
             for j in sorted(p.jobs, key=lambda j: j.task)
         )
@@ -1295,28 +1301,33 @@ class Server:
     async def _receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
         dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"",
-    ) -> tuple[Path, bytes, bytes]:  # fmt: skip
+    ) -> tuple[Path, bytes, bytes, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
-        and hashed chunk by chunk, straight from gRPC's buffers, on a worker thread while the
+        and hashed chunk by chunk (sha256 if required, and always the xxh3-128 checksum that
+        a read-back is checked against), straight from gRPC's buffers, on a worker thread while the
         next chunk is received; the signed trailer's digest is checked at the end, the file
         fsynced and renamed. On any error the file is removed and nothing else has changed.
-        Returns the file, the bytes' digest and the trailer's signature.
+        Returns the file, the bytes' sha256 (b'' if not required), their checksum and the
+        trailer's signature.
 
         ``origin_sha``: a relayed update's digest as its client signed it: the bytes are
         hashed (whatever ``digest`` says) and must match it."""
-        loop = asyncio.get_running_loop()
         dtype = np.dtype(dtype)
-        tmp = self.fed.spool / f"tmp-{uuid.uuid4().hex}"
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
-        final = self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd"
-        fd = await loop.run_in_executor(self._io, self._open_spool, tmp)
+        spool = _SpoolFile(
+            self._io,
+            self.fed.spool / f"tmp-{uuid.uuid4().hex}",
+            self.fed.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
+        )
         sha = hashlib.sha256() if self.opt.digest or origin_sha else None
+        xx = new_checksum()
         expect = 0
         total = head.nbytes
         pending: asyncio.Future[str | None] | None = None
         trailer = None
         count = self._chunk_counter(total)
         try:
+            await spool.open(self._open_spool)
             chunk = first
             while True:
                 data = chunk.data
@@ -1339,9 +1350,7 @@ class Server:
                         )
                     if pending is not None:
                         _raise_bad(await pending)
-                    pending = loop.run_in_executor(
-                        self._io, _spool_chunk, fd, sha, data, dtype, off
-                    )
+                    pending = spool.start(_spool_chunk, sha, xx, data, dtype, off)
                     expect += n
                     self.stats.bytes_in += n
                     if expect < total:
@@ -1392,20 +1401,71 @@ class Server:
                     f"relayed job {head.task}: the bytes are not those its client signed",
                 )
             if self.opt.fsync:
-                await loop.run_in_executor(self._io, os.fsync, fd)
-            await loop.run_in_executor(self._io, _close_and_rename, fd, tmp, final)
-            fd = -1
+                await spool.start(os.fsync)
+            await spool.commit()
             crash_point("spooled")
-            return final, digest, bytes(trailer.signature)
+            return spool.final, digest, xx.digest(), bytes(trailer.signature)
         except BaseException:
-            if pending is not None:  # let the worker finish with the descriptor first
-                with contextlib.suppress(BaseException):
-                    await pending
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if pending is not None:  # its outcome no longer matters
+                pending.add_done_callback(_ignore_outcome)
+            await spool.discard()
             raise
+
+
+class _SpoolFile:
+    """An upload's spool file, written by jobs on the I/O pool one at a time (each job gets
+    the descriptor first). :meth:`discard` removes the file however the upload ended: if the
+    receiving task was cancelled while a job ran (the peer went away, a timeout), the job
+    cannot be stopped, so the file is closed and removed after it, never under a write, and
+    neither a descriptor nor a ``tmp-`` file is left behind."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tmp: Path, final: Path) -> None:
+        self.pool, self.tmp, self.final = pool, tmp, final
+        self.fd = -1
+        self.renamed = False
+        self.job: concurrent.futures.Future[Any] | None = None
+
+    def start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        def job() -> T:
+            return fn(self.fd, *args)
+
+        self.job = self.pool.submit(job)
+        return asyncio.wrap_future(self.job)
+
+    async def open(self, opener: Callable[[Path], int]) -> None:
+        def job() -> None:
+            self.fd = opener(self.tmp)
+
+        self.job = self.pool.submit(job)
+        await asyncio.wrap_future(self.job)
+
+    async def commit(self) -> None:
+        """Close the file and move it to :attr:`final`."""
+
+        def job(fd: int) -> None:
+            self.fd = -1
+            os.close(fd)
+            os.replace(self.tmp, self.final)
+            self.renamed = True
+
+        await self.start(job)
+
+    async def discard(self) -> None:
+        job = self.job
+        if job is not None and not job.done():  # wait for it unless cancelled again
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(asyncio.wrap_future(job))
+        if job is None or job.done():
+            self._remove()
+        else:
+            job.add_done_callback(lambda _: self._remove())
+
+    def _remove(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.final if self.renamed else self.tmp)
 
 
 class _Paced:
@@ -1426,8 +1486,9 @@ async def _paced(step: Awaitable[T], idle: float, until: float, what: str) -> T:
     """``step`` (a stream's next message, in or out) within ``idle`` seconds and by ``until``
     (monotonic), or the RPC is cut off (DEADLINE_EXCEEDED)."""
     left = until - time.monotonic()
-    try:
-        return await asyncio.wait_for(step, max(0.0, min(idle, left)))
+    try:  # a timeout scope, not wait_for: no task is created per message
+        async with asyncio.timeout(max(0.0, min(idle, left))):
+            return await step
     except TimeoutError:
         why = f"idle for {idle:g}s" if left > idle else "below the progress floor"
         raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} cut off: {why}") from None
@@ -1481,21 +1542,24 @@ def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def _close_and_rename(fd: int, tmp: Path, final: Path) -> None:
-    os.close(fd)
-    os.replace(tmp, final)
-
-
-def _spool_chunk(fd: int, sha: Any, data: memoryview, dtype: np.dtype[Any], off: int) -> str | None:
-    """Check, hash and write one chunk (on a worker thread; numba, hashlib and os.write
-    release the GIL). Returns why the chunk is refused, or None."""
+def _spool_chunk(
+    fd: int, sha: Any, xx: Any, data: memoryview, dtype: np.dtype[Any], off: int
+) -> str | None:
+    """Check, hash and write one chunk (on a worker thread; numba, hashlib, xxhash and
+    os.write release the GIL). Returns why the chunk is refused, or None."""
     arr = np.frombuffer(data, dtype=dtype)
     if not _kernels.all_finite(arr, use_numba=True, parallel=False):
         return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
     if sha is not None:
         sha.update(data)
+    xx.update(data)
     _write_all(fd, data)
     return None
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _raise_bad(reason: str | None) -> None:
