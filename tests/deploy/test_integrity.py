@@ -41,7 +41,7 @@ def _rounds(state: Path) -> int:
 
 def _alter(data: bytes) -> bytes:
     a = np.frombuffer(data, np.float32).copy()
-    a[len(a) // 2] += 0.25  # still finite: only the digest can tell
+    a[len(a) // 2] += 0.25  # still finite: only a checksum can tell
     return a.tobytes()
 
 
@@ -54,12 +54,18 @@ def _nan(data: bytes) -> bytes:
 CORRUPTIONS = {"altered": _alter, "truncated": lambda d: d[: len(d) // 2], "nan": _nan}
 
 
-@pytest.mark.parametrize("order", ["canonical", "arrival"])
-def test_a_corrupted_spool_file_is_refused_at_restart(tmp_path: Path, order: str) -> None:
+@pytest.mark.parametrize(
+    ("order", "digest"), [("canonical", True), ("arrival", True), ("arrival", False)]
+)
+def test_a_corrupted_spool_file_is_refused_at_restart(
+    tmp_path: Path, order: str, digest: bool
+) -> None:
+    """With or without signed digests: each spool file's at-rest checksum (xxh3-128, computed
+    as it was received) is logged with it and checked when it is read back."""
     cfg: dict[str, Any] = {
         "clients": CLIENTS,
         "rounds": 2,
-        "deploy": {"order": order, "client_timeout": 60.0},
+        "deploy": {"order": order, "client_timeout": 60.0, "digest": digest},
     }
     with federation(tmp_path, **cfg) as fed:
         # killed about to fold the round's last arrival: every upload of round 1 is spooled

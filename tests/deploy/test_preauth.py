@@ -29,7 +29,7 @@ import pytest
 from fedagg.deploy import ClientKey
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body
-from fedagg.deploy._calls import signed_channel
+from fedagg.deploy._calls import CALL_METADATA, call_token, signed_channel
 from fedagg.deploy._wire import encode_chunk
 from tests.deploy.harness import (
     Fed,
@@ -307,3 +307,30 @@ def test_stalled_first_messages_hold_little_memory(tmp_path: Path) -> None:
     print(f"server RSS grew {grown:.1f} MiB with 200 stalled 4 MB messages")
     assert grown < 64, grown
     assert took < 5, took
+
+
+def test_a_call_credential_is_reused_for_its_method_and_window_only(fed: Fed) -> None:
+    """A client reuses its call credential (one per method, see ``_calls.CallTokens``): the
+    server accepts the same token again for the same method, while its timestamp is in the
+    window; the token on another method, or once stale, is refused before anything is read."""
+    key = ClientKey.load(fed.key(0))
+    ca = (fed.dir / "certs" / "ca.pem").read_bytes()
+    channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca))
+
+    def hello(token: bytes, method: str = "Hello") -> tuple[str, str]:
+        req = pb.HelloRequest(auth=pb.Auth(**key.sign("Hello", body(protocol=1))), protocol=1)
+        call = channel.unary_unary(SERVICE + method)
+        return outcome(lambda: call(req.SerializeToString(), timeout=30,
+                                    metadata=((CALL_METADATA, token),)))  # fmt: skip
+
+    try:
+        token = call_token(key, "Hello")
+        assert [hello(token)[0] for _ in range(3)] == ["OK"] * 3
+        code, message = hello(token, "Heartbeat")  # signed for Hello, not Heartbeat
+        assert code == "UNAUTHENTICATED", (code, message)
+        stale = pb.Auth.FromString(call_token(key, "Hello"))
+        stale.timestamp_ms -= 120_000  # outside the 60 s window (and so its signature too)
+        code, message = hello(stale.SerializeToString())
+        assert code == "UNAUTHENTICATED" and "skew" in message, (code, message)
+    finally:
+        channel.close()

@@ -28,7 +28,7 @@ import fedagg
 from fedagg import strategies
 from fedagg.deploy import Federation
 from fedagg.deploy._edge import EdgeEngine
-from fedagg.deploy._store import LogItem, PartialRows, Store, UploadRow
+from fedagg.deploy._store import LogItem, PartialRows, Store, UploadRow, checksum
 from fedagg.errors import StateError
 from fedagg.sim import SyncPolicy
 
@@ -42,7 +42,8 @@ _FLOATS = st.one_of(
 def _up(client: int, job: int, weight: float = 1.5, loss: float = 0.25) -> UploadRow:
     path = f"/spool/{job:012d}-{client}.upd"
     digest = hashlib.sha256(f"{client}/{job}".encode()).digest()
-    return UploadRow(client, job, path, weight, 3, {"train_loss": loss}, 4096, digest)
+    return UploadRow(client, job, path, weight, 3, {"train_loss": loss}, 4096, digest,
+                     checksum(f"{client}/{job}".encode()))  # fmt: skip
 
 
 def _events(weights: list[float], loss: float = 0.5) -> list[LogItem]:
@@ -139,6 +140,8 @@ EDITS: dict[str, tuple[str, int]] = {
     "path": ("UPDATE uploads SET path='/spool/other.upd' WHERE job=0", 2),
     "nbytes": ("UPDATE uploads SET nbytes=8192 WHERE job=0", 2),
     "digest": ("UPDATE uploads SET sha256=x'00' WHERE job=1", 3),
+    "checksum": ("UPDATE uploads SET checksum=x'00' WHERE job=1", 3),
+    "checksum removed": ("UPDATE uploads SET checksum=NULL WHERE job=3", 5),
     "version": ("UPDATE uploads SET version=4 WHERE job=3", 5),
     "client": ("UPDATE uploads SET client=4 WHERE job=3", 5),
     "weight as text": ("UPDATE uploads SET weight='heavy' WHERE job=1", 3),
@@ -155,10 +158,11 @@ EDITS: dict[str, tuple[str, int]] = {
     "the last event deleted": ("DELETE FROM events WHERE seq=9", 9),
     "an upload row deleted": ("DELETE FROM uploads WHERE job=2", 4),
     "an upload row added": (
-        "INSERT INTO uploads SELECT 9, 99, seq, path, weight, version, metrics, nbytes, sha256"
-        " FROM uploads WHERE job=1", 3),
+        "INSERT INTO uploads SELECT 9, 99, seq, path, weight, version, metrics, nbytes, sha256,"
+        " checksum FROM uploads WHERE job=1", 3),
     "an upload row for no event": (
-        "INSERT INTO uploads SELECT 9, 99, 42, path, weight, version, metrics, nbytes, sha256"
+        "INSERT INTO uploads SELECT 9, 99, 42, path, weight, version, metrics, nbytes, sha256,"
+        " checksum"
         " FROM uploads WHERE job=1", 42),
     "two arrivals swapped": (
         "UPDATE events SET seq=-3 WHERE seq=3; UPDATE uploads SET seq=-3 WHERE seq=3;"

@@ -24,7 +24,7 @@ import numpy as np
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, body, upload_body
-from fedagg.deploy._calls import CALL_METADATA, call_token
+from fedagg.deploy._calls import CALL_METADATA, CallTokens
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
@@ -126,6 +126,7 @@ class Client:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
         self.server = server
         self.key = key
+        self._tokens = CallTokens(key)
         self.train = train
         self.ca = ca
         self.retry_for = retry_for
@@ -176,12 +177,12 @@ class Client:
         return pb.Auth(**self.key.sign(method, content))
 
     def _method(self, name: str, kind: str) -> Callable[..., Any]:
-        """``name``'s multi-callable; each call carries fresh call credentials (metadata, see
+        """``name``'s multi-callable; each call carries call credentials (metadata, see
         :mod:`fedagg.deploy._calls`: passed directly, cheaper than a channel interceptor)."""
         multi = getattr(self.channel, kind)(f"/fedagg.v1.Federation/{name}")
 
         def call(request: Any, **kw: Any) -> Any:
-            return multi(request, metadata=((CALL_METADATA, call_token(self.key, name)),), **kw)
+            return multi(request, metadata=((CALL_METADATA, self._tokens(name)),), **kw)
 
         return call
 

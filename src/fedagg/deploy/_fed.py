@@ -49,7 +49,15 @@ from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
-from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store
+from fedagg.deploy._store import (
+    RECOVERY_HINT,
+    EventRow,
+    LogItem,
+    Store,
+    UploadRow,
+    checksum,
+    new_checksum,
+)
 from fedagg.errors import ConfigError, FedaggError, NonFiniteUpdate, StateError, UpdateError
 from fedagg.sim._engine import _partial_epochs
 from fedagg.sim._policy import (
@@ -537,7 +545,7 @@ class Federation:
             u = row.upload
             if not u.path or not os.path.exists(u.path):
                 raise StateError(f"the spooled update of job {u.job} is missing ({u.path!r})")
-            delta = self._read(u.path, u.nbytes, u.sha256, f"client {u.client}, job {u.job}")
+            delta = self._read(u, f"client {u.client}, job {u.job}")
             update = Update(
                 delta=delta, weight=u.weight, client_id=str(u.client), base_version=u.version,
                 metrics=u.metrics,
@@ -547,7 +555,7 @@ class Federation:
             p = row.parts[0]
             if not p.path or not os.path.exists(p.path):
                 raise StateError(f"the spooled partial aggregate {p.path!r} is missing")
-            _verify_file(p.path, p.nbytes, p.sha256, f"partial aggregate, job {p.job}")
+            _verify_file(p, f"partial aggregate, job {p.job}")
             agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
             if agg is None:
                 raise StateError("this policy cannot merge partial aggregates")
@@ -583,18 +591,18 @@ class Federation:
         except IndexError:
             return None
 
-    def _read(self, path: str, nbytes: int, sha256: bytes, what: str) -> Arr:
+    def _read(self, u: UploadRow, what: str) -> Arr:
         """A spooled update as an array, re-verified against what was logged when it was
-        accepted (size, and sha256 when the server required digests): a file altered,
-        truncated or corrupted on disk is a :class:`StateError`, never folded.
+        accepted (size, and its checksum, see :func:`_verified`): a file altered, truncated
+        or corrupted on disk is a :class:`StateError`, never folded.
 
         Folded at once (arrival order): read into one pooled buffer, reused for every update
         (page faults on fresh memory cost more than the copy from the page cache), and hashed
         there. Kept until the round closes (canonical order, or bounds warming up, see
         :meth:`Canonical.holds`): a read-only map of the file,
         which costs no memory until it is folded, hashed through the map."""
-        n = self.spec.size
-        _check_size(path, nbytes, n * self.spec.dtype.itemsize, what)
+        n, path = self.spec.size, u.path
+        _check_size(path, u.nbytes, n * self.spec.dtype.itemsize, what)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
         if isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None)):
             out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
@@ -604,10 +612,7 @@ class Federation:
             read_into(path, [self._pool.data.cast("B")], "the spooled update")
             out = self._pool.view()
             out.flags.writeable = False
-        if sha256:
-            _check_digest(path, hashlib.sha256(out.data.cast("B")).digest(), sha256, what)
-        elif n and not math.isfinite(_kernels.max_abs(out, use_numba=_kernels.HAVE_NUMBA)):
-            raise StateError(_corrupt(path, what, "it holds NaN or Inf values"))
+        _verified(u, out, what)
         return out
 
     def _apply(self, row: EventRow) -> Effects:
@@ -728,23 +733,43 @@ def _check_size(path: str, logged: int, expect: int, what: str) -> None:
         )
 
 
-def _check_digest(path: str, got: bytes, logged: bytes, what: str) -> None:
-    if got != logged:
+def _verified(u: UploadRow, arr: Arr, what: str) -> None:
+    """A spooled update's values against what was logged when it was accepted: its
+    xxh3-128 checksum (~20 GB/s); for a row logged before checksums, its sha256 if the server
+    required digests, else that its values are finite."""
+    data = arr.data.cast("B")
+    if u.checksum:
+        _check_digest(u, checksum(data), "checksum", what)
+    elif u.sha256:
+        _check_digest(u, hashlib.sha256(data).digest(), "sha256", what)
+    elif arr.size and not math.isfinite(_kernels.max_abs(arr, use_numba=_kernels.HAVE_NUMBA)):
+        raise StateError(_corrupt(u.path, what, "it holds NaN or Inf values"))
+
+
+def _check_digest(u: UploadRow, got: bytes, kind: str, what: str) -> None:
+    if got != (u.checksum if kind == "checksum" else u.sha256):
         raise StateError(
-            _corrupt(path, what, "its sha256 differs from the one logged when it was accepted")
+            _corrupt(u.path, what, f"its {kind} differs from the one logged when it was accepted")
         )
 
 
-def _verify_file(path: str, nbytes: int, sha256: bytes, what: str) -> None:
-    """A spooled file's size and (if one was logged) sha256 against the log (one read)."""
-    _check_size(path, nbytes, nbytes, what)
-    if sha256:
-        try:
-            with open(path, "rb") as f:
-                got = hashlib.file_digest(f, "sha256").digest()
-        except OSError as e:
-            raise StateError(_corrupt(path, what, f"cannot read it ({e})")) from None
-        _check_digest(path, got, sha256, what)
+def _verify_file(u: UploadRow, what: str) -> None:
+    """A spooled file's size and (if one was logged) checksum or sha256 against the log
+    (one streamed read)."""
+    _check_size(u.path, u.nbytes, u.nbytes, what)
+    if not (u.checksum or u.sha256):
+        return
+    try:
+        with open(u.path, "rb") as f:
+            if u.checksum:
+                h = new_checksum()
+                while block := f.read(1 << 22):
+                    h.update(block)
+                _check_digest(u, h.digest(), "checksum", what)
+            else:
+                _check_digest(u, hashlib.file_digest(f, "sha256").digest(), "sha256", what)
+    except OSError as e:
+        raise StateError(_corrupt(u.path, what, f"cannot read it ({e})")) from None
 
 
 def _fsync_dir(d: Path) -> None:
