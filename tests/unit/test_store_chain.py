@@ -215,9 +215,11 @@ def test_any_changed_upload_field_is_refused(
 # -- forgetting spool paths does not rewrite the chained rows -----------------------------------
 def test_forgotten_paths_are_blank_but_the_chain_still_verifies(tmp_path: Path) -> None:
     s = _store(tmp_path, [1.0, 2.0, 3.0, 4.0])
+    s.add_checkpoint(2, str(_ckpt(tmp_path, 2)), 1)
     s.add_checkpoint(4, str(_ckpt(tmp_path, 4)), 1)
     assert s.spooled_through(4) == [_up(j % 5, j).path for j in range(3)]
-    s.forget_paths(4)
+    s.retire(4)
+    assert [seq for seq, _ in s.checkpoints()] == [4]  # the older record is dropped with it
     assert s.spooled_through(4) == [] and s.spooled_through(5) == [_up(3, 3).path]
     paths = {r.seq: r.upload.path for r in s.events_after(0) if r.upload}
     assert paths[2] == paths[4] == "" and paths[5] == _up(3, 3).path
@@ -460,3 +462,23 @@ def test_edge_engine_open_refuses_an_edited_log(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="broken at seq 1 "):
         again.open()
     again.close()
+
+
+def test_only_the_bookkeeping_commit_skips_its_own_fsync(tmp_path: Path) -> None:
+    """``retire`` commits with ``synchronous=NORMAL``; every other commit stays FULL (an
+    acknowledged upload is fsynced before its ack), also after a failed bookkeeping one."""
+    s = _store(tmp_path, [1.0, 2.0])
+    full = 2
+    assert s.db.execute("PRAGMA synchronous").fetchone()[0] == full
+    seen: list[int] = []
+    s.db.set_trace_callback(
+        lambda sql: seen.append(0) if sql.startswith("PRAGMA synchronous=NORMAL") else None
+    )
+    s.retire(2)
+    assert seen == [0]
+    assert s.db.execute("PRAGMA synchronous").fetchone()[0] == full
+    with pytest.raises(ZeroDivisionError), s.tx(durable=False):
+        1 / 0  # noqa: B018
+    assert s.db.execute("PRAGMA synchronous").fetchone()[0] == full
+    s.db.set_trace_callback(None)
+    s.close()

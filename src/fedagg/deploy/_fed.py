@@ -703,10 +703,9 @@ class Federation:
         for _, old in self.store.checkpoints()[1:]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old)
-        self.store.drop_checkpoints_before(self.applied)
         for p in self.store.spooled_through(self.applied):
             self._recycle(p)
-        self.store.forget_paths(self.applied)
+        self.store.retire(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
 
 

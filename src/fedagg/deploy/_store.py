@@ -169,17 +169,27 @@ class Store:
 
     # -- transactions ------------------------------------------------------------------------
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
+        def __init__(self, db: sqlite3.Connection, durable: bool) -> None:
+            self.db, self.durable = db, durable
 
         def __enter__(self) -> None:
+            if not self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("BEGIN IMMEDIATE")
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-            self.db.execute("COMMIT" if et is None else "ROLLBACK")
+            try:
+                self.db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                if not self.durable:
+                    self.db.execute("PRAGMA synchronous=FULL")
 
-    def tx(self) -> Store._Tx:
-        return Store._Tx(self.db)
+    def tx(self, durable: bool = True) -> Store._Tx:
+        """A transaction; committed with an fsync of the log unless ``durable`` is False:
+        then it is on disk once the OS writes it back, or at the next durable commit (the
+        write-ahead log is sequential), which is enough for bookkeeping whose loss on a power
+        failure is harmless (it is redone)."""
+        return Store._Tx(self.db, durable)
 
     # -- events ------------------------------------------------------------------------------
     def last_seq(self) -> int:
@@ -310,11 +320,16 @@ class Store:
         q = "SELECT DISTINCT path FROM uploads WHERE seq <= ? AND seq > ? AND path != ''"
         return [str(r[0]) for r in self.db.execute(q, (seq, self._forgotten())).fetchall()]
 
-    def forget_paths(self, seq: int) -> None:
-        """Mark the spool files of uploads up to ``seq`` as deleted (their ids stay). The rows
-        are not rewritten (the chain covers them as logged): ``meta.forgotten_through`` says
-        up to which seq their paths are gone."""
-        with self.tx():
+    def retire(self, seq: int) -> None:
+        """After the checkpoint at ``seq`` is recorded (durably) and what it covers deleted:
+        drop the older checkpoints' records and mark the spool files of uploads up to ``seq``
+        as deleted (their ids stay; the rows are not rewritten, the chain covers them as
+        logged: ``meta.forgotten_through`` says up to which seq their paths are gone). One
+        transaction, not fsynced on its own: lost on a power failure, the restart loads the
+        newest checkpoint all the same, never reads a path up to it, and the next checkpoint
+        retires them again."""
+        with self.tx(durable=False):
+            self.db.execute("DELETE FROM checkpoints WHERE seq < ?", (seq,))
             new = max(seq, self._forgotten())
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('forgotten_through', ?)", (str(new),)
@@ -519,10 +534,6 @@ class Store:
     def checkpoints(self) -> list[tuple[int, str]]:
         q = "SELECT seq, path FROM checkpoints ORDER BY seq DESC"
         return [(int(a), str(b)) for a, b in self.db.execute(q).fetchall()]
-
-    def drop_checkpoints_before(self, seq: int) -> None:
-        with self.tx():
-            self.db.execute("DELETE FROM checkpoints WHERE seq < ?", (seq,))
 
     def put_round(self, round_: int, version: int, folded: int, applied: bool, seq: int,
                   stats: dict[str, Any]) -> None:  # fmt: skip
