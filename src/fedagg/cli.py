@@ -2,6 +2,11 @@
 
 Subcommands are registered in :data:`COMMANDS` (name -> :class:`Command`); each one adds its
 options to its own sub-parser and runs from the parsed namespace, returning an exit code.
+
+Crash tests: ``fedagg server`` and ``fedagg client`` take a fault-injection spec
+``POINT[:N[:SECONDS]]`` (:mod:`fedagg.deploy._faults`) from the hidden ``--crash-at`` flag
+or, without it, from the ``FEDAGG_CRASH_AT`` environment variable, and configure it before
+they start: the process SIGKILLs itself at the N-th pass through that point.
 """
 
 from __future__ import annotations
@@ -77,6 +82,26 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     )
 
 
+_DEMO_ROW = "{:<9} {:>5} {:>10} {:>9} {:>8} {:>8}"
+
+
+def _demo_lines(r: Any) -> list[str]:
+    """A demo round's table row, then a line per refused update."""
+    row = _DEMO_ROW.format(r.strategy, r.round, f"{r.test_loss:.4f}",
+                           f"{100 * r.test_accuracy:.1f}%", r.clients, f"{r.agg_ms:.2f}",
+                           )  # fmt: skip
+    return [row, *(f"  refused update from client {x.client_id}: {x.reason}" for x in r.refused)]
+
+
+def _demo_summary(records: Sequence[Any]) -> str:
+    """Each strategy's final test accuracy and loss, and how many updates were refused."""
+    last = {r.strategy: r for r in records}
+    parts = [f"{r.strategy} {100 * r.test_accuracy:.1f}% (loss {r.test_loss:.3f}) after "
+             f"{r.round} rounds" for r in last.values()]  # fmt: skip
+    refused = sum(len(r.refused) for r in records)
+    return f"final test accuracy: {', '.join(parts)}; {refused} update(s) refused"
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from fedagg import demo  # imported here so that `fedagg --help` stays fast
 
@@ -99,10 +124,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         "paper flavor), each from the same all-zero model"
     )
     print()
-    print(demo.format_header(), flush=True)
+    header = ("strategy", "round", "test loss", "test acc", "clients", "agg ms")
+    print(_DEMO_ROW.format(*header), flush=True)
 
     def show(record: demo.RoundRecord) -> None:
-        print("\n".join(demo.format_record(record)), flush=True)
+        print("\n".join(_demo_lines(record)), flush=True)
 
     start = time.perf_counter()
     try:
@@ -121,7 +147,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"fedagg demo: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print()
-    print(demo.format_summary(records))
+    print(_demo_summary(records))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
@@ -285,6 +311,28 @@ COMMANDS: dict[str, Command] = {
 # fedagg certs / keys / server / client (deployment)
 # --------------------------------------------------------------------------------------------
 
+CRASH_ENV = "FEDAGG_CRASH_AT"
+
+
+def _add_crash_at(p: argparse.ArgumentParser) -> None:
+    # for crash tests only, hence hidden: see the module docstring and fedagg.deploy._faults
+    p.add_argument("--crash-at", metavar="POINT[:N[:SECONDS]]", help=argparse.SUPPRESS)
+
+
+def _configure_faults(args: argparse.Namespace) -> None:
+    """Fault injection from ``--crash-at``, else from $FEDAGG_CRASH_AT (raises ConfigError on
+    a bad spec). The library itself never reads the environment for it."""
+    import os
+
+    from fedagg.deploy import _faults
+
+    spec = args.crash_at if args.crash_at is not None else os.environ.get(CRASH_ENV, "")
+    try:
+        _faults.configure(spec)
+    except fedagg.ConfigError as e:
+        source = "--crash-at" if args.crash_at is not None else CRASH_ENV
+        raise fedagg.ConfigError(f"{source}: {e}") from None
+
 
 def _configure_certs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -373,6 +421,7 @@ def _configure_server(p: argparse.ArgumentParser) -> None:
         "EDGE='*' for any; repeat per edge (deploy.edge_clients; an edge not given serves none)",
     )  # fmt: skip
     t.add_argument("--leaf-rule", help="a robust rule over this edge's own clients (e.g. krum)")
+    _add_crash_at(p)
 
 
 def _tier_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -410,6 +459,7 @@ def _run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.umask(0o077)  # whatever the server creates (state, checkpoints, spool) is private
     try:
+        _configure_faults(args)
         cfg = sim.load_config(args.config)
         if args.rounds is not None:
             cfg["rounds"] = args.rounds
@@ -455,12 +505,14 @@ def _configure_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="host:port (default: the config's deploy.server)")
     p.add_argument("--insecure", action="store_true", help="no TLS (the server's must match)")
     p.add_argument("--retry-for", type=float, default=120.0, help="give up after (s)")
+    _add_crash_at(p)
 
 
 def _run_client(args: argparse.Namespace) -> int:
     from fedagg import deploy, sim
 
     try:
+        _configure_faults(args)
         cfg = sim.load_config(args.config)
         client = deploy.client_from_config(
             cfg, args.key, server=args.server, insecure=True if args.insecure else None,

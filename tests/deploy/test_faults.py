@@ -104,10 +104,12 @@ def _supervise(fed: Fed, server: subprocess.Popen[bytes], timeout: float) -> int
 
 def test_a_crash_point_kills_at_its_nth_pass_and_can_stall_first() -> None:
     """``point:n:seconds``: the thread at the point waits, the others run on, then the
-    process dies (SIGKILL) at the n-th pass."""
+    process dies (SIGKILL) at the n-th pass. Configured through the Python API (the
+    environment is read by the command line only: the harness's processes)."""
     code = """if True:
         import sys, threading, time
-        from fedagg.deploy._faults import crash_point
+        from fedagg.deploy._faults import configure, crash_point
+        configure("upload-queued:2:0.3")
         def other():
             while True:
                 print("other", flush=True)
@@ -118,7 +120,7 @@ def test_a_crash_point_kills_at_its_nth_pass_and_can_stall_first() -> None:
         crash_point("upload-queued")
         print("survived", flush=True)
     """
-    env = {**os.environ, "FEDAGG_CRASH_AT": "upload-queued:2:0.3"}
+    env = {k: v for k, v in os.environ.items() if k != "FEDAGG_CRASH_AT"}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
     out = p.stdout.decode().splitlines()
     assert p.returncode == -9, p.stderr.decode()

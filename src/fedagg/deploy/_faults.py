@@ -1,25 +1,45 @@
 """Fault injection for crash tests: kill this process at a named point.
 
-``FEDAGG_CRASH_AT="point:n"`` makes the n-th (1-based) pass through ``crash_point("point")``
-SIGKILL the process: no cleanup, no flush, as a power cut or an OOM kill would. The points
-are the places where a crash is most likely to lose or double-count an update (mid-upload,
-between spooling and logging, between queuing and committing, between logging and folding,
-in a fold, before and after a checkpoint). Without the variable, a point costs one dict
-lookup.
+Off unless configured: the library never reads the environment for it. A process entry point
+turns it on explicitly, before it starts a server, an edge aggregator or a client::
 
-``"point:n:seconds"`` first stalls the thread at the point for that long while the rest of
-the process runs on, then kills it: a crash in the middle of a slow step (a commit waiting
-for the disk). What the other threads do meanwhile gets out, as it would: an acknowledgement
-sent before the commit it depends on reaches the client, and is then seen to be lost.
+    from fedagg.deploy import _faults
+    _faults.configure("fold:3")      # SIGKILL at the 3rd pass through crash_point("fold")
+    _faults.configure(None)          # off again
+
+``fedagg server`` and ``fedagg client`` (:mod:`fedagg.cli`, the only place that reads the
+environment) do this from ``--crash-at SPEC`` or, without the flag, from the
+``FEDAGG_CRASH_AT`` environment variable, which is how the crash tests set it on the
+processes they start.
+
+A spec is ``"point[:n[:seconds]]"``: the n-th (1-based, default 1) pass through
+``crash_point("point")`` SIGKILLs the process: no cleanup, no flush, as a power cut or an OOM
+kill would. The points are the places where a crash is most likely to lose or double-count an
+update (mid-upload, between spooling and logging, between queuing and committing, between
+logging and folding, in a fold, before and after a checkpoint). While off, or at another
+point, a pass costs a global lookup and a comparison.
+
+With ``seconds``, the thread at the point first stalls that long while the rest of the process
+runs on, then kills it: a crash in the middle of a slow step (a commit waiting for the disk).
+What the other threads do meanwhile gets out, as it would: an acknowledgement sent before the
+commit it depends on reaches the client, and is then seen to be lost.
+
+The setting is process-wide (what it does, a SIGKILL, is too). An invalid spec raises
+:class:`~fedagg.ConfigError` naming the valid points, and leaves the setting as it was.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import threading
 import time
+from dataclasses import dataclass
 
-__all__ = ["POINTS", "crash_point"]
+from fedagg.errors import ConfigError
+
+__all__ = ["POINTS", "Faults", "configure", "crash_point", "current"]
 
 POINTS = (
     "upload",  # server: mid-way through receiving an upload's chunks
@@ -34,19 +54,91 @@ POINTS = (
     "edge-forwarded",  # edge aggregator: the parent acknowledged a forward, not yet recorded
 )
 
-_SPEC = os.environ.get("FEDAGG_CRASH_AT", "")
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Kill the process at the ``nth`` pass through ``crash_point(point)``, after stalling
+    that thread for ``stall`` seconds."""
+
+    point: str
+    nth: int = 1
+    stall: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.point not in POINTS:
+            raise ConfigError(
+                f"unknown crash point {self.point!r}; the points are: {', '.join(POINTS)}"
+            )
+        if isinstance(self.nth, bool) or not isinstance(self.nth, int) or self.nth < 1:
+            raise ConfigError(
+                f"crash point {self.point}: n must be an integer >= 1, got {self.nth!r}"
+            )
+        if not (
+            isinstance(self.stall, (int, float)) and math.isfinite(self.stall) and self.stall >= 0
+        ):
+            raise ConfigError(
+                f"crash point {self.point}: seconds must be finite and >= 0, got {self.stall!r}"
+            )
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        """``"point[:n[:seconds]]"`` (e.g. ``"fold:3"``, ``"upload-queued:2:0.3"``)."""
+        parts = spec.strip().split(":")
+        if len(parts) > 3 or not parts[0]:
+            raise ConfigError(cls._malformed(spec))
+        point, nth, stall = (*parts, "", "")[:3]
+        try:
+            n = int(nth) if nth else 1
+            s = float(stall) if stall else 0.0
+        except ValueError:
+            raise ConfigError(cls._malformed(spec)) from None
+        return cls(point, n, s)
+
+    @staticmethod
+    def _malformed(spec: str) -> str:
+        return (
+            f"malformed crash spec {spec!r}: expected POINT[:N[:SECONDS]], "
+            f"with POINT one of: {', '.join(POINTS)}"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.point}:{self.nth}" + (f":{self.stall:g}" if self.stall else "")
+
+
+_ACTIVE: Faults | None = None
 _COUNTS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def configure(spec: Faults | str | None) -> Faults | None:
+    """Set this process's fault injection (a :class:`Faults`, a spec string, or None or
+    ``""`` for none) and restart the pass counts; returns the previous setting."""
+    global _ACTIVE
+    faults = spec
+    if isinstance(spec, str):
+        faults = Faults.parse(spec) if spec.strip() else None
+    if faults is not None and not isinstance(faults, Faults):
+        raise ConfigError(
+            f"fault injection: expected a Faults, a spec string or None, got {spec!r}"
+        )
+    with _LOCK:
+        previous, _ACTIVE = _ACTIVE, faults
+        _COUNTS.clear()
+    return previous
+
+
+def current() -> Faults | None:
+    """This process's fault injection, or None."""
+    return _ACTIVE
 
 
 def crash_point(name: str) -> None:
-    if not _SPEC:
+    faults = _ACTIVE
+    if faults is None or faults.point != name:
         return
-    point, _, rest = _SPEC.partition(":")
-    if point != name:
-        return
-    nth, _, stall = rest.partition(":")
-    _COUNTS[name] = _COUNTS.get(name, 0) + 1
-    if _COUNTS[name] == int(nth or 1):
-        if stall:
-            time.sleep(float(stall))
+    with _LOCK:
+        _COUNTS[name] = n = _COUNTS.get(name, 0) + 1
+    if n == faults.nth:
+        if faults.stall:
+            time.sleep(faults.stall)
         os.kill(os.getpid(), signal.SIGKILL)
