@@ -1,6 +1,7 @@
 """The coordinator side of the one-host data planes: worker processes, their control pipes,
-and the receiver's admission rules (:class:`Service`). :class:`~fedagg.hierarchy._shm.
-ShmAggregator` and the socket planes (:mod:`fedagg.hierarchy._sockets`) add the data transport.
+and the receiver's admission rules (:class:`Service`). The shared-memory plane
+(:mod:`fedagg.hierarchy._shm`) and the socket planes (:mod:`fedagg.hierarchy._sockets`) add
+the data transport.
 
 The admission rules are Mean's (:func:`~fedagg.core.aggregate.check_update`,
 :func:`~fedagg.core.aggregate.check_peak`, :func:`~fedagg.core.aggregate.check_mergeable`),
