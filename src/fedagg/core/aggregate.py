@@ -39,12 +39,16 @@ from fedagg.errors import (
 )
 
 __all__ = [
+    "F64_SAFE",
     "Aggregator",
     "Backend",
     "Composed",
     "Mean",
     "MeanState",
     "PreTransform",
+    "accumulator_dtype",
+    "check_mergeable",
+    "check_peak",
     "check_update",
     "compose",
     "mean",
@@ -52,8 +56,8 @@ __all__ = [
 
 S = TypeVar("S")
 #: Per-update bound on |w x| for the float64 accumulator, divided by the update count: the
-#: running sum then cannot overflow (float64 max is ~1.8e308).
-_F64_SAFE = 1e300
+#: running sum then cannot overflow (float64 max is ~1.8e308). See :func:`check_peak`.
+F64_SAFE = 1e300
 Arr = npt.NDArray[Any]
 Backend = Literal["auto", "numba", "numpy"]
 Accumulator = Literal["float32", "float64"]
@@ -119,6 +123,41 @@ def check_update(spec: ParamSpec, version: int | None, update: Update) -> None:
         raise SpecMismatch(cid, problem)
 
 
+def check_peak(client_id: str, weighted: float, peak: float, *, count: int, float64: bool) -> None:
+    """Mean's value rules for one update, from ``peak = max |delta|`` (one read pass the caller
+    may fuse with a copy): raise :class:`~fedagg.errors.NonFiniteUpdate` if ``peak`` is NaN or
+    infinite, or, for a float64 accumulator (``float64``), if ``|weighted| * peak`` exceeds
+    ``F64_SAFE / count``, where ``weighted`` is the update's ``weight * scale`` and ``count`` the
+    number of updates the state holds once this one is folded: no sum of ``count`` such
+    products can then overflow. An update that passes may go to :meth:`Mean.fold_trusted`."""
+    if not math.isfinite(peak):
+        raise NonFiniteUpdate(client_id, "delta holds NaN or Inf values")
+    if float64 and abs(weighted) * peak > F64_SAFE / max(1, count):  # Python floats: no warning
+        raise NonFiniteUpdate(client_id, "weighted delta would overflow float64")
+
+
+def check_mergeable(
+    other: MeanState, *, spec: ParamSpec, version: int | None, accumulator: str
+) -> None:
+    """Raise :class:`~fedagg.errors.StateError` unless ``other`` can merge into a mean state of
+    this spec, model version and accumulator (what :meth:`Mean.merge` checks). A state that
+    arrived from elsewhere should also pass :meth:`MeanState.check`."""
+    if other.spec != spec:
+        raise StateError("cannot merge states of different specs")
+    if other.version != version:
+        raise StateError(f"cannot merge version {other.version} into {version}")
+    if other.accumulator != accumulator:
+        raise StateError("cannot merge states with different accumulators")
+
+
+def accumulator_dtype(spec: ParamSpec, accumulator: str) -> np.dtype[Any]:
+    """The dtype of a mean state's ``acc`` (its float64 ``comp``, if any, follows it):
+    float64 for the float64 accumulator or a model wider than float32, else float32."""
+    if accumulator == "float64" or spec.dtype.itemsize > 4:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Weighted mean
 # --------------------------------------------------------------------------------------------
@@ -149,11 +188,7 @@ class MeanState:
     def check(self) -> None:
         """Raise StateError unless the fields are consistent (used when a state is loaded)."""
         n = self.spec.size
-        want = (
-            np.float64
-            if self.accumulator == "float64" or self.spec.dtype.itemsize > 4
-            else (np.float32)
-        )
+        want = accumulator_dtype(self.spec, self.accumulator)
         ok = (
             isinstance(self.acc, np.ndarray)
             and self.acc.shape == (n,)
@@ -177,6 +212,16 @@ def _two_sum(a: float, b: float) -> tuple[float, float]:
     t = a + b
     e = (a - t) + b if abs(a) >= abs(b) else (b - t) + a
     return t, e
+
+
+def _add_weights(state: MeanState, weights: Iterable[float], n: int) -> None:
+    """Fold's bookkeeping: add client ``weights`` to the compensated weight sum, ``n`` to count."""
+    w, wc = state.weight, state.weight_comp
+    for wt in weights:
+        w, e = _two_sum(w, float(wt))
+        wc += e
+    state.weight, state.weight_comp = w, wc
+    state.count += n
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,17 +282,13 @@ class Mean:
         return True
 
     @property
-    def _numba(self) -> bool:
+    def use_numba(self) -> bool:
+        """Whether the compiled kernels run (the backend allows them and numba is installed)."""
         return self.backend != "numpy" and _kernels.HAVE_NUMBA
-
-    def _acc_dtype(self, spec: ParamSpec) -> np.dtype[Any]:
-        if self.accumulator == "float64" or spec.dtype.itemsize > 4:
-            return np.dtype(np.float64)
-        return np.dtype(np.float32)
 
     # -- monoid -----------------------------------------------------------------------------
     def init(self, spec: ParamSpec, *, version: int | None = None) -> MeanState:
-        dt = self._acc_dtype(spec)
+        dt = accumulator_dtype(spec, self.accumulator)
         comp = np.zeros(spec.size, np.float64) if self.accumulator == "float64" else None
         return MeanState(spec, version, self.accumulator, np.zeros(spec.size, dt), comp)
 
@@ -270,12 +311,42 @@ class Mean:
             self._fold_compensated(state, ups, pieces, ws)
         else:
             self._fold_plain(state, ups, pieces, ws)
-        w, wc = state.weight, state.weight_comp
-        for u in ups:
-            w, e = _two_sum(w, float(u.weight))
-            wc += e
-        state.weight, state.weight_comp = w, wc
-        state.count += len(ups)
+        _add_weights(state, (u.weight for u in ups), len(ups))
+        return state
+
+    def fold_trusted(
+        self,
+        state: MeanState,
+        xs: Sequence[Arr],
+        weights: Sequence[float],
+        scales: Sequence[float] | None = None,
+    ) -> MeanState:
+        """``fold_many`` of updates the caller has already validated: the same bits in
+        ``acc``/``comp``, weight sum, compensation and count, without the fold's second look at
+        the values (float32: an undo copy and a finiteness test of every coordinate; float64: a
+        separate ``max |x|`` pass per update).
+
+        ``xs[k]`` is update k's flat delta over ``state``'s coordinates (e.g. a shard's slice of
+        a received buffer, zero-copy); ``weights``/``scales`` as in :class:`Update` (scales
+        default to 1). The caller guarantees what :func:`check_update` and :func:`check_peak`
+        check, for the float32 accumulator also that no sum can overflow float32 (a running
+        bound); if not, the state may be left changed and StateError is raised.
+        """
+        if not xs:
+            return state
+        ss = [1.0] * len(xs) if scales is None else scales
+        ws = np.array([float(w) * float(s) for w, s in zip(weights, ss, strict=True)], np.float64)
+        acc, comp = state.acc, state.comp
+        if comp is not None:  # float64: Neumaier's compensated kernel, as fold_many uses
+            ok = _kernels.fold_compensated(acc, comp, xs, ws, use_numba=self.use_numba)
+        elif _kernels.HAVE_NUMBA and _kernels._compiled(self.use_numba, acc.size, acc, *xs):
+            _fold_trusted_nb(acc, _kernels._typed(xs), ws.astype(acc.dtype))
+            ok = True
+        else:  # small or non-native: the numpy kernel, minus the undo copy
+            ok = _kernels.fold_plain(acc, acc, xs, ws, save_undo=False, use_numba=False)
+        if not ok:
+            raise StateError("a trusted fold left a non-finite accumulator: unvalidated input")
+        _add_weights(state, weights, len(xs))
         return state
 
     def _fold_plain(
@@ -295,42 +366,35 @@ class Mean:
                     segs,
                     ws[lo:hi],
                     save_undo=first,
-                    use_numba=self._numba,
+                    use_numba=self.use_numba,
                 )
                 if first:
                     saved.append((s0, s1))
                 if not ok:
                     for r0, r1 in saved:
                         state.acc[r0:r1] = state.undo[r0:r1]
-                    raise _nonfinite_error(ups[lo:hi], pieces[lo:hi], self._numba)
+                    raise _nonfinite_error(ups[lo:hi], pieces[lo:hi], self.use_numba)
 
     def _fold_compensated(
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
     ) -> None:
         assert state.comp is not None
         # check first (no undo buffers here): finite values, and no float64 overflow possible
-        headroom = _F64_SAFE / max(1, state.count + len(ups))
+        count = state.count + len(ups)
         for u, w, segs in zip(ups, ws, pieces, strict=True):
-            peak = max((_kernels.max_abs(s, use_numba=self._numba) for s in segs), default=0.0)
-            if not math.isfinite(peak):
-                raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
-            if abs(float(w)) * peak > headroom:  # Python floats: inf, no warning
-                raise NonFiniteUpdate(u.client_id, "weighted delta would overflow float64")
+            peak = max((_kernels.max_abs(s, use_numba=self.use_numba) for s in segs), default=0.0)
+            check_peak(u.client_id, float(w), peak, count=count, float64=True)
         layout = _layout(state.spec, pieces)
         for lo in range(0, len(ups), self.batch):
             hi = min(len(ups), lo + self.batch)
             for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
                 _kernels.fold_compensated(
-                    state.acc[s0:s1], state.comp[s0:s1], segs, ws[lo:hi], use_numba=self._numba
+                    state.acc[s0:s1], state.comp[s0:s1], segs, ws[lo:hi], use_numba=self.use_numba
                 )
 
     def merge(self, state: MeanState, other: MeanState) -> MeanState:
-        if other.spec != state.spec:
-            raise StateError("cannot merge states of different specs")
-        if other.version != state.version:
-            raise StateError(f"cannot merge version {other.version} into {state.version}")
-        if other.accumulator != state.accumulator:
-            raise StateError("cannot merge states with different accumulators")
+        spec, version, accumulator = state.spec, state.version, state.accumulator
+        check_mergeable(other, spec=spec, version=version, accumulator=accumulator)
         if other.count == 0:  # the identity: exactly nothing to add (not even a -0.0 sign)
             return state
         if state.count == 0:
@@ -342,7 +406,7 @@ class Mean:
             return state
         if state.comp is not None and other.comp is not None:
             _kernels.merge_compensated(
-                state.acc, state.comp, other.acc, other.comp, use_numba=self._numba
+                state.acc, state.comp, other.acc, other.comp, use_numba=self.use_numba
             )
         else:
             if state.undo is None:
@@ -350,7 +414,7 @@ class Mean:
             state.undo[...] = state.acc
             with np.errstate(over="ignore", invalid="ignore"):
                 state.acc += other.acc
-            if not _kernels.all_finite(state.acc, use_numba=self._numba):
+            if not _kernels.all_finite(state.acc, use_numba=self.use_numba):
                 state.acc[...] = state.undo
                 raise StateError("merge overflows the float32 accumulator; use 'float64'")
         w, e = _two_sum(state.weight, other.weight)
@@ -386,6 +450,35 @@ def mean(
 ) -> Mean:
     """The weighted mean (FedAvg's aggregator). See :class:`Mean`."""
     return Mean(accumulator=accumulator, batch=batch, backend=backend)
+
+
+_BLOCK = _kernels.BLOCK
+
+if _kernels.HAVE_NUMBA:
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
+        # acc += sum_k ws[k] * xs[k], in acc's dtype, no fast-math: each ``a += w*x`` rounds
+        # the product and the sum exactly as _kernels' folds and numpy do (same bits). Inputs
+        # were validated by the caller, so there is no undo copy, no scratch block and no
+        # finiteness test. One update: a single stream; several: one cache block of acc at a
+        # time, read and written once for all of them.
+        n = acc.size
+        if len(xs) == 1:
+            x = xs[0]
+            w = ws[0]
+            for i in range(n):
+                acc[i] += w * x[i]
+            return
+        for lo in range(0, n, _BLOCK):
+            hi = min(n, lo + _BLOCK)
+            a = acc[lo:hi]
+            for k in range(len(xs)):
+                xk = xs[k][lo:hi]
+                wk = ws[k]
+                for i in range(hi - lo):
+                    a[i] += wk * xk[i]
 
 
 def _layout(spec: ParamSpec, pieces: list[list[Arr]]) -> list[tuple[int, int]]:

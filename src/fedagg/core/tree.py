@@ -28,13 +28,13 @@ import numpy.typing as npt
 
 from fedagg.core import _kernels
 from fedagg.core.aggregate import (
-    _F64_SAFE,
     Accumulator,
     Aggregator,
     Composed,
     Mean,
     MeanState,
     PreTransform,
+    check_peak,
     check_update,
 )
 from fedagg.core.robust import distance_to, krum_pick
@@ -394,14 +394,11 @@ class Sharded:
     def _check_values(self, spec: ParamSpec, ups: Sequence[Update], count: int) -> None:
         """The float64 fold's own value checks, done once on whole updates (a shard sees only
         its slice's peak): no shard can then refuse what another one has folded."""
-        headroom = _F64_SAFE / max(1, count + len(ups))
+        use = self.mean.use_numba
         for u in ups:
-            segs = _segs(spec, u)
-            peak = max((_kernels.max_abs(s, use_numba=self.mean._numba) for s in segs), default=0.0)
-            if not math.isfinite(peak):
-                raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
-            if abs(float(u.weight) * float(u.scale)) * peak > headroom:
-                raise NonFiniteUpdate(u.client_id, "weighted delta would overflow float64")
+            peak = max((_kernels.max_abs(s, use_numba=use) for s in _segs(spec, u)), default=0.0)
+            weighted = float(u.weight) * float(u.scale)
+            check_peak(u.client_id, weighted, peak, count=count + len(ups), float64=True)
 
     def split(self, spec: ParamSpec, update: Update, *, version: int | None = None) -> list[Update]:
         """Validate ``update`` for the whole model (metadata, pre-transforms, finite values)

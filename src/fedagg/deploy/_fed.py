@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from fedagg._checkpoint import dumps, loads, register
 from fedagg.core import _kernels
-from fedagg.core.aggregate import _F64_SAFE, Aggregator, check_update
+from fedagg.core.aggregate import F64_SAFE, Aggregator, check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
@@ -201,7 +201,7 @@ class Canonical:
         if limit is None:
             return bound
         if state.spec.dtype.itemsize > 4:
-            limit = _F64_SAFE  # a float64 model always gets a float64 accumulator
+            limit = F64_SAFE  # a float64 model always gets a float64 accumulator
         if peak is None:
             segs = state.spec.segments(update.delta)
             peak = max(
@@ -295,7 +295,7 @@ def _overflow_limit(agg: Aggregator[Any]) -> float | None:
         return None
     if acc is None:
         return None
-    return float(np.finfo(np.float32).max) / 2 if acc == "float32" else _F64_SAFE
+    return float(np.finfo(np.float32).max) / 2 if acc == "float32" else F64_SAFE
 
 
 def _spool_key(update: Update) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedagg.core.aggregate import Aggregator, MeanState
+from fedagg.core.aggregate import Aggregator, MeanState, accumulator_dtype
 from fedagg.core.spec import ParamSpec
 from fedagg.errors import ConfigError, StateError
 
@@ -61,10 +61,8 @@ def accumulator_of(agg: Aggregator[Any]) -> str | None:
 
 
 def partial_dtype(spec: ParamSpec, accumulator: str) -> np.dtype[Any]:
-    """The payload's element type."""
-    if accumulator == "float64" or spec.dtype.itemsize > 4:
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
+    """The payload's element type (the mean state's accumulator dtype)."""
+    return accumulator_dtype(spec, accumulator)
 
 
 def partial_nbytes(spec: ParamSpec, accumulator: str) -> int:

@@ -5,8 +5,8 @@
   buffer it preallocated (after it started) for its shards, then folds it. Every byte crosses
   the kernel twice (receiver -> socket buffer -> worker), which is the copy shared memory saves.
   The receiver checks each update before sending it, and the workers fold it with the shared-
-  memory workers' fast fold (:func:`~fedagg.hierarchy._shm.fold_validated`), so the two planes
-  differ only in the hand-off.
+  memory workers' fast fold (:meth:`~fedagg.core.aggregate.Mean.fold_trusted`), so the two
+  planes differ only in the hand-off.
 * :class:`ShardReceiver` and :class:`ShardSender` / :func:`send_sharded`: application-layer flow
   splitting. Worker ``i`` owns shard ``i`` and listens on its own TCP port on 127.0.0.1; a
   sender opens one connection per shard and sends byte range ``i`` of the flat update on
@@ -42,19 +42,18 @@ from fedagg.core.spec import Delta, ParamSpec
 from fedagg.core.tree import shard_bounds
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError, InvalidWeight, SpecMismatch, StaleUpdate, UpdateError
-from fedagg.hierarchy._shm import (
+from fedagg.hierarchy._service import Service
+from fedagg.hierarchy._shards import (
     Accumulator,
     AggregatorFailed,
     Arr,
     Backend,
+    Shards,
     StartMethod,
-    _error_reply,
-    _Service,
-    _set_threads,
-    _Shards,
+    error_reply,
     handle_common,
-    peak,
 )
+from fedagg.hierarchy._shm import peak, set_threads
 
 __all__ = ["ShardReceiver", "ShardSender", "SocketAggregator", "send_sharded"]
 
@@ -94,9 +93,9 @@ def _tune(sock: socket.socket) -> None:
 
 def _unix_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
     """A worker of :class:`SocketAggregator`: receives its shards of each update, then folds."""
-    _set_threads(cfg["threads"])
+    set_threads(cfg["threads"])
     spec = ParamSpec.from_dict(cfg["spec"])
-    shards = _Shards(spec, cfg["bounds"], cfg["accumulator"], cfg["version"], cfg["backend"])
+    shards = Shards(spec, cfg["bounds"], cfg["accumulator"], cfg["version"], cfg["backend"])
     acc_dtype = shards.states[0].acc.dtype
     try:
         bufs = [np.zeros(hi - lo, spec.dtype) for lo, hi in shards.bounds]  # after the start
@@ -135,7 +134,7 @@ def _unix_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
             except (EOFError, ConnectionError):
                 return
             except BaseException as e:
-                reply = _error_reply(seq, e)
+                reply = error_reply(seq, e)
             conn.send(reply)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
@@ -143,7 +142,7 @@ def _unix_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
         sock.close()
 
 
-class SocketAggregator(_Service):
+class SocketAggregator(Service):
     """:class:`~fedagg.hierarchy._shm.ShmAggregator`'s API and results, but each update is
     handed to the workers over Unix sockets (the baseline the shared-memory plane replaces).
 
@@ -267,9 +266,9 @@ class SocketAggregator(_Service):
 
 def _tcp_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
     """A worker of :class:`ShardReceiver`: serves one sender connection at a time."""
-    _set_threads(cfg["threads"])
+    set_threads(cfg["threads"])
     spec = ParamSpec.from_dict(cfg["spec"])
-    shards = _Shards(spec, cfg["bounds"], cfg["accumulator"], cfg["version"], cfg["backend"])
+    shards = Shards(spec, cfg["bounds"], cfg["accumulator"], cfg["version"], cfg["backend"])
     acc_dtype = shards.states[0].acc.dtype
     (lo, hi), isz = shards.bounds[0], spec.dtype.itemsize
     try:
@@ -300,7 +299,7 @@ def _tcp_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                 raise AggregatorFailed(f"unexpected operation {op!r}")
             conn.send(common)
         except BaseException as e:
-            conn.send(_error_reply(seq, e))
+            conn.send(error_reply(seq, e))
         return True
 
     def receive(sock: socket.socket) -> bool:
@@ -341,7 +340,7 @@ def _tcp_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
                     shards.fold_validated([([buf], w, s)])
                 conn.send(("ok", seq, -1, None))
             except BaseException as e:
-                conn.send(_error_reply(seq, e))
+                conn.send(error_reply(seq, e))
             return ok
 
     try:
@@ -367,7 +366,7 @@ def _tcp_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
         listener.close()
 
 
-class ShardReceiver(_Service):
+class ShardReceiver(Service):
     """Shard workers that each listen on their own TCP port of 127.0.0.1 (see :attr:`addrs`).
 
     A sender (:class:`ShardSender`, :func:`send_sharded`; another thread or process) sends
