@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fedagg._checkpoint import register
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import Strategy
@@ -193,9 +193,9 @@ class _Tracker:
 
 def update_norm(spec: ParamSpec, update: Update) -> float:
     """The delta's L2 norm times its scale (one compiled pass, float64 sums)."""
-    use = _kernels.HAVE_NUMBA
+    use = kernels.HAVE_NUMBA
     segs = spec.segments(update.delta)
-    norm = math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use) for s in segs))
+    norm = math.sqrt(math.fsum(kernels.sum_squares(s, use_numba=use) for s in segs))
     norm *= abs(float(update.scale))
     if not math.isfinite(norm):
         raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import dumps, loads, register
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import _F64_SAFE, Aggregator, check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
@@ -205,7 +205,7 @@ class Canonical:
         if peak is None:
             segs = state.spec.segments(update.delta)
             peak = max(
-                (_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0
+                (kernels.max_abs(s, use_numba=kernels.HAVE_NUMBA) for s in segs), default=0.0
             )
         if not math.isfinite(peak):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
@@ -453,12 +453,12 @@ class Federation:
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
         (numba compiles per signature: a read-only array like a spool file's view)."""
-        from fedagg.core import _kernels
+        from fedagg.core import kernels
 
         small = np.zeros(1024, self.spec.dtype)
         small.flags.writeable = False
-        _kernels.all_finite(small, use_numba=True, parallel=False)
-        _kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
+        kernels.all_finite(small, use_numba=True, parallel=False)
+        kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
         strategy = getattr(self.policy, "strategy", None)
         agg = getattr(strategy, "aggregator", None)
         while isinstance(agg, Canonical):  # the rule itself (a wrapper's state must not see it)
@@ -466,7 +466,7 @@ class Federation:
         if agg is None:
             return
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
-        for n in (1024, 2 * _kernels.PARALLEL_MIN_WORK):
+        for n in (1024, 2 * kernels.PARALLEL_MIN_WORK):
             x = np.zeros(n, self.spec.dtype)
             x.flags.writeable = False
             spec = ParamSpec.from_arrays([np.zeros(n, self.spec.dtype)])
@@ -741,7 +741,7 @@ def _verified(u: UploadRow, arr: Arr, what: str) -> None:
         _check_digest(u, checksum(data), "checksum", what)
     elif u.sha256:
         _check_digest(u, hashlib.sha256(data).digest(), "sha256", what)
-    elif arr.size and not math.isfinite(_kernels.max_abs(arr, use_numba=_kernels.HAVE_NUMBA)):
+    elif arr.size and not math.isfinite(kernels.max_abs(arr, use_numba=kernels.HAVE_NUMBA)):
         raise StateError(_corrupt(u.path, what, "it holds NaN or Inf values"))
 
 

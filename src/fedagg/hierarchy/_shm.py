@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg import errors as _errors
-from fedagg.core import _kernels
+from fedagg.core import kernels as _kernels
 from fedagg.core.aggregate import _F64_SAFE, Mean, MeanState, _two_sum, check_update
 from fedagg.core.spec import ArrayTree, Delta, ParamSpec
 from fedagg.core.tree import shard_bounds
