@@ -405,12 +405,12 @@ def _run_server(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from fedagg import deploy, sim
+    from fedagg import config, deploy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.umask(0o077)  # whatever the server creates (state, checkpoints, spool) is private
     try:
-        cfg = sim.load_config(args.config)
+        cfg = config.load_config(args.config)
         if args.rounds is not None:
             cfg["rounds"] = args.rounds
         tier = _tier_overrides(args)
@@ -458,10 +458,10 @@ def _configure_client(p: argparse.ArgumentParser) -> None:
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    from fedagg import deploy, sim
+    from fedagg import config, deploy
 
     try:
-        cfg = sim.load_config(args.config)
+        cfg = config.load_config(args.config)
         client = deploy.client_from_config(
             cfg, args.key, server=args.server, insecure=True if args.insecure else None,
             retry_for=args.retry_for,

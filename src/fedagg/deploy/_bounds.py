@@ -55,7 +55,7 @@ from fedagg.core.aggregate import check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import Strategy
 from fedagg.core.update import Update
-from fedagg.deploy._fed import Canonical, CanonicalState, _spool_key
+from fedagg.deploy._fed import Canonical, CanonicalState, spool_key
 from fedagg.errors import ConfigError, NonFiniteUpdate, UpdateError
 
 __all__ = [
@@ -385,6 +385,6 @@ class Bounded(Canonical):
 def bounded_strategy(strategy: Strategy, bounds: Bounds, *, canonical: bool) -> Strategy:
     """``strategy`` with every update bounded; ``canonical``: folded in the spool files' order
     at each round's close, else as they arrive (once the reference window is warm)."""
-    key = _spool_key if canonical else _arrival_key
+    key = spool_key if canonical else _arrival_key
     agg = Bounded(strategy.aggregator, key, bounds=bounds, hold=canonical)
     return replace(strategy, aggregator=agg)

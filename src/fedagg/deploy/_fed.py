@@ -59,8 +59,8 @@ from fedagg.deploy._store import (
     new_checksum,
 )
 from fedagg.errors import ConfigError, FedaggError, NonFiniteUpdate, StateError, UpdateError
-from fedagg.sim._engine import _partial_epochs
-from fedagg.sim._policy import (
+from fedagg.policy import (
+    AllAvailable,
     Applied,
     Arrival,
     Commit,
@@ -74,6 +74,7 @@ from fedagg.sim._policy import (
     SetTimer,
     Start,
     Timer,
+    partial_epochs,
 )
 
 __all__ = ["Canonical", "Effects", "Federation", "LogItem", "TaskInfo"]
@@ -298,34 +299,17 @@ def _overflow_limit(agg: Aggregator[Any]) -> float | None:
     return float(np.finfo(np.float32).max) / 2 if acc == "float32" else _F64_SAFE
 
 
-def _spool_key(update: Update) -> str:
+def spool_key(update: Update) -> str:
+    """The canonical order's key of an update: its spool file's name."""
     return str(getattr(update.delta, "filename", ""))
 
 
 def canonical_strategy(strategy: Strategy) -> Strategy:
-    agg = Canonical(strategy.aggregator, _spool_key)
+    agg = Canonical(strategy.aggregator, spool_key)
     return dataclasses.replace(strategy, aggregator=agg)
 
 
 # -- the engine ----------------------------------------------------------------------------------
-class _Ctx:
-    def __init__(self, num_clients: int, seed: int) -> None:
-        self._n = num_clients
-        self._seed = seed
-        self._all = np.arange(num_clients)
-
-    @property
-    def num_clients(self) -> int:
-        return self._n
-
-    @property
-    def seed(self) -> int:
-        return self._seed
-
-    def available(self, slot: int) -> Arr:
-        return self._all
-
-
 @register
 @dataclass
 class _Snapshot:
@@ -362,7 +346,7 @@ class Federation:
         self.policy = policy
         self.server0 = server
         self.spec: ParamSpec = server.spec
-        self.ctx = _Ctx(num_clients, seed)
+        self.ctx = AllAvailable(num_clients, seed)
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every
@@ -644,7 +628,7 @@ class Federation:
                 for c, slow in zip(a.clients, a.partial, strict=True):
                     job = self.next_job
                     self.next_job += 1
-                    epochs = _partial_epochs(self.epochs, self.seed, job) if slow else self.epochs
+                    epochs = partial_epochs(self.epochs, self.seed, job) if slow else self.epochs
                     t = TaskInfo(job, int(c), version, epochs)
                     self.tasks[job] = t
                     effects.tasks.append(t)

@@ -55,7 +55,7 @@ from fedagg.deploy._partial import partial_dtype, partial_nbytes
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow, new_checksum
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk, leading_name
 from fedagg.errors import ConfigError
-from fedagg.sim._policy import RoundStats
+from fedagg.policy import RoundStats
 
 __all__ = ["PROTOCOL", "Server", "ServerOptions"]
 

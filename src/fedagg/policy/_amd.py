@@ -31,7 +31,7 @@ from fedagg._checkpoint import register
 from fedagg.core import kernels
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.errors import ConfigError, UpdateError
-from fedagg.sim._policy import (
+from fedagg.policy._events import (
     Action,
     Applied,
     Arrival,
