@@ -24,7 +24,7 @@ import fedagg
 from _common import peak_rss
 from fedagg import strategies
 from fedagg.deploy import Federation, Keyring, ServerOptions, serve_async
-from fedagg.sim import SyncPolicy
+from fedagg.policy import SyncPolicy
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ from threadpoolctl import threadpool_limits
 
 from fedagg import clients, models, sim, strategies
 from fedagg import data as fdata
-from fedagg.sim import Simulation, SyncPolicy, SystemModel
+from fedagg.policy import FedAMDPolicy, SyncPolicy
+from fedagg.sim import Simulation, SystemModel
 
 N, PER_ROUND = 20, 10
 STEPS, BATCH = 10, 64
@@ -112,7 +113,7 @@ def build(method: str, lr: float, rounds: int) -> tuple[Any, Any, Any]:
     p = float(method.split()[1].removeprefix("p="))
     weights = "examples" if method.endswith("weights=examples") else "identical"
     alg = clients.FedAMD(steps=STEPS, batch_size=BATCH, lr=lr)
-    return st, alg, sim.FedAMDPolicy(st, rounds, PER_ROUND, anchor_prob=p, weights=weights)
+    return st, alg, FedAMDPolicy(st, rounds, PER_ROUND, anchor_prob=p, weights=weights)
 
 
 def run_one(

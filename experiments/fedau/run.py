@@ -41,7 +41,8 @@ from threadpoolctl import threadpool_limits
 
 from fedagg import clients, models, strategies, weighting
 from fedagg import data as fdata
-from fedagg.sim import Availability, Simulation, SyncPolicy, SystemModel
+from fedagg.policy import SyncPolicy
+from fedagg.sim import Availability, Simulation, SystemModel
 
 N = 250
 LABELS = 10

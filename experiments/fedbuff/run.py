@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fedagg import clients, models, sim, strategies
+from fedagg import clients, models, strategies
 from fedagg import data as fdata
 from fedagg.core.strategy import Strategy
-from fedagg.sim import Distribution, RoundRecord, Simulation, SyncPolicy, SystemModel
+from fedagg.policy import SyncPolicy, fedbuff
+from fedagg.sim import Distribution, RoundRecord, Simulation, SystemModel
 
 N = 100
 STEPS, BATCH, LR = 10, 16, 0.05  # every job: K_local steps of B examples at local lr
@@ -132,7 +133,7 @@ def run_one(s: Setting, method: str, seed: int, horizon: float) -> dict[str, Any
     if method == "sync":
         policy: Any = SyncPolicy(st, rounds=MAX_STEPS, clients_per_round=s.concurrency)
     else:
-        policy = sim.fedbuff(
+        policy = fedbuff(
             st,
             MAX_STEPS,
             buffer=s.buffer,

@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fedagg import clients, models, sim, staleness, strategies
+from fedagg import clients, models, staleness, strategies
 from fedagg import data as fdata
 from fedagg.core.strategy import Strategy
-from fedagg.sim import Distribution, Simulation, SyncPolicy, SystemModel
+from fedagg.policy import SyncPolicy, async_fedavg, fedbuff, fedfix
+from fedagg.sim import Distribution, Simulation, SystemModel
 
 M = 10
 STEPS, BATCH, LR = 10, 64, 0.05  # local work: K steps of B examples, local learning rate
@@ -55,21 +56,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 Maker = Callable[[Strategy], Any]
 METHODS: dict[str, Maker] = {
     "FedAvg (sync)": lambda st: SyncPolicy(st, rounds=BIG, clients_per_round=M),
-    "Async FedAvg, identical": lambda st: sim.async_fedavg(st, BIG, weights="identical"),
-    "Async FedAvg, unbiased": lambda st: sim.async_fedavg(st, BIG, weights="unbiased"),
-    "FedFix-0.2, unbiased": lambda st: sim.fedfix(st, BIG, window=0.2, weights="unbiased"),
-    "FedFix-0.5, unbiased": lambda st: sim.fedfix(st, BIG, window=0.5, weights="unbiased"),
-    "FedFix-0.8, unbiased": lambda st: sim.fedfix(st, BIG, window=0.8, weights="unbiased"),
-    "FedFix-0.2, identical": lambda st: sim.fedfix(st, BIG, window=0.2, weights="identical"),
-    "FedFix-0.5, identical": lambda st: sim.fedfix(st, BIG, window=0.5, weights="identical"),
-    "FedFix-0.8, identical": lambda st: sim.fedfix(st, BIG, window=0.8, weights="identical"),
-    "FedBuff-5 (Fraboni)": lambda st: sim.fedbuff(
+    "Async FedAvg, identical": lambda st: async_fedavg(st, BIG, weights="identical"),
+    "Async FedAvg, unbiased": lambda st: async_fedavg(st, BIG, weights="unbiased"),
+    "FedFix-0.2, unbiased": lambda st: fedfix(st, BIG, window=0.2, weights="unbiased"),
+    "FedFix-0.5, unbiased": lambda st: fedfix(st, BIG, window=0.5, weights="unbiased"),
+    "FedFix-0.8, unbiased": lambda st: fedfix(st, BIG, window=0.8, weights="unbiased"),
+    "FedFix-0.2, identical": lambda st: fedfix(st, BIG, window=0.2, weights="identical"),
+    "FedFix-0.5, identical": lambda st: fedfix(st, BIG, window=0.5, weights="identical"),
+    "FedFix-0.8, identical": lambda st: fedfix(st, BIG, window=0.8, weights="identical"),
+    "FedBuff-5 (Fraboni)": lambda st: fedbuff(
         st, BIG, buffer=5, concurrency=M, restart="step", staleness=staleness.constant()
     ),
-    "FedBuff-10 (Fraboni)": lambda st: sim.fedbuff(
+    "FedBuff-10 (Fraboni)": lambda st: fedbuff(
         st, BIG, buffer=10, concurrency=M, restart="step", staleness=staleness.constant()
     ),
-    "FedBuff-5 (Nguyen)": lambda st: sim.fedbuff(st, BIG, buffer=5, concurrency=M),
+    "FedBuff-5 (Nguyen)": lambda st: fedbuff(st, BIG, buffer=5, concurrency=M),
 }
 # the two panels of each plot: the paper's comparison, then the variants
 PANELS = {

@@ -200,6 +200,7 @@ def alie_diagnostic(lr: float, seed: int, rounds: tuple[int, ...]) -> list[dict[
 
     from fedagg import aggregators as A
     from fedagg import attacks, clients, models, sim, strategies
+    from fedagg import policy as policies
 
     fd = _federation(N)
     model = models.MLP(fd.num_features, (64,), fd.num_classes)
@@ -208,7 +209,7 @@ def alie_diagnostic(lr: float, seed: int, rounds: tuple[int, ...]) -> list[dict[
     with threadpool_limits(1):
         for r in rounds:
             st = strategies.fedavg(aggregator=A.mean())
-            pol = sim.SyncPolicy(st, rounds=r, clients_per_round=N)
+            pol = policies.SyncPolicy(st, rounds=r, clients_per_round=N)
             res = sim.Simulation(fd, model, alg, st, pol, sim.SystemModel(N, seed=0), seed=seed,
                                  eval_every=r).run()  # fmt: skip
             spec = res.server.spec
@@ -242,6 +243,7 @@ def simulate(task: dict[str, Any]) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
     from fedagg import clients, models, sim, strategies
+    from fedagg import policy as policies
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
     n, f, rounds = task["n"], task["f"], task["rounds"]
@@ -250,7 +252,7 @@ def simulate(task: dict[str, Any]) -> dict[str, Any]:
     alg = clients.WorkerMomentum(lr=task["lr"], batch_size=32, beta=task["beta"])
     agg = make_rule(task["rule"], n, f, task.get("tau", 1.0))
     st = strategies.fedavg(task.get("server_lr", 1.0), aggregator=agg)
-    policy = sim.SyncPolicy(st, rounds=rounds, clients_per_round=n)
+    policy = policies.SyncPolicy(st, rounds=rounds, clients_per_round=n)
     attacked = task["attack"] != "none" and task["rule"] != "Mean (fault-free)"
     atk, byz_alg = make_attack(task["attack"], task.get("direction", "unit_vec"),
                                task.get("z", "code"), alg)  # fmt: skip

@@ -324,11 +324,11 @@ def _configure_faults(args: argparse.Namespace) -> None:
     a bad spec). The library itself never reads the environment for it."""
     import os
 
-    from fedagg.deploy import _faults
+    from fedagg.deploy import configure_faults
 
     spec = args.crash_at if args.crash_at is not None else os.environ.get(CRASH_ENV, "")
     try:
-        _faults.configure(spec)
+        configure_faults(spec)
     except fedagg.ConfigError as e:
         source = "--crash-at" if args.crash_at is not None else CRASH_ENV
         raise fedagg.ConfigError(f"{source}: {e}") from None
@@ -454,13 +454,13 @@ def _run_server(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from fedagg import deploy, sim
+    from fedagg import config, deploy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.umask(0o077)  # whatever the server creates (state, checkpoints, spool) is private
     try:
         _configure_faults(args)
-        cfg = sim.load_config(args.config)
+        cfg = config.load_config(args.config)
         if args.rounds is not None:
             cfg["rounds"] = args.rounds
         tier = _tier_overrides(args)
@@ -509,11 +509,11 @@ def _configure_client(p: argparse.ArgumentParser) -> None:
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    from fedagg import deploy, sim
+    from fedagg import config, deploy
 
     try:
         _configure_faults(args)
-        cfg = sim.load_config(args.config)
+        cfg = config.load_config(args.config)
         client = deploy.client_from_config(
             cfg, args.key, server=args.server, insecure=True if args.insecure else None,
             retry_for=args.retry_for,

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import fedagg
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from tests import robust_ref as ref
 from tests.conftest import make_model, random_delta
 
 A = fedagg.aggregators
 
-NUMBA = pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba not installed")
+NUMBA = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba not installed")
 
 AGGREGATORS: dict[str, Callable[[], Any]] = {
     "mean-f32-numba": lambda: fedagg.aggregators.mean("float32", backend="numba"),

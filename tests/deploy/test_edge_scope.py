@@ -307,10 +307,10 @@ def test_edge_clients_config_and_flag(tmp_path: Path) -> None:
     import argparse
 
     from fedagg.cli import _configure_server, _tier_overrides
+    from fedagg.config import resolve_config
     from fedagg.deploy import Keyring
     from fedagg.deploy._app import edge_scopes
     from fedagg.errors import ConfigError
-    from fedagg.sim._config import resolve_config
 
     clients = Keyring.load(make_keys(tmp_path / "keys", NAMES))
     edges = Keyring.load(make_keys(tmp_path / "edgekeys", ["edge-a", "edge-b", "edge-c"]))

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import fedagg
+from fedagg.config import build_data, build_model, build_strategy, load_config, resolve_config
 from fedagg.deploy import TaskContext, config_trainer, make_certs
-from fedagg.sim._config import load_config, resolve_config
-from fedagg.sim._run import build_data, build_model, build_strategy
 from tests.deploy.harness import (
     federation,
     kill,

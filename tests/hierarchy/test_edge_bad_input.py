@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from fedagg.aggregators import mean
+from fedagg.config import build_strategy, load_config, resolve_config
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy import ClientKey, make_keys
@@ -45,8 +46,6 @@ from fedagg.deploy._auth import (
 from fedagg.deploy._calls import signed_channel
 from fedagg.deploy._partial import partial_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
-from fedagg.sim._config import load_config, resolve_config
-from fedagg.sim._run import build_strategy
 from tests.deploy.harness import Fed, federation, read_log, start_server, wait, wait_listening
 
 SERVICE = "/fedagg.v1.Federation/"

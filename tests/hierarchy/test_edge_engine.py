@@ -22,7 +22,7 @@ from fedagg.core.participation import fedau
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy._edge import EdgeEngine, Forward
-from fedagg.deploy._fed import Effects, TaskInfo, _Ctx
+from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._partial import (
     load_partial,
     mean_state,
@@ -32,8 +32,8 @@ from fedagg.deploy._partial import (
 )
 from fedagg.deploy._store import PartialRows, UploadRow
 from fedagg.errors import ConfigError, StateError
+from fedagg.policy import AllAvailable, Applied, Arrival, Dispatch, Merge, Start
 from fedagg.sim import SyncPolicy, fedbuff
-from fedagg.sim._policy import Applied, Arrival, Dispatch, Merge, Start
 
 SPEC = ParamSpec.from_arrays([np.zeros((3, 4), np.float32), np.zeros(5, np.float32)])  # 17
 
@@ -532,10 +532,10 @@ def _server_delta(job: int) -> np.ndarray:
     return (rng.standard_normal(D) * 10.0 ** rng.integers(-5, 2, D)).astype(np.float32)
 
 
-def _policy(**kw: Any) -> tuple[SyncPolicy, Any, _Ctx, Dispatch]:
+def _policy(**kw: Any) -> tuple[SyncPolicy, Any, AllAvailable, Dispatch]:
     strategy = strategies.fedadam(lr=0.1, aggregator=fedagg.aggregators.mean("float64"))
     policy = SyncPolicy(strategy=strategy, rounds=2, clients_per_round=N, **kw)
-    ctx = _Ctx(N, 3)
+    ctx = AllAvailable(N, 3)
     x0 = np.random.default_rng(0).standard_normal(D).astype(np.float32)
     state = policy.init(strategy.init([x0]), ctx)
     (dispatch, *_) = policy.step(state, Start(0.0), ctx)
@@ -564,7 +564,7 @@ def _applied(actions: list[Any]) -> Applied:
     return a
 
 
-def _run(policy: SyncPolicy, state: Any, ctx: _Ctx, events: list[Any]) -> Applied:
+def _run(policy: SyncPolicy, state: Any, ctx: AllAvailable, events: list[Any]) -> Applied:
     actions: list[Any] = []
     for ev in events:
         assert not actions, "the round closed early"
@@ -634,7 +634,7 @@ def test_participation_weighting_and_merge_do_not_mix() -> None:
 def test_async_policies_refuse_a_merge() -> None:
     strategy = strategies.fedavg(aggregator=fedagg.aggregators.mean("float64"))
     policy = fedbuff(strategy, rounds=3, buffer=2, concurrency=N)
-    ctx = _Ctx(N, 0)
+    ctx = AllAvailable(N, 0)
     state = policy.init(strategy.init([np.zeros(D, np.float32)]), ctx)
     policy.step(state, Start(0.0), ctx)
     sp = SyncPolicy(strategy=strategy, rounds=1, clients_per_round=N)

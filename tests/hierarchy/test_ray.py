@@ -251,7 +251,7 @@ def test_bad_updates_raise_typed_errors_and_change_nothing(
 ) -> None:
     tree = tree32 if which == "float32" else tree64
     # NaN for float32; float64 gets Inf: the numba float64 max_abs kernel misses a NaN
-    # followed by a finite value (core/_kernels.py, reported)
+    # followed by a finite value (core/kernels.py, reported)
     bad_value = np.nan if which == "float32" else np.inf
     tree.reset()
     spec, ups = spec_and_updates(6, seed=4)

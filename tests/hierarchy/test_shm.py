@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fedagg
-from fedagg.core import _kernels
+from fedagg.core import kernels as _kernels
 from fedagg.errors import (
     ConfigError,
     InvalidWeight,

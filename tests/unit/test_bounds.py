@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedagg.config import DEFAULTS
 from fedagg.core.aggregate import compose, mean
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
@@ -29,7 +30,6 @@ from fedagg.deploy._app import build_federation
 from fedagg.deploy._fed import Canonical, Federation
 from fedagg.deploy._store import UploadRow
 from fedagg.errors import InvalidWeight
-from fedagg.sim._config import DEFAULTS
 
 CLIENTS = 5
 ATTACKER = 2

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedagg
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.spec import ParamSpec
 from fedagg.core.tree import reduce_tree
 from fedagg.core.update import Update
@@ -38,11 +38,11 @@ from fedagg.deploy._store import PartialRows, UploadRow
 from fedagg.sim import SyncPolicy
 
 U = Fraction(1, 2**53)
-BACKENDS = ["numba", "numpy"] if _kernels.HAVE_NUMBA else ["numpy"]
+BACKENDS = ["numba", "numpy"] if kernels.HAVE_NUMBA else ["numpy"]
 #: a model this long goes through the compiled kernels (shorter ones fold in numpy)
-BIG = _kernels.NUMBA_MIN_SIZE
+BIG = kernels.NUMBA_MIN_SIZE
 #: ... and merges this long through the parallel numba merge
-MERGE_BIG = _kernels.PARALLEL_MIN_WORK // 2
+MERGE_BIG = kernels.PARALLEL_MIN_WORK // 2
 
 
 def _mean(backend: str) -> Any:
@@ -217,13 +217,13 @@ def test_the_bound_is_not_met_by_rounded_products() -> None:
 
 
 # -- both backends: the same bits --------------------------------------------------------------
-@pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="needs numba")
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="needs numba")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("k", [2, 9])  # serial and parallel numba drivers
 def test_numba_and_numpy_kernels_give_the_same_bits(dtype: Any, k: int) -> None:
     rng = np.random.default_rng(11 + k)
-    size = 2 * _kernels.BLOCK + 17 if k == 2 else 4 * _kernels.BLOCK + 5
-    assert _kernels._parallel(size, k) == (k == 9)
+    size = 2 * kernels.BLOCK + 17 if k == 2 else 4 * kernels.BLOCK + 5
+    assert kernels._parallel(size, k) == (k == 9)
     xs = [(rng.standard_normal(size) * 10.0 ** rng.integers(-30, 30, size)).astype(dtype)
           for _ in range(k)]  # fmt: skip
     ws = rng.uniform(0.01, 5.0, k) * 10.0 ** rng.integers(-3, 3, k)
@@ -234,7 +234,7 @@ def test_numba_and_numpy_kernels_give_the_same_bits(dtype: Any, k: int) -> None:
     outs = []
     for use_numba in (True, False):
         acc, comp = start.copy(), np.zeros(size)
-        ok = _kernels.fold_compensated(acc, comp, xs, ws, use_numba=use_numba)
+        ok = kernels.fold_compensated(acc, comp, xs, ws, use_numba=use_numba)
         outs.append((ok, _bits(acc), _bits(comp)))
     assert outs[0] == outs[1] and outs[0][0] is True
 

@@ -111,10 +111,10 @@ def test_float64_mean_refuses_a_nan_anywhere_in_the_update(backend: str, where: 
     """A NaN followed by larger finite values in its block was once hidden by the max-abs
     kernel (``not v <= m`` let the next value overwrite the NaN): the f64 fold accepted it."""
     import fedagg
-    from fedagg.core import _kernels
+    from fedagg.core import kernels
     from fedagg.errors import NonFiniteUpdate
 
-    if backend == "numba" and not _kernels.HAVE_NUMBA:
+    if backend == "numba" and not kernels.HAVE_NUMBA:
         pytest.skip("numba not installed")
     x = np.linspace(0.0, 5.0, 10_000).astype(np.float32)
     x[where] = np.nan
@@ -124,4 +124,4 @@ def test_float64_mean_refuses_a_nan_anywhere_in_the_update(backend: str, where: 
     with pytest.raises(NonFiniteUpdate):
         agg.fold(state, fedagg.Update(delta=x, weight=1.0))
     assert state.count == 0 and not state.acc.any()
-    assert _kernels.max_abs(x.astype(np.float64), use_numba=backend == "numba") != 5.0
+    assert kernels.max_abs(x.astype(np.float64), use_numba=backend == "numba") != 5.0

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedagg
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from tests import robust_ref as ref
 
 A = fedagg.aggregators
@@ -154,11 +154,11 @@ def test_sharded_mean_equals_compiled_unsharded_mean(acc: str) -> None:
     """A model large enough for the compiled kernels, cut into shards small enough for numpy:
     the per-coordinate operations, hence the bits, are the same."""
     spec = spec_of([(300, 230), (3,)], True)
-    assert spec.size >= _kernels.NUMBA_MIN_SIZE
+    assert spec.size >= kernels.NUMBA_MIN_SIZE
     ups = make_updates(spec, 5, 7, ["arrays", "flat"])
     mean = A.mean(acc)  # type: ignore[arg-type]
     sh = A.sharded(mean, 7)
-    assert all(hi - lo < _kernels.NUMBA_MIN_SIZE for lo, hi in sh.bounds(spec))
+    assert all(hi - lo < kernels.NUMBA_MIN_SIZE for lo, hi in sh.bounds(spec))
     assert bits(sh.finalize_flat(fold(sh, spec, ups))) == bits(
         mean.finalize_flat(fold(mean, spec, ups))
     )

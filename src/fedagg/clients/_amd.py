@@ -28,7 +28,7 @@ import numpy as np
 from fedagg.clients import _engine as eng
 from fedagg.clients._base import TrainResult, train_each
 from fedagg.errors import ConfigError
-from fedagg.models._types import Examples, Model, Params, ParamsLike
+from fedagg.models import Examples, Model, Params, ParamsLike
 
 __all__ = ["FedAMD"]
 

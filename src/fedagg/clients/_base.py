@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedagg.models._types import Examples, Model, Params, ParamsLike
+from fedagg.models import Examples, Model, Params, ParamsLike
 
 __all__ = ["ClientAlgorithm", "TrainResult", "train_each"]
 

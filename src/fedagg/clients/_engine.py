@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
-from fedagg.models._types import Examples, Model, Params, ParamsLike, StackedModel
+from fedagg.models import Examples, Model, Params, ParamsLike, StackedModel
 
 Arr = npt.NDArray[Any]
 

@@ -18,7 +18,7 @@ import numpy as np
 from fedagg.clients import _engine as eng
 from fedagg.clients._base import TrainResult, train_each
 from fedagg.errors import ConfigError
-from fedagg.models._types import Examples, Model, ParamsLike
+from fedagg.models import Examples, Model, ParamsLike
 
 __all__ = ["WorkerMomentum"]
 

@@ -13,7 +13,7 @@ import numpy.typing as npt
 from fedagg.clients import _engine as eng
 from fedagg.clients._base import TrainResult
 from fedagg.errors import ConfigError
-from fedagg.models._types import Examples, Model, Params, ParamsLike, StackedModel
+from fedagg.models import Examples, Model, Params, ParamsLike, StackedModel
 
 __all__ = ["FedProx", "LocalSGD", "Scaffold", "scaffold_server_update"]
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from fedagg.core import _kernels
+from fedagg.core import kernels as _kernels
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
 from fedagg.errors import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import scaled
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
@@ -16,9 +16,9 @@ __all__ = ["ClipNorm", "RejectNonFinite", "clip_norm", "reject_nonfinite", "upda
 
 def update_norm(spec: ParamSpec, update: Update) -> float:
     """The L2 norm of an update's delta (before its ``scale``), accumulated in float64."""
-    use_numba = _kernels.HAVE_NUMBA
+    use_numba = kernels.HAVE_NUMBA
     segs = spec.segments(update.delta)
-    return math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use_numba) for s in segs))
+    return math.sqrt(math.fsum(kernels.sum_squares(s, use_numba=use_numba) for s in segs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +52,8 @@ class RejectNonFinite:
     """
 
     def __call__(self, spec: ParamSpec, update: Update) -> Update:
-        use_numba = _kernels.HAVE_NUMBA
-        if not all(
-            _kernels.all_finite(s, use_numba=use_numba) for s in spec.segments(update.delta)
-        ):
+        use_numba = kernels.HAVE_NUMBA
+        if not all(kernels.all_finite(s, use_numba=use_numba) for s in spec.segments(update.delta)):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
         return update
 

@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import Composed, MeanState, check_update, compose, mean
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
@@ -229,7 +229,7 @@ class _Spooled:
         for u in ups:  # check all first: all or none
             check_update(state.spec, state.version, u)
             segs = state.spec.segments(u.delta)
-            if not all(_kernels.all_finite(s, use_numba=_kernels.HAVE_NUMBA) for s in segs):
+            if not all(kernels.all_finite(s, use_numba=kernels.HAVE_NUMBA) for s in segs):
                 raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
             pieces.append(segs)
         for u, segs in zip(ups, pieces, strict=True):

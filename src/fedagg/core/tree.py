@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from fedagg.core import _kernels
+from fedagg.core import kernels as _kernels
 from fedagg.core.aggregate import (
     Accumulator,
     Aggregator,

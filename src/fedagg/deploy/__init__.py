@@ -38,6 +38,8 @@ from fedagg.deploy._auth import ClientKey, Keyring, make_keys
 from fedagg.deploy._certs import make_certs
 from fedagg.deploy._client import Client, ClientError, ClientReport, Result, TaskContext
 from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
+from fedagg.deploy._faults import Faults
+from fedagg.deploy._faults import configure as configure_faults
 from fedagg.deploy._fed import Canonical, Federation, TaskInfo, canonical_strategy
 from fedagg.deploy._server import PROTOCOL, Server, ServerOptions
 
@@ -51,6 +53,7 @@ __all__ = [
     "EdgeEngine",
     "EdgeResult",
     "EdgeServer",
+    "Faults",
     "Federation",
     "Keyring",
     "ParentLink",
@@ -64,6 +67,7 @@ __all__ = [
     "canonical_strategy",
     "client_from_config",
     "config_trainer",
+    "configure_faults",
     "make_certs",
     "make_keys",
     "options_from_config",

@@ -21,6 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from fedagg._checkpoint import dumps
+from fedagg.config import (
+    build_aggregator,
+    build_algorithm,
+    build_data,
+    build_model,
+    build_policy,
+    build_strategy,
+    resolve_config,
+)
 from fedagg.core.spec import ArrayTree
 from fedagg.core.strategy import ServerState
 from fedagg.deploy._auth import ClientKey, Keyring
@@ -30,8 +39,7 @@ from fedagg.deploy._fed import Federation, canonical_strategy
 from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.errors import ConfigError
-from fedagg.sim._config import resolve_config
-from fedagg.sim._policy import Policy, RoundStats
+from fedagg.policy import Policy, RoundStats
 
 __all__ = [
     "EdgeResult",
@@ -130,7 +138,6 @@ def build_federation(
     config: Mapping[str, Any], directory: str | os.PathLike[str] | None = None
 ) -> Federation:
     """The server side of a config: model, strategy and policy as the simulator builds them."""
-    from fedagg.sim._run import build_data, build_model, build_policy, build_strategy
 
     cfg = resolve_config(config)
     d = cfg["deploy"]
@@ -268,7 +275,6 @@ def serve_edge(
     """``fedagg server`` with ``deploy.parent`` set: run an edge (or intermediate) aggregator
     until its parent says the federation is over."""
     from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
-    from fedagg.sim._run import build_data, build_model, build_strategy
 
     cfg = resolve_config(config)
     d = cfg["deploy"]
@@ -292,8 +298,6 @@ def serve_edge(
     spec = build_strategy(cfg).init(build_model(cfg, fd).init(seed)).spec
     leaf = None
     if d["leaf_rule"]:
-        from fedagg.sim._run import build_aggregator
-
         leaf = build_aggregator({**cfg["strategy"], "aggregator": d["leaf_rule"]})
     # its clients' claimed weights and update norms, bounded before they are folded into a
     # partial (aggregate mode; relayed updates are bounded by the root), warm once the window
@@ -335,7 +339,6 @@ def serve_edge(
 
 def config_trainer(config: Mapping[str, Any]) -> Callable[[ArrayTree, TaskContext], Any]:
     """The built-in client's train function: the simulator's client, on this client's data."""
-    from fedagg.sim._run import build_algorithm, build_data, build_model
 
     cfg = resolve_config(config)
     seed = int(cfg["seed"])

@@ -50,12 +50,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fedagg._checkpoint import register
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import Strategy
 from fedagg.core.update import Update
-from fedagg.deploy._fed import Canonical, CanonicalState, _spool_key
+from fedagg.deploy._fed import Canonical, CanonicalState, spool_key
 from fedagg.errors import ConfigError, NonFiniteUpdate, UpdateError
 
 __all__ = [
@@ -193,9 +193,9 @@ class _Tracker:
 
 def update_norm(spec: ParamSpec, update: Update) -> float:
     """The delta's L2 norm times its scale (one compiled pass, float64 sums)."""
-    use = _kernels.HAVE_NUMBA
+    use = kernels.HAVE_NUMBA
     segs = spec.segments(update.delta)
-    norm = math.sqrt(math.fsum(_kernels.sum_squares(s, use_numba=use) for s in segs))
+    norm = math.sqrt(math.fsum(kernels.sum_squares(s, use_numba=use) for s in segs))
     norm *= abs(float(update.scale))
     if not math.isfinite(norm):
         raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
@@ -385,6 +385,6 @@ class Bounded(Canonical):
 def bounded_strategy(strategy: Strategy, bounds: Bounds, *, canonical: bool) -> Strategy:
     """``strategy`` with every update bounded; ``canonical``: folded in the spool files' order
     at each round's close, else as they arrive (once the reference window is warm)."""
-    key = _spool_key if canonical else _arrival_key
+    key = spool_key if canonical else _arrival_key
     agg = Bounded(strategy.aggregator, key, bounds=bounds, hold=canonical)
     return replace(strategy, aggregator=agg)

@@ -34,7 +34,7 @@ __all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext", "up
 
 PROTOCOL = 1
 log = logging.getLogger("fedagg.client")
-_RETRY = {
+RETRY = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
@@ -198,7 +198,7 @@ class Client:
                 skewed = code == grpc.StatusCode.UNAUTHENTICATED and "clock skew" in (
                     e.details() or ""
                 )  # delayed past the window: re-signed with a fresh timestamp on retry
-                if (code not in _RETRY and not skewed) or time.monotonic() - start > self.retry_for:
+                if (code not in RETRY and not skewed) or time.monotonic() - start > self.retry_for:
                     raise ClientError(code, e.details() or "") from None
                 self.report.retries += 1
                 log.debug("%s: %s, retrying in %.2fs", what, code.name, delay)
@@ -243,7 +243,7 @@ class Client:
                     await self._do(t)
                     done.add(t.task)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _RETRY or time.monotonic() - start > self.retry_for:
+                if e.code() not in RETRY or time.monotonic() - start > self.retry_for:
                     raise ClientError(e.code(), e.details() or "") from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()

@@ -79,9 +79,9 @@ from fedagg.core.update import Update
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._bounds import Bounds, Claim, bound_update, check_claim, limits, slide
-from fedagg.deploy._client import _RETRY, PROTOCOL, Client, ClientError, upload_chunks
+from fedagg.deploy._client import PROTOCOL, RETRY, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
-from fedagg.deploy._fed import Effects, TaskInfo, _Ctx, task_problem
+from fedagg.deploy._fed import Effects, TaskInfo, task_problem
 from fedagg.deploy._partial import (
     accumulator_of,
     load_partial,
@@ -92,6 +92,7 @@ from fedagg.deploy._partial import (
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
+from fedagg.policy import AllAvailable
 
 __all__ = ["EdgeEngine", "EdgeServer", "Forward", "ParentLink"]
 
@@ -156,7 +157,7 @@ class EdgeEngine:
         self.spec = spec
         self.mode: EdgeMode = mode
         self.flush_after = flush_after
-        self.ctx = _Ctx(num_clients, 0)
+        self.ctx = AllAvailable(num_clients, 0)
         self.seed = 0
         self.dir = Path(directory)
         self.spool = self.dir / "spool"
@@ -684,7 +685,7 @@ class EdgeServer(Server):
                          " (duplicate)" if reply.duplicate else "")  # fmt: skip
                 break
             except ClientError as e:
-                if e.code in _RETRY:  # the parent is away: keep the updates, try again
+                if e.code in RETRY:  # the parent is away: keep the updates, try again
                     log.warning("forward of version %d: %s; retrying", fwd.version, e.message)
                     await asyncio.sleep(1.0)
                     continue

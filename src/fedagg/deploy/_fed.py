@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import dumps, loads, register
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.aggregate import F64_SAFE, Aggregator, check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
@@ -59,8 +59,8 @@ from fedagg.deploy._store import (
     new_checksum,
 )
 from fedagg.errors import ConfigError, FedaggError, NonFiniteUpdate, StateError, UpdateError
-from fedagg.sim._engine import _partial_epochs
-from fedagg.sim._policy import (
+from fedagg.policy import (
+    AllAvailable,
     Applied,
     Arrival,
     Commit,
@@ -74,6 +74,7 @@ from fedagg.sim._policy import (
     SetTimer,
     Start,
     Timer,
+    partial_epochs,
 )
 
 __all__ = ["Canonical", "Effects", "Federation", "LogItem", "TaskInfo"]
@@ -205,7 +206,7 @@ class Canonical:
         if peak is None:
             segs = state.spec.segments(update.delta)
             peak = max(
-                (_kernels.max_abs(s, use_numba=_kernels.HAVE_NUMBA) for s in segs), default=0.0
+                (kernels.max_abs(s, use_numba=kernels.HAVE_NUMBA) for s in segs), default=0.0
             )
         if not math.isfinite(peak):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
@@ -298,34 +299,17 @@ def _overflow_limit(agg: Aggregator[Any]) -> float | None:
     return float(np.finfo(np.float32).max) / 2 if acc == "float32" else F64_SAFE
 
 
-def _spool_key(update: Update) -> str:
+def spool_key(update: Update) -> str:
+    """The canonical order's key of an update: its spool file's name."""
     return str(getattr(update.delta, "filename", ""))
 
 
 def canonical_strategy(strategy: Strategy) -> Strategy:
-    agg = Canonical(strategy.aggregator, _spool_key)
+    agg = Canonical(strategy.aggregator, spool_key)
     return dataclasses.replace(strategy, aggregator=agg)
 
 
 # -- the engine ----------------------------------------------------------------------------------
-class _Ctx:
-    def __init__(self, num_clients: int, seed: int) -> None:
-        self._n = num_clients
-        self._seed = seed
-        self._all = np.arange(num_clients)
-
-    @property
-    def num_clients(self) -> int:
-        return self._n
-
-    @property
-    def seed(self) -> int:
-        return self._seed
-
-    def available(self, slot: int) -> Arr:
-        return self._all
-
-
 @register
 @dataclass
 class _Snapshot:
@@ -362,7 +346,7 @@ class Federation:
         self.policy = policy
         self.server0 = server
         self.spec: ParamSpec = server.spec
-        self.ctx = _Ctx(num_clients, seed)
+        self.ctx = AllAvailable(num_clients, seed)
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every
@@ -453,12 +437,12 @@ class Federation:
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
         (numba compiles per signature: a read-only array like a spool file's view)."""
-        from fedagg.core import _kernels
+        from fedagg.core import kernels
 
         small = np.zeros(1024, self.spec.dtype)
         small.flags.writeable = False
-        _kernels.all_finite(small, use_numba=True, parallel=False)
-        _kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
+        kernels.all_finite(small, use_numba=True, parallel=False)
+        kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
         strategy = getattr(self.policy, "strategy", None)
         agg = getattr(strategy, "aggregator", None)
         while isinstance(agg, Canonical):  # the rule itself (a wrapper's state must not see it)
@@ -466,7 +450,7 @@ class Federation:
         if agg is None:
             return
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
-        for n in (1024, 2 * _kernels.PARALLEL_MIN_WORK):
+        for n in (1024, 2 * kernels.PARALLEL_MIN_WORK):
             x = np.zeros(n, self.spec.dtype)
             x.flags.writeable = False
             spec = ParamSpec.from_arrays([np.zeros(n, self.spec.dtype)])
@@ -644,7 +628,7 @@ class Federation:
                 for c, slow in zip(a.clients, a.partial, strict=True):
                     job = self.next_job
                     self.next_job += 1
-                    epochs = _partial_epochs(self.epochs, self.seed, job) if slow else self.epochs
+                    epochs = partial_epochs(self.epochs, self.seed, job) if slow else self.epochs
                     t = TaskInfo(job, int(c), version, epochs)
                     self.tasks[job] = t
                     effects.tasks.append(t)
@@ -741,7 +725,7 @@ def _verified(u: UploadRow, arr: Arr, what: str) -> None:
         _check_digest(u, checksum(data), "checksum", what)
     elif u.sha256:
         _check_digest(u, hashlib.sha256(data).digest(), "sha256", what)
-    elif arr.size and not math.isfinite(_kernels.max_abs(arr, use_numba=_kernels.HAVE_NUMBA)):
+    elif arr.size and not math.isfinite(kernels.max_abs(arr, use_numba=kernels.HAVE_NUMBA)):
         raise StateError(_corrupt(u.path, what, "it holds NaN or Inf values"))
 
 

@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import (
     AUTH_FAILED,
@@ -55,7 +55,7 @@ from fedagg.deploy._partial import partial_dtype, partial_nbytes
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, UploadRow, new_checksum
 from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk, leading_name
 from fedagg.errors import ConfigError
-from fedagg.sim._policy import RoundStats
+from fedagg.policy import RoundStats
 
 __all__ = ["PROTOCOL", "Server", "ServerOptions"]
 
@@ -1548,7 +1548,7 @@ def _spool_chunk(
     """Check, hash and write one chunk (on a worker thread; numba, hashlib, xxhash and
     os.write release the GIL). Returns why the chunk is refused, or None."""
     arr = np.frombuffer(data, dtype=dtype)
-    if not _kernels.all_finite(arr, use_numba=True, parallel=False):
+    if not kernels.all_finite(arr, use_numba=True, parallel=False):
         return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
     if sha is not None:
         sha.update(data)

@@ -35,6 +35,7 @@ from fedagg.core.aggregate import Aggregator
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
+from fedagg.jobs import Jobs, init_ray
 
 __all__ = [
     "AggregatorNode",
@@ -210,8 +211,6 @@ class RayTree:
     ) -> None:
         if not aggregator.decomposable:
             raise ConfigError("a tree needs a decomposable aggregator (an exact merge)")
-        from fedagg.sim._ray import init_ray
-
         self.aggregator = aggregator
         self.spec = spec
         self.version = version
@@ -407,13 +406,11 @@ def train_round(
     client_ids: Sequence[str],
     version: int | None = None,
 ) -> RoundResult:
-    """One synchronous round on Ray: ``executor`` (a :class:`~fedagg.sim._ray.RayExecutor`)
-    trains the clients on its worker actors, each update goes from its worker to a leaf through
-    the object store (client ``i`` of ``n`` to leaf ``i * leaves // n``, a contiguous split),
-    and the tree reduces. The tree is reset to ``version`` first. Refused updates are reported,
-    not raised."""
-    from fedagg.sim._exec import Jobs
-
+    """One synchronous round on Ray: ``executor`` (the simulator's Ray executor, or anything
+    with its ``train_to_updates``) trains the clients on its worker actors, each update goes
+    from its worker to a leaf through the object store (client ``i`` of ``n`` to leaf
+    ``i * leaves // n``, a contiguous split), and the tree reduces. The tree is reset to
+    ``version`` first. Refused updates are reported, not raised."""
     tree.reset(version)
     n = len(datas)
     route = [i * tree.leaves // max(1, n) for i in range(n)]

@@ -54,7 +54,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from fedagg.core import _kernels
+from fedagg.core import kernels as _kernels
 from fedagg.core.aggregate import Mean, MeanState
 from fedagg.core.spec import Delta, ParamSpec
 from fedagg.core.update import Update

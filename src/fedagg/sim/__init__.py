@@ -6,26 +6,19 @@
 The same strategies and policies run here and in deployment; only the transport differs.
 """
 
-from fedagg.sim._amd import FedAMDPolicy, FedAMDState
-from fedagg.sim._async import (
-    AsyncPolicy,
-    AsyncState,
-    async_fedavg,
-    fedasync,
-    fedbuff,
-    fedfix,
-    sync_fedavg,
-)
-from fedagg.sim._config import DEFAULTS, load_config, resolve_config
-from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
-from fedagg.sim._policy import (
+from fedagg.config import DEFAULTS, load_config, resolve_config
+from fedagg.policy import (
     Action,
     Applied,
     Arrival,
+    AsyncPolicy,
+    AsyncState,
     Commit,
     Dispatch,
     Dropout,
     Event,
+    FedAMDPolicy,
+    FedAMDState,
     Finish,
     Merge,
     Policy,
@@ -36,7 +29,13 @@ from fedagg.sim._policy import (
     SyncPolicy,
     SyncState,
     Timer,
+    async_fedavg,
+    fedasync,
+    fedbuff,
+    fedfix,
+    sync_fedavg,
 )
+from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
 from fedagg.sim._run import Built, build, format_table, plot_run, run_config
 from fedagg.sim._rundb import RunDB, RunInfo
 from fedagg.sim._system import Availability, Distribution, SystemModel, Timing

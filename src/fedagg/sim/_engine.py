@@ -28,8 +28,8 @@ import numpy.typing as npt
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import Jobs, train_chunk
-from fedagg.sim._policy import (
+from fedagg.jobs import Jobs, train_chunk
+from fedagg.policy import (
     Action,
     Applied,
     Arrival,
@@ -43,6 +43,7 @@ from fedagg.sim._policy import (
     SetTimer,
     Start,
     Timer,
+    partial_epochs,
 )
 from fedagg.sim._procs import ClientSlice
 from fedagg.sim._system import SystemModel
@@ -343,7 +344,7 @@ class Simulation:
         jobs = list(range(job, job + len(a.clients)))
         full = int(getattr(self.algorithm, "epochs", 1))
         epochs = [
-            _partial_epochs(full, self.seed, j) if slow else full
+            partial_epochs(full, self.seed, j) if slow else full
             for j, slow in zip(jobs, a.partial, strict=True)
         ]
         train_idx: list[int] = []
@@ -516,13 +517,6 @@ class Simulation:
                 correct += a * len(t)
                 total += len(t)
         return correct / total if total else math.nan
-
-
-def _partial_epochs(full: int, seed: int, job: int) -> int:
-    """A straggler's epochs: uniform on 1..E-1 (FedProx's ``randint(1, E)``), 1 if E <= 1."""
-    if full <= 1:
-        return 1
-    return int(np.random.default_rng([seed, 0x5A1, job]).integers(1, full))
 
 
 def _nbytes(x: Any) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import Jobs, chunks, train_chunk
+from fedagg.jobs import Jobs, chunks, train_chunk
 
 __all__ = ["ClientSlice", "ProcessExecutor"]
 

@@ -33,31 +33,13 @@ import numpy.typing as npt
 
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError
-from fedagg.sim._exec import Jobs, train_chunk
+from fedagg.jobs import Jobs, init_ray, train_chunk
 
 __all__ = ["RayExecutor", "SimWorker", "assign_jobs"]
 
 Arr = npt.NDArray[Any]
 #: Default bound on the client data each worker caches (bytes of numpy arrays).
 DEFAULT_CACHE_BYTES = 1 << 30
-
-
-def init_ray(address: str | None, num_cpus: int | None) -> tuple[Any, bool]:
-    """The ``ray`` module, started here unless already running; True when it was started here."""
-    try:
-        import ray
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError("this needs the 'ray' extra: pip install fedagg[ray]") from e
-    if ray.is_initialized():
-        return ray, False
-    ray.init(
-        address=address,
-        num_cpus=None if address else num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    return ray, True
 
 
 def data_nbytes(obj: Any) -> int:

@@ -1,18 +1,13 @@
-"""Round policies: state machines that turn events into actions.
-
-A policy never reads a clock or does I/O: the engine (simulator now, gRPC server later) feeds
-it events with their (virtual or real) time, and carries out the actions it returns. Its state
-is a plain dataclass the engine hands back on every step, so a run can be checkpointed between
-events. The synchronous policy lives here; the asynchronous ones (FedBuff, FedAsync, FedFix)
-are further implementations of the same :class:`Policy` protocol.
+"""Synchronous rounds (FedAvg, FedProx's stragglers, SCAFFOLD's control variate, FedAU's
+weighting): the first implementation of the :class:`~fedagg.policy.Policy` protocol; the
+asynchronous ones (FedBuff, FedAsync, FedFix) and FedAMD's are further ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -20,171 +15,28 @@ import numpy.typing as npt
 from fedagg._checkpoint import register
 from fedagg.core.participation import Weighting
 from fedagg.core.strategy import ServerState, Strategy
-from fedagg.core.update import Update
-from fedagg.errors import ConfigError, EmptyAggregate, StateError, UpdateError
+from fedagg.errors import ConfigError, StateError, UpdateError
+from fedagg.policy._events import (
+    Action,
+    Applied,
+    Arrival,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    Merge,
+    PolicyContext,
+    RoundStats,
+    SetTimer,
+    Start,
+    apply_or_skip,
+    effective_weights,
+    round_stats,
+)
 
-__all__ = [
-    "Action",
-    "Applied",
-    "Arrival",
-    "Commit",
-    "Dispatch",
-    "Dropout",
-    "Event",
-    "Finish",
-    "Merge",
-    "Policy",
-    "PolicyContext",
-    "RoundStats",
-    "SetTimer",
-    "Start",
-    "SyncPolicy",
-    "SyncState",
-    "Timer",
-    "apply_or_skip",
-    "effective_weights",
-    "round_stats",
-]
+__all__ = ["SyncPolicy", "SyncState"]
 
 Arr = npt.NDArray[Any]
-
-
-# -- events (engine -> policy) -----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Start:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Arrival:
-    """A client's update reached the server. ``extra`` carries algorithm payloads (SCAFFOLD)."""
-
-    now: float
-    client: int
-    job: int
-    update: Update
-    extra: dict[str, Any] = field(default_factory=dict)
-    client_state: Any = None  # the client's new persistent state, kept only if accepted
-    update_bytes: int = 0  # what the upload weighed (for traffic accounting)
-
-
-@dataclass(frozen=True, slots=True)
-class Merge:
-    """A partial aggregate from a subtree (an edge aggregator): several clients' updates,
-    already folded by the same aggregator into ``state``, merged into the round's aggregate
-    with the monoid's ``merge``. ``jobs`` holds ``(client, job, weight, train_loss)`` for
-    each update it covers; it is taken whole or (if any of its jobs is no longer pending)
-    not at all."""
-
-    now: float
-    jobs: tuple[tuple[int, int, float, float], ...]
-    state: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Dropout:
-    """A dispatched client will never report for ``job``."""
-
-    now: float
-    client: int
-    job: int
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    now: float
-    tag: int
-
-
-Event: TypeAlias = Start | Arrival | Merge | Dropout | Timer
-
-
-# -- actions (policy -> engine) ----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """Send the current model to ``clients``. ``partial[i]`` marks a straggler that does only
-    part of its local work (the engine draws 1..E-1 epochs for it, as the FedProx code does,
-    and gives it the duration of a full job). ``server_extra`` goes to every client
-    (SCAFFOLD's c); the policy hands over a value it will not change afterwards."""
-
-    clients: tuple[int, ...]
-    partial: tuple[bool, ...]
-    server_extra: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class SetTimer:
-    at: float
-    tag: int
-
-
-@dataclass(frozen=True, slots=True)
-class RoundStats:
-    """What one model update folded (the engine adds evaluation and wall time)."""
-
-    round: int
-    version: int
-    started: float
-    ended: float
-    selected: int
-    dispatched: int
-    folded: int
-    dropped: int
-    refused: int
-    late: int
-    weight: float
-    client_loss: float
-    staleness_mean: float
-    participants: tuple[int, ...]
-    applied: bool
-    staleness_max: int = 0
-    omega: tuple[float, ...] = ()  # each participant's effective weight: x += lr * sum(w * d)
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """The round closed (its model update applied if ``stats.applied``). ``client_states``
-    are the new persistent states of the clients whose updates it applied (SCAFFOLD's c_i):
-    a client whose update was late, refused or not applied keeps its old state."""
-
-    stats: RoundStats
-    client_states: dict[int, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Keep these clients' new persistent states now, outside a model update (FedAMD's
-    initial anchors)."""
-
-    client_states: dict[int, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    pass
-
-
-Action: TypeAlias = Dispatch | SetTimer | Applied | Commit | Finish
-
-
-class PolicyContext(Protocol):
-    """What a policy may ask of its engine: deterministic facts, no clock, no I/O."""
-
-    @property
-    def num_clients(self) -> int: ...
-
-    @property
-    def seed(self) -> int: ...
-
-    def available(self, slot: int) -> Arr: ...
-
-
-class Policy(Protocol):
-    """A round or async policy: ``init`` then ``step`` for every event, in time order."""
-
-    def init(self, server: ServerState, ctx: PolicyContext) -> Any: ...
-
-    def step(self, state: Any, event: Event, ctx: PolicyContext) -> list[Action]: ...
 
 
 # -- synchronous rounds ------------------------------------------------------------------------
@@ -462,60 +314,6 @@ class SyncPolicy:
             state.weight_sum,
             omega,
         )
-
-
-def round_stats(
-    state: Any,
-    round_: int,
-    now: float,
-    applied: bool,
-    selected: int,
-    loss_sum: float,
-    loss_weight: float,
-    omega: tuple[float, ...],
-    staleness: Sequence[int] = (),
-    dispatched: int | None = None,
-) -> RoundStats:
-    """The stats of a closed round or server step, from the fields every policy state has
-    (``server``, ``started``, ``folded``, ``dropped``, ``refused``, ``late``,
-    ``participants``, and ``dispatched`` unless given)."""
-    return RoundStats(
-        round=round_,
-        version=state.server.version,
-        started=state.started,
-        ended=now,
-        selected=selected,
-        dispatched=state.dispatched if dispatched is None else dispatched,
-        folded=state.folded,
-        dropped=state.dropped,
-        refused=state.refused,
-        late=state.late,
-        weight=loss_weight,
-        client_loss=loss_sum / loss_weight if loss_weight else math.nan,
-        staleness_mean=math.fsum(staleness) / len(staleness) if staleness else 0.0,
-        participants=tuple(state.participants),
-        applied=applied,
-        staleness_max=max(staleness, default=0),
-        omega=omega if applied else (),
-    )
-
-
-def apply_or_skip(
-    strategy: Strategy, server: ServerState, agg: Any, mass: float
-) -> ServerState | None:
-    """The round's new server state, or None if the rule cannot finalize this round (a
-    robust rule given fewer updates than it needs): the model then stays as it was."""
-    try:
-        return strategy.apply(server, agg, scale=mass)
-    except EmptyAggregate:
-        return None
-
-
-def effective_weights(weights: list[float], mass: float) -> tuple[float, ...]:
-    """Each folded update's coefficient in ``x += lr * sum(omega_i * delta_i)``: the mean's
-    ``w_i / sum(w)`` times the policy's mass."""
-    total = math.fsum(weights)
-    return tuple(w * mass / total for w in weights) if total > 0 else ()
 
 
 def _fits(delta_c: Any, control: dict[str, Arr] | None) -> bool:

@@ -1,4 +1,4 @@
-"""Simulation configs: a TOML file (or dict) -> the objects of one run.
+"""Run configs (simulation and deployment): a TOML file (or dict) -> a resolved config.
 
 Every section has defaults; unknown sections or keys are errors that name the valid ones, so a
 typo never silently falls back to a default. The resolved config (defaults filled in) is what

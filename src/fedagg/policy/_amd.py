@@ -28,10 +28,10 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import register
-from fedagg.core import _kernels
+from fedagg.core import kernels
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.errors import ConfigError, UpdateError
-from fedagg.sim._policy import (
+from fedagg.policy._events import (
     Action,
     Applied,
     Arrival,
@@ -165,7 +165,7 @@ class FedAMDPolicy:
             state.refused += 1
             return
         segs = spec.segments(ev.update.delta)
-        if not all(_kernels.all_finite(s, use_numba=False) for s in segs):
+        if not all(kernels.all_finite(s, use_numba=False) for s in segs):
             state.refused += 1
             return
         state.anchor_sum += spec.as_flat(ev.update.delta)

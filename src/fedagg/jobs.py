@@ -1,4 +1,6 @@
-"""What every executor shares: the training call itself and how a dispatch is cut up."""
+"""Client training jobs as executors run them: the batch of jobs, the training call itself,
+how a batch is cut up, and starting Ray. Shared by the simulator's executors
+(:mod:`fedagg.sim`) and the Ray aggregation tree (:mod:`fedagg.hierarchy`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Jobs", "chunks", "split", "train_chunk"]
+from fedagg.errors import ConfigError
+
+__all__ = ["Jobs", "chunks", "init_ray", "split", "train_chunk"]
 
 Arr = npt.NDArray[Any]
 
@@ -58,3 +62,21 @@ def chunks(jobs: Jobs, workers: int) -> list[Jobs]:
                       epochs=list(jobs.epochs[a:b]), states=list(jobs.states[a:b]))
         for a, b in split(len(jobs.datas), workers)
     ]  # fmt: skip
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> tuple[Any, bool]:
+    """The ``ray`` module, started here unless already running; True when it was started here."""
+    try:
+        import ray
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError("this needs the 'ray' extra: pip install fedagg[ray]") from e
+    if ray.is_initialized():
+        return ray, False
+    ray.init(
+        address=address,
+        num_cpus=None if address else num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return ray, True

@@ -34,7 +34,7 @@ are filled uniformly at random from the idle clients available in slot ``step``.
 
 A policy is a pure state machine: events in, actions out, no clock and no I/O, so the same
 code runs in the simulator and (later) behind the gRPC server. Each server step emits one
-:class:`~fedagg.sim.Applied` record, with the staleness of what it folded.
+:class:`~fedagg.policy.Applied` record, with the staleness of what it folded.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from fedagg.core.participation import IntervalEstimator, IntervalState
 from fedagg.core.staleness import Staleness, constant, fedbuff_staleness
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.errors import ConfigError, UpdateError
-from fedagg.sim._policy import (
+from fedagg.policy._events import (
     Action,
     Applied,
     Arrival,

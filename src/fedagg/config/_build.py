@@ -1,0 +1,259 @@
+"""The objects a resolved config describes: data, model, client algorithm, aggregator,
+strategy and policy. The simulator (:mod:`fedagg.sim`) and the deployment
+(:mod:`fedagg.deploy`) build from the same config with these, so both run the same thing.
+Heavy packages (data, models, clients) are imported only when their builder runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fedagg import policy as policies
+from fedagg.config._schema import DEFAULTS
+from fedagg.core import strategy as strategies
+from fedagg.core.aggregate import mean
+from fedagg.core.pretransforms import clip_norm
+from fedagg.core.strategy import Strategy
+from fedagg.errors import ConfigError
+from fedagg.strategies import fedadagrad
+
+__all__ = [
+    "build_aggregator",
+    "build_algorithm",
+    "build_data",
+    "build_model",
+    "build_policy",
+    "build_strategy",
+]
+
+_DEFAULT_BETA1 = float(DEFAULTS["strategy"]["beta1"])
+
+_DATA_KEYS = {
+    "dirichlet": ("alpha",),
+    "label_dirichlet": ("alpha",),
+    "shards": ("shards_per_client",),
+    "quantity": ("sigma",),
+    "natural": ("alpha", "beta"),
+    "iid": (),
+}
+
+
+def build_data(cfg: Mapping[str, Any], seed: int) -> Any:
+    from fedagg import data as fdata
+
+    d = cfg["data"]
+    part = d["partition"]
+    if part not in _DATA_KEYS:
+        raise ConfigError(f"unknown partition {part!r}; valid: {sorted(_DATA_KEYS)}")
+    kwargs: dict[str, Any] = {k: d[k] for k in _DATA_KEYS[part]}
+    if d["name"] != "synthetic":
+        kwargs["test_fraction"] = d["test_fraction"]
+    else:  # the generator's own heterogeneity; the partition then applies to its users
+        kwargs.update(alpha=d["alpha"], beta=d["beta"], iid=bool(d["iid"]))
+    return fdata.load(
+        d["name"], num_clients=int(d["num_clients"]), partition=part, seed=seed, **kwargs
+    )
+
+
+def build_model(cfg: Mapping[str, Any], data: Any) -> Any:
+    from fedagg import models
+
+    m = cfg["model"]
+    if m["name"] == "logreg":
+        return models.LogReg(data.num_features, data.num_classes)
+    if m["name"] == "mlp":
+        return models.MLP(data.num_features, tuple(int(h) for h in m["hidden"]), data.num_classes)
+    raise ConfigError(f"unknown model {m['name']!r}; valid: logreg, mlp")
+
+
+def build_algorithm(cfg: Mapping[str, Any]) -> Any:
+    from fedagg import clients
+
+    c = cfg["client"]
+    steps = int(c["steps"]) or None
+    common: dict[str, Any] = {
+        "epochs": int(c["epochs"]),
+        "batch_size": int(c["batch_size"]),
+        "lr": float(c["lr"]),
+        "steps": steps,
+    }
+    if c["algorithm"] == "momentum":
+        return clients.WorkerMomentum(
+            lr=common["lr"], batch_size=common["batch_size"], beta=float(c["beta"])
+        )
+    if c["algorithm"] == "fedamd":
+        return clients.FedAMD(
+            steps=steps or 10,
+            batch_size=common["batch_size"],
+            lr=common["lr"],
+            anchor_batch=int(c["anchor_batch"]) or None,
+        )
+    if c["algorithm"] == "fedavg":
+        return clients.LocalSGD(**common)
+    if c["algorithm"] == "fedprox":
+        return clients.FedProx(mu=float(c["mu"]), **common)
+    if c["algorithm"] == "scaffold":
+        return clients.Scaffold(**common)
+    raise ConfigError(
+        f"unknown client algorithm {c['algorithm']!r}; valid: fedavg, fedprox, scaffold, fedamd, "
+        "momentum"
+    )
+
+
+_AGGREGATORS = (
+    "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median",
+    "centered_clipping", "flag",
+)  # fmt: skip
+
+
+def build_aggregator(s: Mapping[str, Any]) -> Any:
+    """The ``[strategy] aggregator``: the mean or a robust rule (spooled to ``spool``)."""
+    from fedagg import aggregators as A
+    from fedagg import spool as spools
+
+    name = s["aggregator"]
+    if name == "mean":
+        return mean(s["accumulator"])
+    kw: dict[str, Any] = {"spool": spools.disk(s["spool"]) if s["spool"] else None}
+    f = int(s["f"])
+    rules: dict[str, Callable[[], Any]] = {
+        "median": lambda: A.median(**kw),
+        "trimmed_mean": lambda: A.trimmed_mean(int(s["trim"]) or f, **kw),
+        "krum": lambda: A.krum(f, **kw),
+        "multi_krum": lambda: A.multi_krum(f, int(s["keep"]) or 1, **kw),
+        "bulyan": lambda: A.bulyan(f, **kw),
+        "geometric_median": lambda: A.geometric_median(**kw),
+        "centered_clipping": lambda: A.centered_clipping(float(s["tau_cc"]), int(s["iters"]), **kw),
+        "flag": lambda: A.flag_aggregator(
+            int(s["subspace"]) or None, float(s["lam"]), norm="median", **kw
+        ),
+    }
+    if name not in rules:
+        raise ConfigError(f"unknown aggregator {name!r}; valid: {', '.join(_AGGREGATORS)}")
+    return rules[name]()
+
+
+def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
+    s = cfg["strategy"]
+    agg = build_aggregator(s)
+    pre = [clip_norm(float(s["clip_norm"]))] if s["clip_norm"] else []
+    name = s["name"]
+    if name == "fedavg":
+        return strategies.fedavg(float(s["lr"]), aggregator=agg, pre=pre)
+    if name == "fedavgm":
+        return strategies.fedavgm(float(s["lr"]), float(s["momentum"]), aggregator=agg, pre=pre)
+    opt = {"lr": float(s["lr"]), "tau": float(s["tau"]), "flavor": s["flavor"]}
+    if name == "fedadam":
+        return strategies.fedadam(
+            beta1=s["beta1"], beta2=s["beta2"], **opt, aggregator=agg, pre=pre
+        )
+    if name == "fedyogi":
+        return strategies.fedyogi(
+            beta1=s["beta1"], beta2=s["beta2"], **opt, aggregator=agg, pre=pre
+        )
+    if name == "fedadagrad":
+        return fedadagrad(beta1=_adagrad_beta1(s), **opt, aggregator=agg, pre=pre)
+    raise ConfigError(
+        f"unknown strategy {name!r}; valid: fedavg, fedavgm, fedadam, fedyogi, fedadagrad"
+    )
+
+
+def _adagrad_beta1(s: Mapping[str, Any]) -> float | None:
+    """FedAdagrad's beta1 from ``[strategy]``: the ``beta1`` key (default 0.9, the paper's)
+    in the paper's flavor. Flower's FedAdagrad fixes beta1 at 0, so the flower flavor takes
+    that and refuses any other explicit value (only the default 0.9, or 0, pass)."""
+    beta1 = float(s["beta1"])
+    if s["flavor"] != "flower":
+        return beta1
+    if beta1 not in (_DEFAULT_BETA1, 0.0):
+        raise ConfigError(
+            f"strategy.beta1 = {beta1} with fedadagrad's flavor 'flower': Flower's FedAdagrad "
+            "fixes beta1 at 0; use flavor = 'paper' for another beta1"
+        )
+    return None
+
+
+_POLICIES = ("sync", "fedbuff", "fedasync", "fedfix", "async", "fedamd")
+
+
+def build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
+    """The round or async policy of the ``[policy]`` table."""
+    from fedagg.core import participation, staleness
+
+    p = cfg["policy"]
+    kind = p["kind"]
+    rounds = int(cfg["rounds"])
+    algorithm = cfg["client"]["algorithm"]
+    if (kind == "fedamd") != (algorithm == "fedamd"):
+        raise ConfigError("policy kind 'fedamd' and client algorithm 'fedamd' go together")
+    if algorithm == "scaffold" and kind != "sync":
+        raise ConfigError("SCAFFOLD runs with the sync policy only")
+    concurrency = int(p["concurrency"]) or None
+    max_stale = int(p["max_staleness"])
+    stale = staleness.Staleness(
+        p["staleness"], a=float(p["staleness_a"]), b=float(p["staleness_b"])
+    )
+    if kind == "sync":
+        weightings = {
+            "examples": participation.examples,
+            "participating": participation.participating,
+            "all": participation.all_clients,
+        }
+        if p["weighting"] == "fedau":
+            weighting = participation.fedau(int(p["cutoff"]))
+        elif p["weighting"] in weightings:
+            weighting = weightings[p["weighting"]]()
+        else:
+            raise ConfigError(
+                f"unknown weighting {p['weighting']!r}; valid: examples, participating, all, fedau"
+            )
+        return policies.SyncPolicy(
+            strategy=strategy,
+            rounds=rounds,
+            clients_per_round=int(p["clients_per_round"]),
+            over_select=float(p["over_select"]),
+            deadline=float(p["deadline"]),
+            min_updates=int(p["min_updates"]),
+            stragglers=float(p["stragglers"]),
+            straggler_mode=p["straggler_mode"],
+            scaffold=algorithm == "scaffold",
+            weighting=None if p["weighting"] == "examples" else weighting,
+        )
+    if kind == "fedbuff":
+        return policies.fedbuff(
+            strategy,
+            rounds,
+            int(p["buffer"]),
+            concurrency,
+            staleness=stale,
+            restart=p["restart"],
+            weights=p["weights"],
+            max_staleness=max_stale if max_stale >= 0 else None,
+        )
+    if kind == "fedasync":
+        return policies.fedasync(
+            strategy,
+            rounds,
+            float(p["alpha"]),
+            staleness=stale,
+            concurrency=concurrency,
+            max_staleness=max_stale if max_stale >= 0 else None,
+        )
+    if kind == "fedfix":
+        return policies.fedfix(
+            strategy, rounds, float(p["window"]), weights=p["weights"], concurrency=concurrency
+        )
+    if kind == "async":
+        return policies.async_fedavg(
+            strategy, rounds, weights=p["weights"], concurrency=concurrency, staleness=stale
+        )
+    if kind == "fedamd":
+        return policies.FedAMDPolicy(
+            strategy,
+            rounds,
+            int(p["clients_per_round"]),
+            float(p["anchor_prob"]),
+            weights=p["weights"],
+        )
+    raise ConfigError(f"unknown policy {kind!r}; valid: {', '.join(_POLICIES)}")

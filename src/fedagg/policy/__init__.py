@@ -1,0 +1,77 @@
+"""Round and async policies: pure state machines that turn events into actions.
+
+    from fedagg import policy
+    p = policy.SyncPolicy(strategy, rounds=10, clients_per_round=5)
+
+A policy never reads a clock or does I/O, so the same policy runs in the simulator
+(:mod:`fedagg.sim`) and behind the deployment's server (:mod:`fedagg.deploy`); this package
+sits below both. Its states are registered checkpoint types.
+"""
+
+from fedagg.policy._amd import FedAMDPolicy, FedAMDState
+from fedagg.policy._async import (
+    AsyncPolicy,
+    AsyncState,
+    async_fedavg,
+    fedasync,
+    fedbuff,
+    fedfix,
+    sync_fedavg,
+)
+from fedagg.policy._events import (
+    Action,
+    AllAvailable,
+    Applied,
+    Arrival,
+    Commit,
+    Dispatch,
+    Dropout,
+    Event,
+    Finish,
+    Merge,
+    Policy,
+    PolicyContext,
+    RoundStats,
+    SetTimer,
+    Start,
+    Timer,
+    apply_or_skip,
+    effective_weights,
+    partial_epochs,
+    round_stats,
+)
+from fedagg.policy._sync import SyncPolicy, SyncState
+
+__all__ = [
+    "Action",
+    "AllAvailable",
+    "Applied",
+    "Arrival",
+    "AsyncPolicy",
+    "AsyncState",
+    "Commit",
+    "Dispatch",
+    "Dropout",
+    "Event",
+    "FedAMDPolicy",
+    "FedAMDState",
+    "Finish",
+    "Merge",
+    "Policy",
+    "PolicyContext",
+    "RoundStats",
+    "SetTimer",
+    "Start",
+    "SyncPolicy",
+    "SyncState",
+    "Timer",
+    "apply_or_skip",
+    "async_fedavg",
+    "effective_weights",
+    "fedasync",
+    "fedbuff",
+    "fedfix",
+    "partial_epochs",
+    "round_stats",
+    "sync_fedavg",
+]
