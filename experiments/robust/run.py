@@ -123,7 +123,7 @@ class FastMinMaxSum:
 
 
 def _search(ok: Any, gamma0: float, tol: float) -> float:
-    """The reference search (as in ``fedagg.core.attacks``): start at gamma0, step gamma0/2,
+    """The reference search (as in ``fedagg.attacks``): start at gamma0, step gamma0/2,
     move up if feasible and down if not, halve the step until it is below tol."""
     gamma, step, best = gamma0, gamma0 / 2.0, 0.0
     while True:

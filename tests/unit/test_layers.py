@@ -71,8 +71,9 @@ LAYERS: list[set[str]] = [
     {"errors"},
     {"core"},
     {"_checkpoint", "spool", "jobs", "data", "models"}
-    | {"attacks", "optimizers", "staleness", "strategies", "transforms", "weighting"},
+    | {"optimizers", "staleness", "strategies", "transforms", "weighting"},
     {"aggregators", "clients"},
+    {"attacks"},  # re-exports clients.LabelFlip (data poisoning is a client)
     {"fedagg"},
     {"policy"},
     {"config"},

@@ -11,10 +11,14 @@ The client-side counterpart of :mod:`fedagg.strategies`. Every algorithm trains 
 ``train_many`` trains the clients on stacked parameters when the model supports it
 (:class:`fedagg.models.LogReg`, :class:`fedagg.models.MLP`), giving the same results as a
 loop of ``train`` up to float32 round-off, much faster.
+
+:class:`LabelFlip` wraps any of them into a data-poisoning client that trains on flipped
+labels (the Byzantine clients of a simulation; also exported from :mod:`fedagg.attacks`).
 """
 
 from fedagg.clients._amd import FedAMD
 from fedagg.clients._base import ClientAlgorithm, TrainResult
+from fedagg.clients._label_flip import LabelFlip, flip_labels
 from fedagg.clients._momentum import WorkerMomentum
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
 
@@ -22,9 +26,11 @@ __all__ = [
     "ClientAlgorithm",
     "FedAMD",
     "FedProx",
+    "LabelFlip",
     "LocalSGD",
     "Scaffold",
     "TrainResult",
     "WorkerMomentum",
+    "flip_labels",
     "scaffold_server_update",
 ]

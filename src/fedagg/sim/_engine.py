@@ -225,10 +225,12 @@ class Simulation:
         on_round: called with each :class:`RoundRecord` as it closes (progress, storage).
         stop_when: stop after the first record for which this returns True (e.g. a target
             accuracy: ``lambda r: r.test_accuracy >= 0.9``).
-        byzantine: the clients that lie. With ``attack`` (see :mod:`fedagg.attacks`), their
+        byzantine: the clients that lie. With ``attack`` (an :class:`fedagg.attacks.Attack`,
+            e.g. ``attacks.attack("alie")``; the package :mod:`fedagg.attacks`), their
             updates are replaced by the attack's, computed from all the honest updates of
             the same dispatch (an omniscient adversary); with ``byzantine_algorithm`` (e.g.
-            ``attacks.LabelFlip(algorithm, 10)``) they train with it instead.
+            the data-poisoning client ``fedagg.clients.LabelFlip(algorithm, 10)``, also
+            ``attacks.LabelFlip``) they train with it instead.
         max_time: stop at this virtual time (an equal time budget for comparing policies);
             the last record is then evaluated if it was not.
     """
@@ -429,7 +431,8 @@ class Simulation:
         self, trained: list[tuple[int, int, Any, Any]], spec: Any, first_job: int
     ) -> list[tuple[int, int, Any, Any]]:
         """Replace the Byzantine clients' updates of this dispatch by the attack's, which sees
-        every honest update of the dispatch (omniscient)."""
+        every honest update of the dispatch (omniscient): the adversary hook, calling
+        :meth:`fedagg.attacks.Attack.malicious` (see :mod:`fedagg.attacks`)."""
         byz = [k for k, (_, c, _, _) in enumerate(trained) if c in self.byzantine]
         if not byz:
             return trained
