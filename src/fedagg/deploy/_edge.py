@@ -80,8 +80,11 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._bounds import Bounds, Claim, bound_update, check_claim, limits, slide
 from fedagg.deploy._client import PROTOCOL, RETRY, Client, ClientError, upload_chunks
+from fedagg.deploy._engine import ServerStats
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, TaskInfo, task_problem
+from fedagg.deploy._grpc import GrpcTransport
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import (
     accumulator_of,
     load_partial,
@@ -89,7 +92,7 @@ from fedagg.deploy._partial import (
     partial_buffers,
     partial_info,
 )
-from fedagg.deploy._server import Server, ServerOptions
+from fedagg.deploy._service import FederationService
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 from fedagg.policy import AllAvailable
@@ -264,6 +267,11 @@ class EdgeEngine:
 
     def take_free(self) -> Path | None:
         return None
+
+    def keep_origin(self, client: int, job: int, origin: bytes) -> None:
+        """An accepted upload's client signatures, logged with the upload by the next batch
+        (see :meth:`log`)."""
+        self.new_origins[(client, job)] = origin
 
     def add_tasks(self, tasks: Sequence[TaskInfo], seed: int) -> Effects:
         """Tasks from the parent for clients of this subtree (their model is already here)."""
@@ -530,9 +538,9 @@ class ParentLink(Client):
 
     def __init__(self, parent: str, key: ClientKey, serves: Sequence[int], *,
                  ca: bytes | None = None, insecure: bool = False, retry_for: float = 120.0,
-                 server_name: str | None = None) -> None:  # fmt: skip
+                 server_name: str | None = None, channel: Any = None) -> None:  # fmt: skip
         super().__init__(parent, key, _no_train, ca=ca, insecure=insecure, retry_for=retry_for,
-                         server_name=server_name)  # fmt: skip
+                         server_name=server_name, channel=channel)  # fmt: skip
         self.serves = sorted(int(c) for c in serves)
 
     async def hello(self) -> None:
@@ -615,25 +623,43 @@ def _no_train(model: Any, task: Any) -> Any:  # pragma: no cover - an edge never
     raise FedaggError("an edge aggregator does not train")
 
 
-class EdgeServer(Server):
-    """A server whose engine is an :class:`EdgeEngine` and who has a parent."""
-
-    fed: EdgeEngine  # type: ignore[assignment]
+class EdgeServer:
+    """An edge aggregator's server: a :class:`~fedagg.deploy._service.FederationService` over
+    an :class:`EdgeEngine`, served over gRPC, with a link to its parent."""
 
     def __init__(
         self, engine: EdgeEngine, keyring: Keyring, options: ServerOptions, link: ParentLink,
         *, edges: Keyring | None = None, serves: set[int] | None = None,
         edge_clients: Mapping[str, Collection[int]] | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(engine, keyring, options, edges=edges, serves=serves,  # type: ignore[arg-type]
-                         edge_clients=edge_clients)  # fmt: skip
+        self.fed = engine
+        self.service = FederationService(
+            engine, keyring, options, edges=edges, serves=serves, edge_clients=edge_clients
+        )
+        self.service.on_effects = self._forward
+        self.transport = GrpcTransport(self.service, options)
+        self.opt = options
+        self.serves = serves
         self.link = link
         self._linked = asyncio.Event()
         self._link_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
 
+    @property
+    def stats(self) -> ServerStats:
+        return self.service.stats
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
+
+    def connected(self) -> int:
+        return self.service.connected()
+
     async def start(self) -> None:
-        await super().start()
+        effects = await self.service.open()
+        await self.transport.start()
+        await self.service.run(effects)
         # a fresh edge links up once its subtree is connected (as a root waits for its
         # clients before the first round), or after client_timeout with whoever came; a
         # restarted one at once (its clients are busy retrying what they were doing)
@@ -646,38 +672,33 @@ class EdgeServer(Server):
         self._linked.set()
         self._link_task = asyncio.create_task(self._follow_parent())
 
+    async def wait(self) -> None:
+        await self.service.wait()
+
     async def drain(self, timeout: float) -> None:
         """After the end: wait (up to ``timeout``) for the subtree's clients and edges to
         read "finished" and hang up, so none is left retrying against a closed port."""
-        deadline = time.monotonic() + timeout
-        sessions = [*self.sessions, *self.edge_sessions.values()]
-        while time.monotonic() < deadline and any(s.queue is not None for s in sessions):
-            await asyncio.sleep(0.05)
+        await self.service.drain(timeout)
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in [self._link_task, *self._sends]:
             if t is not None:
                 t.cancel()
         await self.link.channel.close()
-        await super().stop(grace)
+        await self.transport.stop(grace)
+        await self.service.stop()
 
-    def _apply(self, effects: Effects) -> None:
-        super()._apply(effects)
+    def _forward(self, effects: Effects) -> None:
         for fwd in [] if self.fed.finished else effects.forward:
             task = asyncio.get_running_loop().create_task(self._send(fwd))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
-    def _keep_origin(self, client: int, job: int, origin: Any) -> None:
-        # logged (with the upload) by the engine thread's next batch: see EdgeEngine.log
-        self.fed.new_origins[(client, job)] = origin.SerializeToString()
-
     async def _send(self, fwd: Forward) -> None:
         await self._linked.wait()
         keys = [(c, j) for c, j, _, _ in fwd.jobs]
         if keys:
-            loop = asyncio.get_running_loop()
-            fwd.origins = await loop.run_in_executor(self._ex, self.fed.origins_of, keys)
+            fwd.origins = await self.service.in_engine(self.fed.origins_of, keys)
         while True:
             try:
                 reply = await self.link.push_forward(fwd)
@@ -696,7 +717,7 @@ class EdgeServer(Server):
         crash_point("edge-forwarded")
         keys = [(c, j) for c, j, _, _ in fwd.jobs] + list(fwd.dropped)
         for c, j in keys:
-            self._enqueue_nowait("acked", c, j)
+            self.service.enqueue("acked", c, j)
         await asyncio.sleep(0)
         for p in fwd.paths:
             with contextlib.suppress(FileNotFoundError):
@@ -705,7 +726,6 @@ class EdgeServer(Server):
     async def _follow_parent(self) -> None:
         """The parent's task stream: fetch each new model version, then hand the tasks down."""
         link = self.link
-        loop = asyncio.get_running_loop()
         start, delay = time.monotonic(), 0.05
         beats = asyncio.create_task(self._beat_parent())
         try:
@@ -721,16 +741,16 @@ class EdgeServer(Server):
                             self.fed.synced = True
                             continue
                         if t.finished:
-                            effects = await loop.run_in_executor(self._ex, self.fed.finish)
-                            self._apply(effects)
+                            effects = await self.service.in_engine(self.fed.finish)
+                            self.service.apply(effects)
                             return
                         if self.fed.model(t.version) is None:
                             self.fed.models[t.version] = await link.pull_model(t)
                         info = TaskInfo(int(t.task), int(t.client), int(t.version), int(t.epochs))
-                        effects = await loop.run_in_executor(
-                            self._ex, self.fed.add_tasks, [info], int(t.seed)
+                        effects = await self.service.in_engine(
+                            self.fed.add_tasks, [info], int(t.seed)
                         )
-                        self._apply(effects)
+                        self.service.apply(effects)
                 except grpc.aio.AioRpcError as e:
                     if time.monotonic() - start > link.retry_for:
                         raise ClientError(e.code(), e.details() or "") from None
@@ -743,9 +763,7 @@ class EdgeServer(Server):
             raise
         except BaseException as e:
             log.exception("edge link failed")
-            self._failure = e
-            assert self._done is not None
-            self._done.set()
+            self.service.fail(e)
         finally:
             beats.cancel()
 
