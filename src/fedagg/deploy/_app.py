@@ -42,7 +42,7 @@ from fedagg.errors import ConfigError
 from fedagg.policy import Policy, RoundStats
 
 if TYPE_CHECKING:
-    from fedagg.deploy._edge import EdgeServer
+    from fedagg.deploy._edge_server import EdgeServer
 
 __all__ = [
     "EdgeResult",
@@ -277,7 +277,8 @@ def serve_edge(
 ) -> EdgeResult:
     """``fedagg server`` with ``deploy.parent`` set: run an edge (or intermediate) aggregator
     until its parent says the federation is over."""
-    from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.deploy._edge import EdgeEngine
+    from fedagg.deploy._edge_server import EdgeServer, ParentLink
 
     cfg = resolve_config(config)
     d = cfg["deploy"]

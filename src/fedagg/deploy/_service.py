@@ -13,7 +13,7 @@ falls behind, uploads wait for their acknowledgement and the clients slow down
 An upload is acknowledged only once it is durable: its spool file fsynced and renamed, its
 (client, job) key committed to the event log. Admission (call credentials, caps, request
 signatures, rate limits) is :mod:`fedagg.deploy._admission`, the receive path
-:mod:`fedagg.deploy._upload`, the edge aggregators below :mod:`fedagg.deploy._edges`.
+:mod:`fedagg.deploy._upload`, the edge aggregators below :mod:`fedagg.deploy._children`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import Admission, parse
 from fedagg.deploy._auth import Keyring, body, edge_upload_body, upload_body
-from fedagg.deploy._edges import Edges
+from fedagg.deploy._children import Children
 from fedagg.deploy._engine import Engine, Item, ServerStats
 from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
@@ -99,7 +99,7 @@ class FederationService:
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="fedagg-engine")
         self.io = ThreadPoolExecutor(2, thread_name_prefix="fedagg-spool")
         self.up = Uploads(options, engine, self.io, self.stats)
-        self.below = Edges(self)
+        self.below = Children(self)
         self.queue: asyncio.Queue[Item] = asyncio.Queue(options.queue)
         self._done = asyncio.Event()
         self._engine_task: asyncio.Task[None] | None = None

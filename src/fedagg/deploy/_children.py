@@ -1,11 +1,12 @@
-"""The edge aggregators below a server, as the server sees them: their scope and routes (which
-clients' tasks go to which edge), their hello, task streams and heartbeats' bookkeeping, and
-what they send up (relayed updates with their clients' signatures, partial aggregates).
+"""The edge aggregators below a server (its children), as the server sees them: their scope
+and routes (which clients' tasks go to which edge), their hello, task streams and heartbeats'
+bookkeeping, and what they send up (relayed updates with their clients' signatures, partial
+aggregates).
 
-Edges are scoped and cannot forge (see :mod:`fedagg.deploy._edge` for the edge's own side):
-an edge claims only clients of its ``deploy.edge_clients`` scope not held directly or by
-another live edge, and every job it forwards carries its client's own signatures, verified
-here with the client's key.
+Edges are scoped and cannot forge (their own side: :mod:`fedagg.deploy._edge`,
+:mod:`fedagg.deploy._edge_server`): an edge claims only clients of its ``deploy.edge_clients``
+scope not held directly or by another live edge, and every job it forwards carries its
+client's own signatures, verified here with the client's key.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from fedagg.deploy._upload import check_metrics
 if TYPE_CHECKING:
     from fedagg.deploy._service import FederationService
 
-__all__ = ["Edges"]
+__all__ = ["Children"]
 
 log = logging.getLogger("fedagg.server")
 
 
-class Edges:
+class Children:
     """The edge aggregators below ``svc`` (its ``edges`` keyring; none if it is None)."""
 
     def __init__(self, svc: FederationService) -> None:
