@@ -34,7 +34,7 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body
 from fedagg.deploy._memory import MemoryChannel
 from fedagg.deploy._service import FederationService
-from fedagg.sim import SyncPolicy
+from fedagg.sim import SyncPolicy, fedbuff
 
 N = 4  # clients
 D = 3000  # parameters
@@ -43,9 +43,11 @@ KEYS = {n: ClientKey(n, Ed25519PrivateKey.generate()) for n in NAMES}
 RING = Keyring({n: KEYS[n].private.public_key() for n in NAMES})
 
 
-def _fed(d: Path, rounds: int = 3) -> Federation:
+def _fed(d: Path, rounds: int = 3, kind: str = "sync") -> Federation:
     strategy = canonical_strategy(strategies.fedadam(lr=0.1))
-    policy = SyncPolicy(strategy=strategy, rounds=rounds, clients_per_round=3)
+    policy: Any = SyncPolicy(strategy=strategy, rounds=rounds, clients_per_round=3)
+    if kind == "fedbuff":
+        policy = fedbuff(strategy, rounds=rounds, buffer=3, concurrency=N)
     server = strategy.init([np.zeros(D, np.float32)])
     return Federation(policy, server, num_clients=N, seed=7, directory=d,
                       identity={"test": "memory"})  # fmt: skip
@@ -75,10 +77,12 @@ def _memory_client(service: FederationService, name: str, train: Any = _train,
                   heartbeat=1.0, channel=channel)  # fmt: skip
 
 
-async def _run_memory(d: Path, rounds: int = 3, stop_after: int | None = None) -> Federation:
+async def _run_memory(
+    d: Path, rounds: int = 3, stop_after: int | None = None, kind: str = "sync"
+) -> Federation:
     """A federation on the memory transport; with ``stop_after``, the service is stopped
     (and the clients with it) once that many rounds are done."""
-    fed = _fed(d, rounds)
+    fed = _fed(d, rounds, kind)
     done = asyncio.Event()
     seen: list[int] = []
 
@@ -194,7 +198,8 @@ def test_bad_input_is_refused_alike_over_memory_and_grpc(tmp_path: Path) -> None
 
 def test_a_service_stopped_and_reopened_resumes_exactly(tmp_path: Path) -> None:
     whole = asyncio.run(_run_memory(tmp_path / "whole"))
-    asyncio.run(_run_memory(tmp_path / "split", stop_after=1))
+    part = asyncio.run(_run_memory(tmp_path / "split", stop_after=1))
+    assert 1 <= part.server.version < 3  # stopped mid-federation
     again = asyncio.run(_run_memory(tmp_path / "split"))
     assert again.server.version == whole.server.version == 3
     assert again.server.params.tobytes() == whole.server.params.tobytes()
@@ -232,3 +237,52 @@ def test_a_call_without_credentials_is_refused_before_it_is_read(
     code, details = asyncio.run(go())
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "missing call credentials" in details
+
+
+EDGE = ClientKey("e0", Ed25519PrivateKey.generate())
+EDGES = Keyring({"e0": EDGE.private.public_key()})
+
+
+async def _run_tree(d: Path) -> Federation:
+    """Root <- edge (relay mode) <- the clients, every hop over memory."""
+    from fedagg.deploy import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.deploy._memory import MemoryTransport
+
+    fed = _fed(d / "root")
+    root = FederationService(fed, RING, _opts(), edges=EDGES, edge_clients={"e0": range(N)})
+    await root.start()
+    engine = EdgeEngine(fed.policy.strategy.aggregator, fed.spec, num_clients=N,
+                        directory=d / "edge", mode="relay")  # fmt: skip
+    link = ParentLink("memory", EDGE, range(N), insecure=True, retry_for=5.0,
+                      channel=MemoryChannel(root))  # fmt: skip
+    edge = EdgeServer(engine, RING, _opts(), link, serves=set(range(N)), transport=MemoryTransport)
+    clients: list[asyncio.Task[Any]] = []
+    try:
+        starting = asyncio.create_task(edge.start())  # links up once its subtree is connected
+        clients = [asyncio.create_task(_memory_client(edge.service, n).run_async()) for n in NAMES]
+        await asyncio.wait_for(starting, 30)
+        await asyncio.wait_for(root.wait(), 30)
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    finally:
+        for c in clients:
+            c.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        await edge.stop()
+        await root.stop()
+    return fed
+
+
+def test_a_tree_over_memory_gives_the_bits_of_the_flat_federation(tmp_path: Path) -> None:
+    """An edge aggregator (an EdgeServer over its EdgeEngine, relaying) between the clients
+    and the root, all in-process: the root ends with the bits of the flat federation."""
+    flat = asyncio.run(_run_memory(tmp_path / "flat"))
+    tree = asyncio.run(_run_tree(tmp_path / "tree"))
+    assert tree.server.version == flat.server.version == 3
+    assert tree.server.params.tobytes() == flat.server.params.tobytes()
+
+
+def test_an_async_policy_runs_over_memory(tmp_path: Path) -> None:
+    """FedBuff (buffered asynchronous rounds) to its end, in-process."""
+    fed = asyncio.run(_run_memory(tmp_path, rounds=4, kind="fedbuff"))
+    assert fed.finished and fed.server.version == 4
+    assert np.any(fed.server.params != 0)

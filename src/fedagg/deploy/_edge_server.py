@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import partial_buffers, partial_info
 from fedagg.deploy._service import FederationService
+from fedagg.deploy._transport import Service, Transport
 from fedagg.errors import FedaggError
 
 __all__ = ["EdgeServer", "ParentLink"]
@@ -134,19 +135,21 @@ def _no_train(model: Any, task: Any) -> Any:  # pragma: no cover - an edge never
 
 class EdgeServer:
     """An edge aggregator's server: a :class:`~fedagg.deploy._service.FederationService` over
-    an :class:`EdgeEngine`, served over gRPC, with a link to its parent."""
+    an :class:`EdgeEngine`, served over gRPC (or another ``transport``), with a link to its
+    parent."""
 
     def __init__(
         self, engine: EdgeEngine, keyring: Keyring, options: ServerOptions, link: ParentLink,
         *, edges: Keyring | None = None, serves: set[int] | None = None,
         edge_clients: Mapping[str, Collection[int]] | None = None,
+        transport: Callable[[Service, ServerOptions], Transport] = GrpcTransport,
     ) -> None:  # fmt: skip
         self.fed = engine
         self.service = FederationService(
             engine, keyring, options, edges=edges, serves=serves, edge_clients=edge_clients
         )
         self.service.on_effects = self._forward
-        self.transport = GrpcTransport(self.service, options)
+        self.transport = transport(self.service, options)
         self.opt = options
         self.serves = serves
         self.link = link

@@ -20,9 +20,10 @@ import grpc
 
 from fedagg.deploy._calls import CALL_METADATA
 from fedagg.deploy._grpc import grpc_code
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._transport import METHODS, SERVICE, CallError, Service
 
-__all__ = ["MemoryCall", "MemoryChannel"]
+__all__ = ["MemoryCall", "MemoryChannel", "MemoryTransport"]
 
 Metadata = Iterable[tuple[str, Any]] | None
 T = TypeVar("T")
@@ -214,3 +215,20 @@ class MemoryChannel:
             return _StreamCall(c, self._task(self._serve_stream(c)))
 
         return call
+
+
+class MemoryTransport:
+    """A :class:`~fedagg.deploy._transport.Transport` that listens nowhere: callers reach the
+    service through :class:`MemoryChannel` (``Server(..., transport=MemoryTransport)``,
+    then ``MemoryChannel(server.service)``)."""
+
+    port = 0
+
+    def __init__(self, service: Service, options: ServerOptions | None = None) -> None:
+        self.service = service
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self, grace: float = 1.0) -> None:
+        pass

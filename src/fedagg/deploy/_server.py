@@ -28,7 +28,7 @@ from fedagg.deploy._options import (
     ServerOptions,
 )
 from fedagg.deploy._service import FederationService
-from fedagg.deploy._transport import CallError, Status
+from fedagg.deploy._transport import CallError, Service, Status, Transport
 from fedagg.deploy._upload import SpoolFile
 from fedagg.policy import RoundStats
 
@@ -59,7 +59,8 @@ class _Abort(CallError):
 
 
 class Server:
-    """Serve ``fed`` (an :class:`~fedagg.deploy._engine.Engine`) over gRPC:
+    """Serve ``fed`` (an :class:`~fedagg.deploy._engine.Engine`) over gRPC (or another
+    ``transport``, e.g. :class:`~fedagg.deploy._memory.MemoryTransport`):
     ``await server.start()``, then ``await server.wait()``."""
 
     def __init__(
@@ -72,12 +73,13 @@ class Server:
         edges: Keyring | None = None,
         serves: set[int] | None = None,
         edge_clients: Mapping[str, Collection[int]] | None = None,
+        transport: Callable[[Service, ServerOptions], Transport] = GrpcTransport,
     ) -> None:
         self.service = FederationService(
             fed, keyring, options, on_round=on_round, edges=edges, serves=serves,
             edge_clients=edge_clients,
         )  # fmt: skip
-        self.transport = GrpcTransport(self.service, options)
+        self.transport = transport(self.service, options)
 
     @property
     def fed(self) -> Engine:

@@ -15,7 +15,16 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["METHODS", "SERVICE", "Call", "CallError", "Messages", "Service", "Status"]
+__all__ = [
+    "METHODS",
+    "SERVICE",
+    "Call",
+    "CallError",
+    "Messages",
+    "Service",
+    "Status",
+    "Transport",
+]
 
 #: the service's name on the wire (the gRPC path is ``/SERVICE/Method``)
 SERVICE = "fedagg.v1.Federation"
@@ -103,6 +112,21 @@ class Service(Protocol):
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call``: the reply (None for a streaming method, whose replies were
         written), or :class:`CallError`."""
+        ...
+
+
+class Transport(Protocol):
+    """What carries calls to a service: started before the service is served, stopped after."""
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (0 if it does not listen)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls; calls in progress get ``grace`` seconds to end."""
         ...
 
 
