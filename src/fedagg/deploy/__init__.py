@@ -18,6 +18,11 @@ Aggregation tiers: the same server with ``deploy.parent = "host:port"`` is an ed
 intermediate) aggregator, folding its subtree's updates into partial monoid states for its
 parent (``deploy.serve_edge``; see :mod:`fedagg.deploy._edge`).
 
+Structure: a transport-free federation service (:mod:`fedagg.deploy._service`) over an
+engine (:class:`Federation` at the root, :class:`EdgeEngine` at an edge), served over gRPC
+(:mod:`fedagg.deploy._grpc`) or in-process (:mod:`fedagg.deploy._memory`) through one small
+call interface (:mod:`fedagg.deploy._transport`).
+
 Security: TLS (``fedagg certs``) and Ed25519 client keys (``fedagg keys``) are on by default.
 Durability: every accepted update is on disk and in the event log before it is acknowledged;
 a restarted server resumes where it stopped (see :mod:`fedagg.deploy._fed`).
@@ -37,7 +42,8 @@ from fedagg.deploy._app import (
 from fedagg.deploy._auth import ClientKey, Keyring, make_keys
 from fedagg.deploy._certs import make_certs
 from fedagg.deploy._client import Client, ClientError, ClientReport, Result, TaskContext
-from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
+from fedagg.deploy._edge import EdgeEngine
+from fedagg.deploy._edge_server import EdgeServer, ParentLink
 from fedagg.deploy._faults import Faults
 from fedagg.deploy._faults import configure as configure_faults
 from fedagg.deploy._fed import Canonical, Federation, TaskInfo, canonical_strategy

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedagg._checkpoint import dumps
 from fedagg.config import (
@@ -40,6 +40,9 @@ from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.errors import ConfigError
 from fedagg.policy import Policy, RoundStats
+
+if TYPE_CHECKING:
+    from fedagg.deploy._edge_server import EdgeServer
 
 __all__ = [
     "EdgeResult",
@@ -270,11 +273,12 @@ def serve_edge(
     insecure: bool | None = None,
     listen: str | None = None,
     state: str | None = None,
-    on_start: Callable[[Server], None] | None = None,
+    on_start: Callable[[EdgeServer], None] | None = None,
 ) -> EdgeResult:
     """``fedagg server`` with ``deploy.parent`` set: run an edge (or intermediate) aggregator
     until its parent says the federation is over."""
-    from fedagg.deploy._edge import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.deploy._edge import EdgeEngine
+    from fedagg.deploy._edge_server import EdgeServer, ParentLink
 
     cfg = resolve_config(config)
     d = cfg["deploy"]

@@ -108,6 +108,10 @@ class Client:
         retry_for: give up after this many seconds without reaching the server.
         heartbeat: while training, tell the server every this many seconds that the client
             is alive (keeps its task open if the task stream is down).
+        channel: a channel to call the server on instead of connecting to ``server``: any
+            object with a ``grpc.aio`` channel's multi-callables, e.g. a
+            :class:`~fedagg.deploy._memory.MemoryChannel` (one per client: the client closes
+            it when it is done).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class Client:
         retry_for: float = 120.0,
         server_name: str | None = None,
         heartbeat: float = 10.0,
+        channel: Any = None,
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -135,7 +140,7 @@ class Client:
         self.report = ClientReport()
         self.spec: ParamSpec | None = None
         self.index = -1
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Any = channel  # a grpc.aio.Channel, or one like it
         self._stream: Any = None  # the open task stream
 
     def run(self) -> ClientReport:
@@ -168,7 +173,7 @@ class Client:
         return grpc.aio.secure_channel(self.server, creds, options=opts)
 
     @property
-    def channel(self) -> grpc.aio.Channel:
+    def channel(self) -> Any:
         if self._channel is None:
             self._channel = self._connect()
         return self._channel

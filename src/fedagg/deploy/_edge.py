@@ -56,19 +56,15 @@ the root, is the answer to an edge that is not trusted with that.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
-import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -76,25 +72,19 @@ from fedagg.core.aggregate import Aggregator
 from fedagg.core.spec import ParamSpec
 from fedagg.core.tree import LeafThenMean
 from fedagg.core.update import Update
-from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._bounds import Bounds, Claim, bound_update, check_claim, limits, slide
-from fedagg.deploy._client import PROTOCOL, RETRY, Client, ClientError, upload_chunks
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._fed import Effects, TaskInfo, task_problem
 from fedagg.deploy._partial import (
     accumulator_of,
     load_partial,
     mean_state,
-    partial_buffers,
-    partial_info,
 )
-from fedagg.deploy._server import Server, ServerOptions
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 from fedagg.policy import AllAvailable
 
-__all__ = ["EdgeEngine", "EdgeServer", "Forward", "ParentLink"]
+__all__ = ["EdgeEngine", "Forward"]
 
 Arr = npt.NDArray[Any]
 EdgeMode = Literal["aggregate", "relay"]
@@ -264,6 +254,11 @@ class EdgeEngine:
 
     def take_free(self) -> Path | None:
         return None
+
+    def keep_origin(self, client: int, job: int, origin: bytes) -> None:
+        """An accepted upload's client signatures, logged with the upload by the next batch
+        (see :meth:`log`)."""
+        self.new_origins[(client, job)] = origin
 
     def add_tasks(self, tasks: Sequence[TaskInfo], seed: int) -> Effects:
         """Tasks from the parent for clients of this subtree (their model is already here)."""
@@ -522,234 +517,3 @@ class EdgeEngine:
                 self.dropped = []
         self.forwarded += len(effects.forward)
         return effects
-
-
-class ParentLink(Client):
-    """The edge's side of its parent: the client protocol, as an edge (it reuses the client's
-    TLS, signing and retry plumbing)."""
-
-    def __init__(self, parent: str, key: ClientKey, serves: Sequence[int], *,
-                 ca: bytes | None = None, insecure: bool = False, retry_for: float = 120.0,
-                 server_name: str | None = None) -> None:  # fmt: skip
-        super().__init__(parent, key, _no_train, ca=ca, insecure=insecure, retry_for=retry_for,
-                         server_name=server_name)  # fmt: skip
-        self.serves = sorted(int(c) for c in serves)
-
-    async def hello(self) -> None:
-        serves = self.serves
-
-        async def call() -> bytes:
-            req = pb.HelloRequest(
-                auth=self._auth("Hello", body(protocol=PROTOCOL, serves=serves)),
-                protocol=PROTOCOL, serves=serves,
-            )  # fmt: skip
-            raw: bytes = await self._method("Hello", "unary_unary")(
-                req.SerializeToString(), timeout=30
-            )
-            return raw
-
-        reply = pb.HelloReply.FromString(await self._retry("hello", call))
-        self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
-        self.chunk = int(reply.chunk_bytes)
-        self.digest = bool(reply.digest)
-
-    async def pull_model(self, task: pb.Task) -> Arr:
-        async def call() -> Arr:
-            return await self._pull(task)
-
-        flat: Arr = await self._retry("pull", call)
-        return flat
-
-    async def push_forward(self, fwd: Forward) -> pb.PushReply:
-        """Send one forward until the parent acknowledges it (or refuses it for good)."""
-        assert self.spec is not None
-        head = pb.UploadHeader(version=max(fwd.version, 0))
-        buffers: list[memoryview] = []
-        if fwd.relay is not None:
-            u = fwd.relay
-            data = np.memmap(u.path, dtype=np.uint8, mode="r")  # streamed from the page cache
-            buffers = [data.data.cast("B")]
-            head.task, head.weight, head.relay, head.on_behalf = u.job, u.weight, True, u.client
-            head.metrics.update(u.metrics)
-            head.origin.ParseFromString(fwd.origins.get((u.client, u.job), b""))
-        else:
-            if fwd.state is not None:
-                info = partial_info(fwd.state)
-                buffers = partial_buffers(fwd.state)
-                head.partial.weight = float(info["weight"])
-                head.partial.weight_comp = float(info["weight_comp"])
-                head.partial.accumulator_bits = 64 if info["accumulator"] == "float64" else 32
-            for c, j, w, loss in fwd.jobs:
-                job = head.partial.jobs.add(task=j, client=c, weight=w, train_loss=loss)
-                job.origin.ParseFromString(fwd.origins.get((c, j), b""))
-            for c, j in fwd.dropped:
-                head.partial.dropped.add(task=j, client=c, weight=1.0, train_loss=math.nan)
-            head.task = fwd.jobs[0][1] if fwd.jobs else 0
-        head.nbytes = sum(len(b) for b in buffers)
-        metrics = dict(head.metrics)
-
-        async def call() -> pb.PushReply:
-            content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
-            auth = self._auth("Push", edge_upload_body(content, head))
-            head.auth.CopyFrom(auth)
-            return await self._stream_up(head, auth, buffers)
-
-        reply: pb.PushReply = await self._retry("forward", call)
-        return reply
-
-    async def _stream_up(self, head: Any, auth: Any, buffers: list[memoryview]) -> pb.PushReply:
-        chunks = upload_chunks(head.SerializeToString(), buffers, self.chunk, self.digest,
-                               self.key, auth)  # fmt: skip
-        raw = await self._method("Push", "stream_unary")(chunks)
-        reply: pb.PushReply = pb.PushReply.FromString(raw)
-        return reply
-
-    async def beat(self, tasks: list[int]) -> None:
-        req = pb.HeartbeatRequest(auth=self._auth("Heartbeat", body(tasks=sorted(tasks))),
-                                  tasks=sorted(tasks))  # fmt: skip
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._method("Heartbeat", "unary_unary")(req.SerializeToString(), timeout=10)
-
-
-def _no_train(model: Any, task: Any) -> Any:  # pragma: no cover - an edge never trains
-    raise FedaggError("an edge aggregator does not train")
-
-
-class EdgeServer(Server):
-    """A server whose engine is an :class:`EdgeEngine` and who has a parent."""
-
-    fed: EdgeEngine  # type: ignore[assignment]
-
-    def __init__(
-        self, engine: EdgeEngine, keyring: Keyring, options: ServerOptions, link: ParentLink,
-        *, edges: Keyring | None = None, serves: set[int] | None = None,
-        edge_clients: Mapping[str, Collection[int]] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(engine, keyring, options, edges=edges, serves=serves,  # type: ignore[arg-type]
-                         edge_clients=edge_clients)  # fmt: skip
-        self.link = link
-        self._linked = asyncio.Event()
-        self._link_task: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        await super().start()
-        # a fresh edge links up once its subtree is connected (as a root waits for its
-        # clients before the first round), or after client_timeout with whoever came; a
-        # restarted one at once (its clients are busy retrying what they were doing)
-        need = self.opt.wait_for or len(self.serves or ())
-        deadline = time.monotonic() + self.opt.client_timeout
-        fresh = self.fed.seq == 0
-        while fresh and self.connected() < need and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self.link.hello()
-        self._linked.set()
-        self._link_task = asyncio.create_task(self._follow_parent())
-
-    async def drain(self, timeout: float) -> None:
-        """After the end: wait (up to ``timeout``) for the subtree's clients and edges to
-        read "finished" and hang up, so none is left retrying against a closed port."""
-        deadline = time.monotonic() + timeout
-        sessions = [*self.sessions, *self.edge_sessions.values()]
-        while time.monotonic() < deadline and any(s.queue is not None for s in sessions):
-            await asyncio.sleep(0.05)
-
-    async def stop(self, grace: float = 1.0) -> None:
-        for t in [self._link_task, *self._sends]:
-            if t is not None:
-                t.cancel()
-        await self.link.channel.close()
-        await super().stop(grace)
-
-    def _apply(self, effects: Effects) -> None:
-        super()._apply(effects)
-        for fwd in [] if self.fed.finished else effects.forward:
-            task = asyncio.get_running_loop().create_task(self._send(fwd))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
-
-    def _keep_origin(self, client: int, job: int, origin: Any) -> None:
-        # logged (with the upload) by the engine thread's next batch: see EdgeEngine.log
-        self.fed.new_origins[(client, job)] = origin.SerializeToString()
-
-    async def _send(self, fwd: Forward) -> None:
-        await self._linked.wait()
-        keys = [(c, j) for c, j, _, _ in fwd.jobs]
-        if keys:
-            loop = asyncio.get_running_loop()
-            fwd.origins = await loop.run_in_executor(self._ex, self.fed.origins_of, keys)
-        while True:
-            try:
-                reply = await self.link.push_forward(fwd)
-                log.info("forwarded %d jobs of version %d%s", len(fwd.jobs), fwd.version,
-                         " (duplicate)" if reply.duplicate else "")  # fmt: skip
-                break
-            except ClientError as e:
-                if e.code in RETRY:  # the parent is away: keep the updates, try again
-                    log.warning("forward of version %d: %s; retrying", fwd.version, e.message)
-                    await asyncio.sleep(1.0)
-                    continue
-                # refused for good (the parent dropped these jobs): nothing to count them in
-                log.warning("parent refused %d jobs of version %d: %s", len(fwd.jobs),
-                            fwd.version, e.message)  # fmt: skip
-                break
-        crash_point("edge-forwarded")
-        keys = [(c, j) for c, j, _, _ in fwd.jobs] + list(fwd.dropped)
-        for c, j in keys:
-            self._enqueue_nowait("acked", c, j)
-        await asyncio.sleep(0)
-        for p in fwd.paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-
-    async def _follow_parent(self) -> None:
-        """The parent's task stream: fetch each new model version, then hand the tasks down."""
-        link = self.link
-        loop = asyncio.get_running_loop()
-        start, delay = time.monotonic(), 0.05
-        beats = asyncio.create_task(self._beat_parent())
-        try:
-            while True:
-                try:
-                    self.fed.synced = False
-                    req = pb.TasksRequest(auth=link._auth("Tasks", body()))
-                    stream = link._method("Tasks", "unary_stream")(req.SerializeToString())
-                    async for raw in stream:
-                        start, delay = time.monotonic(), 0.05
-                        t = pb.Task.FromString(raw)
-                        if t.heartbeat:
-                            self.fed.synced = True
-                            continue
-                        if t.finished:
-                            effects = await loop.run_in_executor(self._ex, self.fed.finish)
-                            self._apply(effects)
-                            return
-                        if self.fed.model(t.version) is None:
-                            self.fed.models[t.version] = await link.pull_model(t)
-                        info = TaskInfo(int(t.task), int(t.client), int(t.version), int(t.epochs))
-                        effects = await loop.run_in_executor(
-                            self._ex, self.fed.add_tasks, [info], int(t.seed)
-                        )
-                        self._apply(effects)
-                except grpc.aio.AioRpcError as e:
-                    if time.monotonic() - start > link.retry_for:
-                        raise ClientError(e.code(), e.details() or "") from None
-                except ClientError as e:
-                    if e.code != grpc.StatusCode.FAILED_PRECONDITION:
-                        raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            log.exception("edge link failed")
-            self._failure = e
-            assert self._done is not None
-            self._done.set()
-        finally:
-            beats.cancel()
-
-    async def _beat_parent(self) -> None:
-        while True:
-            await asyncio.sleep(self.opt.heartbeat)
-            await self.link.beat(sorted(self.fed.tasks))

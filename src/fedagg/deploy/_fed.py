@@ -431,6 +431,10 @@ class Federation:
         effects.finished = self.finished
         return effects
 
+    def keep_origin(self, client: int, job: int, origin: bytes) -> None:
+        """An accepted upload's client signatures: the root has no use for them (an edge
+        forwards them, see :meth:`fedagg.deploy._edge.EdgeEngine.keep_origin`)."""
+
     def close(self) -> None:
         self.store.close()
 
