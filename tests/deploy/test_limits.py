@@ -44,7 +44,7 @@ SERVICE = "/fedagg.v1.Federation/"
 RPC_TIMEOUT = 30.0
 JUNK = 64 << 20  # bytes of junk after a re-sent upload
 JUNK_STEP = 1 << 20
-MAX_METRICS = 64  # the server's limits (fedagg.deploy._server)
+MAX_METRICS = 64  # the server's limits (fedagg.deploy._options)
 MAX_METRIC_NAME = 64
 
 
@@ -223,9 +223,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_the_limits_are_the_servers() -> None:
-    from fedagg.deploy import _server
+    from fedagg.deploy import _options
 
-    assert (_server.MAX_METRICS, _server.MAX_METRIC_NAME) == (MAX_METRICS, MAX_METRIC_NAME)
+    assert (_options.MAX_METRICS, _options.MAX_METRIC_NAME) == (MAX_METRICS, MAX_METRIC_NAME)
 
 
 @pytest.mark.parametrize("case", list(METRIC_CASES))

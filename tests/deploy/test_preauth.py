@@ -43,7 +43,7 @@ from tests.deploy.harness import (
 from tests.deploy.test_bad_input import outcome
 from tests.deploy.test_limits import SERVICE, Peer
 
-MAX_REQUEST = 16 * 1024  # the server's cap on a request (fedagg.deploy._server)
+MAX_REQUEST = 16 * 1024  # the server's cap on a request (fedagg.deploy._options)
 BIG = 3_200_000  # bytes: under gRPC's message limit (4 MiB + 64 KiB), far over the cap
 
 
@@ -175,7 +175,7 @@ class Silent:
 
 FIRST = 3.0  # the test server's first_timeout
 PER_PEER = 16  # its preauth_per_peer
-PER_CALLER = 8  # calls one caller may have opening (fedagg.deploy._server.OPENING_PER_CALLER)
+PER_CALLER = 8  # calls one caller may have opening (fedagg.deploy._options.OPENING_PER_CALLER)
 
 
 def channel(f: Fed, key: int | None = None) -> grpc.Channel:

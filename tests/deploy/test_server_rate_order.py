@@ -6,13 +6,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._admission import CALLER, verify_request
 from fedagg.deploy._auth import ClientKey, Keyring, NonceCache, RateLimiter, body
-from fedagg.deploy._server import _CALLER, Server, _Abort
+from fedagg.deploy._transport import CallError, Status
 
 
 def _server(max_entries: int, rate: float, burst: float) -> tuple[Any, dict[str, ClientKey]]:
@@ -27,11 +27,11 @@ def _server(max_entries: int, rate: float, burst: float) -> tuple[Any, dict[str,
 def _call(srv: Any, key: ClientKey) -> pb.Auth:
     content = body(task=0)
     auth = pb.Auth(**key.sign("Poll", content))
-    token = _CALLER.set(key.name)  # the call's credentials named this client
+    token = CALLER.set(key.name)  # the call's credentials named this client
     try:
-        Server._verify(srv, srv.keys, "Poll", auth, content)
+        verify_request(srv.nonces, srv.rate, srv.keys, "Poll", auth, content)
     finally:
-        _CALLER.reset(token)
+        CALLER.reset(token)
     return auth
 
 
@@ -40,9 +40,9 @@ def test_rate_limited_requests_record_no_nonce_and_spare_other_clients() -> None
     for _ in range(2):
         _call(srv, keys["flood"])
     for _ in range(20):  # a flood over the limit: refused as such, nothing recorded
-        with pytest.raises(_Abort) as e:
+        with pytest.raises(CallError) as e:
             _call(srv, keys["flood"])
-        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.message
+        assert e.value.status == Status.RESOURCE_EXHAUSTED, e.value.message
     assert srv.nonces.entries("flood") == 2
     for _ in range(2):  # another client: its own bucket and its own table
         _call(srv, keys["alice"])
@@ -57,11 +57,11 @@ def test_a_request_must_be_signed_by_the_caller() -> None:
     srv, keys = _server(max_entries=4, rate=0.0, burst=1.0)
     content = body(task=0)
     auth = pb.Auth(**keys["alice"].sign("Poll", content))
-    token = _CALLER.set("flood")
+    token = CALLER.set("flood")
     try:
-        with pytest.raises(_Abort) as e:
-            Server._verify(srv, srv.keys, "Poll", auth, content)
+        with pytest.raises(CallError) as e:
+            verify_request(srv.nonces, srv.rate, srv.keys, "Poll", auth, content)
     finally:
-        _CALLER.reset(token)
-    assert (e.value.code, e.value.message) == (grpc.StatusCode.UNAUTHENTICATED, AUTH_FAILED)
+        CALLER.reset(token)
+    assert (e.value.status, e.value.message) == (Status.UNAUTHENTICATED, AUTH_FAILED)
     assert srv.nonces.entries("alice") == 0

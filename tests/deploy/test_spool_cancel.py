@@ -2,10 +2,10 @@
 timeout) leaves no ``tmp-`` file and no open descriptor behind, and the descriptor is never
 closed under a running write.
 
-Before the fix, ``_receive`` awaited the open on the I/O pool outside its ``try``: a call
-cancelled during the open (a client sending a second message over gRPC's limit, say) left the
-new file and its descriptor behind, and a cancelled write could have its descriptor closed
-while the worker still wrote to it."""
+Before the fix, the server's receive path awaited the open on the I/O pool outside its
+``try``: a call cancelled during the open (a client sending a second message over gRPC's
+limit, say) left the new file and its descriptor behind, and a cancelled write could have its
+descriptor closed while the worker still wrote to it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedagg.deploy._server import _SpoolFile
+from fedagg.deploy._upload import SpoolFile
 
 
 def _open_fds() -> set[int]:
@@ -45,7 +45,7 @@ async def _cancel_while(tmp: Path, final: Path, during: str) -> tuple[set[int], 
         written.append(os.write(fd, data))  # raises EBADF if fd was closed under it
 
     async def receive() -> None:
-        spool = _SpoolFile(pool, tmp, final)
+        spool = SpoolFile(pool, tmp, final)
         try:
             if during == "open":
                 await spool.open(_opener(started, go))
@@ -83,7 +83,7 @@ def test_a_committed_upload_is_moved_and_closed(tmp_path: Path) -> None:
 
     async def go() -> None:
         pool = ThreadPoolExecutor(1)
-        spool = _SpoolFile(pool, tmp, final)
+        spool = SpoolFile(pool, tmp, final)
         await spool.open(lambda p: os.open(p, os.O_WRONLY | os.O_CREAT, 0o600))
         await spool.start(os.write, b"abc")
         await spool.commit()

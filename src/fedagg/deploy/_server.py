@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-import grpc
-
-from fedagg.deploy._admission import CALLER, verify_request
 from fedagg.deploy._auth import Keyring
 from fedagg.deploy._engine import Engine, ServerStats
-from fedagg.deploy._grpc import GrpcTransport, grpc_code
+from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._options import (
     EDGE_PER_CLIENT,
     MAX_METRIC_NAME,
@@ -28,8 +25,7 @@ from fedagg.deploy._options import (
     ServerOptions,
 )
 from fedagg.deploy._service import FederationService
-from fedagg.deploy._transport import CallError, Service, Status, Transport
-from fedagg.deploy._upload import SpoolFile
+from fedagg.deploy._transport import Service, Transport
 from fedagg.policy import RoundStats
 
 __all__ = [
@@ -44,18 +40,6 @@ __all__ = [
     "ServerOptions",
     "ServerStats",
 ]
-
-# the names this module had before the service moved out (tests of internals use them)
-_CALLER = CALLER
-_SpoolFile = SpoolFile
-
-
-class _Abort(CallError):
-    """A refusal with its gRPC code (:attr:`code`)."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(status, message)
-        self.code: grpc.StatusCode = grpc_code(status)
 
 
 class Server:
@@ -127,11 +111,3 @@ class Server:
     async def stop(self, grace: float = 1.0) -> None:
         await self.transport.stop(grace)
         await self.service.stop()
-
-    def _verify(self, keyring: Keyring, method: str, auth: Any, content: bytes) -> int:
-        """A request's signature (see :func:`~fedagg.deploy._admission.verify_request`),
-        refused with :class:`_Abort`."""
-        try:
-            return verify_request(self.nonces, self.rate, keyring, method, auth, content)
-        except CallError as e:
-            raise _Abort(e.status, e.message) from None
