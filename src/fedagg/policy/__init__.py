@@ -9,15 +9,8 @@ sits below both. Its states are registered checkpoint types.
 """
 
 from fedagg.policy._amd import FedAMDPolicy, FedAMDState
-from fedagg.policy._async import (
-    AsyncPolicy,
-    AsyncState,
-    async_fedavg,
-    fedasync,
-    fedbuff,
-    fedfix,
-    sync_fedavg,
-)
+from fedagg.policy._async import AsyncPolicy, AsyncState
+from fedagg.policy._async_recipes import async_fedavg, fedasync, fedbuff, fedfix, sync_fedavg
 from fedagg.policy._events import (
     Action,
     AllAvailable,
