@@ -15,7 +15,7 @@ from fedagg.core.aggregate import mean
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy import Federation, canonical_strategy
-from fedagg.deploy._fed import Canonical
+from fedagg.deploy._canonical import Canonical
 from fedagg.deploy._store import UploadRow
 from fedagg.errors import EmptyAggregate, NonFiniteUpdate, StateError
 from fedagg.sim import SyncPolicy, fedbuff

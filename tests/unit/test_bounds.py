@@ -27,7 +27,8 @@ from fedagg.core.aggregate import compose, mean
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy._app import build_federation
-from fedagg.deploy._fed import Canonical, Federation
+from fedagg.deploy._canonical import Canonical
+from fedagg.deploy._fed import Federation
 from fedagg.deploy._store import UploadRow
 from fedagg.errors import InvalidWeight
 

@@ -40,13 +40,14 @@ from fedagg.deploy._app import (
     serve_edge,
 )
 from fedagg.deploy._auth import ClientKey, Keyring, make_keys
+from fedagg.deploy._canonical import Canonical, canonical_strategy
 from fedagg.deploy._certs import make_certs
 from fedagg.deploy._client import Client, ClientError, ClientReport, Result, TaskContext
 from fedagg.deploy._edge import EdgeEngine
 from fedagg.deploy._edge_server import EdgeServer, ParentLink
 from fedagg.deploy._faults import Faults
 from fedagg.deploy._faults import configure as configure_faults
-from fedagg.deploy._fed import Canonical, Federation, TaskInfo, canonical_strategy
+from fedagg.deploy._fed import Federation, TaskInfo
 from fedagg.deploy._server import PROTOCOL, Server, ServerOptions
 
 __all__ = [

@@ -34,8 +34,9 @@ from fedagg.core.spec import ArrayTree
 from fedagg.core.strategy import ServerState
 from fedagg.deploy._auth import ClientKey, Keyring
 from fedagg.deploy._bounds import bounded_strategy, bounds_of
+from fedagg.deploy._canonical import canonical_strategy
 from fedagg.deploy._client import Client, Result, TaskContext
-from fedagg.deploy._fed import Federation, canonical_strategy
+from fedagg.deploy._fed import Federation
 from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._server import Server, ServerOptions
 from fedagg.errors import ConfigError

@@ -55,7 +55,7 @@ from fedagg.core.aggregate import check_update
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import Strategy
 from fedagg.core.update import Update
-from fedagg.deploy._fed import Canonical, CanonicalState, spool_key
+from fedagg.deploy._canonical import Canonical, CanonicalState, spool_key
 from fedagg.errors import ConfigError, NonFiniteUpdate, UpdateError
 
 __all__ = [
