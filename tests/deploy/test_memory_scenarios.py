@@ -616,3 +616,77 @@ def test_a_service_stopped_between_accepting_and_folding_folds_each_upload_once(
     assert uploads(tmp_path) == ALL_UPLOADS
     assert folded(tmp_path) == [(0, 3), (1, 3)]
     assert np.asarray(fed.server.params).tobytes() == clean.tobytes()
+
+
+async def _stop_mid_upload(d: Path) -> tuple[list[str], Upload]:
+    """Client 0, by hand, sends its first update's header and two chunks, then stalls; the
+    service is stopped while it receives it: what the spool held then, and the update."""
+    fed = _fed(d)
+    service = FederationService(fed, RING, _opts())
+    await service.start()
+    clients = [asyncio.create_task(_client(service, n).run_async()) for n in NAMES[1:]]
+    peer = MemPeer(service, KEYS["c0"])
+    stream = TaskStream(peer)
+    stall = asyncio.Event()
+    push: asyncio.Task[Any] | None = None
+    try:
+        hello = pb.HelloReply.FromString(await peer.aunary("Hello", peer.hello()))
+        spec = ParamSpec.from_dict(json.loads(hello.spec_json))
+        first = await stream.next()
+        good = train(_train, spec, await peer.pull(first), first, peer.key)
+        msgs = peer.upload(good)
+
+        async def stalled() -> Any:
+            for m in msgs[:2]:
+                yield m
+            await stall.wait()
+
+        push = asyncio.create_task(
+            peer.mem.stream_unary(SERVICE + "Push")(stalled(), metadata=peer.md("Push"))
+        )
+        await until(lambda: any(n.startswith("tmp-") for n in spool(d)), 20, "the upload",
+                    lambda: spool(d))  # fmt: skip
+        await until(lambda: len(uploads(d)) == 2, 20, "clients 1 and 2", lambda: uploads(d))
+        seen = spool(d)
+    finally:
+        if push is not None:
+            push.cancel()
+            await asyncio.gather(push, return_exceptions=True)
+        await stream.close()
+        await _cancel(clients)
+        await service.stop()
+    return seen, good
+
+
+def test_an_upload_cut_off_by_a_stop_is_not_kept_and_is_accepted_when_sent_again(
+    tmp_path: Path, clean: Any
+) -> None:
+    """The service stops while client 0's upload is half received (clients 1 and 2 are in):
+    re-opened, it keeps no trace of it (no spool file, no log row), takes it in full when
+    sent again (not a duplicate), and ends with the clean run's bits."""
+    seen, good = asyncio.run(_stop_mid_upload(tmp_path))
+    assert sum(n.startswith("tmp-") for n in seen) == 1, seen
+    assert uploads(tmp_path) == [(1, 1), (2, 2)]
+
+    async def resume() -> tuple[list[str], pb.PushReply, Federation]:
+        fed = _fed(tmp_path)
+        service = FederationService(fed, RING, _opts())
+        await service.start()
+        clients: list[asyncio.Task[Any]] = []
+        try:
+            leftover = spool(tmp_path)
+            peer = MemPeer(service, KEYS["c0"])
+            reply = await peer.apush(peer.upload(good))
+            clients = [asyncio.create_task(_client(service, n).run_async()) for n in NAMES]
+            await _finish(service, clients)
+        finally:
+            await _cancel(clients)
+            await service.stop()
+        return leftover, reply, fed
+
+    leftover, reply, fed = asyncio.run(resume())
+    assert not [n for n in leftover if n.startswith("tmp-")], leftover
+    assert (reply.task, reply.duplicate) == (0, False)
+    assert uploads(tmp_path) == ALL_UPLOADS
+    assert folded(tmp_path) == [(0, 3), (1, 3)]
+    assert np.asarray(fed.server.params).tobytes() == clean.tobytes()
