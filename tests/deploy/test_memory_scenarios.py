@@ -516,6 +516,9 @@ def test_sync_over_memory_in_two_arrival_orders(tmp_path: Path, fold: str, clean
     else:
         np.testing.assert_allclose(a, clean, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b, clean, rtol=1e-4, atol=1e-6)
+        # the two orders fold to different bits (float addition is not associative): what
+        # canonical order hides
+        assert a.tobytes() != b.tobytes()
 
 
 @pytest.mark.parametrize(
