@@ -516,9 +516,9 @@ def test_sync_over_memory_in_two_arrival_orders(tmp_path: Path, fold: str, clean
     else:
         np.testing.assert_allclose(a, clean, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b, clean, rtol=1e-4, atol=1e-6)
-        # the two orders fold to different bits (float addition is not associative): what
-        # canonical order hides
-        assert a.tobytes() != b.tobytes()
+        # (here the two orders fold to bits ~2e-8 apart, float addition not being
+        # associative; whether they differ at all depends on the CPU's summation, so it is
+        # not asserted: the arrivals above show the orders really differed)
 
 
 @pytest.mark.parametrize(
