@@ -32,6 +32,7 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import partial_buffers, partial_info
+from fedagg.deploy._server import Server
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._transport import Service, Transport
 from fedagg.errors import FedaggError
@@ -145,11 +146,13 @@ class EdgeServer:
         transport: Callable[[Service, ServerOptions], Transport] = GrpcTransport,
     ) -> None:  # fmt: skip
         self.fed = engine
-        self.service = FederationService(
-            engine, keyring, options, edges=edges, serves=serves, edge_clients=edge_clients
-        )
+        # the same service and transport as a root's, plus the link up and the forwards
+        self.server = Server(
+            engine, keyring, options, edges=edges, serves=serves, edge_clients=edge_clients,
+            transport=transport,
+        )  # fmt: skip
+        self.service: FederationService = self.server.service
         self.service.on_effects = self._forward
-        self.transport = transport(self.service, options)
         self.opt = options
         self.serves = serves
         self.link = link
@@ -159,19 +162,17 @@ class EdgeServer:
 
     @property
     def stats(self) -> ServerStats:
-        return self.service.stats
+        return self.server.stats
 
     @property
     def port(self) -> int:
-        return self.transport.port
+        return self.server.port
 
     def connected(self) -> int:
-        return self.service.connected()
+        return self.server.connected()
 
     async def start(self) -> None:
-        effects = await self.service.open()
-        await self.transport.start()
-        await self.service.run(effects)
+        await self.server.start()
         # a fresh edge links up once its subtree is connected (as a root waits for its
         # clients before the first round), or after client_timeout with whoever came; a
         # restarted one at once (its clients are busy retrying what they were doing)
@@ -185,20 +186,19 @@ class EdgeServer:
         self._link_task = asyncio.create_task(self._follow_parent())
 
     async def wait(self) -> None:
-        await self.service.wait()
+        await self.server.wait()
 
     async def drain(self, timeout: float) -> None:
         """After the end: wait (up to ``timeout``) for the subtree's clients and edges to
         read "finished" and hang up, so none is left retrying against a closed port."""
-        await self.service.drain(timeout)
+        await self.server.drain(timeout)
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in [self._link_task, *self._sends]:
             if t is not None:
                 t.cancel()
         await self.link.channel.close()
-        await self.transport.stop(grace)
-        await self.service.stop()
+        await self.server.stop(grace)
 
     def _forward(self, effects: Effects) -> None:
         for fwd in [] if self.fed.finished else effects.forward:
