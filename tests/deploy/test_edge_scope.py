@@ -306,7 +306,7 @@ def test_edge_clients_config_and_flag(tmp_path: Path) -> None:
     unknown edge or client is a config error, and an edge not listed may serve none."""
     import argparse
 
-    from fedagg.cli import _configure_server, _tier_overrides
+    from fedagg.cli._deploy import _configure_server, _tier_overrides
     from fedagg.config import resolve_config
     from fedagg.deploy import Keyring
     from fedagg.deploy._app import edge_scopes
