@@ -59,10 +59,10 @@ def test_core_imports_only_inward() -> None:
 #: or the top-level module ``fedagg/X.py``) and anything in a lower layer, never a sibling in its
 #: own layer nor anything above it:
 #:
-#: errors < core < {_checkpoint, spool, jobs, data, models, and the public namespaces over core:
-#: attacks, optimizers, staleness, strategies, transforms, weighting} < {aggregators, clients}
-#: < fedagg (the package's own ``__init__``: the curated API) < policy < config
-#: < {sim, deploy, hierarchy, demo} < cli
+#: errors < core < {_checkpoint, spool, jobs, data, models, runs, and the public namespaces
+#: over core: attacks, optimizers, staleness, strategies, transforms, weighting}
+#: < {aggregators, clients} < fedagg (the package's own ``__init__``: the curated API)
+#: < policy < config < {sim, deploy, hierarchy, demo} < cli
 #:
 #: so the simulator and the deployment are siblings built on the same policies and configs, and
 #: neither imports the other (nor the Ray/shared-memory hierarchy, nor it them). ``jobs`` (the
@@ -70,7 +70,7 @@ def test_core_imports_only_inward() -> None:
 LAYERS: list[set[str]] = [
     {"errors"},
     {"core"},
-    {"_checkpoint", "spool", "jobs", "data", "models"}
+    {"_checkpoint", "spool", "jobs", "data", "models", "runs"}
     | {"optimizers", "staleness", "strategies", "transforms", "weighting"},
     {"aggregators", "clients"},
     {"attacks"},  # re-exports clients.LabelFlip (data poisoning is a client)

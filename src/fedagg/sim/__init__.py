@@ -35,9 +35,9 @@ from fedagg.policy import (
     fedfix,
     sync_fedavg,
 )
+from fedagg.runs import RunDB, RunInfo
 from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
 from fedagg.sim._run import Built, build, format_table, plot_run, run_config
-from fedagg.sim._rundb import RunDB, RunInfo
 from fedagg.sim._system import Availability, Distribution, SystemModel, Timing
 
 __all__ = [

@@ -17,8 +17,8 @@ from fedagg.config import (
     resolve_config,
 )
 from fedagg.errors import ConfigError
+from fedagg.runs import RunDB
 from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
-from fedagg.sim._rundb import RunDB
 from fedagg.sim._system import Availability, Distribution, SystemModel
 
 __all__ = ["Built", "build", "format_table", "plot_run", "run_config"]

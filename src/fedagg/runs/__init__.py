@@ -1,0 +1,14 @@
+"""The run database: every run's config and per-round metrics, simulated or deployed.
+
+    from fedagg.runs import RunDB
+    with RunDB("runs/fedagg.db") as db:
+        for run in db.runs():
+            print(run.id, run.name, run.status, len(db.rounds(run.id)))
+
+It sits below both the simulator (:mod:`fedagg.sim`) and the deployment (:mod:`fedagg.deploy`),
+which record their rounds in the same schema, so ``fedagg runs`` lists and compares both.
+"""
+
+from fedagg.runs._db import ROUND_COLUMNS, RunDB, RunInfo
+
+__all__ = ["ROUND_COLUMNS", "RunDB", "RunInfo"]
