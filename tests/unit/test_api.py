@@ -69,8 +69,8 @@ EXPECTED = {
         "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",
     ],
     "fedagg.clients": [
-        "ClientAlgorithm", "FedAMD", "FedProx", "LabelFlip", "LocalSGD", "Scaffold",
-        "TrainResult", "WorkerMomentum", "flip_labels", "scaffold_server_update",
+        "ClientAlgorithm", "FedAMD", "FedProx", "LabelFlip", "LocalSGD", "Result", "Scaffold",
+        "Task", "TrainResult", "WorkerMomentum", "flip_labels", "scaffold_server_update",
     ],
     "fedagg.hierarchy": [
         "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",

@@ -21,6 +21,7 @@ from fedagg.clients._base import ClientAlgorithm, TrainResult
 from fedagg.clients._label_flip import LabelFlip, flip_labels
 from fedagg.clients._momentum import WorkerMomentum
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
+from fedagg.clients._task import Result, Task
 
 __all__ = [
     "ClientAlgorithm",
@@ -28,7 +29,9 @@ __all__ = [
     "FedProx",
     "LabelFlip",
     "LocalSGD",
+    "Result",
     "Scaffold",
+    "Task",
     "TrainResult",
     "WorkerMomentum",
     "flip_labels",

@@ -14,13 +14,14 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
+from fedagg.clients import Result, Task
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, body, upload_body
@@ -53,30 +54,9 @@ class ClientError(FedaggError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class TaskContext:
-    """What a task tells the train function."""
-
-    job: int
-    version: int
-    epochs: int
-    seed: int
-    client_index: int
-    name: str
-
-    def rng(self) -> np.random.Generator:
-        """The job's generator: the same stream the simulator gives this job."""
-        return np.random.default_rng([self.seed, 0x7A1, self.job])
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a train function returns: ``delta = trained - received`` (arrays like the
-    model, or one flat array), the aggregation weight (sample count) and scalar metrics."""
-
-    delta: Any
-    num_examples: float
-    metrics: Mapping[str, float] = field(default_factory=dict)
+#: What a task tells the train function (the same :class:`fedagg.clients.Task` a simulated
+#: client's code receives).
+TaskContext = Task
 
 
 @dataclass
