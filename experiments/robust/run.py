@@ -112,7 +112,7 @@ class FastMinMaxSum:
             def ok(gm: float) -> bool:
                 return bool((a + 2.0 * gm * b + gm * gm * c).sum() <= bound)
 
-        gamma = _search(ok, self.gamma0, self.tol) if p.any() else 0.0
+        gamma = attacks.search_gamma(ok, self.gamma0, self.tol) if p.any() else 0.0
         if len(self.check_diffs) < self.check:
             ref_fn = attacks.min_max_gamma if self.kind == "min_max" else attacks.min_sum_gamma
             ref = ref_fn(honest, self.direction, self.gamma0, self.tol)  # type: ignore[arg-type]
@@ -120,21 +120,6 @@ class FastMinMaxSum:
         self.gammas.append(gamma)
         row = (mu - gamma * p).astype(np.asarray(honest).dtype)
         return np.tile(row, (f, 1))
-
-
-def _search(ok: Any, gamma0: float, tol: float) -> float:
-    """The reference search (as in ``fedagg.attacks``): start at gamma0, step gamma0/2,
-    move up if feasible and down if not, halve the step until it is below tol."""
-    gamma, step, best = gamma0, gamma0 / 2.0, 0.0
-    while True:
-        if ok(gamma):
-            best = gamma
-            gamma += step
-        else:
-            gamma -= step
-        step /= 2.0
-        if step < tol:
-            return best
 
 
 # --------------------------------------------------------------------------------------------

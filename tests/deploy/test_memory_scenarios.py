@@ -179,16 +179,19 @@ async def _cancel(clients: Iterable[asyncio.Task[Any]]) -> None:
 async def _run(d: Path, trains: dict[str, Any] | None = None, **kw: Any) -> Federation:
     """A federation to its end, the clients over memory (``trains``: a client's own train)."""
     fed = _fed(d, **kw)
-    service = FederationService(fed, RING, _opts())
+    await _serve(FederationService(fed, RING, _opts()), {n: _train for n in NAMES} | (trains or {}))
+    return fed
+
+
+async def _serve(service: FederationService, trains: dict[str, Any]) -> None:
+    """Start ``service``, run every client (with its train function) to the end, stop."""
     await service.start()
-    tr = {n: _train for n in NAMES} | (trains or {})
-    clients = [asyncio.create_task(_client(service, n, tr[n]).run_async()) for n in NAMES]
+    clients = [asyncio.create_task(_client(service, n, trains[n]).run_async()) for n in NAMES]
     try:
         await _finish(service, clients)
     finally:
         await _cancel(clients)
         await service.stop()
-    return fed
 
 
 @pytest.fixture(scope="module")
@@ -489,14 +492,7 @@ def _in_order(service: list[FederationService], order: tuple[int, ...]) -> dict[
 async def _run_ordered(d: Path, order: tuple[int, ...], fold: str) -> Federation:
     fed = _fed(d, order=fold)
     service = FederationService(fed, RING, _opts())
-    trains = _in_order([service], order)
-    await service.start()
-    clients = [asyncio.create_task(_client(service, n, trains[n]).run_async()) for n in NAMES]
-    try:
-        await _finish(service, clients)
-    finally:
-        await _cancel(clients)
-        await service.stop()
+    await _serve(service, _in_order([service], order))
     return fed
 
 

@@ -35,7 +35,7 @@ EXPECTED = {
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",
         "MinSum", "NoAttack", "RandomUniform", "SignFlip", "alie", "alie_z", "attack",
         "flip_labels", "gaussian", "honest_std", "ipm", "min_max", "min_max_gamma", "min_sum",
-        "min_sum_gamma", "random_uniform", "sign_flip",
+        "min_sum_gamma", "random_uniform", "search_gamma", "sign_flip",
     ],
     "fedagg.transforms": [
         "ClipNorm", "PreTransform", "RejectNonFinite", "clip_norm", "reject_nonfinite",

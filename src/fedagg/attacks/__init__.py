@@ -68,7 +68,7 @@ from fedagg.attacks._kinds import (
     SignFlip,
     attack,
 )
-from fedagg.attacks._search import min_max, min_max_gamma, min_sum, min_sum_gamma
+from fedagg.attacks._search import min_max, min_max_gamma, min_sum, min_sum_gamma, search_gamma
 from fedagg.attacks._vectors import (
     alie,
     alie_z,
@@ -105,5 +105,6 @@ __all__ = [
     "min_sum",
     "min_sum_gamma",
     "random_uniform",
+    "search_gamma",
     "sign_flip",
 ]

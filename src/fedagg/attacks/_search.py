@@ -48,7 +48,7 @@ def perturbation(g: F64, mu: F64, direction: str) -> F64:
     raise ConfigError(f"direction must be 'unit_vec', 'sign' or 'std', not {direction!r}")
 
 
-def _search(ok: Callable[[float], bool], gamma0: float, tol: float) -> float:
+def search_gamma(ok: Callable[[float], bool], gamma0: float, tol: float) -> float:
     """The reference code's search for the largest feasible ``gamma``.
 
     ``gamma = gamma0``, ``step = gamma0 / 2``; while ``step >= tol``: if ``ok(gamma)``, record
@@ -112,7 +112,7 @@ def gamma_max(g: F64, mu: F64, p: F64, d2: F64, gamma0: float, tol: float) -> fl
     bound = float(d2.max())
     at = _dists_along(g, mu, p)
     with ck.quiet():
-        return _search(lambda gm: bool(at(gm).max() <= bound), gamma0, tol)
+        return search_gamma(lambda gm: bool(at(gm).max() <= bound), gamma0, tol)
 
 
 def gamma_sum(g: F64, mu: F64, p: F64, d2: F64, gamma0: float, tol: float) -> float:
@@ -122,7 +122,7 @@ def gamma_sum(g: F64, mu: F64, p: F64, d2: F64, gamma0: float, tol: float) -> fl
     bound = float(d2.sum(axis=1).min())
     at = _dists_along(g, mu, p)
     with ck.quiet():
-        return _search(lambda gm: bool(at(gm).sum() <= bound), gamma0, tol)
+        return search_gamma(lambda gm: bool(at(gm).sum() <= bound), gamma0, tol)
 
 
 def min_max_gamma(

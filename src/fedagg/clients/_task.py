@@ -1,20 +1,11 @@
-"""What your own client code receives and returns, in simulation and deployment alike.
+"""What a deployed client's own train function receives and returns.
 
-A ``[client] train = "module:function"`` function has the signature::
-
-    def train(params: dict[str, np.ndarray], data, task: fedagg.Task) -> fedagg.Result
-
-``params`` is the global model the task trains from (named arrays, read-only: copy before
-changing them), ``data`` the client's training examples (``data.x``, ``data.y``), ``task`` the
-job (its seed-derived ``task.rng()``, its ``epochs``, the per-task ``config``). It returns a
-:class:`Result` whose ``delta`` is ``trained - params``.
-
-A ``[client] evaluate = "module:function"`` function has the signature::
-
-    def evaluate(params: dict[str, np.ndarray], data, task: fedagg.Task | None) -> dict[str, float]
-
-and returns metrics (``"loss"`` and ``"accuracy"`` fill the run table's columns). It is
-weighted by ``len(data.y)`` when metrics are combined, unless it returns ``"num_examples"``.
+``fedagg.deploy.Client(server, key, train)`` calls ``train(model, task) -> Result`` for each
+task: ``model`` is the global model the task trains from (named arrays), ``task`` the job (its
+seed-derived ``task.rng()``, the same stream the simulator gives that job, and its
+``epochs``). The :class:`Result`'s ``delta`` is ``trained - model``. They live here, with the
+client algorithms, rather than in :mod:`fedagg.deploy`, so that code written against them does
+not depend on the transport.
 """
 
 from __future__ import annotations
@@ -30,18 +21,15 @@ __all__ = ["Result", "Task"]
 
 @dataclass(frozen=True)
 class Task:
-    """One job of one client: what your ``train`` and ``evaluate`` functions are told.
+    """One job of one client: what a train function is told.
 
     Args:
         job: the job's id (with the client's name, the upload's idempotency key).
-        version: the model version it trains from (the number of server updates so far: the
-            round, for synchronous rounds).
+        version: the model version it trains from (the number of server updates so far).
         epochs: local epochs (fewer for a straggler doing partial work).
         seed: the federation's seed.
         client_index: the client's index (its share of the config's data).
-        name: the client's name (its key's, in deployment; ``client-<index>`` simulated).
-        config: the per-task client config (``[client] config`` and ``schedule``).
-        kind: ``"train"`` or ``"evaluate"`` (a federated evaluation task).
+        name: the client's name (its key's).
     """
 
     job: int
@@ -50,8 +38,6 @@ class Task:
     seed: int
     client_index: int
     name: str = ""
-    config: Mapping[str, Any] = field(default_factory=dict)
-    kind: str = "train"
 
     def rng(self) -> np.random.Generator:
         """The job's generator: the same stream in the simulator and in deployment."""

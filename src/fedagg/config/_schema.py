@@ -31,15 +31,6 @@ DEFAULTS: dict[str, Any] = {
     "eval_train": False,
     "eval_clients": 100,
     "max_time": math.inf,
-    # held-out data the server evaluates on: "" (the config's test split), a .npz file with
-    # arrays x and y, or "module:function" returning (x, y)
-    "eval_data": "",
-    # how clients' evaluation metrics are combined: "weighted_mean" (by their examples) or
-    # "module:function" taking [(num_examples, {metric: value}), ...] and returning a dict
-    "eval_metrics": "weighted_mean",
-    # directories "module:function" references are imported from (relative ones against the
-    # config file's directory); empty: the config file's directory
-    "code_path": [],
     "data": {
         "name": "mnist5k",
         "num_clients": 100,
@@ -51,16 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "sigma": 1.0,
         "test_fraction": 0.2,
     },
-    "model": {
-        "name": "logreg",
-        "hidden": [64],
-        # initial parameters from a file: .npz, .safetensors, or a torch state_dict (.pt/.pth,
-        # loaded with weights_only=True)
-        "init": "",
-        # "module:function" returning a torch.nn.Module or a dict of arrays (called with args)
-        "factory": "",
-        "args": {},
-    },
+    "model": {"name": "logreg", "hidden": [64]},
     "client": {
         "algorithm": "fedavg",
         "epochs": 1,
@@ -70,14 +52,6 @@ DEFAULTS: dict[str, Any] = {
         "beta": 0.9,
         "steps": 0,
         "anchor_batch": 0,
-        # your own code, "module:function": train(params, data, task) -> fedagg.Result and
-        # evaluate(params, data, task) -> {metric: value} (see fedagg.clients.user)
-        "train": "",
-        "evaluate": "",
-        # per-task client config sent with each task (task.config): these values, then what
-        # schedule(round, config) -> dict returns ("module:function", e.g. an lr schedule)
-        "config": {},
-        "schedule": "",
     },
     "strategy": {
         "name": "fedavg",
@@ -98,8 +72,6 @@ DEFAULTS: dict[str, Any] = {
         "subspace": 0,
         "lam": 0.0,
         "spool": "",
-        # keyword arguments of a custom aggregator (aggregator = "module:Class")
-        "aggregator_args": {},
     },
     "byzantine": {
         "clients": 0,
@@ -201,9 +173,6 @@ DEFAULTS: dict[str, Any] = {
         "max_norm": 0.0,  # an absolute bound on every update's norm (0: none)
         "bound_window": 64,
         "bound_warmup": 5,
-        # federated evaluation: seconds the server waits for its clients' evaluation reports
-        # of a round before it records the round with those that came
-        "eval_timeout": 30.0,
     },
 }
 

@@ -48,7 +48,8 @@ from fedagg.deploy._edge_server import EdgeServer, ParentLink
 from fedagg.deploy._faults import Faults
 from fedagg.deploy._faults import configure as configure_faults
 from fedagg.deploy._fed import Federation, TaskInfo
-from fedagg.deploy._server import PROTOCOL, Server, ServerOptions
+from fedagg.deploy._options import PROTOCOL, ServerOptions
+from fedagg.deploy._server import Server
 
 __all__ = [
     "PROTOCOL",

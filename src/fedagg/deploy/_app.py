@@ -38,7 +38,8 @@ from fedagg.deploy._canonical import canonical_strategy
 from fedagg.deploy._client import Client, Result, TaskContext
 from fedagg.deploy._fed import Federation
 from fedagg.deploy._files import private_state_dir, write_private
-from fedagg.deploy._server import Server, ServerOptions
+from fedagg.deploy._options import ServerOptions
+from fedagg.deploy._server import Server
 from fedagg.errors import ConfigError
 from fedagg.policy import Policy, RoundStats
 

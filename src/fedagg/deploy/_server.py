@@ -14,32 +14,12 @@ from typing import Any
 from fedagg.deploy._auth import Keyring
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._grpc import GrpcTransport
-from fedagg.deploy._options import (
-    EDGE_PER_CLIENT,
-    MAX_METRIC_NAME,
-    MAX_METRICS,
-    MAX_REQUEST,
-    MIN_CHUNK,
-    OPENING_PER_CALLER,
-    PROTOCOL,
-    ServerOptions,
-)
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._transport import Service, Transport
 from fedagg.policy import RoundStats
 
-__all__ = [
-    "EDGE_PER_CLIENT",
-    "MAX_METRICS",
-    "MAX_METRIC_NAME",
-    "MAX_REQUEST",
-    "MIN_CHUNK",
-    "OPENING_PER_CALLER",
-    "PROTOCOL",
-    "Server",
-    "ServerOptions",
-    "ServerStats",
-]
+__all__ = ["Server"]
 
 
 class Server:

@@ -148,12 +148,7 @@ class Uploads:
                 break
             if trailer:
                 raise CallError(Status.INVALID_ARGUMENT, f"{what}: a message after the trailer")
-            try:
-                chunk = decode_chunk(raw, UPLOAD_CHUNK)
-            except WireError as e:
-                raise CallError(Status.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
-            if chunk.header is not None:
-                raise CallError(Status.INVALID_ARGUMENT, "a second header")
+            chunk = _later_chunk(raw)
         if expect != total or not trailer:
             raise CallError(
                 Status.INVALID_ARGUMENT,
@@ -251,12 +246,7 @@ class Uploads:
                     raw = await it.__anext__()
                 except StopAsyncIteration:
                     break
-                try:
-                    chunk = decode_chunk(raw, UPLOAD_CHUNK)
-                except WireError as e:
-                    raise CallError(Status.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
-                if chunk.header is not None:
-                    raise CallError(Status.INVALID_ARGUMENT, "a second header")
+                chunk = _later_chunk(raw)
             if pending is not None:
                 _raise_bad(await pending)
                 pending = None
@@ -419,6 +409,18 @@ def spool_chunk(
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _later_chunk(raw: bytes) -> Any:
+    """An upload's message after its first, decoded; a malformed one, or one carrying a
+    second header, is refused."""
+    try:
+        chunk = decode_chunk(raw, UPLOAD_CHUNK)
+    except WireError as e:
+        raise CallError(Status.INVALID_ARGUMENT, f"malformed chunk: {e}") from None
+    if chunk.header is not None:
+        raise CallError(Status.INVALID_ARGUMENT, "a second header")
+    return chunk
 
 
 def _raise_bad(reason: str | None) -> None:

@@ -353,12 +353,7 @@ class AsyncPolicy:
             if applied and state.freq is not None:
                 IntervalEstimator(self.cutoff).observe(state.freq, state.participants)
         stats = self._stats(state, now, applied, effective_weights(state.weights, mass))
-        actions.append(Applied(stats, dict(state.accepted)))
-        state.step += 1
-        self._reset(state, now)
-        if state.step >= self.rounds:
-            state.finished = True
-            actions.append(Finish())
+        if self._step_done(state, stats, now, actions):
             return
         if self.restart == "step":
             self._fill(state, ctx, actions)
@@ -393,13 +388,21 @@ class AsyncPolicy:
         new += y * dt(a)
         self._record_fold(state, ev, 1.0, a, tau)
         state.server = ServerState(server.spec, new, server.version + 1, server.opt)
-        stats = self._stats(state, now, True, (a,))
+        self._step_done(state, self._stats(state, now, True, (a,)), now, actions)
+
+    def _step_done(
+        self, state: AsyncState, stats: RoundStats, now: float, actions: list[Action]
+    ) -> bool:
+        """Report the server step ``stats`` describes and begin the next; True if that step
+        was the last."""
         actions.append(Applied(stats, dict(state.accepted)))
         state.step += 1
         self._reset(state, now)
         if state.step >= self.rounds:
             state.finished = True
             actions.append(Finish())
+            return True
+        return False
 
     def _reset(self, state: AsyncState, now: float) -> None:
         state.agg = self.strategy.begin(state.server, version=None)

@@ -136,9 +136,6 @@ class RoundStats:
     applied: bool
     staleness_max: int = 0
     omega: tuple[float, ...] = ()  # each participant's effective weight: x += lr * sum(w * d)
-    #: why updates were refused, (reason, count) pairs sorted by reason; the counts sum to
-    #: ``refused``. A reason is a short phrase (e.g. ``"non-finite values"``).
-    refusals: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
