@@ -31,6 +31,16 @@ DEFAULTS: dict[str, Any] = {
     "eval_train": False,
     "eval_clients": 100,
     "max_time": math.inf,
+    # held-out data the server evaluates the global model on every eval_every rounds: a .npz
+    # file with arrays x and y, or "module:function" returning (x, y); "": the dataset's test
+    # split (in deployment, "" and no [data] dataset: no server-side evaluation)
+    "eval_data": "",
+    # how clients' evaluation metrics are aggregated: "" (a mean weighted by each client's
+    # num_examples) or "module:function" taking [(num_examples, {metric: value}), ...]
+    "eval_metrics": "",
+    # the directory "module:function" references are imported from first ("": the config
+    # file's directory, or the working directory for a config given as a dict)
+    "code_path": "",
     "data": {
         "name": "mnist5k",
         "num_clients": 100,
@@ -42,7 +52,16 @@ DEFAULTS: dict[str, Any] = {
         "sigma": 1.0,
         "test_fraction": 0.2,
     },
-    "model": {"name": "logreg", "hidden": [64]},
+    "model": {
+        "name": "logreg",
+        "hidden": [64],
+        # your model: initial parameters from a file (.npz, .safetensors, or a torch
+        # state_dict, read with weights_only=True), and/or a factory "module:function" called
+        # with args that returns a torch.nn.Module or a dict of arrays
+        "init": "",
+        "factory": "",
+        "args": {},
+    },
     "client": {
         "algorithm": "fedavg",
         "epochs": 1,
@@ -52,6 +71,14 @@ DEFAULTS: dict[str, Any] = {
         "beta": 0.9,
         "steps": 0,
         "anchor_batch": 0,
+        # your code: train(params, data, task) -> fedagg.clients.Result and
+        # evaluate(params, data, task) -> {metric: value}, as "module:function"
+        "train": "",
+        "evaluate": "",
+        # per-task client config sent with every task (task.config), and a function
+        # schedule(version, config) -> config that makes it per round (e.g. an lr schedule)
+        "config": {},
+        "schedule": "",
     },
     "strategy": {
         "name": "fedavg",
@@ -72,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
         "subspace": 0,
         "lam": 0.0,
         "spool": "",
+        # keyword arguments of a custom aggregator (aggregator = "module:Class")
+        "aggregator_args": {},
     },
     "byzantine": {
         "clients": 0,
@@ -173,6 +202,12 @@ DEFAULTS: dict[str, Any] = {
         "max_norm": 0.0,  # an absolute bound on every update's norm (0: none)
         "bound_window": 64,
         "bound_warmup": 5,
+        # federated evaluation: every fed_eval_every model versions the server asks up to
+        # fed_eval_clients connected clients (0: all of them) to evaluate the model on their
+        # own data, waiting at most eval_timeout seconds for their metrics (0: off)
+        "fed_eval_every": 0,
+        "fed_eval_clients": 0,
+        "eval_timeout": 60.0,
     },
 }
 
