@@ -18,15 +18,20 @@ from fedagg.config._build import (
     build_strategy,
 )
 from fedagg.config._schema import DEFAULTS, load_config, resolve_config
+from fedagg.config._user import aggregate_metrics, client_config, load_object, metrics_aggregator
 
 __all__ = [
     "DEFAULTS",
+    "aggregate_metrics",
     "build_aggregator",
     "build_algorithm",
     "build_data",
     "build_model",
     "build_policy",
     "build_strategy",
+    "client_config",
     "load_config",
+    "load_object",
+    "metrics_aggregator",
     "resolve_config",
 ]
