@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import fedagg
@@ -28,8 +31,127 @@ def _configure_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+
+
+def _num(v: Any) -> str:
+    """A config number as a person writes it: 10, 0.5, 1e-3, inf."""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:g}"
+    return str(v)
+
+
+def _args(**kw: Any) -> str:
+    return ", ".join(f"{k}={_num(v)}" for k, v in kw.items())
+
+
+def describe_data(cfg: Mapping[str, Any]) -> str:
+    """``"mnist5k, 100 clients, dirichlet(alpha=0.5)"``."""
+    d = cfg["data"]
+    part = d["partition"]
+    if part == "dirichlet":
+        part = f"dirichlet(alpha={_num(d['alpha'])})"
+    elif part == "shards":
+        part = f"shards({d['shards_per_client']} per client)"
+    return f"{d['name']}, {d['num_clients']} clients, {part}"
+
+
+def describe_policy(cfg: Mapping[str, Any]) -> str:
+    """The policy kind with its own parameters (what decides when the server steps)."""
+    p = cfg["policy"]
+    kind = p["kind"]
+    conc = f"concurrency {p['concurrency'] or 'all'}"
+    stale = f"staleness {p['staleness']}"
+    if kind == "sync":
+        out = f"sync: {p['clients_per_round']} clients per round"
+        if p["over_select"]:
+            out += f", over-select {_num(p['over_select'])}"
+        if p["stragglers"]:
+            out += f", stragglers {_num(p['stragglers'])} ({p['straggler_mode']})"
+        if not math.isinf(float(p["deadline"])):
+            out += f", deadline {_num(p['deadline'])} s"
+        if p["weighting"] != "examples":
+            out += f", weighting {p['weighting']}"
+        return out
+    if kind == "fedbuff":
+        return f"fedbuff: buffer {p['buffer']}, {conc}, {stale}"
+    if kind == "fedasync":
+        return f"fedasync: alpha {_num(p['alpha'])}, {conc}, {stale}"
+    if kind == "fedfix":
+        return f"fedfix: window {_num(p['window'])} s, {conc}"
+    if kind == "async":
+        return f"async fedavg: {conc}, {stale}, weights {p['weights']}"
+    if kind == "fedamd":
+        return (
+            f"fedamd: {p['clients_per_round']} clients per round, "
+            f"anchor_prob {_num(p['anchor_prob'])}"
+        )
+    return str(kind)
+
+
+def describe_strategy(cfg: Mapping[str, Any]) -> str:
+    """``"aggregator + server optimizer"``, e.g. ``"krum(f=2) + fedavg(lr=1)"``."""
+    s = cfg["strategy"]
+    name = s["aggregator"]
+    f = s["f"]
+    aggs: dict[str, str] = {
+        "mean": "mean" if s["accumulator"] == "float32" else f"mean({s['accumulator']})",
+        "median": "median",
+        "trimmed_mean": f"trimmed_mean({_args(trim=s['trim'] or f)})",
+        "krum": f"krum({_args(f=f)})",
+        "multi_krum": f"multi_krum({_args(f=f, keep=s['keep'] or 1)})",
+        "bulyan": f"bulyan({_args(f=f)})",
+        "geometric_median": "geometric_median",
+        "centered_clipping": f"centered_clipping({_args(tau=s['tau_cc'], iters=s['iters'])})",
+        "flag": f"flag({_args(subspace=s['subspace'], lam=s['lam'])})",
+    }
+    agg = aggs.get(name)
+    if agg is None:  # a custom aggregator, "module:Class", with its keyword arguments
+        extra = s.get("aggregator_args") or {}
+        agg = f"{name}({_args(**extra)})" if extra else str(name)
+    if s["clip_norm"]:
+        agg = f"clip_norm({_num(s['clip_norm'])}) + {agg}"
+    opt = s["name"]
+    params: dict[str, Any] = {"lr": s["lr"]}
+    if opt == "fedavgm":
+        params["momentum"] = s["momentum"]
+    elif opt in ("fedadam", "fedyogi"):
+        params.update(beta1=s["beta1"], beta2=s["beta2"], tau=s["tau"])
+    elif opt == "fedadagrad":
+        params["tau"] = s["tau"]
+    return f"{agg} + {opt}({_args(**params)})"
+
+
+def describe_clients(cfg: Mapping[str, Any]) -> str:
+    c = cfg["client"]
+    who = c.get("train") or c["algorithm"]
+    return f"{who}, {c['epochs']} epoch(s), batch {c['batch_size']}, lr {_num(c['lr'])}"
+
+
+def header(cfg: Mapping[str, Any]) -> str:
+    """What ``fedagg simulate`` is about to run, as the resolved config says."""
+    byz = cfg["byzantine"]
+    lines = [
+        f"fedagg {fedagg.__version__} simulate: {cfg['name']}, {cfg['rounds']} rounds, "
+        f"seed {cfg['seed']}",
+        f"  data      {describe_data(cfg)}",
+        f"  policy    {describe_policy(cfg)}",
+        f"  strategy  {describe_strategy(cfg)}",
+        f"  clients   {describe_clients(cfg)}",
+    ]
+    if int(byz["clients"]) and byz["attack"] != "none":
+        lines.append(f"  attack    {byz['attack']} by {byz['clients']} clients")
+    return "\n".join(lines)
+
+
 def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
+    from fedagg.policy import format_refusals
+
+    refused: dict[str, int] = {}  # the run's refusals so far, by reason
+
     def show(rec: Any) -> None:
+        for reason, n in rec.stats.refusals:
+            refused[reason] = refused.get(reason, 0) + n
         if not enabled:
             return
         done = rec.stats.round + 1
@@ -38,6 +160,8 @@ def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
         acc = rec.test_accuracy
         acc_s = "   -  " if acc != acc else f"{acc:6.2%}"
         line = f"[{bar}] round {done}/{total}  acc {acc_s}  virtual {rec.stats.ended:9.1f} s"
+        if refused:
+            line += f"  refused ({sum(refused.values())}): {format_refusals(refused)}"
         if sys.stderr.isatty():  # redraw in place
             print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
         elif done == total or done % max(1, total // 10) == 0:  # a log: a line per tenth
@@ -46,9 +170,26 @@ def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
     return show
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the run is stored as
+    interrupted, not lost; the previous handler is restored afterwards."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_simulate(args: argparse.Namespace) -> int:
     from fedagg import sim
+    from fedagg.policy import format_refusals
 
+    db_path = ""
     try:
         cfg = sim.load_config(args.config) if args.config else sim.resolve_config()
         if args.rounds is not None:
@@ -57,17 +198,24 @@ def _run_simulate(args: argparse.Namespace) -> int:
             cfg["seed"] = args.seed
         db_path = args.db or cfg["output"]["db"]
         plots = None if args.no_plots else (args.plots or cfg["output"]["plots"])
-        print(
-            f"fedagg {fedagg.__version__} simulate: {cfg['name']} -- {cfg['data']['name']} "
-            f"across {cfg['data']['num_clients']} clients ({cfg['data']['partition']}), "
-            f"{cfg['policy']['clients_per_round']} per round, {cfg['rounds']} rounds, "
-            f"{cfg['client']['algorithm']} clients, {cfg['strategy']['name']} server; "
-            f"seed {cfg['seed']}"
-        )
-        with sim.RunDB(db_path) as db:
-            result, run_id = sim.run_config(
-                cfg, on_round=_progress(int(cfg["rounds"]), not args.quiet), db=db
-            )
+        print(header(cfg), flush=True)
+        with sim.RunDB(db_path) as db, _sigterm_interrupts():
+            try:
+                result, run_id = sim.run_config(
+                    cfg, on_round=_progress(int(cfg["rounds"]), not args.quiet), db=db
+                )
+            except KeyboardInterrupt:
+                last = db.runs()[-1] if db.runs() else None
+                if last is not None and last.status == "interrupted":
+                    print(
+                        f"\nfedagg simulate: interrupted; run {last.id} in {db_path} keeps "
+                        f"its {last.summary.get('rounds', 0)} stored rounds",
+                        file=sys.stderr,
+                    )
+                else:
+                    print("\nfedagg simulate: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            num_classes = db.run(run_id).summary.get("num_classes") if run_id else None
     except fedagg.FedaggError as e:
         print(f"fedagg simulate: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
@@ -76,8 +224,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     rows = [r.row() for r in result.records]
     print()
-    print(sim.format_table(rows, every=max(1, len(rows) // 20)))
+    print(sim.format_table(rows))
     print()
+    refused: dict[str, int] = {}
+    for rec in result.records:
+        for reason, n in rec.stats.refusals:
+            refused[reason] = refused.get(reason, 0) + n
+    if refused:
+        print(f"refused updates ({sum(refused.values())}): {format_refusals(refused)}")
     ups = result.client_updates / result.wall_time if result.wall_time else 0.0
     print(
         f"run {run_id} in {db_path}: final test accuracy {rows[-1]['test_accuracy']:.2%}, "
@@ -85,7 +239,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         f"({ups:,.0f} updates/s), {rows[-1]['virtual_time']:.1f} s virtual"
     )
     if plots:
-        for f in sim.plot_run(rows, plots, f"run{run_id}-{cfg['name']}"):
+        for f in sim.plot_run(rows, plots, f"run{run_id}-{cfg['name']}", num_classes):
             print(f"plot: {f}")
     return EXIT_OK
 

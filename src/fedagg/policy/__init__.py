@@ -30,7 +30,9 @@ from fedagg.policy._events import (
     Timer,
     apply_or_skip,
     effective_weights,
+    format_refusals,
     partial_epochs,
+    refusal_reason,
     round_stats,
 )
 from fedagg.policy._sync import SyncPolicy, SyncState
@@ -64,7 +66,9 @@ __all__ = [
     "fedasync",
     "fedbuff",
     "fedfix",
+    "format_refusals",
     "partial_epochs",
+    "refusal_reason",
     "round_stats",
     "sync_fedavg",
 ]

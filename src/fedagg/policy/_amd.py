@@ -44,6 +44,8 @@ from fedagg.policy._events import (
     Start,
     apply_or_skip,
     effective_weights,
+    note_refusal,
+    refusal_reason,
     round_stats,
 )
 
@@ -75,6 +77,7 @@ class FedAMDState:
     weights: list[float] = field(default_factory=list)  # the miners' aggregation weights
     participants: list[int] = field(default_factory=list)
     accepted: dict[int, Any] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)  # this round's, by reason
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class FedAMDPolicy:
                 self._miner(state, event)
             else:
                 state.refused += 1
+                note_refusal(state.refusals, "unexpected role")
         elif isinstance(event, Dropout):
             if event.job not in state.pending:
                 return []
@@ -161,12 +165,15 @@ class FedAMDPolicy:
     # -- internals ----------------------------------------------------------------------------
     def _anchor(self, state: FedAMDState, ev: Arrival) -> None:
         spec = state.server.spec
-        if spec.mismatch(ev.update.delta) is not None:
+        problem = spec.mismatch(ev.update.delta)
+        if problem is not None:
             state.refused += 1
+            note_refusal(state.refusals, refusal_reason(problem))
             return
         segs = spec.segments(ev.update.delta)
         if not all(kernels.all_finite(s, use_numba=False) for s in segs):
             state.refused += 1
+            note_refusal(state.refusals, "non-finite values")
             return
         state.anchor_sum += spec.as_flat(ev.update.delta)
         state.anchors += 1
@@ -179,8 +186,9 @@ class FedAMDPolicy:
             update = replace(update, weight=1.0)  # an invalid weight is still refused
         try:
             self.strategy.aggregator.fold(state.agg, update)
-        except UpdateError:
+        except UpdateError as e:
             state.refused += 1
+            note_refusal(state.refusals, refusal_reason(e))
             return
         state.folded += 1
         state.participants.append(ev.client)
@@ -215,6 +223,7 @@ class FedAMDPolicy:
         state.anchors = state.folded = state.dropped = state.refused = state.late = 0
         state.loss_sum = state.loss_weight = 0.0
         state.weights, state.participants, state.accepted = [], [], {}
+        state.refusals = {}
         if want == 0:
             return False
         anchors = tuple(int(c) for c, a in zip(chosen, is_anchor, strict=True) if a)

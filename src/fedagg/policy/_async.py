@@ -71,7 +71,10 @@ from fedagg.policy._events import (
     Timer,
     apply_or_skip,
     effective_weights,
+    note_refusal,
+    refusal_reason,
     round_stats,
+    settled_reason,
 )
 
 __all__ = ["AsyncPolicy", "AsyncState"]
@@ -125,6 +128,7 @@ class AsyncState:
     finished: bool = False
     #: each folded update's (claimed weight, train loss), as ``loss_sum`` adds them
     claims: list[tuple[float, float]] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # this step's, by reason
 
 
 @dataclass(frozen=True)
@@ -289,8 +293,9 @@ class AsyncPolicy:
             self.strategy.aggregator.fold(
                 state.agg, replace(ev.update, weight=w, base_version=None)
             )
-        except UpdateError:
+        except UpdateError as e:
             state.refused += 1
+            note_refusal(state.refusals, refusal_reason(e))
         else:
             self._record_fold(state, ev, b, w, tau)
         full = self.buffer if self.trigger == "buffer" else 1
@@ -374,8 +379,9 @@ class AsyncPolicy:
         base = state.bases[job.version]
         try:  # validation and pre-transforms (clipping) of the strategy's aggregator
             self.strategy.aggregator.fold(agg, replace(ev.update, weight=1.0, base_version=None))
-        except UpdateError:
+        except UpdateError as e:
             state.refused += 1
+            note_refusal(state.refusals, refusal_reason(e))
             self._release_base(state, job.version)
             return
         delta = self.strategy.aggregator.finalize_flat(agg)
@@ -413,6 +419,7 @@ class AsyncPolicy:
         state.weights, state.base_weights, state.staleness = [], [], []
         state.participants = []
         state.claims = []
+        state.refusals = {}
         state.accepted = {}
 
     def _settle(self, state: AsyncState) -> None:
@@ -440,6 +447,7 @@ class AsyncPolicy:
             state.accepted.pop(client, None)
             state.folded -= 1
             state.refused += 1
+            note_refusal(state.refusals, settled_reason(state.agg, u.client_id))
             # the sums as if the refused update had never been added (same order, same bits)
             state.loss_sum = state.loss_weight = 0.0
             for n, loss in state.claims:

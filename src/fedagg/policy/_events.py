@@ -9,7 +9,8 @@ checkpointed between events.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -18,7 +19,7 @@ import numpy.typing as npt
 
 from fedagg.core.strategy import ServerState, Strategy
 from fedagg.core.update import Update
-from fedagg.errors import EmptyAggregate
+from fedagg.errors import EmptyAggregate, InvalidWeight, StaleUpdate, UpdateError
 
 __all__ = [
     "Action",
@@ -39,8 +40,12 @@ __all__ = [
     "Timer",
     "apply_or_skip",
     "effective_weights",
+    "format_refusals",
+    "note_refusal",
     "partial_epochs",
+    "refusal_reason",
     "round_stats",
+    "settled_reason",
 ]
 
 Arr = npt.NDArray[Any]
@@ -136,6 +141,9 @@ class RoundStats:
     applied: bool
     staleness_max: int = 0
     omega: tuple[float, ...] = ()  # each participant's effective weight: x += lr * sum(w * d)
+    #: why updates were refused: ``(reason, count)`` sorted by reason, the counts adding up
+    #: to ``refused`` (see :func:`refusal_reason`)
+    refusals: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +255,78 @@ def round_stats(
         applied=applied,
         staleness_max=max(staleness, default=0),
         omega=omega if applied else (),
+        refusals=tuple(sorted(getattr(state, "refusals", {}).items())),
     )
+
+
+# -- refusal reasons ---------------------------------------------------------------------------
+#: A reason's length cap, and the distinct reasons one round keeps (more count as "other"):
+#: the reason text derives from what clients send, so neither may grow without bound.
+MAX_REASON = 48
+MAX_REASONS = 8
+
+
+def refusal_reason(error: BaseException | str) -> str:
+    """A short, stable reason for a refused update, from the error its check raised (or that
+    error's reason text): ``"dtype float64, expected float32"``, ``"shape"``,
+    ``"non-finite values"``, ``"overflow"``, ``"invalid weight"``, ``"stale"``, ... Never a
+    client id and never longer than :data:`MAX_REASON` characters; the text of an error this
+    does not know (a custom aggregator's) is kept, its numbers masked, cut to that length."""
+    if isinstance(error, StaleUpdate):
+        return "stale"
+    if isinstance(error, InvalidWeight):
+        return "invalid weight"
+    text = error.reason if isinstance(error, UpdateError) else str(error)
+    if isinstance(error, UpdateError) and error.client_id:
+        text = text.replace(error.client_id, "<client>")
+    text = " ".join(text.split())
+    m = re.search(r"dtype (.+?), expected (\S+)", text)
+    if m:
+        return f"dtype {m[1][:16]}, expected {m[2][:16]}"
+    low = text.lower()
+    for needles, reason in _REASONS:
+        if any(n in low for n in needles):
+            return reason
+    return re.sub(r"\d+", "#", text)[:MAX_REASON] or "refused"
+
+
+_REASONS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("nan or inf", "non-finite"), "non-finite values"),
+    (("overflow",), "overflow"),
+    (("shape",), "shape"),
+    (("names differ",), "array names"),
+    (("arrays, expected",), "array count"),
+    (("buffer",), "buffer size"),
+    (("model version",), "stale"),
+    (("weight", "scale"), "invalid weight"),
+)
+
+
+def note_refusal(refusals: dict[str, int], reason: str, count: int = 1) -> None:
+    """Count ``count`` refusals for ``reason`` in a round's ``refusals`` (a policy state's
+    field): at most :data:`MAX_REASONS` distinct reasons, the rest under ``"other"``."""
+    reason = reason[:MAX_REASON]
+    if reason not in refusals and len(refusals) >= MAX_REASONS:
+        reason = "other"
+    refusals[reason] = refusals.get(reason, 0) + count
+
+
+def settled_reason(agg: Any, client_id: str) -> str:
+    """Why an aggregator that folds at the round's close (:meth:`Canonical.settle
+    <fedagg.deploy.Canonical.settle>`) refused ``client_id``'s update: the reason it
+    recorded in its state's ``refused`` list of ``(client_id, reason)``, if it keeps one."""
+    recorded = getattr(agg, "refused", None)
+    if isinstance(recorded, list):
+        for item in reversed(recorded):
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == client_id:
+                return refusal_reason(str(item[1]))
+    return "refused at close"
+
+
+def format_refusals(refusals: Sequence[tuple[str, int]] | Mapping[str, int]) -> str:
+    """``"dtype float64, expected float32: 3; non-finite values: 1"`` ("" for none)."""
+    items = sorted(refusals.items()) if isinstance(refusals, Mapping) else list(refusals)
+    return "; ".join(f"{reason}: {n}" for reason, n in items)
 
 
 def apply_or_skip(

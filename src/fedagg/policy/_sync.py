@@ -31,7 +31,10 @@ from fedagg.policy._events import (
     Start,
     apply_or_skip,
     effective_weights,
+    note_refusal,
+    refusal_reason,
     round_stats,
+    settled_reason,
 )
 
 __all__ = ["SyncPolicy", "SyncState"]
@@ -68,6 +71,7 @@ class SyncState:
     weighting: Any = None  # the participation weighting's state (FedAU's estimator)
     #: each folded update's (claimed weight, train loss), as ``weight_sum``/``loss_sum`` add them
     claims: list[tuple[float, float]] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # this round's, by reason
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ class SyncPolicy:
         state.participants = []
         state.weights = []
         state.claims = []
+        state.refusals = {}
         state.accepted = {}
         if self.scaffold and state.control is not None:
             state.control_sum = {k: np.zeros_like(v) for k, v in state.control.items()}
@@ -199,6 +204,7 @@ class SyncPolicy:
             )
         if delta_c is not None and not _fits(delta_c, state.control):
             state.refused += 1  # malformed control-variate update: refuse the whole update
+            note_refusal(state.refusals, "malformed control variate")
             return self._maybe_close(state, ev.now, ctx)
         update = ev.update
         if self.weighting is not None:
@@ -206,8 +212,9 @@ class SyncPolicy:
             update = replace(update, weight=w)
         try:
             self.strategy.aggregator.fold(state.agg, update)
-        except UpdateError:
+        except UpdateError as e:
             state.refused += 1
+            note_refusal(state.refusals, refusal_reason(e))
             return self._maybe_close(state, ev.now, ctx)
         state.folded += 1
         state.participants.append(ev.client)
@@ -236,9 +243,11 @@ class SyncPolicy:
             return []
         try:
             self.strategy.aggregator.merge(state.agg, ev.state)
-        except (UpdateError, StateError):
+        except (UpdateError, StateError) as e:
             state.pending.difference_update(jobs)
             state.refused += len(jobs)
+            why = refusal_reason(e) if isinstance(e, UpdateError) else "partial aggregate mismatch"
+            note_refusal(state.refusals, why, len(jobs))
             return self._maybe_close(state, ev.now, ctx)
         state.pending.difference_update(jobs)
         for client, _, w, loss in ev.jobs:
@@ -273,6 +282,7 @@ class SyncPolicy:
             state.accepted.pop(client, None)
             state.folded -= 1
             state.refused += 1
+            note_refusal(state.refusals, settled_reason(state.agg, u.client_id))
             # the sums as if the refused update had never been added (same order, same bits)
             state.weight_sum = state.loss_sum = 0.0
             for w, loss in state.claims:

@@ -43,6 +43,7 @@ from fedagg.policy import (
     SetTimer,
     Start,
     Timer,
+    format_refusals,
     partial_epochs,
 )
 from fedagg.sim._procs import ClientSlice
@@ -161,6 +162,7 @@ class RoundRecord:
             "bytes_up": self.bytes_up,
             "staleness_mean": s.staleness_mean,
             "staleness_max": s.staleness_max,
+            "refusals": format_refusals(s.refusals),
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,39 +137,61 @@ def run_config(
     on_round: Callable[[RoundRecord], None] | None = None,
     db: RunDB | None = None,
 ) -> tuple[SimResult, int | None]:
-    """Build and run; store config and rounds in ``db`` (if given). Returns (result, run id)."""
+    """Build and run; store config and rounds in ``db`` (if given). Returns (result, run id).
+
+    The run ends ``"finished"``; or ``"interrupted"`` on a :class:`KeyboardInterrupt` (Ctrl-C;
+    ``fedagg simulate`` turns SIGTERM into one), or ``"failed"`` on any other exception,
+    both re-raised after the run's summary (the rounds stored, the last accuracy) is saved.
+    """
     built = build(config)
     cfg = built.config
     run_id = db.start_run(str(cfg["name"]), int(cfg["seed"]), _jsonable(cfg)) if db else None
+    records: list[RoundRecord] = []
+    classes = getattr(built.data, "num_classes", None)
+    extra = {"num_classes": int(classes)} if isinstance(classes, int) and classes > 1 else {}
 
     def each(rec: RoundRecord) -> None:
         if db is not None and run_id is not None:
             db.add_round(run_id, rec.row())
+        records.append(rec)
         if on_round is not None:
             on_round(rec)
 
     built.simulation.on_round = each
+    wall0 = time.perf_counter()
     try:
         result = built.simulation.run()
-    except BaseException:
+    except BaseException as e:
         if db is not None and run_id is not None:
-            db.finish_run(run_id, "failed", {})
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            part = _summary(records, time.perf_counter() - wall0, None)
+            note = {} if status == "interrupted" else {"error": f"{type(e).__name__}: {e}"[:500]}
+            db.finish_run(run_id, status, {**part, **extra, **note})
         raise
     if db is not None and run_id is not None:
-        db.finish_run(run_id, "finished", summary(result))
+        db.finish_run(run_id, "finished", {**summary(result), **extra})
     return result, run_id
 
 
 def summary(result: SimResult) -> dict[str, Any]:
-    f = result.final.row()
+    """A finished run's summary: rounds, final accuracy and loss, times, update rate."""
+    return _summary(result.records, result.wall_time, result.client_updates)
+
+
+def _summary(records: Sequence[RoundRecord], wall: float, updates: int | None) -> dict[str, Any]:
+    """The summary of the rounds run so far (``final_*``: the last evaluated round's)."""
+    if updates is None:
+        updates = sum(r.stats.folded for r in records)
+    evaluated = [r for r in records if not math.isnan(r.test_accuracy)]
+    last = evaluated[-1].row() if evaluated else {}
     return {
-        "rounds": len(result.records),
-        "final_accuracy": f["test_accuracy"],
-        "final_loss": f["test_loss"],
-        "virtual_time": f["virtual_time"],
-        "wall_time": result.wall_time,
-        "client_updates": result.client_updates,
-        "updates_per_second": result.client_updates / result.wall_time if result.wall_time else 0,
+        "rounds": len(records),
+        "final_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("test_loss"),
+        "virtual_time": records[-1].stats.ended if records else 0.0,
+        "wall_time": wall,
+        "client_updates": updates,
+        "updates_per_second": updates / wall if wall else 0,
     }
 
 
@@ -185,8 +208,14 @@ def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in cfg.items()}
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], every: int = 1) -> str:
-    """A fixed-width results table of round rows (every ``every``-th, plus the last)."""
+def _evaluated(r: Mapping[str, Any]) -> bool:
+    v = r.get("test_accuracy")
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], every: int = 0) -> str:
+    """A fixed-width results table of round rows: every evaluated round and the last, and
+    (``every`` > 0) every ``every``-th of the rounds not evaluated."""
     cols = [
         ("round", "{:>5}"), ("test_accuracy", "{:>8.2%}"), ("test_loss", "{:>9.4f}"),
         ("client_loss", "{:>11.4f}"), ("folded", "{:>6}"), ("staleness_mean", "{:>6.2f}"),
@@ -198,7 +227,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], every: int = 1) -> str:
     widths = [len(f.format(0 if "%" not in f else 0.0)) for _, f in cols]
     lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True))]
     for i, r in enumerate(rows):
-        if i % every and i != len(rows) - 1:
+        if not (_evaluated(r) or i == len(rows) - 1 or (every > 0 and i % every == 0)):
             continue
         cells = []
         for (k, f), w in zip(cols, widths, strict=True):
@@ -212,21 +241,29 @@ def format_table(rows: Sequence[Mapping[str, Any]], every: int = 1) -> str:
     return "\n".join(lines)
 
 
-def plot_run(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> list[str]:
-    """Two PNGs: accuracy against round and against virtual time. Returns their paths."""
+def plot_run(
+    rows: Sequence[Mapping[str, Any]], path: str, title: str, num_classes: int | None = None
+) -> list[str]:
+    """Two PNGs: accuracy against round and against virtual time, on a fixed [0, 1] axis
+    (so a collapse shows as one), with a dashed chance line at ``1 / num_classes`` if given.
+    Returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(path, exist_ok=True)
-    pts = [r for r in rows if r.get("test_accuracy") is not None
-           and not math.isnan(float(r["test_accuracy"]))]  # fmt: skip
+    pts = [r for r in rows if _evaluated(r)]
     out = []
     for x_key, label, suffix in (("round", "round", "round"),
                                  ("virtual_time", "virtual time (s)", "time")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r[x_key] for r in pts], [r["test_accuracy"] for r in pts], marker=".")
+        ax.set_ylim(0.0, 1.0)
+        if num_classes is not None and num_classes > 1:
+            ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
+                       label=f"chance (1/{num_classes})")  # fmt: skip
+            ax.legend(loc="lower right")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.set_title(title)
