@@ -278,7 +278,7 @@ def refusal_reason(error: BaseException | str) -> str:
         return "invalid weight"
     text = error.reason if isinstance(error, UpdateError) else str(error)
     if isinstance(error, UpdateError) and error.client_id:
-        text = text.replace(error.client_id, "<client>")
+        text = re.sub(rf"(?<![\w-]){re.escape(error.client_id)}(?![\w-])", "<client>", text)
     text = " ".join(text.split())
     m = re.search(r"dtype (.+?), expected (\S+)", text)
     if m:

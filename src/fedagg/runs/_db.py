@@ -108,7 +108,10 @@ def _check_run_db(path: str) -> None:
     ):
         return
     try:
-        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        # read-only; and with no -wal file beside it, immutable too: SQLite then creates no
+        # -wal or -shm file (a WAL-mode file, such as a server's state.db, would get both)
+        wal = os.path.exists(path + "-wal")
+        uri = Path(path).resolve().as_uri() + ("?mode=ro" if wal else "?mode=ro&immutable=1")
         con = sqlite3.connect(uri, uri=True)
         try:
             tables = {

@@ -146,14 +146,12 @@ def run_config(
     built = build(config)
     cfg = built.config
     run_id = db.start_run(str(cfg["name"]), int(cfg["seed"]), _jsonable(cfg)) if db else None
-    records: list[RoundRecord] = []
     classes = getattr(built.data, "num_classes", None)
     extra = {"num_classes": int(classes)} if isinstance(classes, int) and classes > 1 else {}
 
     def each(rec: RoundRecord) -> None:
         if db is not None and run_id is not None:
             db.add_round(run_id, rec.row())
-        records.append(rec)
         if on_round is not None:
             on_round(rec)
 
@@ -164,7 +162,9 @@ def run_config(
     except BaseException as e:
         if db is not None and run_id is not None:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            part = _summary(records, time.perf_counter() - wall0, None)
+            # what the database holds is the truth (an interrupt may fall between the store
+            # of a round and anything after it)
+            part = _summary(db.rounds(run_id), time.perf_counter() - wall0, None)
             note = {} if status == "interrupted" else {"error": f"{type(e).__name__}: {e}"[:500]}
             db.finish_run(run_id, status, {**part, **extra, **note})
         raise
@@ -175,20 +175,21 @@ def run_config(
 
 def summary(result: SimResult) -> dict[str, Any]:
     """A finished run's summary: rounds, final accuracy and loss, times, update rate."""
-    return _summary(result.records, result.wall_time, result.client_updates)
+    rows = [r.row() for r in result.records]
+    return _summary(rows, result.wall_time, result.client_updates)
 
 
-def _summary(records: Sequence[RoundRecord], wall: float, updates: int | None) -> dict[str, Any]:
+def _summary(rows: Sequence[Mapping[str, Any]], wall: float, updates: int | None) -> dict[str, Any]:
     """The summary of the rounds run so far (``final_*``: the last evaluated round's)."""
     if updates is None:
-        updates = sum(r.stats.folded for r in records)
-    evaluated = [r for r in records if not math.isnan(r.test_accuracy)]
-    last = evaluated[-1].row() if evaluated else {}
+        updates = sum(int(r.get("folded") or 0) for r in rows)
+    evaluated = [r for r in rows if _evaluated(r)]
+    last = evaluated[-1] if evaluated else {}
     return {
-        "rounds": len(records),
+        "rounds": len(rows),
         "final_accuracy": last.get("test_accuracy"),
         "final_loss": last.get("test_loss"),
-        "virtual_time": records[-1].stats.ended if records else 0.0,
+        "virtual_time": rows[-1].get("virtual_time") if rows else 0.0,
         "wall_time": wall,
         "client_updates": updates,
         "updates_per_second": updates / wall if wall else 0,
