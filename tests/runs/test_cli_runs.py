@@ -122,6 +122,9 @@ def test_runs_csv_writes_every_round_of_the_runs(two_runs: Any) -> None:
         (str(i), str(k)) for i in (1, 2) for k in range(1, 5)
     ]
     assert rows[1]["test_accuracy"] != "" and rows[0]["test_accuracy"] == ""  # eval_every 2
+    after = cli("runs", "--db", str(db), "--csv", "1", "2", cwd=d)  # ids after --csv
+    assert after.returncode == 0 and after.stdout == p.stdout
+    assert not (d / "1").exists()
     out = d / "one.csv"
     p = cli("runs", "2", "--db", str(db), "--csv", str(out), cwd=d)
     assert p.returncode == 0, p.stderr

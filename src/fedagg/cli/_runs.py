@@ -22,6 +22,7 @@ import fedagg
 from fedagg.cli._common import (
     EXIT_ERROR,
     EXIT_OK,
+    EXIT_USAGE,
     Command,
 )
 
@@ -42,8 +43,7 @@ def _configure_runs(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="-",
         metavar="FILE",
-        help="write the runs' rounds as CSV (run_id and every column) to FILE, or to stdout; "
-        "put the run ids before --csv",
+        help="write the runs' rounds as CSV (run_id and every column) to FILE, or to stdout",
     )
 
 
@@ -186,6 +186,12 @@ def plot_runs(db: Any, ids: Sequence[int], path: str) -> None:
 def _run_runs(args: argparse.Namespace) -> int:
     from fedagg.runs import RunDB
 
+    if args.csv is not None and args.csv.isdigit():  # `runs --csv 1 2`: 1 is a run id
+        args.ids = [int(args.csv), *args.ids]
+        args.csv = "-"
+    if args.plot is not None and args.plot.isdigit():
+        print(f"fedagg runs: error: --plot needs a file name, not {args.plot}", file=sys.stderr)
+        return EXIT_USAGE
     if not os.path.exists(args.db):
         print(f"fedagg runs: no run database at {args.db}", file=sys.stderr)
         return EXIT_ERROR
@@ -222,6 +228,9 @@ def _run_runs(args: argparse.Namespace) -> int:
     except fedagg.FedaggError as e:
         print(f"fedagg runs: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # stdout closed early (`fedagg runs --csv | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
         print(f"fedagg runs: error: {e}", file=sys.stderr)
         return EXIT_ERROR

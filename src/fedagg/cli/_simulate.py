@@ -6,6 +6,7 @@ import argparse
 import math
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -53,6 +54,8 @@ def describe_data(cfg: Mapping[str, Any]) -> str:
         part = f"dirichlet(alpha={_num(d['alpha'])})"
     elif part == "shards":
         part = f"shards({d['shards_per_client']} per client)"
+    if d["name"] in ("", "none"):
+        return f"no dataset (the client code loads its own), {d['num_clients']} clients"
     return f"{d['name']}, {d['num_clients']} clients, {part}"
 
 
@@ -178,6 +181,9 @@ def _sigterm_interrupts() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
