@@ -111,8 +111,11 @@ def _module(tmp_path: Path, name: str, source: str) -> str:
 
 # -- per-task client config ----------------------------------------------------------------------
 def test_the_client_config_reaches_train_per_version_through_the_schedule(tmp_path: Path) -> None:
-    code = _module(tmp_path, "h5_sched", "def schedule(version, config):\n"
-                   "    return {'lr': config['lr'] / (1 + version), 'round': version}\n")  # fmt: skip
+    source = (
+        "def schedule(version, config):\n"
+        "    return {'lr': config['lr'] / (1 + version), 'round': version}\n"
+    )
+    code = _module(tmp_path, "h5_sched", source)
     cfg = resolve_config({"code_path": code, "client": {
         "config": {"lr": 0.5, "optimizer": "sgd", "nesterov": True},
         "schedule": "h5_sched:schedule"}})  # fmt: skip
@@ -135,7 +138,7 @@ def test_a_bad_client_config_is_refused_with_a_clear_error(tmp_path: Path) -> No
     code = _module(tmp_path, "h5_badsched", "def schedule(version, config):\n"
                    "    return {'lr': [1, 2]}\n")  # fmt: skip
     cfg = resolve_config({"code_path": code, "client": {"schedule": "h5_badsched:schedule"}})
-    with pytest.raises(ConfigError, match="'lr'.*bool, int, float or str"):
+    with pytest.raises(ConfigError, match=r"'lr'.*bool, int, float or str"):
         task_configs(cfg)
     for bad, why in (
         ("[1, 2]", "not a JSON object"), ('{"a": {"b": 1}}', "booleans, numbers or strings"),
@@ -179,7 +182,11 @@ def test_federated_evaluation_aggregates_the_clients_reports(tmp_path: Path) -> 
 
     def server_eval(params: dict[str, Any]) -> dict[str, float]:
         assert not params["w"].flags.writeable
-        return {"loss": 0.5, "accuracy": 0.75, "w_sum": float(np.sum(params["w"], dtype=np.float64))}
+        return {
+            "loss": 0.5,
+            "accuracy": 0.75,
+            "w_sum": float(np.sum(params["w"], dtype=np.float64)),
+        }
 
     ev = Evaluation(server_eval=server_eval, eval_every=2, fed_every=1, timeout=20.0)
     fed, service = asyncio.run(_run(tmp_path / "e", evaluation=ev))
@@ -223,12 +230,12 @@ def test_a_client_without_evaluate_reports_nothing_and_the_evaluation_still_clos
     tmp_path: Path,
 ) -> None:
     ev = Evaluation(fed_every=1, timeout=20.0)
-    _, service = asyncio.run(_run(tmp_path / "n", evaluation=ev, evaluate=None))
+    asyncio.run(_run(tmp_path / "n", evaluation=ev, evaluate=None))
     assert [src for _, _, src, _ in ev.results] == []  # weight 0 everywhere: no metrics
     assert not ev.open
 
 
-# -- bad reports ------------------------------------------------------------------------------------
+# -- bad reports ----------------------------------------------------------------------------------
 async def _call(c: Client, req: pb.ReportRequest) -> tuple[str, str]:
     try:
         raw = await c._method("Report", "unary_unary")(req.SerializeToString(), timeout=5)

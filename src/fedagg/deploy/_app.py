@@ -257,7 +257,8 @@ async def serve_async(
         if recorder is not None:  # the run the state names, or a new one (named there)
             keys = ("run_id", "run_db")
             meta = await svc.in_engine(lambda: {k: fed.store.meta(k) for k in keys})
-            await svc.in_engine(fed.store.set_meta, recorder.bind(meta))
+            past = await svc.in_engine(fed.store.rounds)
+            await svc.in_engine(fed.store.set_meta, recorder.bind(meta, past))
         if on_start is not None:
             on_start(server)
         await server.wait()

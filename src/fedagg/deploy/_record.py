@@ -19,13 +19,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedagg.policy import RoundStats
 from fedagg.runs import ROUND_COLUMNS, RunDB
 
 __all__ = ["RunRecorder", "jsonable"]
+
+#: what a row takes from a round's stats (a RoundStats, or the state database's record)
+_STATS = (
+    "round", "version", "ended", "client_loss", "selected", "dispatched", "folded", "dropped",
+    "refused", "late", "applied", "staleness_mean", "staleness_max",
+)  # fmt: skip
 
 log = logging.getLogger("fedagg.server")
 
@@ -65,10 +71,13 @@ class RunRecorder:
         self.recorded: set[int] = set()  # rounds already in the database (a resumed run)
         self._bytes0 = bytes_in()
 
-    def bind(self, meta: Mapping[str, str | None]) -> dict[str, str]:
+    def bind(
+        self, meta: Mapping[str, str | None], past: Sequence[Mapping[str, Any]] = ()
+    ) -> dict[str, str]:
         """Open the database and start the run, or continue the one the state's ``meta``
         names (``run_id``, ``run_db``); returns the meta to store. Rounds recorded so far
-        are written now."""
+        are written now, and the ``past`` rounds of the state database (their stats) that
+        the run lacks (closed just before a crash): without evaluations."""
         self.db = RunDB(self.path)
         known = {r.id: r for r in self.db.runs()}
         rid = meta.get("run_id")
@@ -82,6 +91,12 @@ class RunRecorder:
         else:
             self.run_id = self.db.start_run(self.name, self.seed, self.config)
             log.info("recording the deployment as run %d in %s", self.run_id, self.path)
+        for st in past:
+            r = int(st["round"]) + 1
+            if r not in self.recorded and r not in self.rows:
+                self.rows[r] = self._row(st, wall=math.nan)
+                self._write(r)
+                self.rows.pop(r, None)
         for r in sorted(self.rows):
             self._write(r)
         return {"run_id": str(self.run_id), "run_db": self.path}
@@ -90,19 +105,21 @@ class RunRecorder:
         """A round closed."""
         got = self.bytes_in()
         up, self._bytes0 = max(0, got - self._bytes0), got
-        nan = math.nan
-        row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, nan)
-        row.update(
-            round=s.round + 1, version=s.version, virtual_time=s.ended, wall_time=time.time(),
-            client_loss=s.client_loss, selected=s.selected, dispatched=s.dispatched,
-            folded=s.folded, dropped=s.dropped, refused=s.refused, late=s.late,
-            applied=int(s.applied), bytes_down=s.dispatched * self.model_bytes, bytes_up=up,
-            staleness_mean=s.staleness_mean, staleness_max=s.staleness_max,
-        )  # fmt: skip
-        self.rows[s.round + 1] = row
+        fields = {f: getattr(s, f) for f in _STATS}
+        self.rows[s.round + 1] = self._row(fields, wall=time.time(), bytes_up=up)
         for old in sorted(self.rows)[: -self.keep]:
             del self.rows[old]
         self._write(s.round + 1)
+
+    def _row(self, s: Mapping[str, Any], wall: float, bytes_up: float = math.nan) -> dict[str, Any]:
+        row: dict[str, Any] = dict.fromkeys(ROUND_COLUMNS, math.nan)
+        row.update({k: s[k] for k in _STATS if k in s and k not in ("round", "ended")})
+        row.update(
+            round=int(s["round"]) + 1, virtual_time=s["ended"], wall_time=wall,
+            applied=int(s["applied"]), bytes_down=int(s["dispatched"]) * self.model_bytes,
+            bytes_up=bytes_up,
+        )  # fmt: skip
+        return row
 
     def metrics(self, round_: int, version: int, source: str, values: Mapping[str, float]) -> None:
         """Evaluation metrics of round ``round_``'s model (``source``: ``"server"`` or
@@ -120,7 +137,7 @@ class RunRecorder:
         if self.db is None or self.run_id is None or r in self.recorded:
             return
         row = dict(self.rows[r])
-        row["wall_time"] = row["wall_time"] - self.started
+        row["wall_time"] -= self.started  # NaN stays NaN
         self.db.add_round(self.run_id, row)
 
     def finish(self, status: str, extra: Mapping[str, Any] | None = None) -> None:
