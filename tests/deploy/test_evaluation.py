@@ -363,3 +363,60 @@ def test_a_restarted_deployment_continues_its_run_without_duplicate_rows(tmp_pat
     other.finish("finished")
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
     assert {"runs", "rounds"} <= tables
+
+
+# -- through an edge aggregator ----------------------------------------------------------------
+EDGE = ClientKey("e0", Ed25519PrivateKey.generate())
+EDGES = Keyring({"e0": EDGE.private.public_key()})
+
+
+def test_an_edge_passes_the_client_config_on_and_gets_no_evaluation_task(tmp_path: Path) -> None:
+    from fedagg.deploy import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.deploy._memory import MemoryTransport
+
+    seen: list[tuple[int, str, dict[str, Any]]] = []
+    evaluated: list[int] = []
+
+    def train(model: Any, task: Any) -> Result:
+        seen.append((task.version, task.kind, dict(task.config)))
+        return _train(model, task)
+
+    def evaluate(model: Any, task: Any) -> dict[str, float]:
+        evaluated.append(task.version)
+        return {"accuracy": 1.0}
+
+    async def go() -> Evaluation:
+        d = tmp_path
+        fed = _fed(d / "root")
+        root = FederationService(fed, RING, _opts(), edges=EDGES, edge_clients={"e0": range(N)})
+        root.task_config = lambda version: f'{{"version": {version}, "via": "root"}}'
+        ev = Evaluation(fed_every=1, timeout=5.0).attach(root)
+        await root.start()
+        engine = EdgeEngine(fed.policy.strategy.aggregator, fed.spec, num_clients=N,
+                            directory=d / "edge", mode="relay")  # fmt: skip
+        link = ParentLink("memory", EDGE, range(N), insecure=True, retry_for=5.0,
+                          channel=MemoryChannel(root))  # fmt: skip
+        edge = EdgeServer(engine, RING, _opts(), link, serves=set(range(N)),
+                          transport=MemoryTransport)  # fmt: skip
+        clients: list[asyncio.Task[Any]] = []
+        try:
+            starting = asyncio.create_task(edge.start())
+            clients = [asyncio.create_task(_client(edge.service, n, train, evaluate).run_async())
+                       for n in NAMES]  # fmt: skip
+            await asyncio.wait_for(starting, 30)
+            await asyncio.wait_for(root.wait(), 30)
+            await asyncio.wait_for(ev.drain(), 30)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+        finally:
+            for c in clients:
+                c.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+            await edge.stop()
+            await root.stop()
+            ev.close()
+        return ev
+
+    ev = asyncio.run(go())
+    assert len(seen) == 3 * ROUNDS
+    assert all(c == {"version": v, "via": "root"} and k == "train" for v, k, c in seen)
+    assert evaluated == [] and ev.results == []  # clients behind an edge are not asked

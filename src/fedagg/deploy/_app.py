@@ -328,18 +328,19 @@ def serve(
     keyring = Keyring.load(Path(cfg["deploy"]["keys"]) / "authorized_keys")
     edges = Keyring.load(cfg["deploy"]["edges"]) if cfg["deploy"]["edges"] else None
     scopes = edge_scopes(cfg["deploy"], keyring, edges)
+    evaluation = evaluation_from_config(cfg)  # a bad eval_data, evaluate or schedule: now
+    task_config = task_configs(cfg)
     fed = build_federation(cfg, directory)
     if len(keyring.names) != fed.ctx.num_clients:
         raise ConfigError(
             f"{len(keyring.names)} registered client keys, but the config has "
             f"{fed.ctx.num_clients} clients (data.num_clients)"
         )
-    evaluation = evaluation_from_config(cfg)
     recorder = RunRecorder(db or cfg["output"]["db"], str(cfg["name"]), int(cfg["seed"]), cfg,
                            model_bytes=fed.spec.nbytes)  # fmt: skip
     run = serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges,
                       edge_clients=scopes, evaluation=evaluation, recorder=recorder,
-                      task_config=task_configs(cfg))  # fmt: skip
+                      task_config=task_config)  # fmt: skip
     result = asyncio.run(run)
     write_private(Path(directory) / "final.npz", dumps(result.server))
     return result
