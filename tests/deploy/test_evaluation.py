@@ -420,3 +420,52 @@ def test_an_edge_passes_the_client_config_on_and_gets_no_evaluation_task(tmp_pat
     assert len(seen) == 3 * ROUNDS
     assert all(c == {"version": v, "via": "root"} and k == "train" for v, k, c in seen)
     assert evaluated == [] and ev.results == []  # clients behind an edge are not asked
+
+
+# -- a config's evaluation ---------------------------------------------------------------------
+def test_a_configs_evaluate_and_held_out_data_are_what_server_and_clients_use(
+    tmp_path: Path,
+) -> None:
+    from fedagg.clients import Task
+    from fedagg.deploy import config_evaluator, evaluation_from_config
+
+    code = _module(tmp_path, "h5_user", (
+        "import numpy as np\n"
+        "def heldout():\n"
+        "    return np.ones((6, 64), np.float32), np.arange(6) % 10\n"
+        "def evaluate(params, data, task):\n"
+        "    logits = data.x @ params['W'] + params['b']\n"
+        "    return {'accuracy': float((logits.argmax(1) == data.y).mean()),\n"
+        "            'kind': 0.0 if task is None else 1.0}\n"
+    ))  # fmt: skip
+    base = {"code_path": code, "data": {"name": "digits", "num_clients": 3, "partition": "iid"}}
+    params = {"W": np.zeros((64, 10), np.float32), "b": np.eye(10, dtype=np.float32)[3]}
+    # the model's own evaluation, on the dataset's test split
+    ev = evaluation_from_config(resolve_config(base))
+    assert ev.server_eval is not None
+    m = ev.server_eval(params)
+    assert set(m) == {"loss", "accuracy"} and 0 < m["accuracy"] < 0.3  # predicts class 3
+    task = Task(EVAL_BASE + 1, 1, 0, 0, client_index=2, kind="evaluate")
+    mine = config_evaluator(resolve_config(base))(params, task)
+    assert set(mine) == {"loss", "accuracy", "num_examples"} and mine["num_examples"] > 0
+    # the user's evaluate, on the user's held-out data (task None on the server)
+    user = resolve_config({**base, "eval_data": "h5_user:heldout",
+                           "client": {"evaluate": "h5_user:evaluate"}})  # fmt: skip
+    ev = evaluation_from_config(user)
+    assert ev.server_eval is not None
+    assert ev.server_eval(params) == {"accuracy": 1 / 6, "kind": 0.0}
+    mine = config_evaluator(user)(params, task)
+    assert mine["kind"] == 1.0 and mine["num_examples"] > 0  # the client's share, weighted
+    # held-out data from a file; bad references name their key
+    np.savez(tmp_path / "held.npz", x=np.ones((4, 64), np.float32), y=np.full(4, 3))
+    ev = evaluation_from_config({**base, "eval_data": str(tmp_path / "held.npz")})
+    assert ev.server_eval is not None and ev.server_eval(params)["accuracy"] == 1.0
+    for bad, key in (
+        ({"eval_data": "h5_user:nothing"}, "eval_data"),
+        ({"eval_data": str(tmp_path / "missing.npz")}, "eval_data"),
+        ({"client": {"evaluate": "h5_user:absent"}}, "client.evaluate"),
+        ({"deploy": {"fed_eval_every": -1}}, "deploy.fed_eval_every"),
+        ({"deploy": {"eval_timeout": 0}}, "deploy.eval_timeout"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            evaluation_from_config({**base, **bad})
