@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -169,11 +169,13 @@ class Evaluation:
         return pb.Task(task=eval_task_id(ev.version), version=ev.version, epochs=0,
                        seed=self.svc.engine.seed, kind="evaluate")  # fmt: skip
 
-    def tasks_of(self, client: int) -> list[pb.Task]:
-        """The evaluation tasks ``client`` was asked and has not reported (a task stream
-        opening again gets them anew)."""
-        return [self.task_msg(ev) for ev in self.open.values()
-                if client in ev.clients and client not in ev.reports]  # fmt: skip
+    def tasks_of(self, session: Any, clients: Collection[int]) -> list[pb.Task]:
+        """The evaluation tasks asked of the ``clients`` whose own task stream ``session`` is
+        (not an edge's) and not yet reported: a task stream opening again gets them anew."""
+        assert self.svc is not None
+        mine = [c for c in clients if self.svc.sessions[c] is session]
+        return [self.task_msg(ev) for c in mine for ev in self.open.values()
+                if c in ev.clients and c not in ev.reports]  # fmt: skip
 
     def _close(self, version: int) -> None:
         ev = self.open.pop(version, None)

@@ -403,10 +403,8 @@ class FederationService:
             s.drop = None
         for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self.task_msg(t))
-        if self.evals is not None:  # evaluation tasks asked and not yet reported
-            for c in clients:
-                for ask in self.evals.tasks_of(c) if self.sessions[c] is s else ():
-                    queue.put_nowait(ask)
+        for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
+            queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
         queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
         if self.engine.finished:
             queue.put_nowait(pb.Task(finished=True))
