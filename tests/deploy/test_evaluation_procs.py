@@ -6,8 +6,10 @@ no run tables."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 from fedagg.runs import RunDB
@@ -96,3 +98,18 @@ def test_a_server_killed_and_restarted_continues_its_run(tmp_path: Path) -> None
             state.close()
         assert meta["run_id"] == str(info.id)
         assert "continuing run" in read_log(fed)
+
+
+def test_a_server_stopped_with_ctrl_c_leaves_an_interrupted_run(tmp_path: Path) -> None:
+    with federation(tmp_path / "fed", clients=2, rounds=2, tls=False) as fed:
+        server = start_server(fed)  # no client comes: it waits for them
+        wait_listening(fed, server)
+        deadline = time.monotonic() + 30
+        while "recording the deployment" not in read_log(fed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.send_signal(signal.SIGINT)
+        wait(server, 30)
+        with RunDB(fed.dir / "runs.db") as runs:
+            (info,) = runs.runs()
+        assert info.status == "interrupted", read_log(fed)
+        assert info.summary["rounds"] == 0
