@@ -226,13 +226,20 @@ def test_client_metrics_aggregated_by_a_named_function(tmp_path: Path) -> None:
         assert m["accuracy"] in {0.1 * (i + 1) for i in range(N)}
 
 
-def test_a_client_without_evaluate_reports_nothing_and_the_evaluation_still_closes(
-    tmp_path: Path,
+def _failing(model: Any, task: Any) -> dict[str, float]:
+    raise RuntimeError("no data here")
+
+
+@pytest.mark.parametrize("evaluate", [None, _failing, lambda model, task: [1.0]])
+def test_a_client_that_cannot_evaluate_reports_nothing_and_training_goes_on(
+    tmp_path: Path, evaluate: Any
 ) -> None:
     ev = Evaluation(fed_every=1, timeout=20.0)
-    asyncio.run(_run(tmp_path / "n", evaluation=ev, evaluate=None))
-    assert [src for _, _, src, _ in ev.results] == []  # weight 0 everywhere: no metrics
-    assert not ev.open
+    fed, service = asyncio.run(_run(tmp_path / "n", evaluation=ev, evaluate=evaluate))
+    assert ev.results == []  # weight 0 everywhere: no metrics
+    assert not ev.open and sorted(ev.reported) == [1, 2, 3]  # every client answered
+    assert all(len(who) == N for who in ev.reported.values())
+    assert fed.server.version == ROUNDS and service.stats.uploads == 3 * ROUNDS
 
 
 # -- bad reports ----------------------------------------------------------------------------------

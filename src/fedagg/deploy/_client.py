@@ -320,8 +320,11 @@ class Client:
         if self.evaluate is not None:
             model = self.spec.unflatten(flat)
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(None, self.evaluate, model, ctx)
-            weight, metrics = eval_output(out, f"evaluation task {t.task}")
+            try:  # a failing evaluation is reported empty: training goes on
+                out = await loop.run_in_executor(None, self.evaluate, model, ctx)
+                weight, metrics = eval_output(out, f"evaluation task {t.task}")
+            except Exception as e:
+                log.error("evaluating version %d failed: %s: %s", t.version, type(e).__name__, e)
         try:
             await self._retry("report", lambda: self._report(t, weight, metrics))
         except ClientError as e:
