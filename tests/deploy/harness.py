@@ -116,6 +116,8 @@ def make_fed(
             "client_timeout": 30.0,
             **(deploy or {}),
         },
+        # the run database the server records the deployment in: here, not in the cwd
+        "output": {"db": str(root / "runs.db"), "plots": str(root / "plots")},
         **(extra or {}),
     }
     path = root / "fed.toml"

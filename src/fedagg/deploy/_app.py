@@ -28,6 +28,7 @@ from fedagg.config import (
     build_model,
     build_policy,
     build_strategy,
+    metrics_aggregator,
     resolve_config,
 )
 from fedagg.core.spec import ArrayTree
@@ -35,10 +36,13 @@ from fedagg.core.strategy import ServerState
 from fedagg.deploy._auth import ClientKey, Keyring
 from fedagg.deploy._bounds import bounded_strategy, bounds_of
 from fedagg.deploy._canonical import canonical_strategy
-from fedagg.deploy._client import Client, Result, TaskContext
+from fedagg.deploy._client import Client, EvalFn, Result, TaskContext
+from fedagg.deploy._evaluate import client_evaluator, server_evaluator, task_configs
+from fedagg.deploy._evaluation import Evaluation
 from fedagg.deploy._fed import Federation
 from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._options import ServerOptions
+from fedagg.deploy._record import RunRecorder
 from fedagg.deploy._server import Server
 from fedagg.errors import ConfigError
 from fedagg.policy import Policy, RoundStats
@@ -51,8 +55,10 @@ __all__ = [
     "ServeResult",
     "build_federation",
     "client_from_config",
+    "config_evaluator",
     "config_trainer",
     "edge_scopes",
+    "evaluation_from_config",
     "options_from_config",
     "serve",
     "serve_async",
@@ -120,6 +126,7 @@ class ServeResult:
     duplicates: int
     refused: int
     receive_s: float  # upload handlers: checking, hashing and spooling chunks
+    run_id: int | None = None  # the deployment's run in the run database ([output] db)
 
 
 @dataclass(frozen=True)
@@ -218,23 +225,86 @@ async def serve_async(
     on_start: Callable[[Server], None] | None = None,
     edges: Keyring | None = None,
     edge_clients: Mapping[str, set[int]] | None = None,
+    evaluation: Evaluation | None = None,
+    recorder: RunRecorder | None = None,
+    task_config: Callable[[int], str] | None = None,
 ) -> ServeResult:
     """Run the server until the policy finishes; returns the final state. ``edge_clients``:
-    the clients each of the ``edges`` may serve (:func:`edge_scopes`)."""
-    server = Server(fed, keyring, options, on_round=on_round, edges=edges,
+    the clients each of the ``edges`` may serve (:func:`edge_scopes`); ``evaluation``: what
+    to evaluate (:func:`evaluation_from_config`); ``recorder``: the run database to record
+    the deployment in; ``task_config``: each model version's client config, as it travels."""
+
+    def each(r: RoundStats) -> None:
+        if recorder is not None:
+            recorder.round(r)
+        if on_round is not None:
+            on_round(r)
+
+    server = Server(fed, keyring, options, on_round=each, edges=edges,
                     edge_clients=edge_clients)  # fmt: skip
+    svc = server.service
+    if task_config is not None:
+        svc.task_config = task_config
+    if evaluation is not None:
+        evaluation.attach(svc)
+        if recorder is not None and evaluation.on_metrics is None:
+            evaluation.on_metrics = recorder.metrics
+    if recorder is not None:
+        recorder.bytes_in = lambda: svc.stats.bytes_in
     await server.start()
-    if on_start is not None:
-        on_start(server)
+    status = "failed"
     try:
+        if recorder is not None:  # the run the state names, or a new one (named there)
+            keys = ("run_id", "run_db")
+            meta = await svc.in_engine(lambda: {k: fed.store.meta(k) for k in keys})
+            past = await svc.in_engine(fed.store.rounds)
+            await svc.in_engine(fed.store.set_meta, recorder.bind(meta, past))
+        if on_start is not None:
+            on_start(server)
         await server.wait()
+        if evaluation is not None:  # the last evaluations: reported, or timed out
+            await evaluation.drain()
         await asyncio.sleep(0.2)  # let the streams deliver "finished"
+        status = "finished"
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        status = "interrupted"
+        raise
     finally:
         await server.stop(grace=1.0)
+        if evaluation is not None:
+            evaluation.close()
+        if recorder is not None:
+            recorder.finish(status, {"client_updates": server.stats.uploads})
     st = server.stats
     return ServeResult(
-        fed.server, st.rounds, fed.replayed, st.uploads, st.duplicates, st.refused, st.receive_s
-    )
+        fed.server, st.rounds, fed.replayed, st.uploads, st.duplicates, st.refused, st.receive_s,
+        recorder.run_id if recorder is not None else None,
+    )  # fmt: skip
+
+
+def evaluation_from_config(config: Mapping[str, Any]) -> Evaluation:
+    """What a root server evaluates: the global model every ``eval_every`` rounds on
+    ``eval_data`` (or the dataset's test split), and, every ``[deploy] fed_eval_every``
+    model versions, on its clients' own data (see :mod:`fedagg.deploy._evaluation`)."""
+    cfg = resolve_config(config)
+    d = cfg["deploy"]
+    checks = {"eval_every": cfg["eval_every"], "deploy.fed_eval_every": d["fed_eval_every"],
+              "deploy.fed_eval_clients": d["fed_eval_clients"]}  # fmt: skip
+    for key, v in checks.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{key} must be an integer >= 0, got {v!r}")
+    timeout = d["eval_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"deploy.eval_timeout must be a number of seconds > 0, got {timeout!r}")
+    server_eval = server_evaluator(cfg)
+    if server_eval is None:
+        log.info("no held-out data (eval_data, or a test split of [data]): the server does not "
+                 "evaluate the model")  # fmt: skip
+    return Evaluation(
+        server_eval=server_eval, eval_every=int(cfg["eval_every"]),
+        fed_every=int(d["fed_eval_every"]), fed_clients=int(d["fed_eval_clients"]),
+        timeout=float(timeout), aggregate=metrics_aggregator(cfg),
+    )  # fmt: skip
 
 
 def serve(
@@ -245,9 +315,11 @@ def serve(
     state: str | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     on_start: Callable[[Server], None] | None = None,
+    db: str | os.PathLike[str] | None = None,
 ) -> ServeResult:
     """``fedagg server``: serve the federation a config describes; the final model is saved
-    to ``<state>/final.npz``."""
+    to ``<state>/final.npz``, its rounds and evaluations recorded in the run database ``db``
+    (default: ``[output] db``; see :mod:`fedagg.deploy._record`)."""
     cfg = resolve_config(config)
     if cfg["deploy"]["parent"]:
         raise ConfigError("this config has a deploy.parent: run it with serve_edge")
@@ -256,14 +328,19 @@ def serve(
     keyring = Keyring.load(Path(cfg["deploy"]["keys"]) / "authorized_keys")
     edges = Keyring.load(cfg["deploy"]["edges"]) if cfg["deploy"]["edges"] else None
     scopes = edge_scopes(cfg["deploy"], keyring, edges)
+    evaluation = evaluation_from_config(cfg)  # a bad eval_data, evaluate or schedule: now
+    task_config = task_configs(cfg)
     fed = build_federation(cfg, directory)
     if len(keyring.names) != fed.ctx.num_clients:
         raise ConfigError(
             f"{len(keyring.names)} registered client keys, but the config has "
             f"{fed.ctx.num_clients} clients (data.num_clients)"
         )
+    recorder = RunRecorder(db or cfg["output"]["db"], str(cfg["name"]), int(cfg["seed"]), cfg,
+                           model_bytes=fed.spec.nbytes)  # fmt: skip
     run = serve_async(fed, keyring, opts, on_round=on_round, on_start=on_start, edges=edges,
-                      edge_clients=scopes)  # fmt: skip
+                      edge_clients=scopes, evaluation=evaluation, recorder=recorder,
+                      task_config=task_config)  # fmt: skip
     result = asyncio.run(run)
     write_private(Path(directory) / "final.npz", dumps(result.server))
     return result
@@ -372,8 +449,12 @@ def client_from_config(
     server: str | None = None,
     insecure: bool | None = None,
     train: Callable[[ArrayTree, TaskContext], Any] | None = None,
+    evaluate: EvalFn | None = None,
     retry_for: float = 120.0,
 ) -> Client:
+    """``fedagg client``: a client of the federation a config describes, with the config's
+    train function (:func:`config_trainer`) and evaluate function (:func:`config_evaluator`)
+    unless ``train`` / ``evaluate`` are given."""
     cfg = resolve_config(config)
     d = cfg["deploy"]
     insecure = bool(d["insecure"]) if insecure is None else insecure
@@ -387,5 +468,14 @@ def client_from_config(
             raise ConfigError(f"TLS needs the CA certificate {path} ({e}), or --insecure") from e
     return Client(
         server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
-        insecure=insecure, retry_for=retry_for,
+        insecure=insecure, retry_for=retry_for, evaluate=evaluate or config_evaluator(cfg),
     )  # fmt: skip
+
+
+def config_evaluator(config: Mapping[str, Any]) -> EvalFn:
+    """The built-in client's evaluate function, for federated evaluation tasks:
+    ``[client] evaluate(params, data, task)`` if the config names one, else the model's own
+    (loss, accuracy), on this client's test split (``client_tests``) if the dataset has one,
+    else on its training share; weighted by the number of examples. The dataset is loaded at
+    the first evaluation."""
+    return client_evaluator(resolve_config(config))

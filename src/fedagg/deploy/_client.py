@@ -1,6 +1,7 @@
 """The client runtime: connect, wait for tasks, pull the model, train, push the update.
 
-The user supplies ``train(model, task) -> Result``; everything else (TLS, signing every
+The user supplies ``train(model, task) -> Result`` (and, for federated evaluation,
+``evaluate(model, task) -> {metric: value}``); everything else (TLS, signing every
 request, streaming in chunks, retrying through server restarts and network errors) is here.
 Uploads are idempotent (keyed by client and task), so a retry after a lost acknowledgement is
 safe: the server acknowledges it without counting it again.
@@ -12,9 +13,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, body, upload_body
 from fedagg.deploy._calls import CALL_METADATA, CallTokens
+from fedagg.deploy._evalwire import parse_task_config, report_body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
@@ -65,6 +68,7 @@ class ClientReport:
     uploads: int = 0
     duplicates: int = 0
     skipped: int = 0
+    evaluations: int = 0  # evaluation tasks reported
     retries: int = 0
     heartbeats: int = 0
     pull_s: list[float] = field(default_factory=list)  # per task: model download
@@ -73,6 +77,7 @@ class ClientReport:
 
 
 TrainFn = Callable[[ArrayTree, TaskContext], Any]
+EvalFn = Callable[[ArrayTree, TaskContext], Any]
 
 
 class Client:
@@ -83,6 +88,11 @@ class Client:
         server: ``host:port``.
         key: the client's :class:`ClientKey` (``ClientKey.load("alice.key")``).
         train: ``train(model, task) -> Result`` (or a ``fedagg.clients`` TrainResult).
+            ``task.config`` is the per-task config the server sent (``[client] config``
+            through its schedule for this model version).
+        evaluate: ``evaluate(model, task) -> {metric: value}`` for the server's federated
+            evaluation tasks (``task.kind == "evaluate"``); a ``"num_examples"`` entry is the
+            metrics' weight (default 1). None: this client reports no metrics (weight 0).
         ca: the CA certificate (PEM bytes) that signed the server's; None needs
             ``insecure=True``.
         retry_for: give up after this many seconds without reaching the server.
@@ -100,6 +110,7 @@ class Client:
         key: ClientKey,
         train: TrainFn,
         *,
+        evaluate: EvalFn | None = None,
         ca: bytes | None = None,
         insecure: bool = False,
         retry_for: float = 120.0,
@@ -113,6 +124,7 @@ class Client:
         self.key = key
         self._tokens = CallTokens(key)
         self.train = train
+        self.evaluate = evaluate
         self.ca = ca
         self.retry_for = retry_for
         self.server_name = server_name
@@ -238,8 +250,25 @@ class Client:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
+    def _context(self, t: pb.Task) -> TaskContext:
+        """What the user's code is told about task ``t``; a malformed task (config, kind) is
+        a ConfigError naming the task (the server speaks another protocol)."""
+        kind = t.kind or "train"
+        if kind not in ("train", "evaluate"):
+            raise ConfigError(f"task {t.task}: unknown kind {kind[:32]!r} (update the client)")
+        try:
+            config = parse_task_config(t.config)
+        except ConfigError as e:
+            raise ConfigError(f"task {t.task} from the server: {e}") from None
+        return TaskContext(t.task, t.version, t.epochs, t.seed, self.index, self.key.name,
+                           config, kind)  # fmt: skip
+
     async def _do(self, t: pb.Task) -> None:
         assert self.spec is not None
+        ctx = self._context(t)
+        if ctx.kind == "evaluate":
+            await self._evaluate(t, ctx)
+            return
         self.report.tasks += 1
         t0 = time.perf_counter()
         try:
@@ -249,7 +278,6 @@ class Client:
                 self.report.skipped += 1
                 return
             raise
-        ctx = TaskContext(t.task, t.version, t.epochs, t.seed, self.index, self.key.name)
         model = self.spec.unflatten(flat)
         loop = asyncio.get_running_loop()
         t1 = time.perf_counter()
@@ -277,6 +305,42 @@ class Client:
             self.report.duplicates += 1
         else:
             self.report.uploads += 1
+
+    async def _evaluate(self, t: pb.Task, ctx: TaskContext) -> None:
+        """A federated evaluation task: pull its model version, evaluate, report."""
+        assert self.spec is not None
+        try:
+            flat = await self._retry("pull", lambda: self._pull(t))
+        except ClientError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the evaluation closed
+                self.report.skipped += 1
+                return
+            raise
+        weight, metrics = 0.0, dict[str, float]()
+        if self.evaluate is not None:
+            model = self.spec.unflatten(flat)
+            loop = asyncio.get_running_loop()
+            try:  # a failing evaluation is reported empty: training goes on
+                out = await loop.run_in_executor(None, self.evaluate, model, ctx)
+                weight, metrics = eval_output(out, f"evaluation task {t.task}")
+            except Exception as e:
+                log.error("evaluating version %d failed: %s: %s", t.version, type(e).__name__, e)
+        try:
+            await self._retry("report", lambda: self._report(t, weight, metrics))
+        except ClientError as e:
+            if e.code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                              grpc.StatusCode.INVALID_ARGUMENT):  # fmt: skip
+                raise
+            log.warning("evaluation of version %d not counted: %s", t.version, e.message)
+            self.report.skipped += 1
+            return
+        self.report.evaluations += 1
+
+    async def _report(self, t: pb.Task, weight: float, metrics: dict[str, float]) -> None:
+        content = report_body(t.task, t.version, weight, metrics)
+        req = pb.ReportRequest(auth=self._auth("Report", content), task=t.task,
+                               version=t.version, num_examples=weight, metrics=metrics)  # fmt: skip
+        await self._method("Report", "unary_unary")(req.SerializeToString(), timeout=30)
 
     async def _beat(self, task: int) -> None:
         """Heartbeats while a task trains; a failed one is not an error (the next may pass)."""
@@ -323,6 +387,28 @@ class Client:
         raw = await self._method("Push", "stream_unary")(chunks)
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply
+
+
+def eval_output(out: Any, what: str) -> tuple[float, dict[str, float]]:
+    """An evaluate function's answer as a report: (weight, metrics). Its ``num_examples``
+    (default 1) is the weight; values that are not finite numbers are left out (logged)."""
+    if not isinstance(out, Mapping):
+        raise ConfigError(f"{what}: evaluate must return a dict of metrics, got "
+                          f"{type(out).__name__}")  # fmt: skip
+    metrics: dict[str, float] = {}
+    weight = 1.0
+    for k, v in out.items():
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not math.isfinite(x):
+            log.warning("%s: metric %r = %r is not a finite number: left out", what, k, v)
+        elif k == "num_examples":
+            weight = max(x, 0.0)
+        else:
+            metrics[str(k)] = x
+    return weight, metrics
 
 
 async def upload_chunks(

@@ -258,7 +258,9 @@ class EdgeServer:
                             return
                         if self.fed.model(t.version) is None:
                             self.fed.models[t.version] = await link.pull_model(t)
-                        info = TaskInfo(int(t.task), int(t.client), int(t.version), int(t.epochs))
+                        info = TaskInfo(
+                            int(t.task), int(t.client), int(t.version), int(t.epochs), str(t.config)
+                        )  # the parent's client config, passed on
                         effects = await self.service.in_engine(
                             self.fed.add_tasks, [info], int(t.seed)
                         )

@@ -92,6 +92,9 @@ class TaskInfo:
     client: int
     version: int
     epochs: int
+    #: the per-task client config as it travels (JSON), where it is not computed from the
+    #: version here: an edge's tasks carry their parent's ("" at the root)
+    config: str = ""
 
 
 @dataclass
@@ -104,9 +107,12 @@ class Effects:
     finished: bool = False
     min_open_job: int = 0  # every job below this one is resolved
     forward: list[Any] = field(default_factory=list)  # an edge's partials to send up
+    #: by closed round: the model version it left and its flat parameters (to evaluate)
+    round_models: dict[int, tuple[int, Arr]] = field(default_factory=dict)
 
     def merge(self, other: Effects) -> None:
         self.forward += other.forward
+        self.round_models.update(other.round_models)
         self.tasks += other.tasks
         self.timers += other.timers
         self.rounds += other.rounds
@@ -241,6 +247,7 @@ class Federation:
         effects = Effects()
         for row in self.store.events_after(self.seq):
             effects.merge(self._apply(row))
+            effects.round_models.clear()  # replayed rounds are not evaluated again
             self.seq = row.seq
             self.replayed += 1
         # what the server must redo: every task still open, every timer still armed
@@ -469,6 +476,7 @@ class Federation:
                 with self.store.tx():
                     self.store.put_round(s.round, s.version, s.folded, s.applied, row.seq, stats)
                 effects.rounds.append(s)
+                effects.round_models[s.round] = (self.server.version, self.server.params)
                 self._since_ckpt += 1
             elif isinstance(a, Finish):
                 self.finished = True

@@ -35,6 +35,8 @@ from fedagg.deploy._admission import Admission, parse
 from fedagg.deploy._auth import Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._children import Children
 from fedagg.deploy._engine import Engine, Item, ServerStats
+from fedagg.deploy._evaluation import Evaluation
+from fedagg.deploy._evalwire import is_eval_task
 from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
@@ -110,6 +112,10 @@ class FederationService:
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.keep_rounds = 100_000  # round stats kept in memory (all are in the state DB)
+        #: evaluation (the root's, see :mod:`fedagg.deploy._evaluation`), and the per-task
+        #: client config of a model version, as it travels with a task (JSON; "": none)
+        self.evals: Evaluation | None = None
+        self.task_config: Callable[[int], str] = lambda version: ""
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
@@ -118,6 +124,8 @@ class FederationService:
                 return await self._unary(call, self._hello)
             if call.method == "Heartbeat":
                 return await self._unary(call, self._heartbeat)
+            if call.method == "Report" and self.evals is not None:
+                return await self._unary(call, self.evals.report)
             if call.method == "Push":
                 return await self._push(call)
             if call.method == "Tasks":
@@ -262,6 +270,8 @@ class FederationService:
             )  # fmt: skip
             if self.on_round is not None:
                 self.on_round(r)
+        if self.evals is not None and effects.round_models:
+            self.evals.after(effects)
         if self.on_effects is not None:
             self.on_effects(effects)
         if effects.finished:
@@ -272,7 +282,7 @@ class FederationService:
 
     def task_msg(self, t: TaskInfo) -> pb.Task:
         return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
-                       client=t.client)  # fmt: skip
+                       client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
 
     def drop(self, client: int) -> None:
         s = self.sessions[client]
@@ -393,6 +403,8 @@ class FederationService:
             s.drop = None
         for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self.task_msg(t))
+        for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
+            queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
         queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
         if self.engine.finished:
             queue.put_nowait(pb.Task(finished=True))
@@ -428,19 +440,21 @@ class FederationService:
                 edge = self.below.auth("Pull", req.auth, body(task=req.task))
             else:
                 client = self._auth("Pull", req.auth, body(task=req.task))
-        task = self.engine.tasks.get(req.task)
-        if task is None:
-            self.unknown_task(req.task)
-        assert task is not None
-        if edge is not None:
-            self.below.routed(edge, task.client)
-        elif task.client != client:
-            raise CallError(Status.PERMISSION_DENIED, f"task {req.task} is not yours")
-        model = self.engine.model(task.version)
+        if self.evals is None or edge is not None or not is_eval_task(req.task):
+            task = self.engine.tasks.get(req.task)
+            if task is None:
+                self.unknown_task(req.task)
+            assert task is not None
+            if edge is not None:
+                self.below.routed(edge, task.client)
+            elif task.client != client:
+                raise CallError(Status.PERMISSION_DENIED, f"task {req.task} is not yours")
+            owner, version, model = task.client, task.version, self.engine.model(task.version)
+        else:  # a federated evaluation task
+            owner, (version, model) = client, self.evals.pull(client, req.task)
         if model is None:
             raise CallError(
-                Status.FAILED_PRECONDITION,
-                f"model version {task.version} is no longer kept",
+                Status.FAILED_PRECONDITION, f"model version {version} is no longer kept"
             )
         view = model.data.cast("B")
         total = len(view)
@@ -449,14 +463,14 @@ class FederationService:
         # buffer a whole model for a peer that stops reading: one client cannot make it
         # buffer more than a few), max_uploads being written at once (more wait); a write
         # that stalls for idle_timeout, or the stream below min_rate, is cut off
-        release = self.up.take(self.up.pull_slots, f"client:{task.client}", "model downloads")
+        release = self.up.take(self.up.pull_slots, f"client:{owner}", "model downloads")
         call.on_done(release)
         if call.done():
             release()
         async with self.up.pulls:
             until = time.monotonic() + self.opt.idle_timeout + total / self.opt.min_rate
             for off in range(0, max(total, 1), step):
-                msg = encode_chunk({1: task.version, 2: off, 4: total},
+                msg = encode_chunk({1: version, 2: off, 4: total},
                                    view[off : off + step])  # fmt: skip
                 await paced(call.write(msg), self.opt.idle_timeout, until, "download")
 

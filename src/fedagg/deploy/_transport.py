@@ -36,6 +36,7 @@ METHODS: dict[str, bool] = {
     "Pull": True,
     "Push": False,
     "Heartbeat": False,
+    "Report": False,
 }
 
 

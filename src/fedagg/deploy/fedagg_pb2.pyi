@@ -51,7 +51,7 @@ class TasksRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client")
+    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client", "config", "kind")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class Task(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task: int
     version: int
     epochs: int
@@ -66,7 +68,9 @@ class Task(_message.Message):
     finished: bool
     seed: int
     client: int
-    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ...) -> None: ...
+    config: str
+    kind: str
+    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ..., config: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("auth", "task")
@@ -207,3 +211,32 @@ class HeartbeatReply(_message.Message):
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
     def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("auth", "task", "version", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    auth: Auth
+    task: int
+    version: int
+    num_examples: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., num_examples: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("task", "duplicate")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    task: int
+    duplicate: bool
+    def __init__(self, task: _Optional[int] = ..., duplicate: bool = ...) -> None: ...
