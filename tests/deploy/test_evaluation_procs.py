@@ -37,7 +37,7 @@ def test_a_deployment_evaluates_and_is_recorded_in_the_run_database(tmp_path: Pa
         with RunDB(db) as runs:
             (info,) = runs.runs()
             rows = runs.rounds(info.id)
-        assert (info.name, info.status) == ("deployed-digits", "finished")
+        assert (info.name, info.status, info.kind) == ("deployed-digits", "finished", "deploy")
         assert info.config["deploy"]["fed_eval_every"] == 1
         assert info.summary["rounds"] == 2
         assert [r["round"] for r in rows] == [1, 2]

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fedagg.policy import RoundStats
-from fedagg.runs import ROUND_COLUMNS, RunDB
+from fedagg.policy import RoundStats, format_refusals
+from fedagg.runs import ROUND_COLUMNS, RunDB, jsonable
 
-__all__ = ["RunRecorder", "jsonable"]
+__all__ = ["RunRecorder"]
 
 #: what a row takes from a round's stats (a RoundStats, or the state database's record)
 _STATS = (
@@ -34,21 +34,6 @@ _STATS = (
 )  # fmt: skip
 
 log = logging.getLogger("fedagg.server")
-
-
-def jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A resolved config as the run database stores it (non-finite floats as strings)."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        if isinstance(v, Mapping):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [fix(x) for x in v]
-        return v
-
-    return {k: fix(v) for k, v in cfg.items()}
 
 
 class RunRecorder:
@@ -86,10 +71,10 @@ class RunRecorder:
             self.run_id = int(rid or 0)
             self.started = known[self.run_id].started
             self.recorded = {int(r["round"]) for r in self.db.rounds(self.run_id)}
-            self.db.finish_run(self.run_id, "running", {})  # running again
+            self.db.resume_run(self.run_id)
             log.info("continuing run %d in %s", self.run_id, self.path)
         else:
-            self.run_id = self.db.start_run(self.name, self.seed, self.config)
+            self.run_id = self.db.start_run(self.name, self.seed, self.config, kind="deploy")
             log.info("recording the deployment as run %d in %s", self.run_id, self.path)
         for st in past:
             r = int(st["round"]) + 1
@@ -105,7 +90,8 @@ class RunRecorder:
         """A round closed."""
         got = self.bytes_in()
         up, self._bytes0 = max(0, got - self._bytes0), got
-        fields = {f: getattr(s, f) for f in _STATS}
+        fields: dict[str, Any] = {f: getattr(s, f) for f in _STATS}
+        fields["refusals"] = format_refusals(s.refusals)
         self.rows[s.round + 1] = self._row(fields, wall=time.time(), bytes_up=up)
         for old in sorted(self.rows)[: -self.keep]:
             del self.rows[old]
@@ -117,7 +103,7 @@ class RunRecorder:
         row.update(
             round=int(s["round"]) + 1, virtual_time=s["ended"], wall_time=wall,
             applied=int(s["applied"]), bytes_down=int(s["dispatched"]) * self.model_bytes,
-            bytes_up=bytes_up,
+            bytes_up=bytes_up, refusals=s.get("refusals") or None,
         )  # fmt: skip
         return row
 

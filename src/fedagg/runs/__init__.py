@@ -9,6 +9,14 @@ It sits below both the simulator (:mod:`fedagg.sim`) and the deployment (:mod:`f
 which record their rounds in the same schema, so ``fedagg runs`` lists and compares both.
 """
 
-from fedagg.runs._db import KINDS, ROUND_COLUMNS, STATUSES, TEXT_COLUMNS, RunDB, RunInfo
+from fedagg.runs._db import (
+    KINDS,
+    ROUND_COLUMNS,
+    STATUSES,
+    TEXT_COLUMNS,
+    RunDB,
+    RunInfo,
+    jsonable,
+)
 
-__all__ = ["KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo"]
+__all__ = ["KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo", "jsonable"]

@@ -38,7 +38,7 @@ from typing import Any
 
 from fedagg.errors import StateError
 
-__all__ = ["KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo"]
+__all__ = ["KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo", "jsonable"]
 
 ROUND_COLUMNS = (
     "round", "version", "virtual_time", "wall_time", "test_loss", "test_accuracy",
@@ -209,6 +209,15 @@ class RunDB:
                 (run_id, *values),
             )
 
+    def resume_run(self, run_id: int) -> None:
+        """A stopped run continues (a restarted server): ``"running"`` again, not ended."""
+        with self._db:
+            cur = self._db.execute(
+                "UPDATE runs SET status = 'running', ended = NULL WHERE id = ?", (run_id,)
+            )
+        if cur.rowcount != 1:
+            raise StateError(f"no run {run_id}")
+
     def finish_run(self, run_id: int, status: str, summary: Mapping[str, Any]) -> None:
         """Close a run: ``status`` is ``"finished"``, ``"failed"`` or ``"interrupted"``."""
         if status not in STATUSES:
@@ -278,3 +287,18 @@ class RunDB:
                 }
             )
         return out
+
+
+def jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config as the run database stores it (non-finite floats as strings)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, Mapping):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return {k: fix(v) for k, v in cfg.items()}

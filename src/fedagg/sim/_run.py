@@ -18,7 +18,7 @@ from fedagg.config import (
     resolve_config,
 )
 from fedagg.errors import ConfigError
-from fedagg.runs import RunDB
+from fedagg.runs import RunDB, jsonable
 from fedagg.sim._engine import Executor, LocalExecutor, RoundRecord, SimResult, Simulation
 from fedagg.sim._system import Availability, Distribution, SystemModel
 
@@ -145,7 +145,7 @@ def run_config(
     """
     built = build(config)
     cfg = built.config
-    run_id = db.start_run(str(cfg["name"]), int(cfg["seed"]), _jsonable(cfg)) if db else None
+    run_id = db.start_run(str(cfg["name"]), int(cfg["seed"]), jsonable(cfg)) if db else None
     classes = getattr(built.data, "num_classes", None)
     extra = {"num_classes": int(classes)} if isinstance(classes, int) and classes > 1 else {}
 
@@ -194,19 +194,6 @@ def _summary(rows: Sequence[Mapping[str, Any]], wall: float, updates: int | None
         "client_updates": updates,
         "updates_per_second": updates / wall if wall else 0,
     }
-
-
-def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        if isinstance(v, Mapping):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        return v
-
-    return {k: fix(v) for k, v in cfg.items()}
 
 
 def _evaluated(r: Mapping[str, Any]) -> bool:
