@@ -68,9 +68,10 @@ taken as a float; `nan` is refused, and `inf` too except where the default is `i
 values must be booleans, numbers or strings. `"module:function"` keys take `""` (none) or
 a reference to your code, imported with `code_path` searched first.
 
-**`code_path`.** `""` in a config file means the file's own directory (`load_config`
-writes that absolute path into the resolved config; a relative path is taken from the
-file's directory). A config given as a dict keeps `""`: the working directory.
+**`code_path`.** `""` in a config file means the file's own directory: `load_config`
+writes that absolute path into the resolved config, so `fedagg config show` prints it. Any
+other `code_path` is kept as given (a relative one is taken from the working directory). A
+config given as a dict keeps `""`: the working directory.
 
 An editor with TOML schema support (e.g. Taplo / Even Better TOML) can check a file as you
 type it: put `#:schema ./config.schema.json` (a path or URL to the schema) on its first line.

@@ -261,20 +261,19 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def with_code_path(raw: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
-    """``raw`` with its ``code_path`` made absolute: "" (or absent) is the config file's
-    directory, a relative path is taken from that directory."""
+    """``raw`` with a ``code_path`` of "" (or none) set to the config file's absolute
+    directory."""
     out = dict(raw)
-    code_path = out.get("code_path", "")
-    if isinstance(code_path, str):  # (otherwise resolve_config names the bad value)
-        here = Path(path).resolve().parent
-        out["code_path"] = str((here / code_path).resolve()) if code_path else str(here)
+    if out.get("code_path", "") == "":
+        out["code_path"] = str(Path(path).resolve().parent)
     return out
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config and resolve it against the defaults. Its ``code_path`` is made
-    absolute: "" becomes the config file's directory (so ``"module:function"`` references
-    import the code next to the config), a relative path is taken from that directory."""
+    """Read a TOML config and resolve it against the defaults. A ``code_path`` of "" (the
+    default) becomes the config file's absolute directory, so that ``"module:function"``
+    references import the code next to the config; any other ``code_path`` is kept as given
+    (a relative one is taken from the working directory)."""
     return resolve_config(with_code_path(read_toml(path), path))
 
 

@@ -189,13 +189,13 @@ _TOP = {
                          "taking [(num_examples, {metric: value}), ...]"),
     "code_path": string("", "the directory \"module:function\" references are imported from "
                         "first (\"\": the config file's directory, which load_config writes "
-                        "here, or the working directory for a config given as a dict; a "
-                        "relative path is taken from the config file's directory)"),
+                        "here, or the working directory for a config given as a dict)"),
 }  # fmt: skip
 
 _DATA = Section("the dataset and how it is split across clients", {
-    "name": string("mnist5k", "a bundled dataset", noun="dataset",
-                   choices=("digits", "mnist1d", "mnist5k", "synthetic")),
+    "name": string("mnist5k", "a bundled dataset, or none: your code loads its own data "
+                   "(deployment)", noun="dataset",
+                   choices=("digits", "mnist1d", "mnist5k", "synthetic", "none")),
     "num_clients": integer(100, "clients the data is split across", ge=1),
     "partition": string("dirichlet", "how examples are split: dirichlet (alpha), "
                         "label_dirichlet (alpha), shards (shards_per_client), quantity "
@@ -212,8 +212,8 @@ _DATA = Section("the dataset and how it is split across clients", {
 })  # fmt: skip
 
 _MODEL = Section("the model trained", {
-    "name": string("logreg", "a built-in model: logreg or mlp", choices=("logreg", "mlp"),
-                   noun="model"),
+    "name": string("logreg", "a built-in model (when no factory or init is given)",
+                   choices=("logreg", "mlp"), noun="model"),
     "hidden": _list(integer(64, "", ge=1), [64], "mlp: the hidden layer widths"),
     "init": string("", "initial parameters from a file: .npz, .safetensors, or a torch "
                    "state_dict (read with weights_only=True)"),
