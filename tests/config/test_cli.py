@@ -64,7 +64,9 @@ def test_config_check_prints_every_error_with_its_key(tmp_path: Path) -> None:
         f'{bad}: policy.kind: unknown policy "fedsgd"; valid: sync, fedbuff, fedasync, fedfix, '
         "async, fedamd",
     ]
-    assert lines[3].startswith(f"{bad}: unknown key policy.buffr; valid keys in [policy]: ")
+    assert lines[3].startswith(
+        f"{bad}: unknown key policy.buffr (did you mean policy.buffer?); valid keys in [policy]: "
+    )
     assert lines[4].startswith(f"{tmp_path / 'missing.toml'}: cannot read it")
     assert lines[5:] == ["1 of 3 configs ok"]
     (tmp_path / "broken.toml").write_text("rounds = [\n")

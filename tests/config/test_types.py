@@ -218,11 +218,15 @@ def test_bounds_are_checked() -> None:
 
 def test_unknown_keys_are_refused_naming_the_valid_ones() -> None:
     message = refused({"policy": {"clients_per_rond": 5}})
-    assert message.startswith("unknown key policy.clients_per_rond; valid keys in [policy]: kind,")
-    assert "clients_per_round" in message
-    assert refused({"roundz": 1}).startswith("unknown key roundz; valid keys: name, seed, rounds")
-    assert refused({"system": {"compute": {"median": 1}}}).startswith(
-        "unknown key system.compute.median; valid keys in [system.compute]: kind, mean"
+    assert message.startswith(
+        "unknown key policy.clients_per_rond (did you mean policy.clients_per_round?); valid "
+        "keys in [policy]: kind, clients_per_round, over_select,"
+    )
+    assert refused({"roundz": 1}).startswith(
+        "unknown key roundz (did you mean rounds?); valid keys: name, seed, rounds"
+    )
+    assert refused({"system": {"compute": {"xyzzy": 1}}}).startswith(
+        "unknown key system.compute.xyzzy; valid keys in [system.compute]: kind, mean"
     )
 
 

@@ -18,6 +18,7 @@ keys only strings, lists their element type, and tables only tables.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import numbers
@@ -52,9 +53,10 @@ def _show(v: Any) -> str:
     """A value as TOML writes it (``true``, ``"100"``, ``2.5``, ``inf``), cut if long."""
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else "inf" if v == math.inf else "-inf" if v == -math.inf \
-            else repr(v)  # fmt: skip
+        return repr(v)
     if isinstance(v, str):
         s = json.dumps(v, ensure_ascii=False)
     elif isinstance(v, Mapping):
@@ -205,8 +207,10 @@ def _merge(
         spec = section.keys.get(k) if isinstance(k, str) else None
         path = f"{where}{k}"
         if spec is None:
+            near = difflib.get_close_matches(str(k), list(section.keys), n=1)
+            hint = f" (did you mean {where}{near[0]}?)" if near else ""
             table = f" in [{where[:-1]}]" if where else ""
-            errors.append(f"unknown key {path}; valid keys{table}: {', '.join(section.keys)}")
+            errors.append(f"unknown key {path}{hint}; valid keys{table}: {', '.join(section.keys)}")
         elif isinstance(spec, Section):
             if not isinstance(v, Mapping):
                 errors.append(f"{path}: expected a table, {_got(v)}")
