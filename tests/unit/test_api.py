@@ -59,6 +59,12 @@ EXPECTED = {
         "async_fedavg", "build", "fedasync", "fedbuff", "fedfix", "format_table",
         "load_config", "plot_run", "resolve_config", "run_config", "sync_fedavg",
     ],
+    "fedagg.config": [
+        "DEFAULTS", "aggregate_metrics", "build_aggregator", "build_algorithm", "build_data",
+        "build_model", "build_policy", "build_strategy", "client_config", "config_errors",
+        "json_schema", "load_config", "load_object", "metrics_aggregator", "resolve_config",
+        "to_toml",
+    ],
     "fedagg.data": [
         "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",
         "SyntheticClients", "digits", "dirichlet", "federate", "format_histogram", "iid",

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import fedagg
-from fedagg.cli import _demo, _deploy, _runs, _simulate
+from fedagg.cli import _config, _demo, _deploy, _runs, _simulate
 from fedagg.cli._common import EXIT_USAGE, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -21,6 +21,7 @@ __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 COMMANDS: dict[str, Command] = {
     **_simulate.COMMANDS,
     **_runs.COMMANDS,
+    **_config.COMMANDS,
     **_demo.COMMANDS,
     **_deploy.COMMANDS,
 }

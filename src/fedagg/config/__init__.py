@@ -5,6 +5,10 @@ config describes (data, model, client algorithm, aggregator, strategy, policy).
     cfg = config.load_config("run.toml")
     strategy = config.build_strategy(cfg)
 
+Every key is defined once (type, default, doc, choices, bounds): ``DEFAULTS``, the checks of
+``resolve_config`` and ``json_schema()`` come from those definitions; ``docs/config.md`` is
+generated from them too (``python -m fedagg.config docs DIR``).
+
 This package sits below both the simulator (:mod:`fedagg.sim`) and the deployment
 (:mod:`fedagg.deploy`), which read the same configs.
 """
@@ -17,7 +21,14 @@ from fedagg.config._build import (
     build_policy,
     build_strategy,
 )
-from fedagg.config._schema import DEFAULTS, load_config, resolve_config
+from fedagg.config._schema import (
+    DEFAULTS,
+    config_errors,
+    json_schema,
+    load_config,
+    resolve_config,
+)
+from fedagg.config._toml import to_toml
 from fedagg.config._user import aggregate_metrics, client_config, load_object, metrics_aggregator
 
 __all__ = [
@@ -30,8 +41,11 @@ __all__ = [
     "build_policy",
     "build_strategy",
     "client_config",
+    "config_errors",
+    "json_schema",
     "load_config",
     "load_object",
     "metrics_aggregator",
     "resolve_config",
+    "to_toml",
 ]
