@@ -77,7 +77,7 @@ def test_the_base_refuses_bad_updates_with_reasons_and_keeps_the_state(myagg) ->
     st = agg.init(_spec(), version=3)
     agg.fold(st, _up([0.1] * 6, version=3))
     before = st.data["sum"].copy()
-    with pytest.raises(NonFiniteUpdate, match="NaN or Inf"):
+    with pytest.raises(NonFiniteUpdate, match=r"NaN or Inf"):
         agg.fold(st, _up([np.nan] + [0.0] * 5, version=3))
     with pytest.raises(StaleUpdate):
         agg.fold(st, _up([0.1] * 6, version=2))
@@ -113,11 +113,11 @@ def test_config_errors_name_the_key(tmp_path: Path, myagg) -> None:  # type: ign
     want = r"strategy.aggregator = 'myagg:ClippedMean' with aggregator_args .*max_norm must be > 0"
     with pytest.raises(ConfigError, match=want):
         _strategy(tmp_path, "myagg:ClippedMean", max_norm=-1)
-    with pytest.raises(ConfigError, match="has no attribute 'Nope'"):
+    with pytest.raises(ConfigError, match=r"has no attribute 'Nope'"):
         _strategy(tmp_path, "myagg:Nope")
-    with pytest.raises(ConfigError, match="not an aggregator"):
+    with pytest.raises(ConfigError, match=r"not an aggregator"):
         _strategy(tmp_path, "myagg:np.zeros", shape=1)
-    with pytest.raises(ConfigError, match="aggregator_args is for an aggregator of yours"):
+    with pytest.raises(ConfigError, match=r"aggregator_args is for an aggregator of yours"):
         _strategy(tmp_path, "median", x=1)
     assert _strategy(tmp_path, "myagg:ClippedMean", max_norm=0.25).aggregator.max_norm == 0.25
 

@@ -106,6 +106,8 @@ def user_model(cfg: Mapping[str, Any], data: Any, builtin: Any) -> Any:
     else:
         base = builtin(data)
     if isinstance(base, models.ArrayModel):
+        if init is not None:  # the factory's arrays give the names, shapes and dtypes
+            base.params = models.check_params(base.params, init, "model.init")
         base.evaluate_fn = evaluate
         return base
     if init is None and evaluate is None:
