@@ -159,32 +159,3 @@ def test_a_dict_model_without_your_train_is_refused(code: Path) -> None:
     cfg["client"] = {"train": ""}
     with pytest.raises(ConfigError, match=r"no built-in training: name your train function"):
         build(cfg)
-
-
-class Float64Client:
-    """A client algorithm of your own (Python API) whose deltas are float64."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.epochs = inner.epochs
-
-    @property
-    def name(self) -> str:
-        return "float64"
-
-    def train_many(self, *args: Any, **kw: Any) -> list[tuple[Any, Any]]:
-        import dataclasses
-
-        out = self.inner.train_many(*args, **kw)
-        return [
-            (dataclasses.replace(r, delta={k: v.astype(np.float64) for k, v in r.delta.items()}), s)
-            for r, s in out
-        ]
-
-
-def test_a_python_client_sending_float64_is_not_refused() -> None:
-    built = build({"rounds": 2, "data": {"name": "digits", "num_clients": 6, "partition": "iid"},
-                   "policy": {"clients_per_round": 3}})  # fmt: skip
-    built.simulation.algorithm = Float64Client(built.simulation.algorithm)
-    records = built.simulation.run().records
-    assert [(r.stats.folded, r.stats.refused) for r in records] == [(3, 0), (3, 0)]

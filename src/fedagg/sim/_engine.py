@@ -47,7 +47,7 @@ from fedagg.policy import (
 )
 from fedagg.sim._procs import ClientSlice
 from fedagg.sim._system import SystemModel
-from fedagg.sim._tasks import TaskConfig, cast_floats, make_tasks
+from fedagg.sim._tasks import TaskConfig, make_tasks
 
 __all__ = ["Executor", "LocalExecutor", "RoundRecord", "SimResult", "Simulation"]
 
@@ -434,7 +434,7 @@ class Simulation:
             t = self.system.timing(c, work, down, up, job=jobs[i])
             arrive = now + t.total
             update = Update(
-                delta=cast_floats(res.delta, server.spec.dtype),  # e.g. float64 from your code
+                delta=res.delta,
                 weight=float(res.num_examples),
                 client_id=str(c),
                 base_version=server.version,

@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from fedagg.clients import Task, with_config
 
-__all__ = ["TaskConfig", "cast_floats", "make_tasks"]
+__all__ = ["TaskConfig", "make_tasks"]
 
 
 class TaskConfig:
@@ -61,20 +59,3 @@ def make_tasks(
         )
         for j, c, e in zip(jobs, clients, epochs, strict=True)
     ]
-
-
-def cast_floats(delta: Any, dtype: np.dtype[Any]) -> Any:
-    """``delta`` (a dict or list of arrays, or one array) with arrays of another float dtype
-    cast to the model's ``dtype`` (a client algorithm of yours that computes in float64):
-    arrays already in ``dtype``, and anything else, are passed through untouched."""
-
-    def cast(a: Any) -> Any:
-        if isinstance(a, np.ndarray) and a.dtype != dtype and a.dtype.kind == "f":
-            return a.astype(dtype)
-        return a
-
-    if isinstance(delta, dict):
-        return {k: cast(v) for k, v in delta.items()}
-    if isinstance(delta, list):
-        return [cast(v) for v in delta]
-    return cast(delta)
