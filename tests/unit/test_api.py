@@ -21,6 +21,7 @@ EXPECTED = {
     ],
     "fedagg.aggregators": [
         "Aggregator", "Bulyan", "CenteredClipping", "ClipStep", "Composed", "CoordinateMedian",
+        "CustomAggregator", "CustomState",
         "FlagAggregator", "GeometricMedian", "Krum", "Mean", "MeanState", "MemoryStore",
         "RowStore", "SpoolState", "StoreFactory", "TrimmedMean", "bulyan", "centered_clipping",
         "clip_step", "compose", "flag_aggregator", "geometric_median", "krum", "mean", "median",
@@ -60,9 +61,9 @@ EXPECTED = {
         "load_config", "plot_run", "resolve_config", "run_config", "sync_fedavg",
     ],
     "fedagg.config": [
-        "DEFAULTS", "aggregate_metrics", "build_aggregator", "build_algorithm", "build_data",
-        "build_model", "build_policy", "build_strategy", "client_config", "config_errors",
-        "json_schema", "load_config", "load_object", "metrics_aggregator", "resolve_config",
+        "DEFAULTS", "Named", "aggregate_metrics", "build_aggregator", "build_algorithm",
+        "build_data", "build_eval_data", "build_model", "build_policy", "build_strategy",
+        "client_config", "config_errors", "json_schema", "load_config", "load_object", "metrics_aggregator", "resolve_config",
         "to_toml",
     ],
     "fedagg.data": [
@@ -73,10 +74,13 @@ EXPECTED = {
     ],
     "fedagg.models": [
         "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",
+        "ArrayModel", "EvalData", "Initialized", "check_params", "from_arrays", "from_torch",
+        "read_params", "with_init",
     ],
     "fedagg.clients": [
         "ClientAlgorithm", "FedAMD", "FedProx", "LabelFlip", "LocalSGD", "Result", "Scaffold",
         "Task", "TrainResult", "WorkerMomentum", "flip_labels", "scaffold_server_update",
+        "BUILTIN_KEYS", "UserTrain", "fit_delta", "with_config",
     ],
     "fedagg.hierarchy": [
         "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",
