@@ -63,8 +63,8 @@ EXPECTED = {
     "fedagg.config": [
         "DEFAULTS", "Named", "aggregate_metrics", "build_aggregator", "build_algorithm",
         "build_data", "build_eval_data", "build_model", "build_policy", "build_strategy",
-        "client_config", "config_errors", "json_schema", "load_config", "load_object", "metrics_aggregator", "resolve_config",
-        "to_toml",
+        "client_config", "config_errors", "json_schema", "load_config", "load_object",
+        "metrics_aggregator", "resolve_config", "to_toml",
     ],
     "fedagg.data": [
         "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",
