@@ -142,7 +142,8 @@ class EdgeResult:
 
 
 def _identity(cfg: Mapping[str, Any], server: ServerState) -> dict[str, str]:
-    run = {k: v for k, v in cfg.items() if k not in ("deploy", "output")}
+    # where the config and its code live (code_path) may move with the project directory
+    run = {k: v for k, v in cfg.items() if k not in ("deploy", "output", "code_path")}
     digest = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
     return {"config": digest, "spec": json.dumps(server.spec.to_dict()), "seed": str(cfg["seed"])}
 

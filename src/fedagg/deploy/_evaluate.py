@@ -10,75 +10,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from fedagg.clients import Task
-from fedagg.config import build_data, build_model, client_config, load_object
+from fedagg.config import build_data, build_eval_data, build_model, client_config, load_object
 from fedagg.core.spec import ArrayTree
 from fedagg.deploy._evalwire import encode_task_config
 from fedagg.errors import ConfigError
+from fedagg.models import EvalData
 
-__all__ = ["HeldOut", "load_eval_data", "server_evaluator", "task_configs", "user_evaluator"]
+__all__ = ["load_eval_data", "server_evaluator", "task_configs", "user_evaluator"]
 
 Arr = npt.NDArray[Any]
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """Examples to evaluate on: ``x`` and ``y`` (any arrays of the same length)."""
-
-    x: Arr
-    y: Arr
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def _held_out(obj: Any, what: str) -> HeldOut:
-    if isinstance(obj, Mapping) and "x" in obj and "y" in obj:
-        x, y = obj["x"], obj["y"]
-    elif hasattr(obj, "x") and hasattr(obj, "y"):
-        x, y = obj.x, obj.y
-    elif isinstance(obj, (tuple, list)) and len(obj) == 2:
-        x, y = obj
-    else:
-        raise ConfigError(f"{what} must give (x, y), got {type(obj).__name__}")
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or not len(y):
-        raise ConfigError(f"{what}: x and y must hold the same number (> 0) of examples, got "
-                          f"shapes {x.shape} and {y.shape}")  # fmt: skip
-    return HeldOut(x, y)
-
-
-def load_eval_data(cfg: Mapping[str, Any], data: Any = None) -> HeldOut | None:
-    """``eval_data``: a ``.npz`` file with arrays ``x`` and ``y`` (a relative path: from the
-    working directory, else from ``code_path``), or ``"module:function"`` returning ``(x, y)``;
-    ``""``: the test split of ``data`` (the config's dataset), None without one."""
-    ref = str(cfg["eval_data"])
-    if not ref:
-        test = getattr(data, "test", None)
-        return HeldOut(test.x, test.y) if test is not None and len(test.y) else None
-    if ref.endswith(".npz"):
-        path = Path(ref)
-        if not path.is_absolute() and not path.exists() and cfg["code_path"]:
-            path = Path(cfg["code_path"]) / ref
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f or "y" not in f:
-                    raise ConfigError(f"eval_data = {ref!r}: the file needs arrays x and y, "
-                                      f"it has {sorted(f.files)}")  # fmt: skip
-                return _held_out({"x": f["x"], "y": f["y"]}, f"eval_data = {ref!r}")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"eval_data = {ref!r}: cannot read it ({e})") from e
-    fn = load_object(ref, key="eval_data", code_path=cfg["code_path"])
-    if not callable(fn):
-        raise ConfigError(f"eval_data = {ref!r} is not callable")
-    return _held_out(fn(), f"eval_data = {ref!r}")
+def load_eval_data(cfg: Mapping[str, Any], data: Any = None) -> EvalData | None:
+    """``eval_data`` (:func:`fedagg.config.build_eval_data`: a ``.npz`` file with arrays ``x``
+    and ``y``, or ``"module:function"`` returning ``(x, y)``); ``""``: the test split of
+    ``data`` (the config's dataset), None without one."""
+    held = build_eval_data(cfg)
+    if held is not None:
+        return held  # type: ignore[no-any-return]
+    test = getattr(data, "test", None)
+    return EvalData(test.x, test.y) if test is not None and len(test.y) else None
 
 
 def user_evaluator(cfg: Mapping[str, Any]) -> Callable[..., Any] | None:
