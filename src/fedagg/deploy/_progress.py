@@ -154,16 +154,21 @@ class Progress:
             self.write(running=False)
 
     async def _tick(self) -> None:
-        while True:
-            now = time.monotonic()
-            self._waiting(now)
-            if self.recent_refused and now - self.summed >= REFUSED_EVERY:
-                self._sum_refused(now)
-            if (self.dirty and now - self.written >= WRITE_EVERY) or (
-                now - self.written >= ALIVE_EVERY
-            ):
-                self.write()
-            await asyncio.sleep(0.25)
+        try:
+            while True:
+                now = time.monotonic()
+                self._waiting(now)
+                if self.recent_refused and now - self.summed >= REFUSED_EVERY:
+                    self._sum_refused(now)
+                if (self.dirty and now - self.written >= WRITE_EVERY) or (
+                    now - self.written >= ALIVE_EVERY
+                ):
+                    self.write()
+                await asyncio.sleep(0.25)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # progress reports must never take the server down
+            self.log.exception("progress reports stopped")
 
     # -- clients -----------------------------------------------------------------------------
     def _name(self, s: Session, clients: Collection[int]) -> tuple[str, str]:
