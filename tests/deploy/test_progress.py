@@ -6,9 +6,13 @@ TLS/insecure mismatch named in a few seconds instead of "Socket closed" after re
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from tests.deploy.harness import (
     Fed,
@@ -147,3 +151,29 @@ def test_a_tls_mismatch_is_named_both_ways(tmp_path: Path) -> None:
             assert f"fedagg client: error: UNAVAILABLE: the server at {fed.address} " in out, out
             assert says.replace(" (deploy.insecure)", "") in out.replace(" (deploy.insecure)", "")
             assert "Socket closed" not in out and took < 15, (took, out)
+
+
+def test_a_round_close_names_its_refusal_reasons(caplog: pytest.LogCaptureFixture) -> None:
+    """The policy's refusal reasons (``RoundStats.refusals``) in the line, in its JSON fields
+    and in status.json's totals (counted once, also when the round is replayed)."""
+    from fedagg.deploy import JsonFormatter
+    from fedagg.deploy._progress import Progress
+
+    svc = SimpleNamespace(serves=None, engine=SimpleNamespace(store=None, finished=False))
+    p = Progress(svc)  # type: ignore[arg-type]
+    stats = SimpleNamespace(round=0, version=0, applied=True, folded=3, dropped=1, refused=2,
+                            late=0, started=10.0, ended=11.5,
+                            refusals=(("dtype float64, expected float32", 2),))  # fmt: skip
+    caplog.set_level(logging.INFO, logger="fedagg.server")
+    p._closed(stats)  # type: ignore[arg-type]
+    p.closed_at_open = 1
+    p._closed(stats)  # type: ignore[arg-type]  # replayed after a restart: not again
+    (rec,) = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert rec.getMessage() == (
+        "round 1 closed in 1.50s: 3 folded, 1 dropped, 2 refused (dtype float64, expected "
+        "float32: 2), 0 late; model version 1"
+    )
+    line = json.loads(JsonFormatter().format(rec))
+    assert line["refusals"] == {"dtype float64, expected float32": 2}
+    assert (line["round"], line["version"], line["refused"]) == (1, 1, 2)
+    assert p.policy_refused == {"dtype float64, expected float32": 2}

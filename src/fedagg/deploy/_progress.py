@@ -394,7 +394,10 @@ class Progress:
                 "duration_s": round(dur, 3),
             },
         )
-        self.write()
+        if time.monotonic() - self.written >= 0.2:
+            self.write()
+        else:  # a burst of closes (async): the next tick writes
+            self.dirty = True
 
     def _finished(self) -> None:
         st = self.svc.stats
