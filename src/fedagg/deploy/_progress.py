@@ -81,7 +81,14 @@ class Progress:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def opened(self) -> None:
-        """After the engine opened (on the engine thread): the resume line."""
+        """After the engine opened (on the engine thread): the resume line (a state it cannot
+        read is not the server's problem: no line, no status.json)."""
+        try:
+            self._opened()
+        except Exception as e:
+            self.log.warning("no progress reports: %s: %s", type(e).__name__, e)
+
+    def _opened(self) -> None:
         eng = self.svc.engine
         db = eng.store.db
         last = db.execute("SELECT round, version FROM rounds ORDER BY round DESC LIMIT 1")
@@ -112,10 +119,10 @@ class Progress:
                 extra={"event": "new", "state": str(self.dir), "registered": n},
             )
             return
-        what = "finished federation" if eng.finished else f"round {self.closed + 1}"
+        what = "the end (finished)" if eng.finished else f"round {self.closed + 1}"
         if ckpt is None or self.edge:
             self.log.info(
-                "resumed %s, replayed %d events; %d tasks open",
+                "resumed at %s, replayed %d events; %d tasks open",
                 what,
                 replayed,
                 len(eng.tasks),
