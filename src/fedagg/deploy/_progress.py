@@ -296,7 +296,10 @@ class Progress:
         self.waited = now
         need, n, have = self._need(), len(self.svc.sessions), self.svc.connected()
         what = "" if self.svc.opt.wait_for else ": all registered keys"
-        self.log.info(
+        if need > n:
+            what += f", more than the {n} registered: the first round cannot start"
+        self.log.log(
+            logging.WARNING if need > n else logging.INFO,
             "waiting for %d of %d clients before the first round (deploy.wait_for = %d%s): "
             "%d connected",
             need,
