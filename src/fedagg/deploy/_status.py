@@ -86,18 +86,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holds(pid: int, target: str) -> bool:
+    """Whether process ``pid`` has the file ``target`` open (Linux /proc)."""
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == target:
+                    return True
+    return False
+
+
 def _holders(db: Path) -> list[int]:
     """Processes that have ``db`` open (Linux /proc; [] elsewhere)."""
     target = str(db.resolve())
-    out = []
-    for p in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            for fd in (p / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) == target:
-                        out.append(int(p.name))
-                        break
-    return out
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if _holds(int(p.name), target)]
 
 
 def _server(d: Path, st: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -117,6 +119,9 @@ def _server(d: Path, st: Mapping[str, Any] | None) -> dict[str, Any]:
         out["note"] = "stopped cleanly"
     elif here and pid:
         out["running"] = _alive(pid)
+        fds = Path(f"/proc/{pid}/fd")
+        if out["running"] and fds.is_dir() and os.access(fds, os.R_OK):  # a reused pid?
+            out["running"] = _holds(pid, str((d / "state.db").resolve()))
         if not out["running"]:
             out["note"] = f"process {pid} is gone without a clean stop (killed or crashed)"
     else:  # another host (a shared file system): judge by the file's age
