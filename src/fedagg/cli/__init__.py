@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import fedagg
-from fedagg.cli import _config, _demo, _deploy, _runs, _simulate
+from fedagg.cli import _config, _demo, _deploy, _runs, _simulate, _status
 from fedagg.cli._common import EXIT_USAGE, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -24,6 +24,7 @@ COMMANDS: dict[str, Command] = {
     **_config.COMMANDS,
     **_demo.COMMANDS,
     **_deploy.COMMANDS,
+    **_status.COMMANDS,
 }
 
 

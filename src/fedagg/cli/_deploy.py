@@ -30,6 +30,39 @@ def _add_crash_at(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crash-at", metavar="POINT[:N[:SECONDS]]", help=argparse.SUPPRESS)
 
 
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging (to stderr)")
+    g.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    g.add_argument(
+        "--log-json", action="store_true",
+        help="one JSON object per line (time, level, logger, message, and fields such as "
+        "event, round, version, folded, refused, client)",
+    )  # fmt: skip
+    g.add_argument("--verbose", action="store_true", help="also fedagg's DEBUG lines")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    from fedagg.deploy import configure_logging
+
+    configure_logging(quiet=args.quiet, json_lines=args.log_json, verbose=args.verbose)
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """A result line on stdout (none with --quiet)."""
+    if not args.quiet:
+        print(line, flush=True)
+
+
+def _error(args: argparse.Namespace, command: str, e: Exception) -> None:
+    """The error a command fails with: on stderr, as a JSON line with --log-json."""
+    if args.log_json:
+        import logging
+
+        logging.getLogger(f"fedagg.{command}").error("error: %s", e, extra={"event": "error"})
+    else:
+        print(f"fedagg {command}: error: {e}", file=sys.stderr)
+
+
 def _configure_faults(args: argparse.Namespace) -> None:
     """Fault injection from ``--crash-at``, else from $FEDAGG_CRASH_AT (raises ConfigError on
     a bad spec). The library itself never reads the environment for it."""
@@ -132,6 +165,7 @@ def _configure_server(p: argparse.ArgumentParser) -> None:
         "EDGE='*' for any; repeat per edge (deploy.edge_clients; an edge not given serves none)",
     )  # fmt: skip
     t.add_argument("--leaf-rule", help="a robust rule over this edge's own clients (e.g. krum)")
+    _add_logging(p)
     _add_crash_at(p)
 
 
@@ -162,12 +196,11 @@ def _tier_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     from fedagg import config, deploy
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _configure_logging(args)
     os.umask(0o077)  # whatever the server creates (state, checkpoints, spool) is private
     try:
         _configure_faults(args)
@@ -180,32 +213,34 @@ def _run_server(args: argparse.Namespace) -> int:
 
         def started(server: Any) -> None:
             tls = "insecure" if server.opt.tls is None else "TLS"
-            print(f"fedagg server: listening on port {server.port} ({tls})", flush=True)
+            _say(args, f"fedagg server: listening on port {server.port} ({tls})")
 
         insecure = True if args.insecure else None
         if cfg.get("deploy", {}).get("parent"):
             edge = deploy.serve_edge(
                 cfg, insecure=insecure, listen=args.listen, state=args.state, on_start=started
             )
-            print(
+            _say(
+                args,
                 f"fedagg server: edge aggregator finished ({edge.uploads} uploads, "
                 f"{edge.forwarded} forwards to the parent, {edge.duplicates} retries "
-                f"acknowledged, {edge.replayed} events replayed)"
+                f"acknowledged, {edge.replayed} events replayed)",
             )
             return EXIT_OK
         result = deploy.serve(
             cfg, insecure=insecure, listen=args.listen, state=args.state, on_start=started
         )
     except fedagg.FedaggError as e:
-        print(f"fedagg server: error: {e}", file=sys.stderr)
+        _error(args, "server", e)
         if isinstance(e, fedagg.StateError):
             return EXIT_STATE
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
     applied = sum(r.applied for r in result.rounds)
-    print(
+    _say(
+        args,
         f"fedagg server: finished at model version {result.server.version} "
         f"({applied} rounds applied, {result.uploads} uploads, {result.duplicates} retries "
-        f"acknowledged, {result.refused} requests refused, {result.replayed} events replayed)"
+        f"acknowledged, {result.refused} requests refused, {result.replayed} events replayed)",
     )
     return EXIT_OK
 
@@ -216,12 +251,14 @@ def _configure_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="host:port (default: the config's deploy.server)")
     p.add_argument("--insecure", action="store_true", help="no TLS (the server's must match)")
     p.add_argument("--retry-for", type=float, default=120.0, help="give up after (s)")
+    _add_logging(p)
     _add_crash_at(p)
 
 
 def _run_client(args: argparse.Namespace) -> int:
     from fedagg import config, deploy
 
+    _configure_logging(args)
     try:
         _configure_faults(args)
         cfg = config.load_config(args.config)
@@ -231,11 +268,12 @@ def _run_client(args: argparse.Namespace) -> int:
         )  # fmt: skip
         report = client.run()
     except fedagg.FedaggError as e:
-        print(f"fedagg client: error: {e}", file=sys.stderr)
+        _error(args, "client", e)
         return EXIT_USAGE if isinstance(e, fedagg.ConfigError) else EXIT_ERROR
-    print(
+    _say(
+        args,
         f"fedagg client {client.key.name}: {report.tasks} tasks, {report.uploads} uploads, "
-        f"{report.duplicates} acknowledged as retries, {report.skipped} skipped"
+        f"{report.duplicates} acknowledged as retries, {report.skipped} skipped",
     )
     return EXIT_OK
 

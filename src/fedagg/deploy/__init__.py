@@ -26,6 +26,8 @@ call interface (:mod:`fedagg.deploy._transport`).
 Security: TLS (``fedagg certs``) and Ed25519 client keys (``fedagg keys``) are on by default.
 Durability: every accepted update is on disk and in the event log before it is acknowledged;
 a restarted server resumes where it stopped (see :mod:`fedagg.deploy._fed`).
+Operations: progress lines (``configure_logging``), ``read_status``/``format_status`` (what
+``fedagg status`` shows, read without writing; see docs/deploy-operations.md).
 """
 
 from fedagg.deploy._app import (
@@ -50,8 +52,10 @@ from fedagg.deploy._edge_server import EdgeServer, ParentLink
 from fedagg.deploy._faults import Faults
 from fedagg.deploy._faults import configure as configure_faults
 from fedagg.deploy._fed import Federation, TaskInfo
+from fedagg.deploy._log import JsonFormatter, configure_logging
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._server import Server
+from fedagg.deploy._status import format_status, read_status
 
 __all__ = [
     "PROTOCOL",
@@ -65,6 +69,7 @@ __all__ = [
     "EdgeServer",
     "Faults",
     "Federation",
+    "JsonFormatter",
     "Keyring",
     "ParentLink",
     "Result",
@@ -79,10 +84,13 @@ __all__ = [
     "config_evaluator",
     "config_trainer",
     "configure_faults",
+    "configure_logging",
     "evaluation_from_config",
+    "format_status",
     "make_certs",
     "make_keys",
     "options_from_config",
+    "read_status",
     "serve",
     "serve_async",
     "serve_edge",

@@ -30,7 +30,9 @@ from fedagg.deploy._auth import ClientKey, body, upload_body
 from fedagg.deploy._calls import CALL_METADATA, CallTokens
 from fedagg.deploy._evalwire import parse_task_config, report_body
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._log import client_connected, client_retry, client_task, client_uploaded
 from fedagg.deploy._malloc import keep_large_buffers
+from fedagg.deploy._probe import transport_mismatch
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
 
@@ -133,6 +135,7 @@ class Client:
         self.spec: ParamSpec | None = None
         self.index = -1
         self._channel: Any = channel  # a grpc.aio.Channel, or one like it
+        self._probe = channel is None  # on a failed connection: a TLS mismatch? (_probe.py)
         self._stream: Any = None  # the open task stream
 
     def run(self) -> ClientReport:
@@ -195,15 +198,31 @@ class Client:
                 skewed = code == grpc.StatusCode.UNAUTHENTICATED and "clock skew" in (
                     e.details() or ""
                 )  # delayed past the window: re-signed with a fresh timestamp on retry
+                if code == grpc.StatusCode.UNAVAILABLE:  # a TLS mismatch? (_probe.py)
+                    await self._mismatch(str(e.details()))
                 if (code not in RETRY and not skewed) or time.monotonic() - start > self.retry_for:
                     raise ClientError(code, e.details() or "") from None
                 self.report.retries += 1
-                log.debug("%s: %s, retrying in %.2fs", what, code.name, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                pause = delay * (0.5 + random.random())
+                client_retry(what, code.name, str(e.details()), self.report.retries, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 2.0)
+
+    async def _mismatch(self, details: str | None) -> None:
+        """A ClientError if this client and the server disagree on TLS (see _probe.py)."""
+        why = (
+            await transport_mismatch(self.server, self.ca is not None, details)
+            if self._probe
+            else None
+        )
+        if why is not None:
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, why)
 
     # -- the protocol ----------------------------------------------------------------------------
     async def _hello(self) -> None:
+        if self._probe and self.ca is None:  # fail fast against a TLS server
+            await self._mismatch(None)
+
         async def call() -> bytes:
             req = pb.HelloRequest(auth=self._auth("Hello", body(protocol=PROTOCOL)),
                                   protocol=PROTOCOL)  # fmt: skip
@@ -217,6 +236,8 @@ class Client:
         self.index = reply.client_index
         self.chunk = int(reply.chunk_bytes)
         self.digest = bool(reply.digest)
+        client_connected(self.server, self.ca is not None, self.key.name, self.index,
+                         self.spec.size, self.spec.nbytes)  # fmt: skip
 
     async def _loop(self) -> None:
         await self._hello()
@@ -234,6 +255,8 @@ class Client:
                     if t.heartbeat:
                         continue
                     if t.finished:
+                        log.info("the federation finished: %d tasks", self.report.tasks,
+                                 extra={"event": "finished"})  # fmt: skip
                         return
                     if t.task in done:
                         continue
@@ -242,6 +265,9 @@ class Client:
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRY or time.monotonic() - start > self.retry_for:
                     raise ClientError(e.code(), e.details() or "") from None
+                client_retry(
+                    "tasks", e.code().name, str(e.details()), self.report.retries + 1, delay
+                )
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -266,6 +292,7 @@ class Client:
     async def _do(self, t: pb.Task) -> None:
         assert self.spec is not None
         ctx = self._context(t)
+        client_task(t.task, ctx.kind, t.version, t.epochs)
         if ctx.kind == "evaluate":
             await self._evaluate(t, ctx)
             return
@@ -275,6 +302,7 @@ class Client:
             flat = await self._retry("pull", lambda: self._pull(t))
         except ClientError as e:
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # the task closed meanwhile
+                log.info("task %d closed before its model was pulled: skipped", t.task)
                 self.report.skipped += 1
                 return
             raise
@@ -295,9 +323,12 @@ class Client:
             reply = await self._retry("push", lambda: self._push(t, delta, weight, metrics))
         except ClientError as e:
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("task %d closed before its upload: skipped (%s)", t.task, e.message)
                 self.report.skipped += 1
                 return
             raise
+        t3 = time.perf_counter()
+        client_uploaded(t.task, t1 - t0, t2 - t1, delta.nbytes, t3 - t2, reply.duplicate)
         self.report.pull_s.append(t1 - t0)
         self.report.train_s.append(t2 - t1)
         self.report.push_s.append(time.perf_counter() - t2)

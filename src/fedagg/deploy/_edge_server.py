@@ -71,6 +71,9 @@ class ParentLink(Client):
         self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
         self.chunk = int(reply.chunk_bytes)
         self.digest = bool(reply.digest)
+        log.info("linked to the parent at %s (%s) as edge %s, serving %d clients", self.server,
+                 "TLS" if self.ca is not None else "insecure", self.key.name, len(serves),
+                 extra={"event": "linked", "parent": self.server})  # fmt: skip
 
     async def pull_model(self, task: pb.Task) -> Arr:
         async def call() -> Arr:
@@ -179,7 +182,14 @@ class EdgeServer:
         need = self.opt.wait_for or len(self.serves or ())
         deadline = time.monotonic() + self.opt.client_timeout
         fresh = self.fed.seq == 0
+        said = -math.inf
         while fresh and self.connected() < need and time.monotonic() < deadline:
+            if time.monotonic() - said >= 5.0:  # say so every few seconds
+                said = time.monotonic()
+                log.info("waiting for %d of this edge's clients before linking to the parent: "
+                         "%d connected (deploy.wait_for = %d; at most client_timeout)", need,
+                         self.connected(), self.opt.wait_for,
+                         extra={"event": "waiting", "need": need})  # fmt: skip
             await asyncio.sleep(0.05)
         await self.link.hello()
         self._linked.set()
@@ -214,8 +224,11 @@ class EdgeServer:
         while True:
             try:
                 reply = await self.link.push_forward(fwd)
-                log.info("forwarded %d jobs of version %d%s", len(fwd.jobs), fwd.version,
-                         " (duplicate)" if reply.duplicate else "")  # fmt: skip
+                log.info("forwarded %d jobs of version %d%s (%s)", len(fwd.jobs), fwd.version,
+                         " (duplicate)" if reply.duplicate else "",
+                         "a relayed update" if fwd.relay is not None else "a partial aggregate",
+                         extra={"event": "forwarded", "version": fwd.version,
+                                "jobs": len(fwd.jobs), "duplicate": reply.duplicate})  # fmt: skip
                 break
             except ClientError as e:
                 if e.code in RETRY:  # the parent is away: keep the updates, try again

@@ -40,6 +40,7 @@ from fedagg.deploy._evalwire import is_eval_task
 from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
+from fedagg.deploy._progress import Progress
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
 from fedagg.deploy._upload import Uploads, check_metrics, paced
@@ -116,6 +117,7 @@ class FederationService:
         #: client config of a model version, as it travels with a task (JSON; "": none)
         self.evals: Evaluation | None = None
         self.task_config: Callable[[int], str] = lambda version: ""
+        self.progress = Progress(self)  # log lines and status.json (fedagg status)
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
@@ -135,8 +137,9 @@ class FederationService:
                 await self._pull(call)
                 return None
             raise CallError(Status.UNIMPLEMENTED, f"no method {call.method!r}")
-        except CallError:
+        except CallError as e:
             self.stats.refused += 1
+            self.progress.refused(call.method, call.peer, e)
             raise
 
     async def _unary(self, call: Call, fn: Callable[[bytes], Any]) -> bytes:
@@ -163,11 +166,13 @@ class FederationService:
         self.accepted = await loop.run_in_executor(self._ex, self.engine.store.accepted_keys)
         self._base, self._mono0 = self.engine.now, time.monotonic()
         self._start_sent = self.engine.started
+        await loop.run_in_executor(self._ex, self.progress.opened)  # the resume line
         return effects
 
     async def run(self, effects: Effects) -> None:
         """Start the engine task and apply the engine's first ``effects``."""
         self._engine_task = asyncio.create_task(self._engine())
+        self.progress.start()
         self.apply(effects)
         if effects.finished:
             self._done.set()
@@ -204,6 +209,7 @@ class FederationService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._engine_task
         self._ex.submit(self.engine.close).result()
+        self.progress.stop()
         self._ex.shutdown()
         self.io.shutdown()
 
@@ -261,13 +267,10 @@ class FederationService:
             delay = max(0.0, at - self.now())
             if math.isfinite(delay):
                 loop.call_later(delay, self.enqueue, "timer", None, None, tag)
+        self.progress.effects(effects)  # round started and closed lines, the end
         for r in effects.rounds:
             self.stats.rounds.append(r)
             del self.stats.rounds[: -self.keep_rounds]
-            log.info(
-                "round %d: folded %d, dropped %d, version %d", r.round + 1, r.folded,
-                r.dropped, r.version,
-            )  # fmt: skip
             if self.on_round is not None:
                 self.on_round(r)
         if self.evals is not None and effects.round_models:
@@ -294,7 +297,7 @@ class FederationService:
         async def go() -> None:
             jobs = await loop.run_in_executor(self._ex, self._open_jobs, client)
             for job in jobs:
-                log.info("client %s dropped out of job %d", self.keys.names[client], job)
+                log.info("client %s timed out: dropped out of job %d", self.keys.names[client], job)
                 self.enqueue("dropout", client, job)
 
         self._background.add(task := loop.create_task(go()))
@@ -316,9 +319,10 @@ class FederationService:
         if self.connected() >= need:
             self._start_sent = True
             self.enqueue("start")
+            self.progress.start_sent()
 
     def _auth(self, method: str, auth: Any, content: bytes) -> int:
-        return self.admit.verify(self.keys, method, auth, content)
+        return self.progress.seen(self.admit.verify(self.keys, method, auth, content))
 
     def unknown_task(self, task: int) -> None:
         """Refuse a request for a task this server does not know: for good (the task is
@@ -398,6 +402,7 @@ class FederationService:
             s.queue.put_nowait(None)
         queue: asyncio.Queue[pb.Task | None] = asyncio.Queue()
         s.queue, s.connected = queue, True
+        self.progress.joined(s, clients)
         if s.drop is not None:
             s.drop.cancel()
             s.drop = None
@@ -423,6 +428,7 @@ class FederationService:
         finally:
             if s.queue is queue:
                 s.queue, s.connected = None, False
+                self.progress.left(s, clients)
                 if s.drop is None and not self.engine.finished:
                     s.drop = loop.call_later(self.opt.client_timeout, drop)
 
@@ -579,4 +585,5 @@ class FederationService:
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             self.stats.uploads += 1
+            self.progress.accepted(client, head.task, head.nbytes)
             return pb.PushReply(task=head.task, duplicate=False)
