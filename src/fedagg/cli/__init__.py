@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import fedagg
-from fedagg.cli import _demo, _deploy, _runs, _simulate
+from fedagg.cli import _demo, _deploy, _new, _runs, _simulate
 from fedagg.cli._common import EXIT_USAGE, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -23,6 +23,7 @@ COMMANDS: dict[str, Command] = {
     **_runs.COMMANDS,
     **_demo.COMMANDS,
     **_deploy.COMMANDS,
+    **_new.COMMANDS,
 }
 
 
