@@ -16,6 +16,10 @@ spool (memory, or disk with ``spool=fedagg.spool.disk(dir)``) and read it in coo
 blocks; ``weiszfeld_step`` and ``clip_step`` are the per-iteration monoids of RFA and
 centered clipping.
 
+Your own rule: subclass :class:`CustomAggregator` and write its monoid on plain data
+(``init_state``, ``fold_state``, ``merge_state``, ``finalize_state``); it checkpoints like the
+built-in ones (see docs/custom-aggregators.md).
+
 Hierarchical aggregation (``fedagg.core.tree``): ``sharded`` (the mean over coordinate shards,
 bit-identical to the unsharded one), ``reduce_tree`` (merge partial states along a balanced
 tree) and ``tree_error_bound``; for the rules that are not monoids, ``leaf_then_mean`` (a
@@ -26,6 +30,7 @@ robust rule per leaf, then a mean: a different rule), ``tree_rfa`` and
 
 from fedagg._checkpoint import register as _register
 from fedagg.core.aggregate import Aggregator, Composed, Mean, MeanState, compose, mean
+from fedagg.core.custom import CustomAggregator, CustomState
 from fedagg.core.robust import (
     Bulyan,
     CenteredClipping,
@@ -69,6 +74,7 @@ from fedagg.core.tree import (
 )
 
 _register(ShardedState)
+_register(CustomState)
 _register(SketchState)
 
 __all__ = [
@@ -78,6 +84,8 @@ __all__ = [
     "ClipStep",
     "Composed",
     "CoordinateMedian",
+    "CustomAggregator",
+    "CustomState",
     "FlagAggregator",
     "GeometricMedian",
     "Krum",

@@ -30,11 +30,17 @@ class Jobs(NamedTuple):
     epochs: Sequence[int]
     states: Sequence[Any]
     server_state: Any
+    #: each job's :class:`fedagg.clients.Task`, for algorithms that take tasks (``takes_tasks``)
+    tasks: Sequence[Any] | None = None
 
 
 def train_chunk(jobs: Jobs) -> list[tuple[Any, Any]]:
     """One batched ``train_many`` call (stacked parameters where the model allows). A client's
-    result does not depend on which others share the call, so any cut gives the same model."""
+    result does not depend on which others share the call, so any cut gives the same model.
+    An algorithm that takes tasks (``takes_tasks``) gets each job's task."""
+    kw: dict[str, Any] = {}
+    if jobs.tasks is not None and getattr(jobs.algorithm, "takes_tasks", False):
+        kw["tasks"] = list(jobs.tasks)
     return list(
         jobs.algorithm.train_many(
             jobs.model,
@@ -44,6 +50,7 @@ def train_chunk(jobs: Jobs) -> list[tuple[Any, Any]]:
             epochs=list(jobs.epochs),
             states=list(jobs.states),
             server_state=jobs.server_state,
+            **kw,
         )
     )
 
@@ -59,7 +66,8 @@ def chunks(jobs: Jobs, workers: int) -> list[Jobs]:
     """``jobs`` cut into at most ``workers`` contiguous chunks, for :func:`train_chunk`."""
     return [
         jobs._replace(datas=jobs.datas[a:b], rngs=list(jobs.rngs[a:b]),
-                      epochs=list(jobs.epochs[a:b]), states=list(jobs.states[a:b]))
+                      epochs=list(jobs.epochs[a:b]), states=list(jobs.states[a:b]),
+                      tasks=None if jobs.tasks is None else list(jobs.tasks[a:b]))
         for a, b in split(len(jobs.datas), workers)
     ]  # fmt: skip
 

@@ -21,6 +21,7 @@ EXPECTED = {
     ],
     "fedagg.aggregators": [
         "Aggregator", "Bulyan", "CenteredClipping", "ClipStep", "Composed", "CoordinateMedian",
+        "CustomAggregator", "CustomState",
         "FlagAggregator", "GeometricMedian", "Krum", "Mean", "MeanState", "MemoryStore",
         "RowStore", "SpoolState", "StoreFactory", "TrimmedMean", "bulyan", "centered_clipping",
         "clip_step", "compose", "flag_aggregator", "geometric_median", "krum", "mean", "median",
@@ -67,10 +68,13 @@ EXPECTED = {
     ],
     "fedagg.models": [
         "Activation", "Examples", "LogReg", "MLP", "Model", "Params", "ParamsLike", "StackedModel",
+        "ArrayModel", "EvalData", "Initialized", "check_params", "from_arrays", "from_torch",
+        "read_params", "with_init",
     ],
     "fedagg.clients": [
         "ClientAlgorithm", "FedAMD", "FedProx", "LabelFlip", "LocalSGD", "Result", "Scaffold",
         "Task", "TrainResult", "WorkerMomentum", "flip_labels", "scaffold_server_update",
+        "BUILTIN_KEYS", "UserTrain", "fit_delta", "with_config",
     ],
     "fedagg.hierarchy": [
         "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",

@@ -12,6 +12,9 @@ The client-side counterpart of :mod:`fedagg.strategies`. Every algorithm trains 
 (:class:`fedagg.models.LogReg`, :class:`fedagg.models.MLP`), giving the same results as a
 loop of ``train`` up to float32 round-off, much faster.
 
+:class:`UserTrain` runs your own ``train(params, data, task) -> Result`` function (see
+:class:`Task`, :class:`Result` and docs/custom-code.md).
+
 :class:`LabelFlip` wraps any of them into a data-poisoning client that trains on flipped
 labels (the Byzantine clients of a simulation; also exported from :mod:`fedagg.attacks`).
 """
@@ -22,8 +25,10 @@ from fedagg.clients._label_flip import LabelFlip, flip_labels
 from fedagg.clients._momentum import WorkerMomentum
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
 from fedagg.clients._task import Result, Task
+from fedagg.clients._user import BUILTIN_KEYS, UserTrain, fit_delta, with_config
 
 __all__ = [
+    "BUILTIN_KEYS",
     "ClientAlgorithm",
     "FedAMD",
     "FedProx",
@@ -33,7 +38,10 @@ __all__ = [
     "Scaffold",
     "Task",
     "TrainResult",
+    "UserTrain",
     "WorkerMomentum",
+    "fit_delta",
     "flip_labels",
     "scaffold_server_update",
+    "with_config",
 ]

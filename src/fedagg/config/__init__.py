@@ -17,15 +17,24 @@ from fedagg.config._build import (
     build_policy,
     build_strategy,
 )
+from fedagg.config._models import build_eval_data
 from fedagg.config._schema import DEFAULTS, load_config, resolve_config
-from fedagg.config._user import aggregate_metrics, client_config, load_object, metrics_aggregator
+from fedagg.config._user import (
+    Named,
+    aggregate_metrics,
+    client_config,
+    load_object,
+    metrics_aggregator,
+)
 
 __all__ = [
     "DEFAULTS",
+    "Named",
     "aggregate_metrics",
     "build_aggregator",
     "build_algorithm",
     "build_data",
+    "build_eval_data",
     "build_model",
     "build_policy",
     "build_strategy",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedagg import policy as policies
+from fedagg.config._models import is_user_aggregator, named, user_aggregator, user_model
 from fedagg.config._schema import DEFAULTS
 from fedagg.core import strategy as strategies
 from fedagg.core.aggregate import mean
@@ -43,6 +44,8 @@ def build_data(cfg: Mapping[str, Any], seed: int) -> Any:
     from fedagg import data as fdata
 
     d = cfg["data"]
+    if d["name"] == "none":  # your code loads its own data (deployment only)
+        return None
     part = d["partition"]
     if part not in _DATA_KEYS:
         raise ConfigError(f"unknown partition {part!r}; valid: {sorted(_DATA_KEYS)}")
@@ -57,20 +60,31 @@ def build_data(cfg: Mapping[str, Any], seed: int) -> Any:
 
 
 def build_model(cfg: Mapping[str, Any], data: Any) -> Any:
+    """The ``[model]``: a built-in one (``name``, sized by ``data``), or yours (``factory``,
+    ``init``; see :mod:`fedagg.config._models`), evaluated by ``[client] evaluate`` if set.
+    ``data`` may be None (``data.name = "none"``) for a model of your own."""
     from fedagg import models
 
     m = cfg["model"]
-    if m["name"] == "logreg":
-        return models.LogReg(data.num_features, data.num_classes)
-    if m["name"] == "mlp":
-        return models.MLP(data.num_features, tuple(int(h) for h in m["hidden"]), data.num_classes)
-    raise ConfigError(f"unknown model {m['name']!r}; valid: logreg, mlp")
+
+    def builtin(data: Any) -> Any:
+        if m["name"] == "logreg":
+            return models.LogReg(data.num_features, data.num_classes)
+        if m["name"] == "mlp":
+            hidden = tuple(int(h) for h in m["hidden"])
+            return models.MLP(data.num_features, hidden, data.num_classes)
+        raise ConfigError(f"unknown model {m['name']!r}; valid: logreg, mlp")
+
+    return user_model(cfg, data, builtin)
 
 
 def build_algorithm(cfg: Mapping[str, Any]) -> Any:
     from fedagg import clients
 
     c = cfg["client"]
+    train = named(cfg, "client.train")
+    if train is not None:  # your train function
+        return clients.UserTrain(train, epochs=int(c["epochs"]), name_=f"user:{c['train']}")
     steps = int(c["steps"]) or None
     common: dict[str, Any] = {
         "epochs": int(c["epochs"]),
@@ -107,12 +121,20 @@ _AGGREGATORS = (
 )  # fmt: skip
 
 
-def build_aggregator(s: Mapping[str, Any]) -> Any:
-    """The ``[strategy] aggregator``: the mean or a robust rule (spooled to ``spool``)."""
+def build_aggregator(s: Mapping[str, Any], *, code_path: str = "") -> Any:
+    """The ``[strategy] aggregator``: the mean, a robust rule (spooled to ``spool``), or yours,
+    ``"module:Class"`` made with ``aggregator_args`` (imported from ``code_path`` first)."""
     from fedagg import aggregators as A
     from fedagg import spool as spools
 
     name = s["aggregator"]
+    if is_user_aggregator(name):
+        return user_aggregator(s, code_path)
+    if s.get("aggregator_args"):
+        raise ConfigError(
+            f'strategy.aggregator_args is for an aggregator of yours ("module:Class"), not '
+            f"the built-in {name!r}"
+        )
     if name == "mean":
         return mean(s["accumulator"])
     kw: dict[str, Any] = {"spool": spools.disk(s["spool"]) if s["spool"] else None}
@@ -136,7 +158,7 @@ def build_aggregator(s: Mapping[str, Any]) -> Any:
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
     s = cfg["strategy"]
-    agg = build_aggregator(s)
+    agg = build_aggregator(s, code_path=cfg.get("code_path", ""))
     pre = [clip_norm(float(s["clip_norm"]))] if s["clip_norm"] else []
     name = s["name"]
     if name == "fedavg":

@@ -15,7 +15,13 @@ from typing import Any
 
 from fedagg.errors import ConfigError
 
-__all__ = ["aggregate_metrics", "client_config", "load_object", "metrics_aggregator"]
+__all__ = [
+    "Named",
+    "aggregate_metrics",
+    "client_config",
+    "load_object",
+    "metrics_aggregator",
+]
 
 _TYPES = (bool, int, float, str)
 
@@ -45,6 +51,39 @@ def load_object(ref: str, *, key: str, code_path: str | os.PathLike[str] = "") -
             raise ConfigError(f"{key} = {ref!r}: {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+class Named:
+    """A function named by reference (``"module:function"``), imported on first call: it
+    pickles as its name, so worker processes import it themselves (from ``code_path``)."""
+
+    def __init__(self, ref: str, *, key: str, code_path: str | os.PathLike[str] = "") -> None:
+        self.ref = ref
+        self.key = key
+        self.code_path = str(code_path)
+        self._fn: Callable[..., Any] | None = None
+
+    @property
+    def __name__(self) -> str:  # what run tables call it
+        return self.ref.partition(":")[2]
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function (imported now if not yet); ConfigError unless it is callable."""
+        if self._fn is None:
+            fn = load_object(self.ref, key=self.key, code_path=self.code_path)
+            if not callable(fn):
+                raise ConfigError(f"{self.key} = {self.ref!r} is not callable")
+            self._fn = fn
+        return self._fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": self.ref, "key": self.key, "code_path": self.code_path, "_fn": None}
+
+    def __repr__(self) -> str:
+        return f"Named({self.ref!r})"
 
 
 def client_config(cfg: Mapping[str, Any], version: int) -> dict[str, Any]:

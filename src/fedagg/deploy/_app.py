@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedagg._checkpoint import dumps
+from fedagg.clients import with_config
 from fedagg.config import (
     build_aggregator,
     build_algorithm,
@@ -153,14 +154,18 @@ def build_federation(
             f"client algorithm {cfg['client']['algorithm']!r} sends server-side state "
             "(control variates, anchors) and runs in the simulator only"
         )
-    fd = build_data(cfg, seed)
+    # a model of your own (factory, or init with your train) needs no dataset on the server
+    m = cfg["model"]
+    own_model = bool(m["factory"]) or bool(m["init"] and cfg["client"]["train"])
+    fd = None if own_model else build_data(cfg, seed)
     model = build_model(cfg, fd)
+    num_clients = int(cfg["data"]["num_clients"]) if fd is None else len(fd.clients)
     strategy = build_strategy(cfg)
     if d["order"] not in ("arrival", "canonical"):
         raise ConfigError(f"deploy.order must be 'arrival' or 'canonical', got {d['order']!r}")
     # every client's claimed weight and update norm (issue 14, #6); warm once the window holds
     # bound_warmup clients, or half the clients of a smaller federation
-    bounds = bounds_of(d, clients=len(fd.clients))
+    bounds = bounds_of(d, clients=num_clients)
     if bounds.enabled:
         strategy = bounded_strategy(strategy, bounds, canonical=d["order"] == "canonical")
     elif d["order"] == "canonical":
@@ -168,7 +173,7 @@ def build_federation(
     policy: Policy = build_policy(cfg, strategy)
     server = strategy.init(model.init(seed))
     return Federation(
-        policy, server, num_clients=len(fd.clients), seed=seed,
+        policy, server, num_clients=num_clients, seed=seed,
         directory=directory, epochs=int(cfg["client"]["epochs"]),
         checkpoint_every=int(d["checkpoint_every"]),
         checkpoint_updates=int(d["checkpoint_updates"]), identity=_identity(cfg, server),
@@ -344,22 +349,36 @@ def serve_edge(
 
 
 def config_trainer(config: Mapping[str, Any]) -> Callable[[ArrayTree, TaskContext], Any]:
-    """The built-in client's train function: the simulator's client, on this client's data."""
+    """The client's train function: the simulator's client (the built-in algorithm, with the
+    task's per-task config, or your ``[client] train`` given the task as the client received
+    it), on this client's share of ``[data]`` (None with ``data.name = "none"``)."""
 
     cfg = resolve_config(config)
     seed = int(cfg["seed"])
     fd = build_data(cfg, seed)
     model = build_model(cfg, fd)
     algorithm = build_algorithm(cfg)
+    yours = bool(getattr(algorithm, "takes_tasks", False))
+    if fd is None and not yours:
+        raise ConfigError(
+            "data.name = 'none' gives the client no data: the built-in client algorithms need "
+            'a dataset; name your train function in [client] train = "module:function"'
+        )
 
     states: dict[int, Any] = {}  # a stateful algorithm's client state (worker momentum)
 
     def train(params: ArrayTree, task: TaskContext) -> Any:
         named = params if isinstance(params, dict) else {str(i): a for i, a in enumerate(params)}
-        res, states[task.client_index] = algorithm.train(
-            model, named, fd.clients[task.client_index], task.rng(), epochs=task.epochs,
-            state=states.get(task.client_index),
-        )  # fmt: skip
+        data = None if fd is None else fd.clients[task.client_index]
+        if yours:
+            res, _ = algorithm.train(model, named, data, task.rng(), epochs=task.epochs,
+                                     task=task)  # fmt: skip
+        else:
+            alg = with_config(algorithm, task.config)  # e.g. a scheduled lr
+            res, states[task.client_index] = alg.train(
+                model, named, data, task.rng(), epochs=task.epochs,
+                state=states.get(task.client_index),
+            )  # fmt: skip
         return Result(res.delta, float(res.num_examples), dict(res.metrics))
 
     return train

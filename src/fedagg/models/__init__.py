@@ -11,19 +11,38 @@ cross-entropy and its gradient::
 :class:`LogReg` and :class:`MLP` also train many clients at once on stacked parameters
 (:meth:`~LogReg.loss_and_grad_stacked`), which :mod:`fedagg.clients` uses. A PyTorch adapter
 is in :mod:`fedagg.models.torch` (optional extra ``torch``; importing this package does not
-import torch).
+import torch). Your own model: :func:`from_torch`, :func:`from_arrays`, :func:`read_params`
+(``.npz``, ``.safetensors``, torch state_dict) and :func:`with_init` (see docs/custom-code.md).
 """
 
 from fedagg.models._numpy import MLP, Activation, LogReg
 from fedagg.models._types import Examples, Model, Params, ParamsLike, StackedModel
+from fedagg.models._user import (
+    ArrayModel,
+    EvalData,
+    Initialized,
+    check_params,
+    from_arrays,
+    from_torch,
+    read_params,
+    with_init,
+)
 
 __all__ = [
     "MLP",
     "Activation",
+    "ArrayModel",
+    "EvalData",
     "Examples",
+    "Initialized",
     "LogReg",
     "Model",
     "Params",
     "ParamsLike",
     "StackedModel",
+    "check_params",
+    "from_arrays",
+    "from_torch",
+    "read_params",
+    "with_init",
 ]

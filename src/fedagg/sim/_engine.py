@@ -17,7 +17,7 @@ import dataclasses
 import heapq
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ from fedagg.policy import (
 )
 from fedagg.sim._procs import ClientSlice
 from fedagg.sim._system import SystemModel
+from fedagg.sim._tasks import TaskConfig, make_tasks
 
 __all__ = ["Executor", "LocalExecutor", "RoundRecord", "SimResult", "Simulation"]
 
@@ -54,7 +55,8 @@ Arr = npt.NDArray[Any]
 
 
 class Executor(Protocol):
-    """Runs a batch of client training jobs; results in the order of ``datas``."""
+    """Runs a batch of client training jobs; results in the order of ``datas``. ``tasks``
+    (each job's :class:`fedagg.clients.Task`) go to algorithms that take them."""
 
     def train(
         self,
@@ -66,6 +68,7 @@ class Executor(Protocol):
         epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
+        tasks: Sequence[Any] | None = None,
     ) -> list[tuple[Any, Any]]: ...
 
     def close(self) -> None: ...
@@ -92,8 +95,9 @@ class LocalExecutor:
         epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
+        tasks: Sequence[Any] | None = None,
     ) -> list[tuple[Any, Any]]:
-        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state)
+        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state, tasks)
         if len(datas) >= SMALL_CALL:
             return train_chunk(jobs)
         with _one_blas_thread():
@@ -233,6 +237,11 @@ class Simulation:
             ``attacks.LabelFlip``) they train with it instead.
         max_time: stop at this virtual time (an equal time budget for comparing policies);
             the last record is then evaluated if it was not.
+        task_config: ``task_config(version)``, the per-task client config of the jobs
+            training from that model version (``fedagg.config.client_config``): in each
+            job's :class:`fedagg.clients.Task`, and the built-in algorithms take its
+            ``lr``/``mu``/``beta`` (:func:`fedagg.clients.with_config`).
+        eval_data: held-out examples (``.x``, ``.y``) evaluated instead of ``data.test``.
     """
 
     data: Any
@@ -254,7 +263,10 @@ class Simulation:
     attack: Any = None
     byzantine_algorithm: Any = None
     client_states: dict[int, Any] = field(default_factory=dict)
+    task_config: Callable[[int], Mapping[str, Any]] | None = None
+    eval_data: Any = None
     _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
+    _tasks: TaskConfig = field(default_factory=lambda: TaskConfig(None), init=False, repr=False)
     _train_s: float = field(default=0.0, init=False, repr=False)
     _eval_s: float = field(default=0.0, init=False, repr=False)
 
@@ -265,6 +277,7 @@ class Simulation:
         if strategy is not self.strategy:
             raise ConfigError("the simulation and its policy must share one strategy object")
         self.client_states = {}
+        self._tasks = TaskConfig(self.task_config)
         server = self.strategy.init(self.model.init(self.seed))
         ctx = _Ctx(self.system, self.seed)
         state = self.policy.init(server, ctx)
@@ -360,6 +373,9 @@ class Simulation:
             else:
                 train_idx.append(i)
         chunks = [train_idx[lo : lo + self.chunk] for lo in range(0, len(train_idx), self.chunk)]
+        config = self._tasks(server.version)
+        tasks = make_tasks(jobs, a.clients, epochs, version=server.version, seed=self.seed,
+                           config=config)  # fmt: skip
 
         lazy = getattr(self.executor, "lazy_data", False)
 
@@ -379,15 +395,17 @@ class Simulation:
             datas = nxt.result() if nxt is not None else fetch(idx)
             if pool is not None and n_chunk + 1 < len(chunks):
                 nxt = pool.submit(fetch, chunks[n_chunk + 1])
-            groups = [(self.algorithm, list(range(len(idx))))]
+            algorithm = self._tasks.algorithm(self.algorithm, config)
+            groups = [(algorithm, list(range(len(idx))))]
             if self.byzantine_algorithm is not None and self.byzantine:
                 byz = [r for r, c in enumerate(cl) if c in self.byzantine]
                 honest = [r for r, c in enumerate(cl) if c not in self.byzantine]
-                groups = [(self.algorithm, honest), (self.byzantine_algorithm, byz)]
+                groups = [(algorithm, honest), (self.byzantine_algorithm, byz)]
             results: list[Any] = [None] * len(idx)
             for alg, rows in groups:
                 if not rows:
                     continue
+                kw = {"tasks": [tasks[idx[r]] for r in rows]} if _takes_tasks(alg) else {}
                 out = self.executor.train(
                     alg,
                     self.model,
@@ -397,6 +415,7 @@ class Simulation:
                     [epochs[idx[r]] for r in rows],
                     [self.client_states.get(cl[r]) for r in rows],
                     a.server_extra,
+                    **kw,
                 )
                 for r, res in zip(rows, out, strict=True):
                     results[r] = res
@@ -475,7 +494,7 @@ class Simulation:
         t0 = time.perf_counter()
         if evaluate:
             params = _as_dict(server.model)
-            test = self.data.test
+            test = self.data.test if self.eval_data is None else self.eval_data
             loss, acc = self.model.evaluate(params, test.x, test.y)
             cacc = self._client_accuracy(params, stats.participants, stats.round)
             if self.eval_train:
@@ -520,6 +539,10 @@ class Simulation:
                 correct += a * len(t)
                 total += len(t)
         return correct / total if total else math.nan
+
+
+def _takes_tasks(algorithm: Any) -> bool:
+    return bool(getattr(algorithm, "takes_tasks", False))
 
 
 def _nbytes(x: Any) -> int:

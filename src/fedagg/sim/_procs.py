@@ -81,10 +81,11 @@ class ProcessExecutor:
         epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
+        tasks: Sequence[Any] | None = None,
     ) -> list[tuple[Any, Any]]:
         plain = {name: np.array(v) for name, v in params.items()}  # writable copies pickle
         pool = self._get_pool()
-        jobs = Jobs(algorithm, model, plain, datas, rngs, epochs, states, server_state)
+        jobs = Jobs(algorithm, model, plain, datas, rngs, epochs, states, server_state, tasks)
         futures = [pool.submit(train_chunk, c) for c in chunks(jobs, self.workers)]
         out: list[tuple[Any, Any]] = []
         for f in futures:

@@ -90,11 +90,12 @@ class SimWorker:
         epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
+        tasks: Sequence[Any] | None = None,
     ) -> list[tuple[Any, Any]]:
         self._sync(ship, evict)
         datas = [self._objs[k] for k in data_keys]
         jobs = Jobs(self._objs[alg_key], self._objs[model_key], params, datas, rngs, epochs,
-                    states, server_state)  # fmt: skip
+                    states, server_state, tasks)  # fmt: skip
         return train_chunk(jobs)
 
     def train_to_updates(
@@ -263,7 +264,8 @@ class RayExecutor:
             ship, evict = self._plan(w, alg_key, model_key, [keys[i] for i in idx])
             args = (ship, evict, alg_key, model_key, p_ref, [keys[i] for i in idx],
                     [jobs.rngs[i] for i in idx], [jobs.epochs[i] for i in idx],
-                    [jobs.states[i] for i in idx], jobs.server_state)  # fmt: skip
+                    [jobs.states[i] for i in idx], jobs.server_state,
+                    None if jobs.tasks is None else [jobs.tasks[i] for i in idx])  # fmt: skip
             calls.append((idx, call(self.actors[w], idx, args)))
         out: list[Any] = [None] * len(jobs.datas)
         for (idx, _), chunk in zip(calls, self._ray.get([f for _, f in calls]), strict=True):
@@ -282,8 +284,9 @@ class RayExecutor:
         epochs: Sequence[int],
         states: Sequence[Any],
         server_state: Any,
+        tasks: Sequence[Any] | None = None,
     ) -> list[tuple[Any, Any]]:
-        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state)
+        jobs = Jobs(algorithm, model, params, datas, rngs, epochs, states, server_state, tasks)
         return self._run(jobs, lambda actor, idx, args: actor.train.remote(*args))
 
     def train_to_updates(

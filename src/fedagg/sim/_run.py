@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -11,9 +12,11 @@ from typing import Any
 from fedagg.config import (
     build_algorithm,
     build_data,
+    build_eval_data,
     build_model,
     build_policy,
     build_strategy,
+    client_config,
     resolve_config,
 )
 from fedagg.errors import ConfigError
@@ -79,6 +82,12 @@ def build(
     """The simulation described by ``config`` (a partial config: defaults fill the rest)."""
     cfg = resolve_config(config)
     seed = int(cfg["seed"])
+    if data is None and cfg["data"]["name"] == "none":
+        raise ConfigError(
+            "data.name = 'none' (your code loads its own data) is for deployment only: the "
+            "simulator needs a dataset to give each client its share (e.g. data.name = "
+            "'synthetic' or 'mnist5k')"
+        )
     fd = build_data(cfg, seed) if data is None else data
     algorithm = build_algorithm(cfg)
     strategy = build_strategy(cfg)
@@ -101,6 +110,8 @@ def build(
         byzantine=byz,
         attack=attack,
         byzantine_algorithm=byz_alg,
+        task_config=functools.partial(client_config, cfg),
+        eval_data=build_eval_data(cfg),
     )
     return Built(cfg, sim, fd)
 
