@@ -143,9 +143,9 @@ def test_a_new_project_simulates_and_deploys_as_its_readme_says(
     # the final model, scored by the project's own evaluate() on all of digits
     score = (
         "import fedagg, client\n"
+        "from fedagg.data import digits\n"
         "state = fedagg.load('fedagg-state/final.npz')\n"
-        "print(state.version, client.evaluate(state.model, fedagg.data.digits(), None)"
-        "['accuracy'])\n"
+        "print(state.version, client.evaluate(state.model, digits(), None)['accuracy'])\n"
     )
     r = subprocess.run([PY, "-c", score], cwd=proj, env=_env(), capture_output=True, text=True,
                        timeout=60)  # fmt: skip
