@@ -109,6 +109,7 @@ def test_a_new_project_simulates_and_deploys_as_its_readme_says(
     assert run.status == "finished"
     assert len(rows) == 3
     assert rows[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert 0 < rows[-1]["client_loss"] < rows[0]["client_loss"]  # train() reports train_loss
 
     # deploy: the README's commands, with TLS and client keys; a free port and 3 rounds
     for cmd in (["certs", "certs"], ["keys", "keys", "--clients", "2"]):
