@@ -29,6 +29,10 @@ def train(params, data, task):
 def broken():
     raise ValueError("boom")
 
+def sized(num_features=1, num_classes=1, hidden=2):
+    return {"w1": np.zeros((num_features, hidden), np.float32),
+            "w2": np.zeros((hidden, num_classes), np.float32)}
+
 def torch_net(hidden=4):
     import torch
     torch.manual_seed(0)
@@ -220,3 +224,21 @@ def test_from_python() -> None:
         models.from_arrays({"w": np.zeros(3, np.int64)})
     lr = models.with_init(models.LogReg(2, 2), {"W": np.ones((2, 2)), "b": np.zeros(2)})
     assert lr.init(0)["W"].dtype == np.float32 and lr.name == "logreg"
+
+
+def test_a_factory_that_names_them_gets_the_datasets_sizes(code: Path) -> None:
+    """``num_features`` and ``num_classes`` come from the dataset when the factory has such
+    parameters; ``[model] args`` win; a factory without them is called with its args only."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(num_features=64, num_classes=10)
+    train = {"train": ref(code, "train")}
+    m = build_model(cfg(code, model={"factory": ref(code, "sized")}, client=train), data)
+    assert {k: v.shape for k, v in m.init(0).items()} == {"w1": (64, 2), "w2": (2, 10)}
+    over = {"factory": ref(code, "sized"), "args": {"num_classes": 3, "hidden": 5}}
+    m = build_model(cfg(code, model=over, client=train), data)
+    assert {k: v.shape for k, v in m.init(0).items()} == {"w1": (64, 5), "w2": (5, 3)}
+    m = build_model(cfg(code, model={"factory": ref(code, "arrays")}, client=train), data)
+    assert m.init(0)["w"].shape == (3, 2)  # arrays(n=3) has no such parameters
+    m = build_model(cfg(code, model={"factory": ref(code, "sized")}, client=train), None)
+    assert m.init(0)["w1"].shape == (1, 2)  # no dataset (data.name = "none"): its defaults

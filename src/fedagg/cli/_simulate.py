@@ -125,10 +125,37 @@ def describe_strategy(cfg: Mapping[str, Any]) -> str:
     return f"{agg} + {opt}({_args(**params)})"
 
 
+def _pairs(table: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in table.items())
+
+
+def describe_model(cfg: Mapping[str, Any]) -> str:
+    """``[model]``: your factory with its arguments, your initial parameters, or a built-in."""
+    m = cfg["model"]
+    if m["factory"]:
+        what = f"{m['factory']}({_pairs(m['args'])})"
+    elif m["init"] and cfg["client"]["train"]:
+        what = "your arrays"
+    else:
+        what = m["name"] + (f" {list(m['hidden'])}" if m["name"] == "mlp" else "")
+    return what + (f", initial parameters from {m['init']}" if m["init"] else "")
+
+
 def describe_clients(cfg: Mapping[str, Any]) -> str:
+    """``[client]``: your train function (the built-in's batch and lr do not apply to it) or
+    the built-in algorithm, and the per-task config each task carries."""
     c = cfg["client"]
-    who = c.get("train") or c["algorithm"]
-    return f"{who}, {c['epochs']} epoch(s), batch {c['batch_size']}, lr {_num(c['lr'])}"
+    if c["train"]:
+        out = f"{c['train']}, {c['epochs']} epoch(s)"
+    else:
+        out = (
+            f"{c['algorithm']}, {c['epochs']} epoch(s), batch {c['batch_size']}, lr {_num(c['lr'])}"
+        )
+    if c["config"]:
+        out += f"; task config {_pairs(c['config'])}"
+    if c["schedule"]:
+        out += f" through {c['schedule']}"
+    return out
 
 
 def header(cfg: Mapping[str, Any]) -> str:
@@ -139,6 +166,7 @@ def header(cfg: Mapping[str, Any]) -> str:
         f"seed {cfg['seed']}",
         f"  data      {describe_data(cfg)}",
         f"  policy    {describe_policy(cfg)}",
+        f"  model     {describe_model(cfg)}",
         f"  strategy  {describe_strategy(cfg)}",
         f"  clients   {describe_clients(cfg)}",
     ]

@@ -5,6 +5,7 @@ builders of :mod:`fedagg.config._build`, so the simulator and the deployment rea
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +46,23 @@ def _is_torch_module(obj: Any) -> bool:
     return isinstance(obj, torch.nn.Module)
 
 
-def _factory_model(cfg: Mapping[str, Any], init: dict[str, Any] | None) -> tuple[Any, Any]:
+def _data_args(fn: Any, args: Mapping[str, Any], data: Any) -> dict[str, Any]:
+    """``args``, plus the dataset's ``num_features`` and ``num_classes`` for a factory that
+    names them as parameters (and does not get them from ``[model] args``)."""
+    out = dict(args)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or a C function: no signature to read
+        return out
+    for name in ("num_features", "num_classes"):
+        if name in params and name not in out and hasattr(data, name):
+            out[name] = int(getattr(data, name))
+    return out
+
+
+def _factory_model(
+    cfg: Mapping[str, Any], init: dict[str, Any] | None, data: Any
+) -> tuple[Any, Any]:
     """The ``[model] factory``'s model, and ``init`` without the module's buffers."""
     from fedagg import models
 
@@ -56,7 +73,7 @@ def _factory_model(cfg: Mapping[str, Any], init: dict[str, Any] | None) -> tuple
     if not isinstance(m["args"], Mapping):
         raise ConfigError("model.args must be a table of the factory's keyword arguments")
     try:
-        obj = fn(**m["args"])
+        obj = fn(**_data_args(fn, m["args"], data))
     except Exception as e:  # the user's code: say which key called it
         raise ConfigError(
             f"model.factory = {m['factory']!r} failed with model.args = {dict(m['args'])}: "
@@ -90,7 +107,7 @@ def user_model(cfg: Mapping[str, Any], data: Any, builtin: Any) -> Any:
     evaluate = named(cfg, "client.evaluate")
     init = models.read_params(user_path(cfg, m["init"])) if m["init"] else None
     if m["factory"]:
-        base, init = _factory_model(cfg, init)
+        base, init = _factory_model(cfg, init, data)
     elif init is not None and (c["train"] or data is None):
         if not c["train"]:
             raise ConfigError(
