@@ -75,7 +75,7 @@ def test_server_and_client_lines_and_the_resume_after_a_kill(tmp_path: Path) -> 
             cl = read_log(fed, f"client-{i}.log")
             assert re.search(STAMP + r"connected to 127\.0\.0\.1:\d+ \(TLS\) as client-00"
                              rf"{i}: client {i}", cl, re.M), cl  # fmt: skip
-            assert re.search(r"task \d+: train from model version 0, 1 epochs", cl), cl
+            assert re.search(r"task \d+: train from model version 0, 1 epoch\b", cl), cl
             assert re.search(r"task \d+: trained in [\d.]+s, uploaded 2600 bytes in [\d.]+s", cl)
         # the restart: each client retried (the call, the error, the backoff delay)
         both = read_log(fed, "client-0.log") + read_log(fed, "client-1.log")

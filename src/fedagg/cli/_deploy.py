@@ -291,10 +291,11 @@ COMMANDS: dict[str, Command] = {
         run=_run_server,
     ),
     "client": Command(
-        help="run a built-in client: the simulator's client algorithm on its own data",
+        help="run a client: the config's train function (or built-in algorithm) on its data",
         description=(
             "Connect to a federation server, wait for tasks, train on this client's share "
-            "of the config's data and push the updates (signed with --key)."
+            "of the config's data with [client] train (or the built-in [client] algorithm), "
+            "evaluate when asked ([client] evaluate) and push the updates (signed with --key)."
         ),
         configure=_configure_client,
         run=_run_client,

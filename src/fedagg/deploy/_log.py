@@ -95,10 +95,16 @@ def client_connected(server: str, tls: bool, name: str, index: int, size: int, n
 
 
 def client_task(task: int, kind: str, version: int, epochs: int) -> None:
+    kind = kind or "train"
+    what = (
+        f"train from model version {version}, {epochs} epoch{'' if epochs == 1 else 's'}"
+        if kind == "train"
+        else f"{kind} model version {version}"
+    )
     client_log.info(
-        "task %d: %s from model version %d, %d epochs", task, kind or "train", version, epochs,
+        "task %d: %s", task, what,
         extra={"event": "task", "task": task, "version": version, "epochs": epochs,
-               "kind": kind or "train"},
+               "kind": kind},
     )  # fmt: skip
 
 
