@@ -99,7 +99,8 @@ class SystemModel:
 
     Args:
         compute: examples processed per virtual second, per client.
-        downlink, uplink: bytes per virtual second, per client.
+        downlink: bytes per virtual second, per client.
+        uplink: bytes per virtual second, per client.
         latency: one-way latency in virtual seconds, per client.
         dropout: probability that a dispatched client drops out before it reports.
         availability: see :class:`Availability`.
