@@ -1,0 +1,164 @@
+"""``fedagg dashboard`` in a real browser: headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, installed by ``make test``) driven by selenium, against real processes:
+``fedagg simulate`` into a temporary database, ``fedagg dashboard`` on a free port, and for the
+live page a real deployment (``fedagg server`` and ``fedagg client``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedagg.deploy import read_status
+from tests.dashboard.browser import (
+    browser_paths,
+    console_errors,
+    dashboard,
+    make_driver,
+    rendered,
+    simulate,
+    wait_for,
+)
+from tests.deploy import harness
+
+_PATHS = browser_paths()
+pytestmark = pytest.mark.skipif(isinstance(_PATHS, str), reason=str(_PATHS))
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    d = make_driver()
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dash")
+    db = root / "runs.db"
+    procs = [
+        simulate(root, db, "tiny-iid", seed=0),
+        simulate(root, db, "tiny-dirichlet", seed=1, per_round=6, partition="dirichlet"),
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    return db
+
+
+@pytest.fixture(scope="module")
+def url(db: Path) -> Iterator[str]:
+    with dashboard(db) as u:
+        yield u
+
+
+def names_listed(driver: Any) -> list[str]:
+    rows = driver.find_elements("css selector", "table#runs tbody tr")
+    return [r.find_elements("tag name", "td")[3].text for r in rows]
+
+
+def test_runs_page_lists_the_simulated_runs(driver: Any, url: str) -> None:
+    driver.get(url + "/")
+    assert rendered(driver) != "error"
+    assert sorted(names_listed(driver)) == ["tiny-dirichlet", "tiny-iid"]
+    row = driver.find_elements("css selector", "table#runs tbody tr")[0]
+    cells = [td.text for td in row.find_elements("tag name", "td")]
+    assert cells[2] == "simulate" and cells[4] == "finished" and cells[5] == "4"
+    assert cells[6].endswith("%")  # its final accuracy
+    # the name filter narrows the table without a reload
+    driver.execute_script("window.__same = 1")
+    driver.find_element("css selector", "input[name=name]").send_keys("dirich")
+    wait_for(lambda: names_listed(driver) == ["tiny-dirichlet"], 5, "the filter did not apply")
+    assert driver.execute_script("return window.__same") == 1
+    assert "name=dirich" in driver.current_url
+    assert console_errors(driver) == []
+
+
+def test_run_page_draws_its_charts(driver: Any, url: str) -> None:
+    driver.get_log("browser")  # start from an empty console log
+    driver.get(url + "/runs/1")
+    assert rendered(driver) != "error"
+    assert "tiny-iid" in driver.find_element("tag name", "h1").text
+    points: dict[str, int] = {}
+    for box in driver.find_elements("css selector", "div.chart[data-chart]"):
+        paths = box.find_elements("css selector", "svg path.series")
+        points[box.get_attribute("data-chart")] = max(
+            (int(p.get_attribute("data-points")) for p in paths), default=0
+        )
+        for p in paths:
+            assert p.get_attribute("d").count("L") == int(p.get_attribute("data-points")) - 1
+    # 4 rounds: a point a round in accuracy and loss against round and virtual time,
+    # participation and bytes
+    for chart in (
+        "accuracy-round",
+        "loss-round",
+        "accuracy-time",
+        "loss-time",
+        "participation",
+        "bytes",
+    ):
+        assert points.get(chart, 0) == 4, points
+    assert '"rounds": 4' in driver.find_element("id", "config").text
+    assert console_errors(driver) == []
+
+
+def test_compare_page_shows_both_runs(driver: Any, url: str) -> None:
+    driver.get(url + "/compare?ids=1,2")
+    assert rendered(driver) != "error"
+    text = driver.find_element("id", "compared").text
+    assert "tiny-iid" in text and "tiny-dirichlet" in text
+    lines = driver.find_elements(
+        "css selector", "div[data-chart=compare-accuracy-round] svg path.series"
+    )
+    assert len(lines) == 2
+    diff = driver.find_element("id", "diff").text
+    for key in ("name", "seed", "policy.clients_per_round", "data.partition"):
+        assert key in diff
+    assert console_errors(driver) == []
+
+
+def test_live_page_follows_a_real_deployment(driver: Any, db: Path, tmp_path: Path) -> None:
+    with (
+        harness.federation(
+            tmp_path / "fed", clients=2, rounds=3, tls=False, deploy={"wait_for": 2}
+        ) as fed,
+        dashboard(db, fed.state) as url,
+    ):
+        driver.get(url + "/live")
+        assert rendered(driver) != "error"
+        driver.execute_script("window.__same = 1")
+        text = lambda i: driver.find_element("id", "live-" + i).text  # noqa: E731
+        note = driver.find_element("id", "live-note")
+        wait_for(lambda: "not a directory" in note.text, 5, "no note before the server started")
+        server = harness.start_server(fed)
+        harness.wait_listening(fed, server)
+        wait_for(
+            lambda: text("server") == "running" and text("connected") == "0 of 2",
+            10,
+            "the page did not see the server start with no client",
+        )
+        seen = {(text("connected"), text("rounds-closed"))}
+        clients = [harness.start_client(fed, i) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and read_status(fed.state)["rounds_closed"] < 3:
+            seen.add((text("connected"), text("rounds-closed")))
+            time.sleep(0.1)
+        assert read_status(fed.state)["rounds_closed"] == 3, harness.read_log(fed)
+        t0 = time.monotonic()  # the state says 3 rounds closed: the page, within 2 s
+        wait_for(lambda: text("rounds-closed") == "3", 2.0, "the page lagged over 2 s")
+        lag = time.monotonic() - t0
+        for p in [server, *clients]:
+            harness.wait(p, 60)
+        assert any(c != "0 of 2" for c, _ in seen), seen  # clients connected, on the page
+        assert len({r for _, r in seen}) >= 2 or len(seen) >= 2, seen
+        assert driver.execute_script("return window.__same") == 1  # no reload
+        assert int(driver.find_element("tag name", "body").get_attribute("data-polls")) >= 3
+        paths = driver.find_elements("css selector", "div[data-chart=live-folded] path.series")
+        assert paths and int(paths[0].get_attribute("data-points")) >= 2
+        assert console_errors(driver) == []
+        print(f"live page lag after the state changed: {lag:.2f}s; seen {sorted(seen)}")
