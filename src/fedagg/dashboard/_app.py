@@ -44,6 +44,9 @@ _TYPES = {
     ".html": "text/html",
 }
 _PAGES = {"/": "runs", "/compare": "compare", "/live": "live"}
+_PAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "runs": ("kind", "status", "name"), "compare": ("ids",), "live": (),
+}  # fmt: skip
 _RUN_PAGE = re.compile(r"/runs/(\d{1,18})/?")
 _RUN_API = re.compile(r"/api/runs/(\d{1,18})(/rounds)?")
 #: the columns the compare page overlays
@@ -139,7 +142,7 @@ class Dashboard:
             return Response(200, _TYPES[".svg"], self.files["favicon.svg"])
         page = _PAGES.get(path)
         if page is not None:
-            _query(query, ("ids",) if page == "compare" else ("kind", "status", "name"))
+            _query(query, _PAGE_PARAMS[page])
             return self._page(page)
         m = _RUN_PAGE.fullmatch(path)
         if m and query == "":
