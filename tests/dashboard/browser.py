@@ -127,6 +127,8 @@ def dashboard(db: Path, state: Path | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def wait_for(what: Callable[[], Any], timeout: float, message: str) -> Any:

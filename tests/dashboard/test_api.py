@@ -255,7 +255,8 @@ def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
         with urllib.request.urlopen(url, timeout=10) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        with e:
+            return e.code, dict(e.headers), e.read()
 
 
 def test_over_http_and_the_database_is_untouched(db: Path, served: str) -> None:
@@ -284,6 +285,7 @@ def test_over_http_and_the_database_is_untouched(db: Path, served: str) -> None:
     req = urllib.request.Request(served + "/api/runs", method="POST", data=b"{}")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
+    e.value.close()
     assert e.value.code == 501  # nothing but GET and HEAD
     assert digest(db) == before
     assert siblings(db) == []  # no -wal, -shm or journal appeared
