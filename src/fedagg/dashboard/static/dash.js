@@ -73,6 +73,8 @@ function ticks(lo, hi, n) {
   return out;
 }
 
+const tick = t => Math.abs(t) >= 1e5 ? t.toExponential(1) : String(+t.toFixed(6));
+
 // series: [{label, xs, ys}]; opts: {title, x, y, yMin, yMax}. Null values break the line.
 function lineChart(opts, series) {
   const W = 520, H = 260, L = 56, R = 12, T = 10, B = 36;
@@ -97,11 +99,11 @@ function lineChart(opts, series) {
   const grid = svg("g", {class: "grid"}), axis = svg("g", {class: "axis"});
   for (const t of yt) {
     grid.append(svg("line", {x1: L, x2: W - R, y1: sy(t), y2: sy(t)}));
-    const lab = svg("text", {x: L - 6, y: sy(t) + 4, "text-anchor": "end"}); lab.textContent = fmt(t, 3); axis.append(lab);
+    const lab = svg("text", {x: L - 6, y: sy(t) + 4, "text-anchor": "end"}); lab.textContent = tick(t); axis.append(lab);
   }
   for (const t of xt) {
     if (t < xlo || t > xhi) continue;
-    const lab = svg("text", {x: sx(t), y: H - B + 16, "text-anchor": "middle"}); lab.textContent = fmt(t, 2); axis.append(lab);
+    const lab = svg("text", {x: sx(t), y: H - B + 16, "text-anchor": "middle"}); lab.textContent = tick(t); axis.append(lab);
   }
   axis.append(svg("path", {d: `M${L},${T} V${H - B} H${W - R}`, fill: "none"}));
   const xl = svg("text", {x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle"}); xl.textContent = opts.x; axis.append(xl);
@@ -256,7 +258,7 @@ async function livePage(app) {
   const card = (id, k) => el("div", {class: "card"}, el("div", {class: "k", text: k}), el("div", {class: "v", id: "live-" + id, text: "–"}));
   const bar = el("div"); const barText = el("span", {id: "live-progress", class: "muted"});
   const note = el("p", {id: "live-note", class: "muted"});
-  const chartBox = el("div"); const clientsBox = el("div"); const refusedBox = el("div");
+  const chartBox = el("div", {class: "charts"}); const clientsBox = el("div"); const refusedBox = el("div");
   app.replaceChildren(el("h1", {text: "live"}), note,
     el("div", {class: "cards"}, card("server", "server"), card("round", "round"), card("rounds-closed", "rounds closed"),
       card("version", "model version"), card("connected", "clients connected"), card("accepted", "uploads accepted"),
