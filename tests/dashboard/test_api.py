@@ -291,6 +291,20 @@ def test_over_http_and_the_database_is_untouched(db: Path, served: str) -> None:
     assert siblings(db) == []  # no -wal, -shm or journal appeared
 
 
+def test_a_foreign_host_header_is_refused(served: str) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 cannot read the data."""
+    for host, want in [("evil.example", 403), ("evil.example:8050", 403), ("localhost:1", 200),
+                       (served.removeprefix("http://"), 200)]:  # fmt: skip
+        req = urllib.request.Request(served + "/api/runs", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            with e:
+                status = e.code
+        assert status == want, host
+
+
 def test_a_database_being_written_is_read_as_it_grows(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     with RunDB(path) as w:
