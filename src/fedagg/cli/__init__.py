@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import fedagg
-from fedagg.cli import _config, _demo, _deploy, _new, _runs, _simulate, _status
+from fedagg.cli import _config, _dashboard, _demo, _deploy, _new, _runs, _simulate, _status
 from fedagg.cli._common import EXIT_USAGE, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -25,6 +25,7 @@ COMMANDS: dict[str, Command] = {
     **_demo.COMMANDS,
     **_deploy.COMMANDS,
     **_status.COMMANDS,
+    **_dashboard.COMMANDS,
     **_new.COMMANDS,
 }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -45,36 +44,6 @@ def _configure_runs(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write the runs' rounds as CSV (run_id and every column) to FILE, or to stdout",
     )
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys: ``{"policy.kind": "sync", ...}`` (lists as JSON)."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, (list, tuple, Mapping)):
-            out[key] = json.dumps(v, default=str)
-        else:
-            out[key] = v
-    return out
-
-
-_MISSING = object()
-
-
-def config_diff(configs: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Any]]]:
-    """The dotted keys whose values differ between ``configs`` (a value per config; a key a
-    config lacks is ``None``), sorted by key."""
-    flat = [flatten(c) for c in configs]
-    keys = sorted(set().union(*flat)) if flat else []
-    out = []
-    for k in keys:
-        values = [f.get(k, _MISSING) for f in flat]
-        if any(v != values[0] for v in values[1:]):
-            out.append((k, [None if v is _MISSING else v for v in values]))
-    return out
 
 
 def _cell(v: Any, width: int) -> str:
@@ -112,6 +81,8 @@ def _compare(rows: list[dict[str, Any]]) -> None:
 
 
 def _diff(db: Any, ids: Sequence[int]) -> None:
+    from fedagg.runs import config_diff
+
     infos = [db.run(i) for i in ids]
     diff = config_diff([{"kind": r.kind, **r.config} for r in infos])
     if not diff:

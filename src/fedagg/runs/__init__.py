@@ -18,5 +18,9 @@ from fedagg.runs._db import (
     RunInfo,
     jsonable,
 )
+from fedagg.runs._diff import config_diff, flatten
 
-__all__ = ["KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo", "jsonable"]
+__all__ = [
+    "KINDS", "ROUND_COLUMNS", "STATUSES", "TEXT_COLUMNS", "RunDB", "RunInfo", "config_diff",
+    "flatten", "jsonable",
+]  # fmt: skip
