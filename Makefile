@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean proto
+.PHONY: run test lint typecheck unit bench bench-metrics clean proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ $(VENV)/.bench: $(STAMP)
 bench: $(VENV)/.bench
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 \
 		$(BIN)/python benchmarks/aggregate.py
+
+# what [deploy] metrics costs (benchmarks/results/metrics_overhead.md)
+bench-metrics: $(STAMP)
+	$(BIN)/python benchmarks/metrics_overhead.py
 
 # regenerate the checked-in protobuf code after editing src/fedagg/deploy/fedagg.proto
 proto: $(STAMP)

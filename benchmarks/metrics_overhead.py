@@ -45,6 +45,7 @@ from fedagg.deploy import (
     TaskContext,
 )
 from fedagg.deploy._memory import MemoryChannel, MemoryTransport
+from fedagg.deploy._metrics import Metrics
 from fedagg.sim import SyncPolicy
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +55,9 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def run_once(args: argparse.Namespace, metrics: bool, root: Path) -> dict[str, Any]:
+def run_once(
+    args: argparse.Namespace, metrics: bool, root: Path, keep: bool = False
+) -> dict[str, Any]:
     """One federation; returns its round latencies (s) and scrape count."""
     names = [f"c{i}" for i in range(args.clients)]
     keys = {n: ClientKey(n, Ed25519PrivateKey.generate()) for n in names}
@@ -75,9 +78,12 @@ def run_once(args: argparse.Namespace, metrics: bool, root: Path) -> dict[str, A
     scrapes = [0]
     stop = threading.Event()
     rounds: list[Any] = []
+    kept: list[Any] = []
+    cpu: list[float] = []  # the process's CPU seconds at each round's close
 
     async def go() -> None:
-        server = Server(fed, ring, opts, transport=MemoryTransport)
+        server = Server(fed, ring, opts, transport=MemoryTransport,
+                        on_round=lambda r: cpu.append(time.process_time()))  # fmt: skip
         await server.start()
         scraper = None
         if server.metrics is not None:
@@ -92,6 +98,8 @@ def run_once(args: argparse.Namespace, metrics: bool, root: Path) -> dict[str, A
             scraper = threading.Thread(target=scrape, daemon=True)
             scraper.start()
         svc = server.service
+        if server.metrics is not None:
+            kept.append(server.metrics.metrics)
         clients = [
             Client("memory", keys[n], train, insecure=True, retry_for=30.0, heartbeat=5.0,
                    channel=MemoryChannel(svc, max_message=svc.opt.chunk_bytes + 65536))
@@ -113,7 +121,48 @@ def run_once(args: argparse.Namespace, metrics: bool, root: Path) -> dict[str, A
 
     asyncio.run(go())
     lat = [r.ended - r.started for r in rounds][args.drop :]
-    return {"metrics": metrics, "latency": lat, "scrapes": scrapes[0]}
+    used = cpu[args.drop :]
+    cpu_per_round = (used[-1] - used[0]) / max(1, len(used) - 1)
+    out = {"metrics": metrics, "latency": lat, "scrapes": scrapes[0], "cpu": cpu_per_round}
+    if keep:
+        out["metrics_obj"] = kept[0]
+    return out
+
+
+def hook_cost(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    """One more run with metrics on, its metrics hooks timed (not one of the timed runs):
+    seconds in the hooks per round, and per scrape the time to render the exposition."""
+    spent = [0.0]
+    originals = {}
+    for name in ("opened", "connections", "refused", "pushed", "effects"):
+        fn = getattr(Metrics, name)
+        originals[name] = fn
+
+        def timed(self: Any, *a: Any, _fn: Any = fn) -> Any:
+            t = time.perf_counter()
+            try:
+                return _fn(self, *a)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        setattr(Metrics, name, timed)
+    try:
+        r = run_once(args, True, root, keep=True)
+    finally:
+        for name, fn in originals.items():
+            setattr(Metrics, name, fn)
+    rounds = args.rounds
+    # the exposition a scrape renders, on a service like the one measured
+    text_s = []
+    for _ in range(50):
+        t = time.perf_counter()
+        r["metrics_obj"].text()
+        text_s.append(time.perf_counter() - t)
+    return {
+        "hooks_per_round_s": spent[0] / rounds,
+        "median_round_s": statistics.median(r["latency"]),
+        "scrape_render_s": statistics.median(text_s),
+    }
 
 
 def render(res: dict[str, Any], path: Path) -> None:
@@ -127,7 +176,11 @@ def render(res: dict[str, Any], path: Path) -> None:
     lines = [
         "# What `[deploy] metrics` costs: round latency, metrics off vs on",
         "",
-        f"- machine: {res['machine']}; {res['when']}",
+        f"- machine: {res['machine']}; {res['when']}; 1-min load average "
+        f"{res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end (other work "
+        "shared the 2 cores: run to run, round latency and CPU per round vary by +-10-30%, "
+        "far more than 1%; the time spent inside the metrics hooks, below the table, is the "
+        "direct measure of what metrics add)",
         f"- setting: {res['clients']} clients x {res['params']:,} float32 params, FedAvg, "
         f"{res['rounds']} rounds per run (the first {res['drop']} dropped), the real service "
         "and clients over the in-memory transport, state in "
@@ -151,12 +204,26 @@ def render(res: dict[str, Any], path: Path) -> None:
             f"{statistics.median(b) / statistics.median(a):.4f} | "
             f"{statistics.median(pairs):.4f} [{min(pairs):.3f}-{max(pairs):.3f}] |"
         )
+    a, b = [r["cpu"] for r in off], [r["cpu"] for r in on]
+    pairs = [y / x for x, y in zip(a, b, strict=True)]
+    lines.append(
+        f"| process CPU per round (all threads) | {statistics.median(a) * 1e3:.2f} ms | "
+        f"{statistics.median(b) * 1e3:.2f} ms | {statistics.median(b) / statistics.median(a):.4f} "
+        f"| {statistics.median(pairs):.4f} [{min(pairs):.3f}-{max(pairs):.3f}] |"
+    )
     pooled_off = [x for r in off for x in r["latency"]]
     pooled_on = [x for r in on for x in r["latency"]]
+    h = res["hooks"]
     lines += [
         f"| all rounds pooled, median | {statistics.median(pooled_off) * 1e3:.2f} ms | "
         f"{statistics.median(pooled_on) * 1e3:.2f} ms | "
         f"{statistics.median(pooled_on) / statistics.median(pooled_off):.4f} | |",
+        "",
+        "Time inside the metrics hooks, timed in one more run with metrics on (not one of the "
+        f"runs above): {h['hooks_per_round_s'] * 1e6:.0f} µs per round, "
+        f"{h['hooks_per_round_s'] / h['median_round_s'] * 100:.3f}% of that run's median "
+        f"round ({h['median_round_s'] * 1e3:.1f} ms); rendering the exposition for a scrape "
+        f"takes {h['scrape_render_s'] * 1e3:.2f} ms (on the HTTP thread).",
         "",
         f"Runtime {res['seconds'] / 60:.1f} min. Command: `{res['command']}`",
         "",
@@ -173,10 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=int, default=100_000)
     ap.add_argument("--scrape", type=float, default=1.0, help="seconds between scrapes")
     ap.add_argument("--out", default=str(HERE / "results" / "metrics_overhead"))
+    ap.add_argument("--render", metavar="JSON", help="only re-write the .md from a .json")
     args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        render(json.loads(src.read_text()), src.with_suffix(".md"))
+        return 0
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
     runs = []
     with tempfile.TemporaryDirectory(dir=base, prefix="fedagg-metrics-bench-") as tmp:
         root = Path(tmp)
@@ -188,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 print(f"rep {rep} metrics {'on ' if on else 'off'}: median "
                       f"{statistics.median(r['latency']) * 1e3:.2f} ms, "
-                      f"{r['scrapes']} scrapes", flush=True)  # fmt: skip
+                      f"{r['cpu'] * 1e3:.2f} ms CPU/round, {r['scrapes']} scrapes",
+                      flush=True)  # fmt: skip
+        hooks = hook_cost(args, root)
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Linux {platform.release()}, Python {platform.python_version()}",
@@ -199,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - t0,
         "command": "python benchmarks/metrics_overhead.py " + shlex.join(sys.argv[1:]),
         "runs": runs,
+        "hooks": hooks,
+        "load": [load0, os.getloadavg()[0]],
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

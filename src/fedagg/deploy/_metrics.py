@@ -240,7 +240,7 @@ class _Counts:
     def collect(self) -> Iterator[Metric]:
         svc = self.m.svc
         st = svc.stats
-        values = {
+        values: dict[str, float] = {
             "fedagg_uploads_accepted_total": st.uploads,
             "fedagg_uploads_duplicate_total": st.duplicates,
             "fedagg_received_bytes_total": st.bytes_in,
