@@ -383,3 +383,57 @@ def test_fedagg_server_refuses_a_bad_metrics_value(tmp_path: Path) -> None:
         assert "deploy.metrics must be host:port" in read_log(fed)
     finally:
         kill(server)
+
+
+EDGE = ClientKey("e0", Ed25519PrivateKey.generate())
+EDGES = Keyring({"e0": EDGE.private.public_key()})
+
+
+def test_an_edge_serves_its_own_metrics(tmp_path: Path) -> None:
+    """Root <- edge (relay mode, deploy.metrics on) <- the clients, every hop over memory:
+    the edge's /metrics counts what it relayed; the root's, the edge connected."""
+    from fedagg.deploy import EdgeEngine, EdgeServer, ParentLink
+
+    async def go() -> tuple[str, str, int]:
+        fed = _fed(tmp_path / "root")
+        root = FederationService(fed, RING, _opts(), edges=EDGES, edge_clients={"e0": range(N)})
+        root_metrics = attach(root)
+        await root.start()
+        engine = EdgeEngine(fed.policy.strategy.aggregator, fed.spec, num_clients=N,
+                            directory=tmp_path / "edge", mode="relay")  # fmt: skip
+        link = ParentLink("memory", EDGE, range(N), insecure=True, retry_for=5.0,
+                          channel=MemoryChannel(root))  # fmt: skip
+        edge = EdgeServer(engine, RING, _opts(metrics="127.0.0.1:0"), link,
+                          serves=set(range(N)), transport=MemoryTransport)  # fmt: skip
+        clients: list[asyncio.Task[Any]] = []
+        try:
+            starting = asyncio.create_task(edge.start())
+            clients = [asyncio.create_task(_client(edge.service, n).run_async()) for n in NAMES]
+            await asyncio.wait_for(starting, 30)
+            assert edge.server.metrics is not None
+            url = edge.server.metrics.url
+            during = _parse(await asyncio.to_thread(_get, url))
+            assert during["fedagg_clients_connected"] == N
+            assert _parse(root_metrics.text())["fedagg_edges_connected"] == 1
+            await asyncio.wait_for(root.wait(), 30)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+            text = await asyncio.to_thread(_get, url)
+        finally:
+            for c in clients:
+                c.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+            await edge.stop()
+            await root.stop()
+        return text, root_metrics.text(), edge.stats.uploads
+
+    text, root_text, uploads = asyncio.run(go())
+    m, r = _parse(text), _parse(root_text)
+    assert uploads == N * ROUNDS
+    assert m["fedagg_uploads_accepted_total"] == uploads
+    assert m['fedagg_edge_forwards_total{kind="relay"}'] == uploads
+    assert m["fedagg_edge_forwarded_updates_total"] == uploads
+    assert m["fedagg_model_version"] == ROUNDS - 1  # the last version its clients trained from
+    assert "fedagg_rounds_closed_total" not in m
+    assert (
+        r["fedagg_rounds_closed_total"] == ROUNDS and r["fedagg_uploads_accepted_total"] == uploads
+    )
