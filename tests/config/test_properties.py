@@ -178,7 +178,9 @@ def wrong(key: Key, path: str) -> st.SearchStrategy[Any]:
                          wrong(key.items, f"{path}[0]").map(lambda x: [x]))  # fmt: skip
     bad = st.one_of(st.integers(), st.text(max_size=5), lists, st.booleans())
     if key.values == "scalar":
-        return st.one_of(bad, st.dictionaries(IDENT, st.one_of(lists, st.just(None)), min_size=1))
+        # one wrong entry (two would be two errors)
+        return st.one_of(bad, st.dictionaries(IDENT, st.one_of(lists, st.just(None)), min_size=1,
+                                              max_size=1))  # fmt: skip
     return bad
 
 

@@ -409,6 +409,9 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
                               "off)", ge=0),
     "fed_eval_clients": integer(0, "clients asked to evaluate (0: all connected)", ge=0),
     "eval_timeout": number(60.0, "seconds to wait for clients' metrics", ge=0),
+    "metrics": string("", "host:port serving Prometheus metrics at /metrics, e.g. "
+                      "\"127.0.0.1:9464\" (plain HTTP, unauthenticated: keep it on loopback); "
+                      "\"\": off"),
 })  # fmt: skip
 
 #: The whole config: top-level keys, then one section per table.

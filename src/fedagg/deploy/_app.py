@@ -218,7 +218,7 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         adaptive_window=bool(d["adaptive_window"]), first_timeout=float(d["first_timeout"]),
         idle_timeout=float(d["idle_timeout"]), min_rate=float(d["min_rate_kib"]) * 1024,
         client_uploads=int(d["client_uploads"]), preauth=int(d["preauth"]),
-        preauth_per_peer=int(d["preauth_per_peer"]),
+        preauth_per_peer=int(d["preauth_per_peer"]), metrics=str(d["metrics"]),
     )  # fmt: skip
 
 

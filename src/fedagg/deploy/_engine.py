@@ -115,6 +115,7 @@ class ServerStats:
     duplicates: int = 0
     refused: int = 0
     bytes_in: int = 0
+    bytes_out: int = 0  # model bytes sent (downloads)
     receive_s: float = 0.0  # in upload handlers: checking, hashing, spooling chunks
     rounds: list[RoundStats] = field(default_factory=list)
 

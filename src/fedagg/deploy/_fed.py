@@ -200,6 +200,7 @@ class Federation:
         #: seconds spent logging events, in the policy (fold, finalize, optimizer) and
         #: writing checkpoints
         self.timings = {"log": 0.0, "policy": 0.0, "checkpoint": 0.0}
+        self.checkpoints = 0  # written by this process
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -521,6 +522,7 @@ class Federation:
             self._recycle(p)
         self.store.retire(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
+        self.checkpoints += 1
 
 
 #: what to do about a spooled file that no longer matches what was accepted

@@ -15,6 +15,7 @@ __all__ = [
     "OPENING_PER_CALLER",
     "PROTOCOL",
     "ServerOptions",
+    "metrics_address",
 ]
 
 PROTOCOL = 1
@@ -40,6 +41,21 @@ OPENING_PER_CALLER = 8
 #: of the model + 8 of them, so tiny chunks cannot multiply the per-message cost of an upload.
 MIN_CHUNK = 64 * 1024
 EDGE_PER_CLIENT = 6 * 1024
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``deploy.metrics`` (``host:port``, ``[v6]:port``) as ``(host, port)``; port 0 picks a
+    free one. Anything else is a :class:`~fedagg.errors.ConfigError` naming the key."""
+    host, sep, port = str(value).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    bad = not sep or not host or not port.isdigit() or int(port) > 65535
+    if bad or any(c.isspace() or c in "/[]@" for c in host):
+        raise ConfigError(
+            f'deploy.metrics must be host:port (e.g. "127.0.0.1:9464"), or "" for no '
+            f"metrics endpoint; got {value!r}"
+        )
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,9 @@ class ServerOptions:
             credentials (see :mod:`fedagg.deploy._calls`) is refused before it opens.
         preauth_per_peer: the same, per peer IP address, so one host cannot take them all
             (and :data:`OPENING_PER_CALLER` per caller).
+        metrics: ``host:port`` to serve Prometheus metrics on (``/metrics``, plain HTTP,
+            unauthenticated: keep it on loopback), or ``""`` for none (see
+            :mod:`fedagg.deploy._metrics`).
     """
 
     listen: str = "127.0.0.1:7531"
@@ -109,6 +128,7 @@ class ServerOptions:
     client_uploads: int = 2
     preauth: int = 64
     preauth_per_peer: int = 32
+    metrics: str = ""
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -123,3 +143,5 @@ class ServerOptions:
             raise ConfigError("first_timeout, idle_timeout and min_rate must be > 0")
         if self.preauth < 1 or self.preauth_per_peer < 1:
             raise ConfigError("preauth and preauth_per_peer must be >= 1")
+        if self.metrics:
+            metrics_address(self.metrics)  # a ConfigError naming deploy.metrics

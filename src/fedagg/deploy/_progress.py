@@ -284,6 +284,10 @@ class Progress:
         )
         self.dirty = True
 
+    def pushed(self, duplicate: bool, seconds: float) -> None:
+        """An upload (or a retry of an accepted one) acknowledged, ``seconds`` after its call
+        began (``deploy.metrics`` observes it; see :mod:`fedagg.deploy._metrics`)."""
+
     # -- the first round ---------------------------------------------------------------------
     def _need(self) -> int:
         return self.svc.opt.wait_for or len(self.svc.sessions)

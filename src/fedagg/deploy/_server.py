@@ -8,12 +8,14 @@ in-process over :mod:`fedagg.deploy._memory`. The options are
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from fedagg.deploy._auth import Keyring
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._grpc import GrpcTransport
+from fedagg.deploy._metrics import MetricsEndpoint, serve_metrics
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._transport import Service, Transport
@@ -44,6 +46,8 @@ class Server:
             edge_clients=edge_clients,
         )  # fmt: skip
         self.transport = transport(self.service, options)
+        #: ``/metrics`` (``options.metrics``; see :mod:`fedagg.deploy._metrics`), once started
+        self.metrics: MetricsEndpoint | None = None
 
     @property
     def fed(self) -> Engine:
@@ -78,9 +82,15 @@ class Server:
         return self.service.connected()
 
     async def start(self) -> None:
-        effects = await self.service.open()
-        await self.transport.start()
-        await self.service.run(effects)
+        if self.opt.metrics and self.metrics is None:  # bound first: a bad address fails here
+            self.metrics = serve_metrics(self.service, self.opt.metrics)
+        try:
+            effects = await self.service.open()
+            await self.transport.start()
+            await self.service.run(effects)
+        except BaseException:
+            await self._stop_metrics()
+            raise
 
     async def wait(self) -> None:
         await self.service.wait()
@@ -89,5 +99,12 @@ class Server:
         await self.service.drain(timeout)
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self.transport.stop(grace)
-        await self.service.stop()
+        try:
+            await self.transport.stop(grace)
+            await self.service.stop()
+        finally:
+            await self._stop_metrics()
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)

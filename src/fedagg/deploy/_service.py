@@ -479,10 +479,13 @@ class FederationService:
                 msg = encode_chunk({1: version, 2: off, 4: total},
                                    view[off : off + step])  # fmt: skip
                 await paced(call.write(msg), self.opt.idle_timeout, until, "download")
+                self.stats.bytes_out += min(step, total - off)
 
     async def _push(self, call: Call) -> bytes:
+        t0 = time.perf_counter()
         with self.admit.opening(call) as authenticated:
             reply = await self._push_one(call, authenticated)
+        self.progress.pushed(reply.duplicate, time.perf_counter() - t0)  # deploy.metrics
         return bytes(reply.SerializeToString())
 
     async def _push_one(self, call: Call, authenticated: Callable[[], None]) -> pb.PushReply:
