@@ -32,6 +32,10 @@ EXPECTED = {
         "sketch_krum", "tree_centered_clipping", "tree_error_bound", "tree_rfa",
     ],
     "fedagg.spool": ["DiskStore", "disk"],
+    "fedagg.secagg": [
+        "CHUNK_WORDS", "MAX_WORDS", "PRIME", "SECRET_BYTES", "SHARE_BYTES", "add_mask", "combine",
+        "mask", "split",
+    ],
     "fedagg.attacks": [
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",
         "MinSum", "NoAttack", "RandomUniform", "SignFlip", "alie", "alie_z", "attack",

@@ -59,7 +59,7 @@ def test_core_imports_only_inward() -> None:
 #: or the top-level module ``fedagg/X.py``) and anything in a lower layer, never a sibling in its
 #: own layer nor anything above it:
 #:
-#: errors < core < {_checkpoint, spool, jobs, data, models, runs, and the public namespaces
+#: errors < core < {_checkpoint, spool, jobs, data, models, runs, secagg, and the public namespaces
 #: over core: attacks, optimizers, staleness, strategies, transforms, weighting}
 #: < {aggregators, clients} < fedagg (the package's own ``__init__``: the curated API)
 #: < policy < config < {sim, deploy, hierarchy} < demo < dashboard < cli
@@ -70,7 +70,7 @@ def test_core_imports_only_inward() -> None:
 LAYERS: list[set[str]] = [
     {"errors"},
     {"core"},
-    {"_checkpoint", "spool", "jobs", "data", "models", "runs"}
+    {"_checkpoint", "spool", "jobs", "data", "models", "runs", "secagg"}
     | {"optimizers", "staleness", "strategies", "transforms", "weighting"},
     {"aggregators", "clients"},
     {"attacks"},  # re-exports clients.LabelFlip (data poisoning is a client)

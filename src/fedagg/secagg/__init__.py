@@ -1,0 +1,29 @@
+"""Secure aggregation (SecAgg+, Bell et al. CCS 2020 on Bonawitz et al. CCS 2017): the pure core.
+
+The primitives:
+
+* :func:`split` / :func:`combine`: Shamir t-of-n secret sharing over GF(2**521 - 1), for the
+  self-mask seeds and mask keys (secrets of up to 32 bytes, cryptographic randomness).
+* :func:`mask` / :func:`add_mask`: the seekable mask PRG, ChaCha20 (RFC 8439) keystream as
+  uint32 words; chunk-wise masks equal the whole mask, and masks add modulo 2**32.
+
+Everything here is pure (no I/O, threads or clock); SecAgg errors are
+:class:`~fedagg.errors.SecAggError`.
+"""
+
+from __future__ import annotations
+
+from ._prg import CHUNK_WORDS, MAX_WORDS, add_mask, mask
+from ._shamir import PRIME, SECRET_BYTES, SHARE_BYTES, combine, split
+
+__all__ = [
+    "CHUNK_WORDS",
+    "MAX_WORDS",
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "add_mask",
+    "combine",
+    "mask",
+    "split",
+]
