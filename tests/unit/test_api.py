@@ -33,8 +33,8 @@ EXPECTED = {
     ],
     "fedagg.spool": ["DiskStore", "disk"],
     "fedagg.secagg": [
-        "CHUNK_WORDS", "MAX_WORDS", "PRIME", "SECRET_BYTES", "SHARE_BYTES", "add_mask", "combine",
-        "mask", "split",
+        "CHUNK_WORDS", "Encoder", "MAX_WORDS", "PRIME", "SECRET_BYTES", "SHARE_BYTES",
+        "add_mask", "combine", "mask", "split",
     ],
     "fedagg.attacks": [
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",

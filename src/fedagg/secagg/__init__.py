@@ -6,6 +6,10 @@ The primitives:
   self-mask seeds and mask keys (secrets of up to 32 bytes, cryptographic randomness).
 * :func:`mask` / :func:`add_mask`: the seekable mask PRG, ChaCha20 (RFC 8439) keystream as
   uint32 words; chunk-wise masks equal the whole mask, and masks add modulo 2**32.
+* :class:`Encoder`: clipping to an L2 bound, an optional randomised Hadamard rotation (public
+  seed) and stochastic rounding to uint32 with ceil(log2 n) bits of headroom, so that the sum
+  of n encodings never wraps; decoding a sum, its documented error bound, and the weighted
+  mean from the sums of w * x and of w (the weight travels as the last element).
 
 Everything here is pure (no I/O, threads or clock); SecAgg errors are
 :class:`~fedagg.errors.SecAggError`.
@@ -13,6 +17,7 @@ Everything here is pure (no I/O, threads or clock); SecAgg errors are
 
 from __future__ import annotations
 
+from ._encode import Encoder
 from ._prg import CHUNK_WORDS, MAX_WORDS, add_mask, mask
 from ._shamir import PRIME, SECRET_BYTES, SHARE_BYTES, combine, split
 
@@ -22,6 +27,7 @@ __all__ = [
     "PRIME",
     "SECRET_BYTES",
     "SHARE_BYTES",
+    "Encoder",
     "add_mask",
     "combine",
     "mask",
