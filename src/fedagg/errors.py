@@ -13,7 +13,8 @@ translated at the boundary and never reach users raw::
     │   └── InvalidWeight                       weight is zero, negative or not finite
     ├── EmptyAggregate                          finalize() with no update folded
     │   └── TooFewUpdates                       fewer updates than a robust rule needs
-    └── StateError                              a checkpoint that cannot be read or does not fit
+    ├── StateError                              a checkpoint that cannot be read or does not fit
+    └── SecAggError                             secure aggregation refused an input or a round
 
 ``UpdateError`` carries ``client_id`` and ``reason`` so that a server can answer the client and
 log the refusal; its message names both.
@@ -27,6 +28,7 @@ __all__ = [
     "FedaggError",
     "InvalidWeight",
     "NonFiniteUpdate",
+    "SecAggError",
     "SpecError",
     "SpecMismatch",
     "StaleUpdate",
@@ -84,3 +86,8 @@ class TooFewUpdates(EmptyAggregate):
 
 class StateError(FedaggError):
     """A saved state that cannot be read, or that does not match what it is loaded into."""
+
+
+class SecAggError(FedaggError):
+    """Secure aggregation refused an input (a share, a seed, a masked vector) or abandoned a
+    round (too few shares or survivors, an inconsistent or forged message)."""

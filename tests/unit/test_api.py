@@ -32,6 +32,14 @@ EXPECTED = {
         "sketch_krum", "tree_centered_clipping", "tree_error_bound", "tree_rfa",
     ],
     "fedagg.spool": ["DiskStore", "disk"],
+    "fedagg.secagg": [
+        "CHUNK_WORDS", "Encoder", "MAX_WORDS", "PRIME", "SECRET_BYTES", "SHARE_BYTES",
+        "add_mask", "combine", "mask", "split",
+        "AdvertiseKeys", "ClientSession", "ConsistencyRequest", "ConsistencySignature",
+        "ForwardedShares", "KeyDirectory", "MaskedInput", "RoundConfig", "ServerSession",
+        "ShareKeys", "UnmaskRequest", "UnmaskResponse", "default_degree", "default_threshold",
+        "neighbours",
+    ],
     "fedagg.attacks": [
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",
         "MinSum", "NoAttack", "RandomUniform", "SignFlip", "alie", "alie_z", "attack",

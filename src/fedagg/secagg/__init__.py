@@ -1,13 +1,35 @@
-"""Secure aggregation (SecAgg+): the server learns only the sum of the survivors' inputs.
+"""Secure aggregation (SecAgg+, Bell et al. CCS 2020 on Bonawitz et al. CCS 2017): the pure core.
 
-The protocol core (pure, in process: explicit messages, no I/O):
-:class:`ClientSession` and :class:`ServerSession` run one round over a :class:`RoundConfig`
-(the clients, the vector length, the public graph seed, the degree ``k`` and threshold ``t``);
-:func:`neighbours` is the random ``k``-regular communication graph.
+The primitives:
+
+* :func:`split` / :func:`combine`: Shamir t-of-n secret sharing over GF(2**521 - 1), for the
+  self-mask seeds and mask keys (secrets of up to 32 bytes, cryptographic randomness).
+* :func:`mask` / :func:`add_mask`: the seekable mask PRG, ChaCha20 (RFC 8439) keystream as
+  uint32 words; chunk-wise masks equal the whole mask, and masks add modulo 2**32.
+* :class:`Encoder`: clipping to an L2 bound, an optional randomised Hadamard rotation (public
+  seed) and stochastic rounding to uint32 with ceil(log2 n) bits of headroom, so that the sum
+  of n encodings never wraps; decoding a sum, its documented error bound, and the weighted
+  mean from the sums of w * x and of w (the weight travels as the last element).
+
+The protocol (pure, in process: explicit message dataclasses, no I/O):
+
+* :class:`ClientSession` and :class:`ServerSession` run one round over a :class:`RoundConfig`
+  (the clients, the vector length, the public graph seed, the degree ``k`` and threshold
+  ``t``): signed ephemeral keys, encrypted shares, masked inputs folded on arrival, a signed
+  consistency round, and chunk-wise unmasking to the exact sum of the survivors' inputs.
+* :func:`neighbours`: the seeded random ``k``-regular communication graph;
+  :func:`default_degree` and :func:`default_threshold` its defaults.
+
+Everything here is pure (no I/O, threads or clock); SecAgg errors are
+:class:`~fedagg.errors.SecAggError`.
 """
 
-from fedagg.secagg._graph import default_degree, default_threshold, neighbours
-from fedagg.secagg._protocol import (
+from __future__ import annotations
+
+from ._encode import Encoder
+from ._graph import default_degree, default_threshold, neighbours
+from ._prg import CHUNK_WORDS, MAX_WORDS, add_mask, mask
+from ._protocol import (
     AdvertiseKeys,
     ClientSession,
     ConsistencyRequest,
@@ -21,12 +43,19 @@ from fedagg.secagg._protocol import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from ._shamir import PRIME, SECRET_BYTES, SHARE_BYTES, combine, split
 
 __all__ = [
+    "CHUNK_WORDS",
+    "MAX_WORDS",
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
     "AdvertiseKeys",
     "ClientSession",
     "ConsistencyRequest",
     "ConsistencySignature",
+    "Encoder",
     "ForwardedShares",
     "KeyDirectory",
     "MaskedInput",
@@ -35,7 +64,11 @@ __all__ = [
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskResponse",
+    "add_mask",
+    "combine",
     "default_degree",
     "default_threshold",
+    "mask",
     "neighbours",
+    "split",
 ]

@@ -66,7 +66,7 @@ from fedagg.secagg._keys import (
     verify,
 )
 from fedagg.secagg._prg import add_mask
-from fedagg.secagg._shamir import PRIME, combine, split
+from fedagg.secagg._shamir import PRIME, SHARE_BYTES, combine, split
 
 __all__ = [
     "AdvertiseKeys",
@@ -83,7 +83,7 @@ __all__ = [
     "UnmaskResponse",
 ]
 
-_SHARE_BYTES = (PRIME.bit_length() + 7) // 8
+_SHARE_BYTES = SHARE_BYTES
 U32 = np.dtype(np.uint32)
 
 
