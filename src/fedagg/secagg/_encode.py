@@ -14,8 +14,7 @@ optional public ``rotation`` seed) maps a client's update x (d floats) and weigh
 4. **Quantise** each coordinate, all in [-C, C] since ||v|| <= C, to the grid of
    L = 2**(b - h) - 1 steps of size Δ = 2C / L, where h = ceil(log2 n) bits of headroom, by
    stochastic rounding: u = (v + C) / Δ, q = floor(u) + Bernoulli(u - floor(u)) (computed as
-   floor(u + U) with U uniform on [0, 1)), so that
-   E[q Δ - C] = v exactly and |q Δ - C - v| < Δ.
+   floor(u + U) with U uniform on [0, 1)), so that E[q Δ - C] = v and |q Δ - C - v| < Δ.
 5. **Append the weight** as one more element: q_w = stochastic rounding of w * L (unbiased,
    error < 1 / L in w).
 
@@ -30,13 +29,19 @@ sum_i w_i ≈ S[p] / L; the weighted mean is their ratio (:meth:`Encoder.mean`).
 below Δ, so in L2 it is below Δ sqrt(p) per client (rotation is orthogonal and dropping the
 padding only shrinks it) and below **m Δ sqrt(p)** for a sum of m encodings, deterministically;
 :meth:`Encoder.error_bound` multiplies it by 1 + 2**-19 for float64 rounding (at most ~2**-20 of
-a step, at bits = 32). The errors are independent, zero-mean and of
-variance <= Δ² / 4 per coordinate, so typically the L2 error is about (Δ / 2) sqrt(m p). The
-weight sum's error is below m / L. For the weighted mean, with E_v and E_w these two bounds and
-W = sum_i w_i, ||mean_hat - mean|| <= (E_v + C E_w) / (W - E_w) whenever W > E_w.
+a step, at bits = 32). The errors are independent, zero-mean and of variance <= Δ² / 4 per
+coordinate, so typically the L2 error is about (Δ / 2) sqrt(m p). The weight sum's error is
+below m / L. For the weighted mean, with E_v and E_w these two bounds, W = sum_i w_i and
+||sum_i w_i x_i|| <= W C: ||mean_hat - mean|| <= (E_v + C E_w) / (W - E_w) whenever W > E_w.
 
-Stochastic rounding uses a numpy Generator: its randomness makes rounding unbiased and need not
-be secret (the masks hide the encoding).
+**Limits.** The grid covers [-C, C] in every coordinate, which any vector of norm <= C fits,
+so nothing is clamped and nothing wraps; the rotation therefore does not shrink this bound (it
+is orthogonal and the bound is in L2). It spreads a spiky update over all coordinates, which a
+narrower per-coordinate range (e.g. for distributed DP) would need; no such range is offered
+yet. The encoding bounds honest clients only: a client may submit any uint32 vector and so
+corrupt the sum (secure aggregation hides inputs, it does not validate them). Stochastic
+rounding draws from a numpy Generator: its randomness makes rounding unbiased and need not be
+secret (the masks hide the encoding).
 """
 
 from __future__ import annotations
