@@ -13,8 +13,8 @@ optional public ``rotation`` seed) maps a client's update x (d floats) and weigh
    its inverse is D H / sqrt(p). Without rotation p = d.
 4. **Quantise** each coordinate, all in [-C, C] since ||v|| <= C, to the grid of
    L = 2**(b - h) - 1 steps of size Δ = 2C / L, where h = ceil(log2 n) bits of headroom, by
-   stochastic rounding: u = (v + C) / Δ, q = floor(u) + Bernoulli(u - floor(u)), so that
-   E[q Δ - C] = v exactly and |q Δ - C - v| < Δ.
+   stochastic rounding: u = (v + C) / Δ, q = floor(u) + Bernoulli(u - floor(u)) (computed as
+   floor(u + U) with U uniform on [0, 1)), so that E[q Δ - C] = v and |q Δ - C - v| < Δ.
 5. **Append the weight** as one more element: q_w = stochastic rounding of w * L (unbiased,
    error < 1 / L in w).
 
@@ -27,14 +27,21 @@ sum_i w_i ≈ S[p] / L; the weighted mean is their ratio (:meth:`Encoder.mean`).
 
 **Error bound** (:meth:`Encoder.error_bound`). Per client and coordinate the rounding error is
 below Δ, so in L2 it is below Δ sqrt(p) per client (rotation is orthogonal and dropping the
-padding only shrinks it) and below **m Δ sqrt(p)** for a sum of m encodings, deterministically
-(up to float64 rounding, ~2**-50 of a step). The errors are independent, zero-mean and of
-variance <= Δ² / 4 per coordinate, so typically the L2 error is about (Δ / 2) sqrt(m p). The
-weight sum's error is below m / L. For the weighted mean, with E_v and E_w these two bounds and
-W = sum_i w_i, ||mean_hat - mean|| <= (E_v + C E_w) / (W - E_w) whenever W > E_w.
+padding only shrinks it) and below **m Δ sqrt(p)** for a sum of m encodings, deterministically;
+:meth:`Encoder.error_bound` multiplies it by 1 + 2**-19 for float64 rounding (at most ~2**-20 of
+a step, at bits = 32). The errors are independent, zero-mean and of variance <= Δ² / 4 per
+coordinate, so typically the L2 error is about (Δ / 2) sqrt(m p). The weight sum's error is
+below m / L. For the weighted mean, with E_v and E_w these two bounds, W = sum_i w_i and
+||sum_i w_i x_i|| <= W C: ||mean_hat - mean|| <= (E_v + C E_w) / (W - E_w) whenever W > E_w.
 
-Stochastic rounding uses a numpy Generator: its randomness makes rounding unbiased and need not
-be secret (the masks hide the encoding).
+**Limits.** The grid covers [-C, C] in every coordinate, which any vector of norm <= C fits,
+so nothing is clamped and nothing wraps; the rotation therefore does not shrink this bound (it
+is orthogonal and the bound is in L2). It spreads a spiky update over all coordinates, which a
+narrower per-coordinate range (e.g. for distributed DP) would need; no such range is offered
+yet. The encoding bounds honest clients only: a client may submit any uint32 vector and so
+corrupt the sum (secure aggregation hides inputs, it does not validate them). Stochastic
+rounding draws from a numpy Generator: its randomness makes rounding unbiased and need not be
+secret (the masks hide the encoding).
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ from ._prg import mask
 __all__ = ["Encoder"]
 
 _ROTATION_DOMAIN = b"fedagg.secagg.rotation.v1"
+#: float64 rounding in encode and decode, relative to the bound (module docs)
+_ROUNDING = 1.0 + 2.0**-19
 
 
 def _fwht(y: np.ndarray) -> None:
@@ -124,10 +133,10 @@ class Encoder:
         return self.padded(d) + 1
 
     def error_bound(self, d: int, count: int = 1) -> float:
-        """The L2 bound m Δ sqrt(p) on the error of a decoded sum of m = ``count`` encodings
-        (the weight sum's bound is m / L)."""
+        """The L2 bound m Δ sqrt(p) (1 + 2**-19) on the error of a decoded sum of
+        m = ``count`` encodings of d-element updates (the weight sum's bound is m / L)."""
         self._check_count(count)
-        return count * self.step * math.sqrt(self.padded(d))
+        return count * self.step * math.sqrt(self.padded(d)) * _ROUNDING
 
     # -- rotation ---------------------------------------------------------------------------
     def _signs(self, p: int) -> np.ndarray:
@@ -180,15 +189,19 @@ class Encoder:
         clip = float(self.clip)
         norm = float(np.linalg.norm(x))
         scale = w * (clip / norm if norm > clip else 1.0)
-        v = self.rotate(x * scale) if self.rotation is not None else x * scale
         L = self.levels
-        u = v
-        u += clip
-        u *= L / (2.0 * clip)
-        np.clip(u, 0.0, float(L), out=u)
-        q = np.floor(u)
-        frac = u - q
-        q += rng.random(q.size) < frac
+        # u = (v + C) / Δ for v = R(scale x); then floor(u + U), U ~ U[0, 1), is floor(u) + 1
+        # with probability frac(u): stochastic rounding in one pass.
+        a = scale * L / (2.0 * clip)
+        if self.rotation is None:
+            u = np.multiply(x, a)
+        else:
+            u = self.rotate(x)
+            u *= a
+        u += 0.5 * L
+        u += rng.random(u.size)
+        np.floor(u, out=u)
+        q = np.clip(u, 0.0, float(L), out=u)
         out = np.empty(q.size + 1, dtype=np.uint32)
         out[:-1] = q
         uw = w * L

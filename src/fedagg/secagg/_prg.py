@@ -46,10 +46,16 @@ def _encryptor(seed: bytes, offset: int) -> Any:
     return Cipher(algorithms.ChaCha20(bytes(seed), nonce), mode=None).encryptor()
 
 
+_ZEROS = memoryview(bytes(4 * CHUNK_WORDS))
+
+
 def _fill(enc: Any, out: np.ndarray) -> None:
-    """Write the next ``out.size`` keystream words into ``out`` (uint32, contiguous)."""
+    """Write the next ``out.size`` keystream words into ``out`` (uint32, contiguous), a chunk
+    at a time (the keystream is ChaCha20 applied to zeros)."""
     view = out.data.cast("B")
-    enc.update_into(bytes(view.nbytes), view)
+    for start in range(0, view.nbytes, _ZEROS.nbytes):
+        part = view[start : start + _ZEROS.nbytes]
+        enc.update_into(_ZEROS[: part.nbytes], part)
 
 
 def mask(seed: bytes, offset: int, count: int) -> np.ndarray:
