@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,20 +52,35 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedagg.errors import ConfigError, SecAggError
-from fedagg.secagg._graph import default_degree, default_threshold, neighbours
 from fedagg.secagg._keys import (
     KEY_BYTES,
     agree,
     decrypt,
     encrypt,
-    id_set,
     new_key_pair,
     public_bytes,
     sign,
     verify,
 )
+from fedagg.secagg._messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    ForwardedShares,
+    KeyDirectory,
+    MaskedInput,
+    RoundConfig,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    bundle,
+    key_parts,
+    sign_of,
+    survivor_parts,
+    unbundle,
+)
 from fedagg.secagg._prg import add_mask
-from fedagg.secagg._shamir import PRIME, SHARE_BYTES, combine, split
+from fedagg.secagg._shamir import combine, split
 
 __all__ = [
     "AdvertiseKeys",
@@ -83,157 +97,7 @@ __all__ = [
     "UnmaskResponse",
 ]
 
-_SHARE_BYTES = SHARE_BYTES
 U32 = np.dtype(np.uint32)
-
-
-# -- the round's public parameters --------------------------------------------------------------
-@dataclass(frozen=True)
-class RoundConfig:
-    """What every party of one round agrees on (public). ``clients`` are ints >= 1 (they double
-    as Shamir abscissae); ``degree`` (``k``) and ``threshold`` (``t``) default to
-    :func:`default_degree` and :func:`default_threshold`; ``graph_seed`` is the server's public
-    round seed; ``chunk`` is how many words the server unmasks at a time."""
-
-    round_id: int
-    clients: tuple[int, ...]
-    dim: int
-    graph_seed: bytes
-    degree: int = 0
-    threshold: int = 0
-    chunk: int = 1 << 16
-    graph: Mapping[int, frozenset[int]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        ids = tuple(sorted(self.clients))
-        if len(ids) < 2 or len(set(ids)) != len(ids) or ids[0] < 1:
-            raise ConfigError(f"clients must be >= 2 distinct ints >= 1, got {self.clients!r}")
-        if self.dim < 1:
-            raise ConfigError(f"dim must be >= 1, got {self.dim}")
-        if self.chunk < 1:
-            raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
-        k = self.degree or default_degree(len(ids))
-        g = neighbours(ids, k, self.graph_seed)
-        k = min(len(vs) for vs in g.values())
-        t = self.threshold or default_threshold(k)
-        if not k // 2 < t <= k:
-            raise ConfigError(
-                f"threshold must be in ({k // 2}, {k}] for degree {k} (a strict majority of the "
-                f"neighbours, so no peer's two secrets can both be rebuilt), got {t}"
-            )
-        object.__setattr__(self, "clients", ids)
-        object.__setattr__(self, "degree", k)
-        object.__setattr__(self, "threshold", t)
-        object.__setattr__(self, "graph", g)
-
-
-# -- messages ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AdvertiseKeys:
-    """Stage 0, client -> server (and forwarded to its neighbours)."""
-
-    sender: int
-    c_pk: bytes
-    s_pk: bytes
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class KeyDirectory:
-    """Stage 0, server -> client: its neighbours' signed keys."""
-
-    round_id: int
-    keys: Mapping[int, AdvertiseKeys]
-
-
-@dataclass(frozen=True)
-class ShareKeys:
-    """Stage 1, client -> server: one sealed share bundle per neighbour (keyed by receiver)."""
-
-    sender: int
-    ciphertexts: Mapping[int, bytes]
-
-
-@dataclass(frozen=True)
-class ForwardedShares:
-    """Stage 1, server -> client: the bundles addressed to it (keyed by sender)."""
-
-    round_id: int
-    ciphertexts: Mapping[int, bytes]
-
-
-@dataclass(frozen=True)
-class MaskedInput:
-    """Stage 2, client -> server: ``y_u`` (uint32)."""
-
-    sender: int
-    values: np.ndarray[Any, np.dtype[np.uint32]]
-
-
-@dataclass(frozen=True)
-class ConsistencyRequest:
-    """Stage 3, server -> client: the survivor set (those whose masked input is folded)."""
-
-    round_id: int
-    survivors: frozenset[int]
-
-
-@dataclass(frozen=True)
-class ConsistencySignature:
-    """Stage 3, client -> server: its signature over (round, survivors)."""
-
-    sender: int
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class UnmaskRequest:
-    """Stage 4, server -> client."""
-
-    round_id: int
-    survivors: frozenset[int]
-    dropped: frozenset[int]
-    signatures: Mapping[int, bytes]
-
-
-@dataclass(frozen=True)
-class UnmaskResponse:
-    """Stage 4, client -> server: ``b`` shares of survivors, ``s`` shares of dropped peers."""
-
-    sender: int
-    b_shares: Mapping[int, int]
-    s_shares: Mapping[int, int]
-
-
-def _key_parts(round_id: int, sender: int, c_pk: bytes, s_pk: bytes) -> tuple[Any, ...]:
-    return (b"keys", round_id, sender, c_pk, s_pk)
-
-
-def _survivor_parts(round_id: int, survivors: frozenset[int]) -> tuple[Any, ...]:
-    return (b"survivors", round_id, id_set(survivors))
-
-
-def _bundle(sender: int, receiver: int, round_id: int, b: int, s: int) -> bytes:
-    head = b"".join(i.to_bytes(8, "big") for i in (sender, receiver, round_id))
-    return head + b.to_bytes(_SHARE_BYTES, "big") + s.to_bytes(_SHARE_BYTES, "big")
-
-
-def _unbundle(raw: bytes, sender: int, receiver: int, round_id: int) -> tuple[int, int]:
-    if len(raw) != 24 + 2 * _SHARE_BYTES:
-        raise SecAggError(f"share bundle from client {sender} has the wrong length")
-    head = tuple(int.from_bytes(raw[i : i + 8], "big") for i in (0, 8, 16))
-    if head != (sender, receiver, round_id):
-        raise SecAggError(f"share bundle from client {sender} names {head}, not itself")
-    b = int.from_bytes(raw[24 : 24 + _SHARE_BYTES], "big")
-    s = int.from_bytes(raw[24 + _SHARE_BYTES :], "big")
-    if b >= PRIME or s >= PRIME:
-        raise SecAggError(f"share bundle from client {sender} holds an out-of-field share")
-    return b, s
-
-
-def _sign_of(u: int, v: int) -> int:
-    """The sign with which ``u`` adds the pair mask ``PRG(s_uv)``: + below, - above."""
-    return 1 if u < v else -1
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -295,7 +159,7 @@ class ClientSession:
         self._enter(0)
         assert self._c_sk is not None and self._s_sk is not None
         c_pk, s_pk = public_bytes(self._c_sk), public_bytes(self._s_sk)
-        sig = sign(self._identity, *_key_parts(self.config.round_id, self.id, c_pk, s_pk))
+        sig = sign(self._identity, *key_parts(self.config.round_id, self.id, c_pk, s_pk))
         self._stage = 1
         return AdvertiseKeys(self.id, c_pk, s_pk, sig)
 
@@ -316,7 +180,7 @@ class ClientSession:
                 verify(
                     pk,
                     adv.signature,
-                    *_key_parts(cfg.round_id, v, adv.c_pk, adv.s_pk),
+                    *key_parts(cfg.round_id, v, adv.c_pk, adv.s_pk),
                     who=f"client {v}'s advertised keys",
                 )
             except SecAggError as e:
@@ -347,7 +211,7 @@ class ClientSession:
             )
             out[v] = encrypt(
                 key,
-                _bundle(self.id, v, cfg.round_id, b_sh[v], s_sh[v]),
+                bundle(self.id, v, cfg.round_id, b_sh[v], s_sh[v]),
                 sender=self.id,
                 receiver=v,
                 round_id=cfg.round_id,
@@ -393,7 +257,7 @@ class ClientSession:
                 raw = decrypt(
                     key, msg.ciphertexts[u], sender=u, receiver=self.id, round_id=cfg.round_id
                 )
-                held[u] = _unbundle(raw, u, self.id, cfg.round_id)
+                held[u] = unbundle(raw, u, self.id, cfg.round_id)
             except SecAggError as e:
                 raise self._refuse(str(e)) from None
         self._held = held
@@ -409,7 +273,7 @@ class ClientSession:
                 a=self.id,
                 b=v,
             )
-            add_mask(y, seed, 0, _sign_of(self.id, v))
+            add_mask(y, seed, 0, sign_of(self.id, v))
         self._stage = 3
         return MaskedInput(self.id, y)
 
@@ -436,7 +300,7 @@ class ClientSession:
         self._check_survivors(survivors)
         self._signed = survivors
         self._stage = 4
-        sig = sign(self._identity, *_survivor_parts(self.config.round_id, survivors))
+        sig = sign(self._identity, *survivor_parts(self.config.round_id, survivors))
         return ConsistencySignature(self.id, sig)
 
     # - stage 4
@@ -464,7 +328,7 @@ class ClientSession:
                 verify(
                     pk,
                     sig,
-                    *_survivor_parts(cfg.round_id, survivors),
+                    *survivor_parts(cfg.round_id, survivors),
                     who=f"client {v}'s survivor set",
                 )
             except SecAggError as e:
@@ -552,7 +416,7 @@ class ServerSession:
         verify(
             self._identities[u],
             msg.signature,
-            *_key_parts(self.config.round_id, u, msg.c_pk, msg.s_pk),
+            *key_parts(self.config.round_id, u, msg.c_pk, msg.s_pk),
             who=f"client {u}'s advertised keys",
         )
         self._keys[u] = msg
@@ -641,7 +505,7 @@ class ServerSession:
         verify(
             self._identities[u],
             msg.signature,
-            *_survivor_parts(self.config.round_id, frozenset(self._u3)),
+            *survivor_parts(self.config.round_id, frozenset(self._u3)),
             who=f"client {u}'s survivor set",
         )
         self._sigs[u] = msg.signature
@@ -693,7 +557,7 @@ class ServerSession:
                     seed = agree(
                         s_sk, self._keys[v].s_pk, purpose=b"mask", round_id=cfg.round_id, a=u, b=v
                     )
-                    seeds.append((seed, -_sign_of(v, u)))
+                    seeds.append((seed, -sign_of(v, u)))
         except SecAggError as e:
             raise self._abandon(str(e)) from None
         assert self._sum is not None
