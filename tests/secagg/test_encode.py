@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fedagg.errors import ConfigError, SecAggError
 from fedagg.secagg import Encoder, add_mask, mask
+from fedagg.secagg._encode import _butterflies, _fwht
 
 SLACK = 1 + 2**-19  # float64 rounding: at most ~2**-20 of a grid step
 
@@ -177,3 +178,27 @@ def test_bad_parameters_and_inputs_are_refused() -> None:
         enc.decode(np.full(3, 200, np.uint32), 1, 2)
     with pytest.raises(SecAggError, match="uint32"):
         enc.decode(code.astype(np.int64), 1, 2)
+
+
+def sylvester(p: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < p:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 10])
+def test_butterflies_are_the_hadamard_matrix(k: int) -> None:
+    v = np.random.default_rng(k).standard_normal(1 << k)
+    y = v.copy()
+    _butterflies(y, 1)
+    np.testing.assert_allclose(y, sylvester(1 << k) @ v, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [11, 12, 13, 16])
+def test_transposed_transform_equals_the_butterflies(k: int) -> None:
+    v = np.random.default_rng(k).standard_normal(1 << k)
+    y, z = v.copy(), v.copy()
+    _fwht(y)
+    _butterflies(z, 1)
+    np.testing.assert_allclose(y, z, atol=1e-9)

@@ -64,10 +64,8 @@ _ROTATION_DOMAIN = b"fedagg.secagg.rotation.v1"
 _ROUNDING = 1.0 + 2.0**-19
 
 
-def _fwht(y: np.ndarray) -> None:
-    """The unnormalised Walsh–Hadamard transform of ``y`` (float64, size a power of 2), in
-    place."""
-    h = 1
+def _butterflies(y: np.ndarray, h: int) -> None:
+    """The Walsh–Hadamard butterflies of strides h, 2h, ... < y.size on ``y``, in place."""
     while h < y.size:
         v = y.reshape(-1, 2, h)
         a = v[:, 0, :].copy()
@@ -75,6 +73,23 @@ def _fwht(y: np.ndarray) -> None:
         v[:, 0, :] += b
         np.subtract(a, b, out=b)
         h *= 2
+
+
+def _fwht(y: np.ndarray) -> None:
+    """The unnormalised Walsh–Hadamard transform of ``y`` (float64, size a power of 2), in
+    place. Small strides are slow in numpy, so a large ``y`` is viewed as an r x c matrix:
+    the strides >= c (across rows) run on it, then the in-row ones on its transpose, where
+    they become strides >= r (the butterfly levels commute)."""
+    n = y.size
+    if n < 1 << 12:
+        _butterflies(y, 1)
+        return
+    c = 1 << ((n.bit_length() - 1) // 2)
+    r = n // c
+    _butterflies(y, c)
+    t = np.ascontiguousarray(y.reshape(r, c).T)
+    _butterflies(t.reshape(-1), r)
+    y.reshape(r, c)[...] = t.T
 
 
 @dataclass(frozen=True)
