@@ -414,6 +414,28 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
                       "\"\": off"),
 })  # fmt: skip
 
+_SECURE = Section("secure aggregation (SecAgg+): the server sees only the sum of the masked "
+                  "updates (sync policy; mean aggregator)", {
+    "kind": string("none", "none, or SecAgg+ (Bell et al. 2020)", choices=("none", "secagg+"),
+                   noun="secure aggregation"),
+    "neighbors": integer(0, "k, each client's neighbours in the random k-regular graph (0: "
+                         "about 2 log2 n, all clients for small rounds)", ge=0),
+    "threshold": integer(0, "t, shares needed to rebuild a secret: a strict majority of the "
+                         "k neighbours (0: the default, about 2k/3)", ge=0),
+    "clip": number(10.0, "the L2 bound each update is clipped to before it is encoded", gt=0),
+    "bits": integer(32, "bits of the field Z_2^b each element lives in (ceil(log2 n) of them "
+                    "headroom for the sum)", ge=8, le=32),
+    "rotation": boolean(False, "a randomised Hadamard rotation before rounding (spreads a "
+                        "spiky update over every coordinate)"),
+    "max_weight": number(1000.0, "the public weight cap: a client's weight w is encoded as "
+                         "min(w, max_weight) / max_weight", gt=0),
+    "stage_timeout": number(30.0, "seconds each key, consistency and unmasking stage waits "
+                            "for replies (virtual seconds in simulation)", gt=0),
+    "dropout": number(0.0, "simulation only: the fraction of a round's clients that drop "
+                      "out of the protocol, each at a stage drawn uniformly of the four",
+                      ge=0, lt=1),
+})  # fmt: skip
+
 #: The whole config: top-level keys, then one section per table.
 SPEC = Section(
     "a fedagg run config (simulation and deployment)",
@@ -429,5 +451,6 @@ SPEC = Section(
         "executor": _EXECUTOR,
         "output": _OUTPUT,
         "deploy": _DEPLOY,
+        "secure_aggregation": _SECURE,
     },
 )

@@ -31,10 +31,14 @@ __all__ = [
     "Dropout",
     "Event",
     "Finish",
+    "MaskedMerge",
     "Merge",
     "Policy",
     "PolicyContext",
     "RoundStats",
+    "SecureContext",
+    "SecureReply",
+    "SecureRequest",
     "SetTimer",
     "Start",
     "Timer",
@@ -98,7 +102,35 @@ class Timer:
     tag: int
 
 
-Event: TypeAlias = Start | Arrival | Merge | Dropout | Timer
+@dataclass(frozen=True, slots=True)
+class SecureReply:
+    """Secure aggregation (:class:`fedagg.policy.SecurePolicy`): a client's reply to the
+    request of ``stage`` of secure round ``round`` (a :mod:`fedagg.secagg` message:
+    ``AdvertiseKeys`` at stage 0, ``ShareKeys`` 1, ``ConsistencySignature`` 3,
+    ``UnmaskResponse`` 4; the masked input of stage 2 arrives as an :class:`Arrival` whose
+    delta is the uint32 masked vector)."""
+
+    now: float
+    client: int
+    job: int
+    round: int
+    stage: int
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedMerge:
+    """Secure aggregation through an edge: the wrap-around uint32 sum of the masked inputs of
+    ``jobs`` (``(client, job, train_loss)`` each) of secure round ``round``, folded by an edge
+    that never saw a plaintext update."""
+
+    now: float
+    round: int
+    jobs: tuple[tuple[int, int, float], ...]
+    values: Arr
+
+
+Event: TypeAlias = Start | Arrival | Merge | Dropout | Timer | SecureReply | MaskedMerge
 
 
 # -- actions (policy -> engine) ----------------------------------------------------------------
@@ -169,7 +201,22 @@ class Finish:
     pass
 
 
-Action: TypeAlias = Dispatch | SetTimer | Applied | Commit | Finish
+@dataclass(frozen=True, slots=True)
+class SecureRequest:
+    """Secure aggregation: send each client of ``messages`` (client -> message, with its job
+    in ``jobs``) its request of ``stage`` of secure round ``round``: stage 0 the round's
+    public :class:`fedagg.secagg.RoundParams` (advertise your keys), 1 a ``KeyDirectory``
+    (share your secrets), 2 ``ForwardedShares`` (mask and upload your update when trained),
+    3 a ``ConsistencyRequest`` (sign the survivor set), 4 an ``UnmaskRequest``. A client's
+    reply comes back as a :class:`SecureReply` (stage 2's as an :class:`Arrival`)."""
+
+    round: int
+    stage: int
+    messages: Mapping[int, Any]
+    jobs: Mapping[int, int]
+
+
+Action: TypeAlias = Dispatch | SetTimer | Applied | Commit | Finish | SecureRequest
 
 
 class PolicyContext(Protocol):
@@ -182,6 +229,15 @@ class PolicyContext(Protocol):
     def seed(self) -> int: ...
 
     def available(self, slot: int) -> Arr: ...
+
+
+class SecureContext(PolicyContext, Protocol):
+    """A context that can also name each client's long-term Ed25519 identity (raw 32-byte
+    public key), as a trusted PKI would: what :class:`fedagg.policy.SecurePolicy` checks the
+    clients' signatures with. The simulator makes a key per client; a deployment reads its
+    ``authorized_keys``."""
+
+    def identity(self, client: int) -> bytes: ...
 
 
 class Policy(Protocol):

@@ -29,6 +29,7 @@ from fedagg.policy._events import (
     RoundStats,
     SetTimer,
     Start,
+    Timer,
     apply_or_skip,
     effective_weights,
     note_refusal,
@@ -138,7 +139,7 @@ class SyncPolicy:
                 state.dropped += 1
                 return self._maybe_close(state, event.now, ctx)
             return []
-        if state.open and event.tag == state.round:  # the round's deadline
+        if isinstance(event, Timer) and state.open and event.tag == state.round:  # deadline
             return self._close(state, event.now, ctx)
         return []
 
