@@ -154,7 +154,7 @@ def noise_multiplier_for(
 
     >>> sigma = noise_multiplier_for(epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=2250)
     >>> round(sigma, 2)
-    1.43
+    1.42
     """
     target = _number("epsilon", epsilon, 0.0, math.inf, True, True)
     d = _number("delta", delta, 0.0, 1.0, True, True)
@@ -211,7 +211,7 @@ def gaussian_delta(epsilon: float, noise_multiplier: float, steps: int = 1) -> f
     (Balle & Wang 2018, Theorem 8).
 
     >>> round(gaussian_delta(1.0, 1.0), 6)
-    0.126936
+    0.126937
     """
     e = _number("epsilon", epsilon, 0.0, math.inf, False, True)
     sigma = _number("noise_multiplier", noise_multiplier, 0.0, math.inf, True, True)
