@@ -22,7 +22,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     plan.add_argument("--epsilon", type=float, required=True, help="the target epsilon (> 0)")
     plan.add_argument(
         "--delta", type=float, default=None,
-        help="the target delta (default: 1 / clients, rounded down to a power of 10)",
+        help="the target delta (default: the largest power of 10 below 1 / clients)",
     )  # fmt: skip
     plan.add_argument("--rounds", type=positive_int, required=True, help="training rounds")
     plan.add_argument(
@@ -40,10 +40,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 
 def _default_delta(clients: int) -> float:
-    delta = 1.0
-    while delta >= 1.0 / clients:
-        delta /= 10
-    return delta
+    """The largest power of ten strictly below 1 / clients."""
+    k = 1
+    while 10.0**-k >= 1.0 / clients:
+        k += 1
+    return 10.0**-k
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -104,7 +104,9 @@ def _epsilon(sigma: float, q: float, t: int, d: float, kind: str) -> float:
         return rdp_to_epsilon(DEFAULT_ORDERS, rdp, d)[0]
     step = auto_step(sigma, q, t, _PLD_STEP)
     remove, add = pld_subsampled_gaussian(sigma, q, t, step, _PLD_TAIL)
-    return max(remove.epsilon(d), add.epsilon(d))
+    eps = max(remove.epsilon(d), add.epsilon(d))
+    # beyond the PLD's range (losses above 600: epsilon in the hundreds) report RDP's bound
+    return eps if math.isfinite(eps) else _epsilon(sigma, q, t, d, "rdp")
 
 
 def delta(

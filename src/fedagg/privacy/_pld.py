@@ -50,6 +50,11 @@ def _phi_c(z: np.ndarray) -> np.ndarray:
 
 def _profile(eps: np.ndarray, sigma: float, q: float, remove: bool) -> np.ndarray:
     """The one-step privacy profile ``delta(eps)`` of one direction, vectorised over eps."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        return _profile_raw(eps, sigma, q, remove)
+
+
+def _profile_raw(eps: np.ndarray, sigma: float, q: float, remove: bool) -> np.ndarray:
     eps = np.asarray(eps, dtype=np.float64)
     out = np.empty_like(eps)
     s2 = sigma * sigma
@@ -69,7 +74,7 @@ def _profile(eps: np.ndarray, sigma: float, q: float, remove: bool) -> np.ndarra
         xs = s2 * (np.log(np.expm1(-e) + q) - math.log(q)) + 0.5
         u0, u1 = _phi_c(-xs / sigma), _phi_c(-(xs - 1) / sigma)
         out[~high] = u0 - np.exp(e) * ((1 - q) * u0 + q * u1)
-    clipped: np.ndarray = np.clip(out, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
     return clipped
 
 
@@ -164,10 +169,16 @@ def _fast_len(n: int) -> int:
 
 
 def _truncate(p: np.ndarray, offset: int, step: float, inf_mass: float, tail: float) -> PLD:
+    """Drop the ends of ``p`` pessimistically: the lower end's mass moves up to the lowest
+    kept loss, the upper end's becomes infinite loss. An end is cut while its mass is at most
+    ``tail``, and also while its entries are below the FFT's noise floor (1e-15 of the
+    largest entry), which would otherwise never be cut and widen the support every round."""
+    floor = 1e-15 * float(p.max())
+    big = np.nonzero(p > floor)[0]
     c = np.cumsum(p)
-    lo = int(np.searchsorted(c, tail, side="right"))
+    lo = max(int(np.searchsorted(c, tail, side="right")), int(big[0]))
     r = np.cumsum(p[::-1])
-    hi = p.size - int(np.searchsorted(r, tail, side="right"))
+    hi = min(p.size - int(np.searchsorted(r, tail, side="right")), int(big[-1]) + 1)
     lo = min(lo, max(hi - 1, 0))
     kept = p[lo:hi].copy()
     kept[0] += c[lo - 1] if lo > 0 else 0.0
