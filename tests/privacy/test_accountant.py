@@ -246,3 +246,11 @@ def test_bad_input_to_the_other_functions() -> None:
         gaussian_delta(-1.0, 1.0)
     with pytest.raises(ConfigError):
         delta(epsilon=math.inf, noise_multiplier=1.0, sample_rate=0.1, steps=1)
+
+
+def test_pld_handles_millions_of_steps_and_falls_back_beyond_its_range() -> None:
+    kw = {"noise_multiplier": 1.0, "sample_rate": 1e-5, "steps": 10_000_000, "delta": 1e-5}
+    assert 0 < epsilon(**kw, accountant="pld") < epsilon(**kw)  # the support stays bounded
+    # sigma 0.05: losses beyond the PLD's range; the RDP bound (finite) is reported
+    kw = {"noise_multiplier": 0.05, "sample_rate": 0.5, "steps": 10, "delta": 1e-5}
+    assert epsilon(**kw, accountant="pld") == epsilon(**kw) < math.inf
