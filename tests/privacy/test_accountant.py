@@ -77,7 +77,7 @@ def test_noise_multiplier_equals_opacus_published_values(steps: int, published: 
     assert (
         epsilon(noise_multiplier=sigma, **kw) <= 8.0 < epsilon(noise_multiplier=sigma * 0.998, **kw)
     )
-    exact = noise_multiplier_for(epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=steps, rtol=1e-7)
+    exact = noise_multiplier_for(epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=steps, rtol=1e-5)
     assert exact == pytest.approx(published, abs=5e-4)
 
 
@@ -167,7 +167,7 @@ def test_mnist_figures_by_both_accountants() -> None:
     assert epsilon(**kw, accountant="pld") == pytest.approx(2.3818, abs=1e-3)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     sigma=st.floats(0.6, 8.0),
     q=st.floats(1e-4, 0.5),
@@ -199,11 +199,11 @@ def test_pld_epsilon_is_monotone() -> None:
 
 
 def test_pld_noise_multiplier_meets_the_target_and_beats_rdp() -> None:
-    kw = {"epsilon": 2.0, "delta": 1e-5, "sample_rate": 0.05, "steps": 50}
+    kw = {"epsilon": 2.0, "delta": 1e-5, "sample_rate": 0.05, "steps": 20}
     pld = noise_multiplier_for(**kw, accountant="pld")
     rdp = noise_multiplier_for(**kw)
     assert pld < rdp
-    spent = epsilon(noise_multiplier=pld, sample_rate=0.05, steps=50, delta=1e-5, accountant="pld")
+    spent = epsilon(noise_multiplier=pld, sample_rate=0.05, steps=20, delta=1e-5, accountant="pld")
     assert 1.99 < spent <= 2.0
 
 

@@ -45,7 +45,10 @@ of :func:`fedagg.secagg.mask`; needs the ``deploy`` extra's ``cryptography``),
 :func:`clip_l2`, :func:`local_dp`, adaptive clipping (Andrew et al. 2021:
 :func:`noised_unclipped_fraction`, :func:`adaptive_clip`, :func:`combined_noise_multiplier`,
 :func:`update_noise_multiplier`), and the integer samplers for distributed DP,
-:func:`discrete_gaussian` and :func:`skellam`. Bad arguments raise
+:func:`discrete_gaussian` and :func:`skellam`, with their RDP
+(:func:`rdp_distributed_discrete_gaussian`, Kairouz et al. 2021; :func:`rdp_skellam`, Agarwal
+et al. 2021; :func:`rdp_poisson_subsampled`, Zhu & Wang 2019, for any RDP curve under Poisson
+client sampling; convert with :func:`rdp_to_epsilon`). Bad arguments raise
 :class:`~fedagg.errors.ConfigError`.
 """
 
@@ -61,6 +64,12 @@ from ._accountant import (
     noise_multiplier_for,
 )
 from ._discrete import discrete_gaussian, skellam
+from ._distributed import (
+    DISTRIBUTED_ORDERS,
+    rdp_distributed_discrete_gaussian,
+    rdp_poisson_subsampled,
+    rdp_skellam,
+)
 from ._mechanisms import (
     adaptive_clip,
     add_gaussian_noise,
@@ -76,6 +85,7 @@ from ._rdp import DEFAULT_ORDERS, rdp_subsampled_gaussian, rdp_to_delta, rdp_to_
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_ORDERS",
+    "DISTRIBUTED_ORDERS",
     "Accountant",
     "adaptive_clip",
     "add_gaussian_noise",
@@ -90,6 +100,9 @@ __all__ = [
     "local_dp",
     "noise_multiplier_for",
     "noised_unclipped_fraction",
+    "rdp_distributed_discrete_gaussian",
+    "rdp_poisson_subsampled",
+    "rdp_skellam",
     "rdp_subsampled_gaussian",
     "rdp_to_delta",
     "rdp_to_epsilon",

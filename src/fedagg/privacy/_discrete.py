@@ -15,8 +15,10 @@ floating-point ``exp`` and uniforms rather than the paper's exact Bernoulli(exp(
 rationals: the output distribution differs from the ideal by rounding only (relative ~1e-16
 per probability), and the sampler is not constant-time.
 
-**Skellam** Sk(mu, mu) = Poisson(mu) - Poisson(mu), variance ``2 mu``; sums of independent
-Skellam variables are Skellam, which makes its distributed-DP analysis simple.
+**Skellam** of variance v: Poisson(v/2) - Poisson(v/2); sums of independent Skellam
+variables are Skellam (variances add), which makes its distributed-DP analysis simple.
+
+Their accounting is in :mod:`._distributed`.
 """
 
 from __future__ import annotations
@@ -68,17 +70,19 @@ def discrete_gaussian(
     return out.reshape(shape)
 
 
-def skellam(mu: float, size: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """``size`` independent draws of Poisson(mu) - Poisson(mu) (variance ``2 mu``), int64.
+def skellam(variance: float, size: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """``size`` independent draws of the Skellam distribution of mean 0 and ``variance``,
+    Poisson(variance/2) - Poisson(variance/2), as int64. Variances add: n clients each
+    drawing variance v give a sum of variance n v (see :func:`rdp_skellam`).
 
-    >>> x = skellam(4.5, 100_000, np.random.default_rng(0))
+    >>> x = skellam(9.0, 100_000, np.random.default_rng(0))
     >>> bool(abs(x.var() - 9.0) < 0.2)
     True
     """
-    if isinstance(mu, bool) or not isinstance(mu, int | float):
-        raise ConfigError(f"mu must be a number, got {mu!r}")
-    m = float(mu)
-    if not (math.isfinite(m) and m > 0):
-        raise ConfigError(f"mu must be a finite number > 0, got {mu!r}")
+    if isinstance(variance, bool) or not isinstance(variance, int | float):
+        raise ConfigError(f"variance must be a number, got {variance!r}")
+    v = float(variance)
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"variance must be a finite number > 0, got {variance!r}")
     shape = _size(size)
-    return (rng.poisson(m, shape) - rng.poisson(m, shape)).astype(np.int64)
+    return (rng.poisson(v / 2, shape) - rng.poisson(v / 2, shape)).astype(np.int64)
