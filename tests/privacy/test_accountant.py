@@ -254,3 +254,9 @@ def test_pld_handles_millions_of_steps_and_falls_back_beyond_its_range() -> None
     # sigma 0.05: losses beyond the PLD's range; the RDP bound (finite) is reported
     kw = {"noise_multiplier": 0.05, "sample_rate": 0.5, "steps": 10, "delta": 1e-5}
     assert epsilon(**kw, accountant="pld") == epsilon(**kw) < math.inf
+
+
+def test_the_gaussian_closed_form_holds_at_large_epsilon() -> None:
+    eps = gaussian_epsilon(1e-5, 0.5, 1000)  # about 2269: e^eps overflows a float
+    assert 2000 < eps < math.inf
+    assert gaussian_delta(eps, 0.5, 1000) == pytest.approx(1e-5, rel=1e-6)

@@ -10,7 +10,13 @@ from typing import Literal
 from fedagg.errors import ConfigError
 
 from ._pld import auto_step, pld_subsampled_gaussian
-from ._rdp import DEFAULT_ORDERS, rdp_subsampled_gaussian, rdp_to_delta, rdp_to_epsilon
+from ._rdp import (
+    DEFAULT_ORDERS,
+    log_erfc,
+    rdp_subsampled_gaussian,
+    rdp_to_delta,
+    rdp_to_epsilon,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -221,7 +227,9 @@ def gaussian_delta(epsilon: float, noise_multiplier: float, steps: int = 1) -> f
     if t == 0:
         return 0.0
     mu = math.sqrt(t) / sigma
-    return max(0.0, _phi(-e / mu + mu / 2) - math.exp(e) * _phi(-e / mu - mu / 2))
+    # e^eps Phi(-eps/mu - mu/2) in log space: it stays finite where e^eps overflows
+    log_tail = math.log(0.5) + log_erfc((e / mu + mu / 2) / math.sqrt(2))
+    return max(0.0, _phi(-e / mu + mu / 2) - math.exp(e + log_tail))
 
 
 def gaussian_epsilon(delta: float, noise_multiplier: float, steps: int = 1) -> float:
