@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import fedagg
 from fedagg import policy, sim
 from fedagg.cli import main
-from fedagg.secagg import Encoder
+from fedagg.core.update import Update
+from fedagg.secagg import Encoder, SecureClient, encode_message
 from fedagg.sim._secure import SimSecure
 from tests.sim.fakes import FakeData, Result
 
@@ -195,3 +197,71 @@ def test_cli_simulate_with_secure_aggregation(
         rows = d.rounds(d.runs()[0].id)
     assert len(rows) == 3 and sum(int(r["applied"]) for r in rows) >= 2
     assert all(r["bytes_up"] >= 4 * 651 * int(r["folded"]) for r in rows)
+
+
+class _Ctx:
+    """A pure policy context with identities (what a deployment's server provides)."""
+
+    def __init__(self, n: int) -> None:
+        self.keys = {c: Ed25519PrivateKey.generate() for c in range(n)}
+        self.num_clients, self.seed = n, 0
+
+    def available(self, slot: int) -> np.ndarray:
+        return np.arange(self.num_clients)
+
+    def identity(self, client: int) -> bytes:
+        return self.keys[client].public_key().public_bytes_raw()
+
+
+def test_the_pure_policy_with_byte_replies_a_bad_message_and_an_edge_merge() -> None:
+    n = 4
+    ctx = _Ctx(n)
+    strategy = fedagg.strategies.fedavg(1.0)
+    pol = policy.SecurePolicy(policy.SyncPolicy(strategy, 1, n), clip=CLIP, bits=24,
+                              max_weight=MAX_W)  # fmt: skip
+    state = pol.init(strategy.init(VecModel().init(0)), ctx)
+    acts = pol.step(state, policy.Start(0.0), ctx)
+    req = next(a for a in acts if isinstance(a, policy.SecureRequest))
+    assert req.stage == 0 and sorted(req.messages) == list(range(n))
+    assert any(isinstance(a, policy.SetTimer) and a.tag == policy.stage_tag(req.round, 0)
+               for a in acts)  # fmt: skip
+    params = req.messages[0]
+    pub = {c + 1: ctx.identity(c) for c in range(n)}
+    clients = {c: SecureClient(params, c + 1, ctx.keys[c], pub) for c in range(n)}
+    sizes = _sizes(n)
+
+    def reply(c: int, stage: int, msg: Any, now: float = 0.0) -> list[Any]:
+        return pol.step(state, policy.SecureReply(now, c, req.jobs[c], req.round, stage, msg), ctx)
+
+    assert reply(1, 3, b"stale") == []  # another stage: ignored
+    acts = reply(0, 0, b"junk")  # refused: noted, client 0 is out
+    for c in (1, 2, 3):
+        acts = reply(c, 0, encode_message(clients[c].handle(params)))  # wire bytes
+    (req1,) = [a for a in acts if isinstance(a, policy.SecureRequest)]
+    assert req1.stage == 1 and sorted(req1.messages) == [1, 2, 3]
+    for c, m in req1.messages.items():
+        acts = reply(c, 1, clients[c].handle(m))
+    (req2,) = [a for a in acts if isinstance(a, policy.SecureRequest)]
+    for c, m in req2.messages.items():
+        clients[c].handle(m)
+    ys = {c: clients[c].masked(_delta(sizes[c]), sizes[c], np.random.default_rng(c))
+          for c in (1, 2, 3)}  # fmt: skip
+    up = Update(ys[1], 1.0, "1", metrics={"train_loss": 2.0})
+    assert pol.step(state, policy.Arrival(1.0, 1, req.jobs[1], up), ctx) == []
+    merged = policy.MaskedMerge(2.0, req.round, ((2, req.jobs[2], 3.0), (3, req.jobs[3], 4.0)),
+                                ys[2] + ys[3])  # fmt: skip
+    acts = pol.step(state, merged, ctx)
+    for stage in (3, 4):
+        (rq,) = [a for a in acts if isinstance(a, policy.SecureRequest)]
+        assert rq.stage == stage
+        for c, m in rq.messages.items():
+            acts = reply(c, stage, clients[c].handle(m), 3.0)
+    (applied,) = [a for a in acts if isinstance(a, policy.Applied)]
+    st = applied.stats
+    assert st.applied and st.participants == (1, 2, 3) and st.folded == 3
+    assert (st.refused, st.dropped, dict(st.refusals)) == (1, 0, {"secagg: bad stage-0 message": 1})
+    assert st.client_loss == 3.0
+    ref, _ = _reference([1, 2, 3], sizes)
+    got = state.server.params.astype(np.float64) - VecModel().init(0)["w"]
+    assert np.linalg.norm(got - ref) < 1e-4
+    assert state.open is None
