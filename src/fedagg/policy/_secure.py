@@ -435,6 +435,8 @@ class SecurePolicy:
             elif r.stage == 1:
                 msgs = s.close_shares()
             elif r.stage == 2:
+                if not s.survivors:
+                    raise SecAggError("no masked upload arrived")
                 msgs = s.close_masked()
             else:
                 msgs = s.close_consistency()
