@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import fedagg
 from fedagg import policy, sim
 from fedagg.cli import main
+from fedagg.config import build_policy, build_strategy, resolve_config
 from fedagg.core.update import Update
 from fedagg.secagg import Encoder, SecureClient, encode_message
 from fedagg.sim._secure import SimSecure
@@ -168,9 +169,9 @@ def test_what_needs_plaintext_is_refused_at_build(over: dict[str, Any], key: str
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in SMALL.items()}
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v}
-    cfg["data"] = {**cfg["data"], "num_clients": 300}
+    resolved = resolve_config(cfg)
     with pytest.raises(fedagg.ConfigError, match=key.replace(".", r"\.")):
-        sim.build(cfg)
+        build_policy(resolved, build_strategy(resolved))
 
 
 def test_api_refusals() -> None:
