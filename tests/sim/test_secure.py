@@ -266,3 +266,25 @@ def test_the_pure_policy_with_byte_replies_a_bad_message_and_an_edge_merge() -> 
     got = state.server.params.astype(np.float64) - VecModel().init(0)["w"]
     assert np.linalg.norm(got - ref) < 1e-4
     assert state.open is None
+
+
+def test_plaintext_never_reaches_the_aggregate() -> None:
+    """A plaintext partial (an edge's Merge) or a float upload in a secure round is refused."""
+    n = 3
+    ctx = _Ctx(n)
+    strategy = fedagg.strategies.fedavg(1.0)
+    pol = policy.SecurePolicy(policy.SyncPolicy(strategy, 1, n), clip=CLIP, stage_timeout=1.0)
+    state = pol.init(strategy.init(VecModel().init(0)), ctx)
+    acts = pol.step(state, policy.Start(0.0), ctx)
+    req = next(a for a in acts if isinstance(a, policy.SecureRequest))
+    part = strategy.begin(state.server)
+    plain = policy.Merge(0.5, ((0, req.jobs[0], 1.0, 0.0),), part)
+    assert pol.step(state, plain, ctx) == []
+    flat = Update(np.ones(D, np.float32), 1.0, "1")
+    pol.step(state, policy.Arrival(0.6, 1, req.jobs[1], flat), ctx)  # not in stage 2 yet
+    acts = pol.step(state, policy.Timer(1.0, policy.stage_tag(req.round, 0)), ctx)
+    (applied,) = [a for a in acts if isinstance(a, policy.Applied)]  # nobody advertised keys
+    st = applied.stats
+    assert not st.applied and st.folded == 0
+    assert dict(st.refusals)["secagg: plaintext partial refused"] == 1
+    assert np.array_equal(state.server.params, VecModel().init(0)["w"])

@@ -220,9 +220,16 @@ class SecurePolicy:
         out: list[Action] = []
         feed: list[Event] = []
         if r is None:
-            if isinstance(event, SecureReply | MaskedMerge):
-                return []  # of a round that is over
+            if isinstance(event, SecureReply | MaskedMerge | Merge):
+                return []  # of a round that is over (or a plaintext partial: never folded)
             feed.append(event)
+        elif isinstance(event, Merge):  # an edge's plaintext partial: refused, never folded
+            for c, j, _, _ in event.jobs:
+                if r.job_of.get(c) == j:
+                    r.bad.setdefault(j, "secagg: plaintext partial refused")
+                    if r.stage == 2:
+                        r.expected.discard(c + 1)
+            self._maybe_next(state, r, event.now, ctx, out, feed)
         elif isinstance(event, SecureReply):
             self._reply(state, r, event, ctx, out, feed)
         elif isinstance(event, Arrival) and event.job in r.jobs:
