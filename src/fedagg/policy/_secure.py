@@ -13,7 +13,8 @@ no clock), so the simulator and the deployment carry out the same actions.
   (the masked uploads: :class:`Arrival` events whose ``update.delta`` is the uint32 masked
   vector, or an edge's :class:`MaskedMerge`) has no timer of its own: it closes when every job
   uploaded or dropped, when ``clients_per_round`` uploads came, or at the inner's deadline
-  (that ``Timer`` is not forwarded while the secure round is open).
+  (that ``Timer`` is not forwarded while the secure round is open): without a deadline, a
+  client that neither uploads nor is reported dropped holds the round open.
 * Once unmasked, the survivors' sum is decoded to ``(sum w_i x_i, sum w_i)`` (weights
   ``min(w, max_weight) / max_weight``) and handed to the inner as ONE partial aggregate: a
   ``Merge`` whose jobs all carry the mean weight ``W * max_weight / m`` (each client's weight
