@@ -462,7 +462,8 @@ class SecurePolicy:
         if not w > 0:
             raise SecAggError("the decoded total weight is zero")
         server = state.inner.server
-        x = (vec / w).astype(server.spec.dtype)
+        vec /= w  # in place: the server holds O(model), whatever n
+        x = vec.astype(server.spec.dtype)
         if not np.isfinite(x).all():
             raise SecAggError("the decoded mean is not finite in the model's dtype")
         weight = w * float(self.max_weight)
