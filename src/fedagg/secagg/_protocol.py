@@ -44,7 +44,7 @@ input validity (a client can send any vector: clip before encoding).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -320,17 +320,13 @@ class ClientSession:
             )
         if not set(msg.signatures) <= survivors:
             raise self._refuse("signatures from clients outside the survivor set")
+        parts = survivor_parts(cfg.round_id, survivors)  # encoded once: O(n), not per signature
         for v, sig in msg.signatures.items():
             pk = self._identities.get(v)
             if pk is None:
                 raise self._refuse(f"client {v} has no known identity")
             try:
-                verify(
-                    pk,
-                    sig,
-                    *survivor_parts(cfg.round_id, survivors),
-                    who=f"client {v}'s survivor set",
-                )
+                verify(pk, sig, *parts, who=f"client {v}'s survivor set")
             except SecAggError as e:
                 raise self._refuse(f"{e}: the survivor sets disagree") from None
         if self.id not in msg.signatures:
@@ -370,6 +366,7 @@ class ServerSession:
         self._sum: np.ndarray[Any, np.dtype[np.uint32]] | None = None
         self._u3: set[int] = set()
         self._sigs: dict[int, bytes] = {}
+        self._u3_parts: tuple[Any, ...] = ()
         self._u4: frozenset[int] = frozenset()
         self._b_shares: dict[int, dict[int, int]] = {}
         self._s_shares: dict[int, dict[int, int]] = {}
@@ -476,6 +473,28 @@ class ServerSession:
             np.add(self._sum[o : o + c], y[o : o + c], out=self._sum[o : o + c])
         self._u3.add(u)
 
+    def receive_masked_sum(
+        self, senders: Iterable[int], values: np.ndarray[Any, np.dtype[np.uint32]]
+    ) -> None:
+        """Fold the wrap-around sum of several clients' masked inputs at once (an edge's
+        partial, which never saw an input): the same checks as :meth:`receive_masked` for
+        each sender, all or none."""
+        self._enter(2)
+        ids = list(senders)
+        if not ids or len(set(ids)) != len(ids):
+            raise SecAggError("a masked sum must name one or more distinct senders")
+        bad = sorted(u for u in ids if u not in self._u2 or u in self._u3)
+        if bad:
+            raise SecAggError(f"masked sum from unexpected or repeated clients {bad[:8]}")
+        y = np.asarray(values)
+        if y.dtype != U32 or y.shape != (self.config.dim,):
+            raise SecAggError(f"a masked sum is not uint32 of shape ({self.config.dim},)")
+        assert self._sum is not None
+        c = self.config.chunk
+        for o in range(0, self.config.dim, c):
+            np.add(self._sum[o : o + c], y[o : o + c], out=self._sum[o : o + c])
+        self._u3.update(ids)
+
     def _check_holders(self, alive: frozenset[int], what: str) -> None:
         """Every survivor's ``b`` and every dropped client's ``s`` (when a survivor masked
         with it) needs ``t`` share holders in ``alive``."""
@@ -502,11 +521,10 @@ class ServerSession:
         u = msg.sender
         if u not in self._u3 or u in self._sigs:
             raise SecAggError(f"signature from unexpected or repeated client {u}")
+        if not self._u3_parts:  # the survivor set is fixed from stage 3 on: encode it once
+            self._u3_parts = survivor_parts(self.config.round_id, frozenset(self._u3))
         verify(
-            self._identities[u],
-            msg.signature,
-            *survivor_parts(self.config.round_id, frozenset(self._u3)),
-            who=f"client {u}'s survivor set",
+            self._identities[u], msg.signature, *self._u3_parts, who=f"client {u}'s survivor set"
         )
         self._sigs[u] = msg.signature
 
