@@ -255,6 +255,10 @@ class EdgeEngine:
     def take_free(self) -> Path | None:
         return None
 
+    def secure_dim(self, job: int) -> int | None:
+        """Edges do not fold secure aggregation rounds yet: every upload is plaintext."""
+        return None
+
     def keep_origin(self, client: int, job: int, origin: bytes) -> None:
         """An accepted upload's client signatures, logged with the upload by the next batch
         (see :meth:`log`)."""

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import Admission, parse
 from fedagg.deploy._auth import Keyring, body, edge_upload_body, upload_body
@@ -41,6 +43,7 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
+from fedagg.deploy._secure_rpc import secure_call, secure_task
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
 from fedagg.deploy._upload import Uploads, check_metrics, paced
@@ -130,6 +133,8 @@ class FederationService:
                 return await self._unary(call, self.evals.report)
             if call.method == "Push":
                 return await self._push(call)
+            if call.method == "Secure":
+                return await secure_call(self, call)
             if call.method == "Tasks":
                 await self._tasks(call)
                 return None
@@ -263,6 +268,11 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, self.drop, t.client)
                 else:
                     s.drop = loop.call_later(self.opt.client_timeout, self.below.drop, edge)
+        for r in effects.secure:  # stage requests: pushed again when their client reconnects
+            edge = self.route.get(r.client)
+            s = self.sessions[r.client] if edge is None else self.edge_sessions[edge]
+            if s.queue is not None:
+                s.queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
         for at, tag in effects.timers:
             delay = max(0.0, at - self.now())
             if math.isfinite(delay):
@@ -284,8 +294,12 @@ class FederationService:
             self._done.set()
 
     def task_msg(self, t: TaskInfo) -> pb.Task:
-        return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
-                       client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+        msg = pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
+                      client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+        if t.secure is not None:  # the stage-0 request of its secure round rides on it
+            r = t.secure
+            msg.secagg.CopyFrom(pb.SecureStage(round=r.round, stage=0, payload=r.raw))
+        return msg
 
     def drop(self, client: int) -> None:
         s = self.sessions[client]
@@ -408,6 +422,9 @@ class FederationService:
             s.drop = None
         for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self.task_msg(t))
+        book = getattr(self.engine, "secure", None)
+        for r in await self.in_engine(book.open_for, clients) if book is not None else ():
+            queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
         for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
             queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
         queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
@@ -526,13 +543,21 @@ class FederationService:
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay or merge")
         spec = self.engine.spec
-        if head.nbytes != spec.nbytes:
+        dim = self.engine.secure_dim(int(head.task))  # a masked upload's uint32 words
+        dtype = spec.dtype if dim is None else np.dtype(np.uint32)
+        if dim is not None and head.nbytes != 4 * dim:
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                f"task {head.task} is of a secure aggregation round: its upload is the masked "
+                f"update, {4 * dim} bytes ({dim} x uint32), not {head.nbytes}",
+            )
+        if dim is None and head.nbytes != spec.nbytes:
             raise CallError(
                 Status.INVALID_ARGUMENT,
                 f"update has {head.nbytes} bytes, the model {spec.nbytes} "
                 f"({spec.size} x {spec.dtype})",
             )
-        if not (math.isfinite(head.weight) and head.weight > 0):
+        if dim is None and not (math.isfinite(head.weight) and head.weight > 0):
             raise CallError(Status.INVALID_ARGUMENT, "weight must be finite and > 0")
         duplicate = (client, head.task) in self.accepted
         problem = None if duplicate else self.engine.task_problem(client, head.task, head.version)
@@ -562,21 +587,22 @@ class FederationService:
             # the slot is held until the upload is acknowledged (backpressure)
             if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
                 what = f"re-sent upload of accepted task {head.task}"
-                await self.up.read_unspooled(first, rest, head, spec.dtype.itemsize, what)
+                await self.up.read_unspooled(first, rest, head, dtype.itemsize, what)
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             t0 = time.perf_counter()
             path, digest, check, tsig = await self.up.receive(
-                client, first, rest, head, spec.dtype, keyring, origin_sha
+                client, first, rest, head, dtype, keyring, origin_sha, finite=dim is None
             )
             self.stats.receive_s += time.perf_counter() - t0
             if origin is None:  # the client's own upload: its signatures are the origin
                 origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
                                    metrics=metrics)  # fmt: skip
             self.engine.keep_origin(client, head.task, origin.SerializeToString())
+            weight = float(head.weight) if dim is None else 1.0  # masked: inside the encoding
             upload = UploadRow(
-                client, head.task, str(path), float(head.weight), head.version, metrics,
-                head.nbytes, digest, check,
+                client, head.task, str(path), weight, head.version, metrics, head.nbytes,
+                digest, check,
             )  # fmt: skip
             done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
             event = ("arrival", self.now(), client, head.task, None, upload)

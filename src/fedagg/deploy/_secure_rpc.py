@@ -1,0 +1,79 @@
+"""The ``Secure`` RPC: a client's reply to a secure aggregation stage request, at the server.
+
+Before anything is parsed the request is capped on its length (:data:`MAX_SECURE`); it is
+then authenticated (its Auth signs :func:`~fedagg.deploy._secure.secure_body`, fresh, never
+replayed, within the caller's rate limit) before anything else is looked at: nothing before
+authentication costs more than a constant. Then it must answer the request outstanding for
+its client (job, round, stage), its message must decode as a reply of that stage (a
+:class:`~fedagg.errors.SecAggError` is INVALID_ARGUMENT: nothing changes), and it is logged
+(durable) as a ``secure`` event before it is acknowledged and before the policy steps it. A
+second reply to an answered request is acknowledged as a duplicate, not logged again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import TYPE_CHECKING, Any
+
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._admission import parse
+from fedagg.deploy._engine import Item
+from fedagg.deploy._secure import MAX_SECURE, decode_reply, secure_body
+from fedagg.deploy._store import EventRow, Note
+from fedagg.deploy._transport import Call, CallError, Status
+from fedagg.errors import SecAggError
+
+if TYPE_CHECKING:
+    from fedagg.deploy._service import FederationService
+
+__all__ = ["secure_call", "secure_task"]
+
+
+def secure_task(job: int, client: int, round_: int, stage: int, payload: bytes) -> pb.Task:
+    """A stage request as its client's task stream carries it (its task id is the job's)."""
+    return pb.Task(task=job, client=client,
+                   secagg=pb.SecureStage(round=round_, stage=stage, payload=payload))  # fmt: skip
+
+
+async def secure_call(svc: FederationService, call: Call) -> bytes:
+    """Answer one ``Secure`` call (see the module's docstring)."""
+    with svc.admit.opening(call):
+        raw = await svc.admit.first(call)
+        if len(raw) > MAX_SECURE:  # on the length, before parsing
+            raise CallError(Status.INVALID_ARGUMENT,
+                            f"request of {len(raw)} bytes: at most {MAX_SECURE}")  # fmt: skip
+        req = parse(pb.SecureRequest, raw)
+        payload = bytes(req.payload)
+        content = secure_body(req.task, req.round, req.stage, payload, req.on_behalf)
+        if svc.below.is_edge(req.auth):
+            raise CallError(Status.UNIMPLEMENTED, "edge aggregators do not relay secure "
+                            "aggregation messages yet")  # fmt: skip
+        client = svc.progress.seen(svc.admit.verify(svc.keys, "Secure", req.auth, content))
+        reply = await _accept(svc, client, req, payload)
+    return bytes(reply.SerializeToString())
+
+
+async def _accept(svc: FederationService, client: int, req: Any, payload: bytes) -> Any:
+    book = getattr(svc.engine, "secure", None)
+    if book is None:
+        raise CallError(Status.FAILED_PRECONDITION, "this server runs no secure aggregation")
+    job, round_, stage = int(req.task), int(req.round), int(req.stage)
+    problem = book.problem(client, job, round_, stage)
+    if problem == "duplicate":
+        return pb.SecureReply(task=job, duplicate=True)
+    if problem is not None:
+        raise CallError(
+            Status.FAILED_PRECONDITION,
+            f"no open secure request of round {round_}, stage {stage} for task {job}",
+        )
+    try:
+        decode_reply(stage, payload)  # checked here: a malformed message is never logged
+    except SecAggError as e:
+        raise CallError(Status.INVALID_ARGUMENT, f"secure stage {stage}: {e}") from None
+    note = Note({"round": round_, "stage": stage,
+                 "message": base64.b64encode(payload).decode()})  # fmt: skip
+    done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
+    await svc.queue.put(Item(("secure", svc.now(), client, job, stage, note), done))
+    row = await done
+    return pb.SecureReply(task=job, duplicate=row is None)
