@@ -127,11 +127,13 @@ class SecureBook:
 
     def problem(self, client: int, job: int, round_: int, stage: int) -> str | None:
         """Why a reply (client, job, round, stage) is not the one awaited: ``"duplicate"``
-        (that request was answered), ``"stale"`` (no such request is open); None if it is."""
+        (that request was answered, or the client's round has moved past that stage: a
+        retry whose first attempt counted, or one too late, which the round went on
+        without), ``"stale"`` (no such request is open); None if it is."""
         r = self.requests.get(client)
-        if r is None or (r.job, r.round, r.stage) != (job, round_, stage):
+        if r is None or (r.job, r.round) != (job, round_) or stage > r.stage:
             return "stale"
-        return "duplicate" if r.answered else None
+        return "duplicate" if r.answered or stage < r.stage else None
 
     def answered(self, client: int) -> None:
         r = self.requests.get(client)
