@@ -277,8 +277,9 @@ class Client:
                     if t.HasField("secagg"):  # trains while the round's stages go on
                         done.add(t.task)
                         await self._stage(t)
-                        self._running[t.task] = task = asyncio.create_task(self._do(t))
-                        task.add_done_callback(self._trained)
+                        job = asyncio.create_task(self._do(t))
+                        self._running[t.task] = job
+                        job.add_done_callback(self._trained)
                         continue
                     await self._do(t)
                     done.add(t.task)
@@ -395,7 +396,8 @@ class Client:
             req = pb.SecureRequest(auth=self._auth("Secure", content), task=job, round=round_,
                                    stage=stage, payload=reply)  # fmt: skip
             raw = await self._method("Secure", "unary_unary")(req.SerializeToString(), timeout=30)
-            return pb.SecureReply.FromString(raw)
+            got: pb.SecureReply = pb.SecureReply.FromString(raw)
+            return got
 
         try:
             got = await self._retry("secure", call)

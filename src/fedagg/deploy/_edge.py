@@ -289,7 +289,13 @@ class EdgeEngine:
         the log holds, the edge can forward with its proof)."""
         keep = []
         for _, _, _, _, _, up in events:
-            parts = up.parts if isinstance(up, PartialRows) else (up,) if up is not None else ()
+            parts = (
+                up.parts
+                if isinstance(up, PartialRows)
+                else (up,)
+                if isinstance(up, UploadRow)
+                else ()
+            )
             for u in parts:
                 origin = self.new_origins.pop((u.client, u.job), None)
                 if origin is not None:

@@ -268,11 +268,11 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, self.drop, t.client)
                 else:
                     s.drop = loop.call_later(self.opt.client_timeout, self.below.drop, edge)
-        for r in effects.secure:  # stage requests: pushed again when their client reconnects
-            edge = self.route.get(r.client)
-            s = self.sessions[r.client] if edge is None else self.edge_sessions[edge]
+        for q in effects.secure:  # stage requests: pushed again when their client reconnects
+            edge = self.route.get(q.client)
+            s = self.sessions[q.client] if edge is None else self.edge_sessions[edge]
             if s.queue is not None:
-                s.queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
+                s.queue.put_nowait(secure_task(q.job, q.client, q.round, q.stage, q.raw))
         for at, tag in effects.timers:
             delay = max(0.0, at - self.now())
             if math.isfinite(delay):
