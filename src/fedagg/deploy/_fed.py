@@ -64,6 +64,7 @@ from fedagg.policy import (
     Merge,
     Policy,
     RoundStats,
+    SecurePolicy,
     SecureReply,
     SecureRequest,
     SetTimer,
@@ -178,6 +179,8 @@ class Federation:
         #: secure aggregation checks their signatures with
         self.ctx: AllAvailable = SecureCtx(num_clients, seed, identities or ())
         self.secure = SecureBook()
+        #: whether rounds run secure aggregation (a SecurePolicy): edges are refused
+        self.secure_rounds = isinstance(policy, SecurePolicy)
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every
