@@ -31,6 +31,13 @@ from tests.deploy.harness import (
     wait,
     wait_listening,
 )
+from tests.hierarchy.tree_harness import (
+    finish,
+    node_log,
+    start_node,
+    tree_context,
+    wait_node,
+)
 
 CLIP = 10.0
 MAX_WEIGHT = 100.0
@@ -57,12 +64,15 @@ def train(params, data, task):
 '''
 
 
-def _secure_fed(root: Path, clients: int, rounds: int, timeout: float = 2.0,
-                **deploy: Any) -> Any:  # fmt: skip
-    """A federation of ``clients`` with secure aggregation; ``timeout``: the stages' and the
-    clients' (a dead client drops out after it)."""
-    fed = federation(
-        root, clients=clients, rounds=rounds, tls=False,
+def _secure_kw(root: Path, clients: int, rounds: int, timeout: float,
+               deploy: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The config of a federation of ``clients`` with secure aggregation (and its train
+    module); ``timeout``: the stages' and the clients' (a dead client drops out after it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sectrain.py").write_text(TRAIN)
+    (root / "deltas").mkdir()
+    return dict(
+        clients=clients, rounds=rounds, tls=False,
         deploy={"client_timeout": timeout, "heartbeat": 1.0, **deploy},
         extra={
             "client": {"epochs": 1, "batch_size": 10, "lr": 0.05, "train": "sectrain:train"},
@@ -70,10 +80,11 @@ def _secure_fed(root: Path, clients: int, rounds: int, timeout: float = 2.0,
                                    "stage_timeout": timeout},
         },
     )  # fmt: skip
-    (root / "sectrain.py").parent.mkdir(parents=True, exist_ok=True)
-    (root / "sectrain.py").write_text(TRAIN)
-    (root / "deltas").mkdir()
-    return fed
+
+
+def _secure_fed(root: Path, clients: int, rounds: int, timeout: float = 2.0,
+                **deploy: Any) -> Any:  # fmt: skip
+    return federation(root, **_secure_kw(root, clients, rounds, timeout, deploy))
 
 
 def _rounds(fed: Fed) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
@@ -109,9 +120,9 @@ def _expected(fed: Fed, clients: int) -> tuple[np.ndarray, float, list[int]]:
     return x, bound, counts
 
 
-def _no_plaintext(fed: Fed) -> None:
+def _no_plaintext(fed: Fed, state: Path | None = None) -> None:
     """No file of the state directory holds any client's delta: 16 of its bytes anywhere."""
-    blobs = [p.read_bytes() for p in fed.state.rglob("*") if p.is_file()]
+    blobs = [p.read_bytes() for p in (state or fed.state).rglob("*") if p.is_file()]
     assert blobs
     for f in (fed.dir / "deltas").glob("*.npy"):
         raw = np.load(f).tobytes()
@@ -136,25 +147,37 @@ def _crash(spec: str) -> Mapping[str, str]:
 def test_secure_rounds_with_0_10_30_percent_dropouts_equal_the_plaintext_mean(
     tmp_path: Path,
 ) -> None:
-    """10 clients, 3 rounds of all of them: round 1 without dropouts; in round 2 a client
-    dies after advertising its keys (10%); in round 3 that one is gone, another dies before
-    its masked upload and a third while unmasking (30%). Every round applies the exact
-    survivors' weighted mean, within the quantisation bound."""
+    """10 clients, 3 rounds of all of them, clients 0-2 behind an edge aggregator: round 1
+    without dropouts; in round 2 a client dies after advertising its keys (10%); in round 3
+    that one is gone, another dies before its masked upload and a third while unmasking
+    (30%). Every round applies the exact survivors' weighted mean, within the quantisation
+    bound. The edge relays stage requests down, its clients' replies up (signed for them,
+    with their own signatures) and their masked uploads unchanged: it never sees a plaintext
+    update, and neither its state nor the root's holds one."""
     n = 10
-    with _secure_fed(tmp_path, n, 3, wait_for=n) as fed:
-        server = start_server(fed)
-        wait_listening(fed, server)
+    kw = _secure_kw(tmp_path, n, 3, 3.0, {"wait_for": n})
+    with tree_context(tmp_path, parents={"e1": "root"}, serves={"e1": [0, 1, 2]}, **kw) as tree:
+        fed = tree.fed
+        root = start_node(tree, "root")
+        wait_node(tree, "root", root)
+        edge = start_node(tree, "e1")
+        wait_node(tree, "e1", edge)
         dies = {9: "client-secure-1:2", 8: "client-secure-2:3", 7: "client-secure-4:3"}
-        procs = [start_client(fed, i, env=_crash(dies[i]) if i in dies else None)
-                 for i in range(n)]  # fmt: skip
-        assert wait(server, 90) == 0, read_log(fed)
-        for i, p in enumerate(procs):
-            assert wait(p, 30) == (-9 if i in dies else 0), read_log(fed, f"client-{i}.log")
+        procs = [
+            start_client(fed, i, env=_crash(dies[i]) if i in dies else None,
+                         args=("--server", tree.client_server.get(i, fed.address)))
+            for i in range(n)
+        ]  # fmt: skip
+        finish(tree, root, [edge] + [p for i, p in enumerate(procs) if i not in dies], 90)
+        for i in dies:
+            assert wait(procs[i], 30) == -9, read_log(fed, f"client-{i}.log")
         counts = _check_model(fed, n)
         # round 3: client 7's masked input counts (it died after uploading it)
         assert counts == [10, 9, 8], counts
         rounds, _ = _rounds(fed)
         assert [r["dropped"] for r in rounds] == [0, 1, 2], rounds
+        assert "forwarded 1 jobs" in node_log(tree, "e1")  # relayed, one by one
+        _no_plaintext(fed, tmp_path / "state-e1")
 
 
 def test_a_server_killed_at_each_secure_stage_resumes_the_round(tmp_path: Path) -> None:

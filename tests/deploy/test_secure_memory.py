@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedagg import strategies
 from fedagg.deploy import Client, ClientKey, Federation, Keyring, Result, ServerOptions
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._app import keyring_identities, serve_edge
+from fedagg.deploy._app import keyring_identities
 from fedagg.deploy._memory import MemoryChannel
 from fedagg.deploy._secure import MAX_SECURE, secure_body
 from fedagg.deploy._secure_client import SecureJobs
@@ -205,15 +205,3 @@ def test_a_client_without_a_keyring_refuses_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="authorized_keys"):
         SecureJobs(KEYS["c0"], None).begin(101, 9, encode_message(params))
 
-
-def test_an_edge_aggregator_is_refused_under_secure_aggregation(tmp_path: Path) -> None:
-    """Edges do not fold masked partials yet: a secure federation's edge refuses to start
-    (and the root refuses an edge's Hello), so no update ever reaches an edge in plaintext."""
-    cfg = {
-        "data": {"name": "digits", "num_clients": 4},
-        "secure_aggregation": {"kind": "secagg+"},
-        "deploy": {"parent": "127.0.0.1:1", "edge_key": str(tmp_path / "edge.key"),
-                   "state": str(tmp_path / "edge"), "insecure": True, "certs": ""},
-    }  # fmt: skip
-    with pytest.raises(ConfigError, match="edge aggregators"):
-        serve_edge(cfg)

@@ -395,11 +395,6 @@ def serve_edge(
 
     cfg = resolve_config(config)
     d = cfg["deploy"]
-    if cfg["secure_aggregation"]["kind"] != "none":
-        raise ConfigError(
-            "secure aggregation through edge aggregators is not implemented yet: connect the "
-            "clients to the root directly ([secure_aggregation] with no deploy.parent)"
-        )
     if not d["parent"] or not d["edge_key"]:
         raise ConfigError("an edge aggregator needs deploy.parent and deploy.edge_key")
     insecure = bool(d["insecure"]) if insecure is None else insecure

@@ -144,12 +144,6 @@ class Children:
                 Status.FAILED_PRECONDITION,
                 f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
             )
-        if getattr(self.svc.engine, "secure_rounds", False):
-            raise CallError(
-                Status.FAILED_PRECONDITION,
-                "this federation runs secure aggregation, which edge aggregators do not "
-                "take part in yet: connect its clients to the root directly",
-            )
         # its scope (deploy.edge_clients): a client out of range, not served here or not in
         # the scope gets the same words (an edge learns nothing of other names or indices)
         scope = self.svc.admit.edge_clients.get(name, frozenset())

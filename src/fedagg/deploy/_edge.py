@@ -80,6 +80,7 @@ from fedagg.deploy._partial import (
     load_partial,
     mean_state,
 )
+from fedagg.deploy._secure import SecureBook, StageRequest, params_dim
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 from fedagg.policy import AllAvailable
@@ -177,6 +178,9 @@ class EdgeEngine:
                 "NOT NULL, weight REAL NOT NULL, norm REAL NOT NULL)"
             )
         self.tasks: dict[int, TaskInfo] = {}
+        #: secure aggregation: the stage requests for the subtree's clients, and each secure
+        #: job's masked length (its upload is relayed to the parent as it came)
+        self.secure = SecureBook()
         self.models: dict[int, Arr] = {}
         self.pending: dict[int, _Pending] = {}
         self.dropped: list[tuple[int, int]] = []
@@ -256,8 +260,14 @@ class EdgeEngine:
         return None
 
     def secure_dim(self, job: int) -> int | None:
-        """Edges do not fold secure aggregation rounds yet: every upload is plaintext."""
-        return None
+        """The masked upload's length (uint32 words) of a secure round's job, else None."""
+        return self.secure.dims.get(job)
+
+    def secure_down(self, r: StageRequest) -> Effects:
+        """A stage request from the parent for a client of this subtree: pushed to it (and
+        again when it reconnects, until it is answered)."""
+        self.secure.requests[r.client] = r
+        return Effects(secure=[r])
 
     def keep_origin(self, client: int, job: int, origin: bytes) -> None:
         """An accepted upload's client signatures, logged with the upload by the next batch
@@ -275,6 +285,9 @@ class EdgeEngine:
             if t.job not in self.tasks and not resolved:
                 self.tasks[t.job] = t
                 effects.tasks.append(t)
+                if t.secure is not None:  # a secure round's: its masked upload's length
+                    self.secure.dims[t.job] = params_dim(t.secure.raw)
+                    self.secure.requests[t.client] = t.secure
         return effects
 
     def finish(self) -> Effects:
@@ -367,7 +380,9 @@ class EdgeEngine:
         if row.kind == "arrival" and row.upload is not None:
             u = row.upload
             self.tasks.pop(u.job, None)
-            if self.mode == "relay":
+            masked = u.job in self.secure.dims or u.nbytes != self.spec.nbytes
+            self.secure.arrived(u.client, u.job, True)
+            if self.mode == "relay" or masked:  # a masked upload: relayed, never folded here
                 loss = float(u.metrics.get("train_loss", math.nan))
                 effects.forward.append(
                     Forward(u.version, [(u.client, u.job, u.weight, loss)], relay=u, paths=[u.path])

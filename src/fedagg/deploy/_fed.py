@@ -181,6 +181,11 @@ class Federation:
         self.secure = SecureBook()
         #: whether rounds run secure aggregation (a SecurePolicy): edges are refused
         self.secure_rounds = isinstance(policy, SecurePolicy)
+        if self.secure_rounds and checkpoint_updates:
+            raise ConfigError(
+                "checkpoint_updates > 0 checkpoints mid-round, which secure aggregation rounds "
+                "cannot resume from (their session is rebuilt only at a round's start): use 0"
+            )
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every

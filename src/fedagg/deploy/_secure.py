@@ -46,6 +46,7 @@ __all__ = [
     "StageRequest",
     "decode_reply",
     "encode_request",
+    "params_dim",
     "reopen",
     "secure_body",
 ]
@@ -77,6 +78,12 @@ def decode_reply(stage: int, raw: bytes) -> Any:
     if stage not in (0, 1, 3, 4):
         raise SecAggError(f"stage {stage} has no reply message (stage 2's is a Push)")
     return secagg_reply(stage, raw)
+
+
+def params_dim(raw: bytes) -> int:
+    """The masked upload's length (uint32 words) of a round, from its stage-0 request."""
+    params = decode_request(0, raw)
+    return int(params.dim)
 
 
 @register

@@ -8,6 +8,11 @@ its client (job, round, stage), its message must decode as a reply of that stage
 :class:`~fedagg.errors.SecAggError` is INVALID_ARGUMENT: nothing changes), and it is logged
 (durable) as a ``secure`` event before it is acknowledged and before the policy steps it. A
 second reply to an answered request is acknowledged as a duplicate, not logged again.
+
+Through edge aggregators: an edge authenticates its client's request as above and relays it
+to its parent (``on_behalf`` the client, the client's own Auth as ``origin``); the root
+checks the edge (its signature, the client in its subtree) and the client's signature over
+the same reply, and answers; the edge passes the answer back down.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import parse
+from fedagg.deploy._auth import AuthError
 from fedagg.deploy._engine import Item
 from fedagg.deploy._secure import MAX_SECURE, decode_reply, secure_body
 from fedagg.deploy._store import EventRow, Note
@@ -46,11 +52,25 @@ async def secure_call(svc: FederationService, call: Call) -> bytes:
         req = parse(pb.SecureRequest, raw)
         payload = bytes(req.payload)
         content = secure_body(req.task, req.round, req.stage, payload, req.on_behalf)
-        if svc.below.is_edge(req.auth):
-            raise CallError(Status.UNIMPLEMENTED, "edge aggregators do not relay secure "
-                            "aggregation messages yet")  # fmt: skip
-        client = svc.progress.seen(svc.admit.verify(svc.keys, "Secure", req.auth, content))
-        reply = await _accept(svc, client, req, payload)
+        if svc.below.is_edge(req.auth):  # an edge relaying its client's reply
+            edge = svc.below.auth("Secure", req.auth, content)
+            client = int(req.on_behalf)
+            svc.below.routed(edge, client)
+            mine = secure_body(req.task, req.round, req.stage, payload)  # what the client signed
+            try:
+                signer = svc.keys.verify("Secure", req.origin, mine)
+            except AuthError as e:
+                raise CallError(Status.UNAUTHENTICATED, f"origin: {e.reason}") from None
+            if signer != client:
+                raise CallError(Status.PERMISSION_DENIED, "the origin is another client's")
+        else:
+            client = svc.progress.seen(svc.admit.verify(svc.keys, "Secure", req.auth, content))
+            if req.on_behalf or req.HasField("origin"):
+                raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay")
+        if svc.relay_secure is not None:  # this is an edge: its parent decides
+            reply = await svc.relay_secure(client, req)
+        else:
+            reply = await _accept(svc, client, req, payload)
     return bytes(reply.SerializeToString())
 
 

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -121,6 +121,9 @@ class FederationService:
         self.evals: Evaluation | None = None
         self.task_config: Callable[[int], str] = lambda version: ""
         self.progress = Progress(self)  # log lines and status.json (fedagg status)
+        #: an edge's relay of its clients' secure aggregation replies to its parent (None at
+        #: the root, which answers them)
+        self.relay_secure: Callable[[int, Any], Awaitable[Any]] | None = None
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
