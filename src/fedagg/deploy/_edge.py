@@ -102,6 +102,8 @@ class Forward:
     dropped: list[tuple[int, int]] = field(default_factory=list)
     state: Any = None
     relay: UploadRow | None = None
+    #: a masked partial of a secure round: the wrap-around uint32 sum of its jobs' uploads
+    masked: Arr | None = None
     paths: list[str] = field(default_factory=list)  # spool files to delete once acknowledged
     #: each job's client signatures (a serialized ``Origin``), loaded before it is sent
     origins: dict[tuple[int, int], bytes] = field(default_factory=dict)
@@ -183,6 +185,7 @@ class EdgeEngine:
         self.secure = SecureBook()
         self.models: dict[int, Arr] = {}
         self.pending: dict[int, _Pending] = {}
+        self.masked: dict[int, Forward] = {}  # secure rounds' masked partials, by version
         self.dropped: list[tuple[int, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -382,7 +385,10 @@ class EdgeEngine:
             self.tasks.pop(u.job, None)
             masked = u.job in self.secure.dims or u.nbytes != self.spec.nbytes
             self.secure.arrived(u.client, u.job, True)
-            if self.mode == "relay" or masked:  # a masked upload: relayed, never folded here
+            if masked and self.mode == "aggregate":
+                self._fold_masked(u, effects)
+                return effects
+            if self.mode == "relay":
                 loss = float(u.metrics.get("train_loss", math.nan))
                 effects.forward.append(
                     Forward(u.version, [(u.client, u.job, u.weight, loss)], relay=u, paths=[u.path])
@@ -425,6 +431,24 @@ class EdgeEngine:
             pend.paths.append(p.path)
             return effects
         raise StateError(f"malformed edge event {row.seq} ({row.kind})")
+
+    def _fold_masked(self, u: UploadRow, effects: Effects) -> None:
+        """A masked upload of a secure round, added into its version's masked partial with
+        wrap-around uint32 adds (the masks cancel only in the root's total: this edge never
+        sees a plaintext update)."""
+        values = np.fromfile(u.path, dtype=np.uint32)
+        m = self.masked.get(u.version)
+        if m is None:
+            m = self.masked[u.version] = Forward(u.version, [], masked=np.zeros_like(values))
+            effects.timers.append((self.now + self.flush_after, u.version))
+        assert m.masked is not None
+        if m.masked.size != values.size:
+            log.warning("job %d: a masked upload of another length: not folded", u.job)
+            self.dropped.append((u.client, u.job))
+            return
+        np.add(m.masked, values, out=m.masked)  # modulo 2**32
+        m.jobs.append((u.client, u.job, 1.0, float(u.metrics.get("train_loss", math.nan))))
+        m.paths.append(u.path)
 
     def _fold(self, pend: _Pending, u: UploadRow, update: Update) -> None:
         """Fold one client's (bounded) update into its version's partial (or leaf rule)."""
@@ -515,6 +539,9 @@ class EdgeEngine:
     def _flush(self, *, force: bool, version: int | None = None) -> Effects:
         effects = Effects()
         open_versions = {t.version for t in self.tasks.values()}
+        for v in sorted(self.masked):  # masked partials: when their version's tasks resolved
+            if force or v == version or v not in open_versions:
+                effects.forward.append(self.masked.pop(v))
         for v in sorted(self.pending):
             pend = self.pending[v]
             if force or v == version or pend.due or v not in open_versions:

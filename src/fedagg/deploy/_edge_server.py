@@ -97,7 +97,11 @@ class ParentLink(Client):
             head.metrics.update(u.metrics)
             head.origin.ParseFromString(fwd.origins.get((u.client, u.job), b""))
         else:
-            if fwd.state is not None:
+            if fwd.masked is not None:  # a secure round's masked partial (uint32, bits 0)
+                buffers = [fwd.masked.data.cast("B")]
+                head.partial.weight = float(len(fwd.jobs))
+                head.partial.accumulator_bits = 0
+            elif fwd.state is not None:
                 info = partial_info(fwd.state)
                 buffers = partial_buffers(fwd.state)
                 head.partial.weight = float(info["weight"])

@@ -61,6 +61,7 @@ from fedagg.policy import (
     Dropout,
     Event,
     Finish,
+    MaskedMerge,
     Merge,
     Policy,
     RoundStats,
@@ -356,8 +357,8 @@ class Federation:
         for row in rows:
             if row.kind == "secure":
                 crash_point(f"secure-{row.tag}")
-            elif row.kind == "arrival" and row.job in self.secure.dims:
-                crash_point("secure-2")
+            elif row.info.get("masked") or (row.kind == "arrival" and row.job in self.secure.dims):
+                crash_point("secure-2")  # a masked upload, or an edge's masked partial
             if row.kind in ("arrival", "partial"):
                 crash_point("fold")
                 self._folds_since_ckpt += 1
@@ -415,6 +416,15 @@ class Federation:
             message = decode_reply(int(row.tag or 0), base64.b64decode(row.info["message"]))
             return SecureReply(row.time, int(row.client or 0), int(row.job or 0),
                                int(row.info["round"]), int(row.tag or 0), message)  # fmt: skip
+        if row.kind == "partial" and row.parts and row.info.get("masked"):  # via an edge
+            p = row.parts[0]
+            if not p.path or not os.path.exists(p.path):
+                raise StateError(f"the spooled masked partial {p.path!r} is missing")
+            values: Arr = np.fromfile(p.path, dtype=np.uint32)
+            verified(p, values, f"masked partial, job {p.job}")
+            masked = tuple((u.client, u.job, float(u.metrics.get("train_loss", float("nan"))))
+                           for u in row.parts)  # fmt: skip
+            return MaskedMerge(row.time, self.secure.rounds.get(p.job, -1), masked, values)
         if row.kind == "partial" and row.parts:
             p = row.parts[0]
             if not p.path or not os.path.exists(p.path):
@@ -500,6 +510,7 @@ class Federation:
             self.secure.arrived(int(row.client or 0), row.job, row.kind == "arrival")
         for u in row.parts:
             self.tasks.pop(u.job, None)
+            self.secure.arrived(u.client, u.job, True)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
         adopt = getattr(agg, "adopt", None)
         if adopt is not None:  # bounds: the next round's window, from the state (a loaded one)

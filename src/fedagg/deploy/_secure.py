@@ -110,6 +110,7 @@ class SecureBook:
 
     requests: dict[int, StageRequest] = field(default_factory=dict)
     dims: dict[int, int] = field(default_factory=dict)
+    rounds: dict[int, int] = field(default_factory=dict)  # job -> its secure round
 
     def request(self, round_: int, stage: int, messages: Mapping[int, Any],
                 jobs: Mapping[int, int]) -> list[StageRequest]:  # fmt: skip
@@ -124,7 +125,7 @@ class SecureBook:
             job = int(jobs[c])
             raw = encode_request(stage, msg)
             if stage == 0:
-                self.dims[job] = int(msg.dim)
+                self.dims[job], self.rounds[job] = int(msg.dim), int(round_)
             r = StageRequest(c, job, int(round_), int(stage), base64.b64encode(raw).decode())
             self.requests[c] = r
             out.append(r)
@@ -157,6 +158,7 @@ class SecureBook:
         """Job ``job`` of ``client`` resolved (its masked upload arrived, or it dropped out):
         an upload answers its stage-2 request."""
         self.dims.pop(job, None)
+        self.rounds.pop(job, None)
         r = self.requests.get(client)
         if upload and r is not None and r.job == job and r.stage == 2:
             self.requests[client] = replace(r, answered=True)
