@@ -313,16 +313,16 @@ class Children:
         with its client's signatures over its own masked upload (weight 1, ``4 * dim``
         bytes); no value checks (uniform noise); logged as a partial the root's policy gets
         as a :class:`~fedagg.policy.MaskedMerge`. A re-sent one is a duplicate."""
+        logged = await self.svc.in_engine(
+            lambda: all(self.svc.engine.store.has_upload(*k) for k in keys)
+        )
+        if logged:  # a re-sent masked partial: read it (4-byte words), acknowledge
+            await self.svc.up.read_unspooled(first, it, head, 4, "re-sent masked partial")
+            self.svc.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
         dims = {self.svc.engine.secure_dim(j) for _, j in keys}
         dim = dims.pop() if len(dims) == 1 else None
         if dim is None:
-            logged = await self.svc.in_engine(
-                lambda: all(self.svc.engine.store.has_upload(*k) for k in keys)
-            )
-            if logged:  # a re-sent masked partial: read it, acknowledge
-                await self.svc.up.read_unspooled(first, it, head, 4, "re-sent masked partial")
-                self.svc.stats.duplicates += 1
-                return pb.PushReply(task=head.task, duplicate=True)
             raise CallError(
                 Status.FAILED_PRECONDITION,
                 "a masked partial's jobs are not the open jobs of one secure round",

@@ -289,7 +289,7 @@ class EdgeEngine:
                 self.tasks[t.job] = t
                 effects.tasks.append(t)
                 if t.secure is not None:  # a secure round's: its masked upload's length
-                    self.secure.dims[t.job] = params_dim(t.secure.raw)
+                    self.secure.remember(t.job, t.secure.round, params_dim(t.secure.raw))
                     self.secure.requests[t.client] = t.secure
         return effects
 

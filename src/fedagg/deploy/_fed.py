@@ -50,7 +50,7 @@ from fedagg.deploy._faults import crash_point
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
-from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Note, Store, UploadRow
+from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
 from fedagg.policy import (
     AllAvailable,
@@ -326,30 +326,13 @@ class Federation:
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
         """Make a batch of events durable, in one transaction (see :meth:`Store.log_batch`)."""
         t0 = time.perf_counter()
-        events, dup = self._fresh(events)
+        events, dup = self.secure.fresh(events)
         rows, self.seq = self.store.log_batch(self.seq, events)
         for i in dup:  # secure replies already logged (or twice in this batch): duplicates
             rows.insert(i, None)
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
-
-    def _fresh(self, events: Sequence[LogItem]) -> tuple[list[LogItem], list[int]]:
-        """The events of a batch but the secure replies that do not answer an open request
-        (answered before, or earlier in the batch), and the positions of those left out."""
-        out: list[LogItem] = []
-        dup: list[int] = []
-        seen: set[int] = set()
-        for i, ev in enumerate(events):
-            kind, _, client, job, _, note = ev
-            if kind == "secure" and isinstance(note, Note) and client is not None:
-                r, s = int(note.info["round"]), int(note.info["stage"])
-                if client in seen or self.secure.problem(client, int(job or 0), r, s):
-                    dup.append(i)
-                    continue
-                seen.add(client)
-            out.append(ev)
-        return out, dup
 
     def step(self, rows: Iterable[EventRow]) -> Effects:
         """Feed logged events to the policy; checkpoint when rounds have closed."""

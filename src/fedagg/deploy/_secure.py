@@ -28,6 +28,7 @@ from typing import Any
 
 from fedagg._checkpoint import register
 from fedagg.deploy._auth import body
+from fedagg.deploy._store import LogItem, Note
 from fedagg.errors import SecAggError, StateError
 from fedagg.policy import AllAvailable, SecureRound, SecureState
 from fedagg.secagg import (
@@ -125,7 +126,7 @@ class SecureBook:
             job = int(jobs[c])
             raw = encode_request(stage, msg)
             if stage == 0:
-                self.dims[job], self.rounds[job] = int(msg.dim), int(round_)
+                self.remember(job, int(round_), int(msg.dim))
             r = StageRequest(c, job, int(round_), int(stage), base64.b64encode(raw).decode())
             self.requests[c] = r
             out.append(r)
@@ -143,6 +144,23 @@ class SecureBook:
             return "stale"
         return "duplicate" if r.answered or stage < r.stage else None
 
+    def fresh(self, events: Sequence[LogItem]) -> tuple[list[LogItem], list[int]]:
+        """The events of a batch to log but the secure replies that answer no open request
+        (answered before, or earlier in the batch), and the positions of those left out."""
+        out: list[LogItem] = []
+        dup: list[int] = []
+        seen: set[int] = set()
+        for i, ev in enumerate(events):
+            kind, _, client, job, _, note = ev
+            if kind == "secure" and isinstance(note, Note) and client is not None:
+                r, s = int(note.info["round"]), int(note.info["stage"])
+                if client in seen or self.problem(client, int(job or 0), r, s):
+                    dup.append(i)
+                    continue
+                seen.add(client)
+            out.append(ev)
+        return out, dup
+
     def answered(self, client: int) -> None:
         r = self.requests.get(client)
         if r is not None:
@@ -154,11 +172,19 @@ class SecureBook:
         return [r for c, r in sorted(self.requests.items())
                 if c in clients and not r.answered and r.stage > 0]  # fmt: skip
 
+    def remember(self, job: int, round_: int, dim: int) -> None:
+        """``job`` is of secure round ``round_``, its masked upload ``dim`` words long. The
+        jobs of the rounds before the previous one are forgotten (a retry of an upload of the
+        previous round is still recognised as masked, and acknowledged as a duplicate)."""
+        keep = {round_, max(self.rounds.values(), default=round_)}
+        for j in [j for j, r in self.rounds.items() if r not in keep]:
+            self.dims.pop(j, None)
+            self.rounds.pop(j, None)
+        self.dims[job], self.rounds[job] = dim, round_
+
     def arrived(self, client: int, job: int, upload: bool) -> None:
         """Job ``job`` of ``client`` resolved (its masked upload arrived, or it dropped out):
         an upload answers its stage-2 request."""
-        self.dims.pop(job, None)
-        self.rounds.pop(job, None)
         r = self.requests.get(client)
         if upload and r is not None and r.job == job and r.stage == 2:
             self.requests[client] = replace(r, answered=True)

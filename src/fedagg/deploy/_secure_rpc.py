@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import parse
 from fedagg.deploy._auth import AuthError
-from fedagg.deploy._engine import Item
+from fedagg.deploy._engine import Engine, Item
 from fedagg.deploy._secure import MAX_SECURE, decode_reply, secure_body
 from fedagg.deploy._store import EventRow, Note
 from fedagg.deploy._transport import Call, CallError, Status
@@ -33,7 +36,7 @@ from fedagg.errors import SecAggError
 if TYPE_CHECKING:
     from fedagg.deploy._service import FederationService
 
-__all__ = ["secure_call", "secure_task"]
+__all__ = ["secure_call", "secure_task", "upload_kind"]
 
 
 def secure_task(job: int, client: int, round_: int, stage: int, payload: bytes) -> pb.Task:
@@ -97,3 +100,28 @@ async def _accept(svc: FederationService, client: int, req: Any, payload: bytes)
     await svc.queue.put(Item(("secure", svc.now(), client, job, stage, note), done))
     row = await done
     return pb.SecureReply(task=job, duplicate=row is None)
+
+
+def upload_kind(engine: Engine, head: Any) -> tuple[int | None, np.dtype[Any]]:
+    """An upload header's size and weight checked against its task: a secure round's job
+    uploads its masked update (``4 * dim`` bytes of uint32, any weight: the weight is inside
+    the encoding), any other job the model's size with a finite weight > 0. Returns the
+    masked length (None for a plaintext update) and the values' dtype."""
+    spec = engine.spec
+    dim = engine.secure_dim(int(head.task))
+    if dim is not None:
+        if head.nbytes != 4 * dim:
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                f"task {head.task} is of a secure aggregation round: its upload is the masked "
+                f"update, {4 * dim} bytes ({dim} x uint32), not {head.nbytes}",
+            )
+        return dim, np.dtype(np.uint32)
+    if head.nbytes != spec.nbytes:
+        raise CallError(
+            Status.INVALID_ARGUMENT,
+            f"update has {head.nbytes} bytes, the model {spec.nbytes} ({spec.size} x {spec.dtype})",
+        )
+    if not (math.isfinite(head.weight) and head.weight > 0):
+        raise CallError(Status.INVALID_ARGUMENT, "weight must be finite and > 0")
+    return None, spec.dtype

@@ -30,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import Admission, parse
 from fedagg.deploy._auth import Keyring, body, edge_upload_body, upload_body
@@ -43,7 +41,7 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
-from fedagg.deploy._secure_rpc import secure_call, secure_task
+from fedagg.deploy._secure_rpc import secure_call, secure_task, upload_kind
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
 from fedagg.deploy._upload import Uploads, check_metrics, paced
@@ -545,23 +543,7 @@ class FederationService:
             authenticated()
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay or merge")
-        spec = self.engine.spec
-        dim = self.engine.secure_dim(int(head.task))  # a masked upload's uint32 words
-        dtype = spec.dtype if dim is None else np.dtype(np.uint32)
-        if dim is not None and head.nbytes != 4 * dim:
-            raise CallError(
-                Status.INVALID_ARGUMENT,
-                f"task {head.task} is of a secure aggregation round: its upload is the masked "
-                f"update, {4 * dim} bytes ({dim} x uint32), not {head.nbytes}",
-            )
-        if dim is None and head.nbytes != spec.nbytes:
-            raise CallError(
-                Status.INVALID_ARGUMENT,
-                f"update has {head.nbytes} bytes, the model {spec.nbytes} "
-                f"({spec.size} x {spec.dtype})",
-            )
-        if dim is None and not (math.isfinite(head.weight) and head.weight > 0):
-            raise CallError(Status.INVALID_ARGUMENT, "weight must be finite and > 0")
+        dim, dtype = upload_kind(self.engine, head)  # a plaintext or a masked update
         duplicate = (client, head.task) in self.accepted
         problem = None if duplicate else self.engine.task_problem(client, head.task, head.version)
         if problem == "unknown":
