@@ -219,7 +219,8 @@ class Children:
             self.routed(edge, c)
         if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
             raise CallError(Status.INVALID_ARGUMENT, "weights must be finite and > 0")
-        if p.accumulator_bits == 0:  # a secure round's masked partial
+        if p.accumulator_bits == 0 and getattr(self.svc.engine, "secure_rounds", False):
+            # a secure round's masked partial (at the root: intermediate edges do not merge them)
             return await self._push_masked(edge, first, it, head, keys, report_dropouts)
         self.verify_jobs(head)
         fresh = [k for k in keys if k not in self.svc.accepted]

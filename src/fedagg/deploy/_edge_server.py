@@ -132,9 +132,15 @@ class ParentLink(Client):
 
         async def call() -> pb.SecureReply:
             content = secure_body(req.task, req.round, req.stage, payload, client)
-            up = pb.SecureRequest(auth=self._auth("Secure", content), task=req.task,
-                                  round=req.round, stage=req.stage, payload=payload,
-                                  on_behalf=client, origin=req.auth)  # fmt: skip
+            up = pb.SecureRequest(
+                auth=self._auth("Secure", content),
+                task=req.task,
+                round=req.round,
+                stage=req.stage,
+                payload=payload,
+                on_behalf=client,
+                origin=req.origin if req.HasField("origin") else req.auth,
+            )
             raw = await self._method("Secure", "unary_unary")(up.SerializeToString(), timeout=30)
             got: pb.SecureReply = pb.SecureReply.FromString(raw)
             return got
