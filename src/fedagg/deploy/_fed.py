@@ -540,7 +540,10 @@ class Federation:
             elif isinstance(a, SecureRequest):
                 for r in self.secure.request(a.round, a.stage, a.messages, a.jobs):
                     task = self.tasks.get(r.job)
-                    if r.stage == 0 and task is not None:  # it rides on its training task
+                    if r.stage == 0:  # it rides on its training task
+                        if task is None or task.client != r.client:
+                            raise StateError(f"secure round {r.round}: job {r.job} is not an "
+                                             f"open task of client {r.client}")  # fmt: skip
                         self.tasks[r.job] = task = replace(task, secure=r)
                         effects.tasks = [task if t.job == r.job else t for t in effects.tasks]
                     else:
