@@ -33,7 +33,6 @@ from tests.deploy.harness import (
 )
 from tests.hierarchy.tree_harness import (
     finish,
-    node_log,
     start_node,
     tree_context,
     wait_node,

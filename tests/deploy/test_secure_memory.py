@@ -204,4 +204,3 @@ def test_a_client_without_a_keyring_refuses_secure_aggregation() -> None:
     params = RoundParams.make(9, (1, 2, 3, 4), D, b"g" * 32, degree=0, threshold=0, clip=10.0)
     with pytest.raises(ConfigError, match="authorized_keys"):
         SecureJobs(KEYS["c0"], None).begin(101, 9, encode_message(params))
-
