@@ -288,3 +288,15 @@ def test_plaintext_never_reaches_the_aggregate() -> None:
     assert not st.applied and st.folded == 0
     assert dict(st.refusals)["secagg: plaintext partial refused"] == 1
     assert np.array_equal(state.server.params, VecModel().init(0)["w"])
+
+
+def test_the_simulate_header_names_the_secure_aggregation() -> None:
+    from fedagg.cli._simulate import header
+
+    plain = resolve_config({})
+    assert "secure" not in header(plain)
+    cfg = resolve_config(
+        {"secure_aggregation": {"kind": "secagg+", "neighbors": 6, "clip": 2.5, "dropout": 0.1}}
+    )
+    line = next(x for x in header(cfg).splitlines() if x.lstrip().startswith("secure"))
+    assert "secagg+ (k 6, t auto, clip 2.5, 32 bits, simulated dropout 0.1)" in line

@@ -172,6 +172,16 @@ def header(cfg: Mapping[str, Any]) -> str:
     ]
     if int(byz["clients"]) and byz["attack"] != "none":
         lines.append(f"  attack    {byz['attack']} by {byz['clients']} clients")
+    sa = cfg.get("secure_aggregation", {})
+    if sa.get("kind", "none") != "none":
+        k = f"k {sa['neighbors']}" if sa["neighbors"] else "k auto"
+        t = f"t {sa['threshold']}" if sa["threshold"] else "t auto"
+        extra = ", rotation" if sa["rotation"] else ""
+        drop = f", simulated dropout {_num(sa['dropout'])}" if sa["dropout"] else ""
+        lines.append(
+            f"  secure    {sa['kind']} ({k}, {t}, clip {_num(sa['clip'])}, {sa['bits']} bits"
+            f"{extra}{drop})"
+        )
     return "\n".join(lines)
 
 
