@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import ctypes
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -67,7 +66,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     MIB,
     ForeignCpu,
     emit,
@@ -392,6 +391,7 @@ def flower_round(n: int, d: int, drop: float) -> dict[str, Any]:
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
     from flwr.server import ServerConfig
@@ -403,7 +403,6 @@ def flower_round(n: int, d: int, drop: float) -> dict[str, Any]:
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
     from flwr.serverapp.grid import Grid
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedagg.secagg import RoundConfig
@@ -712,7 +711,7 @@ def render(res: dict[str, Any], out: Path) -> None:
         "cost includes that hardening.",
         "- Quantisation differs: Flower clips each coordinate to [-8, 8] and quantises to 2^22 "
         "levels, then adds a weight factor; fedagg clips the L2 norm to 20 and rounds to "
-        f"2^(32 - ceil(log2 n)) levels. Both errors are in the last column.",
+        "2^(32 - ceil(log2 n)) levels. Both errors are in the last column.",
         "",
     ]
     noisy = [r for rs in res["runs"].values() for r in rs if r.get("foreign_cpu", 0) > NOISY]
@@ -775,8 +774,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="d = 100k, n in {10, 20, 50}: ~1 min")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--no-flower", action="store_true")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                   help="wait up to S s for other processes to go idle before each run")  # fmt: skip
+    p.add_argument(
+        "--wait-idle", type=float, default=0.0, metavar="S", help="wait up to S s for idle CPU"
+    )
     p.add_argument("--render", type=Path, metavar="JSON", help="re-write .md/.png from a .json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -791,7 +791,7 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = drive(args)
     res = {
-        "command": "python benchmarks/secagg.py" + " ".join([""] + sys.argv[1:]),
+        "command": "python benchmarks/secagg.py" + " ".join(["", *sys.argv[1:]]),
         "machine": machine_info(),
         "runs": runs,
         "total_s": time.perf_counter() - t0,
@@ -799,7 +799,6 @@ def main() -> None:
     (args.out / "secagg.json").write_text(json.dumps(res, indent=1))
     render(res, args.out)
     log(f"done in {res['total_s']:.0f} s: {args.out / 'secagg.md'}")
-    _ = math
 
 
 if __name__ == "__main__":
