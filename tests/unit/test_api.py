@@ -39,6 +39,9 @@ EXPECTED = {
         "ForwardedShares", "KeyDirectory", "MaskedInput", "RoundConfig", "ServerSession",
         "ShareKeys", "UnmaskRequest", "UnmaskResponse", "default_degree", "default_threshold",
         "neighbours",
+        # shared by sim and deploy (issue 18 wiring)
+        "CIPHERTEXT_BYTES", "RoundParams", "SecureClient", "WIRE_VERSION", "decode_message",
+        "decode_reply", "decode_request", "encode_message", "message_stage", "public_identity",
     ],
     "fedagg.attacks": [
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",

@@ -200,7 +200,69 @@ _POLICIES = ("sync", "fedbuff", "fedasync", "fedfix", "async", "fedamd")
 
 
 def build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
-    """The round or async policy of the ``[policy]`` table."""
+    """The round or async policy of the ``[policy]`` table; with ``[secure_aggregation] kind
+    = "secagg+"``, a :class:`~fedagg.policy.SecurePolicy` around the sync policy (refused
+    with a :class:`ConfigError` for what needs plaintext updates)."""
+    sa = cfg.get("secure_aggregation", {"kind": "none"})
+    if sa["kind"] == "none":
+        return _build_policy(cfg, strategy)
+    if sa["kind"] != "secagg+":
+        raise ConfigError(f"unknown secure aggregation {sa['kind']!r}; valid: none, secagg+")
+    _check_secure(cfg)
+    return policies.SecurePolicy(
+        _build_policy(cfg, strategy),
+        neighbors=int(sa["neighbors"]),
+        threshold=int(sa["threshold"]),
+        clip=float(sa["clip"]),
+        bits=int(sa["bits"]),
+        rotation=bool(sa["rotation"]),
+        max_weight=float(sa["max_weight"]),
+        stage_timeout=float(sa["stage_timeout"]),
+    )
+
+
+def _check_secure(cfg: Mapping[str, Any]) -> None:
+    """Refuse, by config key, what secure aggregation cannot do (the server sees only a sum)."""
+    s, p, b = cfg["strategy"], cfg["policy"], cfg["byzantine"]
+    why = "with [secure_aggregation] kind = 'secagg+'"
+    if s["aggregator"] != "mean":
+        raise ConfigError(
+            f"strategy.aggregator = {s['aggregator']!r} {why}: robust and custom rules need "
+            "plaintext updates; use 'mean' and clip before masking with [secure_aggregation] clip"
+        )
+    if s["clip_norm"]:
+        raise ConfigError(
+            f"strategy.clip_norm {why}: the server cannot clip masked updates; clip before "
+            "masking with [secure_aggregation] clip"
+        )
+    if p["kind"] != "sync":
+        raise ConfigError(
+            f"policy.kind = {p['kind']!r} {why}: secure aggregation runs with sync rounds; FedBuff "
+            "per-buffer cohorts (and async, FedAMD) are not implemented"
+        )
+    if p["weighting"] != "examples":
+        raise ConfigError(
+            f"policy.weighting = {p['weighting']!r} {why}: FedAU and participation weightings "
+            "need each client's plaintext weight; use 'examples'"
+        )
+    if cfg["client"]["algorithm"] in ("scaffold", "fedamd"):
+        raise ConfigError(
+            f"client.algorithm = {cfg['client']['algorithm']!r} {why}: its server-side state "
+            "(control variates, anchors) needs plaintext updates"
+        )
+    if int(b["clients"]) > 0 and b["attack"] not in ("none", "label_flip"):
+        raise ConfigError(
+            f"byzantine.attack = {b['attack']!r} {why}: model-poisoning attacks read the honest "
+            "plaintext updates; only 'label_flip' (data poisoning) runs under secure aggregation"
+        )
+    if int(cfg["deploy"]["checkpoint_updates"]) > 0:
+        raise ConfigError(
+            f"deploy.checkpoint_updates > 0 {why}: a mid-round checkpoint would need the "
+            "protocol's secrets; rounds resume from the event log instead"
+        )
+
+
+def _build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
     from fedagg.core import participation, staleness
 
     p = cfg["policy"]

@@ -39,6 +39,7 @@ from fedagg.policy._events import (
     refusal_reason,
     round_stats,
 )
+from fedagg.policy._secure import SecurePolicy, SecureRound, SecureState, stage_tag
 from fedagg.policy._sync import SyncPolicy, SyncState
 
 __all__ = [
@@ -61,8 +62,11 @@ __all__ = [
     "PolicyContext",
     "RoundStats",
     "SecureContext",
+    "SecurePolicy",
     "SecureReply",
     "SecureRequest",
+    "SecureRound",
+    "SecureState",
     "SetTimer",
     "Start",
     "SyncPolicy",
@@ -78,5 +82,6 @@ __all__ = [
     "partial_epochs",
     "refusal_reason",
     "round_stats",
+    "stage_tag",
     "sync_fedavg",
 ]

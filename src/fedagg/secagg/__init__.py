@@ -20,14 +20,24 @@ The protocol (pure, in process: explicit message dataclasses, no I/O):
 * :func:`neighbours`: the seeded random ``k``-regular communication graph;
   :func:`default_degree` and :func:`default_threshold` its defaults.
 
+Shared by the simulator and the deployment:
+
+* :class:`RoundParams`: a round's public parameters (the stage-0 request), with its
+  :class:`RoundConfig` and :class:`Encoder`; :class:`SecureClient`: a client's whole part in
+  a round (idempotent stage replies, the encoded and masked upload).
+* :func:`encode_message` / :func:`decode_message` (:func:`decode_request`,
+  :func:`decode_reply`): the strict byte encodings of every message (no pickle).
+
 Everything here is pure (no I/O, threads or clock); SecAgg errors are
 :class:`~fedagg.errors.SecAggError`.
 """
 
 from __future__ import annotations
 
+from ._client import SecureClient, public_identity
 from ._encode import Encoder
 from ._graph import default_degree, default_threshold, neighbours
+from ._params import RoundParams
 from ._prg import CHUNK_WORDS, MAX_WORDS, add_mask, mask
 from ._protocol import (
     AdvertiseKeys,
@@ -44,13 +54,24 @@ from ._protocol import (
     UnmaskResponse,
 )
 from ._shamir import PRIME, SECRET_BYTES, SHARE_BYTES, combine, split
+from ._wire import (
+    CIPHERTEXT_BYTES,
+    WIRE_VERSION,
+    decode_message,
+    decode_reply,
+    decode_request,
+    encode_message,
+    message_stage,
+)
 
 __all__ = [
     "CHUNK_WORDS",
+    "CIPHERTEXT_BYTES",
     "MAX_WORDS",
     "PRIME",
     "SECRET_BYTES",
     "SHARE_BYTES",
+    "WIRE_VERSION",
     "AdvertiseKeys",
     "ClientSession",
     "ConsistencyRequest",
@@ -60,15 +81,23 @@ __all__ = [
     "KeyDirectory",
     "MaskedInput",
     "RoundConfig",
+    "RoundParams",
+    "SecureClient",
     "ServerSession",
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskResponse",
     "add_mask",
     "combine",
+    "decode_message",
+    "decode_reply",
+    "decode_request",
     "default_degree",
     "default_threshold",
+    "encode_message",
     "mask",
+    "message_stage",
     "neighbours",
+    "public_identity",
     "split",
 ]

@@ -44,7 +44,7 @@ input validity (a client can send any vector: clip before encoding).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -475,6 +475,28 @@ class ServerSession:
         for o in range(0, self.config.dim, c):
             np.add(self._sum[o : o + c], y[o : o + c], out=self._sum[o : o + c])
         self._u3.add(u)
+
+    def receive_masked_sum(
+        self, senders: Iterable[int], values: np.ndarray[Any, np.dtype[np.uint32]]
+    ) -> None:
+        """Fold the wrap-around sum of several clients' masked inputs at once (an edge's
+        partial, which never saw an input): the same checks as :meth:`receive_masked` for
+        each sender, all or none."""
+        self._enter(2)
+        ids = list(senders)
+        if not ids or len(set(ids)) != len(ids):
+            raise SecAggError("a masked sum must name one or more distinct senders")
+        bad = sorted(u for u in ids if u not in self._u2 or u in self._u3)
+        if bad:
+            raise SecAggError(f"masked sum from unexpected or repeated clients {bad[:8]}")
+        y = np.asarray(values)
+        if y.dtype != U32 or y.shape != (self.config.dim,):
+            raise SecAggError(f"a masked sum is not uint32 of shape ({self.config.dim},)")
+        assert self._sum is not None
+        c = self.config.chunk
+        for o in range(0, self.config.dim, c):
+            np.add(self._sum[o : o + c], y[o : o + c], out=self._sum[o : o + c])
+        self._u3.update(ids)
 
     def _check_holders(self, alive: frozenset[int], what: str) -> None:
         """Every survivor's ``b`` and every dropped client's ``s`` (when a survivor masked

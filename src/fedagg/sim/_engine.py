@@ -40,6 +40,8 @@ from fedagg.policy import (
     Finish,
     Policy,
     RoundStats,
+    SecurePolicy,
+    SecureRequest,
     SetTimer,
     Start,
     Timer,
@@ -47,6 +49,7 @@ from fedagg.policy import (
     partial_epochs,
 )
 from fedagg.sim._procs import ClientSlice
+from fedagg.sim._secure import SimSecure
 from fedagg.sim._system import SystemModel
 from fedagg.sim._tasks import TaskConfig, make_tasks
 
@@ -199,10 +202,17 @@ class _Ctx:
 
     system: SystemModel
     seed: int
+    secure: SimSecure | None = None
 
     @property
     def num_clients(self) -> int:
         return self.system.num_clients
+
+    def identity(self, client: int) -> bytes:
+        """Client ``client``'s Ed25519 identity (secure aggregation: the engine's keys)."""
+        if self.secure is None:
+            raise ConfigError("this simulation runs no secure aggregation")
+        return self.secure.identity(client)
 
     def available(self, slot: int) -> Arr:
         return self.system.available_clients(slot)
@@ -244,6 +254,10 @@ class Simulation:
             job's :class:`fedagg.clients.Task`, and the built-in algorithms take its
             ``lr``/``mu``/``beta`` (:func:`fedagg.clients.with_config`).
         eval_data: held-out examples (``.x``, ``.y``) evaluated instead of ``data.test``.
+        secure_dropout: under secure aggregation (a :class:`fedagg.policy.SecurePolicy`),
+            the fraction of each round's clients that drop out of the protocol, each at one of
+            its four stages (see :mod:`fedagg.sim._secure`: clients run in process, control
+            messages are instantaneous, updates are masked before the policy sees them).
     """
 
     data: Any
@@ -267,6 +281,7 @@ class Simulation:
     client_states: dict[int, Any] = field(default_factory=dict)
     task_config: Callable[[int], Mapping[str, Any]] | None = None
     eval_data: Any = None
+    secure_dropout: float = 0.0
     _union: tuple[Arr, Arr] | None = field(default=None, init=False, repr=False)
     _tasks: TaskConfig = field(default_factory=lambda: TaskConfig(None), init=False, repr=False)
     _train_s: float = field(default=0.0, init=False, repr=False)
@@ -281,7 +296,8 @@ class Simulation:
         self.client_states = {}
         self._tasks = TaskConfig(self.task_config)
         server = self.strategy.init(self.model.init(self.seed))
-        ctx = _Ctx(self.system, self.seed)
+        secure = SimSecure(self.seed, self.secure_dropout)
+        ctx = _Ctx(self.system, self.seed, secure)
         state = self.policy.init(server, ctx)
         heap: list[tuple[float, int, Event]] = []
         seq = 0
@@ -291,6 +307,8 @@ class Simulation:
         events = 0
         traffic = [0, 0]  # bytes down, up, since the last record
         model_bytes = server.spec.nbytes
+        model_spec = server.spec
+        secure_policy = isinstance(self.policy, SecurePolicy)
 
         def push(t: float, ev: Event) -> None:
             nonlocal seq
@@ -317,6 +335,12 @@ class Simulation:
                         done = True
                 elif isinstance(a, Commit):
                     self.client_states.update(a.client_states)
+                elif isinstance(a, SecureRequest):
+                    down, up = secure.bytes_down, secure.bytes_up
+                    for ev in secure.request(a, now):
+                        push(now, ev)
+                    traffic[0] += secure.bytes_down - down
+                    traffic[1] += secure.bytes_up - up
                 elif isinstance(a, Finish):
                     done = True
             return done
@@ -328,6 +352,11 @@ class Simulation:
                     break
                 now, _, ev = heapq.heappop(heap)
                 events += 1
+                if isinstance(ev, Arrival) and secure_policy:
+                    masked = secure.arrival(ev, model_spec)  # the client masks its update
+                    if masked is None:
+                        continue  # held until its stage-2 shares come
+                    ev = masked
                 if isinstance(ev, Arrival):
                     traffic[1] += ev.update_bytes
                 finished = do(self.policy.step(state, ev, ctx), now)

@@ -113,6 +113,7 @@ def build(
         byzantine_algorithm=byz_alg,
         task_config=functools.partial(client_config, cfg),
         eval_data=build_eval_data(cfg),
+        secure_dropout=float(cfg["secure_aggregation"]["dropout"]),
     )
     return Built(cfg, sim, fd)
 
