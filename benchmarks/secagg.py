@@ -20,13 +20,15 @@ same dropped set on every side):
   ``clipping_range = 8``, ``quantization_range = 2**22``, ``max_weight = 1000`` (defaults).
   Not measured: Flower's SuperLink, which in a deployment also holds every message until it is
   pulled (more server memory), and its polling (``send_and_receive`` sleeps between pulls).
-* **fedagg, protocol in process**: ``fedagg.secagg``'s ``SecureClient`` (the client side the
-  simulator and the deployment run: ``RoundParams``, idempotent stage replies, clip + encode +
-  mask) and ``ServerSession`` (signed keys, encrypted shares, masked uploads folded on arrival,
-  consistency round, chunk-wise unmasking), clip 20, 32 bits, no rotation, ``max_weight =
-  1000``; every message goes through ``encode_message`` / ``decode_message`` (the sender
-  encodes on its clock, the receiver decodes on its own), and bytes per client are those
-  encodings plus the model download (4 d bytes, as Flower's fit instruction carries).
+* **fedagg, the protocol**: ``fedagg.secagg``'s ``ServerSession`` (signed keys, encrypted
+  shares, masked uploads folded on arrival, consistency round, chunk-wise unmasking) in the
+  measuring process, and the n ``SecureClient`` (the client side the simulator and the
+  deployment run: ``RoundParams``, idempotent stage replies, clip + encode + mask) in a second
+  process, so that what the clients keep between stages is not counted as the server's memory;
+  clip 20, 32 bits, no rotation, ``max_weight = 1000``. Every message goes through
+  ``encode_message`` / ``decode_message`` over a pipe (the sender encodes on its clock, the
+  receiver decodes on its own); bytes per client are those encodings plus the model download
+  (4 d bytes, as Flower's fit instruction carries).
 * **fedagg's simulator**: one round of ``fedagg.sim.Simulation`` with ``SecurePolicy`` around
   ``SyncPolicy`` (``secure_dropout``: each client drops with that probability at one of the
   four stages) and the same simulation without it; a stand-in model whose training returns
@@ -34,24 +36,29 @@ same dropped set on every side):
 * **plaintext**: the same clients upload their float32 update and weight, the server folds them
   with ``fedagg.aggregators.mean()`` as they arrive: the reference for the overhead.
 
-Every side runs in one process, one party at a time (a simulation). Reported per side:
+Parties take turns (nothing overlaps), every library with one thread (numba, BLAS). Reported:
 
-* ``sequential``: the wall time of the whole round in that process (what a simulation costs);
+* ``sequential``: the server's work plus every client's, one after the other (what a
+  simulation of the round costs);
 * ``deployed``: the sum over the protocol's stages of the server's work and the *slowest*
   client's work in that stage: a loopback deployment in which the clients run in parallel on
   their own machines and the network is free (for fedagg the server's folds would in fact
   overlap the uploads, which this sum does not credit);
-* server and client CPU time, bytes per client (up / down), the server's peak RSS above the
-  process's baseline (``VmHWM``, reset and read around every client call, so a client's own
-  transient memory is not counted; what a client call returns to the server is; the masked
-  vector each fedagg ``SecureClient`` keeps for idempotent replies is the client's and is
-  subtracted), and the error
-  of the decoded weighted mean against the plaintext one (float64).
+* each as CPU time of the process doing the work (stable on a shared machine) and wall time;
+* bytes per client (up / down), the server's peak RSS above its process's baseline (``VmHWM``;
+  for Flower, whose clients share the process, reset and read around every client call, so a
+  client's transient memory is not counted, while what it returns to the server is), the
+  clients' largest transient RSS, and the error of the decoded weighted mean against the
+  plaintext one (float64).
 
 Targets (issue 18): at n = 100, d = 1M, 10% dropouts, fedagg >= 5x faster than Flower and at
 most half its bytes per client; fedagg's server memory independent of n (n = 10, 100, 1000).
+The default run measures n = 10, 100, 300 (about 5 minutes on 2 idle cores); ``--full`` adds
+n = 1000 (about half an hour: at unmasking each client checks every survivor's signature and
+re-encodes the survivor set for each one, O(n^2) work per client, O(n^3) per round simulated
+in one process: 900 clients x 900 checks).
 
-    python benchmarks/secagg.py [--quick] [--out DIR] [--no-flower] [--wait-idle S]
+    python benchmarks/secagg.py [--quick] [--full] [--out DIR] [--no-flower] [--wait-idle S]
     python benchmarks/secagg.py --render results/secagg.json
 
 Writes ``results/secagg.{json,md,png}``. Run it with a Python that has ``flwr==1.42.0``
@@ -780,7 +787,7 @@ def render(res: dict[str, Any], out: Path) -> None:
     n, d, drop = fa["n"], fa["d"], fa["drop"]
     names = {
         "plaintext": "plaintext (fedagg mean fold, no masking)",
-        "fedagg": "fedagg SecAgg+ (`SecureClient` + `ServerSession`, in process)",
+        "fedagg": "fedagg SecAgg+ (`ServerSession`; `SecureClient`s in a 2nd process)",
         "flower": "Flower 1.42 SecAgg+ (`SecAggPlusWorkflow` + `secaggplus_mod`, in process)",
     }
     lines = [
@@ -797,10 +804,10 @@ def render(res: dict[str, Any], out: Path) -> None:
         f"The {drop:.0%} drop out after sharing their keys (the server rebuilds their pairwise "
         "masks). *Sequential*: the whole round in one process, one party at a time (what a "
         "simulation costs). *Deployed*: per stage, the server's work plus the slowest client's, "
-        "summed (clients in parallel, free network). Times are CPU seconds of the measuring "
-        "process (this 2-core machine is shared, so CPU time is the stable measure), wall "
-        "seconds in brackets. Server peak: RSS above the process's baseline, clients' own "
-        "transient memory excluded. Error: max |mean - plaintext mean| over the coordinates.",
+        "summed (clients in parallel, free network). Times are CPU seconds of the process "
+        "doing the work (this 2-core machine is shared, so CPU time is the stable measure), "
+        "wall seconds in brackets. Server peak: RSS above the server process's baseline, "
+        "clients' memory excluded. Error: max |mean - plaintext mean| over the coordinates.",
         "",
         "| side | sequential | deployed | server CPU | client CPU (median / max) | "
         "up per client | down per client | server peak | error |",
@@ -904,10 +911,13 @@ def render(res: dict[str, Any], out: Path) -> None:
         "",
         "## How the two sides differ (read before quoting the ratios)",
         "",
-        "- Both run in one process, party by party, with the same updates, weights, dropped "
-        "set, `k` and `t` (Flower's `num_shares = k + 1` counts the node itself). Flower's "
-        "messages are serialised and parsed with its protobuf serde (as its transport does), "
-        "fedagg's with `encode_message` / `decode_message`; sizes are those encodings.",
+        "- Parties take turns, with the same updates, weights, dropped set, `k` and `t` "
+        "(Flower's `num_shares = k + 1` counts the node itself). Flower's messages are "
+        "serialised and parsed with its protobuf serde (as its transport does) and its "
+        "ClientApps run in the server's process (their transient memory is excluded by "
+        "resetting the peak around each call; what they keep between stages is a few keys and "
+        "shares); fedagg's messages go through `encode_message` / `decode_message` over a pipe "
+        "to a process holding the n `SecureClient`s. Sizes are those encodings.",
         "- Flower is measured *favourably*: a dropped node's missing reply costs no timeout "
         "(its default `timeout=None` would wait forever), and its SuperLink (which holds every "
         "message until the ServerApp pulls it) and reply polling are not run. Its server peak "
