@@ -746,12 +746,16 @@ def measure(side: str, n: int, d: int, drop: float, wait_idle: float) -> dict[st
     return best
 
 
-def drive(args: argparse.Namespace) -> dict[str, Any]:
-    # One numba thread for the plaintext folds (in the plaintext and simulator rows): every
-    # party is single-threaded here, and parallel kernels crawl on a shared 2-core machine.
-    # Likewise one BLAS/OpenMP thread (np.linalg.norm would otherwise spin a second one).
+def _env_one_thread() -> None:
+    """One numba thread for the plaintext folds (in the plaintext and simulator rows): every
+    party is single-threaded here, and parallel kernels crawl on a shared 2-core machine.
+    Likewise one BLAS/OpenMP thread (np.linalg.norm would otherwise spin a second one)."""
     for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+
+
+def drive(args: argparse.Namespace) -> dict[str, Any]:
+    _env_one_thread()
     d = 100_000 if args.quick else 1_000_000
     n_main = 20 if args.quick else 100
     scale = [10, 50] if args.quick else [10, 100, 300] + ([1000] if args.full else [])
@@ -793,7 +797,12 @@ def render(res: dict[str, Any], out: Path) -> None:
     lines = [
         "# Secure aggregation: fedagg SecAgg+ vs Flower 1.42 SecAgg+ vs plaintext",
         "",
-        f"Command: `{res['command']}`",
+        f"Command: `{res['command']}`"
+        + "".join(
+            f"; then `{r['command']}` (added its row)"
+            for r in res["runs"]["scale"]
+            if "command" in r
+        ),
         "",
         f"Machine: {res['machine'].get('model_name', '?')}, {res['machine'].get('cores')} cores, "
         f"{res['machine'].get('ram_gib')} GiB; {res['machine'].get('date')}; git "
@@ -1006,6 +1015,9 @@ def main() -> None:
         "--wait-idle", type=float, default=0.0, metavar="S", help="wait up to S s for idle CPU"
     )
     p.add_argument("--render", type=Path, metavar="JSON", help="re-write .md/.png from a .json")
+    p.add_argument(
+        "--add", type=int, metavar="N", help="measure fedagg at n = N, add it to --out's .json"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -1016,6 +1028,16 @@ def main() -> None:
         render(res, args.render.parent)
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.add:
+        _env_one_thread()
+        res = json.loads((args.out / "secagg.json").read_text())
+        d = res["runs"]["main"][0]["d"]
+        r = measure("fedagg", args.add, d, 0.1, args.wait_idle)
+        r["command"] = "python benchmarks/secagg.py" + " ".join(["", *sys.argv[1:]])
+        res["runs"]["scale"].append(r)
+        (args.out / "secagg.json").write_text(json.dumps(res, indent=1))
+        render(res, args.out)
+        return
     t0 = time.perf_counter()
     runs = drive(args)
     res = {
