@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import fedagg
 from fedagg import policy, sim
 from fedagg.cli import main
+from fedagg.config import build_policy, build_strategy, resolve_config
 from fedagg.core.update import Update
 from fedagg.secagg import Encoder, SecureClient, encode_message
 from fedagg.sim._secure import SimSecure
@@ -168,9 +169,9 @@ def test_what_needs_plaintext_is_refused_at_build(over: dict[str, Any], key: str
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in SMALL.items()}
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v}
-    cfg["data"] = {**cfg["data"], "num_clients": 300}
+    resolved = resolve_config(cfg)
     with pytest.raises(fedagg.ConfigError, match=key.replace(".", r"\.")):
-        sim.build(cfg)
+        build_policy(resolved, build_strategy(resolved))
 
 
 def test_api_refusals() -> None:
@@ -265,3 +266,25 @@ def test_the_pure_policy_with_byte_replies_a_bad_message_and_an_edge_merge() -> 
     got = state.server.params.astype(np.float64) - VecModel().init(0)["w"]
     assert np.linalg.norm(got - ref) < 1e-4
     assert state.open is None
+
+
+def test_plaintext_never_reaches_the_aggregate() -> None:
+    """A plaintext partial (an edge's Merge) or a float upload in a secure round is refused."""
+    n = 3
+    ctx = _Ctx(n)
+    strategy = fedagg.strategies.fedavg(1.0)
+    pol = policy.SecurePolicy(policy.SyncPolicy(strategy, 1, n), clip=CLIP, stage_timeout=1.0)
+    state = pol.init(strategy.init(VecModel().init(0)), ctx)
+    acts = pol.step(state, policy.Start(0.0), ctx)
+    req = next(a for a in acts if isinstance(a, policy.SecureRequest))
+    part = strategy.begin(state.server)
+    plain = policy.Merge(0.5, ((0, req.jobs[0], 1.0, 0.0),), part)
+    assert pol.step(state, plain, ctx) == []
+    flat = Update(np.ones(D, np.float32), 1.0, "1")
+    pol.step(state, policy.Arrival(0.6, 1, req.jobs[1], flat), ctx)  # not in stage 2 yet
+    acts = pol.step(state, policy.Timer(1.0, policy.stage_tag(req.round, 0)), ctx)
+    (applied,) = [a for a in acts if isinstance(a, policy.Applied)]  # nobody advertised keys
+    st = applied.stats
+    assert not st.applied and st.folded == 0
+    assert dict(st.refusals)["secagg: plaintext partial refused"] == 1
+    assert np.array_equal(state.server.params, VecModel().init(0)["w"])

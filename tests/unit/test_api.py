@@ -100,6 +100,15 @@ EXPECTED = {
         "shard_bounds", "sharded", "sketch_krum", "train_round", "tree_aggregate",
         "tree_centered_clipping", "tree_error_bound", "tree_rfa", "tree_shape",
     ],
+    "fedagg.privacy": [
+        "ACCOUNTANTS", "DEFAULT_ORDERS", "DISTRIBUTED_ORDERS", "Accountant", "adaptive_clip",
+        "add_gaussian_noise", "rdp_distributed_discrete_gaussian", "rdp_poisson_subsampled",
+        "rdp_skellam",
+        "clip_l2", "combined_noise_multiplier", "delta", "discrete_gaussian", "epsilon",
+        "gaussian_delta", "gaussian_epsilon", "gaussian_noise", "local_dp",
+        "noise_multiplier_for", "noised_unclipped_fraction", "rdp_subsampled_gaussian",
+        "rdp_to_delta", "rdp_to_epsilon", "skellam", "update_noise_multiplier",
+    ],
 }  # fmt: skip
 
 

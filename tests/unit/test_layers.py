@@ -72,6 +72,7 @@ LAYERS: list[set[str]] = [
     {"core"},
     {"_checkpoint", "spool", "jobs", "data", "models", "runs", "secagg"}
     | {"optimizers", "staleness", "strategies", "transforms", "weighting"},
+    {"privacy"},  # DP accountants and mechanisms: noise from secagg's seekable PRG
     {"aggregators", "clients"},
     {"attacks"},  # re-exports clients.LabelFlip (data poisoning is a client)
     {"fedagg"},

@@ -12,7 +12,17 @@ import sys
 from collections.abc import Sequence
 
 import fedagg
-from fedagg.cli import _config, _dashboard, _demo, _deploy, _new, _runs, _simulate, _status
+from fedagg.cli import (
+    _config,
+    _dashboard,
+    _demo,
+    _deploy,
+    _new,
+    _privacy,
+    _runs,
+    _simulate,
+    _status,
+)
 from fedagg.cli._common import EXIT_USAGE, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -27,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     **_status.COMMANDS,
     **_dashboard.COMMANDS,
     **_new.COMMANDS,
+    **_privacy.COMMANDS,
 }
 
 

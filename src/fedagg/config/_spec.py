@@ -436,6 +436,33 @@ _SECURE = Section("secure aggregation (SecAgg+): the server sees only the sum of
                       ge=0, lt=1),
 })  # fmt: skip
 
+_PRIVACY = Section("differential privacy: user-level (epsilon, delta), tracked per round and "
+                   "enforced", {
+    "mechanism": string("none", "none; central (clip + Gaussian noise on the sum at the "
+                        "server, DP-FedAvg); local (each client noises its own update); "
+                        "distributed (discrete noise added by each client under secure "
+                        "aggregation)", choices=("none", "central", "local", "distributed"),
+                        noun="privacy mechanism"),
+    "noise_multiplier": number(1.0, "z: the noise's standard deviation is z x clip", ge=0),
+    "clip": number(1.0, "C: each client's update is clipped to this L2 norm (the initial "
+                   "clip when adaptive)", gt=0),
+    "target_quantile": number(0.0, "adaptive clipping (Andrew et al. 2021): the quantile of "
+                              "update norms the clip tracks (0: a fixed clip)", ge=0, lt=1),
+    "clip_learning_rate": number(0.2, "adaptive clipping: the geometric update's step", gt=0),
+    "count_stddev": number(0.0, "adaptive clipping: the noise on the count of unclipped "
+                           "updates (0: expected clients per round / 20)", ge=0),
+    "delta": number(0.0, "the delta of (epsilon, delta) (0: 1 / num_clients^1.1)", ge=0,
+                    lt=1),
+    "max_epsilon": number(math.inf, "stop training before epsilon would exceed this",
+                          gt=0),
+    "accountant": string("rdp", "how epsilon is computed: Renyi DP, or the tighter privacy "
+                         "loss distribution", choices=("rdp", "pld"), noun="accountant"),
+    "sampling": string("poisson", "how clients are sampled under DP: each with probability "
+                       "clients_per_round / num_clients (what the accountant assumes), or "
+                       "a fixed-size sample (accounted as sampling without replacement)",
+                       choices=("poisson", "fixed"), noun="sampling"),
+})  # fmt: skip
+
 #: The whole config: top-level keys, then one section per table.
 SPEC = Section(
     "a fedagg run config (simulation and deployment)",
@@ -452,5 +479,6 @@ SPEC = Section(
         "output": _OUTPUT,
         "deploy": _DEPLOY,
         "secure_aggregation": _SECURE,
+        "privacy": _PRIVACY,
     },
 )

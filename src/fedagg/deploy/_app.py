@@ -15,10 +15,12 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives import serialization
 
 from fedagg._checkpoint import dumps
 from fedagg.clients import with_config
@@ -60,6 +62,7 @@ __all__ = [
     "config_trainer",
     "edge_scopes",
     "evaluation_from_config",
+    "keyring_identities",
     "options_from_config",
     "serve",
     "serve_async",
@@ -149,9 +152,12 @@ def _identity(cfg: Mapping[str, Any], server: ServerState) -> dict[str, str]:
 
 
 def build_federation(
-    config: Mapping[str, Any], directory: str | os.PathLike[str] | None = None
-) -> Federation:
-    """The server side of a config: model, strategy and policy as the simulator builds them."""
+    config: Mapping[str, Any], directory: str | os.PathLike[str] | None = None,
+    identities: Sequence[bytes] | None = None,
+) -> Federation:  # fmt: skip
+    """The server side of a config: model, strategy and policy as the simulator builds them.
+    ``identities``: the clients' Ed25519 public keys (raw, the keyring's order), which secure
+    aggregation checks their signatures with (:func:`keyring_identities`)."""
 
     cfg = resolve_config(config)
     d = cfg["deploy"]
@@ -174,7 +180,22 @@ def build_federation(
     # every client's claimed weight and update norm (issue 14, #6); warm once the window holds
     # bound_warmup clients, or half the clients of a smaller federation
     bounds = bounds_of(d, clients=num_clients)
-    if bounds.enabled:
+    secure = cfg["secure_aggregation"]["kind"] != "none"
+    if secure:
+        if d["order"] == "canonical":
+            raise ConfigError(
+                "deploy.order = 'canonical' is for plaintext folds: under secure aggregation "
+                "the server sums masked uploads (exact, in any order); use 'arrival'"
+            )
+        if int(d["checkpoint_updates"]) > 0:
+            raise ConfigError(
+                "deploy.checkpoint_updates > 0 checkpoints mid-round, which secure aggregation "
+                "rounds do not support: set it to 0"
+            )
+        if bounds.enabled:
+            log.info("deploy bounds (weight_cap, norm_cap, max_norm) do not apply to masked "
+                     "uploads: [secure_aggregation] clip and max_weight bound them")  # fmt: skip
+    elif bounds.enabled:
         strategy = bounded_strategy(strategy, bounds, canonical=d["order"] == "canonical")
     elif d["order"] == "canonical":
         strategy = canonical_strategy(strategy)
@@ -185,7 +206,14 @@ def build_federation(
         directory=directory, epochs=int(cfg["client"]["epochs"]),
         checkpoint_every=int(d["checkpoint_every"]),
         checkpoint_updates=int(d["checkpoint_updates"]), identity=_identity(cfg, server),
+        identities=identities,
     )  # fmt: skip
+
+
+def keyring_identities(keyring: Keyring) -> list[bytes]:
+    """The raw Ed25519 public keys of a keyring's clients, in index order."""
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return [keyring.keys[n].public_bytes(*raw) for n in keyring.names]
 
 
 def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = None,
@@ -336,7 +364,7 @@ def serve(
     scopes = edge_scopes(cfg["deploy"], keyring, edges)
     evaluation = evaluation_from_config(cfg)  # a bad eval_data, evaluate or schedule: now
     task_config = task_configs(cfg)
-    fed = build_federation(cfg, directory)
+    fed = build_federation(cfg, directory, keyring_identities(keyring))
     if len(keyring.names) != fed.ctx.num_clients:
         raise ConfigError(
             f"{len(keyring.names)} registered client keys, but the config has "
@@ -486,9 +514,14 @@ def client_from_config(
             ca = path.read_bytes()
         except OSError as e:
             raise ConfigError(f"TLS needs the CA certificate {path} ({e}), or --insecure") from e
+    # the federation's keyring, if this client has it: its peers' identities (the trusted PKI
+    # secure aggregation checks signatures with; without it, secure rounds are refused)
+    ring = Path(d["keys"]) / "authorized_keys" if d["keys"] else None
+    keyring = Keyring.load(ring) if ring is not None and ring.exists() else None
     return Client(
         server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
         insecure=insecure, retry_for=retry_for, evaluate=evaluate or config_evaluator(cfg),
+        keyring=keyring,
     )  # fmt: skip
 
 

@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import AuthError, body, upload_body
@@ -217,6 +219,9 @@ class Children:
             self.routed(edge, c)
         if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
             raise CallError(Status.INVALID_ARGUMENT, "weights must be finite and > 0")
+        if p.accumulator_bits == 0 and getattr(self.svc.engine, "secure_rounds", False):
+            # a secure round's masked partial (at the root: intermediate edges do not merge them)
+            return await self._push_masked(edge, first, it, head, keys, report_dropouts)
         self.verify_jobs(head)
         fresh = [k for k in keys if k not in self.svc.accepted]
         logged = await self.svc.in_engine(  # one trip to the engine thread, not one per job
@@ -293,6 +298,66 @@ class Children:
         await self.svc.queue.put(Item(item, done))
         row = await done
         if row is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.svc.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        self.svc.stats.uploads += len(parts)
+        return pb.PushReply(task=head.task, duplicate=False)
+
+    async def _push_masked(
+        self, edge: str, first: Any, it: AsyncIterator[bytes], head: Any,
+        keys: list[tuple[int, int]], report_dropouts: Callable[[], None],
+    ) -> pb.PushReply:  # fmt: skip
+        """A masked partial (uint32, the wrap-around sum of its jobs' masked uploads): its
+        jobs open secure jobs of the edge's subtree, of one round (one masked length), each
+        with its client's signatures over its own masked upload (weight 1, ``4 * dim``
+        bytes); no value checks (uniform noise); logged as a partial the root's policy gets
+        as a :class:`~fedagg.policy.MaskedMerge`. A re-sent one is a duplicate."""
+        logged = await self.svc.in_engine(
+            lambda: all(self.svc.engine.store.has_upload(*k) for k in keys)
+        )
+        if logged:  # a re-sent masked partial: read it (4-byte words), acknowledge
+            await self.svc.up.read_unspooled(first, it, head, 4, "re-sent masked partial")
+            self.svc.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        dims = {self.svc.engine.secure_dim(j) for _, j in keys}
+        dim = dims.pop() if len(dims) == 1 else None
+        if dim is None:
+            raise CallError(
+                Status.FAILED_PRECONDITION,
+                "a masked partial's jobs are not the open jobs of one secure round",
+            )
+        if head.nbytes != 4 * dim:
+            raise CallError(Status.INVALID_ARGUMENT,
+                            f"masked partial of {head.nbytes} bytes, not {4 * dim}")  # fmt: skip
+        for c, j in keys:
+            problem = self.svc.engine.task_problem(c, j, head.version)
+            if problem is not None:
+                raise CallError(Status.FAILED_PRECONDITION,
+                                f"job {j} of client {c} cannot be merged ({problem})")  # fmt: skip
+        for j in head.partial.jobs:
+            metrics = check_metrics(j.origin.metrics)
+            self.verify_origin(int(j.client), j.origin, int(j.task), int(head.version),
+                               float(j.weight), head.nbytes, metrics)  # fmt: skip
+        assert self.svc.edges is not None
+        path, digest, check, _ = await self.svc.up.receive(
+            keys[0][0], first, it, head, np.dtype(np.uint32), self.svc.edges, finite=False
+        )
+
+        def row(j: Any) -> UploadRow:
+            loss = {"train_loss": float(j.train_loss)} if math.isfinite(j.train_loss) else {}
+            return UploadRow(int(j.client), int(j.task), str(path), 1.0, head.version, loss,
+                             head.nbytes, digest, check)  # fmt: skip
+
+        parts = tuple(row(j) for j in sorted(head.partial.jobs, key=lambda j: j.task))
+        report_dropouts()
+        self._keep_partial_origins(head)
+        done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
+        item = ("partial", self.svc.now(), None, None, None,
+                PartialRows(parts, {"masked": True, "edge": edge}))  # fmt: skip
+        await self.svc.queue.put(Item(item, done))
+        if await done is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.svc.stats.duplicates += 1

@@ -26,13 +26,15 @@ import numpy as np
 from fedagg.clients import Result, Task
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import ClientKey, body, upload_body
+from fedagg.deploy._auth import ClientKey, Keyring, body, upload_body
 from fedagg.deploy._calls import CALL_METADATA, CallTokens
 from fedagg.deploy._evalwire import parse_task_config, report_body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._log import client_connected, client_retry, client_task, client_uploaded
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._probe import transport_mismatch
+from fedagg.deploy._secure import secure_body
+from fedagg.deploy._secure_client import SecureJobs
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
 
@@ -100,6 +102,9 @@ class Client:
         retry_for: give up after this many seconds without reaching the server.
         heartbeat: while training, tell the server every this many seconds that the client
             is alive (keeps its task open if the task stream is down).
+        keyring: the federation's ``authorized_keys`` (:class:`Keyring`): the peers' identity
+            keys secure aggregation checks their signatures with; without it this client
+            refuses secure aggregation rounds.
         channel: a channel to call the server on instead of connecting to ``server``: any
             object with a ``grpc.aio`` channel's multi-callables, e.g. a
             :class:`~fedagg.deploy._memory.MemoryChannel` (one per client: the client closes
@@ -119,6 +124,7 @@ class Client:
         server_name: str | None = None,
         heartbeat: float = 10.0,
         channel: Any = None,
+        keyring: Keyring | None = None,
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -137,6 +143,9 @@ class Client:
         self._channel: Any = channel  # a grpc.aio.Channel, or one like it
         self._probe = channel is None  # on a failed connection: a TLS mismatch? (_probe.py)
         self._stream: Any = None  # the open task stream
+        #: secure aggregation rounds, checked against this keyring (the trusted PKI)
+        self.secure = SecureJobs(key, keyring)
+        self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
 
     def run(self) -> ClientReport:
         return asyncio.run(self.run_async())
@@ -146,6 +155,8 @@ class Client:
         try:
             await self._loop()
         finally:
+            for task in list(self._running.values()):  # secure rounds still training
+                task.cancel()
             if self._channel is not None:
                 await self._channel.close()
         return self.report
@@ -258,7 +269,17 @@ class Client:
                         log.info("the federation finished: %d tasks", self.report.tasks,
                                  extra={"event": "finished"})  # fmt: skip
                         return
+                    if t.HasField("secagg") and (t.secagg.stage > 0 or t.task in done):
+                        await self._stage(t)  # a stage request of a secure round
+                        continue
                     if t.task in done:
+                        continue
+                    if t.HasField("secagg"):  # trains while the round's stages go on
+                        done.add(t.task)
+                        await self._stage(t)
+                        job = asyncio.create_task(self._do(t))
+                        self._running[t.task] = job
+                        job.add_done_callback(self._trained)
                         continue
                     await self._do(t)
                     done.add(t.task)
@@ -319,6 +340,13 @@ class Client:
         delta = np.ascontiguousarray(delta, dtype=self.spec.dtype)
         metrics = {k: float(v) for k, v in dict(getattr(result, "metrics", {}) or {}).items()}
         weight = float(result.num_examples)
+        if t.HasField("secagg"):  # only the masked update leaves the client
+            masked = await self.secure.masked(t.task, delta, weight, self.retry_for)
+            if masked is None:
+                self.report.skipped += 1
+                return
+            delta, weight = masked, 1.0  # the weight is inside the encoding
+            crash_point("client-secure-2")
         try:
             reply = await self._retry("push", lambda: self._push(t, delta, weight, metrics))
         except ClientError as e:
@@ -336,6 +364,52 @@ class Client:
             self.report.duplicates += 1
         else:
             self.report.uploads += 1
+
+    def _trained(self, task: asyncio.Task[None]) -> None:
+        """A secure round's task ended (trained and uploaded, or failed: logged)."""
+        for job, t in list(self._running.items()):
+            if t is task:
+                del self._running[job]
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            log.error("a secure aggregation task failed: %s: %s", type(e).__name__, e)
+
+    async def _stage(self, t: pb.Task) -> None:
+        """Answer a stage request of a secure round (see :mod:`fedagg.deploy._secure_client`)
+        with a ``Secure`` call; a stage-0 reply the server already holds from an earlier
+        process of this client is not ours: this client leaves that round."""
+        s = t.secagg
+        job, round_, stage, payload = t.task, s.round, s.stage, bytes(s.payload)
+        if stage == 0:
+            reply = self.secure.begin(job, round_, payload)
+        else:
+            reply = self.secure.answer(job, round_, stage, payload)
+        if reply is None:
+            return
+        crash_point(f"client-secure-{stage}")
+        tries = 0
+
+        async def call() -> pb.SecureReply:
+            nonlocal tries
+            tries += 1
+            content = secure_body(job, round_, stage, reply)
+            req = pb.SecureRequest(auth=self._auth("Secure", content), task=job, round=round_,
+                                   stage=stage, payload=reply)  # fmt: skip
+            raw = await self._method("Secure", "unary_unary")(req.SerializeToString(), timeout=30)
+            got: pb.SecureReply = pb.SecureReply.FromString(raw)
+            return got
+
+        try:
+            got = await self._retry("secure", call)
+        except ClientError as e:
+            if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.info("task %d: secure stage %d closed before the reply: %s", job, stage, e.message)
+            self.secure.abandon(job, f"stage {stage} closed")
+            return
+        if got.duplicate and stage == 0 and tries == 1 and not self.secure.sent(job):
+            self.secure.abandon(job, "the server holds another process's keys for it")
+        self.secure.mark_sent(job)
 
     async def _evaluate(self, t: pb.Task, ctx: TaskContext) -> None:
         """A federated evaluation task: pull its model version, evaluate, report."""

@@ -80,6 +80,7 @@ from fedagg.deploy._partial import (
     load_partial,
     mean_state,
 )
+from fedagg.deploy._secure import SecureBook, StageRequest, params_dim
 from fedagg.deploy._store import EventRow, LogItem, PartialRows, Store, UploadRow
 from fedagg.errors import ConfigError, FedaggError, StateError, UpdateError
 from fedagg.policy import AllAvailable
@@ -101,6 +102,8 @@ class Forward:
     dropped: list[tuple[int, int]] = field(default_factory=list)
     state: Any = None
     relay: UploadRow | None = None
+    #: a masked partial of a secure round: the wrap-around uint32 sum of its jobs' uploads
+    masked: Arr | None = None
     paths: list[str] = field(default_factory=list)  # spool files to delete once acknowledged
     #: each job's client signatures (a serialized ``Origin``), loaded before it is sent
     origins: dict[tuple[int, int], bytes] = field(default_factory=dict)
@@ -177,8 +180,12 @@ class EdgeEngine:
                 "NOT NULL, weight REAL NOT NULL, norm REAL NOT NULL)"
             )
         self.tasks: dict[int, TaskInfo] = {}
+        #: secure aggregation: the stage requests for the subtree's clients, and each secure
+        #: job's masked length (its upload is relayed to the parent as it came)
+        self.secure = SecureBook()
         self.models: dict[int, Arr] = {}
         self.pending: dict[int, _Pending] = {}
+        self.masked: dict[int, Forward] = {}  # secure rounds' masked partials, by version
         self.dropped: list[tuple[int, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -255,6 +262,16 @@ class EdgeEngine:
     def take_free(self) -> Path | None:
         return None
 
+    def secure_dim(self, job: int) -> int | None:
+        """The masked upload's length (uint32 words) of a secure round's job, else None."""
+        return self.secure.dims.get(job)
+
+    def secure_down(self, r: StageRequest) -> Effects:
+        """A stage request from the parent for a client of this subtree: pushed to it (and
+        again when it reconnects, until it is answered)."""
+        self.secure.requests[r.client] = r
+        return Effects(secure=[r])
+
     def keep_origin(self, client: int, job: int, origin: bytes) -> None:
         """An accepted upload's client signatures, logged with the upload by the next batch
         (see :meth:`log`)."""
@@ -271,6 +288,9 @@ class EdgeEngine:
             if t.job not in self.tasks and not resolved:
                 self.tasks[t.job] = t
                 effects.tasks.append(t)
+                if t.secure is not None:  # a secure round's: its masked upload's length
+                    self.secure.remember(t.job, t.secure.round, params_dim(t.secure.raw))
+                    self.secure.requests[t.client] = t.secure
         return effects
 
     def finish(self) -> Effects:
@@ -285,7 +305,13 @@ class EdgeEngine:
         the log holds, the edge can forward with its proof)."""
         keep = []
         for _, _, _, _, _, up in events:
-            parts = up.parts if isinstance(up, PartialRows) else (up,) if up is not None else ()
+            parts = (
+                up.parts
+                if isinstance(up, PartialRows)
+                else (up,)
+                if isinstance(up, UploadRow)
+                else ()
+            )
             for u in parts:
                 origin = self.new_origins.pop((u.client, u.job), None)
                 if origin is not None:
@@ -357,6 +383,11 @@ class EdgeEngine:
         if row.kind == "arrival" and row.upload is not None:
             u = row.upload
             self.tasks.pop(u.job, None)
+            masked = u.job in self.secure.dims or u.nbytes != self.spec.nbytes
+            self.secure.arrived(u.client, u.job, True)
+            if masked and self.mode == "aggregate":
+                self._fold_masked(u, effects)
+                return effects
             if self.mode == "relay":
                 loss = float(u.metrics.get("train_loss", math.nan))
                 effects.forward.append(
@@ -400,6 +431,24 @@ class EdgeEngine:
             pend.paths.append(p.path)
             return effects
         raise StateError(f"malformed edge event {row.seq} ({row.kind})")
+
+    def _fold_masked(self, u: UploadRow, effects: Effects) -> None:
+        """A masked upload of a secure round, added into its version's masked partial with
+        wrap-around uint32 adds (the masks cancel only in the root's total: this edge never
+        sees a plaintext update)."""
+        values = np.fromfile(u.path, dtype=np.uint32)
+        m = self.masked.get(u.version)
+        if m is None:
+            m = self.masked[u.version] = Forward(u.version, [], masked=np.zeros_like(values))
+            effects.timers.append((self.now + self.flush_after, u.version))
+        assert m.masked is not None
+        if m.masked.size != values.size:
+            log.warning("job %d: a masked upload of another length: not folded", u.job)
+            self.dropped.append((u.client, u.job))
+            return
+        np.add(m.masked, values, out=m.masked)  # modulo 2**32
+        m.jobs.append((u.client, u.job, 1.0, float(u.metrics.get("train_loss", math.nan))))
+        m.paths.append(u.path)
 
     def _fold(self, pend: _Pending, u: UploadRow, update: Update) -> None:
         """Fold one client's (bounded) update into its version's partial (or leaf rule)."""
@@ -490,6 +539,9 @@ class EdgeEngine:
     def _flush(self, *, force: bool, version: int | None = None) -> Effects:
         effects = Effects()
         open_versions = {t.version for t in self.tasks.values()}
+        for v in sorted(self.masked):  # masked partials: when their version's tasks resolved
+            if force or v == version or v not in open_versions:
+                effects.forward.append(self.masked.pop(v))
         for v in sorted(self.pending):
             pend = self.pending[v]
             if force or v == version or pend.due or v not in open_versions:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from base64 import b64encode
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +33,10 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import partial_buffers, partial_info
+from fedagg.deploy._secure import StageRequest, secure_body
 from fedagg.deploy._server import Server
 from fedagg.deploy._service import FederationService
-from fedagg.deploy._transport import Service, Transport
+from fedagg.deploy._transport import CallError, Service, Status, Transport
 from fedagg.errors import FedaggError
 
 __all__ = ["EdgeServer", "ParentLink"]
@@ -95,7 +97,11 @@ class ParentLink(Client):
             head.metrics.update(u.metrics)
             head.origin.ParseFromString(fwd.origins.get((u.client, u.job), b""))
         else:
-            if fwd.state is not None:
+            if fwd.masked is not None:  # a secure round's masked partial (uint32, bits 0)
+                buffers = [fwd.masked.data.cast("B")]
+                head.partial.weight = float(len(fwd.jobs))
+                head.partial.accumulator_bits = 0
+            elif fwd.state is not None:
                 info = partial_info(fwd.state)
                 buffers = partial_buffers(fwd.state)
                 head.partial.weight = float(info["weight"])
@@ -117,6 +123,29 @@ class ParentLink(Client):
             return await self._stream_up(head, auth, buffers)
 
         reply: pb.PushReply = await self._retry("forward", call)
+        return reply
+
+    async def relay_secure(self, client: int, req: Any) -> pb.SecureReply:
+        """Relay ``client``'s ``Secure`` request up, signed by this edge for it, with the
+        client's own Auth as its origin."""
+        payload = bytes(req.payload)
+
+        async def call() -> pb.SecureReply:
+            content = secure_body(req.task, req.round, req.stage, payload, client)
+            up = pb.SecureRequest(
+                auth=self._auth("Secure", content),
+                task=req.task,
+                round=req.round,
+                stage=req.stage,
+                payload=payload,
+                on_behalf=client,
+                origin=req.origin if req.HasField("origin") else req.auth,
+            )
+            raw = await self._method("Secure", "unary_unary")(up.SerializeToString(), timeout=30)
+            got: pb.SecureReply = pb.SecureReply.FromString(raw)
+            return got
+
+        reply: pb.SecureReply = await self._retry("secure relay", call)
         return reply
 
     async def _stream_up(self, head: Any, auth: Any, buffers: list[memoryview]) -> pb.PushReply:
@@ -156,6 +185,7 @@ class EdgeServer:
         )  # fmt: skip
         self.service: FederationService = self.server.service
         self.service.on_effects = self._forward
+        self.service.relay_secure = self._relay_secure
         self.opt = options
         self.serves = serves
         self.link = link
@@ -209,6 +239,17 @@ class EdgeServer:
                 t.cancel()
         await self.link.channel.close()
         await self.server.stop(grace)
+
+    async def _relay_secure(self, client: int, req: Any) -> pb.SecureReply:
+        """A client's secure aggregation reply, passed up for it; the parent's answer (or
+        refusal, with its status) passed back down."""
+        await self._linked.wait()
+        try:
+            reply = await self.link.relay_secure(client, req)
+        except ClientError as e:
+            raise CallError(Status[e.code.name], e.message) from None
+        await self.service.in_engine(self.fed.secure.answered, client)
+        return reply
 
     def _forward(self, effects: Effects) -> None:
         for fwd in [] if self.fed.finished else effects.forward:
@@ -269,11 +310,30 @@ class EdgeServer:
                             effects = await self.service.in_engine(self.fed.finish)
                             self.service.apply(effects)
                             return
+                        secure = None
+                        if t.HasField("secagg"):  # a stage request of a secure round
+                            s = t.secagg
+                            secure = StageRequest(
+                                int(t.client),
+                                int(t.task),
+                                int(s.round),
+                                int(s.stage),
+                                b64encode(s.payload).decode(),
+                            )
+                        if secure is not None and secure.stage > 0:  # for a client below
+                            effects = await self.service.in_engine(self.fed.secure_down, secure)
+                            self.service.apply(effects)
+                            continue
                         if self.fed.model(t.version) is None:
                             self.fed.models[t.version] = await link.pull_model(t)
                         info = TaskInfo(
-                            int(t.task), int(t.client), int(t.version), int(t.epochs), str(t.config)
-                        )  # the parent's client config, passed on
+                            int(t.task),
+                            int(t.client),
+                            int(t.version),
+                            int(t.epochs),
+                            str(t.config),
+                            secure,
+                        )  # the parent's client config (and stage-0 request), passed on
                         effects = await self.service.in_engine(
                             self.fed.add_tasks, [info], int(t.seed)
                         )

@@ -103,6 +103,11 @@ class Engine(Protocol):
         """A recycled spool file of an upload's size, or None."""
         ...
 
+    def secure_dim(self, job: int) -> int | None:
+        """The uint32 words of ``job``'s masked upload if it is of a secure aggregation
+        round, else None (a plaintext update of the model's size)."""
+        ...
+
     def keep_origin(self, client: int, job: int, origin: bytes) -> None:
         """An accepted upload's client signatures (a serialized ``Origin``), given just before
         its arrival is logged: an edge keeps them to forward; the root has no use for them."""

@@ -17,7 +17,8 @@ A spec is ``"point[:n[:seconds]]"``: the n-th (1-based, default 1) pass through
 kill would. The points are the places where a crash is most likely to lose or double-count an
 update (mid-upload, between spooling and logging, between queuing and committing, between
 logging and folding, in a fold, before and after a checkpoint). While off, or at another
-point, a pass costs a global lookup and a comparison.
+point, a pass costs a global lookup and a comparison. Secure aggregation has a point per
+protocol stage (``secure-0`` to ``secure-4``: a reply of that stage logged, not yet stepped).
 
 With ``seconds``, the thread at the point first stalls that long while the rest of the process
 runs on, then kills it: a crash in the middle of a slow step (a commit waiting for the disk).
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 
 from fedagg.errors import ConfigError
 
-__all__ = ["POINTS", "Faults", "configure", "crash_point", "current"]
+__all__ = ["POINTS", "SECURE_POINTS", "Faults", "configure", "crash_point", "current"]
 
 POINTS = (
     "upload",  # server: mid-way through receiving an upload's chunks
@@ -53,6 +54,14 @@ POINTS = (
     "edge-logged",  # edge aggregator: uploads logged (acks may not have gone out), not forwarded
     "edge-forwarded",  # edge aggregator: the parent acknowledged a forward, not yet recorded
 )
+#: secure aggregation, apart from :data:`POINTS` (a plaintext federation never passes them).
+#: Server: ``secure-s``, a client's reply of stage s logged (acknowledged or not), not yet fed
+#: to the policy (``secure-2``: a masked upload about to be folded). Client:
+#: ``client-secure-s``, about to send its reply of stage s (``client-secure-2``: its masked
+#: upload), a dropout at that stage.
+SECURE_POINTS = tuple(f"secure-{s}" for s in range(5)) + tuple(
+    f"client-secure-{s}" for s in range(5)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +74,10 @@ class Faults:
     stall: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.point not in POINTS:
+        if self.point not in POINTS + SECURE_POINTS:
             raise ConfigError(
-                f"unknown crash point {self.point!r}; the points are: {', '.join(POINTS)}"
+                f"unknown crash point {self.point!r}; the points are: "
+                f"{', '.join(POINTS + SECURE_POINTS)}"
             )
         if isinstance(self.nth, bool) or not isinstance(self.nth, int) or self.nth < 1:
             raise ConfigError(
@@ -98,7 +108,7 @@ class Faults:
     def _malformed(spec: str) -> str:
         return (
             f"malformed crash spec {spec!r}: expected POINT[:N[:SECONDS]], "
-            f"with POINT one of: {', '.join(POINTS)}"
+            f"with POINT one of: {', '.join(POINTS + SECURE_POINTS)}"
         )
 
     def __str__(self) -> str:

@@ -24,16 +24,16 @@ Nothing here does network I/O or reads a clock: the server passes ``now`` in.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,15 +48,9 @@ from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
-from fedagg.deploy._store import (
-    RECOVERY_HINT,
-    EventRow,
-    LogItem,
-    Store,
-    UploadRow,
-    checksum,
-    new_checksum,
-)
+from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
+from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
+from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
 from fedagg.policy import (
     AllAvailable,
@@ -67,9 +61,13 @@ from fedagg.policy import (
     Dropout,
     Event,
     Finish,
+    MaskedMerge,
     Merge,
     Policy,
     RoundStats,
+    SecurePolicy,
+    SecureReply,
+    SecureRequest,
     SetTimer,
     Start,
     Timer,
@@ -95,6 +93,9 @@ class TaskInfo:
     #: the per-task client config as it travels (JSON), where it is not computed from the
     #: version here: an edge's tasks carry their parent's ("" at the root)
     config: str = ""
+    #: secure aggregation: the stage-0 request of the job's secure round (it rides on the
+    #: task), None for a plaintext task
+    secure: StageRequest | None = None
 
 
 @dataclass
@@ -109,9 +110,12 @@ class Effects:
     forward: list[Any] = field(default_factory=list)  # an edge's partials to send up
     #: by closed round: the model version it left and its flat parameters (to evaluate)
     round_models: dict[int, tuple[int, Arr]] = field(default_factory=dict)
+    #: secure aggregation stage requests (past stage 0) to push to their clients
+    secure: list[StageRequest] = field(default_factory=list)
 
     def merge(self, other: Effects) -> None:
         self.forward += other.forward
+        self.secure += other.secure
         self.round_models.update(other.round_models)
         self.tasks += other.tasks
         self.timers += other.timers
@@ -147,6 +151,7 @@ class _Snapshot:
     timers: dict[int, float]
     models: dict[int, Arr]
     finished: bool
+    secure: SecureBook | None = None  # (checkpoints from before secure aggregation: None)
 
 
 class Federation:
@@ -164,13 +169,24 @@ class Federation:
         checkpoint_every: int = 1,
         checkpoint_updates: int = 0,
         identity: dict[str, str] | None = None,
+        identities: Sequence[bytes] | None = None,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_updates < 0:
             raise ConfigError("checkpoint_every must be >= 1 and checkpoint_updates >= 0")
         self.policy = policy
         self.server0 = server
         self.spec: ParamSpec = server.spec
-        self.ctx = AllAvailable(num_clients, seed)
+        #: the clients' Ed25519 identities (raw public keys, the keyring's order): what
+        #: secure aggregation checks their signatures with
+        self.ctx: AllAvailable = SecureCtx(num_clients, seed, identities or ())
+        self.secure = SecureBook()
+        #: whether rounds run secure aggregation (a SecurePolicy): edges are refused
+        self.secure_rounds = isinstance(policy, SecurePolicy)
+        if self.secure_rounds and checkpoint_updates:
+            raise ConfigError(
+                "checkpoint_updates > 0 checkpoints mid-round, which secure aggregation rounds "
+                "cannot resume from (their session is rebuilt only at a round's start): use 0"
+            )
         self.seed = seed
         self.epochs = epochs
         self.checkpoint_every = checkpoint_every
@@ -244,6 +260,8 @@ class Federation:
         self.applied = snap.seq
         self.now, self.tasks, self.timers = snap.now, dict(snap.tasks), dict(snap.timers)
         self.models, self.finished = dict(snap.models), snap.finished
+        self.secure = snap.secure or SecureBook()
+        reopen(self.state, self.tasks, self.ctx)  # the secure round it opened, if any
         self.started = self.seq > 0
         effects = Effects()
         for row in self.store.events_after(self.seq):
@@ -257,6 +275,10 @@ class Federation:
         effects.finished = self.finished
         return effects
 
+    def secure_dim(self, job: int) -> int | None:
+        """The masked upload's length (uint32 words) of a secure round's job, else None."""
+        return self.secure.dims.get(job)
+
     def keep_origin(self, client: int, job: int, origin: bytes) -> None:
         """An accepted upload's client signatures: the root has no use for them (an edge
         forwards them, see :meth:`fedagg.deploy._edge.EdgeEngine.keep_origin`)."""
@@ -267,7 +289,6 @@ class Federation:
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
         (numba compiles per signature: a read-only array like a spool file's view)."""
-        from fedagg.core import kernels
 
         small = np.zeros(1024, self.spec.dtype)
         small.flags.writeable = False
@@ -305,7 +326,10 @@ class Federation:
     def log(self, events: Sequence[LogItem]) -> list[EventRow | None]:
         """Make a batch of events durable, in one transaction (see :meth:`Store.log_batch`)."""
         t0 = time.perf_counter()
+        events, dup = self.secure.fresh(events)
         rows, self.seq = self.store.log_batch(self.seq, events)
+        for i in dup:  # secure replies already logged (or twice in this batch): duplicates
+            rows.insert(i, None)
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
@@ -314,6 +338,10 @@ class Federation:
         """Feed logged events to the policy; checkpoint when rounds have closed."""
         effects = Effects()
         for row in rows:
+            if row.kind == "secure":
+                crash_point(f"secure-{row.tag}")
+            elif row.info.get("masked") or (row.kind == "arrival" and row.job in self.secure.dims):
+                crash_point("secure-2")  # a masked upload, or an edge's masked partial
             if row.kind in ("arrival", "partial"):
                 crash_point("fold")
                 self._folds_since_ckpt += 1
@@ -343,6 +371,8 @@ class Federation:
     @property
     def server(self) -> ServerState:
         s = getattr(self.state, "server", None)
+        if s is None:  # a wrapper's state (secure aggregation): its inner policy's
+            s = getattr(getattr(self.state, "inner", None), "server", None)
         if not isinstance(s, ServerState):
             raise StateError("the policy state holds no ServerState")
         return s
@@ -365,11 +395,24 @@ class Federation:
                 metrics=u.metrics,
             )  # fmt: skip
             return Arrival(row.time, u.client, u.job, update, {}, None, u.nbytes)
+        if row.kind == "secure":
+            message = decode_reply(int(row.tag or 0), base64.b64decode(row.info["message"]))
+            return SecureReply(row.time, int(row.client or 0), int(row.job or 0),
+                               int(row.info["round"]), int(row.tag or 0), message)  # fmt: skip
+        if row.kind == "partial" and row.parts and row.info.get("masked"):  # via an edge
+            p = row.parts[0]
+            if not p.path or not os.path.exists(p.path):
+                raise StateError(f"the spooled masked partial {p.path!r} is missing")
+            values: Arr = np.fromfile(p.path, dtype=np.uint32)
+            verified(p, values, f"masked partial, job {p.job}")
+            masked = tuple((u.client, u.job, float(u.metrics.get("train_loss", float("nan"))))
+                           for u in row.parts)  # fmt: skip
+            return MaskedMerge(row.time, self.secure.rounds.get(p.job, -1), masked, values)
         if row.kind == "partial" and row.parts:
             p = row.parts[0]
             if not p.path or not os.path.exists(p.path):
                 raise StateError(f"the spooled partial aggregate {p.path!r} is missing")
-            _verify_file(p, f"partial aggregate, job {p.job}")
+            verify_file(p, f"partial aggregate, job {p.job}")
             agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
             if agg is None:
                 raise StateError("this policy cannot merge partial aggregates")
@@ -407,8 +450,8 @@ class Federation:
 
     def _read(self, u: UploadRow, what: str) -> Arr:
         """A spooled update as an array, re-verified against what was logged when it was
-        accepted (size, and its checksum, see :func:`_verified`): a file altered, truncated
-        or corrupted on disk is a :class:`StateError`, never folded.
+        accepted (size, and its checksum, see :func:`~fedagg.deploy._spoolcheck.verified`): a
+        file altered, truncated or corrupted on disk is a :class:`StateError`, never folded.
 
         Folded at once (arrival order): read into one pooled buffer, reused for every update
         (page faults on fresh memory cost more than the copy from the page cache), and hashed
@@ -416,7 +459,13 @@ class Federation:
         :meth:`Canonical.holds`): a read-only map of the file,
         which costs no memory until it is folded, hashed through the map."""
         n, path = self.spec.size, u.path
-        _check_size(path, u.nbytes, n * self.spec.dtype.itemsize, what)
+        dim = self.secure.dims.get(u.job)
+        if dim is not None:  # a masked upload (uint32, uniform noise): read as it is
+            check_size(path, u.nbytes, 4 * dim, what)
+            masked: Arr = np.fromfile(path, dtype=np.uint32, count=dim)
+            verified(u, masked, what)
+            return masked
+        check_size(path, u.nbytes, n * self.spec.dtype.itemsize, what)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
         if isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None)):
             out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
@@ -426,7 +475,7 @@ class Federation:
             read_into(path, [self._pool.data.cast("B")], "the spooled update")
             out = self._pool.view()
             out.flags.writeable = False
-        _verified(u, out, what)
+        verified(u, out, what)
         return out
 
     def _apply(self, row: EventRow) -> Effects:
@@ -437,10 +486,14 @@ class Federation:
             self.started = True
         elif row.kind == "timer":
             self.timers.pop(int(row.tag or 0), None)
+        elif row.kind == "secure":
+            self.secure.answered(int(row.client or 0))
         elif row.job is not None:
             self.tasks.pop(row.job, None)
+            self.secure.arrived(int(row.client or 0), row.job, row.kind == "arrival")
         for u in row.parts:
             self.tasks.pop(u.job, None)
+            self.secure.arrived(u.client, u.job, True)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
         adopt = getattr(agg, "adopt", None)
         if adopt is not None:  # bounds: the next round's window, from the state (a loaded one)
@@ -484,6 +537,17 @@ class Federation:
                 effects.finished = True
             elif isinstance(a, Commit):
                 pass  # client states live on the clients in deployment
+            elif isinstance(a, SecureRequest):
+                for r in self.secure.request(a.round, a.stage, a.messages, a.jobs):
+                    task = self.tasks.get(r.job)
+                    if r.stage == 0:  # it rides on its training task
+                        if task is None or task.client != r.client:
+                            raise StateError(f"secure round {r.round}: job {r.job} is not an "
+                                             f"open task of client {r.client}")  # fmt: skip
+                        self.tasks[r.job] = task = replace(task, secure=r)
+                        effects.tasks = [task if t.job == r.job else t for t in effects.tasks]
+                    else:
+                        effects.secure.append(r)
         live = {t.version for t in self.tasks.values()} | {self.server.version}
         for v in [v for v in self.models if v not in live]:
             del self.models[v]
@@ -498,7 +562,7 @@ class Federation:
         t0 = time.perf_counter()
         snap = _Snapshot(
             self.state, self.applied, self.next_job, self.now, dict(self.tasks), dict(self.timers),
-            dict(self.models), self.finished,
+            dict(self.models), self.finished, self.secure,
         )  # fmt: skip
         path = self.dir / f"checkpoint-{self.applied:012d}.npz"
         tmp = path.with_suffix(".tmp")
@@ -509,7 +573,7 @@ class Federation:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         crash_point("checkpoint")
         digest = hashlib.sha256(data).digest()  # what was written: no read back
         self.store.add_checkpoint(self.applied, str(path), self.server.version, digest)
@@ -523,73 +587,3 @@ class Federation:
         self.store.retire(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
         self.checkpoints += 1
-
-
-#: what to do about a spooled file that no longer matches what was accepted
-SPOOL_HINT = (
-    "it was acknowledged to its client, so it is neither folded nor dropped: restore the file "
-    "(and the state directory) from a backup, or move the state directory aside to start a "
-    "new federation (its progress is then lost)"
-)
-
-
-def _corrupt(path: str, what: str, problem: str) -> str:
-    return f"the spooled file {path} ({what}) is corrupted: {problem}; {SPOOL_HINT}"
-
-
-def _check_size(path: str, logged: int, expect: int, what: str) -> None:
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise StateError(_corrupt(path, what, f"cannot read it ({e})")) from None
-    if size != logged or size != expect:
-        raise StateError(
-            _corrupt(path, what, f"{size} bytes, {logged} were accepted (truncated or altered)")
-        )
-
-
-def _verified(u: UploadRow, arr: Arr, what: str) -> None:
-    """A spooled update's values against what was logged when it was accepted: its
-    xxh3-128 checksum (~20 GB/s); for a row logged before checksums, its sha256 if the server
-    required digests, else that its values are finite."""
-    data = arr.data.cast("B")
-    if u.checksum:
-        _check_digest(u, checksum(data), "checksum", what)
-    elif u.sha256:
-        _check_digest(u, hashlib.sha256(data).digest(), "sha256", what)
-    elif arr.size and not math.isfinite(kernels.max_abs(arr, use_numba=kernels.HAVE_NUMBA)):
-        raise StateError(_corrupt(u.path, what, "it holds NaN or Inf values"))
-
-
-def _check_digest(u: UploadRow, got: bytes, kind: str, what: str) -> None:
-    if got != (u.checksum if kind == "checksum" else u.sha256):
-        raise StateError(
-            _corrupt(u.path, what, f"its {kind} differs from the one logged when it was accepted")
-        )
-
-
-def _verify_file(u: UploadRow, what: str) -> None:
-    """A spooled file's size and (if one was logged) checksum or sha256 against the log
-    (one streamed read)."""
-    _check_size(u.path, u.nbytes, u.nbytes, what)
-    if not (u.checksum or u.sha256):
-        return
-    try:
-        with open(u.path, "rb") as f:
-            if u.checksum:
-                h = new_checksum()
-                while block := f.read(1 << 22):
-                    h.update(block)
-                _check_digest(u, h.digest(), "checksum", what)
-            else:
-                _check_digest(u, hashlib.file_digest(f, "sha256").digest(), "sha256", what)
-    except OSError as e:
-        raise StateError(_corrupt(u.path, what, f"cannot read it ({e})")) from None
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +41,7 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
+from fedagg.deploy._secure_rpc import secure_call, secure_task, upload_kind
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
 from fedagg.deploy._upload import Uploads, check_metrics, paced
@@ -118,6 +119,9 @@ class FederationService:
         self.evals: Evaluation | None = None
         self.task_config: Callable[[int], str] = lambda version: ""
         self.progress = Progress(self)  # log lines and status.json (fedagg status)
+        #: an edge's relay of its clients' secure aggregation replies to its parent (None at
+        #: the root, which answers them)
+        self.relay_secure: Callable[[int, Any], Awaitable[Any]] | None = None
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
@@ -130,6 +134,8 @@ class FederationService:
                 return await self._unary(call, self.evals.report)
             if call.method == "Push":
                 return await self._push(call)
+            if call.method == "Secure":
+                return await secure_call(self, call)
             if call.method == "Tasks":
                 await self._tasks(call)
                 return None
@@ -263,6 +269,11 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, self.drop, t.client)
                 else:
                     s.drop = loop.call_later(self.opt.client_timeout, self.below.drop, edge)
+        for q in effects.secure:  # stage requests: pushed again when their client reconnects
+            edge = self.route.get(q.client)
+            s = self.sessions[q.client] if edge is None else self.edge_sessions[edge]
+            if s.queue is not None:
+                s.queue.put_nowait(secure_task(q.job, q.client, q.round, q.stage, q.raw))
         for at, tag in effects.timers:
             delay = max(0.0, at - self.now())
             if math.isfinite(delay):
@@ -284,8 +295,12 @@ class FederationService:
             self._done.set()
 
     def task_msg(self, t: TaskInfo) -> pb.Task:
-        return pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
-                       client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+        msg = pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
+                      client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+        if t.secure is not None:  # the stage-0 request of its secure round rides on it
+            r = t.secure
+            msg.secagg.CopyFrom(pb.SecureStage(round=r.round, stage=0, payload=r.raw))
+        return msg
 
     def drop(self, client: int) -> None:
         s = self.sessions[client]
@@ -408,6 +423,9 @@ class FederationService:
             s.drop = None
         for t in await loop.run_in_executor(self._ex, self._open_tasks_of, clients):
             queue.put_nowait(self.task_msg(t))
+        book = getattr(self.engine, "secure", None)
+        for r in await self.in_engine(book.open_for, clients) if book is not None else ():
+            queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
         for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
             queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
         queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
@@ -525,15 +543,7 @@ class FederationService:
             authenticated()
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay or merge")
-        spec = self.engine.spec
-        if head.nbytes != spec.nbytes:
-            raise CallError(
-                Status.INVALID_ARGUMENT,
-                f"update has {head.nbytes} bytes, the model {spec.nbytes} "
-                f"({spec.size} x {spec.dtype})",
-            )
-        if not (math.isfinite(head.weight) and head.weight > 0):
-            raise CallError(Status.INVALID_ARGUMENT, "weight must be finite and > 0")
+        dim, dtype = upload_kind(self.engine, head)  # a plaintext or a masked update
         duplicate = (client, head.task) in self.accepted
         problem = None if duplicate else self.engine.task_problem(client, head.task, head.version)
         if problem == "unknown":
@@ -562,21 +572,22 @@ class FederationService:
             # the slot is held until the upload is acknowledged (backpressure)
             if duplicate:  # a retry of an accepted upload (of this size): read it, acknowledge
                 what = f"re-sent upload of accepted task {head.task}"
-                await self.up.read_unspooled(first, rest, head, spec.dtype.itemsize, what)
+                await self.up.read_unspooled(first, rest, head, dtype.itemsize, what)
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             t0 = time.perf_counter()
             path, digest, check, tsig = await self.up.receive(
-                client, first, rest, head, spec.dtype, keyring, origin_sha
+                client, first, rest, head, dtype, keyring, origin_sha, finite=dim is None
             )
             self.stats.receive_s += time.perf_counter() - t0
             if origin is None:  # the client's own upload: its signatures are the origin
                 origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
                                    metrics=metrics)  # fmt: skip
             self.engine.keep_origin(client, head.task, origin.SerializeToString())
+            weight = float(head.weight) if dim is None else 1.0  # masked: inside the encoding
             upload = UploadRow(
-                client, head.task, str(path), float(head.weight), head.version, metrics,
-                head.nbytes, digest, check,
+                client, head.task, str(path), weight, head.version, metrics, head.nbytes,
+                digest, check,
             )  # fmt: skip
             done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
             event = ("arrival", self.now(), client, head.task, None, upload)

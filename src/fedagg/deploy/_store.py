@@ -2,10 +2,12 @@
 
 Tables:
     meta         key -> value (the federation's identity: spec, seed, config digest)
-    events       the event log fed to the policy, in order (start, arrival, dropout, timer)
+    events       the event log fed to the policy, in order (start, arrival, dropout, timer,
+                 partial, secure: a client's reply to a secure aggregation stage)
     uploads      accepted updates, unique by (client, job): the idempotency keys (a partial
                  aggregate from an edge has one row per job it covers, all with its seq)
-    partials     what a partial aggregate holds besides its payload (weight sums, accumulator)
+    partials     what a partial aggregate holds besides its payload (weight sums, accumulator);
+                 a secure reply's round, stage and message (a :class:`Note`)
     checkpoints  policy-state snapshots and the last event each one includes
     rounds       one row per closed round (what the policy reported)
 
@@ -39,7 +41,9 @@ import xxhash
 from fedagg.deploy._faults import crash_point
 from fedagg.errors import StateError
 
-__all__ = ["EventRow", "LogItem", "PartialRows", "Store", "UploadRow", "checksum", "new_checksum"]
+__all__ = [
+    "EventRow", "LogItem", "Note", "PartialRows", "Store", "UploadRow", "checksum", "new_checksum",
+]  # fmt: skip
 
 log = logging.getLogger("fedagg.server")
 
@@ -87,6 +91,14 @@ class PartialRows:
 
 
 @dataclass(frozen=True, slots=True)
+class Note:
+    """What an event without an upload logs besides its columns (a secure aggregation reply:
+    its round, stage and message), as JSON in ``partials.info``: covered by the hash chain."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class EventRow:
     seq: int
     kind: str
@@ -102,7 +114,9 @@ class EventRow:
 
 #: An event as the server hands it to the engine's ``log``:
 #: ``(kind, time, client, job, tag, upload or partial aggregate)``.
-LogItem = tuple[str, float, int | None, int | None, int | None, UploadRow | PartialRows | None]
+LogItem = tuple[
+    str, float, int | None, int | None, int | None, UploadRow | PartialRows | Note | None
+]
 
 
 #: what to do about a state database that cannot be read (in every such error's message)
@@ -225,7 +239,7 @@ class Store:
                 if prev is None:
                     prev = self._chain_at(seq)
                 seq += 1
-                info = upload.info if isinstance(upload, PartialRows) else None
+                info = upload.info if isinstance(upload, PartialRows | Note) else None
                 prev = self.append(seq, kind, now, client, job, tag, single, parts, info, prev=prev)
                 first = parts[0] if parts else single
                 rows.append(EventRow(seq, kind, now, client, job, tag, first, parts, info or {}))
@@ -296,6 +310,11 @@ class Store:
                                r[12] or b"")  # fmt: skip
             if r[1] == "partial":
                 yield self._partial(r)
+                continue
+            if r[1] == "secure":
+                got = self.db.execute("SELECT info FROM partials WHERE seq = ?", (r[0],)).fetchone()
+                info = json.loads(got[0]) if got is not None else {}
+                yield EventRow(r[0], r[1], r[2], r[3], r[4], r[5], None, (), info)
                 continue
             yield EventRow(r[0], r[1], r[2], r[3], r[4], r[5], up)
 

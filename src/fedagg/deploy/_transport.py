@@ -37,6 +37,7 @@ METHODS: dict[str, bool] = {
     "Push": False,
     "Heartbeat": False,
     "Report": False,
+    "Secure": False,
 }
 
 

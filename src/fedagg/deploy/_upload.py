@@ -183,7 +183,7 @@ class Uploads:
 
     async def receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
-        dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"",
+        dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"", *, finite: bool = True,
     ) -> tuple[Path, bytes, bytes, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk (sha256 if required, and always the xxh3-128 checksum that
@@ -194,7 +194,8 @@ class Uploads:
         trailer's signature.
 
         ``origin_sha``: a relayed update's digest as its client signed it: the bytes are
-        hashed (whatever ``digest`` says) and must match it."""
+        hashed (whatever ``digest`` says) and must match it. ``finite``: whether values must
+        be finite (not for a secure round's masked upload: uint32 words, uniform noise)."""
         dtype = np.dtype(dtype)
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
         spool = SpoolFile(
@@ -233,7 +234,7 @@ class Uploads:
                         )
                     if pending is not None:
                         _raise_bad(await pending)
-                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off)
+                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite)
                     expect += n
                     self.stats.bytes_in += n
                     if expect < total:
@@ -392,12 +393,13 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 
 def spool_chunk(
-    fd: int, sha: Any, xx: Any, data: memoryview, dtype: np.dtype[Any], off: int
-) -> str | None:
+    fd: int, sha: Any, xx: Any, data: memoryview, dtype: np.dtype[Any], off: int,
+    finite: bool = True,
+) -> str | None:  # fmt: skip
     """Check, hash and write one chunk (on a worker thread; numba, hashlib, xxhash and
     os.write release the GIL). Returns why the chunk is refused, or None."""
     arr = np.frombuffer(data, dtype=dtype)
-    if not kernels.all_finite(arr, use_numba=True, parallel=False):
+    if finite and not kernels.all_finite(arr, use_numba=True, parallel=False):
         return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
     if sha is not None:
         sha.update(data)

@@ -51,7 +51,7 @@ class TasksRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client", "config", "kind")
+    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client", "config", "kind", "secagg")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Task(_message.Message):
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task: int
     version: int
     epochs: int
@@ -70,7 +71,18 @@ class Task(_message.Message):
     client: int
     config: str
     kind: str
-    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ..., config: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    secagg: SecureStage
+    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ..., config: _Optional[str] = ..., kind: _Optional[str] = ..., secagg: _Optional[_Union[SecureStage, _Mapping]] = ...) -> None: ...
+
+class SecureStage(_message.Message):
+    __slots__ = ("round", "stage", "payload")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    stage: int
+    payload: bytes
+    def __init__(self, round: _Optional[int] = ..., stage: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("auth", "task")
@@ -234,6 +246,32 @@ class ReportRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., num_examples: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ReportReply(_message.Message):
+    __slots__ = ("task", "duplicate")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    task: int
+    duplicate: bool
+    def __init__(self, task: _Optional[int] = ..., duplicate: bool = ...) -> None: ...
+
+class SecureRequest(_message.Message):
+    __slots__ = ("auth", "task", "round", "stage", "payload", "on_behalf", "origin")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ON_BEHALF_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    auth: Auth
+    task: int
+    round: int
+    stage: int
+    payload: bytes
+    on_behalf: int
+    origin: Auth
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., round: _Optional[int] = ..., stage: _Optional[int] = ..., payload: _Optional[bytes] = ..., on_behalf: _Optional[int] = ..., origin: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class SecureReply(_message.Message):
     __slots__ = ("task", "duplicate")
     TASK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]

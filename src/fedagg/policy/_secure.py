@@ -13,7 +13,8 @@ no clock), so the simulator and the deployment carry out the same actions.
   (the masked uploads: :class:`Arrival` events whose ``update.delta`` is the uint32 masked
   vector, or an edge's :class:`MaskedMerge`) has no timer of its own: it closes when every job
   uploaded or dropped, when ``clients_per_round`` uploads came, or at the inner's deadline
-  (that ``Timer`` is not forwarded while the secure round is open).
+  (that ``Timer`` is not forwarded while the secure round is open): without a deadline, a
+  client that neither uploads nor is reported dropped holds the round open.
 * Once unmasked, the survivors' sum is decoded to ``(sum w_i x_i, sum w_i)`` (weights
   ``min(w, max_weight) / max_weight``) and handed to the inner as ONE partial aggregate: a
   ``Merge`` whose jobs all carry the mean weight ``W * max_weight / m`` (each client's weight
@@ -220,9 +221,16 @@ class SecurePolicy:
         out: list[Action] = []
         feed: list[Event] = []
         if r is None:
-            if isinstance(event, SecureReply | MaskedMerge):
-                return []  # of a round that is over
+            if isinstance(event, SecureReply | MaskedMerge | Merge):
+                return []  # of a round that is over (or a plaintext partial: never folded)
             feed.append(event)
+        elif isinstance(event, Merge):  # an edge's plaintext partial: refused, never folded
+            for c, j, _, _ in event.jobs:
+                if r.job_of.get(c) == j:
+                    r.bad.setdefault(j, "secagg: plaintext partial refused")
+                    if r.stage == 2:
+                        r.expected.discard(c + 1)
+            self._maybe_next(state, r, event.now, ctx, out, feed)
         elif isinstance(event, SecureReply):
             self._reply(state, r, event, ctx, out, feed)
         elif isinstance(event, Arrival) and event.job in r.jobs:
@@ -435,6 +443,8 @@ class SecurePolicy:
             elif r.stage == 1:
                 msgs = s.close_shares()
             elif r.stage == 2:
+                if not s.survivors:
+                    raise SecAggError("no masked upload arrived")
                 msgs = s.close_masked()
             else:
                 msgs = s.close_consistency()
@@ -452,7 +462,8 @@ class SecurePolicy:
         if not w > 0:
             raise SecAggError("the decoded total weight is zero")
         server = state.inner.server
-        x = (vec / w).astype(server.spec.dtype)
+        vec /= w  # in place: the server holds O(model), whatever n
+        x = vec.astype(server.spec.dtype)
         if not np.isfinite(x).all():
             raise SecAggError("the decoded mean is not finite in the model's dtype")
         weight = w * float(self.max_weight)

@@ -112,7 +112,9 @@ def _fixed(b: bytes, n: int, what: str) -> bytes:
 
 def _ids(ids: Iterable[int]) -> bytes:
     s = sorted(ids)
-    return _u32(len(s)) + b"".join(_u32(i) for i in s)
+    if s and (any(type(i) is not int for i in s) or s[0] < 0 or s[-1] > MAX_CLIENTS):
+        raise SecAggError("client ids must be integers that fit an unsigned 32-bit field")
+    return _u32(len(s)) + np.array(s, dtype=">u4").tobytes()
 
 
 def _entries(m: Mapping[int, Any], body: Callable[[Any], bytes]) -> bytes:
@@ -205,7 +207,7 @@ class _Reader:
 
     def ids(self) -> frozenset[int]:
         n = self.count(4)
-        out = [self.u32() for _ in range(n)]
+        out = np.frombuffer(self.take(4 * n), dtype=">u4").tolist()
         self._increasing(out)
         return frozenset(out)
 

@@ -202,16 +202,14 @@ class _Ctx:
 
     system: SystemModel
     seed: int
-    secure: SimSecure | None = None
+    secure: SimSecure
 
     @property
     def num_clients(self) -> int:
         return self.system.num_clients
 
     def identity(self, client: int) -> bytes:
-        """Client ``client``'s Ed25519 identity (secure aggregation: the engine's keys)."""
-        if self.secure is None:
-            raise ConfigError("this simulation runs no secure aggregation")
+        """Client ``client``'s Ed25519 public key (secure aggregation: the engine's keys)."""
         return self.secure.identity(client)
 
     def available(self, slot: int) -> Arr:
@@ -254,10 +252,8 @@ class Simulation:
             job's :class:`fedagg.clients.Task`, and the built-in algorithms take its
             ``lr``/``mu``/``beta`` (:func:`fedagg.clients.with_config`).
         eval_data: held-out examples (``.x``, ``.y``) evaluated instead of ``data.test``.
-        secure_dropout: under secure aggregation (a :class:`fedagg.policy.SecurePolicy`),
-            the fraction of each round's clients that drop out of the protocol, each at one of
-            its four stages (see :mod:`fedagg.sim._secure`: clients run in process, control
-            messages are instantaneous, updates are masked before the policy sees them).
+        secure_dropout: with a :class:`fedagg.policy.SecurePolicy`, the fraction of each
+            round's clients that drop out of the protocol (:mod:`fedagg.sim._secure`).
     """
 
     data: Any
@@ -307,7 +303,6 @@ class Simulation:
         events = 0
         traffic = [0, 0]  # bytes down, up, since the last record
         model_bytes = server.spec.nbytes
-        model_spec = server.spec
         secure_policy = isinstance(self.policy, SecurePolicy)
 
         def push(t: float, ev: Event) -> None:
@@ -353,7 +348,7 @@ class Simulation:
                 now, _, ev = heapq.heappop(heap)
                 events += 1
                 if isinstance(ev, Arrival) and secure_policy:
-                    masked = secure.arrival(ev, model_spec)  # the client masks its update
+                    masked = secure.arrival(ev, server.spec)  # the client masks its update
                     if masked is None:
                         continue  # held until its stage-2 shares come
                     ev = masked

@@ -87,7 +87,7 @@ class SimSecure:
     # -- requests -----------------------------------------------------------------------------
     def request(self, a: SecureRequest, now: float) -> list[Event]:
         """The replies to ``a`` (each at ``now``), and the arrivals it releases."""
-        if a.stage == 0:
+        if a.stage == 0 and a.messages:
             self._start(a)
         r = self._rounds.get(a.round)
         if r is None:

@@ -1,0 +1,143 @@
+"""Secure aggregation (SecAgg+) at a deployed client: its rounds, by job.
+
+A training task of a secure round carries the round's public parameters (stage 0,
+:class:`fedagg.secagg.RoundParams`); the client builds a :class:`fedagg.secagg.SecureClient`
+from them with its own identity (its auth Ed25519 key) and its peers' identities, which it
+reads from its own copy of the federation's ``authorized_keys`` (the trusted PKI: a server
+cannot replace a peer's key). Without a keyring a client refuses secure aggregation. Its
+index (secure id = index + 1) is its name's position in that keyring, not what the server
+says. Each stage request is answered with the client's reply (idempotent: a request sent
+again gets the same reply); stage 2's shares are kept until the update is trained, then the
+masked update (uint32) is uploaded. A request the client's :class:`SecureClient` refuses (a
+lying server: a replaced key, an inconsistent survivor set) ends the client's part in that
+round: it answers nothing more and uploads nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+
+from fedagg.deploy._auth import ClientKey, Keyring
+from fedagg.errors import ConfigError, SecAggError
+from fedagg.secagg import SecureClient, decode_request, encode_message
+
+__all__ = ["SecureJobs"]
+
+log = logging.getLogger("fedagg.client")
+
+
+@dataclass
+class _Job:
+    round: int
+    client: SecureClient
+    shares: asyncio.Event = field(default_factory=asyncio.Event)  # stage 2 arrived
+    failed: str | None = None
+
+
+class SecureJobs:
+    """A client's secure rounds, by job (see the module's docstring)."""
+
+    def __init__(self, key: ClientKey, keyring: Keyring | None) -> None:
+        self.key, self.keyring = key, keyring
+        self.jobs: dict[int, _Job] = {}
+        self.refused = 0  # rounds this client refused (a lying server)
+        self._sent: set[int] = set()  # jobs whose stage-0 reply this process got acknowledged
+
+    def sent(self, job: int) -> bool:
+        return job in self._sent
+
+    def mark_sent(self, job: int) -> None:
+        self._sent.add(job)
+
+    def _identities(self) -> tuple[int, dict[int, bytes]]:
+        if self.keyring is None:
+            raise ConfigError(
+                "the server runs secure aggregation, and this client has no keyring to check "
+                "its peers' keys with: give it the federation's authorized_keys "
+                "([deploy] keys)"
+            )
+        ring = self.keyring
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        mine = self.key.private.public_key().public_bytes(*raw)
+        if self.key.name not in ring.index or ring.keys[self.key.name].public_bytes(*raw) != mine:
+            raise ConfigError(
+                f"this client's key is not the one the keyring registers as {self.key.name!r}"
+            )
+        ids = {ring.index[n] + 1: k.public_bytes(*raw) for n, k in ring.keys.items()}
+        return ring.index[self.key.name] + 1, ids
+
+    def begin(self, job: int, round_: int, payload: bytes) -> bytes | None:
+        """Stage 0 of ``job``'s round (its parameters): this client's reply (its signed keys),
+        or None if it refuses the round (logged)."""
+        if job not in self.jobs:
+            me, ids = self._identities()
+            try:
+                params = decode_request(0, payload)
+                if params.round_id != round_:
+                    raise SecAggError(f"parameters of round {params.round_id} sent as {round_}")
+                self.jobs[job] = _Job(round_, SecureClient(params, me, self.key.private, ids))
+            except SecAggError as e:
+                self._refuse(job, round_, 0, e)
+                return None
+        return self.answer(job, round_, 0, payload)
+
+    def answer(self, job: int, round_: int, stage: int, payload: bytes) -> bytes | None:
+        """This client's reply to a stage request (None: nothing to send, or refused)."""
+        j = self.jobs.get(job)
+        if j is None or j.failed is not None or j.round != round_:
+            return None  # not ours (a restarted client, a finished round) or refused: silent
+        try:
+            reply = j.client.handle(decode_request(stage, payload))
+        except SecAggError as e:
+            self._refuse(job, round_, stage, e)
+            return None
+        if stage == 2:
+            j.shares.set()
+            return None
+        return None if reply is None else bytes(encode_message(reply))
+
+    async def masked(
+        self, job: int, delta: np.ndarray[Any, Any], weight: float, timeout: float
+    ) -> np.ndarray[Any, Any] | None:
+        """The masked update of ``job`` (uint32) once its stage-2 request has come (None if
+        the round ended for this client first)."""
+        j = self.jobs.get(job)
+        if j is None:
+            return None
+        try:
+            await asyncio.wait_for(j.shares.wait(), timeout)
+        except TimeoutError:
+            log.warning("task %d: no masking request within %gs: not uploaded", job, timeout)
+            return None
+        if j.failed is not None:
+            return None
+        rng = np.random.default_rng()  # stochastic rounding: fresh randomness
+        try:
+            out = j.client.masked(np.asarray(delta, dtype=np.float64).ravel(), weight, rng)
+        except SecAggError as e:
+            self._refuse(job, j.round, 2, e)
+            return None
+        return np.ascontiguousarray(out, dtype=np.uint32)
+
+    def abandon(self, job: int, why: str) -> None:
+        """Stop taking part in ``job``'s round (its stage-0 reply was another process's)."""
+        j = self.jobs.get(job)
+        if j is not None and j.failed is None:
+            j.failed = why
+            j.shares.set()
+            log.warning("task %d: left its secure round: %s", job, why)
+
+    def _refuse(self, job: int, round_: int, stage: int, e: Exception) -> None:
+        self.refused += 1
+        log.error("secure round %d (task %d), stage %d refused: %s", round_, job, stage, e,
+                  extra={"event": "secagg_refused"})  # fmt: skip
+        j = self.jobs.get(job)
+        if j is not None:
+            j.failed = str(e)
+            j.shares.set()
