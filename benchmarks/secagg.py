@@ -53,10 +53,8 @@ Parties take turns (nothing overlaps), every library with one thread (numba, BLA
 
 Targets (issue 18): at n = 100, d = 1M, 10% dropouts, fedagg >= 5x faster than Flower and at
 most half its bytes per client; fedagg's server memory independent of n (n = 10, 100, 1000).
-The default run measures n = 10, 100, 300 (3-5 minutes on 2 cores); ``--full`` adds n = 1000,
-or ``--add 1000`` adds that row to saved results (10 CPU minutes here: at unmasking each client
-checks every survivor's signature, re-encoding the survivor set for each one, so O(n^2) work
-per client and O(n^3) for a round simulated in one process: 900 clients x 900 checks).
+The default run measures n = 10, 100, 300 (3-5 minutes on 2 cores); ``--full`` adds n = 1000
+(a few minutes more), or ``--add 1000`` adds that row to saved results.
 
     python benchmarks/secagg.py [--quick] [--full] [--out DIR] [--no-flower] [--wait-idle S]
     python benchmarks/secagg.py --add 1000
@@ -1011,7 +1009,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="d = 100k, n in {10, 20, 50}: ~1 min")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--no-flower", action="store_true")
-    p.add_argument("--full", action="store_true", help="also n = 1000 (~10 CPU minutes more)")
+    p.add_argument("--full", action="store_true", help="also n = 1000 (a few minutes more)")
     p.add_argument(
         "--wait-idle", type=float, default=0.0, metavar="S", help="wait up to S s for idle CPU"
     )
