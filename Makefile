@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit docs bench bench-metrics clean proto browser screenshots
+.PHONY: run test lint typecheck unit docs bench bench-metrics bench-secagg clean proto browser screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(VENV)/.bench
 # what [deploy] metrics costs (benchmarks/results/metrics_overhead.md)
 bench-metrics: $(STAMP)
 	$(BIN)/python benchmarks/metrics_overhead.py
+
+# secure aggregation: fedagg's SecAgg+ vs Flower 1.42's vs plaintext (benchmarks/results/secagg.md)
+bench-secagg: $(VENV)/.bench
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0 \
+		$(BIN)/python benchmarks/secagg.py
 
 # regenerate the checked-in protobuf code after editing src/fedagg/deploy/fedagg.proto
 proto: $(STAMP)
