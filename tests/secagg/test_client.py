@@ -90,7 +90,11 @@ def test_replies_are_idempotent_and_a_different_request_is_refused() -> None:
     y = c.masked(np.ones(D), 1.0)
     assert c.masked(np.zeros(D), 1.0) is y  # one masked vector per round, whatever is asked
     r.server.receive_masked(MaskedInput(1, y))
-    for u in (2, 3, 4):
+    y2 = r.clients[2].masked(np.ones(D), 1.0, keep=False)  # not kept (the simulator's way)
+    with pytest.raises(SecAggError, match="stage"):  # so never a second, different vector
+        r.clients[2].masked(np.zeros(D), 1.0)
+    r.server.receive_masked(MaskedInput(2, y2))
+    for u in (3, 4):
         r.server.receive_masked(MaskedInput(u, r.clients[u].masked(np.ones(D), 1.0)))
     reqs = r.server.close_masked()
     sig = c.handle(reqs[1])

@@ -419,9 +419,9 @@ _SECURE = Section("secure aggregation (SecAgg+): the server sees only the sum of
     "kind": string("none", "none, or SecAgg+ (Bell et al. 2020)", choices=("none", "secagg+"),
                    noun="secure aggregation"),
     "neighbors": integer(0, "k, each client's neighbours in the random k-regular graph (0: "
-                         "about 2 log2 n, all clients for small rounds)", ge=0),
+                         "2 ceil(1.5 log2 n), all clients up to 12)", ge=0),
     "threshold": integer(0, "t, shares needed to rebuild a secret: a strict majority of the "
-                         "k neighbours (0: the default, about 2k/3)", ge=0),
+                         "k neighbours (0: the least, floor(k/2) + 1)", ge=0),
     "clip": number(10.0, "the L2 bound each update is clipped to before it is encoded", gt=0),
     "bits": integer(32, "bits of the field Z_2^b each element lives in (ceil(log2 n) of them "
                     "headroom for the sum)", ge=8, le=32),

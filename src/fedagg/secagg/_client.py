@@ -149,12 +149,18 @@ class SecureClient:
         return reply
 
     def masked(
-        self, delta: Any, weight: float, rng: np.random.Generator | None = None
+        self,
+        delta: Any,
+        weight: float,
+        rng: np.random.Generator | None = None,
+        *,
+        keep: bool = True,
     ) -> np.ndarray[Any, np.dtype[np.uint32]]:
         """The stage-2 upload: ``delta`` (d floats, flat) clipped, weighted by
         ``min(weight, max_weight) / max_weight``, encoded (``rng``: stochastic rounding) and
         masked; uint32 of length ``params.dim``. Once computed, the same vector is returned
-        again (module docs)."""
+        again (module docs); with ``keep=False`` it is not kept (a caller that never retries
+        the upload, such as the simulator, holding n clients), and a second call raises."""
         if self._masked is not None:
             return self._masked
         if self._shares is None:
@@ -164,5 +170,6 @@ class SecureClient:
             raise SecAggError(f"the update has {x.size} elements, the round {self.params.d}")
         enc = self.params.encoder().encode(x, self.params.weight(weight), rng=rng)
         y = self._session.masked_input(self._shares, enc).values
-        self._masked = y
+        if keep:
+            self._masked = y
         return y

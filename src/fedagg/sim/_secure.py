@@ -165,7 +165,7 @@ class SimSecure:
         delta = ev.update.delta if spec is None else spec.as_flat(ev.update.delta)
         rng = np.random.default_rng([self.seed, 0x5EC2, ev.job])
         try:
-            y = r.clients[c].masked(delta, float(ev.update.weight), rng)
+            y = r.clients[c].masked(delta, float(ev.update.weight), rng, keep=False)
         except SecAggError:  # e.g. a diverged client's NaN update: it cannot take part
             return Dropout(now, c, ev.job)
         update = replace(ev.update, delta=y, weight=1.0, scale=1.0)
