@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.core import kernels as _kernels
+from fedagg.errors import StateError
 
 __all__ = [
     "STREAM_MIN_SIZE",
@@ -188,6 +189,8 @@ def fold_bounded(acc: Arr, layout: Sequence[tuple[int, int]], segs: Sequence[Arr
         if s1 > s0:
             x = segs[0][s0:s1] if len(segs) == 1 else segs[j]
             top = max(top, _fold_max(acc[s0:s1], accb[s0:s1], x, w, mask))
+    if int(top) >= _INF_BITS[acc.dtype.itemsize]:  # only if max |acc| was not what it claimed
+        raise StateError("the sums overflowed: they were changed outside Mean's methods")
     return _as_float(top, acc.dtype.itemsize)
 
 
