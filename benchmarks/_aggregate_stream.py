@@ -38,6 +38,9 @@ LABELS = {
     "flower_msg": "Flower FedAvg.aggregate_train (all N replies in memory)",
 }
 REPS = 3
+#: rounds over every row, alternating, so that a burst of load from other jobs hits each row
+#: about alike; a row keeps its best round
+ROUNDS = 2
 
 
 def child(
@@ -115,13 +118,23 @@ def drive(measure: Callable[[list[str]], Result], log: Callable[[str], None]) ->
     """Measure every row (each in a fresh process, between two bandwidth measurements)."""
     t_start = time.perf_counter()
     bw = [measure(["--bandwidth"])]
-    rows = []
-    for (n, m), methods in SCENARIOS.items():
-        for method in methods:
-            r = measure(["--stream-one", method, str(n), str(m)])
-            rows.append(r)
-            log(f"N={n} M={m // 1_000_000}M {LABELS[method]}: best {r['best']:.3f}s")
-    bw.append(measure(["--bandwidth"]))
+    best: dict[tuple[str, int, int], Result] = {}
+    for rnd in range(ROUNDS):
+        for (n, m), methods in SCENARIOS.items():
+            for method in methods:
+                r = measure(["--stream-one", method, str(n), str(m)])
+                key = (method, n, m)
+                r["round_bests"] = best[key]["round_bests"] if key in best else []
+                r["round_bests"].append(r["best"])
+                if key not in best or r["best"] < best[key]["best"]:
+                    best[key] = r
+                else:
+                    best[key]["round_bests"] = r["round_bests"]
+                log(
+                    f"round {rnd + 1}: N={n} M={m // 1_000_000}M {LABELS[method]}: {r['best']:.3f}s"
+                )
+        bw.append(measure(["--bandwidth"]))
+    rows = list(best.values())
     return {
         "bandwidth_runs": bw,
         "numba_Bps": max(b["numba"] for b in bw),
@@ -203,24 +216,26 @@ def markdown(section: Result) -> list[str]:
         + " GB/s).",
         "- Each update (10 layer arrays) is built just before it is folded, except in the "
         "pre-built row; time = `init` + the folds + `finalize` (building excluded), best of "
-        f"{REPS}; per-fold median and max over all repeats.",
+        f"{REPS} in each of {ROUNDS} rounds that alternate the rows (each round's best in the "
+        "last column); per-fold median and max over the best round's repeats.",
         "",
-        "| N | M | method | best s | ÷ bound | fold median ms | fold max ms | other CPU |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| N | M | method | best s | ÷ bound | fold median ms | fold max ms | other CPU | rounds |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for n, m in SCENARIOS:
         bound = n * m * 4 / bps
         lines.append(
-            f"| {n} | {m // 1_000_000}M | **read-once bound** | **{bound:.3f}** | 1.00 | | | |"
+            f"| {n} | {m // 1_000_000}M | **read-once bound** | **{bound:.3f}** | 1.00 | | | | |"
         )
         for r in section["rows"]:
             if (r["n"], r["m"]) != (n, m):
                 continue
             med = f"{r['fold_median_ms']:.1f}" if "fold_median_ms" in r else ""
             mx = f"{r['fold_max_ms']:.1f}" if "fold_max_ms" in r else ""
+            rounds = ", ".join(f"{t:.3f}" for t in r.get("round_bests", [r["best"]]))
             lines.append(
                 f"| {n} | {m // 1_000_000}M | {LABELS[r['method']]} | {r['best']:.3f} | "
-                f"{r['best'] / bound:.2f} | {med} | {mx} | {r['foreign_cpu']:.0%} |"
+                f"{r['best'] / bound:.2f} | {med} | {mx} | {r['foreign_cpu']:.0%} | {rounds} |"
             )
     return lines
 
