@@ -7,6 +7,7 @@ is isolated), plus the read-once bound N*M*4 bytes / this machine's read bandwid
     python benchmarks/aggregate.py            # full run (~10 min on 2 cores), writes results/
     python benchmarks/aggregate.py --quick    # smoke run: N in {10, 100}, M = 1M
     python benchmarks/aggregate.py --out DIR  # write aggregate.{md,json,png} to DIR
+    python benchmarks/aggregate.py --streaming  # (re)measure only the one-at-a-time section
 
 Inputs are random float32 deltas in [-0.5, 0.5) with weights drawn from 10..1000. When all N
 updates do not fit in RAM (N*M*4 > 8 GiB), a pool of 64 distinct updates (far larger than the
@@ -47,6 +48,8 @@ from _common import (
 set_flower_env()  # before anything can import flwr
 
 import numpy as np  # noqa: E402
+
+import _aggregate_stream  # noqa: E402
 
 LAYERS = 10
 SEED = 2025
@@ -362,6 +365,27 @@ def drive(args: argparse.Namespace) -> None:
     log(f"done in {report['wall_s']:.0f}s; wrote {out_dir}/aggregate.{{md,json,png}}")
 
 
+def drive_streaming(args: argparse.Namespace) -> None:
+    """Measure the one-at-a-time section into the existing report (the main table stays)."""
+    script = Path(__file__).resolve()
+    out_dir = Path(args.out) if args.out else script.parent / "results"
+    report = json.loads((out_dir / "aggregate.json").read_text())
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def measure(child_args: list[str]) -> Result:
+        if args.wait_idle > 0:
+            wait_for_idle(args.wait_idle)
+        return run_child(script, child_args)
+
+    section = _aggregate_stream.drive(measure, log)
+    section["machine"] = {**machine_info(), "flwr": flower_version()}
+    report["streaming"] = section
+    write(report, out_dir)
+    log(f"done in {section['wall_s']:.0f}s; wrote {out_dir}/aggregate.{{md,json,png}}")
+
+
 def write(report: Result, out_dir: Path) -> None:
     """Write aggregate.{json,md,png} from a report (fresh, or re-read with --render)."""
     configs = list(dict.fromkeys((r["n"], r["m"]) for r in report["rows"]))
@@ -447,6 +471,8 @@ def targets(report: Result) -> list[Result]:
                     "met": state <= 2.0 and worst_over <= NOISE_BYTES,
                 }
             )
+    if "streaming" in report:
+        out += _aggregate_stream.targets(report["streaming"])
     return out
 
 
@@ -540,6 +566,8 @@ def markdown(report: Result, configs: list[tuple[int, int]]) -> str:
     for method, label in METHODS.items():
         a, b = chk["vs_float64"][method], chk["vs_flower_msg"][method]
         lines.append(f"| {label} | {a:.1e} | {b:.1e} | {'yes' if b <= 1e-5 else 'NO'} |")
+    if "streaming" in report:
+        lines += _aggregate_stream.markdown(report["streaming"])
     lines.append("")
     return "\n".join(lines)
 
@@ -565,9 +593,14 @@ def plot(report: Result, configs: list[tuple[int, int]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ms = sorted({m for _, m in configs}, reverse=True)
-    fig, axes = plt.subplots(1, len(ms), figsize=(6.5 * len(ms), 5), squeeze=False)
+    extra = 1 if "streaming" in report else 0
+    fig, axes = plt.subplots(
+        1, len(ms) + extra, figsize=(6.5 * (len(ms) + extra), 5), squeeze=False
+    )
     bps = report["bandwidth"]["numba_Bps"]
-    for ax, m in zip(axes[0], ms, strict=True):
+    if extra:
+        _aggregate_stream.plot(report["streaming"], axes[0][-1])
+    for ax, m in zip(axes[0], ms, strict=False):
         ns = sorted(n for n, mm in configs if mm == m)
         ax.plot(ns, [n * m * 4 / bps for n in ns], "k--", lw=2, label="read-once bound")
         for method, label in METHODS.items():
@@ -622,13 +655,33 @@ def main() -> None:
         help="before each measurement, wait up to S seconds for other processes to go idle",
     )
     p.add_argument("--render", metavar="JSON", help="only re-write the .md/.png of a .json")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="measure only the one-at-a-time section, into the existing aggregate.json",
+    )
     p.add_argument("--one", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
+    p.add_argument("--stream-one", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
     p.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         method, n, m = args.one
         emit(child_one(method, int(n), int(m)))
+    elif args.stream_one:
+        method, n, m = args.stream_one
+        emit(
+            _aggregate_stream.child(
+                method,
+                int(n),
+                int(m),
+                layers_of=layers_of,
+                weights=weights,
+                flower_runner=flower_runner,
+            )
+        )
+    elif args.streaming:
+        drive_streaming(args)
     elif args.bandwidth:
         from _common import measure_bandwidth
 

@@ -248,7 +248,9 @@ class Sharded:
             for i, st in enumerate(state.shards):
                 saved = (st.weight, st.weight_comp, st.count)
                 self.mean.fold_many(
-                    st, [replace(u, delta=p[i]) for u, p in zip(ups, pieces, strict=True)]
+                    st,
+                    [replace(u, delta=p[i]) for u, p in zip(ups, pieces, strict=True)],
+                    undo=True,
                 )
                 done.append((st, saved))
         except UpdateError:

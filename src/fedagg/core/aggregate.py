@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from fedagg.core import _stream
 from fedagg.core import kernels as _kernels
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
@@ -61,6 +62,7 @@ F64_SAFE = 1e300
 Arr = npt.NDArray[Any]
 Backend = Literal["auto", "numba", "numpy"]
 Accumulator = Literal["float32", "float64"]
+_TRANSIENT = {"transient": True}  # scratch fields, never saved
 
 
 @runtime_checkable
@@ -172,7 +174,8 @@ class MeanState:
     addition, summed (the sum is ``acc + comp``, exact up to the rounding of ``comp``'s own
     additions; see :class:`Mean`).
     ``weight``/``weight_comp`` do the same for the scalar weight sum. ``undo`` is scratch
-    memory (never saved) that lets a bad batch be rolled back exactly.
+    memory that lets a bad batch be rolled back exactly; ``peak``, ``(count, weight, max |acc|)``
+    after a streaming fold, bounds the next one's sums (while count and weight are those).
     """
 
     spec: ParamSpec
@@ -183,7 +186,8 @@ class MeanState:
     weight: float = 0.0
     weight_comp: float = 0.0
     count: int = 0
-    undo: Arr | None = field(default=None, repr=False, metadata={"transient": True})
+    undo: Arr | None = field(default=None, repr=False, metadata=_TRANSIENT)
+    peak: tuple[int, float, float] | None = field(default=None, repr=False, metadata=_TRANSIENT)
 
     def check(self) -> None:
         """Raise StateError unless the fields are consistent (used when a state is loaded)."""
@@ -295,7 +299,13 @@ class Mean:
     def fold(self, state: MeanState, update: Update) -> MeanState:
         return self.fold_many(state, (update,))
 
-    def fold_many(self, state: MeanState, updates: Iterable[Update]) -> MeanState:
+    def fold_many(
+        self, state: MeanState, updates: Iterable[Update], *, undo: bool = False
+    ) -> MeanState:
+        """Fold ``updates`` (all or none). A single update into the float32 accumulator of a
+        large model streams (:mod:`fedagg.core._stream`: a scan of its values, then the fold,
+        serially, without an undo copy; the same bits). With ``undo``, the plain accumulator's
+        previous sums are left in ``state.undo`` (what :class:`Sharded` rolls back with)."""
         ups = list(updates)
         for u in ups:
             check_update(state.spec, state.version, u)
@@ -307,11 +317,16 @@ class Mean:
             raise InvalidWeight(ups[-1].client_id, "the sum of weights overflows")
         pieces = [spec.segments(u.delta) for u in ups]
         ws = np.array([float(u.weight) * float(u.scale) for u in ups], dtype=np.float64)
+        one = self.accumulator == "float32" and len(ups) == 1 and not undo
+        top = self._stream(state, ups[0], pieces[0], ws[0]) if one else None
         if self.accumulator == "float64":
             self._fold_compensated(state, ups, pieces, ws)
-        else:
+        elif top is None:
+            state.peak = None  # the batched kernel does not measure max |acc|
             self._fold_plain(state, ups, pieces, ws)
         _add_weights(state, (u.weight for u in ups), len(ups))
+        if top is not None:
+            state.peak = (state.count, state.weight, top)
         return state
 
     def fold_trusted(
@@ -322,9 +337,8 @@ class Mean:
         scales: Sequence[float] | None = None,
     ) -> MeanState:
         """``fold_many`` of updates the caller has already validated: the same bits in
-        ``acc``/``comp``, weight sum, compensation and count, without the fold's second look at
-        the values (float32: an undo copy and a finiteness test of every coordinate; float64: a
-        separate ``max |x|`` pass per update).
+        ``acc``/``comp``, weight sum, compensation and count, without the fold's look at the
+        values (float32: a scan or an undo copy and a test; float64: a ``max |x|`` pass).
 
         ``xs[k]`` is update k's flat delta over ``state``'s coordinates (e.g. a shard's slice of
         a received buffer, zero-copy); ``weights``/``scales`` as in :class:`Update` (scales
@@ -337,10 +351,11 @@ class Mean:
         ss = [1.0] * len(xs) if scales is None else scales
         ws = np.array([float(w) * float(s) for w, s in zip(weights, ss, strict=True)], np.float64)
         acc, comp = state.acc, state.comp
+        state.peak = None
         if comp is not None:  # float64: Neumaier's compensated kernel, as fold_many uses
             ok = _kernels.fold_compensated(acc, comp, xs, ws, use_numba=self.use_numba)
         elif _kernels.HAVE_NUMBA and _kernels._compiled(self.use_numba, acc.size, acc, *xs):
-            _fold_trusted_nb(acc, _kernels._typed(xs), ws.astype(acc.dtype))
+            _stream.fold_trusted_blocked(acc, xs, ws.astype(acc.dtype))
             ok = True
         else:  # small or non-native: the numpy kernel, minus the undo copy
             ok = _kernels.fold_plain(acc, acc, xs, ws, save_undo=False, use_numba=False)
@@ -348,6 +363,25 @@ class Mean:
             raise StateError("a trusted fold left a non-finite accumulator: unvalidated input")
         _add_weights(state, weights, len(xs))
         return state
+
+    def _stream(self, state: MeanState, u: Update, segs: list[Arr], w: float) -> float | None:
+        """The streaming fold of one update (see :mod:`fedagg.core._stream`) into ``acc``,
+        returning ``max |acc|`` after it; None, with ``acc`` untouched, when it does not apply
+        or cannot rule out an overflow."""
+        acc = state.acc
+        if not _stream.streamable(acc, segs, use_numba=self.use_numba):
+            return None
+        top = _stream.peak(segs)
+        if not math.isfinite(top):
+            raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
+        known = state.peak
+        if known is None or known[:2] != (state.count, state.weight):
+            known = (state.count, state.weight, _stream.peak([acc]))
+            state.peak = known
+        wa = acc.dtype.type(w)
+        if not (math.isfinite(known[2]) and _stream.fits(known[2], float(wa), top, acc.dtype)):
+            return None
+        return _stream.fold_bounded(acc, _layout(state.spec, [segs]), segs, wa)
 
     def _fold_plain(
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
@@ -397,6 +431,7 @@ class Mean:
         check_mergeable(other, spec=spec, version=version, accumulator=accumulator)
         if other.count == 0:  # the identity: exactly nothing to add (not even a -0.0 sign)
             return state
+        state.peak = None
         if state.count == 0:
             state.acc[...] = other.acc
             if state.comp is not None and other.comp is not None:
@@ -428,6 +463,8 @@ class Mean:
             raise EmptyAggregate("no update was folded: nothing to finalize")
         total = state.weight + state.weight_comp
         out = np.empty(state.spec.size, state.spec.dtype)
+        if _stream.finalize_into(state.acc, state.comp, total, out, use_numba=self.use_numba):
+            return out
         step = 1 << 16  # float64, a 512 KiB chunk at a time: a tiny total must not underflow
         for lo in range(0, out.size, step):
             hi = min(out.size, lo + step)
@@ -450,35 +487,6 @@ def mean(
 ) -> Mean:
     """The weighted mean (FedAvg's aggregator). See :class:`Mean`."""
     return Mean(accumulator=accumulator, batch=batch, backend=backend)
-
-
-_BLOCK = _kernels.BLOCK
-
-if _kernels.HAVE_NUMBA:
-    import numba
-
-    @numba.njit(cache=True, nogil=True)
-    def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
-        # acc += sum_k ws[k] * xs[k], in acc's dtype, no fast-math: each ``a += w*x`` rounds
-        # the product and the sum exactly as _kernels' folds and numpy do (same bits). Inputs
-        # were validated by the caller, so there is no undo copy, no scratch block and no
-        # finiteness test. One update: a single stream; several: one cache block of acc at a
-        # time, read and written once for all of them.
-        n = acc.size
-        if len(xs) == 1:
-            x = xs[0]
-            w = ws[0]
-            for i in range(n):
-                acc[i] += w * x[i]
-            return
-        for lo in range(0, n, _BLOCK):
-            hi = min(n, lo + _BLOCK)
-            a = acc[lo:hi]
-            for k in range(len(xs)):
-                xk = xs[k][lo:hi]
-                wk = ws[k]
-                for i in range(hi - lo):
-                    a[i] += wk * xk[i]
 
 
 def _layout(spec: ParamSpec, pieces: list[list[Arr]]) -> list[tuple[int, int]]:

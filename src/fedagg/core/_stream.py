@@ -1,0 +1,213 @@
+"""The streaming fold: one update at a time into a plain (non-compensated) mean, no undo copy.
+
+:meth:`Mean.fold <fedagg.core.aggregate.Mean.fold>` of a single update used the batched kernel:
+copy each accumulator block to an undo buffer, add the update, test the result. That is four
+to five model-sized memory streams per update (read the sums, write the undo copy and the
+read its line for ownership first, read the update, write the sums back), and the kernel ran
+multi-threaded, which stalls when updates arrive one by one with other work in between (the
+OpenMP threads go to sleep and must be woken for every fold, and a thread of a 2-core machine
+that another process holds delays the whole fold).
+
+Here, instead, serially (no thread to wake or wait for; one core reads memory at about the
+machine's read-once rate):
+
+1. **scan**: ``max |x|`` of the update, as an integer maximum over the bits of ``|x|`` (for IEEE
+   floats the order of the magnitudes' bit patterns is the order of the magnitudes, and every
+   NaN or infinity lies above the largest finite value). One vectorised read of the update;
+   a NaN or infinity anywhere refuses it before any state was touched.
+2. **bound**: the state remembers ``max |acc|`` from its previous streaming fold (keyed by its
+   count and weight: any other change of the sums makes it unknown, and it is then measured
+   once). If ``(max|acc| + |w| max|x|) (1 + 2**-20)`` stays below the dtype's largest value, no
+   sum can overflow; otherwise (never in practice) the caller takes the checked path with its
+   undo copy, whose result and error are the same.
+3. **fold**: ``acc[i] += w * x[i]`` a 16 KiB block at a time, then the block's ``max |acc|``
+   while it is in L1 (the next fold's bound). Three streams: read the update (often still in
+   cache from the scan or from its arrival), read and write the sums.
+
+Bits: every coordinate gets the very operation the batched kernel and numpy apply,
+``acc = acc + w*x`` in the accumulator's dtype, with no fast-math (no FMA contraction), so the
+result is bit-identical to the old path's, and a refused update leaves the state untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedagg.core import kernels as _kernels
+from fedagg.errors import StateError
+
+__all__ = [
+    "STREAM_MIN_SIZE",
+    "finalize_into",
+    "fits",
+    "fold_bounded",
+    "fold_trusted_blocked",
+    "peak",
+    "streamable",
+]
+
+Arr = npt.NDArray[Any]
+
+#: Models smaller than this take the batched kernel (its undo copy then sits in cache).
+STREAM_MIN_SIZE = 1 << 16
+#: Elements per fold block: 4Ki float32 = 16 KiB, so the block's max is taken from L1.
+_BLOCK = 4096
+#: Relative margin of the overflow bound: far above the two roundings (2**-24 each) it covers.
+_MARGIN = 1.0 + 2.0**-20
+
+_UINT: dict[int, np.dtype[Any]] = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+_FLOAT: dict[int, np.dtype[Any]] = {4: np.dtype(np.float32), 8: np.dtype(np.float64)}
+_MASK = {4: np.uint32(0x7FFFFFFF), 8: np.uint64(0x7FFFFFFFFFFFFFFF)}
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+_FMAX = {4: float(np.finfo(np.float32).max), 8: float(np.finfo(np.float64).max)}
+#: The bit pattern of +inf: every |NaN| and |inf| has bits >= it, every finite value below.
+_INF_BITS = {4: 0x7F800000, 8: 0x7FF0000000000000}
+
+
+if _kernels.HAVE_NUMBA:
+    import numba
+
+    _jit = numba.njit(cache=True, nogil=True)
+
+    @_jit
+    def _max_bits(xb: Arr, mask: Any) -> Any:  # pragma: no cover - jitted
+        # max over the bit patterns of |x| (sign bit cleared): an integer reduction, vectorised
+        m = mask - mask
+        for i in range(xb.size):
+            v = xb[i] & mask
+            m = v if v > m else m
+        return m
+
+    @_jit
+    def _fold_max(acc: Arr, accb: Arr, x: Arr, w: Any, mask: Any) -> Any:  # pragma: no cover
+        # acc += w*x (no fast-math: the batched kernel's and numpy's bits), block by block, and
+        # the max over the new |acc| bit patterns of each block while it is in L1
+        n = acc.size
+        m = mask - mask
+        for lo in range(0, n, _BLOCK):  # forwards: backwards defeats the prefetchers (~1.5x)
+            hi = min(n, lo + _BLOCK)
+            a = acc[lo:hi]
+            xs = x[lo:hi]
+            ab = accb[lo:hi]
+            for i in range(hi - lo):
+                a[i] += w * xs[i]
+            for i in range(hi - lo):
+                v = ab[i] & mask
+                m = v if v > m else m
+        return m
+
+    @_jit
+    def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
+        # acc += sum_k ws[k] * xs[k], in acc's dtype, no fast-math: each ``a += w*x`` rounds
+        # the product and the sum exactly as the batched folds and numpy do (same bits). One
+        # update: a single stream; several: one cache block of acc at a time, read and written
+        # once for all of them.
+        n = acc.size
+        if len(xs) == 1:
+            x = xs[0]
+            w = ws[0]
+            for i in range(n):
+                acc[i] += w * x[i]
+            return
+        for lo in range(0, n, _kernels.BLOCK):
+            hi = min(n, lo + _kernels.BLOCK)
+            a = acc[lo:hi]
+            for k in range(len(xs)):
+                xk = xs[k][lo:hi]
+                wk = ws[k]
+                for i in range(hi - lo):
+                    a[i] += wk * xk[i]
+
+    @_jit
+    def _quotient(acc: Arr, total: float, out: Arr) -> None:  # pragma: no cover - jitted
+        # numpy's finalize: float64(acc) / total, rounded to out's dtype (the same bits)
+        for i in range(acc.size):
+            out[i] = np.float64(acc[i]) / total
+
+    @_jit
+    def _quotient_comp(acc: Arr, comp: Arr, total: float, out: Arr) -> None:  # pragma: no cover
+        for i in range(acc.size):
+            out[i] = (np.float64(acc[i]) + comp[i]) / total
+
+
+def _bits(x: Arr) -> tuple[Arr, Any]:
+    size = x.dtype.itemsize
+    return x.view(_UINT[size]), _MASK[size]
+
+
+def _as_float(bits: Any, size: int) -> float:
+    return float(np.asarray(bits, _UINT[size]).view(_FLOAT[size]))
+
+
+def streamable(acc: Arr, segs: Sequence[Arr], *, use_numba: bool) -> bool:
+    """Whether the streaming kernels can fold ``segs`` into ``acc``: compiled kernels allowed,
+    a model of at least :data:`STREAM_MIN_SIZE`, native float dtypes only."""
+    return (
+        use_numba
+        and _kernels.HAVE_NUMBA
+        and acc.size >= STREAM_MIN_SIZE
+        and acc.dtype in _NATIVE
+        and all(s.dtype in _NATIVE for s in segs)
+    )
+
+
+def peak(xs: Sequence[Arr]) -> float:
+    """``max |x|`` over the arrays (1-D, native float dtypes), exactly; ``math.inf`` if one
+    holds a NaN or an infinity. Serial: one integer-max pass over each array's bits."""
+    top = 0.0
+    for x in xs:
+        if x.size == 0:
+            continue
+        xb, mask = _bits(x)
+        m = int(_max_bits(xb, mask))
+        size = x.dtype.itemsize
+        if m >= _INF_BITS[size]:
+            return math.inf
+        top = max(top, _as_float(m, size))
+    return top
+
+
+def fits(acc_peak: float, w: float, x_peak: float, dtype: np.dtype[Any]) -> bool:
+    """True if ``acc + w*x`` cannot overflow ``dtype`` at any coordinate when ``max |acc|``
+    is at most ``acc_peak`` and ``max |x|`` is ``x_peak`` (both finite): the sum's two
+    roundings are covered by a relative margin of ``2**-20``."""
+    return (acc_peak + abs(w) * x_peak) * _MARGIN < _FMAX[dtype.itemsize]
+
+
+def fold_bounded(acc: Arr, layout: Sequence[tuple[int, int]], segs: Sequence[Arr], w: Any) -> float:
+    """``acc += w * x`` (``w`` in ``acc``'s dtype) for the update's segments: one flat
+    segment over every range ``(s0, s1)`` of ``layout``, or one segment per range; returns the
+    largest ``|acc|`` over those ranges afterwards. The caller has checked :func:`fits`."""
+    accb, mask = _bits(acc)
+    top = mask - mask
+    for j, (s0, s1) in enumerate(layout):
+        if s1 > s0:
+            x = segs[0][s0:s1] if len(segs) == 1 else segs[j]
+            top = max(top, _fold_max(acc[s0:s1], accb[s0:s1], x, w, mask))
+    if int(top) >= _INF_BITS[acc.dtype.itemsize]:  # only if max |acc| was not what it claimed
+        raise StateError("the sums overflowed: they were changed outside Mean's methods")
+    return _as_float(top, acc.dtype.itemsize)
+
+
+def fold_trusted_blocked(acc: Arr, xs: Sequence[Arr], ws: Arr) -> None:
+    """``acc += sum_k ws[k] * xs[k]`` (``ws`` in ``acc``'s dtype) with no check at all: what
+    :meth:`Mean.fold_trusted <fedagg.core.aggregate.Mean.fold_trusted>` runs when compiled."""
+    _fold_trusted_nb(acc, _kernels._typed(xs), ws)
+
+
+def finalize_into(acc: Arr, comp: Arr | None, total: float, out: Arr, *, use_numba: bool) -> bool:
+    """``out = (float64(acc) + comp) / total`` in ``out``'s dtype, serially, in one pass (no
+    temporary); False, with ``out`` untouched, unless compiled kernels may run and ``out`` is
+    float32 or float64 (the caller then computes it chunk by chunk in numpy: the same bits)."""
+    if not (use_numba and _kernels.HAVE_NUMBA and out.dtype in _NATIVE and acc.dtype in _NATIVE):
+        return False
+    if comp is None:
+        _quotient(acc, total, out)
+    else:
+        _quotient_comp(acc, comp, total, out)
+    return True
