@@ -26,6 +26,13 @@ no clock), so the simulator and the deployment carry out the same actions.
   (a message refused by the session counts under ``"secagg: bad stage-s message"``).
 
 The metrics a client reports (``train_loss``) and who took part stay visible to the server.
+
+**Distributed DP** (``noise`` = ``"gaussian"`` or ``"skellam"`` with ``noise_multiplier`` z):
+each round's ``RoundParams`` carry the noise, sized for ``clients_per_round`` expected
+contributors, so every client adds its share of integer noise before masking (the
+:class:`~fedagg.secagg.Encoder`'s module docs) and every weight is 1: the decoded mean is the
+noisy sum over the m survivors divided by m. :meth:`SecurePolicy.dp_encoder` is the round's
+encoder, for the accounting (:func:`fedagg.privacy.distributed_rdp`).
 """
 
 from __future__ import annotations
@@ -156,6 +163,9 @@ class SecurePolicy:
         max_weight: the public weight cap.
         stage_timeout: how long stages 0, 1, 3 and 4 wait for replies.
         chunk: words unmasked at a time.
+        noise: distributed DP: ``"gaussian"`` (discrete) or ``"skellam"`` ("" : none).
+        noise_multiplier: z for ``noise`` (the summed noise of ``clients_per_round`` clients
+            has standard deviation about z x clip).
     """
 
     inner: SyncPolicy
@@ -167,6 +177,8 @@ class SecurePolicy:
     max_weight: float = 1000.0
     stage_timeout: float = 30.0
     chunk: int = 1 << 16
+    noise: str = ""
+    noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, SyncPolicy):
@@ -194,6 +206,18 @@ class SecurePolicy:
             raise ConfigError(f"max_weight must be finite and > 0, got {self.max_weight}")
         most = math.ceil(self.inner.clients_per_round * (1 + self.inner.over_select))
         Encoder(float(self.clip), self.bits, max(2, most))  # bits leave room for the sum
+        if self.noise:
+            self.dp_encoder(1, max(2, most))  # checks the noise and that bits leave a grid
+
+    def dp_encoder(self, d: int, clients: int) -> Encoder:
+        """The distributed-DP encoder of a round of ``clients`` clients and a ``d``-element
+        model (what :meth:`RoundParams.encoder` gives; for the accounting)."""
+        if not self.noise:
+            raise ConfigError("no distributed DP: noise is not set")
+        return Encoder(
+            float(self.clip), self.bits, clients, 0 if self.rotation else None, self.noise,
+            float(self.noise_multiplier), self.inner.clients_per_round, d,
+        )  # fmt: skip
 
     # -- what the engines read ----------------------------------------------------------------
     @property
@@ -301,6 +325,9 @@ class SecurePolicy:
                 rotation=rot,
                 max_weight=self.max_weight,
                 chunk=self.chunk,
+                noise=self.noise,
+                noise_multiplier=float(self.noise_multiplier),
+                noise_clients=self.inner.clients_per_round,
             )
             ids = {c + 1: public_identity(identity(c)) for c in clients}
             session = ServerSession(params.config(), ids)

@@ -34,6 +34,7 @@ from fedagg.secagg._messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedagg.secagg._encode import Sampler
 from fedagg.secagg._params import RoundParams
 from fedagg.secagg._protocol import ClientSession
 from fedagg.secagg._wire import encode_message, message_stage
@@ -149,12 +150,18 @@ class SecureClient:
         return reply
 
     def masked(
-        self, delta: Any, weight: float, rng: np.random.Generator | None = None
+        self,
+        delta: Any,
+        weight: float,
+        rng: np.random.Generator | None = None,
+        sampler: Sampler | None = None,
     ) -> np.ndarray[Any, np.dtype[np.uint32]]:
         """The stage-2 upload: ``delta`` (d floats, flat) clipped, weighted by
         ``min(weight, max_weight) / max_weight``, encoded (``rng``: stochastic rounding) and
-        masked; uint32 of length ``params.dim``. Once computed, the same vector is returned
-        again (module docs)."""
+        masked; uint32 of length ``params.dim``. Under distributed DP (``params.noise``) the
+        weight is 1 and ``sampler`` (:func:`fedagg.privacy.integer_noise`) draws the noise
+        from ``rng`` before masking. Once computed, the same vector is returned again (module
+        docs)."""
         if self._masked is not None:
             return self._masked
         if self._shares is None:
@@ -162,7 +169,8 @@ class SecureClient:
         x = np.asarray(delta).reshape(-1)
         if x.size != self.params.d:
             raise SecAggError(f"the update has {x.size} elements, the round {self.params.d}")
-        enc = self.params.encoder().encode(x, self.params.weight(weight), rng=rng)
+        w = self.params.weight(weight)
+        enc = self.params.encoder().encode(x, w, rng=rng, sampler=sampler)
         y = self._session.masked_input(self._shares, enc).values
         self._masked = y
         return y
