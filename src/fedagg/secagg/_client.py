@@ -24,6 +24,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedagg.errors import ConfigError, SecAggError
+from fedagg.secagg._encode import Sampler
 from fedagg.secagg._messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -34,7 +35,6 @@ from fedagg.secagg._messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedagg.secagg._encode import Sampler
 from fedagg.secagg._params import RoundParams
 from fedagg.secagg._protocol import ClientSession
 from fedagg.secagg._wire import encode_message, message_stage

@@ -37,10 +37,11 @@ below m / L. For the weighted mean, with E_v and E_w these two bounds, W = sum_i
 **Limits.** The grid covers [-C, C] in every coordinate, which any vector of norm <= C fits,
 so nothing is clamped and nothing wraps; the rotation therefore does not shrink this bound (it
 is orthogonal and the bound is in L2). It spreads a spiky update over all coordinates, which a
-narrower per-coordinate range would need; no such range is offered yet. The encoding bounds honest clients only: a client may submit any uint32 vector and so
-corrupt the sum (secure aggregation hides inputs, it does not validate them). Stochastic
-rounding draws from a numpy Generator: its randomness makes rounding unbiased and need not be
-secret (the masks hide the encoding).
+narrower per-coordinate range would need; no such range is offered yet (distributed DP below
+also keeps the full [-C, C] range). The encoding bounds honest clients only: a client may
+submit any uint32 vector and so corrupt the sum (secure aggregation hides inputs, it does not
+validate them). Stochastic rounding draws from a numpy Generator: its randomness makes
+rounding unbiased and need not be secret (the masks hide the encoding).
 
 **Distributed DP** (``noise`` = ``"gaussian"``: the discrete Gaussian of Kairouz et al. 2021,
 or ``"skellam"``: Agarwal et al. 2021; with ``noise_multiplier`` z, ``noise_clients`` n_e, the
@@ -68,8 +69,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -157,7 +158,7 @@ class Encoder:
         if self.noise not in NOISES:
             raise ConfigError(f"noise must be one of {NOISES} (or ''), got {self.noise!r}")
         z = self.noise_multiplier
-        if isinstance(z, bool) or not isinstance(z, int | float) or not (math.isfinite(z) and z > 0):
+        if isinstance(z, bool) or not isinstance(z, int | float) or not 0 < z < math.inf:
             raise ConfigError(f"noise_multiplier must be a finite number > 0, got {z!r}")
         for name in ("noise_clients", "dim"):
             v = getattr(self, name)

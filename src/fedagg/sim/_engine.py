@@ -303,7 +303,7 @@ class Simulation:
         events = 0
         traffic = [0, 0]  # bytes down, up, since the last record
         model_bytes = server.spec.nbytes
-        secure_policy = isinstance(self.policy, SecurePolicy)
+        secure_policy = _is_secure(self.policy)
 
         def push(t: float, ev: Event) -> None:
             nonlocal seq
@@ -584,6 +584,15 @@ def _readonly(a: Arr) -> Arr:
     v = a.view()
     v.flags.writeable = False
     return v
+
+
+def _is_secure(policy: Any) -> bool:
+    """Whether ``policy`` is a SecurePolicy, or wraps one (e.g. distributed DP's accountant)."""
+    while policy is not None:
+        if isinstance(policy, SecurePolicy):
+            return True
+        policy = getattr(policy, "inner", None)
+    return False
 
 
 def _server_of(state: Any) -> ServerState:
