@@ -204,3 +204,54 @@ def test_config_refuses_distributed_without_secagg_plus() -> None:
     with pytest.raises(ConfigError, match="raise bits"):
         policy.SecurePolicy(policy.SyncPolicy(fedagg.strategies.fedavg(1.0), 1, 40), bits=10,
                             noise="gaussian", noise_multiplier=30.0)  # fmt: skip
+
+
+# -- the accountant: epsilon per round, max_epsilon, the config -----------------------------------
+def _dist_policy(n: int, cpr: int, rounds: int, max_eps: float = math.inf) -> Any:
+    strategy = fedagg.strategies.fedavg(1.0)
+    inner = policy.SyncPolicy(strategy, rounds, cpr, sampling="poisson")
+    secure = policy.SecurePolicy(inner, clip=CLIP, stage_timeout=5.0, noise="gaussian",
+                                 noise_multiplier=Z)  # fmt: skip
+    return policy.ClientDPPolicy(secure, "distributed", Z, delta=1e-5, max_epsilon=max_eps)
+
+
+def _sim(p: Any, n: int, seed: int = 2) -> sim.SimResult:
+    return sim.Simulation(
+        FakeData([10 + 3 * c for c in range(n)]), VecModel(), VecClient(), p.strategy, p,
+        sim.SystemModel(n, seed=seed), seed=seed,
+    ).run()  # fmt: skip
+
+
+def test_distributed_epsilon_per_round_is_the_accountants_and_max_epsilon_stops() -> None:
+    n, cpr = 10, 5
+    p = _dist_policy(n, cpr, 3)
+    res = _sim(p, n)
+    one = privacy.distributed_rdp(p.inner.dp_encoder(D, cpr), cpr / n)
+    eps = [r.stats.epsilon for r in res.records]
+    assert len(eps) == 3 and all(r.stats.applied for r in res.records)
+    assert eps == [privacy.distributed_epsilon(one, t, 1e-5) for t in (1, 2, 3)]
+    assert 0 < eps[0] < eps[1] < eps[2] < math.inf
+    stopped = _sim(_dist_policy(n, cpr, 5, max_eps=(eps[1] + eps[2]) / 2), n)
+    assert [r.stats.epsilon for r in stopped.records] == eps[:2]  # the third would exceed
+
+
+def test_config_builds_the_distributed_and_local_policies() -> None:
+    from fedagg.config import build_algorithm, build_policy, build_strategy
+
+    over = {"privacy": {"mechanism": "distributed", "clip": 3.0, "noise_multiplier": 0.7},
+            "secure_aggregation": {"kind": "secagg+"}}  # fmt: skip
+    cfg = resolve_config(over)
+    p = build_policy(cfg, build_strategy(cfg))
+    assert isinstance(p, policy.ClientDPPolicy) and p.mechanism == "distributed"
+    assert (p.inner.noise, p.inner.noise_multiplier, p.inner.clip) == ("gaussian", 0.7, 3.0)
+    assert p.inner.inner.sampling == "poisson"
+    cfg = resolve_config({"privacy": {"mechanism": "local", "noise_multiplier": 2.0}})
+    p = build_policy(cfg, build_strategy(cfg))
+    assert isinstance(p, policy.ClientDPPolicy) and isinstance(p.inner, policy.SyncPolicy)
+    assert type(build_algorithm(cfg)).__name__ == "LocalDP"
+    with pytest.raises(ConfigError, match="secagg\\+"):
+        c = resolve_config({"privacy": {"mechanism": "distributed"}})
+        build_policy(c, build_strategy(c))
+    with pytest.raises(ConfigError, match="sync rounds"):
+        c = resolve_config({"privacy": {"mechanism": "local"}, "policy": {"kind": "fedbuff"}})
+        build_policy(c, build_strategy(c))

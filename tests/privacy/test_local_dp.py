@@ -154,3 +154,39 @@ def test_config_wraps_the_algorithm_and_refuses_what_cannot_hold() -> None:
     c = resolve_config({"privacy": {"mechanism": "local"}, "client": {"algorithm": "scaffold"}})
     with pytest.raises(ConfigError, match="scaffold"):
         wrap_algorithm(c, Fixed())
+
+
+def test_local_epsilon_per_round_is_the_most_used_clients_and_max_epsilon_stops() -> None:
+    n, z = 6, 3.0
+    strategy = fedagg.strategies.fedavg(1.0)
+
+    class Small(Fixed):
+        def train(self, *a: Any, **kw: Any) -> tuple[Any, Any]:
+            return Result({"w": np.ones(4, np.float32)}, 1, 1, {}, {}), None
+
+    class Model:
+        def init(self, seed: int) -> dict[str, np.ndarray]:
+            return {"w": np.zeros(4, np.float32)}
+
+        def evaluate(self, params: Any, x: Any, y: Any) -> tuple[float, float]:
+            return 0.0, 0.0
+
+    def run(cpr: int, rounds: int, max_eps: float = math.inf) -> sim.SimResult:
+        p = policy.ClientDPPolicy(policy.SyncPolicy(strategy, rounds, cpr), "local", z,
+                                  delta=1e-5, max_epsilon=max_eps)  # fmt: skip
+        return sim.Simulation(
+            FakeData([5] * n), Model(), LocalDP(Small(), 1.0, z), strategy, p,
+            sim.SystemModel(n, seed=4), seed=4,
+        ).run()  # fmt: skip
+
+    res = run(3, 4)
+    taken = [0] * n
+    for r in res.records:
+        for c in r.stats.participants:
+            taken[c] += 1
+        assert r.stats.epsilon == privacy.local_epsilon(z, max(taken), 1e-5)
+    cap = (privacy.local_epsilon(z, 2, 1e-5) + privacy.local_epsilon(z, 3, 1e-5)) / 2
+    stopped = run(n, 5, cap)  # every client every round: the third round would exceed
+    assert [r.stats.epsilon for r in stopped.records] == [
+        privacy.local_epsilon(z, k, 1e-5) for k in (1, 2)
+    ]
