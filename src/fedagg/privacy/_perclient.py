@@ -17,10 +17,10 @@ sensitivity S = L / 2 + sqrt(p) (grid units), local noise s = z S / sqrt(n_e) an
 ``clients`` = the number whose noise is in the sum (by default the expected cohort n_e: fewer
 survivors mean less noise and a larger epsilon; pass the round's survivors to account for
 it), under Poisson sampling at rate q (:func:`~fedagg.privacy.rdp_poisson_subsampled`, Zhu &
-Wang's general bound); rounds compose by adding RDP curves; :func:`~fedagg.privacy.
-rdp_to_epsilon` converts. The guarantee is about the content of a client's update (its
-update against none): who took part is visible to the server, as under any secure
-aggregation.
+Wang's general bound); rounds compose by adding RDP curves;
+:func:`~fedagg.privacy.rdp_to_epsilon` converts. The guarantee is about the content of a
+client's update (its update against none): who took part is visible to the server, as under
+any secure aggregation.
 """
 
 from __future__ import annotations

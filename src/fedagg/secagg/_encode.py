@@ -60,9 +60,10 @@ discrete Gaussian; the Skellam noise of variance s**2 >> 1 has nearly Gaussian t
 decoded). A single client's element may leave [0, L + 2B] (its noise is not bounded): it is
 reduced modulo 2**32 and the masked sum, computed modulo 2**32, is still exact. The weight
 element carries no noise (weights are 1 under DP: the count of survivors is public). The
-noise is drawn by a caller-supplied ``sampler(std, size, rng)`` (:func:`fedagg.privacy.
-integer_noise`; secagg does not import privacy). Decoding subtracts m B and m C: the error is
-the rounding's plus the summed noise, of variance m s**2 Δ**2 per element (plus <= m Δ**2 / 4).
+noise is drawn by a caller-supplied ``sampler(std, size, rng)``
+(:func:`fedagg.privacy.integer_noise`; secagg does not import privacy). Decoding subtracts
+m B and m C: the error is the rounding's plus the summed noise, of variance m s**2 Δ**2 per
+element (plus <= m Δ**2 / 4).
 """
 
 from __future__ import annotations
