@@ -303,7 +303,8 @@ class Simulation:
         events = 0
         traffic = [0, 0]  # bytes down, up, since the last record
         model_bytes = server.spec.nbytes
-        secure_policy = _is_secure(self.policy)
+        inner = getattr(self.policy, "inner", None)  # distributed DP's accountant wraps one
+        secure_policy = isinstance(self.policy, SecurePolicy) or isinstance(inner, SecurePolicy)
 
         def push(t: float, ev: Event) -> None:
             nonlocal seq
@@ -584,15 +585,6 @@ def _readonly(a: Arr) -> Arr:
     v = a.view()
     v.flags.writeable = False
     return v
-
-
-def _is_secure(policy: Any) -> bool:
-    """Whether ``policy`` is a SecurePolicy, or wraps one (e.g. distributed DP's accountant)."""
-    while policy is not None:
-        if isinstance(policy, SecurePolicy):
-            return True
-        policy = getattr(policy, "inner", None)
-    return False
 
 
 def _server_of(state: Any) -> ServerState:
