@@ -250,7 +250,7 @@ class PrivatePolicy:
                 "central DP weighs every client 1 and keeps no per-client server state: "
                 "SCAFFOLD and participation weightings (FedAU) are not DP here"
             )
-        if not isinstance(inner.strategy.aggregator, DPSum):
+        if _find(inner.strategy.aggregator, DPSum) is None:
             raise ConfigError(
                 "central DP needs the strategy's aggregator wrapped: use "
                 "fedagg.policy.dp_strategy(strategy) for the SyncPolicy's strategy"
@@ -343,7 +343,8 @@ class PrivatePolicy:
         if isinstance(event, Start) and self.epsilon(state, 1) > self.max_epsilon:
             state.finished = True
             return [Finish()]
-        agg = state.inner.agg if state.inner.open else None  # the round open before the event
+        # the aggregate of the round open before the event (its count of unclipped updates)
+        agg = _find(state.inner.agg, DPSumState) if state.inner.open else None
         return self._wrap(state, self.inner.step(state.inner, event, ctx), agg, ctx)
 
     def _wrap(
@@ -384,8 +385,8 @@ class PrivatePolicy:
 
     def _arm(self, state: PrivateState, ctx: PolicyContext) -> None:
         """Set the now open round's clip, noise and divisor on its aggregate."""
-        agg = state.inner.agg
-        if not isinstance(agg, DPSumState):
+        agg = _find(state.inner.agg, DPSumState)
+        if agg is None:
             raise ConfigError("central DP needs the DPSum aggregator (dp_strategy)")
         agg.clip = state.clip
         agg.std = self.update_noise(state) * state.clip
@@ -400,6 +401,16 @@ class PrivatePolicy:
         state.clip = privacy.adaptive_clip(
             state.clip, b, float(self.target_quantile), float(self.clip_learning_rate)
         )
+
+
+def _find(obj: Any, kind: type[Any]) -> Any:
+    """``obj`` or the first ``kind`` down its chain of ``.inner`` wrappers (a deployment's
+    canonical-order aggregator wraps :class:`DPSum`), else None."""
+    for _ in range(8):
+        if isinstance(obj, kind):
+            return obj
+        obj = getattr(obj, "inner", None)
+    return None
 
 
 def _round_key(seed: int, round_: int, what: bytes) -> bytes:
