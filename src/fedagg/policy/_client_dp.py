@@ -18,9 +18,11 @@ it is pure, so simulation and deployment stop at the same round.
   / num_clients`` (its ratio of sensitivity to noise is sqrt(n_e) / z whatever the round's
   size: the headroom changes the grid, not that ratio); every closed round counts (applied,
   skipped or abandoned: over-counts, never under-counts), and epsilon after t rounds is
-  :func:`fedagg.privacy.distributed_epsilon`. Fewer survivors than ``clients_per_round``
-  mean less noise than accounted (secure aggregation's threshold bounds how few): the
-  accounting assumes the expected cohort, as TFF's does; documented, not corrected.
+  :func:`fedagg.privacy.distributed_epsilon`. The round's sum is accounted with the
+  SecurePolicy's ``min_survivors`` noise shares: a round with fewer survivors is never
+  unmasked (the policy abandons it, and honest clients refuse to unmask it), and more
+  survivors only add noise. Clients that skip their noise (dishonest or colluding with the
+  server) are not covered, as in Kairouz et al.
 
 Before a round whose epsilon would exceed ``max_epsilon``, the wrapper drops the dispatch and
 emits :class:`~fedagg.policy.Finish`. ``delta`` 0 means ``1 / num_clients**1.1``.
@@ -130,6 +132,7 @@ class ClientDPPolicy:
             state.taken = [0] * n
         else:
             enc = self.inner.dp_encoder(server.spec.size, max(2, self.clients_per_round))
+            # noise sized for enc.noise_clients = min_survivors shares, the fewest unmasked
             state.rdp = privacy.distributed_rdp(enc, q).tolist()
         return state
 

@@ -14,9 +14,9 @@ docs: grid, scaling, headroom); the server sees only the noisy sum. One round's 
 :func:`~fedagg.privacy.rdp_distributed_discrete_gaussian` (or
 :func:`~fedagg.privacy.rdp_skellam` with the summed variance) with the encoder's L2
 sensitivity S = L / 2 + sqrt(p) (grid units), local noise s = z S / sqrt(n_e) and
-``clients`` = the number whose noise is in the sum (by default the expected cohort n_e: fewer
-survivors mean less noise and a larger epsilon; pass the round's survivors to account for
-it), under Poisson sampling at rate q (:func:`~fedagg.privacy.rdp_poisson_subsampled`, Zhu &
+``clients`` = the number whose noise is in the sum (by default n_e, the fewest survivors a
+round is unmasked with, :attr:`fedagg.policy.SecurePolicy.min_survivors`), under Poisson
+sampling at rate q (:func:`~fedagg.privacy.rdp_poisson_subsampled`, Zhu &
 Wang's general bound); rounds compose by adding RDP curves;
 :func:`~fedagg.privacy.rdp_to_epsilon` converts. The guarantee is about the content of a
 client's update (its update against none): who took part is visible to the server, as under

@@ -12,6 +12,12 @@ consistently; a *different* request for a stage already answered is refused (a l
 confused server), as is a second masked upload with other inputs: :meth:`masked` returns its
 first result again (two different masked vectors of one round would reveal the difference of
 the inputs).
+
+**Distributed DP.** A round whose ``RoundParams`` carry noise has each client add its share of
+integer noise before masking (:meth:`SecureClient.masked` with a ``sampler``), and the client
+refuses the consistency and unmasking requests of a survivor set smaller than
+``params.noise_clients``: the noise is sized for at least that many shares, so no sum with
+less noise than the accounting assumes is ever unmasked with its help.
 """
 
 from __future__ import annotations
@@ -96,11 +102,23 @@ class SecureClient:
         self._answered: dict[int, tuple[bytes, Reply]] = {}
         self._shares: ForwardedShares | None = None
         self._masked: np.ndarray[Any, np.dtype[np.uint32]] | None = None
+        self._refused = False
 
     @property
     def aborted(self) -> bool:
         """Whether the client refused a request (every later call raises)."""
-        return self._session.aborted
+        return self._refused or self._session.aborted
+
+    def _enough(self, survivors: frozenset[int]) -> None:
+        """Distributed DP: refuse to help unmask a sum of fewer than ``params.noise_clients``
+        inputs (its noise would be below what the accounting assumes)."""
+        n = self.params.noise_clients
+        if self.params.noise and len(survivors) < n:
+            self._refused = True
+            raise SecAggError(
+                f"client {self.id} refuses: {len(survivors)} survivors, fewer than the "
+                f"{n} whose noise shares the distributed-DP accounting assumes"
+            )
 
     @property
     def ready(self) -> bool:
@@ -142,9 +160,11 @@ class SecureClient:
             self._shares = request
             reply = None
         elif isinstance(request, ConsistencyRequest):
+            self._enough(request.survivors)
             reply = self._session.consistency(request)
         else:
             assert isinstance(request, UnmaskRequest)
+            self._enough(request.survivors)
             reply = self._session.unmask(request)
         self._answered[stage] = (raw, reply)
         return reply

@@ -45,12 +45,13 @@ rounding unbiased and need not be secret (the masks hide the encoding).
 
 **Distributed DP** (``noise`` = ``"gaussian"``: the discrete Gaussian of Kairouz et al. 2021,
 or ``"skellam"``: Agarwal et al. 2021; with ``noise_multiplier`` z, ``noise_clients`` n_e, the
-expected number of contributors, and ``dim`` d, the update length). Each client adds integer
-noise of standard deviation s = z S / sqrt(n_e) (grid units) to every one of its p value
-elements after rounding, where S = L / 2 + sqrt(p) bounds the L2 norm of a client's rounded,
-centred vector q - L/2 (||v / Δ|| <= C / Δ = L / 2, and rounding moves each element by < 1):
-the sum of n_e clients' noise has standard deviation z S, i.e. z C (1 + 2 sqrt(p) / L) in
-update units, as central DP's z C. Each client also adds a bias B = ceil(10 s) and the grid
+fewest contributions a decoded sum holds, and ``dim`` d, the update length). Each client adds
+integer noise of standard deviation s = z S / sqrt(n_e) (grid units) to every one of its p
+value elements after rounding, where S = L / 2 + sqrt(p) bounds the L2 norm of a client's
+rounded, centred vector q - L/2 (||v / Δ|| <= C / Δ = L / 2, and rounding moves each element
+by < 1): the sum of n_e clients' noise has standard deviation z S, i.e. z C (1 + 2 sqrt(p) /
+L) in update units, as central DP's z C (more contributions only add noise). Each client
+also adds a bias B = ceil(10 s) and the grid
 shrinks to the largest L with L + 2B <= 2**(b - h) - 1, so a sum of m <= n noisy encodings lies
 in [0, m (L + 2B)] (hence never wraps modulo 2**32) unless the summed noise of some element
 leaves [-m B, m B], a 10 sqrt(m)-sigma event (probability below 1e-22 per element for the
