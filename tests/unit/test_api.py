@@ -91,7 +91,7 @@ EXPECTED = {
     "fedagg.clients": [
         "ClientAlgorithm", "FedAMD", "FedProx", "LabelFlip", "LocalSGD", "Result", "Scaffold",
         "Task", "TrainResult", "WorkerMomentum", "flip_labels", "scaffold_server_update",
-        "BUILTIN_KEYS", "UserTrain", "fit_delta", "with_config",
+        "BUILTIN_KEYS", "UserTrain", "fit_delta", "with_config", "LocalDP",
     ],
     "fedagg.hierarchy": [
         "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",
@@ -108,6 +108,7 @@ EXPECTED = {
         "gaussian_delta", "gaussian_epsilon", "gaussian_noise", "local_dp",
         "noise_multiplier_for", "noised_unclipped_fraction", "rdp_subsampled_gaussian",
         "rdp_to_delta", "rdp_to_epsilon", "skellam", "update_noise_multiplier",
+        "distributed_epsilon", "distributed_rdp", "integer_noise", "local_epsilon",
     ],
 }  # fmt: skip
 

@@ -17,11 +17,14 @@ loop of ``train`` up to float32 round-off, much faster.
 
 :class:`LabelFlip` wraps any of them into a data-poisoning client that trains on flipped
 labels (the Byzantine clients of a simulation; also exported from :mod:`fedagg.attacks`).
+:class:`LocalDP` wraps any of them into a local-DP client (clip + Gaussian noise on the
+update before it leaves the client).
 """
 
 from fedagg.clients._amd import FedAMD
 from fedagg.clients._base import ClientAlgorithm, TrainResult
 from fedagg.clients._label_flip import LabelFlip, flip_labels
+from fedagg.clients._local_dp import LocalDP
 from fedagg.clients._momentum import WorkerMomentum
 from fedagg.clients._sgd import FedProx, LocalSGD, Scaffold, scaffold_server_update
 from fedagg.clients._task import Result, Task
@@ -33,6 +36,7 @@ __all__ = [
     "FedAMD",
     "FedProx",
     "LabelFlip",
+    "LocalDP",
     "LocalSGD",
     "Result",
     "Scaffold",

@@ -11,6 +11,7 @@ sits below both. Its states are registered checkpoint types.
 from fedagg.policy._amd import FedAMDPolicy, FedAMDState
 from fedagg.policy._async import AsyncPolicy, AsyncState
 from fedagg.policy._async_recipes import async_fedavg, fedasync, fedbuff, fedfix, sync_fedavg
+from fedagg.policy._client_dp import ClientDPPolicy, ClientDPState
 from fedagg.policy._events import (
     Action,
     AllAvailable,
@@ -39,6 +40,7 @@ from fedagg.policy._events import (
     refusal_reason,
     round_stats,
 )
+from fedagg.policy._private import DPSum, DPSumState, PrivatePolicy, PrivateState, dp_strategy
 from fedagg.policy._secure import SecurePolicy, SecureRound, SecureState, stage_tag
 from fedagg.policy._sync import SyncPolicy, SyncState
 
@@ -49,7 +51,11 @@ __all__ = [
     "Arrival",
     "AsyncPolicy",
     "AsyncState",
+    "ClientDPPolicy",
+    "ClientDPState",
     "Commit",
+    "DPSum",
+    "DPSumState",
     "Dispatch",
     "Dropout",
     "Event",
@@ -60,6 +66,8 @@ __all__ = [
     "Merge",
     "Policy",
     "PolicyContext",
+    "PrivatePolicy",
+    "PrivateState",
     "RoundStats",
     "SecureContext",
     "SecurePolicy",
@@ -74,6 +82,7 @@ __all__ = [
     "Timer",
     "apply_or_skip",
     "async_fedavg",
+    "dp_strategy",
     "effective_weights",
     "fedasync",
     "fedbuff",

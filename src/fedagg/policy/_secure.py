@@ -26,6 +26,18 @@ no clock), so the simulator and the deployment carry out the same actions.
   (a message refused by the session counts under ``"secagg: bad stage-s message"``).
 
 The metrics a client reports (``train_loss``) and who took part stay visible to the server.
+
+**Distributed DP** (``noise`` = ``"gaussian"`` or ``"skellam"`` with ``noise_multiplier`` z):
+each round's ``RoundParams`` carry the noise, sized so that ``noise_clients`` shares (default
+half of ``clients_per_round``, rounded up) make the sum's noise z times the sensitivity, so
+every client adds its share of integer noise before masking (the
+:class:`~fedagg.secagg.Encoder`'s module docs) and every weight is 1: the decoded mean is the
+noisy sum over the m survivors divided by m. A round with fewer than ``noise_clients``
+survivors is abandoned at the close of stage 2 (and the clients refuse to unmask it:
+:class:`~fedagg.secagg.SecureClient`), so every decoded sum holds at least that many noise
+shares, what the accounting assumes; more survivors only add noise.
+:meth:`SecurePolicy.dp_encoder` is the round's encoder, for the accounting
+(:func:`fedagg.privacy.distributed_rdp`).
 """
 
 from __future__ import annotations
@@ -156,6 +168,11 @@ class SecurePolicy:
         max_weight: the public weight cap.
         stage_timeout: how long stages 0, 1, 3 and 4 wait for replies.
         chunk: words unmasked at a time.
+        noise: distributed DP: ``"gaussian"`` (discrete) or ``"skellam"`` ("" : none).
+        noise_multiplier: z for ``noise`` (the summed noise of ``noise_clients`` clients
+            has standard deviation about z x clip).
+        noise_clients: the fewest survivors a distributed-DP round is unmasked with (0:
+            ``ceil(clients_per_round / 2)``).
     """
 
     inner: SyncPolicy
@@ -167,6 +184,9 @@ class SecurePolicy:
     max_weight: float = 1000.0
     stage_timeout: float = 30.0
     chunk: int = 1 << 16
+    noise: str = ""
+    noise_multiplier: float = 0.0
+    noise_clients: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, SyncPolicy):
@@ -194,6 +214,26 @@ class SecurePolicy:
             raise ConfigError(f"max_weight must be finite and > 0, got {self.max_weight}")
         most = math.ceil(self.inner.clients_per_round * (1 + self.inner.over_select))
         Encoder(float(self.clip), self.bits, max(2, most))  # bits leave room for the sum
+        v = self.noise_clients
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"noise_clients must be an integer >= 0, got {v!r}")
+        if self.noise:
+            self.dp_encoder(1, max(2, most))  # checks the noise and that bits leave a grid
+
+    @property
+    def min_survivors(self) -> int:
+        """The fewest survivors a distributed-DP round is unmasked with (``noise_clients``)."""
+        return self.noise_clients or max(1, math.ceil(self.inner.clients_per_round / 2))
+
+    def dp_encoder(self, d: int, clients: int) -> Encoder:
+        """The distributed-DP encoder of a round of ``clients`` clients and a ``d``-element
+        model (what :meth:`RoundParams.encoder` gives; for the accounting)."""
+        if not self.noise:
+            raise ConfigError("no distributed DP: noise is not set")
+        return Encoder(
+            float(self.clip), self.bits, clients, 0 if self.rotation else None, self.noise,
+            float(self.noise_multiplier), self.min_survivors, d,
+        )  # fmt: skip
 
     # -- what the engines read ----------------------------------------------------------------
     @property
@@ -301,6 +341,9 @@ class SecurePolicy:
                 rotation=rot,
                 max_weight=self.max_weight,
                 chunk=self.chunk,
+                noise=self.noise,
+                noise_multiplier=float(self.noise_multiplier),
+                noise_clients=self.min_survivors,
             )
             ids = {c + 1: public_identity(identity(c)) for c in clients}
             session = ServerSession(params.config(), ids)
@@ -445,6 +488,11 @@ class SecurePolicy:
             elif r.stage == 2:
                 if not s.survivors:
                     raise SecAggError("no masked upload arrived")
+                if self.noise and len(s.survivors) < self.min_survivors:
+                    raise SecAggError(
+                        f"{len(s.survivors)} masked uploads, fewer than the {self.min_survivors} "
+                        "noise shares distributed DP needs"
+                    )
                 msgs = s.close_masked()
             else:
                 msgs = s.close_consistency()

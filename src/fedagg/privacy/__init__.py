@@ -48,7 +48,10 @@ of :func:`fedagg.secagg.mask`; needs the ``deploy`` extra's ``cryptography``),
 :func:`discrete_gaussian` and :func:`skellam`, with their RDP
 (:func:`rdp_distributed_discrete_gaussian`, Kairouz et al. 2021; :func:`rdp_skellam`, Agarwal
 et al. 2021; :func:`rdp_poisson_subsampled`, Zhu & Wang 2019, for any RDP curve under Poisson
-client sampling; convert with :func:`rdp_to_epsilon`). Bad arguments raise
+client sampling; convert with :func:`rdp_to_epsilon`). The client-side mechanisms' accounting:
+:func:`local_epsilon`, :func:`distributed_rdp` / :func:`distributed_epsilon`, and
+:func:`integer_noise` (the samplers a distributed-DP client passes to
+:meth:`fedagg.secagg.SecureClient.masked`). Bad arguments raise
 :class:`~fedagg.errors.ConfigError`.
 """
 
@@ -80,6 +83,7 @@ from ._mechanisms import (
     noised_unclipped_fraction,
     update_noise_multiplier,
 )
+from ._perclient import distributed_epsilon, distributed_rdp, integer_noise, local_epsilon
 from ._rdp import DEFAULT_ORDERS, rdp_subsampled_gaussian, rdp_to_delta, rdp_to_epsilon
 
 __all__ = [
@@ -93,11 +97,15 @@ __all__ = [
     "combined_noise_multiplier",
     "delta",
     "discrete_gaussian",
+    "distributed_epsilon",
+    "distributed_rdp",
     "epsilon",
     "gaussian_delta",
     "gaussian_epsilon",
     "gaussian_noise",
+    "integer_noise",
     "local_dp",
+    "local_epsilon",
     "noise_multiplier_for",
     "noised_unclipped_fraction",
     "rdp_distributed_discrete_gaussian",

@@ -12,6 +12,12 @@ consistently; a *different* request for a stage already answered is refused (a l
 confused server), as is a second masked upload with other inputs: :meth:`masked` returns its
 first result again (two different masked vectors of one round would reveal the difference of
 the inputs).
+
+**Distributed DP.** A round whose ``RoundParams`` carry noise has each client add its share of
+integer noise before masking (:meth:`SecureClient.masked` with a ``sampler``), and the client
+refuses the consistency and unmasking requests of a survivor set smaller than
+``params.noise_clients``: the noise is sized for at least that many shares, so no sum with
+less noise than the accounting assumes is ever unmasked with its help.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedagg.errors import ConfigError, SecAggError
+from fedagg.secagg._encode import Sampler
 from fedagg.secagg._messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -95,11 +102,23 @@ class SecureClient:
         self._answered: dict[int, tuple[bytes, Reply]] = {}
         self._shares: ForwardedShares | None = None
         self._masked: np.ndarray[Any, np.dtype[np.uint32]] | None = None
+        self._refused = False
 
     @property
     def aborted(self) -> bool:
         """Whether the client refused a request (every later call raises)."""
-        return self._session.aborted
+        return self._refused or self._session.aborted
+
+    def _enough(self, survivors: frozenset[int]) -> None:
+        """Distributed DP: refuse to help unmask a sum of fewer than ``params.noise_clients``
+        inputs (its noise would be below what the accounting assumes)."""
+        n = self.params.noise_clients
+        if self.params.noise and len(survivors) < n:
+            self._refused = True
+            raise SecAggError(
+                f"client {self.id} refuses: {len(survivors)} survivors, fewer than the "
+                f"{n} whose noise shares the distributed-DP accounting assumes"
+            )
 
     @property
     def ready(self) -> bool:
@@ -141,9 +160,11 @@ class SecureClient:
             self._shares = request
             reply = None
         elif isinstance(request, ConsistencyRequest):
+            self._enough(request.survivors)
             reply = self._session.consistency(request)
         else:
             assert isinstance(request, UnmaskRequest)
+            self._enough(request.survivors)
             reply = self._session.unmask(request)
         self._answered[stage] = (raw, reply)
         return reply
@@ -153,14 +174,17 @@ class SecureClient:
         delta: Any,
         weight: float,
         rng: np.random.Generator | None = None,
+        sampler: Sampler | None = None,
         *,
         keep: bool = True,
     ) -> np.ndarray[Any, np.dtype[np.uint32]]:
         """The stage-2 upload: ``delta`` (d floats, flat) clipped, weighted by
         ``min(weight, max_weight) / max_weight``, encoded (``rng``: stochastic rounding) and
-        masked; uint32 of length ``params.dim``. Once computed, the same vector is returned
-        again (module docs); with ``keep=False`` it is not kept (a caller that never retries
-        the upload, such as the simulator, holding n clients), and a second call raises."""
+        masked; uint32 of length ``params.dim``. Under distributed DP (``params.noise``) the
+        weight is 1 and ``sampler`` (:func:`fedagg.privacy.integer_noise`) draws the noise
+        from ``rng`` before masking. Once computed, the same vector is returned again (module
+        docs); with ``keep=False`` it is not kept (a caller that never retries the upload,
+        such as the simulator, holding n clients), and a second call raises."""
         if self._masked is not None:
             return self._masked
         if self._shares is None:
@@ -168,7 +192,8 @@ class SecureClient:
         x = np.asarray(delta).reshape(-1)
         if x.size != self.params.d:
             raise SecAggError(f"the update has {x.size} elements, the round {self.params.d}")
-        enc = self.params.encoder().encode(x, self.params.weight(weight), rng=rng)
+        w = self.params.weight(weight)
+        enc = self.params.encoder().encode(x, w, rng=rng, sampler=sampler)
         y = self._session.masked_input(self._shares, enc).values
         if keep:
             self._masked = y

@@ -37,17 +37,41 @@ below m / L. For the weighted mean, with E_v and E_w these two bounds, W = sum_i
 **Limits.** The grid covers [-C, C] in every coordinate, which any vector of norm <= C fits,
 so nothing is clamped and nothing wraps; the rotation therefore does not shrink this bound (it
 is orthogonal and the bound is in L2). It spreads a spiky update over all coordinates, which a
-narrower per-coordinate range (e.g. for distributed DP) would need; no such range is offered
-yet. The encoding bounds honest clients only: a client may submit any uint32 vector and so
-corrupt the sum (secure aggregation hides inputs, it does not validate them). Stochastic
-rounding draws from a numpy Generator: its randomness makes rounding unbiased and need not be
-secret (the masks hide the encoding).
+narrower per-coordinate range would need; no such range is offered yet (distributed DP below
+also keeps the full [-C, C] range). The encoding bounds honest clients only: a client may
+submit any uint32 vector and so corrupt the sum (secure aggregation hides inputs, it does not
+validate them). Stochastic rounding draws from a numpy Generator: its randomness makes
+rounding unbiased and need not be secret (the masks hide the encoding).
+
+**Distributed DP** (``noise`` = ``"gaussian"``: the discrete Gaussian of Kairouz et al. 2021,
+or ``"skellam"``: Agarwal et al. 2021; with ``noise_multiplier`` z, ``noise_clients`` n_e, the
+fewest contributions a decoded sum holds, and ``dim`` d, the update length). Each client adds
+integer noise of standard deviation s = z S / sqrt(n_e) (grid units) to every one of its p
+value elements after rounding, where S = L / 2 + sqrt(p) bounds the L2 norm of a client's
+rounded, centred vector q - L/2 (||v / Δ|| <= C / Δ = L / 2, and rounding moves each element
+by < 1): the sum of n_e clients' noise has standard deviation z S, i.e. z C (1 + 2 sqrt(p) /
+L) in update units, as central DP's z C (more contributions only add noise). Each client
+also adds a bias B = ceil(10 s) and the grid
+shrinks to the largest L with L + 2B <= 2**(b - h) - 1, so a sum of m <= n noisy encodings lies
+in [0, m (L + 2B)] (hence never wraps modulo 2**32) unless the summed noise of some element
+leaves [-m B, m B], a 10 sqrt(m)-sigma event (probability below 1e-22 per element for the
+discrete Gaussian; the Skellam noise of variance s**2 >> 1 has nearly Gaussian tails).
+**Overflow choice**: no modular clipping; a sum outside the range is refused by
+:meth:`Encoder.decode` (:class:`SecAggError`: the round is abandoned, nothing wrapped is ever
+decoded). A single client's element may leave [0, L + 2B] (its noise is not bounded): it is
+reduced modulo 2**32 and the masked sum, computed modulo 2**32, is still exact. The weight
+element carries no noise (weights are 1 under DP: the count of survivors is public). The
+noise is drawn by a caller-supplied ``sampler(std, size, rng)``
+(:func:`fedagg.privacy.integer_noise`; secagg does not import privacy). Decoding subtracts
+m B and m C: the error is the rounding's plus the summed noise, of variance m s**2 Δ**2 per
+element (plus <= m Δ**2 / 4).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +86,11 @@ __all__ = ["Encoder"]
 _ROTATION_DOMAIN = b"fedagg.secagg.rotation.v1"
 #: float64 rounding in encode and decode, relative to the bound (module docs)
 _ROUNDING = 1.0 + 2.0**-19
+#: the bias of each client's noisy elements, in its noise's standard deviations (module docs)
+TAIL = 10.0
+NOISES = ("gaussian", "skellam")
+#: ``sampler(std, size, rng)``: ``size`` int64 noise values of standard deviation ``std``
+Sampler = Callable[[float, int, np.random.Generator], np.ndarray]
 
 
 def _butterflies(y: np.ndarray, h: int) -> None:
@@ -100,6 +129,10 @@ class Encoder:
     bits: int = 32
     clients: int = 1
     rotation: int | None = None
+    noise: str = ""
+    noise_multiplier: float = 0.0
+    noise_clients: int = 1
+    dim: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
@@ -120,6 +153,24 @@ class Encoder:
             raise ConfigError(f"rotation must be None or an integer seed >= 0, got {r!r}")
         if r is not None and r >= 2**256:
             raise ConfigError("rotation seed must be below 2**256")
+        if self.noise:
+            self._check_noise()
+
+    def _check_noise(self) -> None:
+        if self.noise not in NOISES:
+            raise ConfigError(f"noise must be one of {NOISES} (or ''), got {self.noise!r}")
+        z = self.noise_multiplier
+        if isinstance(z, bool) or not isinstance(z, int | float) or not 0 < z < math.inf:
+            raise ConfigError(f"noise_multiplier must be a finite number > 0, got {z!r}")
+        for name in ("noise_clients", "dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1 with noise, got {v!r}")
+        if self.levels < 1:
+            raise ConfigError(
+                f"bits={self.bits} leave no grid for noise multiplier {z:g} over "
+                f"{self.noise_clients} expected clients ({self.clients} at most): raise bits"
+            )
 
     # -- the grid ---------------------------------------------------------------------------
     @property
@@ -129,8 +180,44 @@ class Encoder:
 
     @property
     def levels(self) -> int:
-        """L = 2**(bits - headroom) - 1: the largest value of one encoded element."""
-        return (1 << (self.bits - self.headroom)) - 1
+        """L = 2**(bits - headroom) - 1: the largest value of one encoded element (with noise:
+        the largest L with L + 2 B <= that, module docs)."""
+        top = (1 << (self.bits - self.headroom)) - 1
+        if not self.noise:
+            return top
+        got = self.__dict__.get("_levels")
+        if got is None:
+            a = TAIL * float(self.noise_multiplier) / math.sqrt(self.noise_clients)
+            sp = math.sqrt(self.padded(self.dim))
+            got = max(0, math.floor((top - 2 - 2 * a * sp) / (1 + a)))
+            while got > 0 and got + 2 * self._bias(got) > top:
+                got -= 1
+            object.__setattr__(self, "_levels", got)
+        return int(got)
+
+    def _std(self, levels: int) -> float:
+        s = levels / 2 + math.sqrt(self.padded(self.dim))
+        return float(self.noise_multiplier) * s / math.sqrt(self.noise_clients)
+
+    def _bias(self, levels: int) -> int:
+        return math.ceil(TAIL * self._std(levels))
+
+    @property
+    def sensitivity(self) -> float:
+        """S = L / 2 + sqrt(p): the L2 bound on a client's centred rounded vector (grid units),
+        the sensitivity the distributed-DP accounting uses (module docs)."""
+        return self.levels / 2 + math.sqrt(self.padded(self.dim))
+
+    @property
+    def noise_std(self) -> float:
+        """s: the standard deviation of each client's noise per element (grid units; 0 without
+        noise)."""
+        return self._std(self.levels) if self.noise else 0.0
+
+    @property
+    def bias(self) -> int:
+        """B: what each client adds to its noisy elements (0 without noise)."""
+        return self._bias(self.levels) if self.noise else 0
 
     @property
     def step(self) -> float:
@@ -189,9 +276,15 @@ class Encoder:
 
     # -- encode / decode --------------------------------------------------------------------
     def encode(
-        self, x: Any, weight: float = 1.0, *, rng: np.random.Generator | None = None
+        self,
+        x: Any,
+        weight: float = 1.0,
+        *,
+        rng: np.random.Generator | None = None,
+        sampler: Sampler | None = None,
     ) -> np.ndarray:
-        """The uint32 encoding of ``weight * clip(x)`` and ``weight`` (0 < weight <= 1)."""
+        """The uint32 encoding of ``weight * clip(x)`` and ``weight`` (0 < weight <= 1); with
+        noise, ``sampler`` draws it from ``rng`` (module docs) and ``weight`` must be 1."""
         x = np.asarray(x, dtype=np.float64).reshape(-1)
         if x.size < 1:
             raise SecAggError("cannot encode an empty update")
@@ -200,6 +293,13 @@ class Encoder:
         w = float(weight)
         if not (math.isfinite(w) and 0.0 < w <= 1.0):
             raise SecAggError(f"weight must be in (0, 1] (divide by a public cap), got {weight!r}")
+        if self.noise:
+            if sampler is None:
+                raise SecAggError("a distributed-DP encoding needs a noise sampler")
+            if w != 1.0:
+                raise SecAggError("under distributed DP every client's weight is 1")
+            if x.size != self.dim:
+                raise SecAggError(f"the update has {x.size} elements, the noise is for {self.dim}")
         rng = np.random.default_rng() if rng is None else rng
         clip = float(self.clip)
         norm = float(np.linalg.norm(x))
@@ -218,7 +318,17 @@ class Encoder:
         np.floor(u, out=u)
         q = np.clip(u, 0.0, float(L), out=u)
         out = np.empty(q.size + 1, dtype=np.uint32)
-        out[:-1] = q
+        if self.noise:
+            assert sampler is not None
+            z = np.asarray(sampler(self.noise_std, q.size, rng), dtype=np.int64)
+            if z.shape != q.shape:
+                raise SecAggError(f"the sampler gave {z.size} values for {q.size}")
+            z += q.astype(np.int64)
+            z += self.bias
+            np.bitwise_and(z, 0xFFFFFFFF, out=z)  # modulo 2**32: the masked sum stays exact
+            out[:-1] = z
+        else:
+            out[:-1] = q
         uw = w * L
         out[-1] = math.floor(uw) + int(rng.random() < uw - math.floor(uw))
         return out
@@ -241,12 +351,16 @@ class Encoder:
         if total.size != self.length(d):
             raise SecAggError(f"expected {self.length(d)} encoded elements, got {total.size}")
         cap = count * self.levels
-        if int(total.max()) > cap:
+        b = self.bias
+        if int(total[-1]) > cap or int(total[:-1].max()) > count * (self.levels + 2 * b):
             raise SecAggError(
-                f"an element exceeds {count} x {self.levels}: not a sum of {count} encodings "
-                "(wrong count, or masks that did not cancel)"
+                f"an element exceeds {count} x {self.levels + 2 * b}: not a sum of {count} "
+                "encodings (wrong count, masks that did not cancel, or noise beyond its "
+                "headroom)"
             )
         s = total[:-1].astype(np.float64)
+        if b:
+            s -= float(count * b)
         s *= self.step
         s -= count * float(self.clip)
         return self.unrotate(s, d), float(total[-1]) / self.levels

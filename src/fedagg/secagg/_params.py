@@ -4,7 +4,8 @@
 ids, the graph seed, degree and threshold: :meth:`RoundParams.config`) and the encoding of its
 update (clip, bits, rotation seed, weight cap: :meth:`RoundParams.encoder`). It travels as
 bytes (:meth:`RoundParams.to_bytes` / :meth:`RoundParams.from_bytes`: a fixed big-endian
-layout, every field checked, no pickle); a malformed or inconsistent one raises
+layout, every field checked, no pickle; a distributed-DP round appends its noise: kind,
+noise multiplier, expected clients); a malformed or inconsistent one raises
 :class:`~fedagg.errors.SecAggError`.
 """
 
@@ -27,6 +28,9 @@ MAX_CLIENTS = (1 << 32) - 1
 _MAX_SEED = 64
 #: round_id, dim, d, degree, threshold, clip, bits, max_weight, chunk, has rotation
 _HEAD = struct.Struct(">QQQIIdBdIB")
+#: the distributed-DP trailer: noise kind (1 gaussian, 2 skellam), noise multiplier, clients
+_NOISE = struct.Struct(">BdI")
+_KINDS = ("", "gaussian", "skellam")
 
 
 def _int(name: str, v: Any, lo: int, hi: int) -> None:
@@ -49,7 +53,8 @@ class RoundParams:
     :class:`RoundConfig` resolves them), ``clip``/``bits``/``rotation`` the :class:`Encoder`'s
     (``rotation``: None or the round's public seed) for ``len(ids)`` clients, ``max_weight``
     the public weight cap (a weight w is encoded as ``min(w, max_weight) / max_weight``) and
-    ``chunk`` the words the server unmasks at a time."""
+    ``chunk`` the words the server unmasks at a time. ``noise``/``noise_multiplier``/
+    ``noise_clients``: distributed DP (the :class:`Encoder`'s; every weight is then 1)."""
 
     round_id: int
     ids: tuple[int, ...]
@@ -63,6 +68,9 @@ class RoundParams:
     rotation: int | None = None
     max_weight: float = 1.0
     chunk: int = 1 << 16
+    noise: str = ""
+    noise_multiplier: float = 0.0
+    noise_clients: int = 1
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +91,7 @@ class RoundParams:
         _int("bits", self.bits, 1, 32)
         _real("max_weight", self.max_weight)
         _int("chunk", self.chunk, 1, MAX_CLIENTS)
-        enc = Encoder(float(self.clip), self.bits, len(ids), self.rotation)  # checks rotation
+        enc = self._encoder(len(ids))  # checks rotation and noise
         if self.dim != enc.length(self.d):
             raise ConfigError(f"dim {self.dim} is not the encoded length {enc.length(self.d)}")
         cfg = RoundConfig(
@@ -96,6 +104,14 @@ class RoundParams:
             )
         self._cache["encoder"] = enc
         self._cache["config"] = cfg
+
+    def _encoder(self, n: int) -> Encoder:
+        if not self.noise:
+            return Encoder(float(self.clip), self.bits, n, self.rotation)
+        return Encoder(
+            float(self.clip), self.bits, n, self.rotation, self.noise,
+            float(self.noise_multiplier), self.noise_clients, self.d,
+        )  # fmt: skip
 
     @classmethod
     def make(
@@ -112,6 +128,9 @@ class RoundParams:
         rotation: int | None = None,
         max_weight: float = 1.0,
         chunk: int = 1 << 16,
+        noise: str = "",
+        noise_multiplier: float = 0.0,
+        noise_clients: int = 1,
     ) -> RoundParams:
         """The parameters of a round, ``degree``/``threshold`` 0 meaning the defaults
         (:func:`~fedagg.secagg.default_degree`, :func:`~fedagg.secagg.default_threshold`) and
@@ -121,7 +140,7 @@ class RoundParams:
         cfg = RoundConfig(round_id, ids, dim, graph_seed, degree, threshold, chunk)
         return cls(
             round_id, ids, dim, d, graph_seed, cfg.degree, cfg.threshold, float(clip), bits,
-            rotation, float(max_weight), chunk,
+            rotation, float(max_weight), chunk, noise, float(noise_multiplier), noise_clients,
         )  # fmt: skip
 
     def encoder(self) -> Encoder:
@@ -138,6 +157,8 @@ class RoundParams:
         """The encoded weight of a client weight ``w``: ``min(w, max_weight) / max_weight``."""
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0:
             raise SecAggError(f"a client weight must be a finite number > 0, got {w!r}")
+        if self.noise:
+            return 1.0  # distributed DP: uniform weights (bounded sensitivity)
         return min(float(w), float(self.max_weight)) / float(self.max_weight)
 
     # -- bytes --------------------------------------------------------------------------------
@@ -153,6 +174,9 @@ class RoundParams:
         out.append(len(self.graph_seed).to_bytes(1, "big") + self.graph_seed)
         out.append(len(self.ids).to_bytes(4, "big"))
         out.append(b"".join(i.to_bytes(4, "big") for i in self.ids))
+        if self.noise:
+            kind = _KINDS.index(self.noise)
+            out.append(_NOISE.pack(kind, float(self.noise_multiplier), self.noise_clients))
         return b"".join(out)
 
     @classmethod
@@ -182,12 +206,19 @@ class RoundParams:
             raise SecAggError("round parameters are truncated")
         n = int.from_bytes(raw[o : o + 4], "big")
         o += 4
-        if len(raw) != o + 4 * n:
+        rest = len(raw) - o - 4 * n
+        if rest not in (0, _NOISE.size):
             raise SecAggError(
                 f"round parameters: {n} client ids need {4 * n} bytes, {len(raw) - o} remain"
             )
         ids = tuple(int.from_bytes(raw[o + 4 * i : o + 4 * i + 4], "big") for i in range(n))
+        noise, z, ne = "", 0.0, 1
+        if rest:
+            kind, z, ne = _NOISE.unpack_from(raw, o + 4 * n)
+            if kind not in (1, 2):
+                raise SecAggError("round parameters: bad noise kind")
+            noise = _KINDS[kind]
         try:
-            return cls(rid, ids, dim, d, seed, k, t, clip, bits, rot, mw, chunk)
+            return cls(rid, ids, dim, d, seed, k, t, clip, bits, rot, mw, chunk, noise, z, ne)
         except ConfigError as e:
             raise SecAggError(f"bad round parameters: {e}") from None

@@ -169,6 +169,7 @@ class RoundRecord:
             "bytes_up": self.bytes_up,
             "staleness_mean": s.staleness_mean,
             "staleness_max": s.staleness_max,
+            "epsilon": s.epsilon,
             "refusals": format_refusals(s.refusals),
         }
 
@@ -303,7 +304,8 @@ class Simulation:
         events = 0
         traffic = [0, 0]  # bytes down, up, since the last record
         model_bytes = server.spec.nbytes
-        secure_policy = isinstance(self.policy, SecurePolicy)
+        inner = getattr(self.policy, "inner", None)  # distributed DP's accountant wraps one
+        secure_policy = isinstance(self.policy, SecurePolicy) or isinstance(inner, SecurePolicy)
 
         def push(t: float, ev: Event) -> None:
             nonlocal seq

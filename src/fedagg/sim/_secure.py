@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedagg.core.spec import ParamSpec
 from fedagg.errors import ConfigError, SecAggError
 from fedagg.policy import Arrival, Dropout, Event, SecureReply, SecureRequest
+from fedagg.privacy import integer_noise
 from fedagg.secagg import RoundParams, SecureClient, encode_message
 
 __all__ = ["SimSecure"]
@@ -164,8 +165,10 @@ class SimSecure:
     ) -> Event:
         delta = ev.update.delta if spec is None else spec.as_flat(ev.update.delta)
         rng = np.random.default_rng([self.seed, 0x5EC2, ev.job])
+        noise = r.clients[c].params.noise
+        sampler = integer_noise(noise) if noise else None  # distributed DP, seeded by the job
         try:
-            y = r.clients[c].masked(delta, float(ev.update.weight), rng, keep=False)
+            y = r.clients[c].masked(delta, float(ev.update.weight), rng, sampler, keep=False)
         except SecAggError:  # e.g. a diverged client's NaN update: it cannot take part
             return Dropout(now, c, ev.job)
         update = replace(ev.update, delta=y, weight=1.0, scale=1.0)
