@@ -64,8 +64,22 @@ def test_noise_std_is_z_times_clip_and_the_update_is_clipped_first() -> None:
     assert res.num_examples == 7 and res.metrics == {"train_loss": 1.0}
 
 
+def test_by_default_the_noise_is_secret_even_to_whoever_knows_the_seed() -> None:
+    alg = LocalDP(Fixed(), 1.0, 1.0)  # a deployment's: the server knows (seed, job)
+    a, _ = alg.train(None, None, [0] * 5, np.random.default_rng([9, 1]))
+    b, _ = alg.train(None, None, [0] * 5, np.random.default_rng([9, 1]))
+    seeded, _ = LocalDP(Fixed(), 1.0, 1.0, seeded=True).train(
+        None, None, [0] * 5, np.random.default_rng([9, 1])
+    )
+    assert not np.array_equal(a.delta["w"], b.delta["w"])
+    assert not np.array_equal(a.delta["w"], seeded.delta["w"])
+    x = _flat(_delta(5))
+    noise = _flat(a.delta) - x * min(1.0, 1.0 / np.linalg.norm(x))
+    assert abs(noise.std() - 1.0) < 0.03
+
+
 def test_seeded_by_the_generator_and_train_many_equals_train() -> None:
-    alg = LocalDP(Fixed(), 1.0, 1.0)
+    alg = LocalDP(Fixed(), 1.0, 1.0, seeded=True)
     a, _ = alg.train(None, None, [0] * 5, np.random.default_rng([9, 1]))
     b, _ = alg.train(None, None, [0] * 5, np.random.default_rng([9, 1]))
     c, _ = alg.train(None, None, [0] * 5, np.random.default_rng([9, 2]))
@@ -89,7 +103,7 @@ def test_in_a_simulation_the_server_sees_only_noisy_updates() -> None:
             return 0.0, 0.0
 
     s = sim.Simulation(
-        FakeData(sizes), Model(), LocalDP(Fixed(), clip, z), strategy,
+        FakeData(sizes), Model(), LocalDP(Fixed(), clip, z, seeded=True), strategy,
         policy.SyncPolicy(strategy, 1, n), sim.SystemModel(n, seed=1), seed=1,
     )  # fmt: skip
     res = s.run()
@@ -103,7 +117,7 @@ def test_in_a_simulation_the_server_sees_only_noisy_updates() -> None:
     want_std = z * clip * math.sqrt((w**2).sum()) / w.sum()  # weighted mean of the noises
     assert abs((got - ref).std() / want_std - 1) < 0.05
     again = sim.Simulation(
-        FakeData(sizes), Model(), LocalDP(Fixed(), clip, z), strategy,
+        FakeData(sizes), Model(), LocalDP(Fixed(), clip, z, seeded=True), strategy,
         policy.SyncPolicy(strategy, 1, n), sim.SystemModel(n, seed=1), seed=1,
     ).run()  # fmt: skip
     assert np.array_equal(again.server.params, res.server.params)  # seeded per (seed, job)

@@ -85,9 +85,10 @@ def build_model(cfg: Mapping[str, Any], data: Any) -> Any:
     return user_model(cfg, data, builtin)
 
 
-def build_algorithm(cfg: Mapping[str, Any]) -> Any:
-    """The ``[client]`` algorithm (wrapped as ``[privacy]`` needs: local DP)."""
-    return privacy_client(cfg, _build_algorithm(cfg))
+def build_algorithm(cfg: Mapping[str, Any], *, seeded_noise: bool = False) -> Any:
+    """The ``[client]`` algorithm (wrapped as ``[privacy]`` needs: local DP, whose noise comes
+    from a fresh secret key unless ``seeded_noise``, the simulator's choice, to replay)."""
+    return privacy_client(cfg, _build_algorithm(cfg), seeded=seeded_noise)
 
 
 def _build_algorithm(cfg: Mapping[str, Any]) -> Any:

@@ -100,12 +100,14 @@ def privacy_policy(cfg: Mapping[str, Any], inner: Any) -> Any:
     return client_side_policy(cfg, inner)
 
 
-def privacy_client(cfg: Mapping[str, Any], algorithm: Any) -> Any:
-    """The client algorithm under ``[privacy]`` (central DP: unchanged; the server clips)."""
+def privacy_client(cfg: Mapping[str, Any], algorithm: Any, *, seeded: bool = False) -> Any:
+    """The client algorithm under ``[privacy]`` (central DP: unchanged; the server clips).
+    ``seeded``: local DP noise from the job's seeded generator (the simulator, to replay),
+    not from a fresh secret key (a deployment: the server knows the seed)."""
     mech = mechanism(cfg)
     if mech in ("none", "central"):
         return algorithm
-    return wrap_algorithm(cfg, algorithm)
+    return wrap_algorithm(cfg, algorithm, seeded=seeded)
 
 
 def _check_central(cfg: Mapping[str, Any]) -> None:
@@ -190,7 +192,7 @@ def check_client_side(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def wrap_algorithm(cfg: Mapping[str, Any], algorithm: Any) -> Any:
+def wrap_algorithm(cfg: Mapping[str, Any], algorithm: Any, *, seeded: bool = False) -> Any:
     """``algorithm`` wrapped in :class:`fedagg.clients.LocalDP` under ``mechanism =
     "local"`` (checked by :func:`check_client_side`), else unchanged."""
     if mechanism(cfg) != "local":
@@ -199,7 +201,7 @@ def wrap_algorithm(cfg: Mapping[str, Any], algorithm: Any) -> Any:
     from fedagg.clients import LocalDP
 
     p = cfg["privacy"]
-    return LocalDP(algorithm, float(p["clip"]), float(p["noise_multiplier"]))
+    return LocalDP(algorithm, float(p["clip"]), float(p["noise_multiplier"]), seeded=seeded)
 
 
 def secure_noise(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def build(
             "'synthetic' or 'mnist5k')"
         )
     fd = build_data(cfg, seed) if data is None else data
-    algorithm = build_algorithm(cfg)
+    algorithm = build_algorithm(cfg, seeded_noise=True)  # replays bit for bit
     strategy = build_strategy(cfg)
     policy = build_policy(cfg, strategy)
     byz, attack, byz_alg = build_byzantine(cfg, algorithm, fd)
