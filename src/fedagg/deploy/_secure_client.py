@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedagg.deploy._auth import ClientKey, Keyring
 from fedagg.errors import ConfigError, SecAggError
+from fedagg.privacy import integer_noise
 from fedagg.secagg import SecureClient, decode_request, encode_message
 
 __all__ = ["SecureJobs"]
@@ -117,9 +118,14 @@ class SecureJobs:
             return None
         if j.failed is not None:
             return None
-        rng = np.random.default_rng()  # stochastic rounding: fresh randomness
+        # stochastic rounding and distributed-DP noise: fresh OS randomness, never the
+        # federation's seed (the server knows it and could take seeded noise back out)
+        rng = np.random.default_rng()
+        noise = j.client.params.noise
+        sampler = integer_noise(noise) if noise else None
         try:
-            out = j.client.masked(np.asarray(delta, dtype=np.float64).ravel(), weight, rng)
+            flat = np.asarray(delta, dtype=np.float64).ravel()
+            out = j.client.masked(flat, weight, rng, sampler)
         except SecAggError as e:
             self._refuse(job, j.round, 2, e)
             return None
