@@ -52,10 +52,12 @@ def _train(model: Any, task: Any) -> Result:
     return Result(delta, WEIGHTS[task.client_index], {"train_loss": 0.25})
 
 
-def _service(d: Path, rounds: int = 1, wait_for: int = 0) -> tuple[Federation, FederationService]:
+def _service(
+    d: Path, rounds: int = 1, wait_for: int = 0, **secure: Any
+) -> tuple[Federation, FederationService]:
     strategy = strategies.fedavg()
     policy = SecurePolicy(SyncPolicy(strategy=strategy, rounds=rounds, clients_per_round=N),
-                          stage_timeout=1.0, max_weight=10.0)  # fmt: skip
+                          stage_timeout=1.0, max_weight=10.0, **secure)  # fmt: skip
     fed = Federation(policy, strategy.init([np.zeros(D, np.float32)]), num_clients=N, seed=3,
                      directory=d, identity={"t": "secure"},
                      identities=keyring_identities(RING))  # fmt: skip
@@ -148,6 +150,35 @@ def test_a_malformed_stage_reply_is_refused_and_the_round_goes_on_without_it(
 class _Job:
     def __init__(self, job: int, client: int) -> None:
         self.job, self.client_index = job, client
+
+
+def test_distributed_dp_clients_add_their_noise_before_masking(tmp_path: Path) -> None:
+    """Distributed DP over the deployed client: each client adds its discrete Gaussian share
+    (drawn from fresh randomness) before masking; the unmasked mean of the 4 clients differs
+    from their plaintext (unweighted) mean by noise of the planned std, z C sqrt(m / m_min) / m
+    (a client that added no noise could not even build its upload: the round would fail)."""
+    z, clip = 0.5, 1.0
+
+    async def run() -> Federation:
+        fed, svc = _service(tmp_path, wait_for=N, noise="gaussian", noise_multiplier=z,
+                            clip=clip)  # fmt: skip
+        await svc.start()
+        runs = [asyncio.create_task(_client(svc, n).run_async()) for n in NAMES]
+        try:
+            await asyncio.wait_for(svc.wait(), 30)
+        finally:
+            for r in runs:
+                r.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            await svc.stop()
+        return fed
+
+    fed = asyncio.run(run())
+    plain = sum(_train(None, _Job(c, c)).delta.astype(np.float64) for c in range(N)) / N
+    err = np.asarray(fed.server.params, dtype=np.float64) - plain
+    want = z * clip * np.sqrt(N / 2) / N  # m = 4 survivors, noise sized for m_min = 2
+    assert 0.7 < err.std() / want < 1.4, (err.std(), want)
+    assert abs(err.mean()) < 4 * want / np.sqrt(D)
 
 
 # -- a lying server, against the deployed client's own keyring -----------------------------------
