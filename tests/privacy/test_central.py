@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fedagg
-from fedagg import privacy, sim
+from fedagg import privacy
 from fedagg.cli import main
 from fedagg.config import build_policy, build_strategy, resolve_config
 from fedagg.core.aggregate import mean
@@ -133,6 +133,8 @@ def test_max_epsilon_stops_before_it_is_exceeded() -> None:
     assert finished and len(applied) == 3
     assert applied[-1].stats.epsilon == pytest.approx(eps[0]) and eps[0] <= cap < eps[1]
     assert state.finished and not state.inner.open
+    back = fedagg.loads(fedagg.dumps(state))  # a checkpointable state
+    assert back.steps == 3 and back.epsilon == state.epsilon and back.finished
     assert policy.step(state, Start(9.0), AllAvailable(n, 3)) == []
     # a budget below one round: Finish at the start, nothing dispatched
     policy, server = _private(n, m, 50, noise_multiplier=z, max_epsilon=eps[0] / 100)
@@ -158,25 +160,39 @@ def test_poisson_sampling_includes_each_client_with_q() -> None:
         SyncPolicy(fedavg(1.0), rounds=1, clients_per_round=1, sampling="poisson", over_select=1)
 
 
-SMALL: dict[str, Any] = {
-    "rounds": 3,
-    "data": {"name": "digits", "num_clients": 40, "partition": "iid"},
-    "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
-    "policy": {"clients_per_round": 8},
-    "privacy": {"mechanism": "central", "noise_multiplier": 0.7, "clip": 0.5},
-}
+SMALL = """
+rounds = 3
+[data]
+name = "digits"
+num_clients = 40
+partition = "iid"
+[client]
+epochs = 1
+batch_size = 16
+lr = 0.1
+[policy]
+clients_per_round = 8
+[privacy]
+mechanism = "central"
+noise_multiplier = 0.7
+clip = 0.5
+"""
 
 
-def test_the_run_database_and_cli_show_epsilon(tmp_path: Path, capsys: Any) -> None:
+def test_simulate_the_run_database_and_runs_show_epsilon(tmp_path: Path, capsys: Any) -> None:
     db_path = tmp_path / "runs.db"
+    (tmp_path / "dp.toml").write_text(SMALL)
+    argv = ["simulate", str(tmp_path / "dp.toml"), "--db", str(db_path), "--no-plots"]
+    assert main([*argv, "--quiet"]) == 0
+    out = capsys.readouterr().out
     with RunDB(db_path) as db:
-        _, rid = sim.run_config(SMALL, db=db)
-        assert rid is not None
-        rows = db.rounds(rid)
-        assert db.compare([rid])[0]["epsilon"] == rows[-1]["epsilon"]
+        (run,) = db.runs()
+        rows = db.rounds(run.id)
+        assert db.compare([run.id])[0]["epsilon"] == rows[-1]["epsilon"]
     for t, row in enumerate(rows, 1):
         want = privacy.epsilon(noise_multiplier=0.7, sample_rate=0.2, steps=t, delta=1 / 40**1.1)
         assert row["epsilon"] == pytest.approx(want, rel=1e-12)
+    assert f"privacy: epsilon {rows[-1]['epsilon']:.4g} at delta" in out
     assert main(["runs", "--db", str(db_path)]) == 0
     out = capsys.readouterr().out
     assert "epsilon" in out and f"{rows[-1]['epsilon']:8.3g}" in out
