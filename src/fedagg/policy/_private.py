@@ -146,12 +146,11 @@ class DPSum:
         # checked (metadata), finite (the norm) and clipped (every coordinate <= C): the
         # mean's trusted fold skips its own second look (an undo copy, a finiteness test)
         pieces = [state.spec.segments(u.delta) for u in ups]
-        trusted = (
+        if (
             isinstance(inner, Mean)
             and all(len(p) == 1 for p in pieces)
             and state.clip * (inner.count(state.inner) + len(ups)) < 1e30
-        )
-        if trusted:
+        ):
             inner.fold_trusted(
                 state.inner, [p[0] for p in pieces], [1.0] * len(ups), [u.scale for u in ups]
             )
