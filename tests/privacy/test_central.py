@@ -221,3 +221,23 @@ def test_config_refusals() -> None:
         DPSum(fedagg.aggregators.median())
     with pytest.raises(ConfigError, match="noise_multiplier"):
         PrivatePolicy(SyncPolicy(dp_strategy(fedavg()), 1, 1, sampling="poisson"), math.nan)
+
+
+def test_accounting_only_mode_for_distributed_dp() -> None:
+    """``rdp_curve``: the clients noise (distributed DP); the wrapper accounts and enforces."""
+    orders = privacy.DISTRIBUTED_ORDERS
+    one = privacy.rdp_subsampled_gaussian(1.0, 0.1, orders)  # a stand-in per-round curve
+    curve = tuple(zip(map(float, orders), map(float, one), strict=True))
+    d = 1e-4
+    eps = [float(privacy.rdp_to_epsilon(orders, one * t, d)[0]) for t in (1, 2, 3)]
+    inner = SyncPolicy(fedavg(1.0), rounds=10, clients_per_round=10, sampling="poisson")
+    cap = (eps[1] + eps[2]) / 2
+    policy = PrivatePolicy(inner, 0.0, delta=d, max_epsilon=cap, rdp_curve=curve)
+    _, applied, finished = _drive(
+        policy, fedavg(1.0).init([np.zeros(D, np.float32)]), 100, lambda r: 1.0
+    )
+    assert finished and [a.stats.epsilon for a in applied] == pytest.approx(eps[:2], rel=1e-12)
+    secure = fedagg.policy.SecurePolicy(inner)
+    assert PrivatePolicy(secure, 0.0, rdp_curve=curve).clients_per_round == 10
+    with pytest.raises(ConfigError, match="adaptive"):
+        PrivatePolicy(inner, 1.0, target_quantile=0.5, rdp_curve=curve)
