@@ -206,6 +206,7 @@ def test_config_refusals() -> None:
         ({"policy": {"weighting": "fedau"}}, "weighs every client 1"),
         ({"client": {"algorithm": "scaffold"}}, "scaffold"),
         ({"privacy": {"mechanism": "central", "sampling": "fixed"}}, "no accountant"),
+        ({"deploy": {"edges": "edges.pub"}}, "relay"),
         ({"privacy": {"mechanism": "central", "target_quantile": 0.5, "count_stddev": 0.1}},
          "count_stddev"),
     ]  # fmt: skip
