@@ -86,6 +86,16 @@ def test_clipping_weights_one_and_divides_by_the_expected_cohort() -> None:
     np.testing.assert_allclose(got, [0.6 / 4, 0.8 / 4, 0.6 / 4, 0.0], rtol=1e-6)
     with pytest.raises(fedagg.NonFiniteUpdate):
         agg.fold(st, Update(np.array([np.nan, 0, 0, 0], np.float32)))
+    # a large update (the compiled norm): clipped to exactly C, in float64 to 1e-6
+    x = np.random.default_rng(1).standard_normal(300_001).astype(np.float32)
+    spec = ParamSpec.from_arrays([x])
+    st = agg.init(spec, version=None)
+    agg.fold(st, Update(x, weight=7.0))
+    st.expected = 1.0
+    assert st.unclipped == 0
+    assert float(np.linalg.norm(agg.finalize_flat(st).astype(np.float64))) == pytest.approx(
+        1.0, abs=1e-6
+    )
 
 
 def test_noise_std_is_z_times_clip_on_the_sum() -> None:
