@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fedagg
-from fedagg import privacy, sim
+from fedagg import privacy
 from fedagg.cli import main
 from fedagg.config import build_policy, build_strategy, resolve_config
 from fedagg.core.aggregate import mean
@@ -86,6 +86,16 @@ def test_clipping_weights_one_and_divides_by_the_expected_cohort() -> None:
     np.testing.assert_allclose(got, [0.6 / 4, 0.8 / 4, 0.6 / 4, 0.0], rtol=1e-6)
     with pytest.raises(fedagg.NonFiniteUpdate):
         agg.fold(st, Update(np.array([np.nan, 0, 0, 0], np.float32)))
+    # a large update (the compiled norm): clipped to exactly C, in float64 to 1e-6
+    x = np.random.default_rng(1).standard_normal(300_001).astype(np.float32)
+    spec = ParamSpec.from_arrays([x])
+    st = agg.init(spec, version=None)
+    agg.fold(st, Update(x, weight=7.0))
+    st.expected = 1.0
+    assert st.unclipped == 0
+    assert float(np.linalg.norm(agg.finalize_flat(st).astype(np.float64))) == pytest.approx(
+        1.0, abs=1e-6
+    )
 
 
 def test_noise_std_is_z_times_clip_on_the_sum() -> None:
@@ -133,6 +143,8 @@ def test_max_epsilon_stops_before_it_is_exceeded() -> None:
     assert finished and len(applied) == 3
     assert applied[-1].stats.epsilon == pytest.approx(eps[0]) and eps[0] <= cap < eps[1]
     assert state.finished and not state.inner.open
+    back = fedagg.loads(fedagg.dumps(state))  # a checkpointable state
+    assert back.steps == 3 and back.epsilon == state.epsilon and back.finished
     assert policy.step(state, Start(9.0), AllAvailable(n, 3)) == []
     # a budget below one round: Finish at the start, nothing dispatched
     policy, server = _private(n, m, 50, noise_multiplier=z, max_epsilon=eps[0] / 100)
@@ -158,25 +170,39 @@ def test_poisson_sampling_includes_each_client_with_q() -> None:
         SyncPolicy(fedavg(1.0), rounds=1, clients_per_round=1, sampling="poisson", over_select=1)
 
 
-SMALL: dict[str, Any] = {
-    "rounds": 3,
-    "data": {"name": "digits", "num_clients": 40, "partition": "iid"},
-    "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
-    "policy": {"clients_per_round": 8},
-    "privacy": {"mechanism": "central", "noise_multiplier": 0.7, "clip": 0.5},
-}
+SMALL = """
+rounds = 3
+[data]
+name = "digits"
+num_clients = 40
+partition = "iid"
+[client]
+epochs = 1
+batch_size = 16
+lr = 0.1
+[policy]
+clients_per_round = 8
+[privacy]
+mechanism = "central"
+noise_multiplier = 0.7
+clip = 0.5
+"""
 
 
-def test_the_run_database_and_cli_show_epsilon(tmp_path: Path, capsys: Any) -> None:
+def test_simulate_the_run_database_and_runs_show_epsilon(tmp_path: Path, capsys: Any) -> None:
     db_path = tmp_path / "runs.db"
+    (tmp_path / "dp.toml").write_text(SMALL)
+    argv = ["simulate", str(tmp_path / "dp.toml"), "--db", str(db_path), "--no-plots"]
+    assert main([*argv, "--quiet"]) == 0
+    out = capsys.readouterr().out
     with RunDB(db_path) as db:
-        _, rid = sim.run_config(SMALL, db=db)
-        assert rid is not None
-        rows = db.rounds(rid)
-        assert db.compare([rid])[0]["epsilon"] == rows[-1]["epsilon"]
+        (run,) = db.runs()
+        rows = db.rounds(run.id)
+        assert db.compare([run.id])[0]["epsilon"] == rows[-1]["epsilon"]
     for t, row in enumerate(rows, 1):
         want = privacy.epsilon(noise_multiplier=0.7, sample_rate=0.2, steps=t, delta=1 / 40**1.1)
         assert row["epsilon"] == pytest.approx(want, rel=1e-12)
+    assert f"privacy: epsilon {rows[-1]['epsilon']:.4g} at delta" in out
     assert main(["runs", "--db", str(db_path)]) == 0
     out = capsys.readouterr().out
     assert "epsilon" in out and f"{rows[-1]['epsilon']:8.3g}" in out
@@ -190,6 +216,7 @@ def test_config_refusals() -> None:
         ({"policy": {"weighting": "fedau"}}, "weighs every client 1"),
         ({"client": {"algorithm": "scaffold"}}, "scaffold"),
         ({"privacy": {"mechanism": "central", "sampling": "fixed"}}, "no accountant"),
+        ({"deploy": {"edges": "edges.pub"}}, "relay"),
         ({"privacy": {"mechanism": "central", "target_quantile": 0.5, "count_stddev": 0.1}},
          "count_stddev"),
     ]  # fmt: skip
@@ -205,3 +232,23 @@ def test_config_refusals() -> None:
         DPSum(fedagg.aggregators.median())
     with pytest.raises(ConfigError, match="noise_multiplier"):
         PrivatePolicy(SyncPolicy(dp_strategy(fedavg()), 1, 1, sampling="poisson"), math.nan)
+
+
+def test_accounting_only_mode_for_distributed_dp() -> None:
+    """``rdp_curve``: the clients noise (distributed DP); the wrapper accounts and enforces."""
+    orders = privacy.DISTRIBUTED_ORDERS
+    one = privacy.rdp_subsampled_gaussian(1.0, 0.1, orders)  # a stand-in per-round curve
+    curve = tuple(zip(map(float, orders), map(float, one), strict=True))
+    d = 1e-4
+    eps = [float(privacy.rdp_to_epsilon(orders, one * t, d)[0]) for t in (1, 2, 3)]
+    inner = SyncPolicy(fedavg(1.0), rounds=10, clients_per_round=10, sampling="poisson")
+    cap = (eps[1] + eps[2]) / 2
+    policy = PrivatePolicy(inner, 0.0, delta=d, max_epsilon=cap, rdp_curve=curve)
+    _, applied, finished = _drive(
+        policy, fedavg(1.0).init([np.zeros(D, np.float32)]), 100, lambda r: 1.0
+    )
+    assert finished and [a.stats.epsilon for a in applied] == pytest.approx(eps[:2], rel=1e-12)
+    secure = fedagg.policy.SecurePolicy(inner)
+    assert PrivatePolicy(secure, 0.0, rdp_curve=curve).clients_per_round == 10
+    with pytest.raises(ConfigError, match="adaptive"):
+        PrivatePolicy(inner, 1.0, target_quantile=0.5, rdp_curve=curve)

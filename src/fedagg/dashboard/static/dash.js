@@ -269,9 +269,6 @@ async function livePage(app) {
       card("duplicate", "duplicate uploads"), card("refused", "refused")),
     el("h2", {text: "this round"}), el("div", {class: "bar"}, bar), barText,
     el("h2", {text: "updates folded per round"}), chartBox,
-    ...(has(cols, "epsilon") ? [el("h2", {text: "privacy"}), charts(
-      lineChart({id: "epsilon", title: "epsilon spent against round", x: "round", y: "epsilon", yMin: 0},
-        ser([["epsilon", "epsilon"]], x)))] : []),
     el("h2", {text: "refusals"}), refusedBox, el("h2", {text: "clients"}), clientsBox);
   const set = (id, v) => { const e = document.getElementById("live-" + id); if (e.textContent !== v) e.textContent = v; };
   let lastRounds = -1;
