@@ -106,12 +106,13 @@ def simulate(task: dict[str, Any]) -> dict[str, Any]:
 
     t0, c0 = time.perf_counter(), time.process_time()
     result, _ = sim.run_config(task["config"])
-    rows, clips, eps = [], [], []
+    rows, eps = [], []
     for rec in result.records:
         row = rec.row()
         rows.append((row["round"], row["test_accuracy"], row["folded"]))
-        clips.append(float(getattr(rec.stats, "clip", math.nan)))
         eps.append(float(row.get("epsilon", getattr(rec.stats, "epsilon", math.nan))))
+    # the clip of each closed round (PrivatePolicy's state; constant under a fixed clip)
+    clips = [float(c) for c in getattr(result.policy_state, "clips", [])]
     evals = [a for _, a, _ in rows if math.isfinite(a)]
     out = {k: v for k, v in task.items() if k != "config"}
     out.update({
@@ -318,7 +319,8 @@ def plot(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     ax.grid(alpha=0.3)
     for e in epsilons:
         rs = [r for r in runs if _eps(r["epsilon"]) == e and r["method"].startswith("adaptive")]
-        clips = np.array([r["clip_per_round"] for r in rs], dtype=float)
+        n = min((len(r["clip_per_round"]) for r in rs), default=0)
+        clips = np.array([r["clip_per_round"][:n] for r in rs], dtype=float)
         if clips.size and np.isfinite(clips).any():
             ax2.plot(np.arange(1, clips.shape[1] + 1), np.nanmean(clips, axis=0),
                      label=f"epsilon {_fmt_eps(e)}")  # fmt: skip
