@@ -14,8 +14,10 @@ z C on the sum, divided by the expected 100; server momentum 0.9, server lr 1. T
 delta = 1 / N^1.1. For each epsilon in {1, 2, 4, 8} the noise multiplier z comes from
 ``fedagg.privacy.noise_multiplier_for(epsilon, delta, q, T)`` (RDP); epsilon = inf is z = 0 (the
 clipping stays). Methods: adaptive clipping (target quantile 0.5, initial clip 0.1, clip learning
-rate 0.2, count noise std = 100/20, the paper's defaults) and fixed clips C in {0.05, 0.1, 0.2,
-0.4, 0.8}. Three seeds each; accuracy = mean of the evaluations at rounds 80, 90 and 100.
+rate 0.2, count noise std = 100/20, the paper's defaults; and a side run at quantile 0.25) and
+fixed clips C in {0.025, 0.05, 0.1, 0.2, 0.4, 0.8}. Three seeds each; accuracy = mean of the
+evaluations at rounds 80, 90 and 100. Every run's epsilon spent (``RoundStats.epsilon``) is
+recorded, and the adaptive clip of each round (``PrivateState.clips``).
 
 Writes ``results/results.md`` (the table), ``results/results.json`` (every run: curve,
 epsilon spent, clip per round) and ``results/accuracy_vs_epsilon.png``.
@@ -45,8 +47,9 @@ NUM_CLIENTS = 1000
 PER_ROUND = 100  # expected clients per round (Poisson sampling, q = PER_ROUND / NUM_CLIENTS)
 ROUNDS = 100
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
-FIXED_CLIPS = (0.05, 0.1, 0.2, 0.4, 0.8)
-ADAPTIVE = {"target_quantile": 0.5, "clip": 0.1, "clip_learning_rate": 0.2}
+FIXED_CLIPS = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
+ADAPTIVE = {"clip": 0.1, "clip_learning_rate": 0.2}  # initial clip and eta: the paper's
+QUANTILES = (0.5, 0.25)  # the paper's gamma, and a lower one (a side run, not in the claim)
 SEEDS = (0, 1, 2)
 EVAL_EVERY = 10
 LAST = 3  # accuracy = mean of the last LAST evaluations
@@ -71,12 +74,17 @@ def noise_multipliers(rounds: int, epsilons: tuple[float, ...]) -> dict[float, f
     }
 
 
-def method_name(clip: float | None) -> str:
-    return "adaptive (q=0.5)" if clip is None else f"fixed C={clip:g}"
+Method = tuple[str, float]  # ("adaptive", target quantile) or ("fixed", clip)
 
 
-def config(clip: float | None, z: float, rounds: int, seed: int) -> dict[str, Any]:
-    """One run's config dict; ``clip=None`` is adaptive clipping."""
+def method_name(method: Method) -> str:
+    kind, v = method
+    return f"adaptive γ={v:g}" if kind == "adaptive" else f"fixed C={v:g}"
+
+
+def config(method: Method, z: float, rounds: int, seed: int) -> dict[str, Any]:
+    """One run's config dict."""
+    kind, v = method
     priv: dict[str, Any] = {
         "mechanism": "central",
         "noise_multiplier": z,
@@ -84,9 +92,12 @@ def config(clip: float | None, z: float, rounds: int, seed: int) -> dict[str, An
         "sampling": "poisson",
         "accountant": "rdp",
     }
-    priv.update(ADAPTIVE if clip is None else {"clip": clip, "target_quantile": 0.0})
+    if kind == "adaptive":
+        priv.update(ADAPTIVE, target_quantile=v)
+    else:
+        priv.update(clip=v, target_quantile=0.0)
     return {
-        "name": f"dp-{method_name(clip)}-z{z:.3f}-s{seed}",
+        "name": f"dp-{kind}-{v:g}-z{z:.3f}-s{seed}",
         "seed": seed,
         "rounds": rounds,
         "eval_every": EVAL_EVERY,
@@ -131,21 +142,23 @@ def simulate(task: dict[str, Any]) -> dict[str, Any]:
 def plan(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[float, float]]:
     rounds = 20 if args.quick else args.rounds
     epsilons = (1.0, math.inf) if args.quick else EPSILONS
-    clips: tuple[float | None, ...] = (None, 0.1, 0.4) if args.quick else (None, *FIXED_CLIPS)
+    methods: list[Method] = [("adaptive", g) for g in QUANTILES[: 1 if args.quick else None]]
+    methods += [("fixed", c) for c in ((0.1, 0.4) if args.quick else FIXED_CLIPS)]
     seeds = (0,) if args.quick else tuple(range(args.seeds))
     zs = noise_multipliers(rounds, epsilons)
     tasks = [
         {
-            "method": method_name(c),
-            "clip": c,
+            "method": method_name(m),
+            "kind": m[0],
+            "param": m[1],
             "epsilon": e,
             "z": zs[e],
             "seed": s,
             "rounds": rounds,
-            "config": config(c, zs[e], rounds, s),
+            "config": config(m, zs[e], rounds, s),
         }
         for e in epsilons
-        for c in clips
+        for m in methods
         for s in seeds
     ]
     return tasks, zs
@@ -239,6 +252,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[tuple[float, str], dict[str, f
     return out
 
 
+def update_noise(z: float) -> float:
+    """z_u, the noise multiplier of an adaptive run's clipped sum (count std PER_ROUND / 20)."""
+    from fedagg import privacy
+
+    if not z or not math.isfinite(z):
+        return z
+    return float(privacy.update_noise_multiplier(z, PER_ROUND / 20))
+
+
 def _fmt_eps(e: float) -> str:
     return "∞" if math.isinf(e) else f"{e:g}"
 
@@ -261,7 +283,7 @@ def write_markdown(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -
         f"(%) = mean of the last {LAST} evaluations (every {EVAL_EVERY} rounds), mean ± std "
         "over seeds. **Bold**: the best fixed clip at that epsilon (chosen with hindsight).",
         "",
-        "| epsilon | z | " + " | ".join(methods) + " | adaptive − best fixed |",
+        "| epsilon | z | " + " | ".join(methods) + " | γ=0.5 − best fixed |",
         "|---|---|" + "---|" * len(methods) + "---|",
     ]
     for e in epsilons:
@@ -271,23 +293,33 @@ def write_markdown(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -
             c = s.get((e, m))
             txt = "" if c is None else f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"
             cells.append(f"**{txt}**" if m == best else txt)
-        ad = next((m for m in methods if m.startswith("adaptive")), None)
+        ad = next((m for m in methods if m == "adaptive γ=0.5"), None)
         gap = (100 * (s[(e, ad)]["mean"] - s[(e, best)]["mean"])) if ad and best else math.nan
         lines.append(f"| {_fmt_eps(e)} | {zs.get(e, math.nan):.3f} | " + " | ".join(cells)
                      + f" | {gap:+.1f} |")  # fmt: skip
+    adaptive = [m for m in methods if m.startswith("adaptive")]
     lines += [
         "",
-        "Epsilon spent (reported by the run: `RoundStats.epsilon` after the last round, mean "
-        "over seeds) and, for adaptive clipping, the clip after the last round:",
+        "Epsilon spent by every run (`RoundStats.epsilon` after its last round, min and max "
+        "over all methods and seeds; the target is the row's epsilon), the noise multiplier "
+        "of the adaptive runs' clipped sum z_u (larger than z: the count query's share, "
+        f"count std {PER_ROUND / 20:g}), and the adaptive clip after the last round (mean "
+        "over seeds):",
         "",
-        "| epsilon target | " + " | ".join(methods) + " | adaptive final clip |",
-        "|---|" + "---|" * len(methods) + "---|",
+        "| epsilon | z | z_u | epsilon spent | "
+        + " | ".join(f"final clip, {m}" for m in adaptive)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(adaptive),
     ]
     for e in epsilons:
-        spent = [f"{s[(e, m)]['eps_spent']:.3f}" if (e, m) in s else "" for m in methods]
-        ad = next((m for m in methods if m.startswith("adaptive")), None)
-        clip = s[(e, ad)]["clip"] if ad and (e, ad) in s else math.nan
-        lines.append(f"| {_fmt_eps(e)} | " + " | ".join(spent) + f" | {clip:.3f} |")
+        spent = [_eps(r["epsilon_spent"]) for r in runs if _eps(r["epsilon"]) == e]
+        lo, hi = min(spent), max(spent)
+        span = "∞" if math.isinf(lo) else f"{lo:.3f}" if lo == hi else f"{lo:.3f} – {hi:.3f}"
+        z = zs.get(e, math.nan)
+        zu = update_noise(z)
+        clips = [f"{s[(e, m)]['clip']:.3f}" if (e, m) in s else "" for m in adaptive]
+        lines.append(f"| {_fmt_eps(e)} | {z:.3f} | {zu:.3f} | {span} | " + " | ".join(clips)
+                     + " |")  # fmt: skip
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -307,7 +339,7 @@ def plot(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     for m in methods:
         ys = np.array([100 * s[(e, m)]["mean"] for e in epsilons])
         err = np.array([100 * s[(e, m)]["std"] for e in epsilons])
-        adaptive = m.startswith("adaptive")
+        adaptive = m == "adaptive γ=0.5"
         ax.errorbar(xs, ys, yerr=err, label=m, lw=2.5 if adaptive else 1,
                     color="k" if adaptive else None, marker="o" if adaptive else ".",
                     capsize=3)  # fmt: skip
@@ -317,19 +349,20 @@ def plot(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     ax.set_title("DP-FedAvg on MNIST-5k, 1,000 clients")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    for e in epsilons:
-        rs = [r for r in runs if _eps(r["epsilon"]) == e and r["method"].startswith("adaptive")]
-        n = min((len(r["clip_per_round"]) for r in rs), default=0)
-        clips = np.array([r["clip_per_round"][:n] for r in rs], dtype=float)
-        if clips.size and np.isfinite(clips).any():
-            ax2.plot(np.arange(1, clips.shape[1] + 1), np.nanmean(clips, axis=0),
-                     label=f"epsilon {_fmt_eps(e)}")  # fmt: skip
+    for i, e in enumerate(epsilons):
+        for m, style in (("adaptive γ=0.5", "-"), ("adaptive γ=0.25", ":")):
+            rs = [r for r in runs if _eps(r["epsilon"]) == e and r["method"] == m]
+            n = min((len(r["clip_per_round"]) for r in rs), default=0)
+            clips = np.array([r["clip_per_round"][:n] for r in rs], dtype=float)
+            if clips.size and np.isfinite(clips).any():
+                ax2.plot(np.arange(1, clips.shape[1] + 1), np.nanmean(clips, axis=0), style,
+                         color=f"C{i}", label=f"{m}, epsilon {_fmt_eps(e)}")  # fmt: skip
     ax2.set_yscale("log")
     ax2.set_xlabel("round")
     ax2.set_ylabel("adaptive clip C_t")
-    ax2.set_title("adaptive clip (target quantile 0.5), mean over seeds")
+    ax2.set_title("adaptive clip C_t (mean over seeds)")
     if ax2.lines:
-        ax2.legend(fontsize=8)
+        ax2.legend(fontsize=6, ncol=2)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_epsilon.png"), dpi=90)
