@@ -11,6 +11,13 @@ from typing import Any
 
 from fedagg import policy as policies
 from fedagg.config._models import is_user_aggregator, named, user_aggregator, user_model
+from fedagg.config._privacy import (
+    check_privacy,
+    privacy_client,
+    privacy_policy,
+    privacy_strategy,
+    sampling,
+)
 from fedagg.config._schema import DEFAULTS
 from fedagg.core import strategy as strategies
 from fedagg.core.aggregate import mean
@@ -79,6 +86,11 @@ def build_model(cfg: Mapping[str, Any], data: Any) -> Any:
 
 
 def build_algorithm(cfg: Mapping[str, Any]) -> Any:
+    """The ``[client]`` algorithm (wrapped as ``[privacy]`` needs: local DP)."""
+    return privacy_client(cfg, _build_algorithm(cfg))
+
+
+def _build_algorithm(cfg: Mapping[str, Any]) -> Any:
     from fedagg import clients
 
     c = cfg["client"]
@@ -157,6 +169,12 @@ def build_aggregator(s: Mapping[str, Any], *, code_path: str = "") -> Any:
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
+    """The ``[strategy]`` (its aggregator wrapped as ``[privacy]`` needs: central DP)."""
+    check_privacy(cfg)
+    return privacy_strategy(cfg, _build_strategy(cfg))
+
+
+def _build_strategy(cfg: Mapping[str, Any]) -> Strategy:
     s = cfg["strategy"]
     agg = build_aggregator(s, code_path=cfg.get("code_path", ""))
     pre = [clip_norm(float(s["clip_norm"]))] if s["clip_norm"] else []
@@ -202,7 +220,14 @@ _POLICIES = ("sync", "fedbuff", "fedasync", "fedfix", "async", "fedamd")
 def build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
     """The round or async policy of the ``[policy]`` table; with ``[secure_aggregation] kind
     = "secagg+"``, a :class:`~fedagg.policy.SecurePolicy` around the sync policy (refused
-    with a :class:`ConfigError` for what needs plaintext updates)."""
+    with a :class:`ConfigError` for what needs plaintext updates); with ``[privacy]``, the
+    policy of :func:`fedagg.config._privacy.privacy_policy` around that (central DP: a
+    :class:`~fedagg.policy.PrivatePolicy`)."""
+    check_privacy(cfg)
+    return privacy_policy(cfg, _secure_or_plain(cfg, strategy))
+
+
+def _secure_or_plain(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
     sa = cfg.get("secure_aggregation", {"kind": "none"})
     if sa["kind"] == "none":
         return _build_policy(cfg, strategy)
@@ -303,6 +328,7 @@ def _build_policy(cfg: Mapping[str, Any], strategy: Strategy) -> Any:
             straggler_mode=p["straggler_mode"],
             scaffold=algorithm == "scaffold",
             weighting=None if p["weighting"] == "examples" else weighting,
+            sampling="poisson" if sampling(cfg) == "poisson" else "fixed",
         )
     if kind == "fedbuff":
         return policies.fedbuff(

@@ -39,6 +39,7 @@ from fedagg.policy._events import (
     refusal_reason,
     round_stats,
 )
+from fedagg.policy._private import DPSum, DPSumState, PrivatePolicy, PrivateState, dp_strategy
 from fedagg.policy._secure import SecurePolicy, SecureRound, SecureState, stage_tag
 from fedagg.policy._sync import SyncPolicy, SyncState
 
@@ -50,6 +51,8 @@ __all__ = [
     "AsyncPolicy",
     "AsyncState",
     "Commit",
+    "DPSum",
+    "DPSumState",
     "Dispatch",
     "Dropout",
     "Event",
@@ -60,6 +63,8 @@ __all__ = [
     "Merge",
     "Policy",
     "PolicyContext",
+    "PrivatePolicy",
+    "PrivateState",
     "RoundStats",
     "SecureContext",
     "SecurePolicy",
@@ -74,6 +79,7 @@ __all__ = [
     "Timer",
     "apply_or_skip",
     "async_fedavg",
+    "dp_strategy",
     "effective_weights",
     "fedasync",
     "fedbuff",

@@ -176,6 +176,9 @@ class RoundStats:
     #: why updates were refused: ``(reason, count)`` sorted by reason, the counts adding up
     #: to ``refused`` (see :func:`refusal_reason`)
     refusals: tuple[tuple[str, int], ...] = ()
+    #: the run's (epsilon, delta)-DP epsilon after this round
+    #: (:class:`~fedagg.policy.PrivatePolicy`); NaN without differential privacy
+    epsilon: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,11 @@ class SyncPolicy:
     FedProx code (1 when E is 1). ``scaffold=True`` keeps SCAFFOLD's server control variate
     c and adds ``sum(delta_c) / N`` to it after each applied round.
 
+    ``sampling="poisson"`` picks each available client independently with probability
+    ``q = clients_per_round / num_clients`` (seeded the same way; the cohort's size varies,
+    what DP accountants assume) and closes the round only when every sampled client reported
+    or dropped (or at the deadline); ``over_select`` must then be 0.
+
     ``weighting`` (see :mod:`fedagg.weighting`) sets each participant's weight and the
     normaliser: the default weighs by sample count over the participants (FedAvg);
     ``fedau()`` estimates ``1/p_n`` online and divides by N (FedAU).
@@ -107,8 +112,13 @@ class SyncPolicy:
     straggler_mode: Literal["drop", "partial"] = "drop"
     scaffold: bool = False
     weighting: Weighting | None = None
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("fixed", "poisson"):
+            raise ConfigError(f"sampling must be 'fixed' or 'poisson', got {self.sampling!r}")
+        if self.sampling == "poisson" and self.over_select:
+            raise ConfigError("over_select must be 0 with Poisson sampling")
         if self.rounds < 1 or self.clients_per_round < 1:
             raise ConfigError("rounds and clients_per_round must be >= 1")
         if self.over_select < 0 or not self.deadline > 0:
@@ -166,8 +176,12 @@ class SyncPolicy:
     def _open(self, state: SyncState, now: float, ctx: PolicyContext) -> Dispatch | None:
         rng = np.random.default_rng([ctx.seed, 0x5EC7, state.round])
         avail = ctx.available(state.round)
-        want = min(len(avail), math.ceil(self.clients_per_round * (1 + self.over_select)))
-        chosen = np.sort(rng.choice(avail, size=want, replace=False)) if want else avail[:0]
+        if self.sampling == "poisson":  # each client independently, q = cpr / N
+            q = min(1.0, self.clients_per_round / ctx.num_clients)
+            chosen = np.sort(avail[rng.random(len(avail)) < q])
+        else:
+            want = min(len(avail), math.ceil(self.clients_per_round * (1 + self.over_select)))
+            chosen = np.sort(rng.choice(avail, size=want, replace=False)) if want else avail[:0]
         n_slow = round(self.stragglers * len(chosen))
         slow = set(rng.choice(chosen, size=n_slow, replace=False).tolist()) if n_slow else set()
         drop = self.straggler_mode == "drop"
@@ -261,7 +275,8 @@ class SyncPolicy:
         return self._maybe_close(state, ev.now, ctx)
 
     def _maybe_close(self, state: SyncState, now: float, ctx: PolicyContext) -> list[Action]:
-        if state.folded >= self.clients_per_round or not state.pending:
+        full = self.sampling == "fixed" and state.folded >= self.clients_per_round
+        if full or not state.pending:  # a Poisson sample waits for all its clients
             return self._close(state, now, ctx)
         return []
 
