@@ -59,22 +59,24 @@ def _cell(v: Any, width: int) -> str:
 def _list(db: Any) -> None:
     print(
         f"{'id':>4}  {'kind':<8} {'name':<28} {'status':<11} {'rounds':>6}  {'final acc':>9}  "
-        f"{'wall s':>8}"
+        f"{'wall s':>8}  {'epsilon':>8}"
     )
     for r in db.runs():
         acc = r.summary.get("final_accuracy")
         acc_s = f"{acc:9.2%}" if isinstance(acc, float) else f"{'-':>9}"
         wall = r.summary.get("wall_time")
         wall_s = f"{wall:8.2f}" if isinstance(wall, float) else f"{'-':>8}"
+        eps = db.final_epsilon(r.id)  # the run's DP epsilon so far ("-": no DP)
+        eps_s = f"{'-':>8}" if eps is None else f"{eps:8.3g}"
         print(
             f"{r.id:>4}  {r.kind:<8} {r.name[:28]:<28} {r.status:<11} "
-            f"{db.round_count(r.id):>6}  {acc_s}  {wall_s}"
+            f"{db.round_count(r.id):>6}  {acc_s}  {wall_s}  {eps_s}"
         )
 
 
 def _compare(rows: list[dict[str, Any]]) -> None:
     keys = ["name", "kind", "status", "rounds", "final_accuracy", "best_accuracy", "final_loss",
-            "virtual_time", "wall_time"]  # fmt: skip
+            "virtual_time", "wall_time", "epsilon"]  # fmt: skip
     print(f"{'':<16}" + "".join(f"{'run ' + str(r['id']):>16}" for r in rows))
     for k in keys:
         print(f"{k:<16}" + "".join(" " + _cell(row.get(k), 15) for row in rows))

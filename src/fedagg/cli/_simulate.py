@@ -191,6 +191,8 @@ def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
         acc = rec.test_accuracy
         acc_s = "   -  " if acc != acc else f"{acc:6.2%}"
         line = f"[{bar}] round {done}/{total}  acc {acc_s}  virtual {rec.stats.ended:9.1f} s"
+        if not math.isnan(rec.stats.epsilon):  # differential privacy: the budget spent
+            line += f"  epsilon {rec.stats.epsilon:.3g}"
         if refused:
             line += f"  refused ({sum(refused.values())}): {format_refusals(refused)}"
         if sys.stderr.isatty():  # redraw in place
@@ -199,6 +201,18 @@ def _progress(total: int, enabled: bool) -> Callable[[Any], None]:
             print(line, file=sys.stderr, flush=True)
 
     return show
+
+
+def _privacy_line(cfg: Mapping[str, Any], eps: float, rounds: int) -> str:
+    """``privacy: epsilon 2.31 at delta 1e-05 after 40 rounds (central, rdp; max 3)``."""
+    pr = cfg["privacy"]
+    n = int(cfg["data"]["num_clients"])
+    delta = float(pr["delta"]) or 1.0 / n**1.1
+    line = f"privacy: epsilon {eps:.4g} at delta {delta:.3g} after {rounds} rounds "
+    line += f"({pr['mechanism']}, {pr['accountant']}"
+    cap = float(pr["max_epsilon"])
+    line += f"; max_epsilon {cap:g})" if math.isfinite(cap) else ")"
+    return line
 
 
 @contextmanager
@@ -266,6 +280,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
             refused[reason] = refused.get(reason, 0) + n
     if refused:
         print(f"refused updates ({sum(refused.values())}): {format_refusals(refused)}")
+    eps = result.records[-1].stats.epsilon if result.records else math.nan
+    if not math.isnan(eps):
+        print(_privacy_line(cfg, eps, len(result.records)))
     ups = result.client_updates / result.wall_time if result.wall_time else 0.0
     print(
         f"run {run_id} in {db_path}: final test accuracy {rows[-1]['test_accuracy']:.2%}, "

@@ -115,5 +115,13 @@ def _check_central(cfg: Mapping[str, Any]) -> None:
             "(sampling without replacement is analysed under substitution adjacency only, "
             "Wang et al. 2019, not implemented); use 'poisson'"
         )
+    dep = cfg.get("deploy", {})
+    if dep.get("edges") and dep.get("edge_mode", "auto") != "relay":
+        raise ConfigError(
+            f"deploy.edges with edge_mode = {dep.get('edge_mode', 'auto')!r} {why}: edges that "
+            "aggregate would fold updates the root never clips (and not with the adaptive "
+            "clip); use edge_mode = 'relay' (the root clips every update and adds the noise "
+            "once)"
+        )
     if not math.isfinite(float(cfg["privacy"]["clip"])):
         raise ConfigError("privacy.clip must be finite")

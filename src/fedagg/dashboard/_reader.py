@@ -198,6 +198,9 @@ class RunReader:
         if not self.exists():
             return out
         with self._con() as con:
+            have = {r[1] for r in con.execute("PRAGMA table_info(rounds)")}
+            cols = [c for c in cols if c in have]  # an older database lacks newer columns
+            out = {c: [] for c in cols}
             rows = con.execute(
                 f"SELECT {', '.join(cols)} FROM rounds WHERE run_id = ? ORDER BY round",
                 (run_id,),

@@ -30,7 +30,7 @@ __all__ = ["RunRecorder"]
 #: what a row takes from a round's stats (a RoundStats, or the state database's record)
 _STATS = (
     "round", "version", "ended", "client_loss", "selected", "dispatched", "folded", "dropped",
-    "refused", "late", "applied", "staleness_mean", "staleness_max",
+    "refused", "late", "applied", "staleness_mean", "staleness_max", "epsilon",
 )  # fmt: skip
 
 log = logging.getLogger("fedagg.server")

@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from fedagg import privacy
 from fedagg._checkpoint import register
-from fedagg.core.aggregate import Aggregator, Composed, Mean
+from fedagg.core.aggregate import Aggregator, Composed, Mean, check_update
 from fedagg.core.pretransforms import update_norm
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.strategy import ServerState, Strategy
@@ -128,6 +128,7 @@ class DPSum:
         return DPSumState(self.inner.init(spec, version=version), self.clip)
 
     def _clipped(self, state: DPSumState, update: Update) -> tuple[Update, bool]:
+        check_update(state.spec, state.version, update)
         norm = update_norm(state.spec, update) * abs(float(update.scale))
         if not math.isfinite(norm):
             raise NonFiniteUpdate(update.client_id, "delta holds NaN or Inf values")
@@ -136,14 +137,25 @@ class DPSum:
         return replace(update, weight=1.0, scale=scale), within
 
     def fold(self, state: DPSumState, update: Update) -> DPSumState:
-        u, within = self._clipped(state, update)
-        state.inner = self.inner.fold(state.inner, u)
-        state.unclipped += int(within)
-        return state
+        return self.fold_many(state, (update,))
 
     def fold_many(self, state: DPSumState, updates: Iterable[Update]) -> DPSumState:
         pairs = [self._clipped(state, u) for u in updates]
-        state.inner = self.inner.fold_many(state.inner, [u for u, _ in pairs])
+        ups = [u for u, _ in pairs]
+        inner = self.inner
+        # checked (metadata), finite (the norm) and clipped (every coordinate <= C): the
+        # mean's trusted fold skips its own second look (an undo copy, a finiteness test)
+        pieces = [state.spec.segments(u.delta) for u in ups]
+        if (
+            isinstance(inner, Mean)
+            and all(len(p) == 1 for p in pieces)
+            and state.clip * (inner.count(state.inner) + len(ups)) < 1e30
+        ):
+            inner.fold_trusted(
+                state.inner, [p[0] for p in pieces], [1.0] * len(ups), [u.scale for u in ups]
+            )
+        else:
+            state.inner = inner.fold_many(state.inner, ups)
         state.unclipped += sum(int(w) for _, w in pairs)
         return state
 
@@ -220,9 +232,17 @@ class PrivatePolicy:
         delta: the delta epsilon is given at (0: ``1 / num_clients**1.1``).
         max_epsilon: stop before a round whose epsilon would exceed this.
         accountant: ``"rdp"`` or ``"pld"``.
+        rdp_curve: accounting only (distributed DP, where the clients add the noise): the
+            RDP of ONE round, already subsampled, as ``((order, rdp), ...)`` (e.g.
+            :func:`fedagg.privacy.rdp_poisson_subsampled` of
+            :func:`fedagg.privacy.rdp_distributed_discrete_gaussian`). Then ``inner`` may be a
+            :class:`~fedagg.policy.SecurePolicy` around the Poisson sync rounds, the strategy
+            needs no :class:`DPSum`, ``noise_multiplier`` and the clip are not used, epsilon
+            is RDP's over these orders (``accountant`` ignored), and adaptive clipping is
+            refused. ``max_epsilon`` and ``RoundStats.epsilon`` work as in central DP.
     """
 
-    inner: SyncPolicy
+    inner: Any  # SyncPolicy (central), or a SecurePolicy around one (with rdp_curve)
     noise_multiplier: float
     clip: float = 1.0
     target_quantile: float = 0.0
@@ -231,9 +251,10 @@ class PrivatePolicy:
     delta: float = 0.0
     max_epsilon: float = math.inf
     accountant: str = "rdp"
+    rdp_curve: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        inner = self.inner
+        inner = _sync(self.inner) if self.rdp_curve else self.inner
         if not isinstance(inner, SyncPolicy):
             raise ConfigError(
                 "central DP runs with sync rounds (policy kind 'sync'): DP with async, FedBuff "
@@ -250,7 +271,9 @@ class PrivatePolicy:
                 "central DP weighs every client 1 and keeps no per-client server state: "
                 "SCAFFOLD and participation weightings (FedAU) are not DP here"
             )
-        if not isinstance(inner.strategy.aggregator, DPSum):
+        if self.rdp_curve:
+            self._check_curve()
+        elif _find(inner.strategy.aggregator, DPSum) is None:
             raise ConfigError(
                 "central DP needs the strategy's aggregator wrapped: use "
                 "fedagg.policy.dp_strategy(strategy) for the SyncPolicy's strategy"
@@ -282,18 +305,30 @@ class PrivatePolicy:
         if self.adaptive and self.noise_multiplier > 0 and self.count_stddev > 0:
             privacy.update_noise_multiplier(self.noise_multiplier, self.count_stddev)
 
+    def _check_curve(self) -> None:
+        curve = self.rdp_curve
+        ok = isinstance(curve, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and float(p[0]) > 1 and float(p[1]) >= 0
+            for p in curve
+        )
+        if not ok:
+            raise ConfigError("rdp_curve must be ((order > 1, rdp >= 0), ...)")
+        if self.adaptive:
+            raise ConfigError("adaptive clipping is for central DP (not with rdp_curve)")
+
     # -- what the engines read ----------------------------------------------------------------
     @property
     def strategy(self) -> Strategy:
-        return self.inner.strategy
+        s: Strategy = self.inner.strategy
+        return s
 
     @property
     def rounds(self) -> int:
-        return self.inner.rounds
+        return int(self.inner.rounds)
 
     @property
     def clients_per_round(self) -> int:
-        return self.inner.clients_per_round
+        return int(self.inner.clients_per_round)
 
     @property
     def adaptive(self) -> bool:
@@ -310,8 +345,12 @@ class PrivatePolicy:
         """The run's epsilon after ``steps`` rounds."""
         if steps == 0:
             return 0.0
-        if self.noise_multiplier == 0:
+        if self.noise_multiplier == 0 and not self.rdp_curve:
             return math.inf
+        if self.rdp_curve:
+            orders = [float(a) for a, _ in self.rdp_curve]
+            rdp = np.array([float(r) for _, r in self.rdp_curve]) * steps
+            return float(privacy.rdp_to_epsilon(orders, rdp, state.delta)[0])
         if state.rdp is not None:
             rdp = np.asarray(state.rdp) * steps
             return float(privacy.rdp_to_epsilon(privacy.DEFAULT_ORDERS, rdp, state.delta)[0])
@@ -325,13 +364,13 @@ class PrivatePolicy:
 
     def init(self, server: ServerState, ctx: PolicyContext) -> PrivateState:
         n = ctx.num_clients
-        q = min(1.0, self.inner.clients_per_round / n)
+        q = min(1.0, _sync(self.inner).clients_per_round / n)
         delta = float(self.delta) or 1.0 / n**1.1
         sb = float(self.count_stddev) or q * n / 20
         if self.adaptive and self.noise_multiplier > 0:
             privacy.update_noise_multiplier(self.noise_multiplier, sb)  # refuse a too-small sb
         state = PrivateState(self.inner.init(server, ctx), float(self.clip), q, delta, sb)
-        if self.accountant == "rdp" and self.noise_multiplier > 0:
+        if self.accountant == "rdp" and self.noise_multiplier > 0 and not self.rdp_curve:
             state.rdp = privacy.rdp_subsampled_gaussian(
                 float(self.noise_multiplier), q, privacy.DEFAULT_ORDERS
             )
@@ -343,7 +382,9 @@ class PrivatePolicy:
         if isinstance(event, Start) and self.epsilon(state, 1) > self.max_epsilon:
             state.finished = True
             return [Finish()]
-        agg = state.inner.agg if state.inner.open else None  # the round open before the event
+        # the aggregate of the round open before the event (its count of unclipped updates)
+        sync = _sync(state.inner)
+        agg = _find(sync.agg, DPSumState) if sync.open else None
         return self._wrap(state, self.inner.step(state.inner, event, ctx), agg, ctx)
 
     def _wrap(
@@ -367,12 +408,13 @@ class PrivatePolicy:
                     self._adapt(state, unclipped, m, ctx)
             elif isinstance(a, Dispatch):
                 if self.epsilon(state, state.steps + 1) > self.max_epsilon:
-                    inner = state.inner
+                    inner = _sync(state.inner)
                     inner.open, inner.pending, inner.agg = False, set(), None
                     state.finished = True
                     out.append(Finish())
                     return out
-                self._arm(state, ctx)
+                if not self.rdp_curve:
+                    self._arm(state, ctx)
                 out.append(a)
             elif isinstance(a, SetTimer | Finish):
                 if isinstance(a, Finish):
@@ -384,22 +426,38 @@ class PrivatePolicy:
 
     def _arm(self, state: PrivateState, ctx: PolicyContext) -> None:
         """Set the now open round's clip, noise and divisor on its aggregate."""
-        agg = state.inner.agg
-        if not isinstance(agg, DPSumState):
+        sync = _sync(state.inner)
+        agg = _find(sync.agg, DPSumState)
+        if agg is None:
             raise ConfigError("central DP needs the DPSum aggregator (dp_strategy)")
         agg.clip = state.clip
         agg.std = self.update_noise(state) * state.clip
-        agg.seed = _round_key(ctx.seed, state.inner.round, b"sum").hex()
+        agg.seed = _round_key(ctx.seed, sync.round, b"sum").hex()
         agg.expected = state.sample_rate * ctx.num_clients
 
     def _adapt(self, state: PrivateState, unclipped: int, m: float, ctx: PolicyContext) -> None:
-        key = _round_key(ctx.seed, state.inner.round - 1, b"count")
+        key = _round_key(ctx.seed, _sync(state.inner).round - 1, b"count")
         rng = np.random.default_rng(int.from_bytes(key[:16], "little"))
         sb = state.count_stddev if self.noise_multiplier > 0 else 0.0
         b = privacy.noised_unclipped_fraction(int(unclipped), m, sb, rng)
         state.clip = privacy.adaptive_clip(
             state.clip, b, float(self.target_quantile), float(self.clip_learning_rate)
         )
+
+
+def _sync(obj: Any) -> Any:
+    """The sync policy (or its state) of ``obj``, or of the wrapper (SecurePolicy) around it."""
+    return obj if isinstance(obj, SyncPolicy) or hasattr(obj, "pending") else obj.inner
+
+
+def _find(obj: Any, kind: type[Any]) -> Any:
+    """``obj`` or the first ``kind`` down its chain of ``.inner`` wrappers (a deployment's
+    canonical-order aggregator wraps :class:`DPSum`), else None."""
+    for _ in range(8):
+        if isinstance(obj, kind):
+            return obj
+        obj = getattr(obj, "inner", None)
+    return None
 
 
 def _round_key(seed: int, round_: int, what: bytes) -> bytes:

@@ -3,7 +3,9 @@
 One row per run (name, kind, status, seed, config as JSON, start/end, summary) and one per
 closed round (the columns of :meth:`RoundRecord.row`: the numbers of :data:`ROUND_COLUMNS`
 and the text of :data:`TEXT_COLUMNS`). WAL mode, one transaction per round, so a crashed run
-keeps every round it finished and a reader never blocks the writer.
+keeps every round it finished and a reader never blocks the writer. ``epsilon`` is the run's
+differential-privacy epsilon after the round (:class:`fedagg.policy.PrivatePolicy`; NULL
+without DP).
 
 Recording a run (the simulator does it in :func:`fedagg.sim.run_config`; a deployment's
 server does the same with ``kind="deploy"``)::
@@ -44,7 +46,7 @@ ROUND_COLUMNS = (
     "round", "version", "virtual_time", "wall_time", "test_loss", "test_accuracy",
     "client_loss", "client_accuracy", "train_loss", "train_accuracy", "selected", "dispatched",
     "folded", "dropped", "refused", "late", "applied", "bytes_down", "bytes_up", "staleness_mean",
-    "staleness_max",
+    "staleness_max", "epsilon",
 )  # fmt: skip
 #: The rounds' text columns: why updates were refused ("dtype float64, expected float32: 3").
 TEXT_COLUMNS = ("refusals",)
@@ -259,6 +261,13 @@ class RunDB:
             for r in cur.fetchall()
         ]  # fmt: skip
 
+    def final_epsilon(self, run_id: int) -> float | None:
+        """The run's epsilon after its last stored round (None: no DP, or no round)."""
+        row = self._db.execute(
+            "SELECT epsilon FROM rounds WHERE run_id = ? ORDER BY round DESC LIMIT 1", (run_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def round_count(self, run_id: int) -> int:
         """How many rounds of the run are stored."""
         row = self._db.execute("SELECT COUNT(*) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
@@ -284,6 +293,7 @@ class RunDB:
                     "final_loss": last.get("test_loss"),
                     "virtual_time": last.get("virtual_time"),
                     "wall_time": last.get("wall_time"),
+                    "epsilon": last.get("epsilon"),
                 }
             )
         return out

@@ -169,6 +169,7 @@ class RoundRecord:
             "bytes_up": self.bytes_up,
             "staleness_mean": s.staleness_mean,
             "staleness_max": s.staleness_max,
+            "epsilon": s.epsilon,
             "refusals": format_refusals(s.refusals),
         }
 

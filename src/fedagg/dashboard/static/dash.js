@@ -196,7 +196,8 @@ async function runPage(app) {
     el("div", {class: "cards"}, card("rounds", String(run.rounds)), card("final accuracy", pct(s.final_accuracy ?? last("test_accuracy"))),
       card("final loss", fmt(last("test_loss"))), card("virtual time", fmt(last("virtual_time"), 1) + " s"),
       card("folded", String(sum("folded"))), card("dropped", String(sum("dropped"))), card("refused", String(sum("refused"))),
-      card("bytes up", bytes(sum("bytes_up"))), card("bytes down", bytes(sum("bytes_down")))),
+      card("bytes up", bytes(sum("bytes_up"))), card("bytes down", bytes(sum("bytes_down"))),
+      ...(has(cols, "epsilon") ? [card("epsilon (DP)", fmt(last("epsilon")))] : [])),
     el("h2", {text: "learning"}),
     charts(
       lineChart({id: "accuracy-round", title: "accuracy against round", x: "round", y: "accuracy", yMin: 0, yMax: 1}, ser(acc, x)),
@@ -211,6 +212,9 @@ async function runPage(app) {
         ser([["staleness_mean", "mean"], ["staleness_max", "max"]].filter(([k]) => has(cols, k)), x)),
       lineChart({id: "bytes", title: "bytes per round", x: "round", y: "bytes", yMin: 0},
         ser([["bytes_up", "up (updates)"], ["bytes_down", "down (models)"]].filter(([k]) => has(cols, k)), x))),
+    ...(has(cols, "epsilon") ? [el("h2", {text: "privacy"}), charts(
+      lineChart({id: "epsilon", title: "epsilon spent against round", x: "round", y: "epsilon", yMin: 0},
+        ser([["epsilon", "epsilon"]], x)))] : []),
     el("h2", {text: "refusals"}),
     refusals.length ? table(["reason", "updates refused"], refusals, [1]) : el("p", {class: "muted", text: "no update was refused"}),
     el("h2", {text: "summary"}),
