@@ -84,3 +84,17 @@ def test_a_deployment_stops_before_max_epsilon(tmp_path: Path) -> None:
     assert fed.server.version == applied
     # every update was clipped to 1 and noised: the model moved, by about C / (qN) per round
     assert np.all(np.isfinite(fed.server.params)) and np.any(fed.server.params != 0)
+
+
+def test_the_noise_key_is_a_secret_of_the_state_directory_not_the_seed(tmp_path: Path) -> None:
+    """Two deployments with the same config and seed add different noise (each made its own
+    32-byte key, 0600 in its state directory): the seed in a config file cannot rebuild it."""
+    cap = (_eps(1) + _eps(2)) / 2  # one round each
+    a, _ = asyncio.run(_run(tmp_path / "a", cap))
+    b, _ = asyncio.run(_run(tmp_path / "b", cap))
+    for d in ("a", "b"):
+        key = tmp_path / d / "dp.key"
+        assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert (tmp_path / "a" / "dp.key").read_bytes() != (tmp_path / "b" / "dp.key").read_bytes()
+    assert a.server.version == b.server.version == 1
+    assert not np.array_equal(a.server.params, b.server.params)

@@ -47,13 +47,13 @@ from fedagg.core.strategy import ServerState
 from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._files import secret_key
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
 from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
 from fedagg.errors import ConfigError, StateError
 from fedagg.policy import (
-    AllAvailable,
     Applied,
     Arrival,
     Commit,
@@ -64,6 +64,7 @@ from fedagg.policy import (
     MaskedMerge,
     Merge,
     Policy,
+    PrivatePolicy,
     RoundStats,
     SecurePolicy,
     SecureReply,
@@ -178,7 +179,7 @@ class Federation:
         self.spec: ParamSpec = server.spec
         #: the clients' Ed25519 identities (raw public keys, the keyring's order): what
         #: secure aggregation checks their signatures with
-        self.ctx: AllAvailable = SecureCtx(num_clients, seed, identities or ())
+        self.ctx = SecureCtx(num_clients, seed, identities or ())
         self.secure = SecureBook()
         #: whether rounds run secure aggregation (a SecurePolicy): edges are refused
         self.secure_rounds = isinstance(policy, SecurePolicy)
@@ -196,6 +197,8 @@ class Federation:
         self.spool = self.dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.dir / "state.db")
+        if isinstance(policy, PrivatePolicy):  # central DP: noise from a secret, not the seed
+            self.ctx.noise_secret = secret_key(self.dir / "dp.key")
         self.identity = identity or {}
         self.state: Any = None
         self.seq = 0  # the last event logged

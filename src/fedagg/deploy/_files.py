@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
 from fedagg.deploy._store import RECOVERY_HINT
 from fedagg.errors import StateError
 
-__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "private_state_dir", "write_private"]
+__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "private_state_dir", "secret_key", "write_private"]
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -77,3 +78,17 @@ def private_state_dir(path: str | os.PathLike[str]) -> Path:
             f"checkpoints or spooled updates ({held[0].name}, ...): {RECOVERY_HINT}"
         )
     return d
+
+
+def secret_key(path: str | os.PathLike[str], nbytes: int = 32) -> bytes:
+    """The ``nbytes``-byte secret kept in ``path`` (mode 0600), made from the OS's randomness
+    the first time: the same key after a restart, never derivable from the config."""
+    p = Path(path)
+    if p.exists():
+        key = p.read_bytes()
+        if len(key) != nbytes:
+            raise StateError(f"{p} holds {len(key)} bytes, not a {nbytes}-byte key")
+        return key
+    key = secrets.token_bytes(nbytes)
+    write_private(p, key)
+    return key

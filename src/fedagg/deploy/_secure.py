@@ -198,6 +198,9 @@ class SecureCtx(AllAvailable):
     def __init__(self, num_clients: int, seed: int, identities: Sequence[bytes]) -> None:
         super().__init__(num_clients, seed)
         self._ids = list(identities)
+        #: central DP's noise key (:class:`fedagg.policy.PrivatePolicy`): a secret kept in the
+        #: state directory, so the released model's noise cannot be rebuilt from the config
+        self.noise_secret: bytes | None = None
 
     def identity(self, client: int) -> bytes:
         if not 0 <= client < len(self._ids):

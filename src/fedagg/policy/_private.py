@@ -35,8 +35,11 @@ The clip then follows ``C <- C * exp(-eta * (b/m - gamma))`` with ``b`` the nois
 
 Caveats: a round that folds fewer than ``min_updates`` updates is skipped (the model stays),
 which reveals that the sample was that small; keep ``min_updates = 1`` and ``q * N`` large. The
-noise seed derives from the run's seed and the round: in a deployment keep the run seed
-secret. Floating-point Gaussian noise (see :mod:`fedagg.privacy`).
+noise key of each round derives from the context's ``noise_secret`` when it has one (a
+deployment: 32 random bytes kept private in its state directory, the same after a restart)
+and otherwise from the run's seed (a simulation, which must replay bit for bit): a released
+model's noise can then be rebuilt, and removed, by whoever knows the seed. Floating-point
+Gaussian noise (see :mod:`fedagg.privacy`).
 """
 
 from __future__ import annotations
@@ -488,11 +491,11 @@ class PrivatePolicy:
             raise ConfigError("central DP needs the DPSum aggregator (dp_strategy)")
         agg.clip = state.clip
         agg.std = self.update_noise(state) * state.clip
-        agg.seed = _round_key(ctx.seed, sync.round, b"sum").hex()
+        agg.seed = _round_key(ctx, sync.round, b"sum").hex()
         agg.expected = state.sample_rate * ctx.num_clients
 
     def _adapt(self, state: PrivateState, unclipped: int, m: float, ctx: PolicyContext) -> None:
-        key = _round_key(ctx.seed, _sync(state.inner).round - 1, b"count")
+        key = _round_key(ctx, _sync(state.inner).round - 1, b"count")
         rng = np.random.default_rng(int.from_bytes(key[:16], "little"))
         sb = state.count_stddev if self.noise_multiplier > 0 else 0.0
         b = privacy.noised_unclipped_fraction(int(unclipped), m, sb, rng)
@@ -516,6 +519,14 @@ def _find(obj: Any, kind: type[Any]) -> Any:
     return None
 
 
-def _round_key(seed: int, round_: int, what: bytes) -> bytes:
-    """The 32-byte noise key of one round's query (from the run's seed: keep it secret)."""
-    return hashlib.sha256(b"fedagg central dp\0" + what + f"\0{seed}\0{round_}".encode()).digest()
+def _round_key(ctx: PolicyContext, round_: int, what: bytes) -> bytes:
+    """The 32-byte noise key of one round's query: from the context's secret (a deployment)
+    or else from the run's seed (a simulation; module docs)."""
+    secret = getattr(ctx, "noise_secret", None)
+    if isinstance(secret, bytes) and len(secret) >= 16:
+        return hashlib.sha256(
+            b"fedagg central dp secret\0" + what + b"\0" + secret + f"\0{round_}".encode()
+        ).digest()
+    return hashlib.sha256(
+        b"fedagg central dp\0" + what + f"\0{ctx.seed}\0{round_}".encode()
+    ).digest()
