@@ -37,6 +37,10 @@ def test_noise_is_seekable_and_chunking_does_not_matter() -> None:
     add_gaussian_noise(part, SEED, 1.0, offset=301, chunk=8)
     single = gaussian_noise(SEED, 0, 1001, dtype=np.float32)
     np.testing.assert_array_equal(part.ravel(), single[301:401])
+    for workers in (1, 3):  # threads noise disjoint chunks: the same bits
+        again = np.zeros((10, 10), dtype=np.float32)
+        add_gaussian_noise(again, SEED, 1.0, offset=301, chunk=8, workers=workers)
+        np.testing.assert_array_equal(again, part)
     np.testing.assert_allclose(single, whole, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(gaussian_noise(bytes(32), 0, 10), whole[:10])
 
@@ -124,6 +128,7 @@ def test_skellam_variance() -> None:
         lambda: gaussian_noise(SEED, 0, 4, dtype=np.int32),  # type: ignore[arg-type]
         lambda: add_gaussian_noise(np.zeros(4, dtype=np.int64), SEED, 1.0),
         lambda: add_gaussian_noise(np.zeros((4, 4))[:, 0], SEED, 1.0),
+        lambda: add_gaussian_noise(np.zeros(4), SEED, 1.0, workers=0),
         lambda: clip_l2(np.array([1.0, np.nan]), 1.0),
         lambda: clip_l2(np.ones(3), 0.0),
         lambda: adaptive_clip(1.0, 0.5, 1.5),
