@@ -193,6 +193,7 @@ class EdgeServer:
         self._link_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._versions: dict[asyncio.Task[None], int] = {}  # each send's model version
+        self._born = time.time()  # (a client seen after this has reached this process)
 
     @property
     def stats(self) -> ServerStats:
@@ -237,9 +238,11 @@ class EdgeServer:
         can end before they are back, its forwards needing no client)."""
         deadline = time.monotonic() + timeout
         names = self.service.keys.names
-        seen = self.service.progress.last_seen  # clients that opened a task stream here
+        seen = self.service.progress.last_seen  # each client's last call or task stream
         waiting = {names[c] for c in self.fed.replayed_clients}
-        while time.monotonic() < deadline and any(n not in seen for n in waiting):
+        while time.monotonic() < deadline and any(
+            seen.get(n, -math.inf) < self._born for n in waiting
+        ):
             await asyncio.sleep(0.05)
         await self.server.drain(max(0.0, deadline - time.monotonic()))
 
