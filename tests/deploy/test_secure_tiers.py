@@ -82,3 +82,33 @@ def test_an_intermediate_edge_merges_masked_partials_and_resumes_after_a_sigkill
         assert "(a relayed update)" not in mid_log + leaf_log
         for name in PARENTS:
             _no_plaintext(fed, tmp_path / f"state-{name}")
+
+
+def test_an_intermediate_edge_killed_holding_every_masked_input_replays_them(
+    tmp_path: Path,
+) -> None:
+    """One round; ``mid`` is SIGKILLed as it adds its 3rd and last masked input (so the
+    leaf's masked partial is among those replayed), before it forwarded anything, and
+    restarted: it forwards each logged input alone (the leaf's 2 jobs in one; a re-send of
+    one it had acknowledged is a duplicate), and the round applies all 6 masked inputs once."""
+    kw = _secure_kw(tmp_path, N, 1, 10.0, {"wait_for": N})
+    edge = {"wait_for": 0, "flush_after": 60.0}
+    with tree_context(tmp_path, parents=PARENTS, serves=SERVES, edge_deploy=edge, **kw) as tree:
+        fed = tree.fed
+        server = {**{c: tree.address("mid") for c in (2, 3)}, **tree.client_server}
+        root = start_node(tree, "root")
+        wait_node(tree, "root", root)
+        mid = start_node(tree, "mid", env=_crash("edge-masked:3"))
+        leaf = start_node(tree, "leaf")
+        procs = [start_client(fed, i, args=("--server", server.get(i, fed.address)))
+                 for i in range(N)]  # fmt: skip
+        assert wait(mid, 60) == -9, read_log(fed, "mid.log")
+        mid = start_node(tree, "mid")
+        finish(tree, root, [mid, leaf, *procs], 60)
+        assert _check_model(fed, N) == [6]
+        mid_log = (tmp_path / "mid.log").read_text()
+        assert "replayed 3 events" in mid_log, mid_log
+        sent = sorted(re.findall(r"forwarded (\d+) jobs of version 0", mid_log))
+        assert sent == ["1", "1", "2"], mid_log
+        for name in PARENTS:
+            _no_plaintext(fed, tmp_path / f"state-{name}")
