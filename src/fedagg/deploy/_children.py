@@ -44,6 +44,9 @@ class Children:
 
     def __init__(self, svc: FederationService) -> None:
         self.svc = svc
+        #: the edges that said hello to this process: routes are not kept across a restart,
+        #: an edge says hello again when its link comes back (until then it is told to retry)
+        self.greeted: set[str] = set()
 
     def drop(self, name: str) -> None:
         """An edge aggregator stayed away for ``client_timeout``: every open job of its
@@ -65,7 +68,17 @@ class Children:
         self.svc.admit.verify(self.svc.edges, method, auth, content)
         return str(auth.client)
 
+    def greet(self, edge: str) -> None:
+        """An edge that has not said hello to this process (it restarted since: the edge's
+        link says hello again when it reconnects) is told to retry."""
+        if edge not in self.greeted:
+            raise CallError(
+                Status.UNAVAILABLE,
+                f"edge {edge!r} has not said hello to this server since it started: retry",
+            )
+
     def routed(self, edge: str, client: int) -> None:
+        self.greet(edge)
         if self.svc.route.get(client) != edge:
             raise CallError(
                 Status.PERMISSION_DENIED,
@@ -141,6 +154,7 @@ class Children:
     def hello(self, req: Any) -> pb.HelloReply:
         serves = sorted(int(c) for c in req.serves)
         name = self.auth("Hello", req.auth, body(protocol=req.protocol, serves=serves))
+        self.greeted.add(name)  # (a refused hello too: its edge's later requests are refused)
         if req.protocol != PROTOCOL:
             raise CallError(
                 Status.FAILED_PRECONDITION,
@@ -177,6 +191,7 @@ class Children:
 
     async def tasks(self, call: Call, edge: str) -> None:
         """An edge aggregator's task stream: the tasks of every client of its subtree."""
+        self.greet(edge)
         mine = {c for c, e in self.svc.route.items() if e == edge}
         for c in mine:
             cs = self.svc.sessions[c]
@@ -220,7 +235,8 @@ class Children:
         if not all(math.isfinite(j.weight) and j.weight > 0 for j in p.jobs):
             raise CallError(Status.INVALID_ARGUMENT, "weights must be finite and > 0")
         if p.accumulator_bits == 0 and getattr(self.svc.engine, "secure_rounds", False):
-            # a secure round's masked partial (at the root: intermediate edges do not merge them)
+            # a secure round's masked partial (at the root, or at an intermediate edge that
+            # merges it into its own masked partial)
             return await self._push_masked(edge, first, it, head, keys, report_dropouts)
         self.verify_jobs(head)
         fresh = [k for k in keys if k not in self.svc.accepted]
@@ -315,14 +331,20 @@ class Children:
         bytes); no value checks (uniform noise); logged as a partial the root's policy gets
         as a :class:`~fedagg.policy.MaskedMerge`. A re-sent one is a duplicate."""
         logged = await self.svc.in_engine(
-            lambda: all(self.svc.engine.store.has_upload(*k) for k in keys)
+            lambda: [self.svc.engine.store.has_upload(*k) for k in keys]
         )
-        if logged:  # a re-sent masked partial: read it (4-byte words), acknowledge
+        if all(logged):  # a re-sent masked partial: read it (4-byte words), acknowledge
             await self.svc.up.read_unspooled(first, it, head, 4, "re-sent masked partial")
             self.svc.stats.duplicates += 1
             return pb.PushReply(task=head.task, duplicate=True)
+        if any(logged):
+            raise CallError(
+                Status.FAILED_PRECONDITION, "a masked partial overlaps accepted uploads"
+            )
         dims = {self.svc.engine.secure_dim(j) for _, j in keys}
         dim = dims.pop() if len(dims) == 1 else None
+        if dim is None and not self.svc.engine.ready():  # an edge catching up with its parent
+            raise CallError(Status.UNAVAILABLE, "this edge is catching up with its parent: retry")
         if dim is None:
             raise CallError(
                 Status.FAILED_PRECONDITION,

@@ -195,6 +195,7 @@ class EdgeEngine:
         self.synced = False
         self.finished = False
         self.replayed = 0
+        self.replayed_clients: set[int] = set()  # whose uploads a restart replayed
         self.forwarded = 0
         if mode == "aggregate":
             mean_state(aggregator.init(ParamSpec.from_arrays([np.zeros(1, spec.dtype)])))
@@ -232,6 +233,12 @@ class EdgeEngine:
             if row.kind in ("arrival", "partial", "dropout"):
                 effects.merge(self._apply(row))
                 self.replayed += 1
+                if row.upload is not None:  # (not a child edge's partial's: not its clients)
+                    self.replayed_clients.add(row.upload.client)
+            # a replayed masked upload or child partial goes up alone, as it was logged: the
+            # parent acknowledges as a duplicate one it had accepted before the crash and takes
+            # the others (one masked sum mixing both would be refused as an overlap)
+            effects.forward += [self.masked.pop(v) for v in sorted(self.masked)]
         effects.merge(self._flush(force=True))
         return effects
 
@@ -262,6 +269,14 @@ class EdgeEngine:
     def take_free(self) -> Path | None:
         return None
 
+    @property
+    def secure_rounds(self) -> bool:
+        """Whether a masked partial from a child edge may be merged here: an edge takes them
+        whenever its parent runs secure aggregation, which it learns from the secure rounds'
+        tasks (a masked partial whose jobs are not such tasks is refused, or told to retry
+        while the edge is catching up with its parent)."""
+        return self.mode == "aggregate"
+
     def secure_dim(self, job: int) -> int | None:
         """The masked upload's length (uint32 words) of a secure round's job, else None."""
         return self.secure.dims.get(job)
@@ -285,11 +300,13 @@ class EdgeEngine:
             resolved = self.store.has_upload(t.client, t.job) or self.store.has_event(
                 "dropout", t.job
             )  # a job that dropped out here stays out, even if the parent re-sends it
+            if t.secure is not None:  # a secure round's: its masked upload's length (also
+                # for a job resolved here before a restart: its client's retry is a duplicate)
+                self.secure.remember(t.job, t.secure.round, params_dim(t.secure.raw))
             if t.job not in self.tasks and not resolved:
                 self.tasks[t.job] = t
                 effects.tasks.append(t)
-                if t.secure is not None:  # a secure round's: its masked upload's length
-                    self.secure.remember(t.job, t.secure.round, params_dim(t.secure.raw))
+                if t.secure is not None:
                     self.secure.requests[t.client] = t.secure
         return effects
 
@@ -386,7 +403,7 @@ class EdgeEngine:
             masked = u.job in self.secure.dims or u.nbytes != self.spec.nbytes
             self.secure.arrived(u.client, u.job, True)
             if masked and self.mode == "aggregate":
-                self._fold_masked(u, effects)
+                self._fold_masked((u,), effects)
                 return effects
             if self.mode == "relay":
                 loss = float(u.metrics.get("train_loss", math.nan))
@@ -421,6 +438,11 @@ class EdgeEngine:
             p = row.parts[0]
             for u in row.parts:
                 self.tasks.pop(u.job, None)
+            if row.info.get("masked"):  # a child edge's masked partial (an intermediate edge)
+                for u in row.parts:
+                    self.secure.arrived(u.client, u.job, True)
+                self._fold_masked(row.parts, effects)
+                return effects
             other = load_partial(self.agg, self.spec, p.version, p.path, row.info, len(row.parts))
             pend = self._pending(p.version, effects)
             self.agg.merge(pend.state, other)
@@ -432,10 +454,13 @@ class EdgeEngine:
             return effects
         raise StateError(f"malformed edge event {row.seq} ({row.kind})")
 
-    def _fold_masked(self, u: UploadRow, effects: Effects) -> None:
-        """A masked upload of a secure round, added into its version's masked partial with
-        wrap-around uint32 adds (the masks cancel only in the root's total: this edge never
-        sees a plaintext update)."""
+    def _fold_masked(self, parts: Sequence[UploadRow], effects: Effects) -> None:
+        """A masked upload of a secure round (one part), or a child edge's masked partial
+        (its jobs, one spool file), added into its version's masked partial with wrap-around
+        uint32 adds: the masks cancel only in the root's total, so no tier sees a plaintext
+        update. An intermediate edge merges its child edges' masked partials and its own
+        clients' masked uploads alike, and forwards one masked partial up."""
+        u = parts[0]
         values = np.fromfile(u.path, dtype=np.uint32)
         m = self.masked.get(u.version)
         if m is None:
@@ -443,12 +468,15 @@ class EdgeEngine:
             effects.timers.append((self.now + self.flush_after, u.version))
         assert m.masked is not None
         if m.masked.size != values.size:
-            log.warning("job %d: a masked upload of another length: not folded", u.job)
-            self.dropped.append((u.client, u.job))
+            log.warning("jobs %s: masked values of another length: not folded",
+                        [p.job for p in parts])  # fmt: skip
+            self.dropped += [(p.client, p.job) for p in parts]
             return
         np.add(m.masked, values, out=m.masked)  # modulo 2**32
-        m.jobs.append((u.client, u.job, 1.0, float(u.metrics.get("train_loss", math.nan))))
+        m.jobs += [(p.client, p.job, 1.0, float(p.metrics.get("train_loss", math.nan)))
+                   for p in parts]  # fmt: skip
         m.paths.append(u.path)
+        crash_point("edge-masked")
 
     def _fold(self, pend: _Pending, u: UploadRow, update: Update) -> None:
         """Fold one client's (bounded) update into its version's partial (or leaf rule)."""

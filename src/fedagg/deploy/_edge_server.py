@@ -192,6 +192,8 @@ class EdgeServer:
         self._linked = asyncio.Event()
         self._link_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        self._versions: dict[asyncio.Task[None], int] = {}  # each send's model version
+        self._born = time.time()  # (a client seen after this has reached this process)
 
     @property
     def stats(self) -> ServerStats:
@@ -230,8 +232,19 @@ class EdgeServer:
 
     async def drain(self, timeout: float) -> None:
         """After the end: wait (up to ``timeout``) for the subtree's clients and edges to
-        read "finished" and hang up, so none is left retrying against a closed port."""
-        await self.server.drain(timeout)
+        read "finished" and hang up, so none is left retrying against a closed port. A
+        restarted edge also waits for the clients whose uploads it replayed from its log to
+        connect once: they were busy with it when it died and may still be retrying (the run
+        can end before they are back, its forwards needing no client)."""
+        deadline = time.monotonic() + timeout
+        names = self.service.keys.names
+        seen = self.service.progress.last_seen  # each client's last call or task stream
+        waiting = {names[c] for c in self.fed.replayed_clients}
+        while time.monotonic() < deadline and any(
+            seen.get(n, -math.inf) < self._born for n in waiting
+        ):
+            await asyncio.sleep(0.05)
+        await self.server.drain(max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace: float = 1.0) -> None:
         for t in [self._link_task, *self._sends]:
@@ -253,11 +266,21 @@ class EdgeServer:
 
     def _forward(self, effects: Effects) -> None:
         for fwd in [] if self.fed.finished else effects.forward:
-            task = asyncio.get_running_loop().create_task(self._send(fwd))
+            # after the sends of earlier versions: a parent that restarted hears of a round
+            # it had taken before (a duplicate) before it hears of the next one
+            before = [t for t, v in self._versions.items() if v < fwd.version]
+            task = asyncio.get_running_loop().create_task(self._send(fwd, before))
             self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            self._versions[task] = fwd.version
+            task.add_done_callback(self._sent)
 
-    async def _send(self, fwd: Forward) -> None:
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        self._versions.pop(task, None)
+
+    async def _send(self, fwd: Forward, before: Sequence[asyncio.Task[None]] = ()) -> None:
+        if before:
+            await asyncio.wait(before)
         await self._linked.wait()
         keys = [(c, j) for c, j, _, _ in fwd.jobs]
         if keys:
@@ -294,10 +317,14 @@ class EdgeServer:
         link = self.link
         start, delay = time.monotonic(), 0.05
         beats = asyncio.create_task(self._beat_parent())
+        again = False
         try:
             while True:
                 try:
                     self.fed.synced = False
+                    if again:  # the parent may have restarted (and forgotten this subtree)
+                        await link.hello()
+                    again = True
                     req = pb.TasksRequest(auth=link._auth("Tasks", body()))
                     stream = link._method("Tasks", "unary_stream")(req.SerializeToString())
                     async for raw in stream:

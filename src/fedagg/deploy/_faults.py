@@ -58,9 +58,12 @@ POINTS = (
 #: Server: ``secure-s``, a client's reply of stage s logged (acknowledged or not), not yet fed
 #: to the policy (``secure-2``: a masked upload about to be folded). Client:
 #: ``client-secure-s``, about to send its reply of stage s (``client-secure-2``: its masked
-#: upload), a dropout at that stage.
-SECURE_POINTS = tuple(f"secure-{s}" for s in range(5)) + tuple(
-    f"client-secure-{s}" for s in range(5)
+#: upload), a dropout at that stage. Edge aggregator: ``edge-masked``, a masked upload (or a
+#: child edge's masked partial) logged and added into its masked partial, not yet forwarded.
+SECURE_POINTS = (
+    tuple(f"secure-{s}" for s in range(5))
+    + tuple(f"client-secure-{s}" for s in range(5))
+    + ("edge-masked",)
 )
 
 

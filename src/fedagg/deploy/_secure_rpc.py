@@ -109,6 +109,10 @@ def upload_kind(engine: Engine, head: Any) -> tuple[int | None, np.dtype[Any]]:
     masked length (None for a plaintext update) and the values' dtype."""
     spec = engine.spec
     dim = engine.secure_dim(int(head.task))
+    if dim is None and head.nbytes != spec.nbytes and not engine.ready():
+        # maybe a masked upload for a task this edge has not learnt again since its restart
+        raise CallError(Status.UNAVAILABLE,
+                        "this edge aggregator is catching up with its parent: retry")  # fmt: skip
     if dim is not None:
         if head.nbytes != 4 * dim:
             raise CallError(
