@@ -252,3 +252,15 @@ def test_accounting_only_mode_for_distributed_dp() -> None:
     assert PrivatePolicy(secure, 0.0, rdp_curve=curve).clients_per_round == 10
     with pytest.raises(ConfigError, match="adaptive"):
         PrivatePolicy(inner, 1.0, target_quantile=0.5, rdp_curve=curve)
+
+
+def test_the_simulate_header_names_the_privacy_mechanism() -> None:
+    from fedagg.cli._simulate import header
+    from fedagg.config import resolve_config
+
+    assert "privacy" not in header(resolve_config({}))
+    dp = {"mechanism": "central", "noise_multiplier": 0.8, "target_quantile": 0.5}
+    cfg = resolve_config({"privacy": {**dp, "max_epsilon": 3.0}})
+    line = next(x for x in header(cfg).splitlines() if x.lstrip().startswith("privacy"))
+    assert "central DP (noise multiplier 0.8, adaptive clip from 1 to quantile 0.5" in line
+    assert "rdp accountant, max epsilon 3)" in line

@@ -182,6 +182,18 @@ def header(cfg: Mapping[str, Any]) -> str:
             f"  secure    {sa['kind']} ({k}, {t}, clip {_num(sa['clip'])}, {sa['bits']} bits"
             f"{extra}{drop})"
         )
+    pr = cfg.get("privacy", {})
+    if pr.get("mechanism", "none") != "none":
+        clip = f"clip {_num(pr['clip'])}"
+        if pr["target_quantile"]:
+            clip = (
+                f"adaptive clip from {_num(pr['clip'])} to quantile {_num(pr['target_quantile'])}"
+            )
+        cap = f", max epsilon {_num(pr['max_epsilon'])}" if math.isfinite(pr["max_epsilon"]) else ""
+        lines.append(
+            f"  privacy   {pr['mechanism']} DP (noise multiplier {_num(pr['noise_multiplier'])}, "
+            f"{clip}, {pr['accountant']} accountant{cap})"
+        )
     return "\n".join(lines)
 
 
