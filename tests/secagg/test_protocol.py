@@ -18,6 +18,7 @@ from fedagg.secagg._keys import public_bytes
 from fedagg.secagg._protocol import (
     ClientSession,
     ConsistencyRequest,
+    ConsistencySignature,
     ForwardedShares,
     KeyDirectory,
     MaskedInput,
@@ -300,6 +301,26 @@ def test_inconsistent_survivor_sets_are_refused() -> None:
     assert set(reqs) == everyone  # the honest requests, never sent
 
 
+def test_signatures_from_another_session_under_the_same_round_id_are_refused() -> None:
+    """A server that ran session A (everyone survived), aborted it, and opens session B under
+    the same round id cannot replay A's consistency signatures in B: they are bound to each
+    signer's ephemeral keys of A."""
+    a = Fixture(6, 16)
+    sigs_a = {
+        u: a.clients[u].consistency(r).signature for u, r in _to_consistency(a, set()).items()
+    }
+    b = Fixture(6, 16)
+    b.clients = {u: ClientSession(b.cfg, u, a.ident[u], a.pub) for u in b.ids}
+    b.server = ServerSession(b.cfg, a.pub)
+    reqs = _to_consistency(b, set())
+    own = b.clients[1].consistency(reqs[1]).signature
+    replayed = {**{u: s for u, s in sigs_a.items() if u != 1}, 1: own}
+    with pytest.raises(SecAggError, match="survivor sets disagree"):
+        b.clients[1].unmask(UnmaskRequest(7, frozenset(b.ids), frozenset(), replayed))
+    with pytest.raises(SecAggError, match="survivor set"):
+        b.server.receive_signature(ConsistencySignature(2, sigs_a[2]))
+
+
 def test_a_request_for_both_shares_of_a_peer_is_refused() -> None:
     f = Fixture(6, 16)
     reqs = f.consist(_to_consistency(f, {6}))
@@ -387,6 +408,13 @@ def test_bad_parameters_raise_config_errors() -> None:
         RoundConfig(round_id=1, clients=(0, 1, 2), dim=4, graph_seed=b"")
     with pytest.raises(ConfigError, match="dim"):
         RoundConfig(round_id=1, clients=(1, 2, 3), dim=0, graph_seed=b"")
+    # what a malicious server may ask a client to build is bounded (checked before the graph)
+    many = tuple(range(1, 1001))
+    with pytest.raises(ConfigError, match="degree must be at most 128"):
+        RoundConfig(round_id=1, clients=many, dim=4, graph_seed=b"", degree=2**32 - 1)
+    with pytest.raises(ConfigError, match="at most 65536 clients"):
+        RoundConfig(round_id=1, clients=tuple(range(1, 65538)), dim=4, graph_seed=b"")
+    assert RoundConfig(round_id=1, clients=(1, 2, 3), dim=4, graph_seed=b"", degree=9).degree == 2
     cfg = RoundConfig(round_id=1, clients=(1, 2, 3), dim=4, graph_seed=b"")
     with pytest.raises(ConfigError, match="not in round"):
         ClientSession(cfg, 9, Ed25519PrivateKey.generate(), {})

@@ -3,6 +3,7 @@ parameters, with the byte layouts that are signed or sealed."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from fedagg.secagg._keys import id_set
 from fedagg.secagg._shamir import PRIME, SHARE_BYTES
 
 __all__ = [
+    "MAX_DEGREE",
+    "MAX_ROUND_CLIENTS",
     "AdvertiseKeys",
     "ConsistencyRequest",
     "ConsistencySignature",
@@ -28,9 +31,17 @@ __all__ = [
     "bundle",
     "key_parts",
     "sign_of",
+    "survivor_digest",
     "survivor_parts",
     "unbundle",
 ]
+
+
+#: The most clients in one secure round, and the largest degree k (the default k is 48 at
+#: 65,536 clients): a round's graph costs O(n k) to build, on the server and on every client,
+#: so what a (possibly malicious) server may ask for is bounded.
+MAX_ROUND_CLIENTS = 1 << 16
+MAX_DEGREE = 128
 
 
 # -- the round's public parameters --------------------------------------------------------------
@@ -58,7 +69,13 @@ class RoundConfig:
             raise ConfigError(f"dim must be >= 1, got {self.dim}")
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        if len(ids) > MAX_ROUND_CLIENTS:
+            raise ConfigError(
+                f"a secure round holds at most {MAX_ROUND_CLIENTS} clients, got {len(ids)}"
+            )
         k = self.degree or default_degree(len(ids))
+        if min(k, len(ids) - 1) > MAX_DEGREE:  # checked before the graph is built: O(n k)
+            raise ConfigError(f"degree must be at most {MAX_DEGREE}, got {k}")
         g = neighbours(ids, k, self.graph_seed)
         k = min(len(vs) for vs in g.values())
         t = self.threshold or default_threshold(k)
@@ -155,8 +172,17 @@ def key_parts(round_id: int, sender: int, c_pk: bytes, s_pk: bytes) -> tuple[Any
     return (b"keys", round_id, sender, c_pk, s_pk)
 
 
-def survivor_parts(round_id: int, survivors: frozenset[int]) -> tuple[Any, ...]:
-    return (b"survivors", round_id, id_set(survivors))
+def survivor_digest(survivors: frozenset[int]) -> bytes:
+    """SHA-256 of the survivor set's canonical encoding (computed once per set: O(n))."""
+    return hashlib.sha256(id_set(survivors)).digest()
+
+
+def survivor_parts(round_id: int, digest: bytes, c_pk: bytes, s_pk: bytes) -> tuple[Any, ...]:
+    """What a client signs in the consistency round: the round, the survivor set (its
+    :func:`survivor_digest`) and the signer's OWN ephemeral public keys of this session, so a
+    signature from another session (even one a server ran under the same round id) never
+    verifies against the keys a peer advertised in this one."""
+    return (b"survivors-v2", round_id, digest, c_pk, s_pk)
 
 
 def bundle(sender: int, receiver: int, round_id: int, b: int, s: int) -> bytes:

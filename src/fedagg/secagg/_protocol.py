@@ -76,6 +76,7 @@ from fedagg.secagg._messages import (
     bundle,
     key_parts,
     sign_of,
+    survivor_digest,
     survivor_parts,
     unbundle,
 )
@@ -129,6 +130,7 @@ class ClientSession:
         self._s_sk: X25519PrivateKey | None = new_key_pair()
         self._stage = 0
         self._peer_keys: dict[int, AdvertiseKeys] = {}
+        self._own = AdvertiseKeys(client_id, b"", b"", b"")  # its own, once advertised
         self._b: bytes | None = None
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (b share, s share)
         self._masked_with: frozenset[int] = frozenset()
@@ -161,7 +163,8 @@ class ClientSession:
         c_pk, s_pk = public_bytes(self._c_sk), public_bytes(self._s_sk)
         sig = sign(self._identity, *key_parts(self.config.round_id, self.id, c_pk, s_pk))
         self._stage = 1
-        return AdvertiseKeys(self.id, c_pk, s_pk, sig)
+        self._own = AdvertiseKeys(self.id, c_pk, s_pk, sig)
+        return self._own
 
     # - stage 1
     def share_keys(self, msg: KeyDirectory) -> ShareKeys:
@@ -300,7 +303,9 @@ class ClientSession:
         self._check_survivors(survivors)
         self._signed = survivors
         self._stage = 4
-        sig = sign(self._identity, *survivor_parts(self.config.round_id, survivors))
+        own = self._own
+        parts = survivor_parts(self.config.round_id, survivor_digest(survivors), own.c_pk, own.s_pk)
+        sig = sign(self._identity, *parts)
         return ConsistencySignature(self.id, sig)
 
     # - stage 4
@@ -320,11 +325,13 @@ class ClientSession:
             )
         if not set(msg.signatures) <= survivors:
             raise self._refuse("signatures from clients outside the survivor set")
-        parts = survivor_parts(cfg.round_id, survivors)  # encoded once: O(n), not per signature
+        digest = survivor_digest(survivors)  # encoded once: O(n), not per signature
         for v, sig in msg.signatures.items():
             pk = self._identities.get(v)
-            if pk is None:
-                raise self._refuse(f"client {v} has no known identity")
+            keys = self._own if v == self.id else self._peer_keys.get(v)
+            if pk is None or keys is None:
+                raise self._refuse(f"a signature from client {v}, whose keys it does not know")
+            parts = survivor_parts(cfg.round_id, digest, keys.c_pk, keys.s_pk)
             try:
                 verify(pk, sig, *parts, who=f"client {v}'s survivor set")
             except SecAggError as e:
@@ -366,7 +373,7 @@ class ServerSession:
         self._sum: np.ndarray[Any, np.dtype[np.uint32]] | None = None
         self._u3: set[int] = set()
         self._sigs: dict[int, bytes] = {}
-        self._u3_parts: tuple[Any, ...] = ()
+        self._u3_digest = b""
         self._u4: frozenset[int] = frozenset()
         self._b_shares: dict[int, dict[int, int]] = {}
         self._s_shares: dict[int, dict[int, int]] = {}
@@ -521,11 +528,11 @@ class ServerSession:
         u = msg.sender
         if u not in self._u3 or u in self._sigs:
             raise SecAggError(f"signature from unexpected or repeated client {u}")
-        if not self._u3_parts:  # the survivor set is fixed from stage 3 on: encode it once
-            self._u3_parts = survivor_parts(self.config.round_id, frozenset(self._u3))
-        verify(
-            self._identities[u], msg.signature, *self._u3_parts, who=f"client {u}'s survivor set"
-        )
+        if not self._u3_digest:  # the survivor set is fixed from stage 3 on: encode it once
+            self._u3_digest = survivor_digest(frozenset(self._u3))
+        keys = self._keys[u]
+        parts = survivor_parts(self.config.round_id, self._u3_digest, keys.c_pk, keys.s_pk)
+        verify(self._identities[u], msg.signature, *parts, who=f"client {u}'s survivor set")
         self._sigs[u] = msg.signature
 
     def close_consistency(self) -> dict[int, UnmaskRequest]:
