@@ -24,7 +24,7 @@ from fedagg.deploy import (
 )
 from fedagg.deploy._memory import MemoryChannel
 from fedagg.deploy._service import FederationService
-from fedagg.policy import PrivatePolicy, SyncPolicy, dp_strategy
+from fedagg.policy import ClientDPPolicy, PrivatePolicy, SyncPolicy, dp_strategy
 
 N = 6
 D = 500
@@ -89,12 +89,47 @@ def test_a_deployment_stops_before_max_epsilon(tmp_path: Path) -> None:
 def test_the_noise_key_is_a_secret_of_the_state_directory_not_the_seed(tmp_path: Path) -> None:
     """Two deployments with the same config and seed add different noise (each made its own
     32-byte key, 0600 in its state directory): the seed in a config file cannot rebuild it."""
-    cap = (_eps(1) + _eps(2)) / 2  # one round each
+    cap = (_eps(3) + _eps(4)) / 2  # three rounds each (the cohorts are random: one may be empty)
     a, _ = asyncio.run(_run(tmp_path / "a", cap))
     b, _ = asyncio.run(_run(tmp_path / "b", cap))
     for d in ("a", "b"):
         key = tmp_path / d / "dp.key"
         assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
     assert (tmp_path / "a" / "dp.key").read_bytes() != (tmp_path / "b" / "dp.key").read_bytes()
-    assert a.server.version == b.server.version == 1
+    assert a.server.version >= 1 and b.server.version >= 1
     assert not np.array_equal(a.server.params, b.server.params)
+
+
+def test_deployed_cohorts_derive_from_the_secret_not_the_seed(tmp_path: Path) -> None:
+    """Two deployments with the same config and seed sample different Poisson cohorts (each
+    draws them from its own dp.key), so nobody holding the config can recompute who was
+    sampled; a simulation (no secret) keeps the seed's stream."""
+    cap = (_eps(6) + _eps(7)) / 2  # six rounds each
+    a, ra = asyncio.run(_run(tmp_path / "a", cap))
+    _, rb = asyncio.run(_run(tmp_path / "b", cap))
+    assert len(ra) == len(rb) == 6
+    cohorts_a = [(r.selected, tuple(sorted(r.participants))) for r in ra]
+    cohorts_b = [(r.selected, tuple(sorted(r.participants))) for r in rb]
+    assert cohorts_a != cohorts_b  # same seed: identical cohorts had they come from it
+    # the rng of a deployment's round is the secret's; without a secret, the seed's
+    from fedagg.policy._sync import _sampling_rng
+
+    secret = (tmp_path / "a" / "dp.key").read_bytes()
+    assert a.ctx.noise_secret == secret
+    seeded = np.random.default_rng([a.ctx.seed, 0x5EC7, 0]).random(8)
+    assert not np.array_equal(_sampling_rng(a.ctx, 0).random(8), seeded)
+
+    class _Sim:
+        seed = a.ctx.seed
+        noise_secret = None
+
+    assert np.array_equal(_sampling_rng(_Sim(), 0).random(8), seeded)  # type: ignore[arg-type]
+
+
+def test_client_side_dp_deployments_get_a_secret_too(tmp_path: Path) -> None:
+    inner = SyncPolicy(strategy=strategies.fedavg(1.0), rounds=2, clients_per_round=3,
+                       sampling="poisson")  # fmt: skip
+    p = ClientDPPolicy(inner, "local", 2.0, delta=DELTA)
+    fed = Federation(p, strategies.fedavg(1.0).init([np.zeros(D, np.float32)]), num_clients=N,
+                     seed=5, directory=tmp_path)  # fmt: skip
+    assert fed.ctx.noise_secret == (tmp_path / "dp.key").read_bytes()

@@ -107,7 +107,7 @@ def test_accounting_is_the_rdp_of_the_encoders_parameters() -> None:
     d = 1000
     enc = Encoder(1.0, 32, 16, None, "gaussian", 1.2, 10, d)
     orders = privacy.DISTRIBUTED_ORDERS
-    one = privacy.distributed_rdp(enc, 0.01)
+    one = privacy.distributed_rdp(enc, 0.01, neighbours="add_remove")  # third parties
     ref = privacy.rdp_distributed_discrete_gaussian(
         l2_sensitivity=enc.levels / 2 + math.sqrt(d), local_stddev=enc.noise_std, clients=10,
         dim=d, sample_rate=0.01,
@@ -116,15 +116,31 @@ def test_accounting_is_the_rdp_of_the_encoders_parameters() -> None:
     for t in (1, 10, 100):
         want, _ = privacy.rdp_to_epsilon(orders, t * ref, 1e-5)
         assert privacy.distributed_epsilon(one, t, 1e-5) == want
-    # at q = 1 the curve is the Gaussian mechanism's a / (2 z^2) (s >> 1: tau ~ 0)
+    # against the server: replacement (sensitivity 2S), no amplification (q = 1)
+    server = privacy.distributed_rdp(enc)
+    ref_server = privacy.rdp_distributed_discrete_gaussian(
+        l2_sensitivity=2 * (enc.levels / 2 + math.sqrt(d)), local_stddev=enc.noise_std,
+        clients=10, dim=d, sample_rate=1.0,
+    )  # fmt: skip
+    assert np.array_equal(server, ref_server)
+    with pytest.raises(ConfigError, match="amplification"):
+        privacy.distributed_rdp(enc, 0.01)
+    with pytest.raises(ConfigError, match="neighbours"):
+        privacy.distributed_rdp(enc, neighbours="add")
+    # ... the Gaussian mechanism's a / (2 (z/2)^2) (s >> 1: tau ~ 0), 4x add/remove at q = 1
     full = privacy.distributed_rdp(enc, 1.0, orders=[2, 8])
-    assert full == pytest.approx([2 / (2 * 1.2**2), 8 / (2 * 1.2**2)], rel=1e-9)
+    assert full == pytest.approx([2 / (2 * 0.6**2), 8 / (2 * 0.6**2)], rel=1e-9)
+    half = privacy.distributed_rdp(enc, 1.0, orders=[2, 8], neighbours="add_remove")
+    assert half == pytest.approx([2 / (2 * 1.2**2), 8 / (2 * 1.2**2)], rel=1e-9)
     # fewer survivors than expected: less noise, a larger epsilon
     assert privacy.distributed_rdp(enc, 1.0, clients=5, orders=[2])[0] > full[0]
     sk = Encoder(1.0, 32, 16, None, "skellam", 1.2, 10, d)
     ref_sk = privacy.rdp_skellam(l2_sensitivity=sk.sensitivity, variance=10 * sk.noise_std**2,
                                  dim=d, sample_rate=0.01)  # fmt: skip
-    assert np.array_equal(privacy.distributed_rdp(sk, 0.01), ref_sk)
+    assert np.array_equal(privacy.distributed_rdp(sk, 0.01, neighbours="add_remove"), ref_sk)
+    ref_sk = privacy.rdp_skellam(l2_sensitivity=2 * sk.sensitivity,
+                                 variance=10 * sk.noise_std**2, dim=d)  # fmt: skip
+    assert np.array_equal(privacy.distributed_rdp(sk), ref_sk)
     e = [privacy.distributed_epsilon(one, t, 1e-5) for t in (1, 10, 100)]
     assert 0 < e[0] < e[1] < e[2]
 
@@ -248,11 +264,19 @@ def test_distributed_epsilon_per_round_is_the_accountants_and_max_epsilon_stops(
     n, cpr = 10, 5
     p = _dist_policy(n, cpr, 3)
     res = _sim(p, n)
-    one = privacy.distributed_rdp(p.inner.dp_encoder(D, cpr), cpr / n)
+    one = privacy.distributed_rdp(p.inner.dp_encoder(D, cpr))  # against the server: q = 1
     eps = [r.stats.epsilon for r in res.records]
     assert len(eps) == 3 and any(r.stats.applied for r in res.records)
     assert eps == [privacy.distributed_epsilon(one, t, 1e-5) for t in (1, 2, 3)]
     assert 0 < eps[0] < eps[1] < eps[2] < math.inf
+    # the amplified add/remove figure holds only against third parties who do not see the
+    # sample: reported separately, smaller, never what max_epsilon enforces
+    st = policy.ClientDPState(None, cpr / n, 1e-5)
+    third = p.third_party_epsilon(st, 3, D)
+    add_remove = privacy.distributed_rdp(
+        p.inner.dp_encoder(D, cpr), cpr / n, neighbours="add_remove"
+    )
+    assert third == privacy.distributed_epsilon(add_remove, 3, 1e-5) < eps[2]
     stopped = _sim(_dist_policy(n, cpr, 5, max_eps=(eps[1] + eps[2]) / 2), n)
     assert [r.stats.epsilon for r in stopped.records] == eps[:2]  # the third would exceed
 

@@ -82,10 +82,38 @@ def test_adaptive_clipping_moves_towards_the_target_quantile() -> None:
 
 def test_noised_unclipped_fraction() -> None:
     rng = np.random.default_rng(2)
-    assert noised_unclipped_fraction(30, 60.0, 0.0, rng) == 0.5
-    draws = [noised_unclipped_fraction(30, 60.0, 3.0, rng) for _ in range(4000)]
+    assert noised_unclipped_fraction(30, 60.0, 0.0, rng, folded=60) == 0.5
+    draws = [noised_unclipped_fraction(30, 60.0, 3.0, rng, folded=60) for _ in range(4000)]
     assert np.mean(draws) == pytest.approx(0.5, abs=0.01)
     assert np.std(draws) == pytest.approx(3.0 / 60, rel=0.05)
+    with pytest.raises(ConfigError, match="exceeds"):
+        noised_unclipped_fraction(5, 10.0, 0.0, rng, folded=4)
+
+
+def test_noised_unclipped_fraction_has_sensitivity_one_half() -> None:
+    # Andrew et al.'s centred count: adding or removing one client (clipped or not) moves the
+    # released statistic, before noise and times m, by exactly 1/2 (what the accounting of
+    # combined_noise_multiplier assumes), not 1 as the raw count would
+    rng = np.random.default_rng(0)
+    m = 40.0
+    for n in range(30):
+        for u in range(n + 1):
+            base = noised_unclipped_fraction(u, m, 0.0, rng, folded=n) * m
+            add_in = noised_unclipped_fraction(u + 1, m, 0.0, rng, folded=n + 1) * m
+            add_out = noised_unclipped_fraction(u, m, 0.0, rng, folded=n + 1) * m
+            assert abs(add_in - base) == pytest.approx(0.5)
+            assert abs(add_out - base) == pytest.approx(0.5)
+
+
+def test_adaptive_clip_with_the_noised_centred_count_converges() -> None:
+    # the policy's loop: a Poisson cohort around m, the centred noised fraction, the clip update
+    rng = np.random.default_rng(3)
+    m, clip = 100.0, 0.01
+    for _ in range(600):
+        norms = rng.lognormal(0.0, 1.0, rng.poisson(m))
+        b = noised_unclipped_fraction(int(np.sum(norms <= clip)), m, m / 20, rng, folded=len(norms))
+        clip = adaptive_clip(clip, b, 0.5, 0.2)
+    assert clip == pytest.approx(1.0, rel=0.2)  # the lognormal(0, 1) median
 
 
 def test_combined_noise_multiplier_inverts_update_noise_multiplier() -> None:
@@ -133,7 +161,7 @@ def test_skellam_variance() -> None:
         lambda: clip_l2(np.ones(3), 0.0),
         lambda: adaptive_clip(1.0, 0.5, 1.5),
         lambda: adaptive_clip(-1.0, 0.5, 0.5),
-        lambda: noised_unclipped_fraction(-1, 10.0, 1.0, np.random.default_rng()),
+        lambda: noised_unclipped_fraction(-1, 10.0, 1.0, np.random.default_rng(), folded=1),
         lambda: discrete_gaussian(0.0, 3, np.random.default_rng()),
         lambda: discrete_gaussian(1.0, -3, np.random.default_rng()),
         lambda: combined_noise_multiplier(1.0, math.inf),

@@ -13,7 +13,7 @@ The client-side mechanisms (:func:`check_client_side`, :func:`wrap_algorithm`,
   discrete Gaussian (``noise = "gaussian"``; the Python API also offers ``"skellam"``),
   ``noise_multiplier``, and ``clip`` = ``[privacy] clip`` (replacing ``[secure_aggregation]
   clip``: the DP clip is the encoding's), and the :class:`~fedagg.policy.ClientDPPolicy`
-  around it accounts the rounds (RDP under Poisson sampling).
+  around it accounts the rounds (RDP against the server: replace-one, no amplification).
 * refused: distributed DP without secagg+, ``noise_multiplier = 0``, adaptive clipping
   (``target_quantile > 0``: the clip follows a count the server would need in plaintext),
   async/FedAMD policies, SCAFFOLD/FedAMD clients (their extra payload would leave

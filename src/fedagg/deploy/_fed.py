@@ -56,6 +56,7 @@ from fedagg.errors import ConfigError, StateError
 from fedagg.policy import (
     Applied,
     Arrival,
+    ClientDPPolicy,
     Commit,
     Dispatch,
     Dropout,
@@ -197,7 +198,7 @@ class Federation:
         self.spool = self.dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.dir / "state.db")
-        if isinstance(policy, PrivatePolicy):  # central DP: noise from a secret, not the seed
+        if isinstance(policy, PrivatePolicy | ClientDPPolicy):  # DP: noise, cohorts from a secret
             self.ctx.noise_secret = secret_key(self.dir / "dp.key")
         self.identity = identity or {}
         self.state: Any = None

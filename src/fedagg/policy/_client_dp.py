@@ -13,12 +13,17 @@ it is pure, so simulation and deployment stop at the same round.
   amplification by sampling). Before a dispatch, the epsilon of its most-used client after it
   is checked against ``max_epsilon``.
 * ``mechanism="distributed"``: the inner is a SecurePolicy with noise around a sync policy
-  with Poisson sampling (``sampling="poisson"``, what the accountant assumes). One round's RDP
-  is :func:`fedagg.privacy.distributed_rdp` of the round's encoder at ``q = clients_per_round
-  / num_clients`` (its ratio of sensitivity to noise is sqrt(n_e) / z whatever the round's
-  size: the headroom changes the grid, not that ratio); every closed round counts (applied,
-  skipped or abandoned: over-counts, never under-counts), and epsilon after t rounds is
-  :func:`fedagg.privacy.distributed_epsilon`. The round's sum is accounted with the
+  with Poisson sampling (``sampling="poisson"``). One round's RDP is
+  :func:`fedagg.privacy.distributed_rdp` of the round's encoder *against the server*:
+  replacement of one client's update (sensitivity 2S) and no amplification by sampling
+  (``q = 1``), since the server chooses the sample and sees who uploaded (its ratio of
+  sensitivity to noise is 2 sqrt(n_e) / z whatever the round's size: the headroom changes
+  the grid, not that ratio); every closed round counts (applied, skipped or abandoned:
+  over-counts, never under-counts), and epsilon after t rounds is
+  :func:`fedagg.privacy.distributed_epsilon`. That is what is reported and what
+  ``max_epsilon`` enforces; the smaller amplified figure against third parties who do not
+  see the sample is :meth:`ClientDPPolicy.third_party_epsilon` (never enforced). The round's
+  sum is accounted with the
   SecurePolicy's ``min_survivors`` noise shares: a round with fewer survivors is never
   unmasked (the policy abandons it, and honest clients refuse to unmask it), and more
   survivors only add noise. Clients that skip their noise (dishonest or colluding with the
@@ -133,7 +138,7 @@ class ClientDPPolicy:
         else:
             enc = self.inner.dp_encoder(server.spec.size, max(2, self.clients_per_round))
             # noise sized for enc.noise_clients = min_survivors shares, the fewest unmasked
-            state.rdp = privacy.distributed_rdp(enc, q).tolist()
+            state.rdp = privacy.distributed_rdp(enc, 1.0).tolist()  # against the server
         return state
 
     def epsilon(self, state: ClientDPState, steps: int, most: int | None = None) -> float:
@@ -143,6 +148,17 @@ class ClientDPPolicy:
             k = max(state.taken, default=0) if most is None else most
             return privacy.local_epsilon(float(self.noise_multiplier), k, state.delta)
         return privacy.distributed_epsilon(state.rdp, steps, state.delta)
+
+    def third_party_epsilon(self, state: ClientDPState, steps: int, dim: int) -> float:
+        """Distributed DP only: the epsilon after ``steps`` rounds of ``dim``-long updates
+        against third parties who do not see the sample (add/remove adjacency, sensitivity
+        S, Poisson amplification at the state's q). Informational: it does not hold against
+        the server, and ``max_epsilon`` enforces :meth:`epsilon`."""
+        if self.mechanism != "distributed":
+            raise ConfigError("third_party_epsilon is for distributed DP")
+        enc = self.inner.dp_encoder(dim, max(2, self.clients_per_round))
+        rdp = privacy.distributed_rdp(enc, state.sample_rate, neighbours="add_remove")
+        return privacy.distributed_epsilon(rdp, steps, state.delta)
 
     def _next(self, state: ClientDPState, clients: tuple[int, ...]) -> float:
         if self.mechanism == "local":

@@ -92,6 +92,7 @@ class DPSumState:
     std: float = 0.0
     seed: str = ""  # hex of the round's 32-byte noise key (secret)
     expected: float = 0.0
+    folded: int = 0  # updates folded this round (n of the centred count)
 
     @property
     def spec(self) -> ParamSpec:
@@ -160,11 +161,13 @@ class DPSum:
         else:
             state.inner = inner.fold_many(state.inner, ups)
         state.unclipped += sum(int(w) for _, w in pairs)
+        state.folded += len(ups)
         return state
 
     def merge(self, state: DPSumState, other: DPSumState) -> DPSumState:
         state.inner = self.inner.merge(state.inner, other.inner)
         state.unclipped += other.unclipped
+        state.folded += other.folded
         return state
 
     def finalize_flat(self, state: DPSumState) -> Arr:
@@ -453,6 +456,7 @@ class PrivatePolicy:
         for a in actions:
             if isinstance(a, Applied):
                 unclipped = agg.unclipped if isinstance(agg, DPSumState) else 0
+                folded = agg.folded if isinstance(agg, DPSumState) else 0
                 agg = None  # later Applied of this step: rounds nobody was dispatched to
                 state.steps += 1
                 state.epsilon = self.epsilon(state, state.steps)
@@ -464,7 +468,7 @@ class PrivatePolicy:
                     Applied(replace(stats, epsilon=state.epsilon, omega=omega), a.client_states)
                 )
                 if self.adaptive:
-                    self._adapt(state, unclipped, m, ctx)
+                    self._adapt(state, unclipped, folded, m, ctx)
             elif isinstance(a, Dispatch):
                 if self.epsilon(state, state.steps + 1) > self.max_epsilon:
                     inner = _sync(state.inner)
@@ -494,11 +498,13 @@ class PrivatePolicy:
         agg.seed = _round_key(ctx, sync.round, b"sum").hex()
         agg.expected = state.sample_rate * ctx.num_clients
 
-    def _adapt(self, state: PrivateState, unclipped: int, m: float, ctx: PolicyContext) -> None:
+    def _adapt(
+        self, state: PrivateState, unclipped: int, folded: int, m: float, ctx: PolicyContext
+    ) -> None:
         key = _round_key(ctx, _sync(state.inner).round - 1, b"count")
         rng = np.random.default_rng(int.from_bytes(key[:16], "little"))
         sb = state.count_stddev if self.noise_multiplier > 0 else 0.0
-        b = privacy.noised_unclipped_fraction(int(unclipped), m, sb, rng)
+        b = privacy.noised_unclipped_fraction(int(unclipped), m, sb, rng, folded=int(folded))
         state.clip = privacy.adaptive_clip(
             state.clip, b, float(self.target_quantile), float(self.clip_learning_rate)
         )

@@ -5,6 +5,7 @@ asynchronous ones (FedBuff, FedAsync, FedFix) and FedAMD's are further ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -174,7 +175,7 @@ class SyncPolicy:
         return actions
 
     def _open(self, state: SyncState, now: float, ctx: PolicyContext) -> Dispatch | None:
-        rng = np.random.default_rng([ctx.seed, 0x5EC7, state.round])
+        rng = _sampling_rng(ctx, state.round)
         avail = ctx.available(state.round)
         if self.sampling == "poisson":  # each client independently, q = cpr / N
             q = min(1.0, self.clients_per_round / ctx.num_clients)
@@ -356,3 +357,16 @@ def _as_dict(model: Any) -> dict[str, Arr]:
     if isinstance(model, dict):
         return model
     return {str(i): a for i, a in enumerate(model)}
+
+
+def _sampling_rng(ctx: PolicyContext, round_: int) -> np.random.Generator:
+    """The generator of one round's cohort (and simulated stragglers). In a deployment with
+    DP the context holds a ``noise_secret`` (the server's ``dp.key``): the cohorts derive from
+    it, so nobody holding the config's seed can recompute them (amplification by sampling
+    needs the sample to be secret). Without one (a simulation) they derive from the run's
+    seed, the stream existing runs replay."""
+    secret = getattr(ctx, "noise_secret", None)
+    if isinstance(secret, bytes) and len(secret) >= 16:
+        key = hashlib.sha256(b"fedagg sampling secret\0" + secret + f"\0{round_}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(key, "little"))
+    return np.random.default_rng([ctx.seed, 0x5EC7, round_])

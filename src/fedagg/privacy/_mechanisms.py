@@ -167,23 +167,37 @@ def local_dp(
 
 
 def noised_unclipped_fraction(
-    unclipped: int, expected_clients: float, count_stddev: float, rng: np.random.Generator
+    unclipped: int,
+    expected_clients: float,
+    count_stddev: float,
+    rng: np.random.Generator,
+    *,
+    folded: int,
 ) -> float:
-    """Andrew et al.'s private estimate of the fraction of updates within the clip:
-    ``(unclipped + N(0, count_stddev**2)) / expected_clients``.
+    """Andrew et al.'s private estimate of the fraction of updates within the clip (their
+    Alg. 1 / Thm. 1), from the *centred* count:
+    ``(unclipped - folded / 2 + N(0, count_stddev**2)) / expected_clients + 1/2``.
 
-    ``unclipped`` is the number of sampled clients whose update norm was <= the clip (each
-    client's bit is a query of sensitivity 1/2 once centred, so its noise multiplier is
-    ``2 * count_stddev``; see :func:`combined_noise_multiplier`). ``expected_clients`` is the
-    expected cohort (q * N under Poisson sampling), public, so the estimate leaks nothing more.
+    ``unclipped`` is the number of the round's ``folded`` updates whose norm was <= the clip.
+    Each client contributes its bit minus 1/2 (+-1/2), so adding or removing one client moves
+    the released sum ``unclipped - folded / 2`` by exactly 1/2: the count query has
+    sensitivity 1/2 and noise multiplier ``2 * count_stddev``, what
+    :func:`combined_noise_multiplier` and :func:`update_noise_multiplier` account. (The raw
+    count ``unclipped`` would move by 1, at twice that sensitivity.) ``expected_clients`` is
+    the expected cohort (q * N under Poisson sampling), public, so the estimate leaks nothing
+    more.
     """
-    if isinstance(unclipped, bool) or not isinstance(unclipped, int | np.integer):
-        raise ConfigError(f"unclipped must be an integer, got {unclipped!r}")
-    if unclipped < 0:
-        raise ConfigError(f"unclipped must be >= 0, got {unclipped}")
+    for name, v in (("unclipped", unclipped), ("folded", folded)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
+    if unclipped > folded:
+        raise ConfigError(f"unclipped ({unclipped}) exceeds folded ({folded})")
     m = _positive("expected_clients", expected_clients)
     sb = _positive("count_stddev", count_stddev, allow_zero=True)
-    return (int(unclipped) + (float(rng.normal(0.0, sb)) if sb > 0 else 0.0)) / m
+    centred = int(unclipped) - int(folded) / 2
+    return (centred + (float(rng.normal(0.0, sb)) if sb > 0 else 0.0)) / m + 0.5
 
 
 def adaptive_clip(

@@ -10,17 +10,31 @@ by sampling (the client knows it was picked, and the server sees who uploaded).
 
 **Distributed DP** (:func:`distributed_rdp`, :func:`distributed_epsilon`): each client adds
 integer noise to its encoded update before masking (:class:`fedagg.secagg.Encoder`'s module
-docs: grid, scaling, headroom); the server sees only the noisy sum. One round's RDP is
+docs: grid, scaling, headroom); the server sees only the noisy sum, local noise
+s = z S / sqrt(n_e) per client with S = L / 2 + sqrt(p) (grid units), and ``clients`` = the
+number whose noise is in the sum (by default n_e, the fewest survivors a round is unmasked
+with, :attr:`fedagg.policy.SecurePolicy.min_survivors`). One round's RDP is
 :func:`~fedagg.privacy.rdp_distributed_discrete_gaussian` (or
-:func:`~fedagg.privacy.rdp_skellam` with the summed variance) with the encoder's L2
-sensitivity S = L / 2 + sqrt(p) (grid units), local noise s = z S / sqrt(n_e) and
-``clients`` = the number whose noise is in the sum (by default n_e, the fewest survivors a
-round is unmasked with, :attr:`fedagg.policy.SecurePolicy.min_survivors`), under Poisson
-sampling at rate q (:func:`~fedagg.privacy.rdp_poisson_subsampled`, Zhu &
-Wang's general bound); rounds compose by adding RDP curves;
-:func:`~fedagg.privacy.rdp_to_epsilon` converts. The guarantee is about the content of a
-client's update (its update against none): who took part is visible to the server, as under
-any secure aggregation.
+:func:`~fedagg.privacy.rdp_skellam` with the summed variance); rounds compose by adding RDP
+curves; :func:`~fedagg.privacy.rdp_to_epsilon` converts.
+
+*Against the server* (``neighbours="replace"``, the default, and what
+:class:`fedagg.policy.ClientDPPolicy` reports and enforces): the server chooses the sample and
+sees who uploaded (the unnoised weight element also carries the count), so there is no
+amplification by sampling (``sample_rate`` must be 1) and the adjacency is replacing one
+client's update by another, the count fixed. The L2 sensitivity is then 2S: two clients'
+rounded, centred vectors q - L/2 differ by at most ||v - v'|| / Δ + 2 sqrt(p) <= 2C / Δ +
+2 sqrt(p) = L + 2 sqrt(p) = 2S (clipped updates at most 2C apart, each element's rounding
+moving it by < 1), the triangle inequality's bound on the encoder.
+
+*Against third parties who do not see the sample* (``neighbours="add_remove"``): adding or
+removing one client's centred vector moves the sum by at most S, and Poisson sampling at
+rate q amplifies (:func:`~fedagg.privacy.rdp_poisson_subsampled`, Zhu & Wang's general
+bound). This smaller figure does *not* hold against the server, nor against anyone who can
+recompute the cohorts.
+
+The guarantee is about the content of a client's update: who took part is visible to the
+server, as under any secure aggregation.
 """
 
 from __future__ import annotations
@@ -70,21 +84,36 @@ def local_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 def distributed_rdp(
     encoder: Encoder,
-    sample_rate: float,
+    sample_rate: float = 1.0,
     *,
     clients: int | None = None,
     orders: Sequence[float] = DISTRIBUTED_ORDERS,
+    neighbours: str = "replace",
 ) -> np.ndarray:
-    """One round's RDP curve (at ``orders``) of a distributed-DP ``encoder`` (``noise`` set)
-    under Poisson sampling at ``sample_rate``, with ``clients`` noise shares in the sum
-    (default ``encoder.noise_clients``; module docs)."""
+    """One round's RDP curve (at ``orders``) of a distributed-DP ``encoder`` (``noise`` set),
+    with ``clients`` noise shares in the sum (default ``encoder.noise_clients``; module docs).
+
+    ``neighbours="replace"`` (default): against the server, sensitivity 2S, no amplification
+    (``sample_rate`` must be 1). ``neighbours="add_remove"``: against third parties who do
+    not see the sample, sensitivity S, Poisson sampling at ``sample_rate``."""
     if not isinstance(encoder, Encoder) or not encoder.noise:
         raise ConfigError("distributed_rdp needs an Encoder with noise")
     n = encoder.noise_clients if clients is None else clients
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"clients must be an integer >= 1, got {n!r}")
+    if neighbours == "replace":
+        if sample_rate != 1:
+            raise ConfigError(
+                "against the server (neighbours='replace') there is no amplification by "
+                "sampling: the server sees who took part; sample_rate must be 1"
+            )
+        l2 = 2 * encoder.sensitivity
+    elif neighbours == "add_remove":
+        l2 = encoder.sensitivity
+    else:
+        raise ConfigError(f"neighbours must be 'replace' or 'add_remove', got {neighbours!r}")
     p = encoder.padded(encoder.dim)
-    s, l2 = encoder.noise_std, encoder.sensitivity
+    s = encoder.noise_std
     if encoder.noise == "gaussian":
         return rdp_distributed_discrete_gaussian(
             l2_sensitivity=l2, local_stddev=s, clients=n, dim=p, orders=orders,
