@@ -204,8 +204,10 @@ class Encoder:
 
     @property
     def sensitivity(self) -> float:
-        """S = L / 2 + sqrt(p): the L2 bound on a client's centred rounded vector (grid units),
-        the sensitivity the distributed-DP accounting uses (module docs)."""
+        """S = L / 2 + sqrt(p): the L2 bound on a client's centred rounded vector (grid units).
+        Two clients' vectors differ by at most 2S (replace-one neighbours), the sensitivity the
+        distributed-DP accounting uses against the server (module docs;
+        :func:`fedagg.privacy.distributed_rdp`)."""
         return self.levels / 2 + math.sqrt(self.padded(self.dim))
 
     @property
