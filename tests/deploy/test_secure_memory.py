@@ -7,6 +7,7 @@ against its own keyring."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,25 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedagg import strategies
+from fedagg.config import build_policy, build_strategy, resolve_config
 from fedagg.deploy import Client, ClientKey, Federation, Keyring, Result, ServerOptions
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._app import keyring_identities
 from fedagg.deploy._memory import MemoryChannel
 from fedagg.deploy._secure import MAX_SECURE, secure_body
-from fedagg.deploy._secure_client import SecureJobs
+from fedagg.deploy._secure_client import SecureJobs, secure_expectations
 from fedagg.deploy._service import FederationService
-from fedagg.errors import ConfigError
+from fedagg.errors import ConfigError, SecAggError
 from fedagg.policy import SecurePolicy
 from fedagg.secagg import (
     AdvertiseKeys,
     KeyDirectory,
     MaskedInput,
     RoundParams,
+    SecureExpectations,
     ServerSession,
     UnmaskRequest,
+    check_params,
     decode_reply,
     encode_message,
     public_identity,
@@ -66,10 +70,15 @@ def _service(
     return fed, FederationService(fed, RING, opts)
 
 
-def _client(svc: FederationService, name: str, keyring: Keyring | None = RING) -> Client:
+def _client(
+    svc: FederationService,
+    name: str,
+    keyring: Keyring | None = RING,
+    expect: SecureExpectations | None = None,
+) -> Client:
     channel = MemoryChannel(svc, max_message=2 * MAX_SECURE)
     return Client("memory", KEYS[name], _train, insecure=True, retry_for=5.0, heartbeat=1.0,
-                  channel=channel, keyring=keyring)  # fmt: skip
+                  channel=channel, keyring=keyring, expect=expect)  # fmt: skip
 
 
 def _secure_req(name: str, task: int, round_: int, stage: int, payload: bytes) -> bytes:
@@ -235,3 +244,126 @@ def test_a_client_without_a_keyring_refuses_secure_aggregation() -> None:
     params = RoundParams.make(9, (1, 2, 3, 4), D, b"g" * 32, degree=0, threshold=0, clip=10.0)
     with pytest.raises(ConfigError, match="authorized_keys"):
         SecureJobs(KEYS["c0"], None).begin(101, 9, encode_message(params))
+
+
+# -- a server lowering the protection the client's own config asks (finding 4) ---------------
+DP = SecureExpectations(clip=1.0, bits=32, max_weight=10.0, rotation=False, noise="gaussian",
+                        noise_multiplier=0.5, noise_clients=2)  # fmt: skip
+HONEST: dict[str, Any] = dict(clip=1.0, max_weight=10.0, noise="gaussian", noise_multiplier=0.5,
+                              noise_clients=2)  # fmt: skip
+
+
+def _params(ids: tuple[int, ...] = (1, 2, 3, 4), rid: int = 9, **kw: Any) -> RoundParams:
+    return RoundParams.make(rid, ids, D, b"g" * 32, **{**HONEST, **kw})
+
+
+@pytest.mark.parametrize(
+    ("lie", "name"),
+    [
+        ({"noise_multiplier": 0.1}, "noise_multiplier = 0.1"),
+        ({"clip": 100.0}, "clip = 100.0"),
+        ({"noise": "", "noise_multiplier": 0.0}, "noise = ''"),
+        ({"noise_clients": 1}, "noise_clients = 1"),
+        ({"ids": (1, 2)}, "cohort size (number of ids) = 2"),
+    ],
+)
+def test_a_client_refuses_parameters_below_its_own_config(
+    lie: dict[str, Any], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lower noise multiplier, a larger clip, no noise, fewer noise shares, a 2-client
+    cohort: refused at stage 0 (no reply: a dropout), the error naming the parameter, the
+    server's value and the client's; the honest parameters are accepted."""
+    assert SecureJobs(KEYS["c0"], RING, DP).begin(101, 9, encode_message(_params())) is not None
+    with pytest.raises(SecAggError, match="this client's config asks"):
+        check_params(_params(**lie), DP)
+    jobs = SecureJobs(KEYS["c0"], RING, DP)
+    caplog.set_level(logging.ERROR, logger="fedagg.client")
+    assert jobs.begin(101, 9, encode_message(_params(**lie))) is None
+    assert jobs.refused == 1 and 101 not in jobs.jobs
+    assert jobs.answer(101, 9, 1, b"") is None  # no part in the round
+    (rec,) = caplog.records
+    assert name in rec.getMessage() and "stage 0 refused" in rec.getMessage()
+
+
+def test_a_config_clients_expectations_accept_its_honest_servers_parameters() -> None:
+    """The expectations a deployed client builds from its config are met by what the server
+    built from the same config sends (distributed DP: [privacy] clip, noise_clients =
+    SecurePolicy.min_survivors), and refuse a lower noise multiplier."""
+    cfg = resolve_config({"secure_aggregation": {"kind": "secagg+"}, "policy": {
+        "clients_per_round": 4}, "privacy": {"mechanism": "distributed",
+        "noise_multiplier": 0.7, "clip": 2.0}})  # fmt: skip
+    pol = build_policy(cfg, build_strategy(cfg))
+    while not isinstance(pol, SecurePolicy):
+        pol = pol.inner
+    exp = secure_expectations(cfg)
+    assert exp is not None and exp.noise_clients == pol.min_survivors == 2
+    kw = dict(clip=pol.clip, bits=pol.bits, max_weight=pol.max_weight, noise=pol.noise,
+              noise_multiplier=pol.noise_multiplier, noise_clients=pol.min_survivors)  # fmt: skip
+    check_params(_params(**kw), exp)
+    with pytest.raises(SecAggError, match=r"noise_multiplier = 0\.35.*>= 0\.7"):
+        check_params(_params(**{**kw, "noise_multiplier": 0.35}), exp)
+    assert secure_expectations(resolve_config({})) is None
+
+
+def test_deployed_clients_refuse_a_server_with_less_noise_than_their_config(
+    tmp_path: Path,
+) -> None:
+    """Over the transport: the server runs distributed DP with z = 0.1, the clients' configs
+    ask 0.5: every client refuses at stage 0, the round is abandoned, the model unchanged."""
+
+    async def run() -> tuple[Federation, list[Client]]:
+        fed, svc = _service(tmp_path, wait_for=N, noise="gaussian", noise_multiplier=0.1,
+                            clip=1.0)  # fmt: skip
+        await svc.start()
+        clients = [_client(svc, n, expect=DP) for n in NAMES]
+        runs = [asyncio.create_task(c.run_async()) for c in clients]
+        try:
+            await asyncio.wait_for(svc.wait(), 30)
+        finally:
+            for r in runs:
+                r.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+            await svc.stop()
+        return fed, clients
+
+    fed, clients = asyncio.run(run())
+    assert [c.secure.refused for c in clients] == [1] * N
+    assert not np.asarray(fed.server.params).any()
+
+
+def test_a_client_sends_one_masked_upload_per_model_version() -> None:
+    """Two secure rounds at model version 5 (a re-run round): the client masks and uploads
+    in the first; the second, begun before that upload, is refused before masking, and a
+    third at version 5 is refused at stage 0; version 6 is accepted."""
+    jobs = {u: SecureJobs(KEYS[n], RING) for u, n in enumerate(NAMES, 1)}
+    plain = _params(noise="", noise_multiplier=0.0, clip=10.0)
+    second = _params(rid=10, noise="", noise_multiplier=0.0, clip=10.0)
+    sa = _to_masking(jobs, plain, 100, 5)
+    sb = _to_masking(jobs, second, 200, 5)
+    x = np.full(D, 0.01)
+    assert asyncio.run(jobs[1].masked(101, x, 1.0, 5.0)) is not None
+    assert asyncio.run(jobs[1].masked(101, x, 1.0, 5.0)) is not None  # its retry: the same
+    assert asyncio.run(jobs[1].masked(201, x, 1.0, 5.0)) is None
+    assert jobs[1].refused == 1 and sa and sb
+    third = _params(rid=11, noise="", noise_multiplier=0.0, clip=10.0)
+    assert jobs[1].begin(301, 11, encode_message(third), 5) is None
+    assert jobs[1].refused == 2
+    assert jobs[1].begin(401, 11, encode_message(third), 6) is not None
+
+
+def _to_masking(jobs: dict[int, SecureJobs], params: RoundParams, base: int, version: int) -> bool:
+    """Run ``params``' round for ``jobs`` (tasks base + id) up to the masked uploads."""
+    ids = {u: public_identity(k) for u, k in enumerate(keyring_identities(RING), 1)}
+    server = ServerSession(params.config(), ids)
+    rid = params.round_id
+    for u, j in jobs.items():
+        reply = j.begin(base + u, rid, encode_message(params), version)
+        assert reply is not None
+        server.receive_advertise(decode_reply(0, reply))
+    for u, kd in server.close_advertise().items():
+        reply = jobs[u].answer(base + u, rid, 1, encode_message(kd))
+        assert reply is not None
+        server.receive_shares(decode_reply(1, reply))
+    for u, fs in server.close_shares().items():
+        assert jobs[u].answer(base + u, rid, 2, encode_message(fs)) is None
+    return True

@@ -42,6 +42,8 @@ EXPECTED = {
         # shared by sim and deploy (issue 18 wiring)
         "CIPHERTEXT_BYTES", "RoundParams", "SecureClient", "WIRE_VERSION", "decode_message",
         "decode_reply", "decode_request", "encode_message", "message_stage", "public_identity",
+        # a client's own minimums for a round (security review finding 4)
+        "MIN_COHORT", "SecureExpectations", "check_params",
     ],
     "fedagg.attacks": [
         "ALIE", "ATTACK_KINDS", "IPM", "Attack", "Crafted", "Gaussian", "LabelFlip", "MinMax",
@@ -75,7 +77,7 @@ EXPECTED = {
         "DEFAULTS", "Named", "aggregate_metrics", "build_aggregator", "build_algorithm",
         "build_data", "build_eval_data", "build_model", "build_policy", "build_strategy",
         "client_config", "config_errors", "json_schema", "load_config", "load_object",
-        "metrics_aggregator", "resolve_config", "to_toml",
+        "metrics_aggregator", "resolve_config", "secure_noise", "to_toml",
     ],
     "fedagg.data": [
         "ArrayDataset", "ClientSummary", "DATASETS", "FederatedData", "PARTITIONS", "Seed",

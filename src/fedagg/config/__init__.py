@@ -22,6 +22,7 @@ from fedagg.config._build import (
     build_strategy,
 )
 from fedagg.config._models import build_eval_data
+from fedagg.config._privacy import secure_noise
 from fedagg.config._schema import (
     DEFAULTS,
     config_errors,
@@ -56,5 +57,6 @@ __all__ = [
     "load_object",
     "metrics_aggregator",
     "resolve_config",
+    "secure_noise",
     "to_toml",
 ]

@@ -46,6 +46,7 @@ from fedagg.deploy._fed import Federation
 from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._record import RunRecorder
+from fedagg.deploy._secure_client import secure_expectations
 from fedagg.deploy._server import Server
 from fedagg.errors import ConfigError
 from fedagg.policy import Policy, RoundStats
@@ -521,7 +522,7 @@ def client_from_config(
     return Client(
         server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
         insecure=insecure, retry_for=retry_for, evaluate=evaluate or config_evaluator(cfg),
-        keyring=keyring,
+        keyring=keyring, expect=secure_expectations(cfg),
     )  # fmt: skip
 
 

@@ -37,6 +37,7 @@ from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
+from fedagg.secagg import SecureExpectations
 
 __all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext", "upload_chunks"]
 
@@ -109,6 +110,10 @@ class Client:
             object with a ``grpc.aio`` channel's multi-callables, e.g. a
             :class:`~fedagg.deploy._memory.MemoryChannel` (one per client: the client closes
             it when it is done).
+        expect: this client's own minimums for a secure round
+            (:class:`fedagg.secagg.SecureExpectations`, :func:`client_from_config` builds them
+            from the config): a round whose parameters fall short is refused. None: only the
+            cohort size (>= 3) and the protocol's majority threshold are checked.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class Client:
         heartbeat: float = 10.0,
         channel: Any = None,
         keyring: Keyring | None = None,
+        expect: SecureExpectations | None = None,
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -144,7 +150,7 @@ class Client:
         self._probe = channel is None  # on a failed connection: a TLS mismatch? (_probe.py)
         self._stream: Any = None  # the open task stream
         #: secure aggregation rounds, checked against this keyring (the trusted PKI)
-        self.secure = SecureJobs(key, keyring)
+        self.secure = SecureJobs(key, keyring, expect)
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
 
     def run(self) -> ClientReport:
@@ -381,7 +387,7 @@ class Client:
         s = t.secagg
         job, round_, stage, payload = t.task, s.round, s.stage, bytes(s.payload)
         if stage == 0:
-            reply = self.secure.begin(job, round_, payload)
+            reply = self.secure.begin(job, round_, payload, int(t.version))
         else:
             reply = self.secure.answer(job, round_, stage, payload)
         if reply is None:

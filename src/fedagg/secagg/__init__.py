@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from ._client import SecureClient, public_identity
 from ._encode import Encoder
+from ._expect import MIN_COHORT, SecureExpectations, check_params
 from ._graph import default_degree, default_threshold, neighbours
 from ._params import RoundParams
 from ._prg import CHUNK_WORDS, MAX_WORDS, add_mask, mask
@@ -68,6 +69,7 @@ __all__ = [
     "CHUNK_WORDS",
     "CIPHERTEXT_BYTES",
     "MAX_WORDS",
+    "MIN_COHORT",
     "PRIME",
     "SECRET_BYTES",
     "SHARE_BYTES",
@@ -83,11 +85,13 @@ __all__ = [
     "RoundConfig",
     "RoundParams",
     "SecureClient",
+    "SecureExpectations",
     "ServerSession",
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskResponse",
     "add_mask",
+    "check_params",
     "combine",
     "decode_message",
     "decode_reply",
