@@ -367,3 +367,16 @@ def _to_masking(jobs: dict[int, SecureJobs], params: RoundParams, base: int, ver
     for u, fs in server.close_shares().items():
         assert jobs[u].answer(base + u, rid, 2, encode_message(fs)) is None
     return True
+
+
+def test_a_client_refuses_a_round_id_it_already_took_part_in() -> None:
+    """A server reusing a round id for another task (to replay a past session's signed
+    messages) is refused at stage 0; the same task's stage-0 request again is still answered
+    alike (a restarted server re-sends it)."""
+    j = SecureJobs(KEYS[NAMES[0]], RING)
+    params = _params(noise="", noise_multiplier=0.0, clip=10.0)
+    first = j.begin(100, params.round_id, encode_message(params), 1)
+    assert first is not None
+    assert j.begin(100, params.round_id, encode_message(params), 1) == first
+    assert j.begin(500, params.round_id, encode_message(params), 2) is None
+    assert j.refused == 1

@@ -107,6 +107,9 @@ class SecureJobs:
         self.jobs: dict[int, _Job] = {}
         self.refused = 0  # rounds this client refused (a lying server)
         self._sent: set[int] = set()  # jobs whose stage-0 reply this process got acknowledged
+        #: the round ids this client took part in: a server reusing one could replay a past
+        #: session's signed messages (docs/secure-aggregation.md, what does not hold)
+        self._rounds: set[int] = set()
 
     def sent(self, job: int) -> bool:
         return job in self._sent
@@ -153,9 +156,15 @@ class SecureJobs:
                 if params.round_id != round_:
                     raise SecAggError(f"parameters of round {params.round_id} sent as {round_}")
                 check_params(params, self.expect)
+                if params.round_id in self._rounds:
+                    raise SecAggError(
+                        f"round id {params.round_id} was already used for another task: a "
+                        "server never reuses one"
+                    )
                 self._once(job, version)
                 client = SecureClient(params, me, self.key.private, ids)
                 self.jobs[job] = _Job(round_, client, version)
+                self._rounds.add(params.round_id)
             except SecAggError as e:
                 self._refuse(job, round_, 0, e)
                 return None
