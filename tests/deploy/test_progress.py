@@ -45,9 +45,8 @@ def test_server_and_client_lines_and_the_resume_after_a_kill(tmp_path: Path) -> 
         wait_listening(fed, server)
         _wait_for_line(fed, "server.log", r"waiting for 2 of 2 clients before the first round "
                        r"\(deploy.wait_for = 0: all registered keys\): 0 connected")  # fmt: skip
-        # (a client that misses "finished" at the restarted server's quick end gives up after
-        # this long; long enough for a restart on a loaded CI machine: 20 s once was not)
-        retry = ("--retry-for", "45")
+        # (a client that misses "finished" at the restarted server's quick end gives up soon)
+        retry = ("--retry-for", "20")
         c0 = start_client(fed, 0, args=retry)
         _wait_for_line(fed, "server.log", r"client client-000 connected \(1 of 2 clients")
         # still waiting, and said so again (every few seconds), now with one connected
@@ -73,10 +72,12 @@ def test_server_and_client_lines_and_the_resume_after_a_kill(tmp_path: Path) -> 
         assert re.search(r"round 2 closed in [\d.]+s: 2 folded", log2), log2
         assert re.search(r"finished: model version 2 after 2 rounds", log2), log2
         for i in range(2):
-            cl = read_log(fed, f"client-{i}.log")
+            # the whole log: read_log's tail misses the first lines of a client that retried
+            # for long after missing the restarted server's quick end
+            cl = (fed.dir / f"client-{i}.log").read_text(errors="replace")
             assert re.search(STAMP + r"connected to 127\.0\.0\.1:\d+ \(TLS\) as client-00"
-                             rf"{i}: client {i}", cl, re.M), cl  # fmt: skip
-            assert re.search(r"task \d+: train from model version 0, 1 epoch\b", cl), cl
+                             rf"{i}: client {i}", cl, re.M), cl[-4000:]  # fmt: skip
+            assert re.search(r"task \d+: train from model version 0, 1 epoch\b", cl), cl[-4000:]
             assert re.search(r"task \d+: trained in [\d.]+s, uploaded 2600 bytes in [\d.]+s", cl)
         # the restart: each client retried (the call, the error, the backoff delay)
         both = read_log(fed, "client-0.log") + read_log(fed, "client-1.log")
