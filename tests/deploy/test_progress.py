@@ -65,12 +65,17 @@ def test_server_and_client_lines_and_the_resume_after_a_kill(tmp_path: Path) -> 
         wait(c0, 60)
         wait(c1, 60)
         log2 = read_log(fed, "again.log")
-        m = re.search(r"resumed at round 2 from checkpoint (\d+) \(model version 1\), replayed "
-                      r"(\d+) events", log2)  # fmt: skip
-        assert m and int(m[2]) >= 1, log2
+        # killed at the 1st fold of round 2: the 2nd update of round 2 may have been logged
+        # before the kill too (one batch), and then the replay alone finishes the federation
+        m = re.search(r"resumed at (round 2|the end \(finished\)) from checkpoint (\d+) \(model "
+                      r"version 1\), replayed (\d+) events", log2)  # fmt: skip
+        assert m and int(m[3]) >= 1, log2
         assert "waiting for" not in log2  # a resumed federation has started already
-        assert re.search(r"round 2 closed in [\d.]+s: 2 folded", log2), log2
-        assert re.search(r"finished: model version 2 after 2 rounds", log2), log2
+        if m[1] == "round 2":
+            assert re.search(r"round 2 closed in [\d.]+s: 2 folded", log2), log2
+            assert re.search(r"finished: model version 2 after 2 rounds", log2), log2
+        else:
+            assert re.search(r"replayed \d+ events; model version 2, 0 tasks open", log2), log2
         for i in range(2):
             # the whole log: read_log's tail misses the first lines of a client that retried
             # for long after missing the restarted server's quick end
