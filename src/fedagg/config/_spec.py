@@ -370,7 +370,20 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
     "skew": number(60.0, "allowed clock skew of signed requests, seconds", ge=0),
     "fsync": boolean(True, "fsync each spooled upload before acknowledging it"),
     "max_clients": integer(100_000, "refuse a keyring larger than this", ge=1),
-    "digest": boolean(True, "require a signed sha256 of every upload's bytes"),
+    "digest": boolean(True, "require a signed digest of every upload's bytes"),
+    "digest_algorithm": string("sha256", "the uploads' signed digest: sha256 or blake3",
+                               choices=("sha256", "blake3"), noun="digest algorithm"),
+    "durability": string("fsync", "fsync: acknowledge an upload once durable; retained: once "
+                         "logged, synced in groups, the client keeping it until the "
+                         "watermark covers it", choices=("fsync", "retained"),
+                         noun="durability"),
+    "ingest": string("spool", "fold: fold each checked chunk as it arrives (decomposable "
+                     "aggregators); spool: spool, then fold", choices=("fold", "spool"),
+                     noun="ingest"),
+    "max_streams": integer(8, "the most parallel streams one upload may use (server)",
+                           ge=1, le=64),
+    "streams": integer(0, "parallel streams per upload (client; 0: by the update's size)",
+                       ge=0, le=64),
     "max_uploads": integer(8, "uploads received (and models sent) at once", ge=1),
     "adaptive_window": boolean(False, "let gRPC grow each stream's flow-control window"),
     "first_timeout": number(10.0, "seconds for an RPC's first message", gt=0),

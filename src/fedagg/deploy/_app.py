@@ -248,6 +248,8 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         idle_timeout=float(d["idle_timeout"]), min_rate=float(d["min_rate_kib"]) * 1024,
         client_uploads=int(d["client_uploads"]), preauth=int(d["preauth"]),
         preauth_per_peer=int(d["preauth_per_peer"]), metrics=str(d["metrics"]),
+        digest_algorithm=str(d["digest_algorithm"]), durability=str(d["durability"]),
+        ingest=str(d["ingest"]), max_streams=int(d["max_streams"]),
     )  # fmt: skip
 
 

@@ -73,16 +73,21 @@ def body(**fields: Any) -> bytes:
 
 
 def upload_body(
-    task: int, version: int, weight: float, nbytes: int, metrics: dict[str, float]
-) -> bytes:
-    """What an upload's header signature covers (client and server build it here, alike)."""
+    task: int, version: int, weight: float, nbytes: int, metrics: dict[str, float],
+    shard: int = 0, shards: int = 0,
+) -> bytes:  # fmt: skip
+    """What an upload's header signature covers (client and server build it here, alike);
+    a shard of an upload split across parallel streams (``shards`` > 1) also signs which."""
 
     def num(x: float) -> float | str:  # JSON has no NaN/Inf; the server refuses them later
         return x if math.isfinite(x) else repr(x)
 
+    fields: dict[str, Any] = {}
+    if shards > 1:
+        fields = {"shard": shard, "shards": shards}
     return body(
         task=task, version=version, weight=num(weight), nbytes=nbytes,
-        metrics={k: num(v) for k, v in metrics.items()},
+        metrics={k: num(v) for k, v in metrics.items()}, **fields,
     )  # fmt: skip
 
 

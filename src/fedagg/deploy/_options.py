@@ -101,6 +101,16 @@ class ServerOptions:
             credentials (see :mod:`fedagg.deploy._calls`) is refused before it opens.
         preauth_per_peer: the same, per peer IP address, so one host cannot take them all
             (and :data:`OPENING_PER_CALLER` per caller).
+        digest_algorithm: the signed digest's hash, ``"sha256"`` or ``"blake3"``.
+        durability: ``"fsync"``: an upload is acknowledged once durable (its spool fsynced
+            if ``fsync``, its log row committed); ``"retained"``: once logged, its spool
+            synced in groups in the background, the client keeping the update until the
+            committed watermark covers its task (and pushing it again if, after a crash,
+            the server gives it the same task again).
+        ingest: ``"fold"``: fold each checked chunk into the aggregate as it arrives (a
+            decomposable aggregator in arrival order), rolled back exactly if the upload
+            fails; ``"spool"``: spool the whole upload, then fold it.
+        max_streams: the most parallel streams (shards) one upload may be split across.
         metrics: ``host:port`` to serve Prometheus metrics on (``/metrics``, plain HTTP,
             unauthenticated: keep it on loopback), or ``""`` for none (see
             :mod:`fedagg.deploy._metrics`).
@@ -129,6 +139,10 @@ class ServerOptions:
     preauth: int = 64
     preauth_per_peer: int = 32
     metrics: str = ""
+    digest_algorithm: str = "sha256"
+    durability: str = "fsync"
+    ingest: str = "spool"
+    max_streams: int = 8
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -145,3 +159,11 @@ class ServerOptions:
             raise ConfigError("preauth and preauth_per_peer must be >= 1")
         if self.metrics:
             metrics_address(self.metrics)  # a ConfigError naming deploy.metrics
+        if self.digest_algorithm not in ("sha256", "blake3"):
+            raise ConfigError("digest_algorithm must be sha256 or blake3")
+        if self.durability not in ("fsync", "retained"):
+            raise ConfigError("durability must be fsync or retained")
+        if self.ingest not in ("fold", "spool"):
+            raise ConfigError("ingest must be fold or spool")
+        if not 1 <= self.max_streams <= 64:
+            raise ConfigError("max_streams must be in [1, 64]")

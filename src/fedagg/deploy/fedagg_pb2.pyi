@@ -29,20 +29,26 @@ class HelloRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., protocol: _Optional[int] = ..., serves: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest")
+    __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest", "digest_algorithm", "max_streams", "retained")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     client_index: int
     spec_json: str
     model_bytes: int
     chunk_bytes: int
     digest: bool
-    def __init__(self, protocol: _Optional[int] = ..., client_index: _Optional[int] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., digest: bool = ...) -> None: ...
+    digest_algorithm: str
+    max_streams: int
+    retained: bool
+    def __init__(self, protocol: _Optional[int] = ..., client_index: _Optional[int] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., digest: bool = ..., digest_algorithm: _Optional[str] = ..., max_streams: _Optional[int] = ..., retained: bool = ...) -> None: ...
 
 class TasksRequest(_message.Message):
     __slots__ = ("auth",)
@@ -51,7 +57,7 @@ class TasksRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client", "config", "kind", "secagg")
+    __slots__ = ("task", "version", "epochs", "heartbeat", "finished", "seed", "client", "config", "kind", "secagg", "watermark")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +68,7 @@ class Task(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     task: int
     version: int
     epochs: int
@@ -72,7 +79,8 @@ class Task(_message.Message):
     config: str
     kind: str
     secagg: SecureStage
-    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ..., config: _Optional[str] = ..., kind: _Optional[str] = ..., secagg: _Optional[_Union[SecureStage, _Mapping]] = ...) -> None: ...
+    watermark: int
+    def __init__(self, task: _Optional[int] = ..., version: _Optional[int] = ..., epochs: _Optional[int] = ..., heartbeat: bool = ..., finished: bool = ..., seed: _Optional[int] = ..., client: _Optional[int] = ..., config: _Optional[str] = ..., kind: _Optional[str] = ..., secagg: _Optional[_Union[SecureStage, _Mapping]] = ..., watermark: _Optional[int] = ...) -> None: ...
 
 class SecureStage(_message.Message):
     __slots__ = ("round", "stage", "payload")
@@ -105,7 +113,7 @@ class ModelChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics", "relay", "on_behalf", "partial", "origin")
+    __slots__ = ("auth", "task", "version", "weight", "nbytes", "metrics", "relay", "on_behalf", "partial", "origin", "shard", "shards")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +131,8 @@ class UploadHeader(_message.Message):
     ON_BEHALF_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     task: int
     version: int
@@ -133,10 +143,12 @@ class UploadHeader(_message.Message):
     on_behalf: int
     partial: Partial
     origin: Origin
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., relay: bool = ..., on_behalf: _Optional[int] = ..., partial: _Optional[_Union[Partial, _Mapping]] = ..., origin: _Optional[_Union[Origin, _Mapping]] = ...) -> None: ...
+    shard: int
+    shards: int
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., task: _Optional[int] = ..., version: _Optional[int] = ..., weight: _Optional[float] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., relay: bool = ..., on_behalf: _Optional[int] = ..., partial: _Optional[_Union[Partial, _Mapping]] = ..., origin: _Optional[_Union[Origin, _Mapping]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class Origin(_message.Message):
-    __slots__ = ("auth", "sha256", "trailer_signature", "metrics")
+    __slots__ = ("auth", "sha256", "trailer_signature", "metrics", "digest_algorithm")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,11 +160,13 @@ class Origin(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TRAILER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     auth: Auth
     sha256: bytes
     trailer_signature: bytes
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., sha256: _Optional[bytes] = ..., trailer_signature: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    digest_algorithm: str
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., sha256: _Optional[bytes] = ..., trailer_signature: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., digest_algorithm: _Optional[str] = ...) -> None: ...
 
 class PartialJob(_message.Message):
     __slots__ = ("task", "client", "weight", "train_loss", "origin")
@@ -203,12 +217,16 @@ class UploadChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[UploadTrailer, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("task", "duplicate")
+    __slots__ = ("task", "duplicate", "retain", "watermark")
     TASK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     task: int
     duplicate: bool
-    def __init__(self, task: _Optional[int] = ..., duplicate: bool = ...) -> None: ...
+    retain: bool
+    watermark: int
+    def __init__(self, task: _Optional[int] = ..., duplicate: bool = ..., retain: bool = ..., watermark: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("auth", "tasks")
@@ -219,10 +237,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., tasks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("server_time_ms",)
+    __slots__ = ("server_time_ms", "watermark")
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
-    def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
+    watermark: int
+    def __init__(self, server_time_ms: _Optional[int] = ..., watermark: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("auth", "task", "version", "num_examples", "metrics")
