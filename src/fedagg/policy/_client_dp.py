@@ -41,11 +41,12 @@ from typing import Any
 
 from fedagg import privacy
 from fedagg._checkpoint import register
-from fedagg.core.strategy import ServerState, Strategy
+from fedagg.core.strategy import ServerState
 from fedagg.errors import ConfigError
 from fedagg.policy._events import Action, Applied, Dispatch, Event, Finish, PolicyContext, Start
 from fedagg.policy._secure import SecurePolicy
 from fedagg.policy._sync import SyncPolicy
+from fedagg.policy._wraps import Wraps
 
 __all__ = ["ClientDPPolicy", "ClientDPState"]
 
@@ -75,7 +76,7 @@ class ClientDPState:
 
 
 @dataclass(frozen=True)
-class ClientDPPolicy:
+class ClientDPPolicy(Wraps):
     """Local or distributed DP's accountant around a sync or secure policy (module docs)."""
 
     inner: Any
@@ -115,19 +116,6 @@ class ClientDPPolicy:
             )
 
     # -- what the engines read ----------------------------------------------------------------
-    @property
-    def strategy(self) -> Strategy:
-        s: Strategy = self.inner.strategy
-        return s
-
-    @property
-    def rounds(self) -> int:
-        return int(self.inner.rounds)
-
-    @property
-    def clients_per_round(self) -> int:
-        return int(self.inner.clients_per_round)
-
     def init(self, server: ServerState, ctx: PolicyContext) -> ClientDPState:
         n = ctx.num_clients
         q = min(1.0, self.clients_per_round / n)

@@ -72,6 +72,7 @@ from fedagg.policy._events import (
     Start,
 )
 from fedagg.policy._sync import SyncPolicy
+from fedagg.policy._wraps import Wraps
 
 __all__ = ["DPSum", "DPSumState", "PrivatePolicy", "PrivateState", "dp_strategy"]
 
@@ -280,7 +281,7 @@ class PrivateState:
 
 
 @dataclass(frozen=True)
-class PrivatePolicy:
+class PrivatePolicy(Wraps):
     """Central DP-FedAvg around a :class:`SyncPolicy` (module docs).
 
     Args:
@@ -379,19 +380,6 @@ class PrivatePolicy:
             raise ConfigError("adaptive clipping is for central DP (not with rdp_curve)")
 
     # -- what the engines read ----------------------------------------------------------------
-    @property
-    def strategy(self) -> Strategy:
-        s: Strategy = self.inner.strategy
-        return s
-
-    @property
-    def rounds(self) -> int:
-        return int(self.inner.rounds)
-
-    @property
-    def clients_per_round(self) -> int:
-        return int(self.inner.clients_per_round)
-
     @property
     def adaptive(self) -> bool:
         return self.target_quantile > 0

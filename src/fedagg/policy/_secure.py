@@ -70,6 +70,7 @@ from fedagg.policy._events import (
     note_refusal,
 )
 from fedagg.policy._sync import SyncPolicy, SyncState
+from fedagg.policy._wraps import Wraps
 from fedagg.secagg import (
     AdvertiseKeys,
     ConsistencySignature,
@@ -154,7 +155,7 @@ class SecureState:
 
 
 @dataclass(frozen=True)
-class SecurePolicy:
+class SecurePolicy(Wraps):
     """SecAgg+ around a :class:`SyncPolicy` (module docs).
 
     Args:
@@ -236,18 +237,6 @@ class SecurePolicy:
         )  # fmt: skip
 
     # -- what the engines read ----------------------------------------------------------------
-    @property
-    def strategy(self) -> Strategy:
-        return self.inner.strategy
-
-    @property
-    def rounds(self) -> int:
-        return self.inner.rounds
-
-    @property
-    def clients_per_round(self) -> int:
-        return self.inner.clients_per_round
-
     def init(self, server: ServerState, ctx: PolicyContext) -> SecureState:
         return SecureState(self.inner.init(server, ctx))
 
