@@ -289,6 +289,10 @@ class Federation:
 
     def close(self) -> None:
         self.store.close()
+        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
+        stop = getattr(agg, "close", None)  # receiver processes (deploy.receivers)
+        if callable(stop):
+            stop()
 
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
