@@ -28,12 +28,13 @@ from fedagg.config import resolve_config
 from fedagg.core.aggregate import Mean
 from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import Strategy
+from fedagg.core.update import Update
 from fedagg.deploy import Federation, canonical_strategy
 from fedagg.deploy._app import build_federation, options_from_config
 from fedagg.deploy._receivers import PlaneMean, PlaneState, plane_strategy
 from fedagg.deploy._store import UploadRow
-from fedagg.errors import ConfigError, StateError
-from fedagg.plane import SHM_PREFIX, AggregatorFailed
+from fedagg.errors import ConfigError, NonFiniteUpdate, StateError
+from fedagg.plane import SHM_PREFIX, AggregatorFailed, ShmAggregator
 from fedagg.policy import SyncPolicy, fedbuff
 
 N = 6  # clients
@@ -128,9 +129,18 @@ def _rounds(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 @pytest.mark.parametrize(("acc", "kind"), [("float32", "sync"), ("float64", "sync"),
                                            ("float32", "fedbuff")])  # fmt: skip
-def test_receivers_fold_the_bits_of_the_in_process_fold(tmp_path: Path, acc: str, kind: str
-                                                        ) -> None:  # fmt: skip
+def test_receivers_fold_the_bits_of_the_in_process_fold(
+    tmp_path: Path, acc: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref, ref_rounds = _run(tmp_path / "inproc", acc=acc, kind=kind)
+    commits = []
+    commit = ShmAggregator.commit
+
+    def counted(self: ShmAggregator, *a: Any, **k: Any) -> None:
+        commits.append(1)
+        commit(self, *a, **k)
+
+    monkeypatch.setattr(ShmAggregator, "commit", counted)
     fed = _fed(tmp_path / "plane", acc=acc, kind=kind, receivers=2)
     try:
         _drive(fed)
@@ -140,6 +150,7 @@ def test_receivers_fold_the_bits_of_the_in_process_fold(tmp_path: Path, acc: str
     finally:
         fed.close()
     assert plane._plane is None  # closed with the federation
+    assert len(commits) >= 8  # read straight into a slot (all but the receivers' first)
     assert got.tobytes() == ref.tobytes()
     assert _rounds(rounds) == _rounds(ref_rounds)
     if kind == "sync":  # job 5's weight: refused by the float32 accumulator, in both
@@ -212,9 +223,23 @@ def test_a_checkpointed_state_keeps_its_sums(tmp_path: Path) -> None:
         agg.close()
 
 
-def _update(job: int) -> Any:
-    from fedagg.core.update import Update
+def test_fold_many_is_all_or_nothing(tmp_path: Path) -> None:
+    agg = PlaneMean(Mean("float32"), 2, SPEC)
+    ref = Mean("float32")
+    try:
+        st = agg.init(SPEC, version=0)
+        agg.fold_many(st, [_update(1), _update(2)])
+        bad = Update(delta=np.full(D, np.nan, np.float32), weight=1.0, base_version=0)
+        with pytest.raises(NonFiniteUpdate):
+            agg.fold_many(st, [_update(4), bad])
+        want = ref.fold_many(ref.init(SPEC, version=0), [_update(1), _update(2)])
+        assert agg.count(st) == 2
+        assert agg.finalize_flat(st).tobytes() == ref.finalize_flat(want).tobytes()
+    finally:
+        agg.close()
 
+
+def _update(job: int) -> Any:
     return Update(delta=_delta(job), weight=float(job), base_version=0)
 
 
@@ -231,8 +256,6 @@ def test_only_a_plain_mean_runs_in_receivers(tmp_path: Path) -> None:
     assert agg._plane is None
     # a state of another shape folds in process (the engine's warm-up does that)
     small = ParamSpec.from_arrays([np.zeros(3, np.float32)])
-    from fedagg.core.update import Update
-
     st = agg.init(small)
     agg.fold(st, Update(delta=np.ones(3, np.float32), weight=2.0))
     assert agg.finalize_flat(st).tolist() == [1.0, 1.0, 1.0] and agg._plane is None

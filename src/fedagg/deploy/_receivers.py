@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import register
@@ -42,9 +43,9 @@ from fedagg.core.strategy import Strategy
 from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical
 from fedagg.errors import ConfigError, StateError
-from fedagg.plane import ShmAggregator
+from fedagg.plane import Lease, ShmAggregator
 
-__all__ = ["PlaneMean", "PlaneState", "plane_strategy"]
+__all__ = ["PlaneMean", "PlaneState", "plane_strategy", "read_buffer"]
 
 Arr = npt.NDArray[Any]
 log = logging.getLogger("fedagg.server")
@@ -101,6 +102,8 @@ class PlaneMean:
     _plane: ShmAggregator | None = field(default=None, init=False, repr=False)
     #: the state the receivers hold (weakly: a state the policy dropped needs no setting aside)
     _owner: weakref.ref[PlaneState] | None = field(default=None, init=False, repr=False)
+    #: the slot :meth:`buffer` handed out, until an update read into it is folded
+    _lease: Lease | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if type(self.inner) is not Mean:
@@ -128,6 +131,11 @@ class PlaneMean:
         plane = self._bind(state)
         if plane is None:
             state.saved = self.inner.fold(self._local(state), update)
+        elif self._lease is not None and _views(update.delta, self._lease.array):
+            lease, self._lease = self._lease, None  # read into a slot: handed over in place
+            u = update
+            plane.commit(lease, u.weight, scale=u.scale, client_id=u.client_id,
+                         base_version=u.base_version)  # fmt: skip
         else:
             plane.submit(update)
         return state
@@ -135,6 +143,8 @@ class PlaneMean:
     def fold_many(self, state: PlaneState, updates: Iterable[Update]) -> PlaneState:
         """All or none (as :meth:`Mean.fold_many`): on a refusal the aggregate is restored."""
         ups = list(updates)
+        if len(ups) == 1:  # one update: all or nothing already (the server's bounds fold so)
+            return self.fold(state, ups[0])
         plane = self._bind(state)
         if plane is None:
             state.saved = self.inner.fold_many(self._local(state), ups)
@@ -182,6 +192,16 @@ class PlaneMean:
         return 0 if state.saved is None else int(state.saved.count)
 
     # -- the receivers ---------------------------------------------------------------------------
+    def buffer(self) -> Arr | None:
+        """A shared-memory slot to read the next update into (the engine's read-back buffer:
+        the update is then written once, where the receivers fold it), or None before the
+        receivers start. The same slot until an update read into it is folded."""
+        if self._plane is None:
+            return None
+        if self._lease is None:
+            self._lease = self._plane.lease()  # waits while every slot is being folded
+        return self._lease.array
+
     def holds(self, state: PlaneState) -> bool:
         """Whether the receivers hold ``state``'s aggregate now."""
         return self._owner is not None and self._owner() is state and self._plane is not None
@@ -194,7 +214,7 @@ class PlaneMean:
 
     def close(self) -> None:
         """Stop the receivers (their shared memory is unlinked). Safe to call twice."""
-        plane, self._plane, self._owner = self._plane, None, None
+        plane, self._plane, self._owner, self._lease = self._plane, None, None, None
         if plane is not None:
             plane.close()
 
@@ -239,6 +259,23 @@ class PlaneMean:
             state.saved = None
         self._owner, state.live = weakref.ref(state), self
         return plane
+
+
+def read_buffer(agg: Any) -> Arr | None:
+    """The buffer the engine reads the next spooled update into when ``agg`` (the strategy's
+    aggregator, or the bounds or canonical order around it) folds in receivers, else None."""
+    while isinstance(agg, Canonical):
+        agg = agg.inner
+    return agg.buffer() if isinstance(agg, PlaneMean) else None
+
+
+def _views(delta: Any, slot: Arr) -> bool:
+    """Whether ``delta`` is a whole view of ``slot`` (an update read into it)."""
+    return (
+        isinstance(delta, np.ndarray)
+        and delta.size == slot.size
+        and delta.__array_interface__["data"][0] == slot.__array_interface__["data"][0]
+    )
 
 
 def plane_strategy(
