@@ -271,6 +271,9 @@ def test_the_receivers_key(tmp_path: Path) -> None:
     try:
         plane = fed.policy.strategy.aggregator.inner  # type: ignore[attr-defined]
         assert isinstance(plane, PlaneMean) and plane.receivers == 2
+        assert plane._plane is None
+        fed.warmup()  # what the server does before it listens: the receivers start
+        assert plane._plane is not None and len(plane._plane.worker_info) == 2
     finally:
         fed.close()
     robust = {**cfg, "strategy": {"aggregator": "median"}}

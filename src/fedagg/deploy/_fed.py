@@ -309,6 +309,9 @@ class Federation:
             agg = agg.inner
         if agg is None:
             return
+        start = getattr(agg, "start", None)  # deploy.receivers: their processes, now
+        if callable(start):
+            start()
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
         for n in (1024, 2 * kernels.PARALLEL_MIN_WORK):
             x = np.zeros(n, self.spec.dtype)

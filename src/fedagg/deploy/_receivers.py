@@ -192,6 +192,18 @@ class PlaneMean:
         return 0 if state.saved is None else int(state.saved.count)
 
     # -- the receivers ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the receivers now (the engine's warm-up does, before the server listens; else
+        the first fold), so that their start and kernel warm-up do not delay a round."""
+        if self._plane is None:
+            self._plane = ShmAggregator(
+                self.spec, shards=self.receivers, accumulator=self.inner.accumulator,
+                slots=self.slots, partials=self.partials, timeout=self.timeout,
+                backend=self.inner.backend,
+            )  # fmt: skip
+            log.info("%d receiver processes fold the uploads (pids %s)", self.receivers,
+                     ", ".join(str(p) for p in self._plane.worker_info))  # fmt: skip
+
     def buffer(self) -> Arr | None:
         """A shared-memory slot to read the next update into (the engine's read-back buffer:
         the update is then written once, where the receivers fold it), or None before the
@@ -237,13 +249,7 @@ class PlaneMean:
             assert self._plane is not None
             return self._plane
         if self._plane is None:
-            self._plane = ShmAggregator(
-                self.spec, shards=self.receivers, accumulator=self.inner.accumulator,
-                slots=self.slots, version=state.version, partials=self.partials,
-                timeout=self.timeout, backend=self.inner.backend,
-            )  # fmt: skip
-            log.info("%d receiver processes fold the uploads (pids %s)", self.receivers,
-                     ", ".join(str(p) for p in self._plane.worker_info))  # fmt: skip
+            self.start()
         else:
             old = self._owner() if self._owner is not None else None
             if old is not None:  # another state is live: set it aside, exported
@@ -251,6 +257,7 @@ class PlaneMean:
                     old.saved = self._plane.state()
                 old.live = None
         plane = self._plane
+        assert plane is not None
         self._owner = None
         plane.reset(state.version)
         if state.saved is not None:
@@ -266,7 +273,8 @@ def read_buffer(agg: Any) -> Arr | None:
     aggregator, or the bounds or canonical order around it) folds in receivers, else None."""
     while isinstance(agg, Canonical):
         agg = agg.inner
-    return agg.buffer() if isinstance(agg, PlaneMean) else None
+    buffer = getattr(agg, "buffer", None)  # a PlaneMean (or a wrapper that forwards to one)
+    return buffer() if callable(buffer) else None
 
 
 def _views(delta: Any, slot: Arr) -> bool:
