@@ -220,7 +220,7 @@ def test_a_checkpointed_state_keeps_its_sums(tmp_path: Path) -> None:
         assert st.saved is not None and st.saved.count == 2 and agg.count(other) == 1
         assert agg.finalize_flat(saved).tobytes() == ref.finalize_flat(want).tobytes()
     finally:
-        agg.close()
+        agg.close_receivers()
 
 
 def test_fold_many_is_all_or_nothing(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_fold_many_is_all_or_nothing(tmp_path: Path) -> None:
         assert agg.count(st) == 2
         assert agg.finalize_flat(st).tobytes() == ref.finalize_flat(want).tobytes()
     finally:
-        agg.close()
+        agg.close_receivers()
 
 
 def _update(job: int) -> Any:
@@ -276,6 +276,7 @@ def test_the_receivers_key(tmp_path: Path) -> None:
         assert plane._plane is not None and len(plane._plane.worker_info) == 2
     finally:
         fed.close()
+    assert plane._plane is None  # stopped with the federation (inside the bounds, too)
     robust = {**cfg, "strategy": {"aggregator": "median"}}
     with pytest.raises(ConfigError, match="plain mean"):
         build_federation(robust, tmp_path / "b")

@@ -291,7 +291,9 @@ class Federation:
     def close(self) -> None:
         self.store.close()
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
-        stop = getattr(agg, "close", None)  # receiver processes (deploy.receivers)
+        while isinstance(agg, Canonical):
+            agg = agg.inner
+        stop = getattr(agg, "close_receivers", None)  # their processes (deploy.receivers)
         if callable(stop):
             stop()
 
@@ -309,7 +311,7 @@ class Federation:
             agg = agg.inner
         if agg is None:
             return
-        start = getattr(agg, "start", None)  # deploy.receivers: their processes, now
+        start = getattr(agg, "start_receivers", None)  # deploy.receivers: their processes
         if callable(start):
             start()
         # serial and parallel kernels, on a read-only array (as a spool file's view is)

@@ -102,7 +102,7 @@ class PlaneMean:
     _plane: ShmAggregator | None = field(default=None, init=False, repr=False)
     #: the state the receivers hold (weakly: a state the policy dropped needs no setting aside)
     _owner: weakref.ref[PlaneState] | None = field(default=None, init=False, repr=False)
-    #: the slot :meth:`buffer` handed out, until an update read into it is folded
+    #: the slot :meth:`receiver_slot` handed out, until an update read into it is folded
     _lease: Lease | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,7 +192,7 @@ class PlaneMean:
         return 0 if state.saved is None else int(state.saved.count)
 
     # -- the receivers ---------------------------------------------------------------------------
-    def start(self) -> None:
+    def start_receivers(self) -> None:
         """Start the receivers now (the engine's warm-up does, before the server listens; else
         the first fold), so that their start and kernel warm-up do not delay a round."""
         if self._plane is None:
@@ -204,7 +204,7 @@ class PlaneMean:
             log.info("%d receiver processes fold the uploads (pids %s)", self.receivers,
                      ", ".join(str(p) for p in self._plane.worker_info))  # fmt: skip
 
-    def buffer(self) -> Arr | None:
+    def receiver_slot(self) -> Arr | None:
         """A shared-memory slot to read the next update into (the engine's read-back buffer:
         the update is then written once, where the receivers fold it), or None before the
         receivers start. The same slot until an update read into it is folded."""
@@ -224,7 +224,7 @@ class PlaneMean:
             raise StateError("the receivers hold no aggregate")
         return self._plane.state()
 
-    def close(self) -> None:
+    def close_receivers(self) -> None:
         """Stop the receivers (their shared memory is unlinked). Safe to call twice."""
         plane, self._plane, self._owner, self._lease = self._plane, None, None, None
         if plane is not None:
@@ -249,7 +249,7 @@ class PlaneMean:
             assert self._plane is not None
             return self._plane
         if self._plane is None:
-            self.start()
+            self.start_receivers()
         else:
             old = self._owner() if self._owner is not None else None
             if old is not None:  # another state is live: set it aside, exported
@@ -273,8 +273,8 @@ def read_buffer(agg: Any) -> Arr | None:
     aggregator, or the bounds or canonical order around it) folds in receivers, else None."""
     while isinstance(agg, Canonical):
         agg = agg.inner
-    buffer = getattr(agg, "buffer", None)  # a PlaneMean (or a wrapper that forwards to one)
-    return buffer() if callable(buffer) else None
+    slot = getattr(agg, "receiver_slot", None)  # a PlaneMean (or a wrapper forwarding to one)
+    return slot() if callable(slot) else None
 
 
 def _views(delta: Any, slot: Arr) -> bool:
