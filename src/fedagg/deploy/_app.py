@@ -415,6 +415,9 @@ def serve_edge(
     if unknown:
         raise ConfigError(f"deploy.serves names unregistered clients: {unknown[:5]}")
     serves = {keyring.index[n] for n in d["serves"]} or set(range(len(keyring.names)))
+    if int(d["receivers"]):
+        log.warning("deploy.receivers applies to the root server: this edge folds its "
+                    "subtree's updates in its own process")  # fmt: skip
     mode = d["edge_mode"]
     if mode == "auto":
         mode = "aggregate" if cfg["policy"]["kind"] == "sync" else "relay"

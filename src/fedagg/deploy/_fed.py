@@ -49,7 +49,7 @@ from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
-from fedagg.deploy._receivers import read_buffer
+from fedagg.deploy._receivers import read_buffer, start_receivers, stop_receivers
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
 from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
@@ -290,12 +290,7 @@ class Federation:
 
     def close(self) -> None:
         self.store.close()
-        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
-        while isinstance(agg, Canonical):
-            agg = agg.inner
-        stop = getattr(agg, "close_receivers", None)  # their processes (deploy.receivers)
-        if callable(stop):
-            stop()
+        stop_receivers(getattr(getattr(self.policy, "strategy", None), "aggregator", None))
 
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
@@ -311,9 +306,7 @@ class Federation:
             agg = agg.inner
         if agg is None:
             return
-        start = getattr(agg, "start_receivers", None)  # deploy.receivers: their processes
-        if callable(start):
-            start()
+        start_receivers(agg)  # deploy.receivers: their processes, before the server listens
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
         for n in (1024, 2 * kernels.PARALLEL_MIN_WORK):
             x = np.zeros(n, self.spec.dtype)

@@ -45,7 +45,10 @@ from fedagg.deploy._canonical import Canonical
 from fedagg.errors import ConfigError, StateError
 from fedagg.plane import Lease, ShmAggregator
 
-__all__ = ["PlaneMean", "PlaneState", "plane_strategy", "read_buffer"]
+__all__ = [
+    "PlaneMean", "PlaneState", "plane_strategy", "read_buffer", "start_receivers",
+    "stop_receivers",
+]  # fmt: skip
 
 Arr = npt.NDArray[Any]
 log = logging.getLogger("fedagg.server")
@@ -271,10 +274,31 @@ class PlaneMean:
 def read_buffer(agg: Any) -> Arr | None:
     """The buffer the engine reads the next spooled update into when ``agg`` (the strategy's
     aggregator, or the bounds or canonical order around it) folds in receivers, else None."""
+    hook = _hook(agg, "receiver_slot")
+    return None if hook is None else hook()
+
+
+def start_receivers(agg: Any) -> None:
+    """Start ``agg``'s receivers, if it folds in receivers (the engine's warm-up)."""
+    hook = _hook(agg, "start_receivers")
+    if hook is not None:
+        hook()
+
+
+def stop_receivers(agg: Any) -> None:
+    """Stop ``agg``'s receivers, if it folds in receivers (the federation's close)."""
+    hook = _hook(agg, "close_receivers")
+    if hook is not None:
+        hook()
+
+
+def _hook(agg: Any, name: str) -> Any:
+    """The method ``name`` of the PlaneMean in ``agg`` (inside bounds or canonical order; or
+    a wrapper forwarding to one), else None."""
     while isinstance(agg, Canonical):
         agg = agg.inner
-    slot = getattr(agg, "receiver_slot", None)  # a PlaneMean (or a wrapper forwarding to one)
-    return slot() if callable(slot) else None
+    hook = getattr(agg, name, None)
+    return hook if callable(hook) else None
 
 
 def _views(delta: Any, slot: Arr) -> bool:
