@@ -89,10 +89,11 @@ class PlaneState:
 class PlaneMean:
     """A :class:`Mean` whose aggregate lives in ``receivers`` processes (see the module).
 
-    The processes start at the first fold (not when the strategy is built: a federation that
-    is only inspected starts none) and stop at :meth:`close`. They hold one aggregate at a
-    time, the live one; folding into another state sets the live one aside (exported), which
-    a policy that keeps one round open at a time never does."""
+    The processes start with the engine's warm-up (:meth:`start_receivers`, before the server
+    listens) or else at the first fold, never when the strategy is built (a federation that is
+    only inspected starts none), and stop with the federation (:meth:`close_receivers`). They
+    hold one aggregate at a time, the live one; folding into another state sets the live one
+    aside (exported), which a policy that keeps one round open at a time never does."""
 
     inner: Mean
     receivers: int
