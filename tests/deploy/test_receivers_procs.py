@@ -35,7 +35,7 @@ from tests.deploy.harness import (
     wait_listening,
 )
 
-ROUNDS = 3
+ROUNDS = 2
 CLIENTS = 3
 DEPLOY = {"receivers": 2, "checkpoint_every": 100, "fsync": False}
 
@@ -89,7 +89,7 @@ def test_a_server_with_receivers_folds_the_bits_of_the_in_process_replay(tmp_pat
 
 def test_a_killed_receiver_stops_the_server_and_a_restart_finishes(tmp_path: Path) -> None:
     before = _segments()
-    rounds = 4
+    rounds = 3
     with federation(tmp_path / "fed", clients=CLIENTS, rounds=rounds, tls=False,
                     deploy={**DEPLOY, "client_timeout": 60.0}) as fed:  # fmt: skip
         server = start_server(fed)
