@@ -2,6 +2,7 @@
 FedAvg, synchronous rounds of every client. Prints one JSON line of timings when done.
 
     python benchmarks/_fedagg_server.py DIR PORT PARAMS CLIENTS ROUNDS [--tls] [--no-fsync]
+        [--receivers P]
 
 Also reports the server's ``Federation.timings`` after each round (``round_timings``: the
 engine's cumulative log / policy / checkpoint seconds; a round's policy time is the spooled
@@ -43,9 +44,16 @@ def main() -> None:
     ap.add_argument("--no-digest", action="store_true")
     ap.add_argument("--adaptive-window", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=4.0)
+    ap.add_argument("--receivers", type=int, default=0)  # deploy.receivers
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
+    if a.receivers:  # the fold in receiver processes, through shared memory
+        from fedagg.core.spec import ParamSpec
+        from fedagg.deploy._receivers import plane_strategy
+
+        spec = ParamSpec.from_arrays([np.zeros(a.params, np.float32)])
+        strategy = plane_strategy(strategy, a.receivers, spec)
     fold_s = [0.0]
     folds: list[float] = []  # each fold's time
     agg = strategy.aggregator

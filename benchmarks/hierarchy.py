@@ -41,9 +41,9 @@ import numpy as np
 
 import fedagg
 from _common import GIB, MIB, ForeignCpu, machine_info, measure_bandwidth, wait_for_idle
+from _sockets import ShardReceiver, ShardSender, SocketAggregator
 from fedagg.core import tree
-from fedagg.hierarchy._shm import ShmAggregator, copy_peak, fold_validated, peak
-from fedagg.hierarchy._sockets import ShardReceiver, ShardSender, SocketAggregator
+from fedagg.plane import ShmAggregator, copy_peak, fold_validated, peak
 
 Result = dict[str, Any]
 SEED = 2025

@@ -79,6 +79,7 @@ def fedagg_run(
     adaptive_window: bool = False,
     timeout: float = 900,
     src: Path | None = None,
+    server_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One fedagg federation: server process + ``client_procs`` client processes.
 
@@ -99,6 +100,7 @@ def fedagg_run(
         args += [] if digest else ["--no-digest"]
         args += [] if fsync else ["--no-fsync"]
         args += ["--adaptive-window"] if adaptive_window else []
+        args += server_args
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if src is not None:
             env["PYTHONPATH"] = str(src)

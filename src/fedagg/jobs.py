@@ -1,6 +1,6 @@
 """Client training jobs as executors run them: the batch of jobs, the training call itself,
 how a batch is cut up, and starting Ray. Shared by the simulator's executors
-(:mod:`fedagg.sim`) and the Ray aggregation tree (:mod:`fedagg.hierarchy`)."""
+(:mod:`fedagg.sim`) and the Ray aggregation tree (``benchmarks/_ray_tree.py``)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from benchmarks._ray_tree import (  # noqa: E402
+    NodeLost,
+    RayTree,
+    placement_options,
+    train_round,
+    tree_aggregate,
+    tree_shape,
+)
+
 from fedagg.clients import LocalSGD  # noqa: E402
 from fedagg.core.aggregate import mean  # noqa: E402
 from fedagg.core.spec import ParamSpec  # noqa: E402
@@ -24,14 +33,6 @@ from fedagg.errors import (  # noqa: E402
     NonFiniteUpdate,
     SpecMismatch,
     StaleUpdate,
-)
-from fedagg.hierarchy._ray import (  # noqa: E402
-    NodeLost,
-    RayTree,
-    placement_options,
-    train_round,
-    tree_aggregate,
-    tree_shape,
 )
 from fedagg.models import LogReg  # noqa: E402
 from fedagg.sim import LocalExecutor  # noqa: E402

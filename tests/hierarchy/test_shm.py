@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from benchmarks._sockets import ShardReceiver, ShardSender, SocketAggregator, send_sharded
 
 import fedagg
 from fedagg.core import kernels as _kernels
@@ -28,7 +29,7 @@ from fedagg.errors import (
     StaleUpdate,
     StateError,
 )
-from fedagg.hierarchy._shm import (
+from fedagg.plane import (
     SHM_PREFIX,
     AggregatorFailed,
     ShmAggregator,
@@ -36,7 +37,6 @@ from fedagg.hierarchy._shm import (
     fold_validated,
     peak,
 )
-from fedagg.hierarchy._sockets import ShardReceiver, ShardSender, SocketAggregator, send_sharded
 
 SPEC = fedagg.ParamSpec.from_arrays(
     {"w": np.zeros((301, 333), np.float32), "b": np.zeros(77, np.float32)}

@@ -96,11 +96,13 @@ EXPECTED = {
         "BUILTIN_KEYS", "UserTrain", "fit_delta", "with_config", "LocalDP",
     ],
     "fedagg.hierarchy": [
-        "AggregatorFailed", "Lease", "LeafThenMean", "NodeLost", "RayTree", "RoundResult",
-        "ShardReceiver", "ShardSender", "Sharded", "ShmAggregator", "SketchKrum",
-        "SocketAggregator", "leaf_then_mean", "placement_options", "reduce_tree", "send_sharded",
-        "shard_bounds", "sharded", "sketch_krum", "train_round", "tree_aggregate",
-        "tree_centered_clipping", "tree_error_bound", "tree_rfa", "tree_shape",
+        "AggregatorFailed", "Lease", "LeafThenMean", "Sharded", "ShmAggregator", "SketchKrum",
+        "leaf_then_mean", "reduce_tree", "shard_bounds", "sharded", "sketch_krum",
+        "tree_centered_clipping", "tree_error_bound", "tree_rfa",
+    ],
+    "fedagg.plane": [
+        "SHM_PREFIX", "AggregatorFailed", "Lease", "ShmAggregator", "copy_peak", "fold_validated",
+        "peak", "set_threads",
     ],
     "fedagg.privacy": [
         "ACCOUNTANTS", "DEFAULT_ORDERS", "DISTRIBUTED_ORDERS", "Accountant", "adaptive_clip",

@@ -59,18 +59,19 @@ def test_core_imports_only_inward() -> None:
 #: or the top-level module ``fedagg/X.py``) and anything in a lower layer, never a sibling in its
 #: own layer nor anything above it:
 #:
-#: errors < core < {_checkpoint, spool, jobs, data, models, runs, secagg, and the public namespaces
-#: over core: attacks, optimizers, staleness, strategies, transforms, weighting}
+#: errors < core < {_checkpoint, spool, jobs, data, models, runs, secagg, plane, and the public
+#: namespaces over core: attacks, optimizers, staleness, strategies, transforms, weighting}
 #: < {aggregators, clients} < fedagg (the package's own ``__init__``: the curated API)
 #: < policy < config < {sim, deploy, hierarchy} < demo < dashboard < cli
 #:
 #: so the simulator and the deployment are siblings built on the same policies and configs, and
-#: neither imports the other (nor the Ray/shared-memory hierarchy, nor it them). ``jobs`` (the
-#: client training jobs executors run, and Ray's start-up) is what sim and hierarchy share.
+#: neither imports the other (nor the hierarchy, nor it them). ``jobs`` (the client training jobs
+#: executors run, and Ray's start-up) is what sim and hierarchy share; ``plane`` (the one-host
+#: shared-memory data plane) is what deploy and hierarchy share.
 LAYERS: list[set[str]] = [
     {"errors"},
     {"core"},
-    {"_checkpoint", "spool", "jobs", "data", "models", "runs", "secagg"}
+    {"_checkpoint", "spool", "jobs", "data", "models", "runs", "secagg", "plane"}
     | {"optimizers", "staleness", "strategies", "transforms", "weighting"},
     {"privacy"},  # DP accountants and mechanisms: noise from secagg's seekable PRG
     {"aggregators", "clients"},

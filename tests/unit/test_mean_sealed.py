@@ -261,10 +261,10 @@ PLANES = [
     "core/aggregate.py",
     "core/tree.py",
     "deploy/_partial.py",
-    "hierarchy/_shm.py",
-    "hierarchy/_shards.py",
-    "hierarchy/_service.py",
-    "hierarchy/_sockets.py",
+    "plane/_kernels.py",
+    "plane/_shm.py",
+    "plane/_shards.py",
+    "plane/_service.py",
 ]
 
 

@@ -384,6 +384,8 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
                            ge=1, le=64),
     "streams": integer(0, "parallel streams per upload (client; 0: by the update's size)",
                        ge=0, le=64),
+    "receivers": integer(0, "processes the root server folds uploads in, through shared "
+                         "memory (a plain mean; 0: in the server's process)", ge=0, le=64),
     "max_uploads": integer(8, "uploads received (and models sent) at once", ge=1),
     "adaptive_window": boolean(False, "let gRPC grow each stream's flow-control window"),
     "first_timeout": number(10.0, "seconds for an RPC's first message", gt=0),

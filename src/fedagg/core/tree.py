@@ -1,7 +1,7 @@
 """Trees and shards of monoid states: the pure math behind hierarchical aggregation.
 
-Nothing here does I/O. See :mod:`fedagg.hierarchy` for the processes, shared memory and Ray
-actors that run it. What is here:
+Nothing here does I/O. See :mod:`fedagg.hierarchy` and :mod:`fedagg.plane` for the processes
+and shared memory that run it. What is here:
 
 * :class:`Sharded` splits every update into ``S`` coordinate slices (zero-copy views) and
   keeps one weighted-mean state per slice, so ``S`` workers can each own one slice; the

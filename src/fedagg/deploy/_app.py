@@ -45,6 +45,7 @@ from fedagg.deploy._evaluation import Evaluation
 from fedagg.deploy._fed import Federation
 from fedagg.deploy._files import private_state_dir, write_private
 from fedagg.deploy._options import ServerOptions
+from fedagg.deploy._receivers import plane_strategy
 from fedagg.deploy._record import RunRecorder
 from fedagg.deploy._secure_client import secure_expectations
 from fedagg.deploy._server import Server
@@ -200,8 +201,11 @@ def build_federation(
         strategy = bounded_strategy(strategy, bounds, canonical=d["order"] == "canonical")
     elif d["order"] == "canonical":
         strategy = canonical_strategy(strategy)
-    policy: Policy = build_policy(cfg, strategy)
     server = strategy.init(model.init(seed))
+    if int(d["receivers"]):  # the mean folded in receiver processes, over shared memory
+        strategy = plane_strategy(strategy, int(d["receivers"]), server.spec,
+                                  partials=bool(d["edges"]))  # fmt: skip
+    policy: Policy = build_policy(cfg, strategy)
     return Federation(
         policy, server, num_clients=num_clients, seed=seed,
         directory=directory, epochs=int(cfg["client"]["epochs"]),
@@ -250,6 +254,7 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         preauth_per_peer=int(d["preauth_per_peer"]), metrics=str(d["metrics"]),
         digest_algorithm=str(d["digest_algorithm"]), durability=str(d["durability"]),
         ingest=str(d["ingest"]), max_streams=int(d["max_streams"]),
+        receivers=int(d["receivers"]),
     )  # fmt: skip
 
 
@@ -410,6 +415,9 @@ def serve_edge(
     if unknown:
         raise ConfigError(f"deploy.serves names unregistered clients: {unknown[:5]}")
     serves = {keyring.index[n] for n in d["serves"]} or set(range(len(keyring.names)))
+    if int(d["receivers"]):
+        log.warning("deploy.receivers applies to the root server: this edge folds its "
+                    "subtree's updates in its own process")  # fmt: skip
     mode = d["edge_mode"]
     if mode == "auto":
         mode = "aggregate" if cfg["policy"]["kind"] == "sync" else "relay"

@@ -49,6 +49,7 @@ from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
+from fedagg.deploy._receivers import read_buffer, start_receivers, stop_receivers
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
 from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
@@ -289,6 +290,7 @@ class Federation:
 
     def close(self) -> None:
         self.store.close()
+        stop_receivers(getattr(getattr(self.policy, "strategy", None), "aggregator", None))
 
     def warmup(self) -> None:
         """Compile the aggregator's kernels on a tiny update now, not on the first upload
@@ -304,6 +306,7 @@ class Federation:
             agg = agg.inner
         if agg is None:
             return
+        start_receivers(agg)  # deploy.receivers: their processes, before the server listens
         # serial and parallel kernels, on a read-only array (as a spool file's view is)
         for n in (1024, 2 * kernels.PARALLEL_MIN_WORK):
             x = np.zeros(n, self.spec.dtype)
@@ -474,10 +477,13 @@ class Federation:
         if isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None)):
             out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
         else:
-            if self._pool is None:
-                self._pool = np.empty(n, self.spec.dtype)
-            read_into(path, [self._pool.data.cast("B")], "the spooled update")
-            out = self._pool.view()
+            buf = read_buffer(agg)  # deploy.receivers: a shared-memory slot they fold in place
+            if buf is None:
+                if self._pool is None:
+                    self._pool = np.empty(n, self.spec.dtype)
+                buf = self._pool
+            read_into(path, [buf.data.cast("B")], "the spooled update")
+            out = buf.view()
             out.flags.writeable = False
         verified(u, out, what)
         return out

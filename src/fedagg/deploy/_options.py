@@ -111,6 +111,8 @@ class ServerOptions:
             decomposable aggregator in arrival order), rolled back exactly if the upload
             fails; ``"spool"``: spool the whole upload, then fold it.
         max_streams: the most parallel streams (shards) one upload may be split across.
+        receivers: processes the root folds its uploads in, through the shared-memory plane
+            (:mod:`fedagg.deploy._receivers`); 0: in the server's process.
         metrics: ``host:port`` to serve Prometheus metrics on (``/metrics``, plain HTTP,
             unauthenticated: keep it on loopback), or ``""`` for none (see
             :mod:`fedagg.deploy._metrics`).
@@ -143,6 +145,7 @@ class ServerOptions:
     durability: str = "fsync"
     ingest: str = "spool"
     max_streams: int = 8
+    receivers: int = 0
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -167,3 +170,5 @@ class ServerOptions:
             raise ConfigError("ingest must be fold or spool")
         if not 1 <= self.max_streams <= 64:
             raise ConfigError("max_streams must be in [1, 64]")
+        if not 0 <= self.receivers <= 64:
+            raise ConfigError("receivers must be in [0, 64]")

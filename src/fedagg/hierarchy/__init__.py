@@ -5,13 +5,10 @@ and along any tree. This package runs that tree (the math is in :mod:`fedagg.cor
 
 * **Across hosts, deployed**: an edge or intermediate aggregator is ``fedagg server`` with a
   ``deploy.parent`` (see :mod:`fedagg.deploy._edge`): partial states go up, models come down.
-* **On one host (LIFL)**: :class:`ShmAggregator` hands each update to S shard workers through
-  shared memory, written once and folded in place; :class:`SocketAggregator` is the socket
-  hand-off it replaces; :class:`ShardReceiver` / :func:`send_sharded` split an update into S
-  coordinate shards sent on S connections (application-layer flow splitting).
-* **On a Ray cluster**: :class:`RayTree` runs the tree's nodes as Ray actors, children placed
-  with their parent; :func:`train_round` has Ray actor workers train clients and fold straight
-  into their leaf (needs the ``ray`` extra).
+* **On one host (LIFL)**: :class:`ShmAggregator` (from :mod:`fedagg.plane`) hands each update
+  to S shard workers through shared memory, written once and folded in place; the deployed
+  server folds in it with ``[deploy] receivers = P``. (The socket hand-off it replaces, the
+  sharded TCP flows and the tree of Ray actors are baselines in ``benchmarks/``.)
 
 The tree-level math (exported here too): :func:`reduce_tree`, :class:`Sharded`,
 :func:`tree_error_bound`, and the hierarchical variants of the non-decomposable rules
@@ -31,42 +28,21 @@ from fedagg.core.tree import (
     tree_error_bound,
     tree_rfa,
 )
-from fedagg.hierarchy._ray import (
-    NodeLost,
-    RayTree,
-    RoundResult,
-    placement_options,
-    train_round,
-    tree_aggregate,
-    tree_shape,
-)
-from fedagg.hierarchy._shm import AggregatorFailed, Lease, ShmAggregator
-from fedagg.hierarchy._sockets import ShardReceiver, ShardSender, SocketAggregator, send_sharded
+from fedagg.plane import AggregatorFailed, Lease, ShmAggregator
 
 __all__ = [
     "AggregatorFailed",
     "LeafThenMean",
     "Lease",
-    "NodeLost",
-    "RayTree",
-    "RoundResult",
-    "ShardReceiver",
-    "ShardSender",
     "Sharded",
     "ShmAggregator",
     "SketchKrum",
-    "SocketAggregator",
     "leaf_then_mean",
-    "placement_options",
     "reduce_tree",
-    "send_sharded",
     "shard_bounds",
     "sharded",
     "sketch_krum",
-    "train_round",
-    "tree_aggregate",
     "tree_centered_clipping",
     "tree_error_bound",
     "tree_rfa",
-    "tree_shape",
 ]

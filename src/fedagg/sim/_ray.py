@@ -16,7 +16,7 @@ model are the ones :class:`~fedagg.sim.LocalExecutor` gives. The simulation (clo
 folding) stays in this process.
 
 :meth:`RayExecutor.train_to_updates` is the other path, used with an aggregation tree of Ray
-actors (:mod:`fedagg.hierarchy`): the workers turn their results into
+actors (the baseline ``benchmarks/_ray_tree.py``): the workers turn their results into
 :class:`~fedagg.core.update.Update` objects and keep them in Ray's object store, and only object
 references and small metadata come back to the driver.
 """

@@ -1,4 +1,5 @@
-"""An aggregation tree whose nodes are Ray actors (the optional extra ``ray``).
+"""An aggregation tree whose nodes are Ray actors (the optional extra ``ray``): a baseline kept
+with the benchmarks (no product path runs it; tested in ``tests/hierarchy/test_ray.py``).
 
 Every node is an :class:`AggregatorNode` actor holding one partial monoid state. Updates are
 folded at the leaves (:meth:`RayTree.submit`); an update may be passed as an object reference

@@ -7,7 +7,7 @@
 * :func:`handle_common`: the control operations every worker kind answers (reset, rollback,
   finalize, export, stats), and :func:`error_reply`, how a worker reports a failure.
 
-The coordinator side is :mod:`fedagg.hierarchy._service`.
+The coordinator side is :mod:`fedagg.plane._service`.
 """
 
 from __future__ import annotations
@@ -165,6 +165,15 @@ class Shards:
         st0 = self.states[0]
         return st0.weight, st0.weight_comp, st0.count
 
+    def load_from(self, acc: Arr, comp: Arr | None, weight: float, wc: float, count: int) -> None:
+        """Set every shard to the matching slice of a whole state (a checkpoint's), exactly."""
+        for (lo, hi), st in zip(self.bounds, self.states, strict=True):
+            st.acc[...] = acc[lo:hi]
+            if comp is not None and st.comp is not None:
+                st.comp[...] = comp[lo:hi]
+            st.weight, st.weight_comp, st.count = weight, wc, count
+        self._snap = None
+
     def warm_up(self, views: Sequence[Arr]) -> None:
         """Load the fold kernels for these sizes (numba compiles or reads its cache) untimed."""
         for sub, v in zip(self.subs, views, strict=True):
@@ -195,7 +204,8 @@ def array_at(buf: Any, dtype: np.dtype[Any], n: int, offset: int) -> Arr:
 def handle_common(
     shards: Shards, spec: ParamSpec, msg: tuple[Any, ...], acc_dtype: np.dtype[Any]
 ) -> tuple[Any, ...] | None:
-    """The control operations every worker kind shares; None for an unknown op."""
+    """The control operations every worker kind shares (rollback, reset, stats, finalize,
+    export, load); None for an unknown op."""
     op, seq = msg[0], msg[1]
     if op == "rollback":
         shards.rollback()
@@ -214,7 +224,7 @@ def handle_common(
         finally:
             seg.close()
         return ("ok", seq, -1, None)
-    if op == "export":
+    if op in ("export", "load"):
         seg = attach(msg[2])
         try:
             acc = array_at(seg.buf, acc_dtype, spec.size, 0)
@@ -223,7 +233,11 @@ def handle_common(
                 if shards.agg.accumulator == "float64"
                 else None
             )
-            info = shards.export_into(acc, comp)
+            if op == "load":
+                shards.load_from(acc, comp, *msg[3:6])
+                info = None
+            else:
+                info = shards.export_into(acc, comp)
             del acc, comp
         finally:
             seg.close()

@@ -1,6 +1,7 @@
-"""Socket data planes for one host: the hand-off LIFL replaces, and sharded flows.
+"""Socket data planes for one host: the hand-off LIFL replaces, and sharded flows (baselines
+of ``benchmarks/hierarchy.py``; the product uses the shared-memory plane, :mod:`fedagg.plane`).
 
-* :class:`SocketAggregator` has :class:`~fedagg.hierarchy._shm.ShmAggregator`'s API, but the
+* :class:`SocketAggregator` has :class:`~fedagg.plane.ShmAggregator`'s API, but the
   receiver hands each update to the workers over a Unix socket: each worker ``recv_into`` a
   buffer it preallocated (after it started) for its shards, then folds it. Every byte crosses
   the kernel twice (receiver -> socket buffer -> worker), which is the copy shared memory saves.
@@ -42,8 +43,9 @@ from fedagg.core.spec import Delta, ParamSpec
 from fedagg.core.tree import shard_bounds
 from fedagg.core.update import Update
 from fedagg.errors import ConfigError, InvalidWeight, SpecMismatch, StaleUpdate, UpdateError
-from fedagg.hierarchy._service import Service
-from fedagg.hierarchy._shards import (
+from fedagg.plane import peak, set_threads
+from fedagg.plane._service import Service
+from fedagg.plane._shards import (
     Accumulator,
     AggregatorFailed,
     Arr,
@@ -53,7 +55,6 @@ from fedagg.hierarchy._shards import (
     error_reply,
     handle_common,
 )
-from fedagg.hierarchy._shm import peak, set_threads
 
 __all__ = ["ShardReceiver", "ShardSender", "SocketAggregator", "send_sharded"]
 
@@ -143,7 +144,7 @@ def _unix_worker(conn: mpc.Connection, cfg: dict[str, Any]) -> None:
 
 
 class SocketAggregator(Service):
-    """:class:`~fedagg.hierarchy._shm.ShmAggregator`'s API and results, but each update is
+    """:class:`~fedagg.plane.ShmAggregator`'s API and results, but each update is
     handed to the workers over Unix sockets (the baseline the shared-memory plane replaces).
 
     Each worker receives only the byte ranges of the shards it owns, so every update byte
@@ -372,7 +373,7 @@ class ShardReceiver(Service):
     A sender (:class:`ShardSender`, :func:`send_sharded`; another thread or process) sends
     byte range ``i`` of each flat update to ``addrs[i]``; the caller runs :meth:`wait` to
     admit or refuse updates as their slices arrive. Results (:meth:`finalize`,
-    :meth:`state`, ...) are those of :class:`~fedagg.hierarchy._shm.ShmAggregator`.
+    :meth:`state`, ...) are those of :class:`~fedagg.plane.ShmAggregator`.
     One sender at a time: a worker serves one connection until it closes.
     """
 

@@ -1,12 +1,12 @@
 """The coordinator side of the one-host data planes: worker processes, their control pipes,
 and the receiver's admission rules (:class:`Service`). The shared-memory plane
-(:mod:`fedagg.hierarchy._shm`) and the socket planes (:mod:`fedagg.hierarchy._sockets`) add
+(:mod:`fedagg.plane._shm`) and the socket planes (``benchmarks/_sockets.py``) add
 the data transport.
 
 The admission rules are Mean's (:func:`~fedagg.core.aggregate.check_update`,
 :func:`~fedagg.core.aggregate.check_peak`, :func:`~fedagg.core.aggregate.check_mergeable`),
 applied to the whole update before any worker sees it, plus a running float32 bound that says
-when a fold must run synchronously (see :mod:`fedagg.hierarchy._shm`).
+when a fold must run synchronously (see :mod:`fedagg.plane._shm`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from fedagg.errors import (
     StateError,
     UpdateError,
 )
-from fedagg.hierarchy._shards import (
+from fedagg.plane._shards import (
     Accumulator,
     AggregatorFailed,
     Arr,
@@ -162,7 +162,7 @@ class Service:
         self._threads = worker_threads
         self._ctx: Any = mp.get_context(start_method)
         if start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["fedagg.hierarchy._shm", "fedagg.hierarchy._sockets"])
+            self._ctx.set_forkserver_preload(["fedagg.plane._shm"])
         self._procs: list[BaseProcess] = []
         self._conns: list[mpc.Connection] = []
         self._segments: list[SharedMemory] = []
@@ -501,6 +501,28 @@ class Service:
         if any(tuple(x) != (w, wc, count) for x in infos):
             raise self._fail("the workers disagree on the weight sum or count")
         return MeanState(self.spec, self.version, self.accumulator, acc, comp, w, wc, count)
+
+    def load(self, state: MeanState) -> None:
+        """Replace the aggregate with ``state`` (a whole :class:`MeanState`, e.g. from a
+        checkpoint), exactly: every shard takes its slice, bit for bit."""
+        self._check_usable()
+        self._check_partial(state)
+        n, f64 = self.spec.size, self.accumulator == "float64"
+        off = comp_offset(self.spec, self._acc_dtype)
+        seg = self._temp_segment(off + n * 8 if f64 else n * self._acc_dtype.itemsize)
+        try:
+            acc = array_at(seg.buf, self._acc_dtype, n, 0)
+            acc[...] = state.acc
+            if f64 and state.comp is not None:
+                array_at(seg.buf, np.dtype(np.float64), n, off)[...] = state.comp
+            del acc
+            w, wc, c = float(state.weight), float(state.weight_comp), int(state.count)
+            self._call(lambda i, seq: ("load", seq, seg.name, w, wc, c), "loading a state")
+        finally:
+            self._drop_segment(seg)
+        self._count, self._weight = int(state.count), float(state.weight)
+        top = float(np.max(np.abs(state.acc), initial=0.0))
+        self._bound = top if math.isfinite(top) else math.inf
 
     def shard_states(self) -> list[MeanState]:
         """One :class:`MeanState` per coordinate shard, over a flat sub-spec of that range."""
