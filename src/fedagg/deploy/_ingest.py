@@ -418,7 +418,7 @@ class Turns:
 
     async def take(self, client: int, head: Any, masked: bool) -> Lease | None:
         fold: FoldIngest | None = getattr(self.engine, "ingest", None)
-        if not self.on or masked or fold is None or head.shards > 1:
+        if not self.on or masked or fold is None:
             return None
         if self.holder is not None and self.holder.live:  # no round trip to the engine
             return None

@@ -114,17 +114,20 @@ class Uploads:
             self.inflight.discard(key)
 
     async def read_unspooled(
-        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str
-    ) -> None:
+        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str,
+        *, start: int = 0, length: int | None = None,
+    ) -> None:  # fmt: skip
         """Read to its end an upload that is not spooled (a re-send of an accepted upload,
         which stands; a dropout report), checking its shape as far as it goes: ``head.nbytes``
         of data (the caller checked it is the accepted upload's size) in chunks in order, each
         within ``chunk_bytes``, every message after the first carrying data or the trailer,
         the trailer last. Reading stops at the first deviation, so such an upload costs at
         most its declared size and one more message, never an unbounded drain. (The bytes
-        are not hashed: whatever they are, the accepted upload is the one that counts.)"""
-        total = head.nbytes
-        expect = 0
+        are not hashed: whatever they are, the accepted upload is the one that counts.)
+        A shard of a split upload: ``length`` bytes from byte ``start``."""
+        total = head.nbytes if length is None else length
+        expect = start
+        end = start + total
         chunk = first
         trailer = False
         count = self.chunk_counter(total)
@@ -133,7 +136,7 @@ class Uploads:
             if n:
                 count()
                 off = chunk.ints.get(2, 0)
-                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > total - expect:
+                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > end - expect:
                     raise CallError(
                         Status.INVALID_ARGUMENT,
                         f"{what} deviates from it: {n} bytes at offset {off} (expected offset "
@@ -150,10 +153,10 @@ class Uploads:
             if trailer:
                 raise CallError(Status.INVALID_ARGUMENT, f"{what}: a message after the trailer")
             chunk = _later_chunk(raw)
-        if expect != total or not trailer:
+        if expect != end or not trailer:
             raise CallError(
                 Status.INVALID_ARGUMENT,
-                f"{what} ends after {expect} of {total} bytes"
+                f"{what} ends after {expect - start} of {total} bytes"
                 + ("" if trailer else ", without a trailer"),
             )
 
