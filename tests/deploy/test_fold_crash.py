@@ -67,7 +67,7 @@ def _cfg(root: Path, rounds: int, clients: int, ingest: str) -> dict[str, Any]:
             "ingest": ingest,
             "checkpoint_updates": 2,
             "bound_warmup": 1,
-        },  # fmt: skip
+        },
     }
 
 
