@@ -60,6 +60,7 @@ import numpy.typing as npt
 
 from fedagg.core import kernels
 from fedagg.core.aggregate import Mean, MeanState, check_peak, check_update
+from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy._bounds import Bounded, BoundedState, check_claim, limits
 from fedagg.deploy._spoolcheck import check_size
@@ -313,6 +314,19 @@ class FoldIngest:
         self.lease = Lease((client, job), agg, ms, float(weight))
         return self.lease
 
+    def warmup(self) -> None:
+        """Compile the kernels a lease runs on the I/O threads (for read-only chunks, as gRPC's
+        buffers are) now, not on the first upload's chunks."""
+        spec = self.fed.spec
+        x = np.zeros(2 * _PEAK_PIECE + 2, spec.dtype)
+        x.flags.writeable = False
+        chunk_peak(x)
+        kernels.all_finite(x, use_numba=True, parallel=False)
+        for acc in ("float32", "float64"):
+            mean = Mean(acc)
+            st = mean.init(ParamSpec.from_arrays([np.zeros(x.size, spec.dtype)]))
+            Lease((0, 0), mean, st, 1.0).fold(0, x)
+
     def revoke(self, lease: Lease | None = None) -> None:
         """Roll the active lease back (``lease``: only if it is that one)."""
         cur = self.lease
@@ -418,7 +432,7 @@ class Turns:
 
     async def take(self, client: int, head: Any, masked: bool) -> Lease | None:
         fold: FoldIngest | None = getattr(self.engine, "ingest", None)
-        if not self.on or masked or fold is None:
+        if not self.on or masked or fold is None or fold.installed is False:
             return None
         if self.holder is not None and self.holder.live:  # no round trip to the engine
             return None
