@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -429,12 +429,29 @@ class Turns:
         self.on = ingest == "fold"
         self.engine, self.io, self.in_engine = engine, io, in_engine
         self.holder: Lease | None = None
+        #: arrivals on their way to the engine (waiting for their turn, queued, not yet
+        #: logged): a lease granted now would be revoked by the first of them
+        self.coming = 0
+
+    @contextlib.contextmanager
+    def arriving(self, logged: asyncio.Future[Any]) -> Iterator[None]:
+        """An arrival on its way to the log, from here until ``logged`` resolves."""
+        self.coming += 1
+        try:
+            yield
+        except BaseException:
+            self.coming -= 1
+            raise
+        logged.add_done_callback(self._logged)
+
+    def _logged(self, _: asyncio.Future[Any]) -> None:
+        self.coming -= 1
 
     async def take(self, client: int, head: Any, masked: bool) -> Lease | None:
         fold: FoldIngest | None = getattr(self.engine, "ingest", None)
         if not self.on or masked or fold is None or fold.installed is False:
             return None
-        if self.holder is not None and self.holder.live:  # no round trip to the engine
+        if self.coming or (self.holder is not None and self.holder.live):  # no round trip
             return None
         lease: Lease | None = await self.in_engine(
             fold.grant, client, int(head.task), int(head.version), float(head.weight)

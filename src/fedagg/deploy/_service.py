@@ -618,9 +618,10 @@ class FederationService:
             digest, check,
         )  # fmt: skip
         done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
-        await self.turns.turn(lease)
-        event = ("arrival", self.now(), client, head.task, None, upload)
-        await self.queue.put(Item(event, done))
+        with self.turns.arriving(done):
+            await self.turns.turn(lease)
+            event = ("arrival", self.now(), client, head.task, None, upload)
+            await self.queue.put(Item(event, done))
         return done
 
     async def acknowledge(
