@@ -539,3 +539,37 @@ def test_an_upload_completing_during_a_lease_waits_for_it_or_revokes_it(
 
     spool = asyncio.run(_session(tmp_path / "spool", "spool", same))
     assert fold.server.params.tobytes() == spool.server.params.tobytes()
+
+
+def test_a_dropout_closing_the_round_revokes_the_lease(tmp_path: Path) -> None:
+    """Engine level: clients 0 and 1 folded; client 2's upload holds a lease with folded
+    chunks when its task drops out (its client timed out, say): the dropout closes the round,
+    so the lease is rolled back first, and the round's model is the mean of clients 0 and 1,
+    the spool path's bits."""
+    out: dict[str, bytes] = {}
+    for ingest in ("fold", "spool"):
+
+        async def script(hand: Hand, service: FederationService, ingest: str = ingest) -> None:
+            fed: Federation = service.engine  # type: ignore[assignment]
+            await hand.good(0), await hand.good(1)
+            t = await hand.task(2)
+            lease = None
+            if ingest == "fold":
+                lease = await service.in_engine(fed.ingest.grant, 2, t.task, t.version, 4.0)
+                assert lease is not None
+                x = _delta(t.task)
+                lease.fold(0, x[:2048])
+                lease.fold(2048, x[2048:4000])
+
+            def drop() -> None:
+                rows = fed.log([("dropout", fed.now + 1, 2, t.task, None, None)])
+                fed.step([r for r in rows if r is not None])
+
+            await service.in_engine(drop)
+            assert fed.server.version == 1
+            if lease is not None:
+                assert lease.rolled_back and fed.ingest.lease is None
+            out[ingest] = fed.server.params.tobytes()
+
+        asyncio.run(_session(tmp_path / ingest, ingest, script))
+    assert out["fold"] == out["spool"]
