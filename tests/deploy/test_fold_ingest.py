@@ -85,6 +85,27 @@ def _snap(fed: Federation) -> tuple[Any, ...]:
     return ms.acc.tobytes(), comp, ms.weight, ms.weight_comp, ms.count
 
 
+async def held(msgs: list[bytes], go: asyncio.Event, first: int = 3) -> AsyncIterator[bytes]:
+    """An upload's messages, the first ``first`` at once, the rest once ``go`` is set."""
+    for m in msgs[:first]:
+        yield m
+    await go.wait()
+    for m in msgs[first:]:
+        yield m
+
+
+async def folding(fed: Federation, ranges: int) -> Lease:
+    """The active lease, once it folded ``ranges`` chunks."""
+    lease = None
+    for _ in range(2000):
+        lease = fed.ingest.lease
+        if lease is not None and len(lease.ranges) >= ranges:
+            break
+        await asyncio.sleep(0.005)
+    assert lease is not None and lease.live and len(lease.ranges) >= ranges
+    return lease
+
+
 class Hand:
     """The three clients, by hand, over memory: each with its task stream."""
 
@@ -223,20 +244,8 @@ async def _fail(hand: Hand, service: FederationService, kind: str) -> Lease:
     t = await hand.task(0)
     if kind in ("cancel", "idle"):
         msgs = _messages(hand, 0, t, "truncated")
-        hold = asyncio.Event()
-
-        async def stream() -> AsyncIterator[bytes]:
-            for m in msgs:
-                yield m
-            await hold.wait()
-
-        push = asyncio.create_task(hand.push(0, stream()))
-        for _ in range(2000):
-            lease = fed.ingest.lease
-            if lease is not None and len(lease.ranges) >= 3:
-                break
-            await asyncio.sleep(0.005)
-        assert lease is not None and len(lease.ranges) >= 3
+        push = asyncio.create_task(hand.push(0, held(msgs, asyncio.Event(), len(msgs))))
+        lease = await folding(fed, 3)
         if kind == "cancel":
             push.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -379,23 +388,8 @@ def test_a_round_closing_on_its_timer_revokes_the_lease(tmp_path: Path) -> None:
             t = await hand.task(2)
             msgs = hand.peers[2].upload(hand.upload(2, t))
             go = asyncio.Event()
-
-            async def stream() -> AsyncIterator[bytes]:
-                for m in msgs[:3]:
-                    yield m
-                await go.wait()
-                for m in msgs[3:]:
-                    yield m
-
-            push = asyncio.create_task(hand.push(2, stream()))
-            lease = None
-            if ingest == "fold":
-                for _ in range(2000):
-                    lease = fed.ingest.lease
-                    if lease is not None and len(lease.ranges) >= 2:
-                        break
-                    await asyncio.sleep(0.005)
-                assert lease is not None and lease.live
+            push = asyncio.create_task(hand.push(2, held(msgs, go)))
+            lease = await folding(fed, 2) if ingest == "fold" else None
             for _ in range(2000):  # the deadline (2 s) closes round 0
                 if fed.server.version == 1:
                     break
@@ -493,21 +487,8 @@ def test_an_upload_completing_during_a_lease_waits_for_it_or_revokes_it(
         t0 = await hand.task(0)
         msgs = hand.peers[0].upload(hand.upload(0, t0))
         go = asyncio.Event()
-
-        async def held() -> AsyncIterator[bytes]:
-            for m in msgs[:3]:
-                yield m
-            await go.wait()
-            for m in msgs[3:]:
-                yield m
-
-        first = asyncio.create_task(hand.push(0, held()))
-        for _ in range(2000):
-            lease = fed.ingest.lease
-            if lease is not None and len(lease.ranges) >= 2:
-                break
-            await asyncio.sleep(0.005)
-        assert lease is not None and lease.live
+        first = asyncio.create_task(hand.push(0, held(msgs, go)))
+        lease = await folding(fed, 2)
         second = asyncio.create_task(hand.good(1))
         if leaser_ends:
             for _ in range(200):  # client 1's upload is in, waiting for its turn
