@@ -33,6 +33,7 @@ from fedagg.deploy._admission import hold, parse
 from fedagg.deploy._auth import AuthError, Keyring
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._ingest import Lease, chunk_peak, rollback
 from fedagg.deploy._options import MAX_METRIC_NAME, MAX_METRICS, MIN_CHUNK, ServerOptions
 from fedagg.deploy._store import new_checksum
 from fedagg.deploy._transport import CallError, Status
@@ -113,17 +114,20 @@ class Uploads:
             self.inflight.discard(key)
 
     async def read_unspooled(
-        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str
-    ) -> None:
+        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str,
+        *, start: int = 0, length: int | None = None,
+    ) -> None:  # fmt: skip
         """Read to its end an upload that is not spooled (a re-send of an accepted upload,
         which stands; a dropout report), checking its shape as far as it goes: ``head.nbytes``
         of data (the caller checked it is the accepted upload's size) in chunks in order, each
         within ``chunk_bytes``, every message after the first carrying data or the trailer,
         the trailer last. Reading stops at the first deviation, so such an upload costs at
         most its declared size and one more message, never an unbounded drain. (The bytes
-        are not hashed: whatever they are, the accepted upload is the one that counts.)"""
-        total = head.nbytes
-        expect = 0
+        are not hashed: whatever they are, the accepted upload is the one that counts.)
+        A shard of a split upload: ``length`` bytes from byte ``start``."""
+        total = head.nbytes if length is None else length
+        expect = start
+        end = start + total
         chunk = first
         trailer = False
         count = self.chunk_counter(total)
@@ -132,7 +136,7 @@ class Uploads:
             if n:
                 count()
                 off = chunk.ints.get(2, 0)
-                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > total - expect:
+                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > end - expect:
                     raise CallError(
                         Status.INVALID_ARGUMENT,
                         f"{what} deviates from it: {n} bytes at offset {off} (expected offset "
@@ -149,10 +153,10 @@ class Uploads:
             if trailer:
                 raise CallError(Status.INVALID_ARGUMENT, f"{what}: a message after the trailer")
             chunk = _later_chunk(raw)
-        if expect != total or not trailer:
+        if expect != end or not trailer:
             raise CallError(
                 Status.INVALID_ARGUMENT,
-                f"{what} ends after {expect} of {total} bytes"
+                f"{what} ends after {expect - start} of {total} bytes"
                 + ("" if trailer else ", without a trailer"),
             )
 
@@ -184,6 +188,7 @@ class Uploads:
     async def receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
         dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"", *, finite: bool = True,
+        lease: Lease | None = None,
     ) -> tuple[Path, bytes, bytes, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk (sha256 if required, and always the xxh3-128 checksum that
@@ -195,23 +200,57 @@ class Uploads:
 
         ``origin_sha``: a relayed update's digest as its client signed it: the bytes are
         hashed (whatever ``digest`` says) and must match it. ``finite``: whether values must
-        be finite (not for a secure round's masked upload: uint32 words, uniform noise)."""
-        dtype = np.dtype(dtype)
+        be finite (not for a secure round's masked upload: uint32 words, uniform noise).
+        ``lease``: each chunk, once written, is also folded into the live accumulator
+        (:mod:`fedagg.deploy._ingest`); on any error the folds are rolled back before this
+        returns, on success the lease is complete (the engine commits it with the arrival)."""
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
-        spool = SpoolFile(
+        spool = self.new_spool(head.task, client)
+        try:
+            await spool.open(self.open_spool)
+            digest, check, tsig = await self.stream(
+                spool, first, it, head, dtype, keyring, origin_sha, finite=finite, lease=lease
+            )
+            if self.opt.fsync:
+                await spool.start(os.fsync)
+            await spool.commit()
+            crash_point("spooled")
+            if lease is not None:
+                lease.complete = True
+            return spool.final, digest, check, tsig
+        except BaseException:
+            if lease is not None:  # after the running chunk's fold, if any: exact
+                await rollback(self.io, lease)
+            await spool.discard()
+            raise
+
+    def new_spool(self, task: int, client: int) -> SpoolFile:
+        return SpoolFile(
             self.io,
             self.engine.spool / f"tmp-{uuid.uuid4().hex}",
-            self.engine.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
+            self.engine.spool / f"{task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
         )
+
+    async def stream(
+        self, spool: SpoolFile, first: Any, it: AsyncIterator[bytes], head: Any,
+        dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"", *, finite: bool = True,
+        lease: Lease | None = None, start: int = 0, length: int | None = None,
+    ) -> tuple[bytes, bytes, bytes]:  # fmt: skip
+        """Receive the chunks of ``length`` bytes at byte offset ``start`` (the whole upload,
+        or a shard of one) into the open ``spool``, each checked, hashed, written at its
+        offset and folded under ``lease``, then check the signed trailer. Returns the bytes'
+        digest, their xxh3-128 checksum and the trailer's signature. On an error, a chunk job
+        still running is left to end (the caller's :meth:`SpoolFile.discard` waits for it)."""
+        dtype = np.dtype(dtype)
+        total = head.nbytes if length is None else length
         sha = hashlib.sha256() if self.opt.digest or origin_sha else None
         xx = new_checksum()
-        expect = 0
-        total = head.nbytes
+        expect = start
+        end = start + total
         pending: asyncio.Future[str | None] | None = None
         trailer = None
         count = self.chunk_counter(total)
         try:
-            await spool.open(self.open_spool)
             chunk = first
             while True:
                 data = chunk.data
@@ -226,7 +265,7 @@ class Uploads:
                             Status.INVALID_ARGUMENT,
                             f"chunk at offset {off}, expected {expect}",
                         )
-                    if n > self.opt.chunk_bytes or n % dtype.itemsize or expect + n > total:
+                    if n > self.opt.chunk_bytes or n % dtype.itemsize or expect + n > end:
                         raise CallError(
                             Status.INVALID_ARGUMENT,
                             f"bad chunk size {n} at offset {off} (limit {self.opt.chunk_bytes},"
@@ -234,10 +273,10 @@ class Uploads:
                         )
                     if pending is not None:
                         _raise_bad(await pending)
-                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite)
+                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite, lease)
                     expect += n
                     self.stats.bytes_in += n
-                    if expect < total:
+                    if expect < end:
                         crash_point("upload")
                 elif chunk.trailer is None and chunk is not first:
                     raise CallError(Status.INVALID_ARGUMENT, "an empty message")
@@ -251,10 +290,10 @@ class Uploads:
             if pending is not None:
                 _raise_bad(await pending)
                 pending = None
-            if expect != total:
+            if expect != end:
                 raise CallError(
                     Status.INVALID_ARGUMENT,
-                    f"truncated upload: {expect} of {total} bytes",
+                    f"truncated upload: {expect - start} of {total} bytes",
                 )
             if trailer is None:
                 raise CallError(Status.INVALID_ARGUMENT, "the upload has no trailer")
@@ -272,49 +311,49 @@ class Uploads:
                 raise CallError(Status.UNAUTHENTICATED, f"trailer: {e.reason}") from None
             if origin_sha and digest != origin_sha:
                 log.info("relayed job %d of client %d: bytes differ from its client's digest",
-                         head.task, client)  # fmt: skip
+                         head.task, int(head.on_behalf))  # fmt: skip
                 raise CallError(
                     Status.UNAUTHENTICATED,
                     f"relayed job {head.task}: the bytes are not those its client signed",
                 )
-            if self.opt.fsync:
-                await spool.start(os.fsync)
-            await spool.commit()
-            crash_point("spooled")
-            return spool.final, digest, xx.digest(), bytes(trailer.signature)
+            return digest, xx.digest(), bytes(trailer.signature)
         except BaseException:
             if pending is not None:  # its outcome no longer matters
                 pending.add_done_callback(_ignore_outcome)
-            await spool.discard()
             raise
 
 
 class SpoolFile:
-    """An upload's spool file, written by jobs on the I/O pool one at a time (each job gets
-    the descriptor first). :meth:`discard` removes the file however the upload ended: if the
-    receiving task was cancelled while a job ran (the peer went away, a timeout), the job
-    cannot be stopped, so the file is closed and removed after it, never under a write, and
-    neither a descriptor nor a ``tmp-`` file is left behind."""
+    """An upload's spool file, written by jobs on the I/O pool (each job gets the
+    descriptor first; the chunks of one stream one at a time, the shards of an upload split
+    across parallel streams at once, each at its offsets). :meth:`discard` removes the file
+    however the upload ended: if the receiving task was cancelled while jobs ran (the peer
+    went away, a timeout), they cannot be stopped, so the file is closed and removed after
+    them, never under a write, and neither a descriptor nor a ``tmp-`` file is left behind."""
 
     def __init__(self, pool: ThreadPoolExecutor, tmp: Path, final: Path) -> None:
         self.pool, self.tmp, self.final = pool, tmp, final
         self.fd = -1
         self.renamed = False
-        self.job: concurrent.futures.Future[Any] | None = None
+        self.jobs: set[concurrent.futures.Future[Any]] = set()
+
+    def _submit(self, job: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut = self.pool.submit(job)
+        self.jobs.add(fut)
+        fut.add_done_callback(self.jobs.discard)
+        return fut
 
     def start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         def job() -> T:
             return fn(self.fd, *args)
 
-        self.job = self.pool.submit(job)
-        return asyncio.wrap_future(self.job)
+        return asyncio.wrap_future(self._submit(job))
 
     async def open(self, opener: Callable[[Path], int]) -> None:
         def job() -> None:
             self.fd = opener(self.tmp)
 
-        self.job = self.pool.submit(job)
-        await asyncio.wrap_future(self.job)
+        await asyncio.wrap_future(self._submit(job))
 
     async def commit(self) -> None:
         """Close the file and move it to :attr:`final`."""
@@ -328,14 +367,23 @@ class SpoolFile:
         await self.start(job)
 
     async def discard(self) -> None:
-        job = self.job
-        if job is not None and not job.done():  # wait for it unless cancelled again
+        jobs = [j for j in self.jobs if not j.done()]
+        if jobs:  # wait for them unless cancelled again
             with contextlib.suppress(BaseException):
-                await asyncio.shield(asyncio.wrap_future(job))
-        if job is None or job.done():
+                await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(j) for j in jobs)))
+        left = [j for j in self.jobs if not j.done()]
+        if not left:
             self._remove()
-        else:
-            job.add_done_callback(lambda _: self._remove())
+            return
+        waiting = set(left)
+
+        def done(j: concurrent.futures.Future[Any]) -> None:
+            waiting.discard(j)
+            if not waiting:
+                self._remove()
+
+        for j in left:
+            j.add_done_callback(done)
 
     def _remove(self) -> None:
         fd, self.fd = self.fd, -1
@@ -394,17 +442,25 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def spool_chunk(
     fd: int, sha: Any, xx: Any, data: memoryview, dtype: np.dtype[Any], off: int,
-    finite: bool = True,
+    finite: bool = True, lease: Lease | None = None,
 ) -> str | None:  # fmt: skip
     """Check, hash and write one chunk (on a worker thread; numba, hashlib, xxhash and
-    os.write release the GIL). Returns why the chunk is refused, or None."""
+    os.write release the GIL), and fold it under ``lease``. Returns why the chunk is
+    refused, or None."""
     arr = np.frombuffer(data, dtype=dtype)
-    if finite and not kernels.all_finite(arr, use_numba=True, parallel=False):
+    peak = 0.0
+    if lease is not None and lease.live and lease.wants_peak:  # one pass: finite, max |x|
+        peak = chunk_peak(arr)
+        if not math.isfinite(peak):
+            return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
+    elif finite and not kernels.all_finite(arr, use_numba=True, parallel=False):
         return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
     if sha is not None:
         sha.update(data)
     xx.update(data)
-    _write_all(fd, data)
+    _write_all(fd, data, off)
+    if lease is not None:
+        lease.fold(off // dtype.itemsize, arr, peak)
     return None
 
 
@@ -430,7 +486,8 @@ def _raise_bad(reason: str | None) -> None:
         raise CallError(Status.INVALID_ARGUMENT, reason)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, off: int) -> None:
+    """``data`` at byte ``off`` of the file (positional: shards are written at once)."""
     while len(data):
-        n = os.write(fd, data)
-        data = data[n:]
+        n = os.pwrite(fd, data, off)
+        data, off = data[n:], off + n
