@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -40,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from fedagg._checkpoint import dumps, loads, register
+from fedagg._checkpoint import dump, loads, register
 from fedagg.core import kernels
 from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
@@ -176,7 +175,9 @@ class Federation:
         if checkpoint_every < 1 or checkpoint_updates < 0:
             raise ConfigError("checkpoint_every must be >= 1 and checkpoint_updates >= 0")
         self.policy = policy
-        self.server0 = server
+        #: the initial server state, until :meth:`open` has built the policy's state from it
+        #: (then None: the policy's state holds the model, and keeping this would pin version 0)
+        self.server0: ServerState | None = server
         self.spec: ParamSpec = server.spec
         #: the clients' Ed25519 identities (raw public keys, the keyring's order): what
         #: secure aggregation checks their signatures with
@@ -208,7 +209,10 @@ class Federation:
         self.now = 0.0
         self.tasks: dict[int, TaskInfo] = {}  # jobs not yet resolved (arrival or dropout)
         self.timers: dict[int, float] = {}
+        #: the parameters of earlier versions that open tasks still need (the current
+        #: version's are the server's own, see :meth:`model`)
         self.models: dict[int, Arr] = {}
+        #: the read-back buffer of spooled updates, reused within a round, freed at its close
         self._pool: Arr | None = None
         #: recycled spool files (see _recycle); deque append and pop are thread-safe
         self.free: collections.deque[Path] = collections.deque()
@@ -246,8 +250,11 @@ class Federation:
             else:
                 f.unlink()
         ckpts = self.store.checkpoints()
+        server0, self.server0 = self.server0, None
         if not ckpts:
-            self.state = self.policy.init(self.server0, self.ctx)
+            if server0 is None:
+                raise StateError("open() was called twice on this Federation")
+            self.state = self.policy.init(server0, self.ctx)
             self.seq = self.store.last_seq()
             if self.seq:
                 raise StateError(
@@ -264,6 +271,7 @@ class Federation:
         self.applied = snap.seq
         self.now, self.tasks, self.timers = snap.now, dict(snap.tasks), dict(snap.timers)
         self.models, self.finished = dict(snap.models), snap.finished
+        self.models.pop(self.server.version, None)  # a copy of the server's (older files)
         self.secure = snap.secure or SecureBook()
         reopen(self.state, self.tasks, self.ctx)  # the secure round it opened, if any
         self.started = self.seq > 0
@@ -370,6 +378,8 @@ class Federation:
 
     def model(self, version: int) -> Arr | None:
         """The flat model of ``version`` while a task needs it (None if no longer kept)."""
+        if version == self.server.version:
+            return self.server.params
         return self.models.get(version)
 
     @property
@@ -502,7 +512,11 @@ class Federation:
         adopt = getattr(agg, "adopt", None)
         if adopt is not None:  # bounds: the next round's window, from the state (a loaded one)
             adopt(getattr(self.state, "agg", None))
+        version = self.server.version
+        if any(t.version == version for t in self.tasks.values()):
+            self.models[version] = self.server.params  # kept if this step makes a new version
         actions = self.policy.step(self.state, ev, self.ctx)
+        del ev  # its update may be the pooled buffer, freed below at a round's close
         effects = Effects()
         for a in actions:
             if isinstance(a, Dispatch):
@@ -511,7 +525,6 @@ class Federation:
                         "policies that send extra server state (SCAFFOLD) are simulation-only"
                     )
                 version = self.server.version
-                self.models[version] = self.server.params
                 for c, slow in zip(a.clients, a.partial, strict=True):
                     job = self.next_job
                     self.next_job += 1
@@ -552,9 +565,11 @@ class Federation:
                         effects.tasks = [task if t.job == r.job else t for t in effects.tasks]
                     else:
                         effects.secure.append(r)
-        live = {t.version for t in self.tasks.values()} | {self.server.version}
+        live = {t.version for t in self.tasks.values()} - {self.server.version}
         for v in [v for v in self.models if v not in live]:
-            del self.models[v]
+            del self.models[v]  # no open task needs it (the current one: the server holds it)
+        if effects.rounds:  # a round closed: the next one reads its first update afresh
+            self._pool = None
         effects.min_open_job = min(self.tasks, default=self.next_job)
         return effects
 
@@ -572,14 +587,12 @@ class Federation:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private, any umask
         with os.fdopen(fd, "wb") as f:
-            data = dumps(snap)
-            f.write(data)
+            digest = dump(snap, f)  # streamed and hashed as written: no copy in memory
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.dir)
         crash_point("checkpoint")
-        digest = hashlib.sha256(data).digest()  # what was written: no read back
         self.store.add_checkpoint(self.applied, str(path), self.server.version, digest)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
