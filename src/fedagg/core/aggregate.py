@@ -177,8 +177,9 @@ class MeanState:
     addition, summed (the sum is ``acc + comp``, exact up to the rounding of ``comp``'s own
     additions; see :class:`Mean`).
     ``weight``/``weight_comp`` do the same for the scalar weight sum. ``undo`` is scratch
-    memory that lets a bad batch be rolled back exactly; ``peak``, ``(count, weight, max |acc|)``
-    after a streaming fold, bounds the next one's sums (while count and weight are those).
+    memory that lets a bad batch be rolled back exactly; ``peak``, ``(count, weight, bound)``
+    after a streaming fold (``bound >= max |acc|``), bounds the next one's sums (while count
+    and weight are those).
     A state finalized in place (see :func:`donate`) holds no sums any more: using it again is
     a StateError.
     """
@@ -391,8 +392,8 @@ class Mean:
 
     def _stream(self, state: MeanState, u: Update, segs: list[Arr], w: float) -> float | None:
         """The streaming fold of one update (see :mod:`fedagg.core._stream`) into ``acc``,
-        returning ``max |acc|`` after it; None, with ``acc`` untouched, when it does not apply
-        or cannot rule out an overflow."""
+        returning a bound on ``max |acc|`` after it; None, with ``acc`` untouched, when it does
+        not apply or cannot rule out an overflow."""
         acc = state.acc
         if not _stream.streamable(acc, segs, use_numba=self.use_numba):
             return None
@@ -400,13 +401,18 @@ class Mean:
         if not math.isfinite(top):
             raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
         known = state.peak
+        wa = acc.dtype.type(w)
         if known is None or known[:2] != (state.count, state.weight):
+            known = None  # the sums changed otherwise since: their bound is unknown
+        elif not _stream.fits(known[2], float(wa), top, acc.dtype):
+            known = None  # the running bound is too loose: measure the sums themselves
+        if known is None:
             known = (state.count, state.weight, _stream.peak([acc]))
             state.peak = known
-        wa = acc.dtype.type(w)
-        if not (math.isfinite(known[2]) and _stream.fits(known[2], float(wa), top, acc.dtype)):
-            return None
-        return _stream.fold_bounded(acc, coord_layout(state.spec, [segs]), segs, wa)
+            if not (math.isfinite(known[2]) and _stream.fits(known[2], float(wa), top, acc.dtype)):
+                return None
+        _stream.fold_unchecked(acc, coord_layout(state.spec, [segs]), segs, wa)
+        return _stream.bound_after(known[2], float(wa), top)
 
     def _fold_plain(
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
