@@ -47,7 +47,7 @@ from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
-from fedagg.deploy._partial import accumulator_of, load_partial, read_into
+from fedagg.deploy._partial import accumulator_of, load_partial
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
 from fedagg.deploy._store import RECOVERY_HINT, EventRow, LogItem, Store, UploadRow
@@ -212,8 +212,6 @@ class Federation:
         #: the parameters of earlier versions that open tasks still need (the current
         #: version's are the server's own, see :meth:`model`)
         self.models: dict[int, Arr] = {}
-        #: the read-back buffer of spooled updates, reused within a round, freed at its close
-        self._pool: Arr | None = None
         #: recycled spool files (see _recycle); deque append and pop are thread-safe
         self.free: collections.deque[Path] = collections.deque()
         self.keep_free = 8
@@ -467,11 +465,12 @@ class Federation:
         accepted (size, and its checksum, see :func:`~fedagg.deploy._spoolcheck.verified`): a
         file altered, truncated or corrupted on disk is a :class:`StateError`, never folded.
 
-        Folded at once (arrival order): read into one pooled buffer, reused for every update
-        (page faults on fresh memory cost more than the copy from the page cache), and hashed
-        there. Kept until the round closes (canonical order, or bounds warming up, see
-        :meth:`Canonical.holds`): a read-only map of the file,
-        which costs no memory until it is folded, hashed through the map."""
+        A read-only map of the file, hashed through the map: its pages are the page cache's
+        (where the upload just landed), so no model-sized buffer is read into (a pooled one
+        was a third model at a round's close, and the copy cost more than the map's page
+        faults: 4-5x for 256 MiB). The same whether it is folded at once (arrival order) or
+        kept until the round closes (canonical order, or bounds warming up, see
+        :meth:`Canonical.holds`), where it costs no memory until it is folded."""
         n, path = self.spec.size, u.path
         dim = self.secure.dims.get(u.job)
         if dim is not None:  # a masked upload (uint32, uniform noise): read as it is
@@ -480,15 +479,7 @@ class Federation:
             verified(u, masked, what)
             return masked
         check_size(path, u.nbytes, n * self.spec.dtype.itemsize, what)
-        agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
-        if isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None)):
-            out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
-        else:
-            if self._pool is None:
-                self._pool = np.empty(n, self.spec.dtype)
-            read_into(path, [self._pool.data.cast("B")], "the spooled update")
-            out = self._pool.view()
-            out.flags.writeable = False
+        out: Arr = np.memmap(path, dtype=self.spec.dtype, mode="r", shape=(n,))
         verified(u, out, what)
         return out
 
@@ -516,7 +507,6 @@ class Federation:
         if any(t.version == version for t in self.tasks.values()):
             self.models[version] = self.server.params  # kept if this step makes a new version
         actions = self.policy.step(self.state, ev, self.ctx)
-        del ev  # its update may be the pooled buffer, freed below at a round's close
         effects = Effects()
         for a in actions:
             if isinstance(a, Dispatch):
@@ -568,8 +558,7 @@ class Federation:
         live = {t.version for t in self.tasks.values()} - {self.server.version}
         for v in [v for v in self.models if v not in live]:
             del self.models[v]  # no open task needs it (the current one: the server holds it)
-        if effects.rounds:  # a round closed: the next one reads its first update afresh
-            self._pool = None
+
         effects.min_open_job = min(self.tasks, default=self.next_job)
         return effects
 
