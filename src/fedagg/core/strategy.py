@@ -123,8 +123,10 @@ class Strategy:
         if scale != 1.0:
             delta *= delta.dtype.type(scale)
         carry = delta.copy() if _carries(self.aggregator) else server.carry
-        # the delta is this call's own buffer (finalized here): the step may overwrite it
-        params, opt_state = self.optimizer.step(server.opt, server.params, delta, donate=True)
+        # the delta is this call's own buffer (finalized here): the step may overwrite it (an
+        # optimizer of another kind, e.g. a wrapper, is called as the protocol has it)
+        kw = {"donate": True} if type(self.optimizer) is ServerOptimizer else {}
+        params, opt_state = self.optimizer.step(server.opt, server.params, delta, **kw)
         return ServerState(server.spec, params, server.version + 1, opt_state, carry)
 
     def round(self, server: ServerState, updates: Iterable[Update]) -> ServerState:
