@@ -243,9 +243,8 @@ def _live(state: MeanState) -> None:
 
 def donate(state: Any) -> None:
     """Let the next ``finalize_flat`` of ``state`` (a :class:`MeanState`, or a wrapper's state
-    holding one as ``inner``, at any depth) write the aggregate into the state's own sums when
-    their dtype is the model's, instead of a new buffer: the state is consumed (its sums become
-    the returned delta). What a round's close does with a state it drops afterwards."""
+    holding one as ``inner``, at any depth) write the mean into the state's own sums when their
+    dtype is the model's: the state is consumed (a round's close, which drops it after)."""
     while state is not None and not isinstance(state, MeanState):
         state = getattr(state, "inner", None)
     if state is not None:
@@ -492,8 +491,7 @@ class Mean:
         return state
 
     def finalize_flat(self, state: MeanState) -> Arr:
-        """The mean, a new buffer; a donated state's own ``acc`` when it has the model's dtype
-        (each coordinate the same operation, so the same bits, see :func:`donate`)."""
+        """The mean: a new buffer, or a donated state's ``acc`` (:func:`donate`; same bits)."""
         _live(state)
         if state.count == 0:
             raise EmptyAggregate("no update was folded: nothing to finalize")
