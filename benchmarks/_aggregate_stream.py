@@ -40,7 +40,7 @@ LABELS = {
 REPS = 3
 #: rounds over every row, alternating, so that a burst of load from other jobs hits each row
 #: about alike; a row keeps its best round
-ROUNDS = 2
+ROUNDS = 3
 
 
 def child(
@@ -206,6 +206,8 @@ def markdown(section: Result) -> list[str]:
         "",
         "## One update at a time, with work in between (`--streaming`)",
         "",
+        "- Command: `FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 python "
+        "benchmarks/aggregate.py --streaming`",
         f"- Measured {m_['date']}, fedagg git {m_['git']}, in "
         f"{section['wall_s'] / 60:.1f} min; numba {m_['numba']} "
         f"({m_['numba_threads']} threads). Load average at the end (1, 5, 15 min): {load}: the "

@@ -8,11 +8,12 @@ Python floats go through JSON's shortest round-trip repr, so they too come back 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
 from fedagg.errors import FedaggError, StateError
 
-__all__ = ["FORMAT_VERSION", "dumps", "load", "loads", "register", "save"]
+__all__ = ["FORMAT_VERSION", "dump", "dumps", "load", "loads", "register", "save"]
 
 FORMAT_VERSION = 1
 _TYPES: dict[str, type[Any]] = {}
@@ -114,14 +115,47 @@ def _decode(node: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> Any:
 
 def dumps(state: Any) -> bytes:
     """The state as bytes (an uncompressed ``.npz`` archive)."""
+    buf = io.BytesIO()
+    np.savez(buf, **_payload(state))
+    return buf.getvalue()
+
+
+def dump(state: Any, file: BinaryIO) -> bytes:
+    """Write the state to ``file`` as :func:`dumps` would (an ``.npz`` archive :func:`loads`
+    reads), streamed: the archive's entries are written as they are made (zip data
+    descriptors), 16 MiB at a time, so no copy of the state is held in memory. Returns the
+    sha256 of the bytes written."""
+    out = _Hashing(file)
+    np.savez(out, **_payload(state))
+    return out.digest.digest()
+
+
+class _Hashing:
+    """A write-only stream (no tell, no seek: zipfile then writes each entry's sizes after
+    its data) that hashes what it writes."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def read(self, size: int = -1) -> bytes:  # what numpy looks for to take a file object
+        raise io.UnsupportedOperation("write-only")
+
+
+def _payload(state: Any) -> dict[str, Any]:
     arrays: list[np.ndarray[Any, Any]] = []
     skeleton = {"format": FORMAT_VERSION, "state": _encode(state, arrays)}
     meta = np.frombuffer(json.dumps(skeleton, allow_nan=True).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
     payload: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
     payload["__meta__"] = meta
-    np.savez(buf, **payload)
-    return buf.getvalue()
+    return payload
 
 
 def loads(data: bytes) -> Any:

@@ -78,7 +78,8 @@ def test_streaming_fold_has_the_old_kernels_and_numpys_bits(
         ref = ref + np.float32(w * s) * x
         assert new.acc.tobytes() == old.acc.tobytes() == ref.tobytes()
         assert (new.weight, new.weight_comp, new.count) == (old.weight, old.weight_comp, old.count)
-        assert new.peak == (new.count, new.weight, float(np.abs(new.acc).max()))
+        assert new.peak is not None and new.peak[:2] == (new.count, new.weight)
+        assert new.peak[2] >= float(np.abs(new.acc).max())  # a bound on the sums
     assert new.undo is None  # no undo copy was made
     want = Mean(backend="numpy").finalize_flat(old)
     assert AGG.finalize_flat(new).tobytes() == want.tobytes()
@@ -142,6 +143,19 @@ def test_a_possible_overflow_takes_the_checked_path(layered: bool) -> None:
     assert err.value.client_id == "o" and _snap(states[0]) == was
 
 
+def test_a_bound_grown_too_loose_is_measured_again_not_refused() -> None:
+    big = float(np.finfo(np.float32).max) / 4
+    x = np.full(N, 1.0, np.float32)
+    state, ref = AGG.init(FLAT), AGG.init(FLAT)
+    for sign in (1.0, -1.0, 1.0, -1.0, 1.0):  # sums big, 0, big, 0, big: the bound grows to
+        u = Update(delta=sign * x, weight=big)  # 4 big = the float32 range, the sums do not
+        AGG.fold(state, u)
+        AGG.fold_many(ref, [u], undo=True)
+        assert state.peak is not None and state.peak[2] >= float(np.abs(state.acc).max())
+    assert state.undo is None  # every fold streamed: the loose bound was measured, not refused
+    assert state.acc.tobytes() == ref.acc.tobytes()
+
+
 def test_the_remembered_peak_is_not_trusted_after_another_change() -> None:
     rng = np.random.default_rng(5)
     state = AGG.init(FLAT)
@@ -154,7 +168,7 @@ def test_the_remembered_peak_is_not_trusted_after_another_change() -> None:
     AGG.fold_trusted(state, [big], [1.0])
     assert state.peak is None
     AGG.fold(state, Update(delta=_random(rng, 1.0), weight=1.0))
-    assert state.peak is not None and state.peak[2] == float(np.abs(state.acc).max())
+    assert state.peak is not None and state.peak[2] >= float(np.abs(state.acc).max())
     # merge forgets it too
     other = AGG.init(FLAT)
     AGG.fold(other, Update(delta=_random(rng, 1.0), weight=1.0))

@@ -13,16 +13,19 @@ machine's read-once rate):
 
 1. **scan**: ``max |x|`` of the update, as an integer maximum over the bits of ``|x|`` (for IEEE
    floats the order of the magnitudes' bit patterns is the order of the magnitudes, and every
-   NaN or infinity lies above the largest finite value). One vectorised read of the update;
-   a NaN or infinity anywhere refuses it before any state was touched.
-2. **bound**: the state remembers ``max |acc|`` from its previous streaming fold (keyed by its
-   count and weight: any other change of the sums makes it unknown, and it is then measured
-   once). If ``(max|acc| + |w| max|x|) (1 + 2**-20)`` stays below the dtype's largest value, no
-   sum can overflow; otherwise (never in practice) the caller takes the checked path with its
-   undo copy, whose result and error are the same.
-3. **fold**: ``acc[i] += w * x[i]`` a 16 KiB block at a time, then the block's ``max |acc|``
-   while it is in L1 (the next fold's bound). Three streams: read the update (often still in
-   cache from the scan or from its arrival), read and write the sums.
+   NaN or infinity lies above the largest finite value). One vectorised read of the update,
+   from its end back to its start (64 KiB blocks, each forwards): the end, written last, is
+   what is still in cache, and the start, read last, is in cache when the fold begins there.
+   A NaN or infinity anywhere refuses the update before any state was touched.
+2. **bound**: the state remembers a bound on ``max |acc|`` from its previous streaming fold
+   (keyed by its count and weight: any other change of the sums makes it unknown, and it is
+   then measured once, as when the bound has grown too loose to pass). If
+   ``(max|acc| + |w| max|x|) (1 + 2**-20)`` stays below the dtype's largest value, no sum can
+   overflow, and that same expression bounds the sums after the fold (the next fold's bound:
+   no pass over the sums to measure them); otherwise (never in practice) the caller takes the
+   checked path with its undo copy, whose result and error are the same.
+3. **fold**: ``acc[i] += w * x[i]``, one serial stream per segment. Three streams: read the
+   update (its start still in cache from the scan), read and write the sums.
 
 Bits: every coordinate gets the very operation the batched kernel and numpy apply,
 ``acc = acc + w*x`` in the accumulator's dtype, with no fast-math (no FMA contraction), so the
@@ -39,14 +42,14 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg.core import kernels as _kernels
-from fedagg.errors import StateError
 
 __all__ = [
     "STREAM_MIN_SIZE",
+    "bound_after",
     "finalize_into",
     "fits",
-    "fold_bounded",
     "fold_trusted_blocked",
+    "fold_unchecked",
     "peak",
     "streamable",
 ]
@@ -57,6 +60,8 @@ Arr = npt.NDArray[Any]
 STREAM_MIN_SIZE = 1 << 16
 #: Elements per fold block: 4Ki float32 = 16 KiB, so the block's max is taken from L1.
 _BLOCK = 4096
+#: Elements per block of the scan (64 KiB of float32), scanned from the last block back.
+_SCAN = 16384
 #: Relative margin of the overflow bound: far above the two roundings (2**-24 each) it covers.
 _MARGIN = 1.0 + 2.0**-20
 
@@ -75,7 +80,7 @@ if _kernels.HAVE_NUMBA:
     _jit = numba.njit(cache=True, nogil=True)
 
     @_jit
-    def _max_bits(xb: Arr, mask: Any) -> Any:  # pragma: no cover - jitted
+    def _max_fwd(xb: Arr, mask: Any) -> Any:  # pragma: no cover - jitted
         # max over the bit patterns of |x| (sign bit cleared): an integer reduction, vectorised
         m = mask - mask
         for i in range(xb.size):
@@ -84,22 +89,22 @@ if _kernels.HAVE_NUMBA:
         return m
 
     @_jit
-    def _fold_max(acc: Arr, accb: Arr, x: Arr, w: Any, mask: Any) -> Any:  # pragma: no cover
-        # acc += w*x (no fast-math: the batched kernel's and numpy's bits), block by block, and
-        # the max over the new |acc| bit patterns of each block while it is in L1
-        n = acc.size
+    def _max_bits(xb: Arr, mask: Any) -> Any:  # pragma: no cover - jitted
+        # the blocks from the last to the first (each forwards, for the prefetchers): the end of
+        # an update was written last (built, received), so it is the part still in cache, and
+        # the start, read last here, is still there when the fold begins with it
         m = mask - mask
-        for lo in range(0, n, _BLOCK):  # forwards: backwards defeats the prefetchers (~1.5x)
-            hi = min(n, lo + _BLOCK)
-            a = acc[lo:hi]
-            xs = x[lo:hi]
-            ab = accb[lo:hi]
-            for i in range(hi - lo):
-                a[i] += w * xs[i]
-            for i in range(hi - lo):
-                v = ab[i] & mask
-                m = v if v > m else m
+        n = xb.size
+        for b in range((n + _SCAN - 1) // _SCAN - 1, -1, -1):
+            v = _max_fwd(xb[b * _SCAN : min(n, (b + 1) * _SCAN)], mask)
+            m = v if v > m else m
         return m
+
+    @_jit
+    def _fold_one(acc: Arr, x: Arr, w: Any) -> None:  # pragma: no cover - jitted
+        # acc += w*x in acc's dtype, no fast-math: the very operation of every other fold
+        for i in range(acc.size):
+            acc[i] += w * x[i]
 
     @_jit
     def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
@@ -158,9 +163,10 @@ def streamable(acc: Arr, segs: Sequence[Arr], *, use_numba: bool) -> bool:
 
 def peak(xs: Sequence[Arr]) -> float:
     """``max |x|`` over the arrays (1-D, native float dtypes), exactly; ``math.inf`` if one
-    holds a NaN or an infinity. Serial: one integer-max pass over each array's bits."""
+    holds a NaN or an infinity. Serial: one integer-max pass over each array's bits, from the
+    last array to the first (see ``_max_bits``)."""
     top = 0.0
-    for x in xs:
+    for x in reversed(xs):
         if x.size == 0:
             continue
         xb, mask = _bits(x)
@@ -179,19 +185,21 @@ def fits(acc_peak: float, w: float, x_peak: float, dtype: np.dtype[Any]) -> bool
     return (acc_peak + abs(w) * x_peak) * _MARGIN < _FMAX[dtype.itemsize]
 
 
-def fold_bounded(acc: Arr, layout: Sequence[tuple[int, int]], segs: Sequence[Arr], w: Any) -> float:
-    """``acc += w * x`` (``w`` in ``acc``'s dtype) for the update's segments: one flat
-    segment over every range ``(s0, s1)`` of ``layout``, or one segment per range; returns the
-    largest ``|acc|`` over those ranges afterwards. The caller has checked :func:`fits`."""
-    accb, mask = _bits(acc)
-    top = mask - mask
+def bound_after(acc_peak: float, w: float, x_peak: float) -> float:
+    """An upper bound of ``max |acc + w*x|`` (every coordinate's two roundings covered, as in
+    :func:`fits`) when ``max |acc| <= acc_peak`` and ``max |x| = x_peak``: what the next
+    fold's :func:`fits` can check instead of measuring ``max |acc|``."""
+    return (acc_peak + abs(w) * x_peak) * _MARGIN
+
+
+def fold_unchecked(
+    acc: Arr, layout: Sequence[tuple[int, int]], segs: Sequence[Arr], w: Any
+) -> None:
+    """``acc += w * x`` (``w`` in ``acc``'s dtype) for the update's segments, laid out as in
+    :func:`fold_unchecked`'s caller gives; the caller has checked :func:`fits`."""
     for j, (s0, s1) in enumerate(layout):
         if s1 > s0:
-            x = segs[0][s0:s1] if len(segs) == 1 else segs[j]
-            top = max(top, _fold_max(acc[s0:s1], accb[s0:s1], x, w, mask))
-    if int(top) >= _INF_BITS[acc.dtype.itemsize]:  # only if max |acc| was not what it claimed
-        raise StateError("the sums overflowed: they were changed outside Mean's methods")
-    return _as_float(top, acc.dtype.itemsize)
+            _fold_one(acc[s0:s1], segs[0][s0:s1] if len(segs) == 1 else segs[j], w)
 
 
 def fold_trusted_blocked(acc: Arr, xs: Sequence[Arr], ws: Arr) -> None:

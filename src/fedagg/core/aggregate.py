@@ -27,6 +27,8 @@ import numpy.typing as npt
 
 from fedagg.core import _stream
 from fedagg.core import kernels as _kernels
+from fedagg.core._segments import batch_segments, nonfinite_error
+from fedagg.core._segments import layout as coord_layout
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
 from fedagg.errors import (
@@ -52,6 +54,7 @@ __all__ = [
     "check_peak",
     "check_update",
     "compose",
+    "donate",
     "mean",
 ]
 
@@ -174,8 +177,11 @@ class MeanState:
     addition, summed (the sum is ``acc + comp``, exact up to the rounding of ``comp``'s own
     additions; see :class:`Mean`).
     ``weight``/``weight_comp`` do the same for the scalar weight sum. ``undo`` is scratch
-    memory that lets a bad batch be rolled back exactly; ``peak``, ``(count, weight, max |acc|)``
-    after a streaming fold, bounds the next one's sums (while count and weight are those).
+    memory that lets a bad batch be rolled back exactly; ``peak``, ``(count, weight, bound)``
+    after a streaming fold (``bound >= max |acc|``), bounds the next one's sums (while count
+    and weight are those).
+    A state finalized in place (see :func:`donate`) holds no sums any more: using it again is
+    a StateError.
     """
 
     spec: ParamSpec
@@ -188,6 +194,8 @@ class MeanState:
     count: int = 0
     undo: Arr | None = field(default=None, repr=False, metadata=_TRANSIENT)
     peak: tuple[int, float, float] | None = field(default=None, repr=False, metadata=_TRANSIENT)
+    #: set by :func:`donate`: ``finalize_flat`` may write the mean into ``acc`` (consuming it)
+    donated: bool = field(default=False, repr=False, metadata=_TRANSIENT)
 
     def check(self) -> None:
         """Raise StateError unless the fields are consistent (used when a state is loaded)."""
@@ -226,6 +234,21 @@ def _add_weights(state: MeanState, weights: Iterable[float], n: int) -> None:
         wc += e
     state.weight, state.weight_comp = w, wc
     state.count += n
+
+
+def _live(state: MeanState) -> None:
+    if state.acc.shape != (state.spec.size,):
+        raise StateError("this mean state was finalized in place (donated): it holds no sums")
+
+
+def donate(state: Any) -> None:
+    """Let the next ``finalize_flat`` of ``state`` (a :class:`MeanState`, or a wrapper's state
+    holding one as ``inner``, at any depth) write the mean into the state's own sums when their
+    dtype is the model's: the state is consumed (a round's close, which drops it after)."""
+    while state is not None and not isinstance(state, MeanState):
+        state = getattr(state, "inner", None)
+    if state is not None:
+        state.donated = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +330,7 @@ class Mean:
         serially, without an undo copy; the same bits). With ``undo``, the plain accumulator's
         previous sums are left in ``state.undo`` (what :class:`Sharded` rolls back with)."""
         ups = list(updates)
+        _live(state)
         for u in ups:
             check_update(state.spec, state.version, u)
         if not ups:
@@ -346,6 +370,7 @@ class Mean:
         check, for the float32 accumulator also that no sum can overflow float32 (a running
         bound); if not, the state may be left changed and StateError is raised.
         """
+        _live(state)
         if not xs:
             return state
         ss = [1.0] * len(xs) if scales is None else scales
@@ -375,8 +400,8 @@ class Mean:
 
     def _stream(self, state: MeanState, u: Update, segs: list[Arr], w: float) -> float | None:
         """The streaming fold of one update (see :mod:`fedagg.core._stream`) into ``acc``,
-        returning ``max |acc|`` after it; None, with ``acc`` untouched, when it does not apply
-        or cannot rule out an overflow."""
+        returning a bound on ``max |acc|`` after it; None, with ``acc`` untouched, when it does
+        not apply or cannot rule out an overflow."""
         acc = state.acc
         if not _stream.streamable(acc, segs, use_numba=self.use_numba):
             return None
@@ -384,24 +409,29 @@ class Mean:
         if not math.isfinite(top):
             raise NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
         known = state.peak
+        wa = acc.dtype.type(w)
         if known is None or known[:2] != (state.count, state.weight):
+            known = None  # the sums changed otherwise since: their bound is unknown
+        elif not _stream.fits(known[2], float(wa), top, acc.dtype):
+            known = None  # the running bound is too loose: measure the sums themselves
+        if known is None:
             known = (state.count, state.weight, _stream.peak([acc]))
             state.peak = known
-        wa = acc.dtype.type(w)
-        if not (math.isfinite(known[2]) and _stream.fits(known[2], float(wa), top, acc.dtype)):
-            return None
-        return _stream.fold_bounded(acc, _layout(state.spec, [segs]), segs, wa)
+            if not (math.isfinite(known[2]) and _stream.fits(known[2], float(wa), top, acc.dtype)):
+                return None
+        _stream.fold_unchecked(acc, coord_layout(state.spec, [segs]), segs, wa)
+        return _stream.bound_after(known[2], float(wa), top)
 
     def _fold_plain(
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
     ) -> None:
         if state.undo is None:
             state.undo = np.empty_like(state.acc)
-        layout = _layout(state.spec, pieces)
+        layout = coord_layout(state.spec, pieces)
         saved: list[tuple[int, int]] = []  # ranges whose pre-call values sit in undo
         for lo in range(0, len(ups), self.batch):
             hi = min(len(ups), lo + self.batch)
-            for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
+            for s0, s1, segs in batch_segments(layout, pieces, lo, hi):
                 first = lo == 0
                 ok = _kernels.fold_plain(
                     state.acc[s0:s1],
@@ -416,7 +446,7 @@ class Mean:
                 if not ok:
                     for r0, r1 in saved:
                         state.acc[r0:r1] = state.undo[r0:r1]
-                    raise _nonfinite_error(ups[lo:hi], pieces[lo:hi], self.use_numba)
+                    raise nonfinite_error(ups[lo:hi], pieces[lo:hi], self.use_numba)
 
     def _fold_compensated(
         self, state: MeanState, ups: list[Update], pieces: list[list[Arr]], ws: Arr
@@ -427,10 +457,10 @@ class Mean:
         for u, w, segs in zip(ups, ws, pieces, strict=True):
             peak = max((_kernels.max_abs(s, use_numba=self.use_numba) for s in segs), default=0.0)
             check_peak(u.client_id, float(w), peak, count=count, float64=True)
-        layout = _layout(state.spec, pieces)
+        layout = coord_layout(state.spec, pieces)
         for lo in range(0, len(ups), self.batch):
             hi = min(len(ups), lo + self.batch)
-            for s0, s1, segs in _batch_segments(layout, pieces, lo, hi):
+            for s0, s1, segs in batch_segments(layout, pieces, lo, hi):
                 _kernels.fold_compensated(
                     state.acc[s0:s1], state.comp[s0:s1], segs, ws[lo:hi], use_numba=self.use_numba
                 )
@@ -438,6 +468,8 @@ class Mean:
     def merge(self, state: MeanState, other: MeanState) -> MeanState:
         spec, version, accumulator = state.spec, state.version, state.accumulator
         check_mergeable(other, spec=spec, version=version, accumulator=accumulator)
+        _live(state)
+        _live(other)
         if other.count == 0:  # the identity: exactly nothing to add (not even a -0.0 sign)
             return state
         state.peak = None
@@ -468,20 +500,25 @@ class Mean:
         return state
 
     def finalize_flat(self, state: MeanState) -> Arr:
+        """The mean: a new buffer, or a donated state's ``acc`` (:func:`donate`; same bits)."""
+        _live(state)
         if state.count == 0:
             raise EmptyAggregate("no update was folded: nothing to finalize")
         total = state.weight + state.weight_comp
-        out = np.empty(state.spec.size, state.spec.dtype)
-        if _stream.finalize_into(state.acc, state.comp, total, out, use_numba=self.use_numba):
-            return out
-        step = 1 << 16  # float64, a 512 KiB chunk at a time: a tiny total must not underflow
-        for lo in range(0, out.size, step):
-            hi = min(out.size, lo + step)
-            part = state.acc[lo:hi].astype(np.float64)
-            if state.comp is not None:
-                part += state.comp[lo:hi]
-            part /= total
-            out[lo:hi] = part
+        acc, comp = state.acc, state.comp
+        inplace = state.donated and acc.dtype == state.spec.dtype
+        out = acc if inplace else np.empty(state.spec.size, state.spec.dtype)
+        if not _stream.finalize_into(acc, comp, total, out, use_numba=self.use_numba):
+            step = 1 << 16  # float64, a 512 KiB chunk at a time: a tiny total must not underflow
+            for lo in range(0, out.size, step):
+                hi = min(out.size, lo + step)
+                part = acc[lo:hi].astype(np.float64)
+                if comp is not None:
+                    part += comp[lo:hi]
+                part /= total
+                out[lo:hi] = part
+        if inplace:  # each quotient overwrote the sum it was computed from: the state is spent
+            state.acc, state.comp, state.undo = np.empty(0, acc.dtype), None, None
         return out
 
     def finalize(self, state: MeanState) -> ArrayTree:
@@ -496,41 +533,6 @@ def mean(
 ) -> Mean:
     """The weighted mean (FedAvg's aggregator). See :class:`Mean`."""
     return Mean(accumulator=accumulator, batch=batch, backend=backend)
-
-
-def _layout(spec: ParamSpec, pieces: list[list[Arr]]) -> list[tuple[int, int]]:
-    """Coordinate ranges to fold: the whole buffer if every update is one flat piece."""
-    if all(len(p) == 1 for p in pieces):
-        return [(0, spec.size)]
-    off = spec.offsets
-    return [(off[i], off[i + 1]) for i in range(len(spec))]
-
-
-def _batch_segments(
-    layout: list[tuple[int, int]], pieces: list[list[Arr]], lo: int, hi: int
-) -> Iterable[tuple[int, int, list[Arr]]]:
-    for j, (s0, s1) in enumerate(layout):
-        if s1 == s0:
-            continue
-        segs = []
-        for p in pieces[lo:hi]:
-            if len(layout) == 1 or len(p) > 1:
-                segs.append(p[0] if len(layout) == 1 else p[j])
-            else:  # a flat update, sliced to this layer (a view)
-                segs.append(p[0][s0:s1])
-        yield s0, s1, segs
-
-
-def _nonfinite_error(
-    ups: Sequence[Update], pieces: Sequence[list[Arr]], use_numba: bool
-) -> NonFiniteUpdate:
-    for u, segs in zip(ups, pieces, strict=True):
-        if not all(_kernels.all_finite(s, use_numba=use_numba) for s in segs):
-            return NonFiniteUpdate(u.client_id, "delta holds NaN or Inf values")
-    ids = ", ".join(repr(u.client_id) for u in ups)
-    return NonFiniteUpdate(
-        ups[0].client_id, f"weighted sum overflows float32 (batch of clients {ids})"
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,12 +53,15 @@ __all__ = [
 
 Arr = npt.NDArray[Any]
 Flavor = Literal["paper", "flower"]
+#: Elements per block of the adaptive optimizers' update (their temporaries are this size).
+_BLOCK = 1 << 16
 
 
 class Transform(Protocol):
     """A pure transform of the flat delta: ``init(params) -> state`` and
     ``update(state, delta, params) -> (step, state)``. ``update`` may reuse ``delta``'s
-    memory for the step and updates its state in place."""
+    memory for the step (the built-in ones do: they allocate nothing model-sized) and updates
+    its state in place; the step must not be a buffer of its state."""
 
     def init(self, params: Arr) -> Any: ...
 
@@ -118,7 +121,9 @@ class Scale:
         return EmptyState()
 
     def update(self, state: EmptyState, delta: Arr, params: Arr) -> tuple[Arr, EmptyState]:
-        return delta * delta.dtype.type(self.factor), state
+        if self.factor != 1.0:  # x * 1 is x, to the bit: no pass for lr = 1
+            delta *= delta.dtype.type(self.factor)
+        return delta, state
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +139,8 @@ class Trace:
         v = state.v
         v *= v.dtype.type(self.beta)
         v += delta
-        return v.copy(), state
+        delta[...] = v  # the step, in delta's memory (not the state's buffer itself)
+        return delta, state
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +167,20 @@ class ScaleByAdaptive:
         return AdamState(0, m, v)
 
     def update(self, state: AdamState, delta: Arr, params: Arr) -> tuple[Arr, AdamState]:
+        state.count += 1
+        factor = None
+        if self.rule == "adam" and self.flavor == "flower":
+            t = state.count
+            factor = math.sqrt(1.0 - self.b2 ** (t + 1)) / (1.0 - self.b1 ** (t + 1))
+        # a block at a time, the step written over the delta block it came from: the same
+        # element-wise operations as on whole arrays (so the same bits), no model-sized temporary
+        for lo in range(0, delta.size, _BLOCK):
+            hi = min(delta.size, lo + _BLOCK)
+            self._block(state.m[lo:hi], state.v[lo:hi], delta[lo:hi], factor)
+        return delta, state
+
+    def _block(self, m: Arr, v: Arr, delta: Arr, factor: float | None) -> None:
         dt = delta.dtype.type
-        m, v = state.m, state.v
         m *= dt(self.b1)
         m += dt(1.0 - self.b1) * delta
         d2 = delta * delta
@@ -173,12 +191,11 @@ class ScaleByAdaptive:
             v -= dt(1.0 - self.b2) * d2 * np.sign(v - d2)
         else:
             v += d2
-        state.count += 1
-        step = m / (np.sqrt(v) + dt(self.tau))
-        if self.rule == "adam" and self.flavor == "flower":
-            t = state.count
-            step *= dt(math.sqrt(1.0 - self.b2 ** (t + 1)) / (1.0 - self.b1 ** (t + 1)))
-        return step, state
+        np.sqrt(v, out=d2)
+        d2 += dt(self.tau)
+        np.divide(m, d2, out=delta)
+        if factor is not None:
+            delta *= dt(factor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,17 +289,31 @@ class ServerOptimizer:
         return OptState(spec, 0, self.transform.init(flat))
 
     def step(
-        self, state: OptState, params: ArrayTree | Arr, delta: ArrayTree | Arr
+        self,
+        state: OptState,
+        params: ArrayTree | Arr,
+        delta: ArrayTree | Arr,
+        *,
+        donate: bool = False,
     ) -> tuple[Any, OptState]:
         """The new parameters (same structure as ``params``) and the new state.
 
-        ``params`` is not modified. ``state`` is updated in place and returned.
+        ``params`` is not modified. ``state`` is updated in place and returned. ``donate``:
+        ``delta`` (a flat array) is the caller's to give: the step and then the new
+        parameters are computed in its memory (no model-sized allocation with the built-in
+        transforms); else ``delta`` is left as it was.
         """
         spec = state.spec
         flat_p = _flat_of(spec, params, "params")
         flat_d = _flat_of(spec, delta, "delta")
+        mine = donate or not (flat_d is delta or _leaves_of(spec, delta, flat_d))
+        if not (mine and flat_d.flags.writeable):
+            flat_d = flat_d.copy()  # the caller's own memory (or a view of it): left as it was
         step, state.inner = self.transform.update(state.inner, flat_d, flat_p)
-        new = flat_p + step
+        if step.dtype == flat_p.dtype and np.may_share_memory(step, flat_d):
+            new = np.add(step, flat_p, out=step)  # p + s == s + p, to the bit
+        else:  # a step in a buffer of its own (a custom transform's)
+            new = flat_p + step
         state.count += 1
         if isinstance(params, np.ndarray):
             return new, state
@@ -290,6 +321,16 @@ class ServerOptimizer:
         if not spec.keyed and isinstance(params, tuple):
             return tuple(out), state
         return out, state
+
+
+def _leaves_of(spec: ParamSpec, tree: ArrayTree | Arr, flat: Arr) -> bool:
+    """Whether ``flat`` (``spec.as_flat(tree)``) may share memory with ``tree``'s arrays."""
+    if isinstance(tree, np.ndarray):
+        return bool(np.may_share_memory(flat, tree))
+    if not isinstance(tree, (dict, list, tuple)):
+        return True  # a bytes-like buffer: not ours either
+    leaves = tree.values() if isinstance(tree, dict) else tree
+    return any(isinstance(a, np.ndarray) and np.may_share_memory(flat, a) for a in leaves)
 
 
 def _flat_params(params: ArrayTree | Arr) -> tuple[ParamSpec, Arr]:

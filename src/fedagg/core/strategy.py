@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from fedagg.core import optim
 from fedagg.core.aggregate import Aggregator, PreTransform, compose, mean
+from fedagg.core.aggregate import donate as donate_state
 from fedagg.core.optim import Flavor, OptState, ServerOptimizer
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
@@ -95,7 +96,9 @@ class Strategy:
             state.center = server.carry
         return state
 
-    def apply(self, server: ServerState, agg_state: Any, *, scale: float = 1.0) -> ServerState:
+    def apply(
+        self, server: ServerState, agg_state: Any, *, scale: float = 1.0, donate: bool = False
+    ) -> ServerState:
         """Finalize the round's aggregate and take one optimizer step.
 
         ``scale`` multiplies the aggregated delta before the step: how a policy turns the
@@ -104,14 +107,26 @@ class Strategy:
 
         Like ``fold``, this consumes ``server``: its optimizer state is updated in place and
         shared with the returned state (copy it first, e.g. with ``fedagg.loads(dumps(s))``, to
-        keep the old one)."""
+        keep the old one). ``server.params`` is never written: the new parameters are a new
+        buffer (whoever still holds the old ones, a download or an evaluation, reads them
+        unchanged).
+
+        ``donate=True`` also consumes ``agg_state`` (what a policy's round close does): the
+        mean is computed into the aggregate's own sums where it can (see
+        :func:`~fedagg.core.aggregate.donate`), and the step and the new parameters into that
+        same buffer: one model-sized buffer for the whole close, the same bits."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"scale must be finite and > 0, got {scale!r}")
+        if donate:
+            donate_state(agg_state)
         delta = self.aggregator.finalize_flat(agg_state)
         if scale != 1.0:
-            if not (math.isfinite(scale) and scale > 0):
-                raise ConfigError(f"scale must be finite and > 0, got {scale!r}")
             delta *= delta.dtype.type(scale)
         carry = delta.copy() if _carries(self.aggregator) else server.carry
-        params, opt_state = self.optimizer.step(server.opt, server.params, delta)
+        # the delta is this call's own buffer (finalized here): the step may overwrite it (an
+        # optimizer of another kind, e.g. a wrapper, is called as the protocol has it)
+        kw = {"donate": True} if type(self.optimizer) is ServerOptimizer else {}
+        params, opt_state = self.optimizer.step(server.opt, server.params, delta, **kw)
         return ServerState(server.spec, params, server.version + 1, opt_state, carry)
 
     def round(self, server: ServerState, updates: Iterable[Update]) -> ServerState:

@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedagg._checkpoint import register
+from fedagg.core.aggregate import donate
 from fedagg.core.participation import IntervalEstimator, IntervalState
 from fedagg.core.staleness import Staleness, constant
 from fedagg.core.strategy import ServerState, Strategy
@@ -384,14 +385,16 @@ class AsyncPolicy:
             note_refusal(state.refusals, refusal_reason(e))
             self._release_base(state, job.version)
             return
-        delta = self.strategy.aggregator.finalize_flat(agg)
+        donate(agg)  # a one-update aggregate of its own: the mix is computed in its sums
+        y = self.strategy.aggregator.finalize_flat(agg)
+        y += base  # base + delta, in the delta's buffer (a + b == b + a, to the bit)
         self._release_base(state, job.version)
         lr = float(self.strategy.optimizer.hyperparams.get("lr", 1.0))
         a = min(1.0, lr * self.mixing * self.staleness(tau))
         dt = server.params.dtype.type
-        y = base + delta
         new = server.params * dt(1.0 - a)
-        new += y * dt(a)
+        y *= dt(a)
+        new += y
         self._record_fold(state, ev, 1.0, a, tau)
         state.server = ServerState(server.spec, new, server.version + 1, server.opt)
         self._step_done(state, self._stats(state, now, True, (a,)), now, actions)

@@ -392,9 +392,11 @@ def apply_or_skip(
     strategy: Strategy, server: ServerState, agg: Any, mass: float
 ) -> ServerState | None:
     """The round's new server state, or None if the rule cannot finalize this round (a
-    robust rule given fewer updates than it needs): the model then stays as it was."""
+    robust rule given fewer updates than it needs): the model then stays as it was. The
+    round's aggregate ``agg`` is consumed (donated: the close's one model-sized buffer); the
+    caller drops it."""
     try:
-        return strategy.apply(server, agg, scale=mass)
+        return strategy.apply(server, agg, scale=mass, donate=True)
     except EmptyAggregate:
         return None
 
