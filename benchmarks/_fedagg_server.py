@@ -2,6 +2,8 @@
 FedAvg, synchronous rounds of every client. Prints one JSON line of timings when done.
 
     python benchmarks/_fedagg_server.py DIR PORT PARAMS CLIENTS ROUNDS [--tls] [--no-fsync]
+        [--no-digest] [--digest-algorithm A] [--ingest fold|spool] [--durability D]
+        [--max-streams S]
 
 Also reports the server's ``Federation.timings`` after each round (``round_timings``: the
 engine's cumulative log / policy / checkpoint seconds; a round's policy time is the spooled
@@ -43,6 +45,10 @@ def main() -> None:
     ap.add_argument("--no-digest", action="store_true")
     ap.add_argument("--adaptive-window", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=4.0)
+    ap.add_argument("--digest-algorithm", default="sha256")
+    ap.add_argument("--ingest", default="spool")
+    ap.add_argument("--durability", default="fsync")
+    ap.add_argument("--max-streams", type=int, default=8)
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
@@ -74,13 +80,17 @@ def main() -> None:
         listen=f"127.0.0.1:{a.port}", tls=tls, insecure=not a.tls, fsync=not a.no_fsync,
         chunk_bytes=int(a.chunk_mib * (1 << 20)), rate=0.0, client_timeout=600.0,
         heartbeat=30.0, digest=not a.no_digest, adaptive_window=a.adaptive_window,
+        **_new_options(a),
     )  # fmt: skip
     ends: list[float] = []
     round_timings: list[dict[str, float]] = []
 
+    cpu: list[float] = []  # the process's CPU seconds (all threads) at each round's end
+
     def on_round(_: object) -> None:
         ends.append(time.perf_counter() - t0)
         round_timings.append(dict(fed.timings))
+        cpu.append(time.process_time())
 
     t0 = time.perf_counter()
     result = asyncio.run(
@@ -104,6 +114,7 @@ def main() -> None:
                 "folds": folds,
                 "version": result.server.version,
                 "peak_rss": peak_rss(),
+                "round_cpu_s": [b - a for a, b in zip([0.0, *cpu], cpu, strict=False)],
                 "fedagg_file": fedagg.__file__,
                 "checksum": float(
                     np.float64(result.server.params[:: max(1, a.params // 1000)].sum())
@@ -112,6 +123,14 @@ def main() -> None:
         ),
         flush=True,
     )
+
+
+def _new_options(a: argparse.Namespace) -> dict[str, object]:
+    """The issue-20 options, for a ``src`` that has them (``--baseline`` runs older trees)."""
+    fields = {f.name for f in dataclasses.fields(ServerOptions)}
+    want = {"digest_algorithm": a.digest_algorithm, "ingest": a.ingest,
+            "durability": a.durability, "max_streams": a.max_streams}  # fmt: skip
+    return {k: v for k, v in want.items() if k in fields}
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ def fedagg_run(
     adaptive_window: bool = False,
     timeout: float = 900,
     src: Path | None = None,
+    algorithm: str = "sha256",
+    ingest: str = "spool",
+    durability: str = "fsync",
+    streams: int = 1,
 ) -> dict[str, Any]:
     """One fedagg federation: server process + ``client_procs`` client processes.
 
@@ -99,6 +103,9 @@ def fedagg_run(
         args += [] if digest else ["--no-digest"]
         args += [] if fsync else ["--no-fsync"]
         args += ["--adaptive-window"] if adaptive_window else []
+        if algorithm != "sha256" or ingest != "spool" or durability != "fsync":
+            args += ["--digest-algorithm", algorithm, "--ingest", ingest]
+            args += ["--durability", durability]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if src is not None:
             env["PYTHONPATH"] = str(src)
@@ -116,6 +123,7 @@ def fedagg_run(
                     str(lo),
                     str(hi - lo),
                     *(["--tls"] if tls else []),
+                    *["--streams", str(streams)],
                 ],
                 stdout=subprocess.PIPE,
                 env=env,

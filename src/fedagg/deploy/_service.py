@@ -366,9 +366,13 @@ class FederationService:
                 f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
             )
         spec = self.engine.spec
+        # an edge (it relays secure replies) takes whole uploads: it forwards each client's
+        # signatures over its upload (Origin), one header and one trailer
+        streams = self.opt.max_streams if self.relay_secure is None else 1
         return pb.HelloReply(
             protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
+            digest_algorithm=self.opt.digest_algorithm, max_streams=streams,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:
@@ -536,7 +540,8 @@ class FederationService:
             self.below.verify_origin(client, head.origin, head.task, head.version, head.weight,
                                 head.nbytes, metrics)  # fmt: skip
             origin = pb.Origin(auth=head.origin.auth, sha256=head.origin.sha256, metrics=metrics,
-                               trailer_signature=head.origin.trailer_signature)  # fmt: skip
+                               trailer_signature=head.origin.trailer_signature,
+                               digest_algorithm=head.origin.digest_algorithm)  # fmt: skip
             origin_sha = bytes(origin.sha256)
         else:
             client = self._auth("Push", head.auth, content)
@@ -582,7 +587,8 @@ class FederationService:
             self.stats.receive_s += time.perf_counter() - t0
             if origin is None:  # the client's own upload: its signatures are the origin
                 origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
-                                   metrics=metrics)  # fmt: skip
+                                   metrics=metrics,
+                                   digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
             self.engine.keep_origin(client, head.task, origin.SerializeToString())
             weight = float(head.weight) if dim is None else 1.0  # masked: inside the encoding
             upload = UploadRow(

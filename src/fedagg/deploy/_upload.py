@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from fedagg.core import kernels
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import hold, parse
 from fedagg.deploy._auth import AuthError, Keyring
+from fedagg.deploy._digest import new_digest
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._options import MAX_METRIC_NAME, MAX_METRICS, MIN_CHUNK, ServerOptions
@@ -203,7 +203,9 @@ class Uploads:
             self.engine.spool / f"tmp-{uuid.uuid4().hex}",
             self.engine.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
         )
-        sha = hashlib.sha256() if self.opt.digest or origin_sha else None
+        # a relay is hashed with its client's algorithm (its header's Origin), else ours
+        algorithm = head.origin.digest_algorithm if origin_sha else self.opt.digest_algorithm
+        sha = new_digest(algorithm) if self.opt.digest or origin_sha else None
         xx = new_checksum()
         expect = 0
         total = head.nbytes
