@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,16 @@ def main() -> None:
             folds.append(time.perf_counter() - t)
             return out
 
-    strategy = dataclasses.replace(strategy, aggregator=TimedFold())
+    if a.ingest != "fold":  # (folding on receive needs the plain Mean: the engine's time)
+        strategy = dataclasses.replace(strategy, aggregator=TimedFold())
+    samples: list[tuple[float, float]] = []  # (wall clock, this process's CPU seconds)
+
+    def sample() -> None:
+        while True:
+            samples.append((time.time(), time.process_time()))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
     policy = SyncPolicy(strategy=strategy, rounds=a.rounds, clients_per_round=a.clients)
     server = strategy.init([np.zeros(a.params, np.float32)])
     fed = Federation(policy, server, num_clients=a.clients, seed=0, directory=d / "state")
@@ -115,6 +125,7 @@ def main() -> None:
                 "version": result.server.version,
                 "peak_rss": peak_rss(),
                 "round_cpu_s": [b - a for a, b in zip([0.0, *cpu], cpu, strict=False)],
+                "cpu_samples": samples,
                 "fedagg_file": fedagg.__file__,
                 "checksum": float(
                     np.float64(result.server.params[:: max(1, a.params // 1000)].sum())

@@ -131,7 +131,16 @@ def fedagg_run(
             for lo, hi in itertools.pairwise(per)
         ]
         try:
-            out = server.communicate(timeout=timeout)[0].decode()
+            deadline = time.monotonic() + timeout
+            while True:  # the server ends the run; a client that failed ends it too
+                try:
+                    out = server.communicate(timeout=1.0)[0].decode()
+                    break
+                except subprocess.TimeoutExpired:
+                    failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+                    if failed or time.monotonic() > deadline:
+                        why = f"a client exited with {failed[0]}" if failed else "timed out"
+                        raise RuntimeError(f"the fedagg run failed: {why}") from None
             if server.returncode != 0:  # its traceback went to stderr; don't wait for clients
                 raise RuntimeError(f"the fedagg server exited with {server.returncode}")
             reports: list[dict[str, Any]] = []
@@ -158,37 +167,120 @@ def fedagg_run(
         return res
 
 
-def bench_upload(nbytes: int) -> list[dict[str, Any]]:
-    """Three rounds of one client; the first is cold (fresh memory everywhere), the last is
-    the steady state of a running server, which is what the table reports."""
+#: The fast data plane's settings (issue 20), each a fedagg_run: (key, label, options).
+#: "fast": no TLS, no digest, no fsync (nothing durable before the ack); the secure ones:
+#: TLS + a signed digest + a durable acknowledgement (fsync before it, or "retained").
+_FAST = {"tls": False, "digest": False, "fsync": False, "adaptive_window": True}
+_SECURE = {"tls": True, "digest": True, "fsync": True}
+PLANE: list[tuple[str, str, dict[str, Any]]] = [
+    ("fast", "no TLS/digest/fsync, S=1, spool", _FAST),
+    ("fast-s2", "no TLS/digest/fsync, S=2, spool", {**_FAST, "streams": 2}),
+    ("fast-s4", "no TLS/digest/fsync, S=4, spool", {**_FAST, "streams": 4}),
+    ("fast-fold", "no TLS/digest/fsync, S=1, fold", {**_FAST, "ingest": "fold"}),
+    ("fast-fold-s4", "no TLS/digest/fsync, S=4, fold", {**_FAST, "ingest": "fold", "streams": 4}),
+    ("tls", "TLS, no digest/fsync, S=1, spool", {**_FAST, "tls": True}),
+    ("sha256", "TLS, sha256, fsync, S=1, spool (the default before)", _SECURE),
+    ("blake3", "TLS, BLAKE3, fsync, S=1, spool", {**_SECURE, "algorithm": "blake3"}),
+    ("blake3-s2", "TLS, BLAKE3, fsync, S=2, spool", {**_SECURE, "algorithm": "blake3",
+                                                      "streams": 2}),
+    ("blake3-s4", "TLS, BLAKE3, fsync, S=4, spool", {**_SECURE, "algorithm": "blake3",
+                                                      "streams": 4}),
+    ("blake3-s4-fold", "TLS, BLAKE3, fsync, S=4, fold", {**_SECURE, "algorithm": "blake3",
+                                                          "streams": 4, "ingest": "fold"}),
+    ("secure", "TLS, BLAKE3, retained, S=4, fold", {**_SECURE, "algorithm": "blake3",
+                                                     "streams": 4, "ingest": "fold",
+                                                     "durability": "retained"}),
+]  # fmt: skip
+
+
+#: The secure path's new settings (the lead flips the defaults to them at merge).
+SECURE_NEW = {"algorithm": "blake3", "ingest": "fold", "durability": "retained"}
+
+
+def _cpu_between(samples: list[list[float]], t0: float, t1: float) -> float:
+    """A process's CPU seconds between wall-clock times t0 and t1, from its (wall, CPU)
+    samples (linear between samples)."""
+
+    def at(t: float) -> float:
+        prev = samples[0]
+        for w, c in samples:
+            if w >= t:
+                if w == prev[0]:
+                    return c
+                return prev[1] + (c - prev[1]) * (t - prev[0]) / (w - prev[0])
+            prev = [w, c]
+        return prev[1]
+
+    return at(t1) - at(t0) if samples else float("nan")
+
+
+def plane_row(key: str, label: str, opts: dict[str, Any], nbytes: int, clients: int = 1,
+              ) -> dict[str, Any]:  # fmt: skip
+    """One setting: ``clients`` clients (each in its own process) pushing ``nbytes`` each
+    round, 3 rounds; the last (steady state) is reported. push = the client's upload until
+    acknowledged (wall; with several clients: first start to last acknowledgement); apply =
+    the engine's policy time for the round (for a spooled upload: read back, re-verify, fold;
+    folded on receive: the bookkeeping); CPU = each process's CPU seconds within the push."""
+    with _OtherCpu() as oc:
+        r = fedagg_run(nbytes // 4, clients, 3, client_procs=clients, **opts)
+    last = [c["pushes"][-1] for c in r["clients"]]
+    t0, t1 = min(p[0] for p in last), max(p[1] for p in last)
+    pol = [t["policy"] for t in r["round_timings"]]
+    apply_s = pol[-1] - pol[-2]
+    push = t1 - t0
+    server_cpu = _cpu_between(r["cpu_samples"], t0, t1)
+    client_cpu = sum(p[2] for p in last)
+    row = {
+        "key": key,
+        "setting": label,
+        "options": opts,
+        "clients": clients,
+        "bytes": nbytes * clients,
+        "push_s": push,
+        "apply_s": apply_s,
+        "fold_s": r["folds"][-1] if r["folds"] else None,
+        "upload_apply_s": push + apply_s,
+        "push_gib_per_s": nbytes * clients / GIB / push,
+        "gib_per_s": nbytes * clients / GIB / (push + apply_s),
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "cores_busy": (server_cpu + client_cpu) / push,
+        "all_push_s": [c["push_s"] for c in r["clients"]],
+        "round_s": r["round_s"],
+        "other_cpu": oc.share,
+    }
+    print(f"  {label}: push {push:.2f} s + apply {apply_s:.2f} s = {row['gib_per_s']:.2f} GiB/s;"
+          f" CPU server {server_cpu:.2f} s, client {client_cpu:.2f} s [other {oc.share:.0%}]",
+          flush=True)  # fmt: skip
+    return row
+
+
+def bench_plane(nbytes: int, only: set[str] | None = None) -> list[dict[str, Any]]:
     rows = []
-    for name, tls, digest, fsync, adaptive in [
-        ("fedagg, no TLS, no digest, no fsync, adaptive window", False, False, False, True),
-        ("fedagg, TLS, no digest, no fsync, adaptive window", True, False, False, True),
-        ("fedagg default: TLS, sha256 digest, fsync, fixed window", True, True, True, False),
+    for key, label, opts in PLANE:
+        if only and key not in only:
+            continue
+        try:
+            rows.append(plane_row(key, label, opts, nbytes))
+        except Exception as e:  # recorded, not hidden (e.g. a feature not on this branch)
+            print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
+            rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
+    for key, label, opts in [
+        ("two", "two clients at once, no TLS/digest/fsync, S=1, spool", _FAST),
+        ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[-1][2]),
     ]:
-        r = fedagg_run(
-            nbytes // 4, 1, 3, tls=tls, digest=digest, fsync=fsync, adaptive_window=adaptive
-        )
-        c = r["clients"][0]
-        row = {
-            "setting": name,
-            "bytes": nbytes,
-            "push_s": c["push_s"][-1],
-            "fold_s": r["folds"][-1],
-            "pull_s": c["pull_s"][-1],
-            "cold_push_s": c["push_s"][0],
-            "cold_fold_s": r["folds"][0],
-            "upload_fold_s": c["push_s"][-1] + r["folds"][-1],
-        }
-        row["gib_per_s"] = nbytes / GIB / row["upload_fold_s"]
-        rows.append(row)
-        print(f"  {name}: {row['gib_per_s']:.2f} GiB/s upload+fold", flush=True)
+        if only and key not in only:
+            continue
+        try:
+            rows.append(plane_row(key, label, opts, nbytes, clients=2))
+        except Exception as e:
+            print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
+            rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
     return rows
 
 
-def bench_latency(rounds: int) -> dict[str, Any]:
-    r = fedagg_run(10, 2, rounds, tls=True, digest=True, fsync=True)
+def bench_latency(rounds: int, **opts: Any) -> dict[str, Any]:
+    r = fedagg_run(10, 2, rounds, **{**_SECURE, **opts})
     xs = r["round_s"][2:]  # after the first rounds (connection set-up, JIT)
     q = statistics.quantiles(xs, n=10)
     return {
@@ -200,10 +292,10 @@ def bench_latency(rounds: int) -> dict[str, Any]:
     }
 
 
-def bench_many(ns: list[int], params: int) -> list[dict[str, Any]]:
+def bench_many(ns: list[int], params: int, **opts: Any) -> list[dict[str, Any]]:
     rows = []
     for n in ns:
-        r = fedagg_run(params, n, 2, tls=True, digest=True, fsync=True, client_procs=2)
+        r = fedagg_run(params, n, 2, client_procs=2, **{**_SECURE, **opts})
         rows.append(
             {
                 "clients": n,
@@ -211,53 +303,161 @@ def bench_many(ns: list[int], params: int) -> list[dict[str, Any]]:
                 "round_s": r["round_s"],
                 "peak_rss": r["peak_rss"],
                 "timings": r["timings"],
+                "options": opts,
+                **_ingest(r, params * 4),
             }
         )
         print(f"  {n} clients: rounds {r['round_s']}, peak RSS {r['peak_rss'] / MIB:.0f} MiB")
     return rows
 
 
+#: Issue 20's targets, as fractions of one raw TCP flow (1 GiB upload, the update folded).
+TARGET_SECURE, TARGET_FAST = 0.35, 0.60
+
+
+def _ok(x: float, target: float) -> str:
+    return "met" if x >= target else "**not met**"
+
+
+def plane_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The headline fractions of raw TCP: the secure path (TLS + signed digest + durable ack)
+    and the fast one (none of them), each its best row; two uploads at once vs one flow."""
+    tcp = res["raw_tcp"]["gib_per_s"]
+    rows = [r for r in res.get("plane", []) if "error" not in r]
+
+    def best(pred: Any) -> dict[str, Any] | None:
+        cands = [r for r in rows if r["clients"] == 1 and pred(r["options"])]
+        return max(cands, key=lambda r: r["gib_per_s"]) if cands else None
+
+    secure = best(lambda o: o.get("tls") and o.get("digest") and o.get("fsync"))
+    fast = best(lambda o: not (o.get("tls") or o.get("digest") or o.get("fsync")))
+    out: dict[str, Any] = {"raw_tcp_gib_per_s": tcp}
+    for name, r, target in (("secure", secure, TARGET_SECURE), ("fast", fast, TARGET_FAST)):
+        if r is not None:
+            out[name] = {"key": r["key"], "setting": r["setting"],
+                         "fraction": r["gib_per_s"] / tcp, "target": target}  # fmt: skip
+    two = [r for r in rows if r["clients"] == 2]
+    if two:
+        r = max(two, key=lambda r: r["push_gib_per_s"])
+        out["two"] = {"key": r["key"], "setting": r["setting"],
+                      "fraction": r["push_gib_per_s"] / tcp, "target": 1.0}  # fmt: skip
+    return out
+
+
+def _ingest(r: dict[str, Any], nbytes: int) -> dict[str, Any]:
+    """The server's ingest in a run's last round: update bytes over the window from the first
+    push's start to the last push's acknowledgement (other clients may still be downloading
+    the model in it: a conservative rate), and the server's CPU seconds in that window."""
+    last = [c["pushes"][-1] for c in r["clients"] if c.get("pushes")]
+    if not last:
+        return {}
+    t0, t1 = min(p[0] for p in last), max(p[1] for p in last)
+    cpu = _cpu_between(r["cpu_samples"], t0, t1)
+    return {
+        "push_window_s": t1 - t0,
+        "ingest_Bps": len(last) * nbytes / (t1 - t0),
+        "ingest_server_cpu_s": cpu,
+        "ingest_Bps_per_server_core": len(last) * nbytes / cpu,
+        "client_cpu_s": sum(p[2] for p in last),
+    }
+
+
 def render(res: dict[str, Any], out: Path) -> None:
     tcp = res["raw_tcp"]["gib_per_s"]
+    end = res.get("raw_tcp_end", {}).get("gib_per_s")
     lines = [
         "# Transport: fedagg deployment vs Flower 1.42 deployment engine vs raw TCP",
         "",
-        f"Machine: {res['machine'].get('cpu', '?')}, {res['machine'].get('cores', '?')} cores. "
-        f"Raw TCP loopback: **{tcp:.2f} GiB/s** (best of 3, 1 GiB).",
+        f"Machine: {res['machine'].get('model_name', res['machine'].get('cpu', '?'))}, "
+        f"{res['machine'].get('cores', '?')} cores (client and server share them). Raw TCP "
+        f"loopback, one flow: **{tcp:.2f} GiB/s** (best of 3, 1 GiB, at the start of the run"
+        + (f"; {end:.2f} GiB/s at its end" if end else "")
+        + ").",
         "",
-        "## 1 GiB update: upload + fold",
-        "",
-        "Steady state (the third round of a running server; the first, cold round in brackets).",
-        "",
-        "| setting | upload+fold | GiB/s | of raw TCP | push | fold | pull (download) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['setting']} | {r['upload_fold_s']:.2f} s | {r['gib_per_s']:.2f} | "
-        f"{r['gib_per_s'] / tcp:.0%} | {r['push_s']:.2f} s ({r['cold_push_s']:.2f}) | "
-        f"{r['fold_s']:.2f} s ({r['cold_fold_s']:.2f}) | {r['pull_s']:.2f} s |"
-        for r in res["upload"]
-    ]
+    if res.get("plane"):
+        sm = plane_summary(res)
+        lines += [
+            f"## {res['plane'][0].get('bytes', GIB) / GIB:g} GiB update: upload until "
+            "acknowledged, then in the aggregate (issue 20)",
+            "",
+            "One client, 3 rounds, the last (steady state) reported. push = the client's upload "
+            "until the server acknowledges it; apply = the engine's step for the round (a "
+            "spooled update: read back, re-verify, fold; folded on receive: bookkeeping); "
+            "GiB/s = 1 GiB / (push + apply). CPU = each process's CPU seconds (all threads) "
+            "within the push; cores busy = (server + client CPU) / push (2 cores here); "
+            "other = the share of the machine other processes used meanwhile. S = parallel "
+            "streams; fold/spool = `ingest`; fsync/retained = `durability`.",
+            "",
+            "| setting | push | apply | GiB/s | of raw TCP | push alone GiB/s | server CPU | "
+            "client CPU | cores busy | other |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["plane"]:
+            if "error" in r:
+                lines.append(f"| {r['setting']} | failed: {r['error'][:120]} | | | | | | | | |")
+                continue
+            who = f" ({r['clients']} clients)" if r["clients"] > 1 else ""
+            lines.append(
+                f"| {r['setting']}{who} | {r['push_s']:.2f} s | {r['apply_s']:.2f} s | "
+                f"{r['gib_per_s']:.2f} | {r['gib_per_s'] / tcp:.0%} | {r['push_gib_per_s']:.2f} "
+                f"| {r['server_cpu_s']:.2f} s | {r['client_cpu_s']:.2f} s | "
+                f"{r['cores_busy']:.2f} | {r['other_cpu']:.0%} |"
+            )
+        lines += ["", "Against the targets (fractions of one raw TCP flow, this run):", ""]
+        for name, what in [
+            ("secure", "secure path (TLS + signed digest + durable ack)"),
+            ("fast", "without TLS, digest and durability"),
+            ("two", "two uploads at once (push alone) vs one raw TCP flow"),
+        ]:
+            x = sm.get(name)
+            if x:
+                lines.append(f"- {what}: **{x['fraction']:.0%}** ({x['setting']}), target "
+                             f"{x['target']:.0%}: {_ok(x['fraction'], x['target'])}")  # fmt: skip
+        if res.get("plane_notes"):
+            lines += ["", *res["plane_notes"]]
+        lines.append("")
+    if res.get("upload"):
+        lines += [
+            "## 1 GiB update: upload + fold (the settings of before issue 20)",
+            "",
+            "| setting | upload+fold | GiB/s | of raw TCP | push | fold | pull (download) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['setting']} | {r['upload_fold_s']:.2f} s | {r['gib_per_s']:.2f} | "
+            f"{r['gib_per_s'] / tcp:.0%} | {r['push_s']:.2f} s ({r['cold_push_s']:.2f}) | "
+            f"{r['fold_s']:.2f} s ({r['cold_fold_s']:.2f}) | {r['pull_s']:.2f} s |"
+            for r in res["upload"]
+        ]
     fl = res.get("flower", {}).get("upload")
-    if fl:
+    if fl and "error" not in fl:
         up = fl.get("upload_s") or float("nan")
         gb = fl.get("bytes", GIB) / GIB
-        lines.append(
-            f"| Flower 1.42 (insecure) {gb:.2f} GiB | {up:.2f} s | {gb / up:.2f} | "
-            f"{gb / up / tcp:.0%} | | | |"
-        )
-    lat = res["latency"]
+        lines += [
+            "",
+            f"Flower 1.42 (insecure), {gb:.2f} GiB upload: {up:.2f} s = {gb / up:.2f} GiB/s, "
+            f"{gb / up / tcp:.1%} of raw TCP.",
+        ]
     lines += [
         "",
         "## Round latency: 10 parameters, 2 clients",
         "",
         "| system | median | p90 | max |",
         "|---|---|---|---|",
-        f"| fedagg (TLS, signed, fsync + checkpoint each round) | {lat['median_s'] * 1e3:.1f} ms "
-        f"| {lat['p90_s'] * 1e3:.1f} ms | {lat['max_s'] * 1e3:.1f} ms |",
     ]
+    for key, what in [
+        ("latency", "fedagg (TLS, signed sha256, fsync + checkpoint each round)"),
+        ("latency_secure", "fedagg (TLS, signed BLAKE3, retained, fold)"),
+    ]:
+        lat = res.get(key)
+        if lat:
+            lines.append(
+                f"| {what} | {lat['median_s'] * 1e3:.1f} ms | {lat['p90_s'] * 1e3:.1f} ms | "
+                f"{lat['max_s'] * 1e3:.1f} ms |"
+            )
     fl = res.get("flower", {}).get("latency")
-    if fl:
+    if fl and "error" not in fl:
         lines.append(
             f"| Flower 1.42 (insecure) | {fl.get('median_s', float('nan')) * 1e3:.0f} ms | "
             f"{fl.get('p90_s', float('nan')) * 1e3:.0f} ms | |"
@@ -266,21 +466,34 @@ def render(res: dict[str, Any], out: Path) -> None:
         "",
         "## N clients × 10M-parameter updates: round time and server peak RSS",
         "",
-        "| system | clients | round time | server peak RSS |",
-        "|---|---|---|---|",
+        "| system | clients | round time | ingest (push window) | server CPU in it | "
+        "server peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for r in res["many"]:
+        o = r.get("options") or {}
+        what = ", ".join(f"{k}={v}" for k, v in o.items()) or "TLS, sha256, fsync, spool"
+        ing = (
+            f"{r['ingest_Bps'] / 1e9:.2f} GB/s in {r['push_window_s']:.2f} s"
+            if "ingest_Bps" in r
+            else ""
+        )
+        cpu = f"{r['ingest_server_cpu_s']:.2f} s" if "ingest_Bps" in r else ""
         lines.append(
-            f"| fedagg | {r['clients']} | {r['round_s'][-1]:.2f} s | "
+            f"| fedagg ({what}) | {r['clients']} | {r['round_s'][-1]:.2f} s | {ing} | {cpu} | "
             f"{r['peak_rss'] / MIB:.0f} MiB |"
         )
     for r in res.get("flower", {}).get("many", []) or []:
+        if "error" in r:
+            continue
         per = r.get("per_round_s") or [float("nan")]
         lines.append(
             f"| Flower 1.42 (SuperLink + ServerApp; SuperNodes took "
             f"{r.get('peak_rss_nodes_bytes', 0) / GIB:.1f} GiB more) | {r.get('n_clients')} | "
-            f"{per[-1]:.2f} s | {r.get('peak_rss_server_bytes', 0) / MIB:.0f} MiB |"
+            f"{per[-1]:.2f} s | | | {r.get('peak_rss_server_bytes', 0) / MIB:.0f} MiB |"
         )
+    if res.get("flower_from"):
+        lines += ["", f"Flower's rows: {res['flower_from']}"]
     lines += ["", f"Command: `{res['command']}`", ""]
     (out / "transport.md").write_text("\n".join(lines))
     try:
@@ -289,23 +502,33 @@ def render(res: dict[str, Any], out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        ns = [r["clients"] for r in res["many"]]
-        ax[0].plot(ns, [r["peak_rss"] / MIB for r in res["many"]], "o-", label="fedagg")
-        frs = res.get("flower", {}).get("many", []) or []
-        if frs:
-            ax[0].plot(
-                [r.get("n_clients") for r in frs],
-                [r.get("peak_rss_server_bytes", 0) / MIB for r in frs], "s", label="Flower 1.42",
-            )  # fmt: skip
-        ax[0].set_xlabel("clients (10M params each)")
-        ax[0].set_ylabel("server peak RSS (MiB)")
-        ax[0].legend()
-        names = [r["setting"].replace("fedagg", "").strip(", ") or "fedagg" for r in res["upload"]]
-        ax[1].barh([*names, "raw TCP"], [r["gib_per_s"] for r in res["upload"]] + [tcp])
-        ax[1].set_xlabel("1 GiB upload+fold (GiB/s)")
+        rows = [r for r in res.get("plane", []) if "error" not in r]
+        fig, ax = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) + 2.2),
+                               gridspec_kw={"width_ratios": [2.2, 1]})  # fmt: skip
+        names = [r["setting"] + (" (2 clients)" if r["clients"] == 2 else "") for r in rows]
+        ys = range(len(rows))
+        ax[0].barh(ys, [r["gib_per_s"] for r in rows], color="tab:blue",
+                   label="upload + apply (in the aggregate)")  # fmt: skip
+        ax[0].barh(ys, [r["push_gib_per_s"] for r in rows], color="none", edgecolor="k",
+                   label="push alone")  # fmt: skip
+        ax[0].set_yticks(list(ys), names, fontsize=7)
+        ax[0].invert_yaxis()
+        for frac, style in ((1.0, "-"), (TARGET_FAST, "--"), (TARGET_SECURE, ":")):
+            ax[0].axvline(tcp * frac, color="tab:red", ls=style, lw=1,
+                          label=f"{frac:.0%} of raw TCP ({tcp:.2f} GiB/s)")  # fmt: skip
+        ax[0].set_xlabel("1 GiB update (GiB/s)")
+        ax[0].legend(fontsize=7, loc="lower right")
+        srv = [r["server_cpu_s"] / r["push_s"] for r in rows]
+        ax[1].barh(ys, srv, label="server")
+        ax[1].barh(ys, [r["client_cpu_s"] / r["push_s"] for r in rows], left=srv, label="client")
+        ax[1].axvline(res["machine"].get("cores", 2), color="k", lw=1)
+        ax[1].set_yticks(list(ys), [""] * len(rows))
+        ax[1].invert_yaxis()
+        ax[1].set_xlabel("cores busy during the push")
+        ax[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "transport.png", dpi=120)
+        plt.close(fig)
     except ImportError:
         pass
 
@@ -703,6 +926,12 @@ def main(argv: list[str]) -> None:
         help="64 MiB, 10 rounds, N in {4, 8} (with --baseline: 256 MiB uploads)",
     )
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--flower-from", metavar="JSON", help="with --no-flower: Flower's rows of "
+                    "an earlier transport.json")  # fmt: skip
+    ap.add_argument("--only", metavar="KEYS", help="only these settings of the 1 GiB table "
+                    "(comma-separated keys of PLANE, 'two', 'two-secure')")  # fmt: skip
+    ap.add_argument("--plane-only", action="store_true", help="only the 1 GiB table")
+    ap.add_argument("--notes", metavar="FILE", help="a paragraph for the 1 GiB table")
     ap.add_argument("--wait-idle", type=float, default=0.0)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--baseline", metavar="REV",
@@ -742,12 +971,31 @@ def main(argv: list[str]) -> None:
         wait_for_idle(a.wait_idle)
     res["raw_tcp"] = flw.raw_tcp_loopback(nbytes)
     print(f"raw TCP {res['raw_tcp']['gib_per_s']:.2f} GiB/s", flush=True)
-    print("upload + fold:", flush=True)
-    res["upload"] = bench_upload(nbytes)
-    res["latency"] = bench_latency(rounds)
-    print(f"latency: median {res['latency']['median_s'] * 1e3:.1f} ms", flush=True)
-    print("many clients:", flush=True)
-    res["many"] = bench_many(ns, params)
+    print("1 GiB upload, the data plane's settings:", flush=True)
+    only = set(a.only.split(",")) if a.only else None
+    res["plane"] = bench_plane(nbytes, only)
+    res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)
+    print(f"raw TCP (again) {res['raw_tcp_end']['gib_per_s']:.2f} GiB/s", flush=True)
+    if a.notes:
+        res["plane_notes"] = [Path(a.notes).read_text().strip()]
+    if not a.plane_only:
+        res["latency"] = bench_latency(rounds)
+        print(f"latency: median {res['latency']['median_s'] * 1e3:.1f} ms", flush=True)
+        res["latency_secure"] = bench_latency(rounds, **SECURE_NEW)
+        print(f"latency (new): median {res['latency_secure']['median_s'] * 1e3:.1f} ms")
+        print("many clients:", flush=True)
+        res["many"] = bench_many(ns, params, **SECURE_NEW)
+        res["many"] += bench_many(ns[-1:], params)  # the settings of before, N = 100
+    else:
+        res["many"] = []
+    if a.no_flower and a.flower_from:  # Flower's figures of an earlier run, said so
+        old = json.loads(Path(a.flower_from).read_text())
+        if "flower" in old:
+            res["flower"] = old["flower"]
+            res["flower_from"] = (
+                f"from an earlier run of this benchmark (`{a.flower_from}`, raw TCP "
+                f"{old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured."
+            )
     if not a.no_flower:
         fl: dict[str, Any] = {}
         for key, fn in [
