@@ -255,6 +255,35 @@ def plane_row(key: str, label: str, opts: dict[str, Any], nbytes: int, clients: 
     return row
 
 
+def grpc_drain(nbytes: int, cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """fedagg's client upload code against a gRPC server that only drains the streams
+    (``_grpc_drain.py``): the ceiling Python gRPC sets here, per (streams, digest) case."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([PY, str(HERE / "_grpc_drain.py"), "serve"], stdout=subprocess.PIPE,
+                              env=env, text=True)  # fmt: skip
+    rows = []
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        for streams, digest in cases:
+            out = subprocess.run(
+                [PY, str(HERE / "_grpc_drain.py"), "push", port, str(nbytes), str(streams),
+                 digest, "3", str(server.pid)],
+                capture_output=True, text=True, env=env, timeout=600, check=True,
+            ).stdout  # fmt: skip
+            r = json.loads(out.strip().splitlines()[-1])
+            r.update(streams=streams, digest=digest or "none", bytes=nbytes,
+                     gib_per_s=nbytes / GIB / r["s"])  # fmt: skip
+            rows.append(r)
+            print(f"  gRPC drain S={streams} digest={digest or '-'}: {r['gib_per_s']:.2f} GiB/s "
+                  f"(CPU server {r['server_cpu_s']:.2f} s, client {r['client_cpu_s']:.2f} s)",
+                  flush=True)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    return rows
+
+
 def bench_plane(nbytes: int, only: set[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for key, label, opts in PLANE:
@@ -404,6 +433,22 @@ def render(res: dict[str, Any], out: Path) -> None:
                 f"| {r['server_cpu_s']:.2f} s | {r['client_cpu_s']:.2f} s | "
                 f"{r['cores_busy']:.2f} | {r['other_cpu']:.0%} |"
             )
+        if res.get("drain"):
+            lines += [
+                "",
+                "The ceiling Python gRPC sets here: fedagg's client upload code against a gRPC "
+                "server that only drains the streams (`_grpc_drain.py`: no checks, no spool, no "
+                "fold, no TLS), best of 3:",
+                "",
+                "| streams | client digest | GiB/s | of raw TCP | server CPU | client CPU |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {d['streams']} | {d['digest']} | {d['gib_per_s']:.2f} | "
+                f"{d['gib_per_s'] / tcp:.0%} | {d['server_cpu_s']:.2f} s | "
+                f"{d['client_cpu_s']:.2f} s |"
+                for d in res["drain"]
+            ]
         lines += ["", "Against the targets (fractions of one raw TCP flow, this run):", ""]
         for name, what in [
             ("secure", "secure path (TLS + signed digest + durable ack)"),
@@ -973,6 +1018,7 @@ def main(argv: list[str]) -> None:
     print(f"raw TCP {res['raw_tcp']['gib_per_s']:.2f} GiB/s", flush=True)
     print("1 GiB upload, the data plane's settings:", flush=True)
     only = set(a.only.split(",")) if a.only else None
+    res["drain"] = grpc_drain(nbytes, [(1, ""), (2, ""), (4, ""), (1, "blake3"), (1, "sha256")])
     res["plane"] = bench_plane(nbytes, only)
     res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)
     print(f"raw TCP (again) {res['raw_tcp_end']['gib_per_s']:.2f} GiB/s", flush=True)
