@@ -364,6 +364,15 @@ class Mean:
         _add_weights(state, weights, len(xs))
         return state
 
+    def count_folded(self, state: MeanState, weights: Sequence[float]) -> MeanState:
+        """The bookkeeping of updates whose values were already added to ``acc``/``comp`` by
+        :meth:`fold_trusted` on slices of the state (a server folding an upload chunk by chunk
+        as it arrives): the weight sum, its compensation and the count, as ``fold_trusted``
+        of the whole updates would leave them."""
+        state.peak = None
+        _add_weights(state, weights, len(weights))
+        return state
+
     def _stream(self, state: MeanState, u: Update, segs: list[Arr], w: float) -> float | None:
         """The streaming fold of one update (see :mod:`fedagg.core._stream`) into ``acc``,
         returning ``max |acc|`` after it; None, with ``acc`` untouched, when it does not apply

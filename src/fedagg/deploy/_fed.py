@@ -48,6 +48,7 @@ from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
+from fedagg.deploy._ingest import FoldIngest
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
 from fedagg.deploy._secure import SecureBook, SecureCtx, StageRequest, decode_reply, reopen
 from fedagg.deploy._spoolcheck import check_size, fsync_dir, verified, verify_file
@@ -221,6 +222,8 @@ class Federation:
         #: writing checkpoints
         self.timings = {"log": 0.0, "policy": 0.0, "checkpoint": 0.0}
         self.checkpoints = 0  # written by this process
+        #: fold on receive: the lease of the upload folding as it arrives, if any
+        self.ingest = FoldIngest(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -288,6 +291,7 @@ class Federation:
         forwards them, see :meth:`fedagg.deploy._edge.EdgeEngine.keep_origin`)."""
 
     def close(self) -> None:
+        self.ingest.revoke()
         self.store.close()
 
     def warmup(self) -> None:
@@ -393,7 +397,9 @@ class Federation:
             u = row.upload
             if not u.path or not os.path.exists(u.path):
                 raise StateError(f"the spooled update of job {u.job} is missing ({u.path!r})")
-            delta = self._read(u, f"client {u.client}, job {u.job}")
+            delta = self.ingest.folded(u)  # folded on receive, if that stands
+            if delta is None:
+                delta = self._read(u, f"client {u.client}, job {u.job}")
             update = Update(
                 delta=delta, weight=u.weight, client_id=str(u.client), base_version=u.version,
                 metrics=u.metrics,
@@ -483,6 +489,7 @@ class Federation:
         return out
 
     def _apply(self, row: EventRow) -> Effects:
+        self.ingest.before(row)  # an active fold lease is revoked, unless row is its arrival
         ev = self._event(row)
         self.applied = row.seq
         self.now = max(self.now, row.time)
@@ -503,6 +510,7 @@ class Federation:
         if adopt is not None:  # bounds: the next round's window, from the state (a loaded one)
             adopt(getattr(self.state, "agg", None))
         actions = self.policy.step(self.state, ev, self.ctx)
+        self.ingest.after()
         effects = Effects()
         for a in actions:
             if isinstance(a, Dispatch):
@@ -559,6 +567,7 @@ class Federation:
         return effects
 
     def _checkpoint(self) -> None:
+        self.ingest.revoke()  # never a partial fold in a checkpoint
         agg = getattr(self.state, "agg", None)
         if isinstance(agg, CanonicalState) and agg.pending:
             return  # updates kept until the close (canonical order, bounds warming up): the

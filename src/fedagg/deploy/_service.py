@@ -38,6 +38,7 @@ from fedagg.deploy._engine import Engine, Item, ServerStats
 from fedagg.deploy._evaluation import Evaluation
 from fedagg.deploy._evalwire import is_eval_task
 from fedagg.deploy._fed import Effects, TaskInfo
+from fedagg.deploy._ingest import Turns
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
@@ -103,6 +104,7 @@ class FederationService:
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="fedagg-engine")
         self.io = ThreadPoolExecutor(2, thread_name_prefix="fedagg-spool")
         self.up = Uploads(options, engine, self.io, self.stats)
+        self.turns = Turns(options.ingest, engine, self.io, self.in_engine)  # fold leases
         self.below = Children(self)
         self.queue: asyncio.Queue[Item] = asyncio.Queue(options.queue)
         self._done = asyncio.Event()
@@ -581,25 +583,36 @@ class FederationService:
                 self.stats.duplicates += 1
                 return pb.PushReply(task=head.task, duplicate=True)
             t0 = time.perf_counter()
-            path, digest, check, tsig = await self.up.receive(
-                client, first, rest, head, dtype, keyring, origin_sha, finite=dim is None
-            )
-            self.stats.receive_s += time.perf_counter() - t0
-            if origin is None:  # the client's own upload: its signatures are the origin
-                origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
-                                   metrics=metrics,
-                                   digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
-            self.engine.keep_origin(client, head.task, origin.SerializeToString())
-            weight = float(head.weight) if dim is None else 1.0  # masked: inside the encoding
-            upload = UploadRow(
-                client, head.task, str(path), weight, head.version, metrics, head.nbytes,
-                digest, check,
-            )  # fmt: skip
-            done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
-            event = ("arrival", self.now(), client, head.task, None, upload)
-            await self.queue.put(Item(event, done))
+            lease = await self.turns.take(client, head, dim is not None)  # fold on receive
+            queued = False
+            try:
+                path, digest, check, tsig = await self.up.receive(
+                    client, first, rest, head, dtype, keyring, origin_sha, finite=dim is None,
+                    lease=lease,
+                )  # fmt: skip
+                self.stats.receive_s += time.perf_counter() - t0
+                if origin is None:  # the client's own upload: its signatures are the origin
+                    origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
+                                       metrics=metrics,
+                                       digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
+                self.engine.keep_origin(client, head.task, origin.SerializeToString())
+                weight = float(head.weight) if dim is None else 1.0  # masked: in the encoding
+                upload = UploadRow(
+                    client, head.task, str(path), weight, head.version, metrics, head.nbytes,
+                    digest, check,
+                )  # fmt: skip
+                loop = asyncio.get_running_loop()
+                done: asyncio.Future[EventRow | None] = loop.create_future()
+                await self.turns.turn(lease)  # log order = fold order
+                event = ("arrival", self.now(), client, head.task, None, upload)
+                await self.queue.put(Item(event, done))
+                queued = True
+            finally:
+                await self.turns.end(lease, queued)
             row = await done
             if row is None:  # a concurrent retry won the race
+                if lease is not None:  # not stepped: its folds go (if nothing revoked them)
+                    await self.turns.revoke(lease)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 self.stats.duplicates += 1

@@ -33,6 +33,7 @@ from fedagg.deploy._auth import AuthError, Keyring
 from fedagg.deploy._digest import new_digest
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._ingest import Lease, chunk_peak, rollback
 from fedagg.deploy._options import MAX_METRIC_NAME, MAX_METRICS, MIN_CHUNK, ServerOptions
 from fedagg.deploy._store import new_checksum
 from fedagg.deploy._transport import CallError, Status
@@ -184,6 +185,7 @@ class Uploads:
     async def receive(
         self, client: int, first: Any, it: AsyncIterator[bytes], head: Any,
         dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"", *, finite: bool = True,
+        lease: Lease | None = None,
     ) -> tuple[Path, bytes, bytes, bytes]:  # fmt: skip
         """Stream an upload's chunks into a spool file: checked (offsets, sizes, finiteness)
         and hashed chunk by chunk (sha256 if required, and always the xxh3-128 checksum that
@@ -195,7 +197,10 @@ class Uploads:
 
         ``origin_sha``: a relayed update's digest as its client signed it: the bytes are
         hashed (whatever ``digest`` says) and must match it. ``finite``: whether values must
-        be finite (not for a secure round's masked upload: uint32 words, uniform noise)."""
+        be finite (not for a secure round's masked upload: uint32 words, uniform noise).
+        ``lease``: each chunk, once written, is also folded into the live accumulator
+        (:mod:`fedagg.deploy._ingest`); on any error the folds are rolled back before this
+        returns, on success the lease is complete (the engine commits it with the arrival)."""
         dtype = np.dtype(dtype)
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
         spool = SpoolFile(
@@ -236,7 +241,7 @@ class Uploads:
                         )
                     if pending is not None:
                         _raise_bad(await pending)
-                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite)
+                    pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite, lease)
                     expect += n
                     self.stats.bytes_in += n
                     if expect < total:
@@ -283,10 +288,14 @@ class Uploads:
                 await spool.start(os.fsync)
             await spool.commit()
             crash_point("spooled")
+            if lease is not None:
+                lease.complete = True
             return spool.final, digest, xx.digest(), bytes(trailer.signature)
         except BaseException:
             if pending is not None:  # its outcome no longer matters
                 pending.add_done_callback(_ignore_outcome)
+            if lease is not None:  # after the running chunk's fold, if any: exact
+                await rollback(self.io, lease)
             await spool.discard()
             raise
 
@@ -396,17 +405,25 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def spool_chunk(
     fd: int, sha: Any, xx: Any, data: memoryview, dtype: np.dtype[Any], off: int,
-    finite: bool = True,
+    finite: bool = True, lease: Lease | None = None,
 ) -> str | None:  # fmt: skip
     """Check, hash and write one chunk (on a worker thread; numba, hashlib, xxhash and
-    os.write release the GIL). Returns why the chunk is refused, or None."""
+    os.write release the GIL), and fold it under ``lease``. Returns why the chunk is
+    refused, or None."""
     arr = np.frombuffer(data, dtype=dtype)
-    if finite and not kernels.all_finite(arr, use_numba=True, parallel=False):
+    peak = 0.0
+    if lease is not None and lease.live and lease.wants_peak:  # one pass: finite, max |x|
+        peak = chunk_peak(arr)
+        if not math.isfinite(peak):
+            return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
+    elif finite and not kernels.all_finite(arr, use_numba=True, parallel=False):
         return f"non-finite values (NaN or Inf) in the chunk at offset {off}"
     if sha is not None:
         sha.update(data)
     xx.update(data)
     _write_all(fd, data)
+    if lease is not None:
+        lease.fold(off // dtype.itemsize, arr, peak)
     return None
 
 
