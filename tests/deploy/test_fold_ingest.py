@@ -468,3 +468,74 @@ def test_replay_after_a_crash_equals_the_live_state(tmp_path: Path, acc: str) ->
 
     asyncio.run(_session(tmp_path / "fold", "fold", script, acc=acc, checkpoint_updates=2))
     assert any(seen)  # some states came from a replay of uploads folded on receive
+
+
+# -- another upload completing while a lease is active -------------------------------------------
+def _order(d: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(d / "state.db")) as db:
+        return [int(c) for (c,) in db.execute("SELECT client FROM uploads ORDER BY seq")]
+
+
+@pytest.mark.parametrize("leaser_ends", [True, False])
+def test_an_upload_completing_during_a_lease_waits_for_it_or_revokes_it(
+    tmp_path: Path, leaser_ends: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client 0's upload holds the lease, mid-way; client 1's completes meanwhile. If client
+    0's ends within the grace, client 1's arrival is logged after it (log order = fold order,
+    client 0's fold stands); else client 1's arrival revokes the lease and is logged first,
+    client 0's upload then goes the spool path. Either way the bits are the spool path's for
+    the logged order."""
+    monkeypatch.setattr("fedagg.deploy._ingest.LEASE_GRACE", 30.0 if leaser_ends else 0.2)
+    out: dict[str, Any] = {}
+
+    async def script(hand: Hand, service: FederationService) -> None:
+        fed: Federation = service.engine  # type: ignore[assignment]
+        t0 = await hand.task(0)
+        msgs = hand.peers[0].upload(hand.upload(0, t0))
+        go = asyncio.Event()
+
+        async def held() -> AsyncIterator[bytes]:
+            for m in msgs[:3]:
+                yield m
+            await go.wait()
+            for m in msgs[3:]:
+                yield m
+
+        first = asyncio.create_task(hand.push(0, held()))
+        for _ in range(2000):
+            lease = fed.ingest.lease
+            if lease is not None and len(lease.ranges) >= 2:
+                break
+            await asyncio.sleep(0.005)
+        assert lease is not None and lease.live
+        second = asyncio.create_task(hand.good(1))
+        if leaser_ends:
+            for _ in range(200):  # client 1's upload is in, waiting for its turn
+                await asyncio.sleep(0.005)
+            assert not second.done() and lease.live
+            go.set()
+        else:
+            await second  # after the grace: the lease revoked
+            assert lease.rolled_back
+            go.set()
+        await first
+        await second
+        hand.tasks[0] = None
+        await hand.good(2)
+        out["commits"] = await service.in_engine(lambda: fed.ingest.commits)
+        for i in range(3):
+            await hand.good(i)
+        await asyncio.wait_for(service.wait(), 10)
+
+    fold = asyncio.run(_session(tmp_path / "fold", "fold", script))
+    order = _order(fold.dir)
+    assert order[:3] == ([0, 1, 2] if leaser_ends else [1, 0, 2])
+    assert out["commits"] == (2 if leaser_ends else 1)  # client 0's fold stood, or not
+
+    async def same(hand: Hand, service: FederationService) -> None:
+        for i in order:
+            await hand.good(i)
+        await asyncio.wait_for(service.wait(), 10)
+
+    spool = asyncio.run(_session(tmp_path / "spool", "spool", same))
+    assert fold.server.params.tobytes() == spool.server.params.tobytes()

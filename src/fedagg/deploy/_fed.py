@@ -301,6 +301,7 @@ class Federation:
         small = np.zeros(1024, self.spec.dtype)
         small.flags.writeable = False
         kernels.all_finite(small, use_numba=True, parallel=False)
+        self.ingest.warmup()  # fold on receive's kernels
         kernels.sum_squares(small, use_numba=True)  # the bounds' norm pass
         strategy = getattr(self.policy, "strategy", None)
         agg = getattr(strategy, "aggregator", None)

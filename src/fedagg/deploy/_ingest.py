@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,6 +60,7 @@ import numpy.typing as npt
 
 from fedagg.core import kernels
 from fedagg.core.aggregate import Mean, MeanState, check_peak, check_update
+from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy._bounds import Bounded, BoundedState, check_claim, limits
 from fedagg.deploy._spoolcheck import check_size
@@ -313,6 +314,19 @@ class FoldIngest:
         self.lease = Lease((client, job), agg, ms, float(weight))
         return self.lease
 
+    def warmup(self) -> None:
+        """Compile the kernels a lease runs on the I/O threads (for read-only chunks, as gRPC's
+        buffers are) now, not on the first upload's chunks."""
+        spec = self.fed.spec
+        x = np.zeros(2 * _PEAK_PIECE + 2, spec.dtype)
+        x.flags.writeable = False
+        chunk_peak(x)
+        kernels.all_finite(x, use_numba=True, parallel=False)
+        for acc in ("float32", "float64"):
+            mean = Mean(acc)
+            st = mean.init(ParamSpec.from_arrays([np.zeros(x.size, spec.dtype)]))
+            Lease((0, 0), mean, st, 1.0).fold(0, x)
+
     def revoke(self, lease: Lease | None = None) -> None:
         """Roll the active lease back (``lease``: only if it is that one)."""
         cur = self.lease
@@ -415,12 +429,29 @@ class Turns:
         self.on = ingest == "fold"
         self.engine, self.io, self.in_engine = engine, io, in_engine
         self.holder: Lease | None = None
+        #: arrivals on their way to the engine (waiting for their turn, queued, not yet
+        #: logged): a lease granted now would be revoked by the first of them
+        self.coming = 0
+
+    @contextlib.contextmanager
+    def arriving(self, logged: asyncio.Future[Any]) -> Iterator[None]:
+        """An arrival on its way to the log, from here until ``logged`` resolves."""
+        self.coming += 1
+        try:
+            yield
+        except BaseException:
+            self.coming -= 1
+            raise
+        logged.add_done_callback(self._logged)
+
+    def _logged(self, _: asyncio.Future[Any]) -> None:
+        self.coming -= 1
 
     async def take(self, client: int, head: Any, masked: bool) -> Lease | None:
         fold: FoldIngest | None = getattr(self.engine, "ingest", None)
-        if not self.on or masked or fold is None or head.shards > 1:
+        if not self.on or masked or fold is None or fold.installed is False:
             return None
-        if self.holder is not None and self.holder.live:  # no round trip to the engine
+        if self.coming or (self.holder is not None and self.holder.live):  # no round trip
             return None
         lease: Lease | None = await self.in_engine(
             fold.grant, client, int(head.task), int(head.version), float(head.weight)

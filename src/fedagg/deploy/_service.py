@@ -38,11 +38,12 @@ from fedagg.deploy._engine import Engine, Item, ServerStats
 from fedagg.deploy._evaluation import Evaluation
 from fedagg.deploy._evalwire import is_eval_task
 from fedagg.deploy._fed import Effects, TaskInfo
-from fedagg.deploy._ingest import Turns
+from fedagg.deploy._ingest import Lease, Turns
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
 from fedagg.deploy._secure_rpc import secure_call, secure_task, upload_kind
+from fedagg.deploy._shards import Shards
 from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
 from fedagg.deploy._upload import Uploads, check_metrics, paced
@@ -105,6 +106,7 @@ class FederationService:
         self.io = ThreadPoolExecutor(2, thread_name_prefix="fedagg-spool")
         self.up = Uploads(options, engine, self.io, self.stats)
         self.turns = Turns(options.ingest, engine, self.io, self.in_engine)  # fold leases
+        self.shards = Shards(self)  # uploads split across parallel streams
         self.below = Children(self)
         self.queue: asyncio.Queue[Item] = asyncio.Queue(options.queue)
         self._done = asyncio.Event()
@@ -368,13 +370,11 @@ class FederationService:
                 f"protocol {req.protocol} not supported (this server speaks {PROTOCOL})",
             )
         spec = self.engine.spec
-        # an edge (it relays secure replies) takes whole uploads: it forwards each client's
-        # signatures over its upload (Origin), one header and one trailer
-        streams = self.opt.max_streams if self.relay_secure is None else 1
         return pb.HelloReply(
             protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
-            digest_algorithm=self.opt.digest_algorithm, max_streams=streams,
+            digest_algorithm=self.opt.digest_algorithm,
+            max_streams=self.opt.max_streams if hasattr(self.engine, "ingest") else 1,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:
@@ -525,7 +525,8 @@ class FederationService:
         self.admit.sized(first.header)
         head = parse(pb.UploadHeader, bytes(first.header))
         metrics = check_metrics(head.metrics)
-        content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics)
+        content = upload_body(head.task, head.version, head.weight, head.nbytes, metrics,
+                              head.shard, head.shards)  # fmt: skip
         keyring = self.keys
         origin: Any = None  # a relayed update's client signatures
         origin_sha = b""
@@ -534,6 +535,8 @@ class FederationService:
             edge = self.below.auth("Push", head.auth, edge_upload_body(content, head))
             authenticated()
             keyring = self.edges
+            if head.shards > 1:
+                raise CallError(Status.INVALID_ARGUMENT, "an edge's upload is not split in shards")
             if not head.relay:
                 async with self.up.slot(f"edge:{edge}", it, head.nbytes) as rest:
                     return await self.below.push_partial(edge, first, rest, head)
@@ -572,6 +575,9 @@ class FederationService:
                 Status.INVALID_ARGUMENT,
                 f"task {head.task} trains from version {version}, not {head.version}",
             )
+        if head.shards > 1:  # one shard of an upload split across parallel streams
+            self.shards.check(head, dim is not None)
+            return await self.shards.push(client, first, it, head, dtype, keyring, duplicate)
         async with (
             self.up.one_upload(client, head.task),
             self.up.slot(f"client:{client}", it, head.nbytes) as rest,
@@ -596,27 +602,44 @@ class FederationService:
                                        metrics=metrics,
                                        digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
                 self.engine.keep_origin(client, head.task, origin.SerializeToString())
-                weight = float(head.weight) if dim is None else 1.0  # masked: in the encoding
-                upload = UploadRow(
-                    client, head.task, str(path), weight, head.version, metrics, head.nbytes,
-                    digest, check,
-                )  # fmt: skip
-                loop = asyncio.get_running_loop()
-                done: asyncio.Future[EventRow | None] = loop.create_future()
-                await self.turns.turn(lease)  # log order = fold order
-                event = ("arrival", self.now(), client, head.task, None, upload)
-                await self.queue.put(Item(event, done))
+                done = await self.log_arrival(client, head, path, digest, check, metrics, dim,
+                                              lease)  # fmt: skip
                 queued = True
             finally:
                 await self.turns.end(lease, queued)
-            row = await done
-            if row is None:  # a concurrent retry won the race
-                if lease is not None:  # not stepped: its folds go (if nothing revoked them)
-                    await self.turns.revoke(lease)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                self.stats.duplicates += 1
-                return pb.PushReply(task=head.task, duplicate=True)
-            self.stats.uploads += 1
-            self.progress.accepted(client, head.task, head.nbytes)
-            return pb.PushReply(task=head.task, duplicate=False)
+            return await self.acknowledge(client, head, path, done, lease)
+
+    async def log_arrival(
+        self, client: int, head: Any, path: Any, digest: bytes, check: bytes,
+        metrics: dict[str, float], dim: int | None, lease: Lease | None,
+    ) -> asyncio.Future[EventRow | None]:  # fmt: skip
+        """Queue a received upload's arrival for the engine (after another upload's fold
+        lease, if one is active: log order = fold order); its row comes in the future."""
+        weight = float(head.weight) if dim is None else 1.0  # masked: in the encoding
+        upload = UploadRow(
+            client, head.task, str(path), weight, head.version, metrics, head.nbytes,
+            digest, check,
+        )  # fmt: skip
+        done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
+        with self.turns.arriving(done):
+            await self.turns.turn(lease)
+            event = ("arrival", self.now(), client, head.task, None, upload)
+            await self.queue.put(Item(event, done))
+        return done
+
+    async def acknowledge(
+        self, client: int, head: Any, path: Any, done: asyncio.Future[EventRow | None],
+        lease: Lease | None,
+    ) -> pb.PushReply:  # fmt: skip
+        """The reply to a queued upload, once its arrival is logged."""
+        row = await done
+        if row is None:  # a concurrent retry won the race
+            if lease is not None:  # not stepped: its folds go (if nothing revoked them)
+                await self.turns.revoke(lease)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.stats.duplicates += 1
+            return pb.PushReply(task=head.task, duplicate=True)
+        self.stats.uploads += 1
+        self.progress.accepted(client, head.task, head.nbytes)
+        return pb.PushReply(task=head.task, duplicate=False)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy.typing as npt
 
 from fedagg.core import kernels
+from fedagg.deploy._shardsum import is_sharded, sharded_checksum, sharded_file_checksum
 from fedagg.deploy._store import UploadRow, checksum, new_checksum
 from fedagg.errors import StateError
 
@@ -48,7 +49,8 @@ def verified(u: UploadRow, arr: Arr, what: str) -> None:
     required digests, else that its values are finite."""
     data = arr.data.cast("B")
     if u.checksum:
-        _check_digest(u, checksum(data), "checksum", what)
+        got = sharded_checksum(data, u.checksum) if is_sharded(u.checksum) else checksum(data)
+        _check_digest(u, got, "checksum", what)
     elif u.sha256:
         _check_digest(u, hashlib.sha256(data).digest(), "sha256", what)
     elif arr.size and not math.isfinite(kernels.max_abs(arr, use_numba=kernels.HAVE_NUMBA)):
@@ -70,7 +72,9 @@ def verify_file(u: UploadRow, what: str) -> None:
         return
     try:
         with open(u.path, "rb") as f:
-            if u.checksum:
+            if u.checksum and is_sharded(u.checksum):  # an upload split across streams
+                _check_digest(u, sharded_file_checksum(f, u.nbytes, u.checksum), "checksum", what)
+            elif u.checksum:
                 h = new_checksum()
                 while block := f.read(1 << 22):
                     h.update(block)

@@ -114,17 +114,20 @@ class Uploads:
             self.inflight.discard(key)
 
     async def read_unspooled(
-        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str
-    ) -> None:
+        self, first: Any, it: AsyncIterator[bytes], head: Any, itemsize: int, what: str,
+        *, start: int = 0, length: int | None = None,
+    ) -> None:  # fmt: skip
         """Read to its end an upload that is not spooled (a re-send of an accepted upload,
         which stands; a dropout report), checking its shape as far as it goes: ``head.nbytes``
         of data (the caller checked it is the accepted upload's size) in chunks in order, each
         within ``chunk_bytes``, every message after the first carrying data or the trailer,
         the trailer last. Reading stops at the first deviation, so such an upload costs at
         most its declared size and one more message, never an unbounded drain. (The bytes
-        are not hashed: whatever they are, the accepted upload is the one that counts.)"""
-        total = head.nbytes
-        expect = 0
+        are not hashed: whatever they are, the accepted upload is the one that counts.)
+        A shard of a split upload: ``length`` bytes from byte ``start``."""
+        total = head.nbytes if length is None else length
+        expect = start
+        end = start + total
         chunk = first
         trailer = False
         count = self.chunk_counter(total)
@@ -133,7 +136,7 @@ class Uploads:
             if n:
                 count()
                 off = chunk.ints.get(2, 0)
-                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > total - expect:
+                if off != expect or n > self.opt.chunk_bytes or n % itemsize or n > end - expect:
                     raise CallError(
                         Status.INVALID_ARGUMENT,
                         f"{what} deviates from it: {n} bytes at offset {off} (expected offset "
@@ -150,10 +153,10 @@ class Uploads:
             if trailer:
                 raise CallError(Status.INVALID_ARGUMENT, f"{what}: a message after the trailer")
             chunk = _later_chunk(raw)
-        if expect != total or not trailer:
+        if expect != end or not trailer:
             raise CallError(
                 Status.INVALID_ARGUMENT,
-                f"{what} ends after {expect} of {total} bytes"
+                f"{what} ends after {expect - start} of {total} bytes"
                 + ("" if trailer else ", without a trailer"),
             )
 
@@ -201,24 +204,55 @@ class Uploads:
         ``lease``: each chunk, once written, is also folded into the live accumulator
         (:mod:`fedagg.deploy._ingest`); on any error the folds are rolled back before this
         returns, on success the lease is complete (the engine commits it with the arrival)."""
-        dtype = np.dtype(dtype)
         # one name per attempt: a concurrent retry never touches the accepted attempt's file
-        spool = SpoolFile(
+        spool = self.new_spool(head.task, client)
+        try:
+            await spool.open(self.open_spool)
+            digest, check, tsig = await self.stream(
+                spool, first, it, head, dtype, keyring, origin_sha, finite=finite, lease=lease
+            )
+            if self.opt.fsync:
+                await spool.start(os.fsync)
+            await spool.commit()
+            crash_point("spooled")
+            if lease is not None:
+                lease.complete = True
+            return spool.final, digest, check, tsig
+        except BaseException:
+            if lease is not None:  # after the running chunk's fold, if any: exact
+                await rollback(self.io, lease)
+            await spool.discard()
+            raise
+
+    def new_spool(self, task: int, client: int) -> SpoolFile:
+        return SpoolFile(
             self.io,
             self.engine.spool / f"tmp-{uuid.uuid4().hex}",
-            self.engine.spool / f"{head.task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
+            self.engine.spool / f"{task:012d}-{client}-{uuid.uuid4().hex[:12]}.upd",
         )
+
+    async def stream(
+        self, spool: SpoolFile, first: Any, it: AsyncIterator[bytes], head: Any,
+        dtype: np.dtype[Any], keyring: Keyring, origin_sha: bytes = b"", *, finite: bool = True,
+        lease: Lease | None = None, start: int = 0, length: int | None = None,
+    ) -> tuple[bytes, bytes, bytes]:  # fmt: skip
+        """Receive the chunks of ``length`` bytes at byte offset ``start`` (the whole upload,
+        or a shard of one) into the open ``spool``, each checked, hashed, written at its
+        offset and folded under ``lease``, then check the signed trailer. Returns the bytes'
+        digest, their xxh3-128 checksum and the trailer's signature. On an error, a chunk job
+        still running is left to end (the caller's :meth:`SpoolFile.discard` waits for it)."""
+        dtype = np.dtype(dtype)
+        total = head.nbytes if length is None else length
         # a relay is hashed with its client's algorithm (its header's Origin), else ours
         algorithm = head.origin.digest_algorithm if origin_sha else self.opt.digest_algorithm
         sha = new_digest(algorithm) if self.opt.digest or origin_sha else None
         xx = new_checksum()
-        expect = 0
-        total = head.nbytes
+        expect = start
+        end = start + total
         pending: asyncio.Future[str | None] | None = None
         trailer = None
         count = self.chunk_counter(total)
         try:
-            await spool.open(self.open_spool)
             chunk = first
             while True:
                 data = chunk.data
@@ -233,7 +267,7 @@ class Uploads:
                             Status.INVALID_ARGUMENT,
                             f"chunk at offset {off}, expected {expect}",
                         )
-                    if n > self.opt.chunk_bytes or n % dtype.itemsize or expect + n > total:
+                    if n > self.opt.chunk_bytes or n % dtype.itemsize or expect + n > end:
                         raise CallError(
                             Status.INVALID_ARGUMENT,
                             f"bad chunk size {n} at offset {off} (limit {self.opt.chunk_bytes},"
@@ -244,7 +278,7 @@ class Uploads:
                     pending = spool.start(spool_chunk, sha, xx, data, dtype, off, finite, lease)
                     expect += n
                     self.stats.bytes_in += n
-                    if expect < total:
+                    if expect < end:
                         crash_point("upload")
                 elif chunk.trailer is None and chunk is not first:
                     raise CallError(Status.INVALID_ARGUMENT, "an empty message")
@@ -258,10 +292,10 @@ class Uploads:
             if pending is not None:
                 _raise_bad(await pending)
                 pending = None
-            if expect != total:
+            if expect != end:
                 raise CallError(
                     Status.INVALID_ARGUMENT,
-                    f"truncated upload: {expect} of {total} bytes",
+                    f"truncated upload: {expect - start} of {total} bytes",
                 )
             if trailer is None:
                 raise CallError(Status.INVALID_ARGUMENT, "the upload has no trailer")
@@ -279,53 +313,49 @@ class Uploads:
                 raise CallError(Status.UNAUTHENTICATED, f"trailer: {e.reason}") from None
             if origin_sha and digest != origin_sha:
                 log.info("relayed job %d of client %d: bytes differ from its client's digest",
-                         head.task, client)  # fmt: skip
+                         head.task, int(head.on_behalf))  # fmt: skip
                 raise CallError(
                     Status.UNAUTHENTICATED,
                     f"relayed job {head.task}: the bytes are not those its client signed",
                 )
-            if self.opt.fsync:
-                await spool.start(os.fsync)
-            await spool.commit()
-            crash_point("spooled")
-            if lease is not None:
-                lease.complete = True
-            return spool.final, digest, xx.digest(), bytes(trailer.signature)
+            return digest, xx.digest(), bytes(trailer.signature)
         except BaseException:
             if pending is not None:  # its outcome no longer matters
                 pending.add_done_callback(_ignore_outcome)
-            if lease is not None:  # after the running chunk's fold, if any: exact
-                await rollback(self.io, lease)
-            await spool.discard()
             raise
 
 
 class SpoolFile:
-    """An upload's spool file, written by jobs on the I/O pool one at a time (each job gets
-    the descriptor first). :meth:`discard` removes the file however the upload ended: if the
-    receiving task was cancelled while a job ran (the peer went away, a timeout), the job
-    cannot be stopped, so the file is closed and removed after it, never under a write, and
-    neither a descriptor nor a ``tmp-`` file is left behind."""
+    """An upload's spool file, written by jobs on the I/O pool (each job gets the
+    descriptor first; the chunks of one stream one at a time, the shards of an upload split
+    across parallel streams at once, each at its offsets). :meth:`discard` removes the file
+    however the upload ended: if the receiving task was cancelled while jobs ran (the peer
+    went away, a timeout), they cannot be stopped, so the file is closed and removed after
+    them, never under a write, and neither a descriptor nor a ``tmp-`` file is left behind."""
 
     def __init__(self, pool: ThreadPoolExecutor, tmp: Path, final: Path) -> None:
         self.pool, self.tmp, self.final = pool, tmp, final
         self.fd = -1
         self.renamed = False
-        self.job: concurrent.futures.Future[Any] | None = None
+        self.jobs: set[concurrent.futures.Future[Any]] = set()
+
+    def _submit(self, job: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut = self.pool.submit(job)
+        self.jobs.add(fut)
+        fut.add_done_callback(self.jobs.discard)
+        return fut
 
     def start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         def job() -> T:
             return fn(self.fd, *args)
 
-        self.job = self.pool.submit(job)
-        return asyncio.wrap_future(self.job)
+        return asyncio.wrap_future(self._submit(job))
 
     async def open(self, opener: Callable[[Path], int]) -> None:
         def job() -> None:
             self.fd = opener(self.tmp)
 
-        self.job = self.pool.submit(job)
-        await asyncio.wrap_future(self.job)
+        await asyncio.wrap_future(self._submit(job))
 
     async def commit(self) -> None:
         """Close the file and move it to :attr:`final`."""
@@ -339,14 +369,23 @@ class SpoolFile:
         await self.start(job)
 
     async def discard(self) -> None:
-        job = self.job
-        if job is not None and not job.done():  # wait for it unless cancelled again
+        jobs = [j for j in self.jobs if not j.done()]
+        if jobs:  # wait for them unless cancelled again
             with contextlib.suppress(BaseException):
-                await asyncio.shield(asyncio.wrap_future(job))
-        if job is None or job.done():
+                await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(j) for j in jobs)))
+        left = [j for j in self.jobs if not j.done()]
+        if not left:
             self._remove()
-        else:
-            job.add_done_callback(lambda _: self._remove())
+            return
+        waiting = set(left)
+
+        def done(j: concurrent.futures.Future[Any]) -> None:
+            waiting.discard(j)
+            if not waiting:
+                self._remove()
+
+        for j in left:
+            j.add_done_callback(done)
 
     def _remove(self) -> None:
         fd, self.fd = self.fd, -1
@@ -421,7 +460,7 @@ def spool_chunk(
     if sha is not None:
         sha.update(data)
     xx.update(data)
-    _write_all(fd, data)
+    _write_all(fd, data, off)
     if lease is not None:
         lease.fold(off // dtype.itemsize, arr, peak)
     return None
@@ -449,7 +488,8 @@ def _raise_bad(reason: str | None) -> None:
         raise CallError(Status.INVALID_ARGUMENT, reason)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, off: int) -> None:
+    """``data`` at byte ``off`` of the file (positional: shards are written at once)."""
     while len(data):
-        n = os.write(fd, data)
-        data = data[n:]
+        n = os.pwrite(fd, data, off)
+        data, off = data[n:], off + n
