@@ -5,6 +5,7 @@ an upload across parallel streams (``deploy/_push.py``)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import itertools
 from collections.abc import AsyncIterator
@@ -16,15 +17,18 @@ import numpy as np
 import pytest
 from blake3 import blake3
 
-from fedagg.deploy import Client, ClientError, Federation
+from fedagg import strategies
+from fedagg.deploy import Client, ClientError, Federation, Result, Server, TaskContext
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import upload_body
 from fedagg.deploy._digest import digest_of
-from fedagg.deploy._memory import MemoryChannel
+from fedagg.deploy._memory import MemoryChannel, rpc_error
 from fedagg.deploy._push import PushPlan, push_update, shard_ranges, stream_count
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._wire import decode_chunk
+from fedagg.sim import SyncPolicy
 from tests.deploy.test_memory_transport import (
+    _GRPC_LEFTOVERS,
     EDGE,
     EDGES,
     KEYS,
@@ -267,3 +271,158 @@ def test_a_failing_shard_fails_the_whole_upload() -> None:
     plan = PushPlan(1, 0, 1.0, {}, 4096, True, "blake3", 4)
     with pytest.raises(RuntimeError, match="shard 2 failed"):
         asyncio.run(_capture(data, plan, fail=2))
+
+
+# -- parallel streams end to end: the real client, the real service ------------------------------
+
+D2 = 20_000  # parameters: 80 KB, several 4 KiB chunks per shard
+
+
+def _fedavg(d: Path) -> Federation:
+    strategy = strategies.fedavg()
+    policy = SyncPolicy(strategy=strategy, rounds=2, clients_per_round=N)
+    server = strategy.init([np.zeros(D2, np.float32)])
+    return Federation(policy, server, num_clients=N, seed=3, directory=d,
+                      identity={"test": "streams"})  # fmt: skip
+
+
+def _train2(model: Any, task: TaskContext) -> Result:
+    """Dyadic updates and small integer weights: the weighted sums are exact in float32,
+    so the model's bits do not depend on the order the uploads arrive in."""
+    rng = task.rng()
+    delta = rng.integers(-64, 64, D2).astype(np.float32) / np.float32(1024)
+    return Result(delta, 1 + task.job % 4)
+
+
+class _CutShard(Client):
+    """The first time it splits an upload, shard 2's stream breaks after two messages
+    (UNAVAILABLE, as a dropped connection): the client retries the whole upload."""
+
+    cut = 0
+
+    def _method(self, name: str, kind: str) -> Any:
+        call = super()._method(name, kind)
+        if name != "Push":
+            return call
+
+        def push(it: AsyncIterator[bytes], **kw: Any) -> Any:
+            return self._maybe_cut(call, it, **kw)
+
+        return push
+
+    async def _maybe_cut(self, call: Any, it: AsyncIterator[bytes], **kw: Any) -> Any:
+        first = await it.__anext__()
+        head = pb.UploadHeader.FromString(bytes(decode_chunk(first).header))
+
+        async def again() -> AsyncIterator[bytes]:
+            yield first
+            async for m in it:
+                yield m
+
+        if head.shards > 1 and head.shard == 2 and not self.cut:
+            self.cut += 1
+            await it.__anext__()
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "connection dropped (test)")
+        return await call(again(), **kw)
+
+
+async def _run_streams(
+    d: Path, streams: int, ingest: str, algorithm: str, grpc_: bool = False,
+    first: type[Client] = Client,
+) -> tuple[Federation, list[Client]]:  # fmt: skip
+    """A federation of N clients uploading across ``streams`` parallel streams (the first of
+    class ``first``: if not a plain Client, its outcome is the run's)."""
+    fed = _fedavg(d)
+    opts = _opts(ingest=ingest, digest_algorithm=algorithm, max_streams=4)
+    server: Any = Server(fed, RING, opts) if grpc_ else FederationService(fed, RING, opts)
+    await server.start()
+    made = []
+    for i, n in enumerate(NAMES):
+        if grpc_:
+            c = Client(f"127.0.0.1:{server.port}", KEYS[n], _train2, insecure=True,
+                       retry_for=10.0, streams=streams)  # fmt: skip
+        else:
+            c = Client("memory", KEYS[n], _train2, insecure=True, retry_for=10.0,
+                       channel=MemoryChannel(server, max_message=opts.chunk_bytes + 65536),
+                       streams=streams)  # fmt: skip
+        if i == 0:
+            c.__class__ = first
+        made.append(c)
+    runs = [asyncio.create_task(c.run_async()) for c in made]
+    try:
+        if first not in (Client, _CutShard):
+            await asyncio.wait_for(runs[0], 30)
+        await asyncio.wait_for(server.wait(), 60)
+        await asyncio.wait_for(asyncio.gather(*runs), 30)
+    finally:
+        for r in runs:
+            r.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await (server.stop(0.1) if grpc_ else server.stop())
+    return fed, made
+
+
+@pytest.mark.parametrize("ingest", ["fold", "spool"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_uploads_split_across_streams_give_the_bits_of_one_stream(
+    tmp_path: Path, ingest: str, algorithm: str
+) -> None:
+    one, _ = asyncio.run(_run_streams(tmp_path / "one", 1, ingest, algorithm))
+    for s in (2, 3, 4):
+        split, made = asyncio.run(_run_streams(tmp_path / f"s{s}", s, ingest, algorithm))
+        assert split.server.version == one.server.version == 2
+        assert split.server.params.tobytes() == one.server.params.tobytes(), s
+        assert all(c.max_streams == 4 and c.report.uploads == 2 for c in made)
+    assert np.any(one.server.params != 0)
+
+
+@_GRPC_LEFTOVERS
+def test_four_streams_over_grpc_give_the_bits_of_one(tmp_path: Path) -> None:
+    one, _ = asyncio.run(_run_streams(tmp_path / "one", 1, "fold", "blake3"))
+    four, made = asyncio.run(_run_streams(tmp_path / "four", 4, "fold", "blake3", grpc_=True))
+    gc.collect()
+    assert four.server.params.tobytes() == one.server.params.tobytes()
+    assert sum(c.report.uploads for c in made) == 2 * N
+
+
+@pytest.mark.parametrize("ingest", ["fold", "spool"])
+def test_a_broken_shard_makes_the_client_retry_the_whole_upload(
+    tmp_path: Path, ingest: str
+) -> None:
+    one, _ = asyncio.run(_run_streams(tmp_path / "one", 1, ingest, "blake3"))
+    cut, made = asyncio.run(_run_streams(tmp_path / "cut", 4, ingest, "blake3", first=_CutShard))
+    assert isinstance(made[0], _CutShard) and made[0].cut == 1
+    assert made[0].report.retries >= 1 and made[0].report.uploads == 2
+    assert cut.server.params.tobytes() == one.server.params.tobytes()  # counted once
+
+
+class _TamperShard(_Tamper):
+    """Flips a byte of shard 1's second data chunk."""
+
+    def _method(self, name: str, kind: str) -> Any:
+        call = Client._method(self, name, kind)
+        if name != "Push":
+            return call
+
+        async def flip(it: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            k, shard = 0, -1
+            async for msg in it:
+                c = decode_chunk(msg)
+                if c.header is not None:
+                    shard = pb.UploadHeader.FromString(bytes(c.header)).shard
+                if len(c.data) and k == 1 and shard == 1:
+                    b = bytearray(msg)
+                    b[len(msg) - len(c.data)] ^= 0x01
+                    msg = bytes(b)
+                k += bool(len(c.data))
+                yield msg
+
+        return lambda it, **kw: call(flip(it), **kw)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_tampered_byte_in_one_shard_is_refused(tmp_path: Path, algorithm: str) -> None:
+    with pytest.raises(ClientError) as e:
+        asyncio.run(_run_streams(tmp_path, 4, "fold", algorithm, first=_TamperShard))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "do not match its trailer" in e.value.message
