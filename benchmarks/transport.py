@@ -92,6 +92,9 @@ PLANE: list[tuple[str, str, dict[str, Any]]] = [
 SECURE_NEW = {"algorithm": "blake3", "ingest": "fold", "durability": "retained"}
 
 
+PLANE_ROUNDS = [3]  # rounds per 1 GiB row (--plane-rounds): the last is reported
+
+
 def plane_row(key: str, label: str, opts: dict[str, Any], nbytes: int, clients: int = 1,
               ) -> dict[str, Any]:  # fmt: skip
     """One setting: ``clients`` clients (each in its own process) pushing ``nbytes`` each
@@ -103,7 +106,7 @@ def plane_row(key: str, label: str, opts: dict[str, Any], nbytes: int, clients: 
 
     tcp = flw.raw_tcp_loopback(GIB, repeats=2)["gib_per_s"]  # the machine's state now
     with OtherCpu() as oc:
-        r = fedagg_run(nbytes // 4, clients, 3, client_procs=clients, **opts)
+        r = fedagg_run(nbytes // 4, clients, PLANE_ROUNDS[0], client_procs=clients, **opts)
     last = [c["pushes"][-1] for c in r["clients"]]
     t0, t1 = min(p[0] for p in last), max(p[1] for p in last)
     pol = [t["policy"] for t in r["round_timings"]]
@@ -303,7 +306,8 @@ def render(res: dict[str, Any], out: Path) -> None:
             f"## {res['plane'][0].get('bytes', GIB) / GIB:g} GiB update: upload until "
             "acknowledged, then in the aggregate (issue 20)",
             "",
-            "One client, 3 rounds, the last (steady state) reported. push = the client's upload "
+            f"One client, {res.get('plane_rounds', 3)} rounds, the last (steady state) reported. "
+            "push = the client's upload "
             "until the server acknowledges it; fold = the engine's fold of the update after it "
             "(0 when it was folded on receive, before the acknowledgement: `ingest = fold`); "
             "GiB/s = update bytes / (push + fold), the measure of before issue 20; apply = the "
@@ -505,6 +509,7 @@ def main(argv: list[str]) -> None:
     )
     ap.add_argument("--many", metavar="NS", help="N of the many-clients rows (10,50,100)")
     ap.add_argument("--skip-plane", action="store_true", help="no 1 GiB table (with --update)")
+    ap.add_argument("--plane-rounds", type=int, default=3, help="rounds per 1 GiB row (>= 2)")
     ap.add_argument("--notes", metavar="FILE", help="a paragraph for the 1 GiB table")
     ap.add_argument("--wait-idle", type=float, default=0.0)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -549,7 +554,9 @@ def main(argv: list[str]) -> None:
     print(f"raw TCP {res['raw_tcp']['gib_per_s']:.2f} GiB/s", flush=True)
     print("1 GiB upload, the data plane's settings:", flush=True)
     only = set(a.only.split(",")) if a.only else None
+    PLANE_ROUNDS[0] = max(2, a.plane_rounds)
     res["drain"], res["plane"] = [], []
+    res["plane_rounds"] = max(2, a.plane_rounds)
     if not a.skip_plane:
         cases = [(1, ""), (2, ""), (4, ""), (1, "blake3"), (1, "sha256")]
         res["drain"] = grpc_drain(nbytes, cases)
