@@ -543,7 +543,7 @@ def main(argv: list[str]) -> None:
     rounds = 10 if a.quick else 50
     ns = [4, 8] if a.quick else [10, 50, 100]
     if a.many:
-        ns = [int(x) for x in a.many.split(",")]
+        ns = [] if a.many == "none" else [int(x) for x in a.many.split(",")]
     params = 1_000_000 if a.quick else 10_000_000
     import _flower_transport as flw
 
