@@ -447,6 +447,8 @@ def render(res: dict[str, Any], out: Path) -> None:
             f"{r.get('peak_rss_nodes_bytes', 0) / GIB:.1f} GiB more) | {r.get('n_clients')} | "
             f"{per[-1]:.2f} s | | | {r.get('peak_rss_server_bytes', 0) / MIB:.0f} MiB |"
         )
+    if res.get("many_from"):
+        lines += ["", res["many_from"]]
     if res.get("flower_from"):
         lines += ["", f"Flower's rows: {res['flower_from']}"]
     lines += ["", f"Command: `{res['command']}`", ""]
@@ -618,6 +620,13 @@ def main(argv: list[str]) -> None:
         if res["drain"]:
             prev["drain"] = res["drain"]
         res = prev
+    if not res.get("many") and a.flower_from:  # not re-measured: an earlier run's, said so
+        old = json.loads(Path(a.flower_from).read_text())
+        res["many"] = old.get("many", [])
+        res["many_from"] = (
+            f"The N-clients rows are from an earlier run of this benchmark (`{a.flower_from}`, "
+            f"raw TCP {old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured here."
+        )
     (out / "transport.json").write_text(json.dumps(res, indent=1, default=str))
     render(res, out)
     print((out / "transport.md").read_text())
