@@ -360,7 +360,9 @@ def grpc_rates(path: Path = Path(__file__).parent / "results" / "transport.json"
         t = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    out: Result = {}
+    out: Result = {
+        "grpc_from": f"`{t.get('command', '?')}` ({t.get('machine', {}).get('date', '?')})"
+    }
     for r in t.get("many", []):
         if r.get("clients") != 100:
             continue
@@ -754,7 +756,9 @@ def markdown(report: Result) -> str:
         f"and finalize {rates['finalize_s_per_byte'] * per_m:.2f} ms per 1M params.",
         "",
         "The deployed edge (`fedagg server --parent`, gRPC) is bounded by its ingest rate as "
-        "`benchmarks/transport.py` measured it (`results/transport.json`: one 1 GiB upload, "
+        f"`benchmarks/transport.py` measured it (by {rates.get('grpc_from', '?')}; "
+        "`results/transport.json`, not in this file's run: see the shares of other processes' "
+        "CPU there; one 1 GiB upload, "
         "upload + fold, steady state, or 100 clients x 10M params pushing at once where that "
         "row exists; clients and server share this machine's 2 cores): "
         + (
@@ -913,7 +917,8 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     if args.render:
         report = json.loads(Path(args.render).read_text())
-        report["rates"] = {**report["rates"], **grpc_rates()}
+        report["rates"] = {k: v for k, v in report["rates"].items() if not k.startswith("grpc")}
+        report["rates"].update(grpc_rates())  # this transport.json's, no older ones
         report["projection"] = projection(report["rates"])
         again = (
             "`; re-rendered with the gRPC edge rows by "
