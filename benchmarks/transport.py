@@ -49,6 +49,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def plane_row(key: str, label: str, opts: dict[str, Any], nbytes: int, clients: 
     return row
 
 
-def grpc_drain(nbytes: int, cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
+def grpc_drain(nbytes: int, cases: list[tuple[int, str]], reps: int = 3) -> list[dict[str, Any]]:
     """fedagg's client upload code against a gRPC server that only drains the streams
     (``_grpc_drain.py``): the ceiling Python gRPC sets here, per (streams, digest) case."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -157,7 +158,7 @@ def grpc_drain(nbytes: int, cases: list[tuple[int, str]]) -> list[dict[str, Any]
         for streams, digest in cases:
             out = subprocess.run(
                 [PY, str(HERE / "_grpc_drain.py"), "push", port, str(nbytes), str(streams),
-                 digest, "3", str(server.pid)],
+                 digest, str(reps), str(server.pid)],
                 capture_output=True, text=True, env=env, timeout=600, check=True,
             ).stdout  # fmt: skip
             r = json.loads(out.strip().splitlines()[-1])
@@ -173,32 +174,30 @@ def grpc_drain(nbytes: int, cases: list[tuple[int, str]]) -> list[dict[str, Any]
     return rows
 
 
-def bench_plane(nbytes: int, only: set[str] | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for key, label, opts in PLANE:
-        if only and key not in only:
-            continue
+TWO = [
+    ("two", "two clients at once, no TLS/digest/fsync, S=1, spool", _FAST),
+    ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[-2][2]),
+    ("two-proxy", "two clients at once, TLS, BLAKE3, ack at the log commit, S=4, fold",
+     PLANE[-1][2]),
+]  # fmt: skip
+
+
+def bench_plane(
+    nbytes: int, only: list[str] | None = None, save: Callable[[], None] = lambda: None
+) -> list[dict[str, Any]]:
+    """The 1 GiB rows, in the order of ``only`` (keys of PLANE and TWO; None: all), each
+    saved (``save``) as soon as it is measured."""
+    table = {k: (label, opts, 1) for k, label, opts in PLANE}
+    table.update({k: (label, opts, 2) for k, label, opts in TWO})
+    rows: list[dict[str, Any]] = []
+    for key in only if only is not None else list(table):
+        label, opts, clients = table[key]
         try:
-            rows.append(plane_row(key, label, opts, nbytes))
+            rows.append(plane_row(key, label, opts, nbytes, clients=clients))
         except Exception as e:  # recorded, not hidden (e.g. a feature not on this branch)
             print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
-    for key, label, opts in [
-        ("two", "two clients at once, no TLS/digest/fsync, S=1, spool", _FAST),
-        ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[-2][2]),
-        (
-            "two-proxy",
-            "two clients at once, TLS, BLAKE3, ack at the log commit, S=4, fold",
-            PLANE[-1][2],
-        ),
-    ]:
-        if only and key not in only:
-            continue
-        try:
-            rows.append(plane_row(key, label, opts, nbytes, clients=2))
-        except Exception as e:
-            print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
-            rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
+        save()
     return rows
 
 
@@ -342,7 +341,7 @@ def render(res: dict[str, Any], out: Path) -> None:
                 "",
                 "The ceiling Python gRPC sets here: fedagg's client upload code against a gRPC "
                 "server that only drains the streams (`_grpc_drain.py`: no checks, no spool, no "
-                "fold, no TLS), best of 3:",
+                "fold, no TLS), best of 3 (or of 1, in a short run):",
                 "",
                 "| streams | client digest | GiB/s | of raw TCP | server CPU | client CPU |",
                 "|---|---|---|---|---|---|",
@@ -490,6 +489,43 @@ def render(res: dict[str, Any], out: Path) -> None:
         pass
 
 
+def save(res: dict[str, Any], a: argparse.Namespace, out: Path) -> None:
+    """Write ``res`` (merged into the file's rows with ``--update``) as transport.json/.md/.png;
+    called after each 1 GiB row, so an interrupted run keeps what it measured."""
+    res = dict(res)
+    for r in res["plane"] + res["drain"]:  # the raw TCP next to it (just before a plane row)
+        r.setdefault("raw_tcp_gib_per_s", res["raw_tcp"]["gib_per_s"])
+        r["command"] = res["command"]
+    if a.update:  # this run's rows replace the same settings' rows of the file
+        prev = json.loads((out / "transport.json").read_text())
+        keys = {r["key"] for r in res["plane"]}
+        prev["plane"] = [r for r in prev.get("plane", []) if r["key"] not in keys] + res["plane"]
+        order = [k for k, *_ in PLANE] + ["two", "two-secure", "two-proxy"]
+        prev["plane"].sort(key=lambda r: order.index(r["key"]) if r["key"] in order else 99)
+        if res["command"] not in prev.setdefault("updates", []):
+            prev["updates"].append(res["command"])
+        for k in ("latency", "latency_secure"):
+            if k in res:
+                prev[k] = res[k]
+        if res["many"]:
+            prev["many"] = res["many"]
+        if res["drain"]:
+            prev["drain"] = res["drain"]
+        res = prev
+    if not res.get("many") and a.flower_from:  # not re-measured: an earlier run's, said so
+        old = json.loads(Path(a.flower_from).read_text())
+        res["many"] = old.get("many", [])
+        res["many_from"] = (
+            f"The N-clients rows are from an earlier run of this benchmark (`{a.flower_from}`, "
+            f"raw TCP {old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured here."
+        )
+    (out / "transport.json").write_text(json.dumps(res, indent=1, default=str))
+    render(res, out)
+
+
+DRAIN_CASES = [(1, ""), (2, ""), (4, ""), (1, "blake3"), (1, "sha256")]
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -512,6 +548,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--many", metavar="NS", help="N of the many-clients rows (10,50,100)")
     ap.add_argument("--skip-plane", action="store_true", help="no 1 GiB table (with --update)")
     ap.add_argument("--plane-rounds", type=int, default=3, help="rounds per 1 GiB row (>= 2)")
+    ap.add_argument("--drain-reps", type=int, default=3, help="gRPC drain: best of this many")
     ap.add_argument("--notes", metavar="FILE", help="a paragraph for the 1 GiB table")
     ap.add_argument("--wait-idle", type=float, default=0.0)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -555,21 +592,29 @@ def main(argv: list[str]) -> None:
     res["raw_tcp"] = flw.raw_tcp_loopback(nbytes)
     print(f"raw TCP {res['raw_tcp']['gib_per_s']:.2f} GiB/s", flush=True)
     print("1 GiB upload, the data plane's settings:", flush=True)
-    only = set(a.only.split(",")) if a.only else None
+    only = [k for k in a.only.split(",") if k != "drain"] if a.only else None
     PLANE_ROUNDS[0] = max(2, a.plane_rounds)
-    res["drain"], res["plane"] = [], []
+    res["drain"], res["plane"], res["many"] = [], [], []
     res["plane_rounds"] = max(2, a.plane_rounds)
-    if not a.skip_plane:
-        cases = [(1, ""), (2, ""), (4, ""), (1, "blake3"), (1, "sha256")]
-        res["drain"] = grpc_drain(nbytes, cases)
-        res["plane"] = bench_plane(nbytes, only)
-        res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)
-        print(f"raw TCP (again) {res['raw_tcp_end']['gib_per_s']:.2f} GiB/s", flush=True)
-    for r in res["plane"] + res["drain"]:  # the raw TCP next to it (just before a plane row)
-        r.setdefault("raw_tcp_gib_per_s", res["raw_tcp"]["gib_per_s"])
-        r["command"] = res["command"]
     if a.notes:
         res["plane_notes"] = [Path(a.notes).read_text().strip()]
+    if a.no_flower and a.flower_from:  # Flower's figures of an earlier run, said so
+        old = json.loads(Path(a.flower_from).read_text())
+        if "flower" in old:
+            res["flower"] = old["flower"]
+            res["flower_from"] = (
+                f"from an earlier run of this benchmark (`{a.flower_from}`, raw TCP "
+                f"{old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured."
+            )
+    if not a.skip_plane:
+        drain_last = not a.only or "drain" in a.only.split(",")
+        if drain_last and not a.only:  # the whole run: the ceiling first
+            res["drain"] = grpc_drain(nbytes, DRAIN_CASES)
+        res["plane"] = bench_plane(nbytes, only, lambda: save(res, a, out))
+        if drain_last and a.only:
+            res["drain"] = grpc_drain(nbytes, DRAIN_CASES, reps=a.drain_reps)
+        res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)
+        print(f"raw TCP (again) {res['raw_tcp_end']['gib_per_s']:.2f} GiB/s", flush=True)
     if not a.plane_only:
         res["latency"] = bench_latency(rounds)
         print(f"latency: median {res['latency']['median_s'] * 1e3:.1f} ms", flush=True)
@@ -580,14 +625,6 @@ def main(argv: list[str]) -> None:
         res["many"] += bench_many(ns[-1:], params)  # the settings of before, N = 100
     else:
         res["many"] = []
-    if a.no_flower and a.flower_from:  # Flower's figures of an earlier run, said so
-        old = json.loads(Path(a.flower_from).read_text())
-        if "flower" in old:
-            res["flower"] = old["flower"]
-            res["flower_from"] = (
-                f"from an earlier run of this benchmark (`{a.flower_from}`, raw TCP "
-                f"{old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured."
-            )
     if not a.no_flower:
         fl: dict[str, Any] = {}
         for key, fn in [
@@ -605,30 +642,7 @@ def main(argv: list[str]) -> None:
                 fl[key] = {"error": f"{type(e).__name__}: {e}"}
             print(f"flower {key}: done", flush=True)
         res["flower"] = fl
-    if a.update:  # this run's rows replace the same settings' rows of the file
-        prev = json.loads((out / "transport.json").read_text())
-        keys = {r["key"] for r in res["plane"]}
-        prev["plane"] = [r for r in prev.get("plane", []) if r["key"] not in keys] + res["plane"]
-        order = [k for k, *_ in PLANE] + ["two", "two-secure", "two-proxy"]
-        prev["plane"].sort(key=lambda r: order.index(r["key"]) if r["key"] in order else 99)
-        prev.setdefault("updates", []).append(res["command"])
-        for k in ("latency", "latency_secure"):
-            if k in res:
-                prev[k] = res[k]
-        if res["many"]:
-            prev["many"] = res["many"]
-        if res["drain"]:
-            prev["drain"] = res["drain"]
-        res = prev
-    if not res.get("many") and a.flower_from:  # not re-measured: an earlier run's, said so
-        old = json.loads(Path(a.flower_from).read_text())
-        res["many"] = old.get("many", [])
-        res["many_from"] = (
-            f"The N-clients rows are from an earlier run of this benchmark (`{a.flower_from}`, "
-            f"raw TCP {old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured here."
-        )
-    (out / "transport.json").write_text(json.dumps(res, indent=1, default=str))
-    render(res, out)
+    save(res, a, out)
     print((out / "transport.md").read_text())
 
 
