@@ -241,6 +241,14 @@ def _ok(x: float, target: float) -> str:
     return "met" if x >= target else "**not met**"
 
 
+def cpu_bound(r: dict[str, Any], cores: int = 2) -> float:
+    """The GiB/s a row's CPU seconds allow on an idle machine of ``cores``: the push cannot be
+    shorter than the busier process's CPU, nor than both processes' CPU spread over the cores
+    (then the engine's fold after the ack, as measured). Load-independent, unlike wall time."""
+    s, c = r["server_cpu_s"], r["client_cpu_s"]
+    return r["bytes"] / GIB / (max(s, c, (s + c) / cores) + r["fold_s"])
+
+
 def plane_summary(res: dict[str, Any]) -> dict[str, Any]:
     """The headline fractions of raw TCP: the secure path (TLS + signed digest + durable ack)
     and the fast one (none of them), each its best row; two uploads at once vs one flow."""
@@ -255,11 +263,13 @@ def plane_summary(res: dict[str, Any]) -> dict[str, Any]:
     proxy = best(lambda o: o.get("tls") and o.get("digest") and not o.get("fsync"))
     fast = best(lambda o: not (o.get("tls") or o.get("digest") or o.get("fsync")))
     out: dict[str, Any] = {"raw_tcp_gib_per_s": tcp}
+    idle = res.get("raw_tcp_idle", {}).get("gib_per_s", tcp)
     for name, r, target in (("secure", secure, TARGET_SECURE), ("fast", fast, TARGET_FAST),
                             ("proxy", proxy, TARGET_SECURE)):  # fmt: skip
         if r is not None:
             out[name] = {"key": r["key"], "setting": r["setting"], "target": target,
-                         "fraction": r["gib_per_s"] / r.get("raw_tcp_gib_per_s", tcp)}  # fmt: skip
+                         "fraction": r["gib_per_s"] / r.get("raw_tcp_gib_per_s", tcp),
+                         "cpu_bound_fraction": cpu_bound(r) / idle}  # fmt: skip
     two = [r for r in rows if r["clients"] == 2]
     if two:
         r = max(two, key=lambda r: r["push_gib_per_s"])
@@ -299,6 +309,8 @@ def render(res: dict[str, Any], out: Path) -> None:
         + ").",
         "",
     ]
+    idle = res.get("raw_tcp_idle", {}).get("gib_per_s", tcp)
+    idle_from = f", {res['raw_tcp_idle']['from']}" if "raw_tcp_idle" in res else ""
     if res.get("plane"):
         sm = plane_summary(res)
         lines += [
@@ -319,13 +331,19 @@ def render(res: dict[str, Any], out: Path) -> None:
             "other = the share of the machine other processes used meanwhile. S = parallel "
             "streams; fold/spool = `ingest`; fsync/retained = `durability`.",
             "",
+            f"CPU-bound = what the row's CPU seconds allow on an idle machine (the busier "
+            f"process's CPU, or both spread over the 2 cores, plus the fold), and its fraction of "
+            f"the idle machine's raw TCP ({idle:.2f} GiB/s{idle_from}): the load-independent "
+            f"figure.",
+            "",
             "| setting | push | fold | GiB/s | raw TCP just before | of raw TCP | push alone GiB/s "
-            "| apply | server CPU | client CPU | cores busy | other |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| apply | server CPU | client CPU | cores busy | other | CPU-bound GiB/s | of idle "
+            "raw TCP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["plane"]:
             if "error" in r:
-                lines.append(f"| {r['setting']} | failed: {r['error'][:120]} |" + " |" * 10)
+                lines.append(f"| {r['setting']} | failed: {r['error'][:120]} |" + " |" * 12)
                 continue
             who = f" ({r['clients']} clients)" if r["clients"] > 1 else ""
             lines.append(
@@ -334,7 +352,8 @@ def render(res: dict[str, Any], out: Path) -> None:
                 f"{r['gib_per_s'] / r.get('raw_tcp_gib_per_s', tcp):.0%} | "
                 f"{r['push_gib_per_s']:.2f} | {r['apply_s']:.2f} s "
                 f"| {r['server_cpu_s']:.2f} s | {r['client_cpu_s']:.2f} s | "
-                f"{r['cores_busy']:.2f} | {r['other_cpu']:.0%} |"
+                f"{r['cores_busy']:.2f} | {r['other_cpu']:.0%} | {cpu_bound(r):.2f} | "
+                f"{cpu_bound(r) / idle:.0%} |"
             )
         if res.get("drain"):
             lines += [
@@ -366,8 +385,12 @@ def render(res: dict[str, Any], out: Path) -> None:
         ]:
             x = sm.get(name)
             if x:
-                lines.append(f"- {what}: **{x['fraction']:.0%}** ({x['setting']}), target "
-                             f"{x['target']:.0%}: {_ok(x['fraction'], x['target'])}")  # fmt: skip
+                cb = x.get("cpu_bound_fraction")
+                lines.append(f"- {what}: **{x['fraction']:.0%}** of the raw TCP measured just "
+                             f"before it ({x['setting']}), target {x['target']:.0%}: "
+                             f"{_ok(x['fraction'], x['target'])}"
+                             + (f"; CPU-bound on an idle machine: **{cb:.0%}** of idle raw TCP, "
+                                f"{_ok(cb, x['target'])}" if cb is not None else ""))  # fmt: skip
         if res.get("plane_notes"):
             lines += ["", *res["plane_notes"]]
         lines.append("")
@@ -450,7 +473,9 @@ def render(res: dict[str, Any], out: Path) -> None:
         lines += ["", res["many_from"]]
     if res.get("flower_from"):
         lines += ["", f"Flower's rows: {res['flower_from']}"]
-    lines += ["", f"Command: `{res['command']}`", ""]
+    lines += ["", f"Command: `{res['command']}`"]
+    lines += [f"then `{u}`" for u in res.get("updates", []) if u != res["command"]]
+    lines.append("")
     (out / "transport.md").write_text("\n".join(lines))
     try:
         import matplotlib
@@ -549,6 +574,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--skip-plane", action="store_true", help="no 1 GiB table (with --update)")
     ap.add_argument("--plane-rounds", type=int, default=3, help="rounds per 1 GiB row (>= 2)")
     ap.add_argument("--drain-reps", type=int, default=3, help="gRPC drain: best of this many")
+    ap.add_argument("--rerender", action="store_true", help="re-write transport.md/.png")
     ap.add_argument("--notes", metavar="FILE", help="a paragraph for the 1 GiB table")
     ap.add_argument("--wait-idle", type=float, default=0.0)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -578,6 +604,18 @@ def main(argv: list[str]) -> None:
     os.environ.update(FLOWER_ENV)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.rerender:  # transport.json's tables again (with --flower-from: its idle raw TCP)
+        res = json.loads((out / "transport.json").read_text())
+        if a.flower_from:
+            old = json.loads(Path(a.flower_from).read_text())
+            res["raw_tcp_idle"] = {**old["raw_tcp"], "from": "an earlier run on an idle "
+                                   f"machine, `{old.get('command', '')}`"}  # fmt: skip
+        if a.notes:
+            res["plane_notes"] = [Path(a.notes).read_text().strip()]
+        res.setdefault("updates", []).append("python " + " ".join(sys.argv))
+        (out / "transport.json").write_text(json.dumps(res, indent=1, default=str))
+        render(res, out)
+        return
     nbytes = 64 * MIB if a.quick else GIB
     rounds = 10 if a.quick else 50
     ns = [4, 8] if a.quick else [10, 50, 100]
@@ -606,6 +644,8 @@ def main(argv: list[str]) -> None:
                 f"from an earlier run of this benchmark (`{a.flower_from}`, raw TCP "
                 f"{old['raw_tcp']['gib_per_s']:.2f} GiB/s then), not re-measured."
             )
+        res["raw_tcp_idle"] = {**old["raw_tcp"], "from": "an earlier run on an idle "
+                               f"machine, `{old.get('command', '')}`"}  # fmt: skip
     if not a.skip_plane:
         drain_last = not a.only or "drain" in a.only.split(",")
         if drain_last and not a.only:  # the whole run: the ceiling first
