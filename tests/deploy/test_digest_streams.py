@@ -23,7 +23,7 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import upload_body
 from fedagg.deploy._digest import digest_of
 from fedagg.deploy._memory import MemoryChannel, rpc_error
-from fedagg.deploy._push import PushPlan, push_update, shard_ranges, stream_count
+from fedagg.deploy._push import AUTO_STREAMS, PushPlan, push_update, shard_ranges, stream_count
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._wire import decode_chunk
 from fedagg.sim import SyncPolicy
@@ -190,8 +190,8 @@ def test_relayed_updates_are_checked_with_their_clients_algorithm(
 def test_stream_count() -> None:
     mib = 1 << 20
     assert stream_count(10 * mib, 10 * mib // 4, 0, 8) == 1  # auto: small -> one stream
-    assert stream_count(64 * mib, 16 * mib, 0, 8) == 4  # auto: large -> 4
-    assert stream_count(64 * mib, 16 * mib, 0, 2) == 2  # ... capped by the server
+    assert stream_count(64 * mib, 16 * mib, 0, 8) == AUTO_STREAMS == 2  # auto: large -> 2
+    assert stream_count(64 * mib, 16 * mib, 0, 1) == 1  # ... capped by the server
     assert stream_count(64 * mib, 16 * mib, 0, 0) == 1  # a server of before max_streams
     assert stream_count(4000, 1000, 3, 8) == 3  # as asked, even small
     assert stream_count(4000, 1000, 16, 8) == 8

@@ -115,7 +115,7 @@ class Client:
             from the config): a round whose parameters fall short is refused. None: only the
             cohort size (>= 3) and the protocol's majority threshold are checked.
         streams: split each upload across this many parallel streams (``[deploy] streams``;
-            0: one below 64 MiB, else up to 4), at most the server's ``max_streams``.
+            0: one below 64 MiB, else 2), at most the server's ``max_streams``.
     """
 
     def __init__(

@@ -36,8 +36,10 @@ __all__ = ["AUTO_MIN_BYTES", "AUTO_STREAMS", "PushPlan", "push_update", "shard_r
 
 #: ``streams = 0`` (auto): one stream below this size ...
 AUTO_MIN_BYTES = 64 << 20
-#: ... and up to this many above it (capped by the server's ``max_streams``).
-AUTO_STREAMS = 4
+#: ... and up to this many above it (capped by the server's ``max_streams``): 2 measured best
+#: for a 1 GiB upload on 2 cores shared by client and server (benchmarks/results/transport.md:
+#: S = 4 cost the same CPU and no less time); more pays off on a server with idle cores.
+AUTO_STREAMS = 2
 
 _pool: ThreadPoolExecutor | None = None
 
