@@ -2,7 +2,8 @@
 FedAvg, synchronous rounds of every client. Prints one JSON line of timings when done.
 
     python benchmarks/_fedagg_server.py DIR PORT PARAMS CLIENTS ROUNDS [--tls] [--no-fsync]
-        [--receivers P]
+        [--no-digest] [--digest-algorithm A] [--ingest fold|spool] [--durability D]
+        [--max-streams S] [--receivers P]
 
 Also reports the server's ``Federation.timings`` after each round (``round_timings``: the
 engine's cumulative log / policy / checkpoint seconds; a round's policy time is the spooled
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +47,10 @@ def main() -> None:
     ap.add_argument("--adaptive-window", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=4.0)
     ap.add_argument("--receivers", type=int, default=0)  # deploy.receivers
+    ap.add_argument("--digest-algorithm", default="sha256")
+    ap.add_argument("--ingest", default="spool")
+    ap.add_argument("--durability", default="fsync")
+    ap.add_argument("--max-streams", type=int, default=8)
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
@@ -58,20 +64,29 @@ def main() -> None:
     folds: list[float] = []  # each fold's time
     agg = strategy.aggregator
 
-    class TimedFold:  # the fold alone, as the engine calls it
-        decomposable = agg.decomposable
+    cls = type(agg)
+    plain_fold = cls.fold
 
-        def __getattr__(self, name: str) -> object:
-            return getattr(agg, name)
+    def timed_fold(self: object, state: object, update: object) -> object:
+        """The fold alone, as the engine calls it (patched on the class: the aggregator stays
+        the plain Mean that folding on receive needs; an update folded on receive is not
+        folded here, only counted)."""
+        t = time.perf_counter()
+        out = plain_fold(self, state, update)
+        fold_s[0] += time.perf_counter() - t
+        folds.append(time.perf_counter() - t)
+        return out
 
-        def fold(self, state: object, update: object) -> object:
-            t = time.perf_counter()
-            out = agg.fold(state, update)
-            fold_s[0] += time.perf_counter() - t
-            folds.append(time.perf_counter() - t)
-            return out
+    cls.fold = timed_fold  # type: ignore[method-assign]
+    folds_at_round: list[int] = []  # engine folds so far, at each round's end
+    samples: list[tuple[float, float]] = []  # (wall clock, this process's CPU seconds)
 
-    strategy = dataclasses.replace(strategy, aggregator=TimedFold())
+    def sample() -> None:
+        while True:
+            samples.append((time.time(), time.process_time()))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
     policy = SyncPolicy(strategy=strategy, rounds=a.rounds, clients_per_round=a.clients)
     server = strategy.init([np.zeros(a.params, np.float32)])
     fed = Federation(policy, server, num_clients=a.clients, seed=0, directory=d / "state")
@@ -82,13 +97,18 @@ def main() -> None:
         listen=f"127.0.0.1:{a.port}", tls=tls, insecure=not a.tls, fsync=not a.no_fsync,
         chunk_bytes=int(a.chunk_mib * (1 << 20)), rate=0.0, client_timeout=600.0,
         heartbeat=30.0, digest=not a.no_digest, adaptive_window=a.adaptive_window,
+        **_new_options(a),
     )  # fmt: skip
     ends: list[float] = []
     round_timings: list[dict[str, float]] = []
 
+    cpu: list[float] = []  # the process's CPU seconds (all threads) at each round's end
+
     def on_round(_: object) -> None:
         ends.append(time.perf_counter() - t0)
         round_timings.append(dict(fed.timings))
+        cpu.append(time.process_time())
+        folds_at_round.append(len(folds))
 
     t0 = time.perf_counter()
     result = asyncio.run(
@@ -112,6 +132,9 @@ def main() -> None:
                 "folds": folds,
                 "version": result.server.version,
                 "peak_rss": peak_rss(),
+                "round_cpu_s": [b - a for a, b in zip([0.0, *cpu], cpu, strict=False)],
+                "cpu_samples": samples,
+                "folds_at_round": folds_at_round,
                 "fedagg_file": fedagg.__file__,
                 "checksum": float(
                     np.float64(result.server.params[:: max(1, a.params // 1000)].sum())
@@ -120,6 +143,14 @@ def main() -> None:
         ),
         flush=True,
     )
+
+
+def _new_options(a: argparse.Namespace) -> dict[str, object]:
+    """The issue-20 options, for a ``src`` that has them (``--baseline`` runs older trees)."""
+    fields = {f.name for f in dataclasses.fields(ServerOptions)}
+    want = {"digest_algorithm": a.digest_algorithm, "ingest": a.ingest,
+            "durability": a.durability, "max_streams": a.max_streams}  # fmt: skip
+    return {k: v for k, v in want.items() if k in fields}
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import psutil
+try:
+    import psutil
+except ImportError:  # raw TCP alone (transport.py --no-flower) runs without it
+    psutil = None  # type: ignore[assignment]
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -411,6 +414,11 @@ def _kill_tree(pids: list[int], grace: float = 5.0) -> None:
     Descendants are listed first: Flower's SuperLink starts its SuperExec in a new session,
     so killing the SuperLink's process group alone would miss it.
     """
+    if psutil is None:  # the raw TCP pair only: each in its own session, no descendants
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        return
     procs = _descendants(pids)
     own_group = os.getpgid(0)
     for p in procs:

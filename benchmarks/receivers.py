@@ -121,7 +121,7 @@ def engine_run(
 
 
 def e2e_run(params: int, clients: int, rounds: int, receivers: int) -> dict[str, Any]:
-    from transport import fedagg_run
+    from _transport_run import fedagg_run
 
     args = ("--receivers", str(receivers)) if receivers else ()
     r = fedagg_run(params, clients, rounds, tls=False, digest=False, fsync=False,

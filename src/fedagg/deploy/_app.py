@@ -532,7 +532,7 @@ def client_from_config(
     return Client(
         server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
         insecure=insecure, retry_for=retry_for, evaluate=evaluate or config_evaluator(cfg),
-        keyring=keyring, expect=secure_expectations(cfg),
+        keyring=keyring, expect=secure_expectations(cfg), streams=int(d["streams"]),
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import AuthError, body, upload_body
+from fedagg.deploy._digest import ALGORITHMS
 from fedagg.deploy._engine import Item
 from fedagg.deploy._options import PROTOCOL
 from fedagg.deploy._partial import partial_dtype, partial_nbytes
@@ -130,6 +131,8 @@ class Children:
         why = None
         if len(origin.sha256) not in (0, 32) or (self.svc.opt.digest and not origin.sha256):
             why = "no client digest" if not origin.sha256 else "a malformed digest"
+        elif origin.digest_algorithm not in ("", *ALGORITHMS):
+            why = "an unknown digest algorithm"
         elif not origin.auth.signature or not origin.trailer_signature:
             why = "no client signature"
         else:
@@ -187,6 +190,7 @@ class Children:
         return pb.HelloReply(
             protocol=PROTOCOL, client_index=0, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=opt.chunk_bytes, digest=opt.digest,
+            digest_algorithm=opt.digest_algorithm,
         )  # fmt: skip
 
     async def tasks(self, call: Call, edge: str) -> None:

@@ -10,13 +10,12 @@ safe: the server acknowledges it without counting it again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,20 +25,21 @@ import numpy as np
 from fedagg.clients import Result, Task
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
-from fedagg.deploy._auth import ClientKey, Keyring, body, upload_body
+from fedagg.deploy._auth import ClientKey, Keyring, body
 from fedagg.deploy._calls import CALL_METADATA, CallTokens
 from fedagg.deploy._evalwire import parse_task_config, report_body
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._log import client_connected, client_retry, client_task, client_uploaded
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._probe import transport_mismatch
+from fedagg.deploy._push import PushPlan, push_update, stream_count
 from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
-from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
+from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk
 from fedagg.errors import ConfigError, FedaggError
 from fedagg.secagg import SecureExpectations
 
-__all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext", "upload_chunks"]
+__all__ = ["Client", "ClientError", "ClientReport", "Result", "TaskContext"]
 
 PROTOCOL = 1
 log = logging.getLogger("fedagg.client")
@@ -114,6 +114,8 @@ class Client:
             (:class:`fedagg.secagg.SecureExpectations`, :func:`client_from_config` builds them
             from the config): a round whose parameters fall short is refused. None: only the
             cohort size (>= 3) and the protocol's majority threshold are checked.
+        streams: split each upload across this many parallel streams (``[deploy] streams``;
+            0: one below 64 MiB, else 2), at most the server's ``max_streams``.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Client:
         channel: Any = None,
         keyring: Keyring | None = None,
         expect: SecureExpectations | None = None,
+        streams: int = 0,
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -151,6 +154,10 @@ class Client:
         self._stream: Any = None  # the open task stream
         #: secure aggregation rounds, checked against this keyring (the trusted PKI)
         self.secure = SecureJobs(key, keyring, expect)
+        if not 0 <= streams <= 64:
+            raise ConfigError("streams must be in [0, 64]")
+        self.streams = streams  # parallel streams per upload (0: by size); see _push.py
+        self.chunk, self.digest, self.digest_algorithm, self.max_streams = 0, True, "sha256", 0
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
 
     def run(self) -> ClientReport:
@@ -251,10 +258,18 @@ class Client:
         reply = pb.HelloReply.FromString(await self._retry("hello", call))
         self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
         self.index = reply.client_index
-        self.chunk = int(reply.chunk_bytes)
-        self.digest = bool(reply.digest)
+        self.upload_options(reply)
         client_connected(self.server, self.ca is not None, self.key.name, self.index,
                          self.spec.size, self.spec.nbytes)  # fmt: skip
+
+    def upload_options(self, reply: pb.HelloReply) -> None:
+        """How this client uploads, as the server's hello says: chunk size, digest and its
+        algorithm ("" is sha256: a server of before the choice), the most parallel streams
+        (0: a server of before them, one stream)."""
+        self.chunk = int(reply.chunk_bytes)
+        self.digest = bool(reply.digest)
+        self.digest_algorithm = str(reply.digest_algorithm) or "sha256"
+        self.max_streams = int(reply.max_streams)
 
     async def _loop(self) -> None:
         await self._hello()
@@ -487,17 +502,13 @@ class Client:
         self, t: pb.Task, delta: np.ndarray[Any, Any], weight: float, metrics: dict[str, float]
     ) -> pb.PushReply:
         data = delta.data.cast("B")
-        content = upload_body(t.task, t.version, weight, len(data), metrics)
-        auth = self._auth("Push", content)
-        head = pb.UploadHeader(
-            auth=auth, task=t.task, version=t.version, weight=weight, nbytes=len(data),
-            metrics=metrics,
-        )  # fmt: skip
-        chunks = upload_chunks(head.SerializeToString(), [data], self.chunk, self.digest,
-                               self.key, auth)  # fmt: skip
-        raw = await self._method("Push", "stream_unary")(chunks)
-        reply: pb.PushReply = pb.PushReply.FromString(raw)
-        return reply
+        streams = stream_count(len(data), delta.size, self.streams, self.max_streams)
+        if t.HasField("secagg"):  # a masked upload goes whole
+            streams = 1
+        plan = PushPlan(int(t.task), int(t.version), weight, metrics, self.chunk, self.digest,
+                        self.digest_algorithm, streams)  # fmt: skip
+        return await push_update(self._method("Push", "stream_unary"), self.key, self._auth,
+                                 data, delta.itemsize, plan)  # fmt: skip
 
 
 def eval_output(out: Any, what: str) -> tuple[float, dict[str, float]]:
@@ -520,33 +531,3 @@ def eval_output(out: Any, what: str) -> tuple[float, dict[str, float]]:
         else:
             metrics[str(k)] = x
     return weight, metrics
-
-
-async def upload_chunks(
-    head: bytes, buffers: list[memoryview], step: int, digest: bool, key: ClientKey, auth: Any
-) -> AsyncIterator[bytes]:
-    """An upload as Push messages: the header (with the first data chunk), the data in chunks
-    of ``step`` bytes taken from ``buffers`` in turn (no copy), then the trailer: the sha256
-    of every data byte (computed as the chunks go out; empty unless ``digest``) signed with
-    the header's signature."""
-    sha = hashlib.sha256() if digest else None
-    first = True
-    off = 0
-    for buf in buffers:
-        for lo in range(0, len(buf), step):
-            piece = buf[lo : lo + step]
-            if sha is not None:
-                sha.update(piece)
-            if first:
-                yield encode_chunk({}, piece, head)
-                first = False
-            else:
-                crash_point("client-upload")
-                yield encode_chunk({2: off}, piece)
-            off += len(piece)
-    if first:
-        yield encode_chunk({}, b"", head)
-    got = sha.digest() if sha is not None else b""
-    sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce, auth.signature + got)
-    yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=got, signature=sig)
-                       .SerializeToString())  # fmt: skip

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from fedagg.core.spec import ParamSpec
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, Keyring, body, edge_upload_body, upload_body
-from fedagg.deploy._client import PROTOCOL, RETRY, Client, ClientError, upload_chunks
+from fedagg.deploy._client import PROTOCOL, RETRY, Client, ClientError
 from fedagg.deploy._edge import EdgeEngine, Forward
 from fedagg.deploy._engine import ServerStats
 from fedagg.deploy._faults import crash_point
@@ -33,6 +33,7 @@ from fedagg.deploy._fed import Effects, TaskInfo
 from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import partial_buffers, partial_info
+from fedagg.deploy._push import upload_chunks
 from fedagg.deploy._secure import StageRequest, secure_body
 from fedagg.deploy._server import Server
 from fedagg.deploy._service import FederationService
@@ -71,8 +72,7 @@ class ParentLink(Client):
 
         reply = pb.HelloReply.FromString(await self._retry("hello", call))
         self.spec = ParamSpec.from_dict(json.loads(reply.spec_json))
-        self.chunk = int(reply.chunk_bytes)
-        self.digest = bool(reply.digest)
+        self.upload_options(reply)
         log.info("linked to the parent at %s (%s) as edge %s, serving %d clients", self.server,
                  "TLS" if self.ca is not None else "insecure", self.key.name, len(serves),
                  extra={"event": "linked", "parent": self.server})  # fmt: skip
@@ -149,8 +149,13 @@ class ParentLink(Client):
         return reply
 
     async def _stream_up(self, head: Any, auth: Any, buffers: list[memoryview]) -> pb.PushReply:
+        # a relay is hashed with its client's algorithm: the parent checks the bytes against
+        # the client's signed digest and this edge's trailer with that one hash
+        algorithm = self.digest_algorithm
+        if head.relay and head.origin.sha256:
+            algorithm = head.origin.digest_algorithm or "sha256"
         chunks = upload_chunks(head.SerializeToString(), buffers, self.chunk, self.digest,
-                               self.key, auth)  # fmt: skip
+                               self.key, auth, algorithm=algorithm)  # fmt: skip
         raw = await self._method("Push", "stream_unary")(chunks)
         reply: pb.PushReply = pb.PushReply.FromString(raw)
         return reply

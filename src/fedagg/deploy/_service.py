@@ -373,6 +373,7 @@ class FederationService:
         return pb.HelloReply(
             protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
+            digest_algorithm=self.opt.digest_algorithm,
             max_streams=self.opt.max_streams if hasattr(self.engine, "ingest") else 1,
         )  # fmt: skip
 
@@ -544,7 +545,8 @@ class FederationService:
             self.below.verify_origin(client, head.origin, head.task, head.version, head.weight,
                                 head.nbytes, metrics)  # fmt: skip
             origin = pb.Origin(auth=head.origin.auth, sha256=head.origin.sha256, metrics=metrics,
-                               trailer_signature=head.origin.trailer_signature)  # fmt: skip
+                               trailer_signature=head.origin.trailer_signature,
+                               digest_algorithm=head.origin.digest_algorithm)  # fmt: skip
             origin_sha = bytes(origin.sha256)
         else:
             client = self._auth("Push", head.auth, content)
@@ -597,7 +599,8 @@ class FederationService:
                 self.stats.receive_s += time.perf_counter() - t0
                 if origin is None:  # the client's own upload: its signatures are the origin
                     origin = pb.Origin(auth=head.auth, sha256=digest, trailer_signature=tsig,
-                                       metrics=metrics)  # fmt: skip
+                                       metrics=metrics,
+                                       digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
                 self.engine.keep_origin(client, head.task, origin.SerializeToString())
                 done = await self.log_arrival(client, head, path, digest, check, metrics, dim,
                                               lease)  # fmt: skip

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from fedagg.core import kernels
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import hold, parse
 from fedagg.deploy._auth import AuthError, Keyring
+from fedagg.deploy._digest import new_digest
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._ingest import Lease, chunk_peak, rollback
@@ -243,7 +243,9 @@ class Uploads:
         still running is left to end (the caller's :meth:`SpoolFile.discard` waits for it)."""
         dtype = np.dtype(dtype)
         total = head.nbytes if length is None else length
-        sha = hashlib.sha256() if self.opt.digest or origin_sha else None
+        # a relay is hashed with its client's algorithm (its header's Origin), else ours
+        algorithm = head.origin.digest_algorithm if origin_sha else self.opt.digest_algorithm
+        sha = new_digest(algorithm) if self.opt.digest or origin_sha else None
         xx = new_checksum()
         expect = start
         end = start + total
