@@ -128,13 +128,14 @@ def test_a_crash_point_kills_at_its_nth_pass_and_can_stall_first() -> None:
     assert out.count("other") >= 5  # the other thread ran during the stall
 
 
-def _cfg(rounds: int, clients: int) -> dict[str, object]:
+def _cfg(rounds: int, clients: int, durability: str = "fsync") -> dict[str, object]:
     return {
         "clients": clients,
         "rounds": rounds,
         "extra": {"model": {"name": "mlp", "hidden": [64]}},
         # 4 KiB chunks: a 19 KB update streams in 5 chunks, so "mid-upload" exists
-        "deploy": {"order": "canonical", "chunk_mib": 4096 / 2**20, "client_timeout": 60.0},
+        "deploy": {"order": "canonical", "chunk_mib": 4096 / 2**20, "client_timeout": 60.0,
+                   "durability": durability},  # fmt: skip
     }
 
 
@@ -230,14 +231,15 @@ def test_a_client_that_never_comes_back_is_dropped_and_rounds_go_on(tmp_path: Pa
         assert fed.final().version == 3
 
 
+@pytest.mark.parametrize("durability", ["fsync", "retained"])
 @pytest.mark.parametrize("point", ["logged", "upload-queued", "spooled"])
 def test_an_upload_acknowledged_or_not_before_a_crash_is_counted_once(
-    tmp_path: Path, point: str
+    tmp_path: Path, point: str, durability: str
 ) -> None:
     """A crash right after logging (the ack may be lost), between queuing and committing, or
     right after spooling (not yet logged): an upload acknowledged before the crash is still
     in the log after it, and a client's retry is counted exactly once either way."""
-    with federation(tmp_path, **_cfg(2, 2)) as fed:  # type: ignore[arg-type]
+    with federation(tmp_path, **_cfg(2, 2, durability)) as fed:  # type: ignore[arg-type]
         server = start_server(fed, env=_crash_at(point, 1))
         wait_listening(fed, server)
         cl = [start_client(fed, i, record_acks=True) for i in range(2)]

@@ -46,6 +46,7 @@ from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
 from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
+from fedagg.deploy._commit import Committer, cut_lost_tail, logged_files, settle
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
@@ -221,6 +222,17 @@ class Federation:
         #: writing checkpoints
         self.timings = {"log": 0.0, "policy": 0.0, "checkpoint": 0.0}
         self.checkpoints = 0  # written by this process
+        #: ``[deploy] durability`` (set before :meth:`open`, see :meth:`set_durability`); with
+        #: "retained", the committer of spool files and the watermark (:mod:`._commit`)
+        self.durability, self.sync_spools = "fsync", True
+        self.committer: Committer | None = None
+        self.cut = 0  # events cut from the log at the last open (lost in a power failure)
+
+    def set_durability(self, mode: str, sync: bool = True) -> None:
+        """Before :meth:`open`: "fsync", or "retained" (not under secure aggregation, whose
+        clients keep nothing: "fsync" then)."""
+        self.durability = "fsync" if self.secure_rounds else mode
+        self.sync_spools = sync
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -255,8 +267,10 @@ class Federation:
                     f"{RECOVERY_HINT}"
                 )
             self._checkpoint()
+            self._settle()
             return Effects()
         at, path = ckpts[0]
+        self.cut = cut_lost_tail(self.store, self.dir, at)  # "retained": lost in a power failure
         snap = loads(self.store.read_checkpoint(at))  # its sha256 checked against its record
         if not isinstance(snap, _Snapshot):
             raise StateError(f"{path} is not a federation checkpoint")
@@ -277,7 +291,13 @@ class Federation:
         effects.tasks = sorted(self.tasks.values(), key=lambda t: t.job)
         effects.timers = sorted((at, tag) for tag, at in self.timers.items())
         effects.finished = self.finished
+        self._settle()
         return effects
+
+    def _settle(self) -> None:
+        low, retained = min(self.tasks, default=self.next_job), self.durability == "retained"
+        self.committer = settle(self.store, self.dir, self.spool, self.seq, self.server.version,
+                                low, retained, self.sync_spools)  # fmt: skip
 
     def secure_dim(self, job: int) -> int | None:
         """The masked upload's length (uint32 words) of a secure round's job, else None."""
@@ -288,6 +308,8 @@ class Federation:
         forwards them, see :meth:`fedagg.deploy._edge.EdgeEngine.keep_origin`)."""
 
     def close(self) -> None:
+        if self.committer is not None:
+            self.committer.close()
         self.store.close()
 
     def warmup(self) -> None:
@@ -334,6 +356,8 @@ class Federation:
         rows, self.seq = self.store.log_batch(self.seq, events)
         for i in dup:  # secure replies already logged (or twice in this batch): duplicates
             rows.insert(i, None)
+        if self.committer is not None:  # "retained": their spools are synced in the background
+            self.committer.logged(self.seq, *logged_files(rows))
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
@@ -357,6 +381,10 @@ class Federation:
             mid = 0 < self.checkpoint_updates <= self._folds_since_ckpt
             if self._since_ckpt >= self.checkpoint_every or mid:
                 self._checkpoint()
+        if self.committer is not None:  # no new model version leaves before it is durable
+            vs = [t.version for t in effects.tasks] + [v for v, _ in effects.round_models.values()]
+            self.committer.barrier(self.applied, min(self.tasks, default=self.next_job), vs,
+                                   bool(effects.rounds) or effects.finished)  # fmt: skip
         return effects
 
     def ready(self) -> bool:
@@ -581,6 +609,8 @@ class Federation:
         crash_point("checkpoint")
         digest = hashlib.sha256(data).digest()  # what was written: no read back
         self.store.add_checkpoint(self.applied, str(path), self.server.version, digest)
+        if self.committer is not None:  # what it covers needs no spool fsync
+            self.committer.covered(self.applied)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for _, old in self.store.checkpoints()[1:]:

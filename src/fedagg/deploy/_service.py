@@ -11,8 +11,10 @@ falls behind, uploads wait for their acknowledgement and the clients slow down
 (backpressure).
 
 An upload is acknowledged only once it is durable: its spool file fsynced and renamed, its
-(client, job) key committed to the event log. Admission (call credentials, caps, request
-signatures, rate limits) is :mod:`fedagg.deploy._admission`, the receive path
+(client, job) key committed to the event log; or, with ``durability = "retained"``, once its
+key is committed, its spool synced in the background while the client keeps the update until
+the committed watermark covers it (:mod:`fedagg.deploy._commit`). Admission (call credentials,
+caps, request signatures, rate limits) is :mod:`fedagg.deploy._admission`, the receive path
 :mod:`fedagg.deploy._upload`, the edge aggregators below :mod:`fedagg.deploy._children`.
 """
 
@@ -111,6 +113,7 @@ class FederationService:
         self._base = 0.0
         self._start_sent = False
         self.accepted: set[tuple[int, int]] = set()  # (client, job) keys already logged
+        self.retained = False  # durability = "retained" in effect (see open)
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.keep_rounds = 100_000  # round stats kept in memory (all are in the state DB)
@@ -167,7 +170,11 @@ class FederationService:
         """Open the engine: what it says to do first, for :meth:`run`."""
         keep_large_buffers()
         loop = asyncio.get_running_loop()
+        durability = getattr(self.engine, "set_durability", None)  # the root's Federation
+        if durability is not None:
+            durability(self.opt.durability, self.opt.fsync)
         effects = await loop.run_in_executor(self._ex, self.engine.open)
+        self.retained = self.up.defer_sync = self._committer() is not None
         await loop.run_in_executor(self._ex, self.engine.warmup)
         self.accepted = await loop.run_in_executor(self._ex, self.engine.store.accepted_keys)
         self._base, self._mono0 = self.engine.now, time.monotonic()
@@ -230,6 +237,12 @@ class FederationService:
                 rows = await loop.run_in_executor(
                     self._ex, self.engine.log, [i.event for i in batch]
                 )
+                if self.retained and any(  # acknowledged as durable: synced first
+                    r is not None and r.upload is not None and not i.retain
+                    for i, r in zip(batch, rows, strict=True)
+                ):
+                    seq = max(r.seq for r in rows if r is not None)
+                    await loop.run_in_executor(self._ex, self._committer().flush, seq)
                 for item, row in zip(batch, rows, strict=True):
                     if row is not None:
                         for u in row.parts or ((row.upload,) if row.upload else ()):
@@ -249,6 +262,22 @@ class FederationService:
             log.exception("federation engine failed")
             self._failure = e
             self._done.set()
+
+    def _committer(self) -> Any:
+        """The engine's spool committer (``durability = "retained"``), or None."""
+        return getattr(self.engine, "committer", None)
+
+    def watermark(self) -> int:
+        """Every acknowledged upload of a job below this one is durable (0 without
+        ``durability = "retained"``: every acknowledged upload is)."""
+        c = self._committer()
+        return int(c.watermark) if c is not None else 0
+
+    def ack(self, task: int, duplicate: bool, retain: bool) -> pb.PushReply:
+        """An upload's acknowledgement (``retain``: the client keeps it until the watermark
+        is above ``task``)."""
+        return pb.PushReply(task=task, duplicate=duplicate, retain=retain,
+                            watermark=self.watermark() if retain else 0)  # fmt: skip
 
     def enqueue(self, kind: str, client: int | None = None, job: int | None = None,
                         tag: int | None = None) -> None:  # fmt: skip
@@ -296,7 +325,8 @@ class FederationService:
 
     def task_msg(self, t: TaskInfo) -> pb.Task:
         msg = pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
-                      client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+                      client=t.client, config=t.config or self.task_config(t.version),
+                      watermark=self.watermark())  # fmt: skip
         if t.secure is not None:  # the stage-0 request of its secure round rides on it
             r = t.secure
             msg.secagg.CopyFrom(pb.SecureStage(round=r.round, stage=0, payload=r.raw))
@@ -369,6 +399,7 @@ class FederationService:
         return pb.HelloReply(
             protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
+            retained=self.retained,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:
@@ -388,7 +419,8 @@ class FederationService:
         if s.drop is not None:
             s.drop.cancel()
             s.drop = loop.call_later(self.opt.client_timeout, self.drop, client)
-        return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
+        return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000),
+                                 watermark=self.watermark())  # fmt: skip
 
     async def _tasks(self, call: Call) -> None:
         edge: str | None = None
@@ -428,7 +460,7 @@ class FederationService:
             queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
         for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
             queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
-        queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
+        queue.put_nowait(pb.Task(heartbeat=True, watermark=self.watermark()))  # the open tasks' end
         if self.engine.finished:
             queue.put_nowait(pb.Task(finished=True))
         self.maybe_start()
@@ -437,7 +469,7 @@ class FederationService:
                 try:
                     msg = await asyncio.wait_for(queue.get(), self.opt.heartbeat)
                 except TimeoutError:
-                    msg = pb.Task(heartbeat=True)
+                    msg = pb.Task(heartbeat=True, watermark=self.watermark())
                 if msg is None:
                     return
                 await call.write(msg.SerializeToString())
@@ -544,6 +576,7 @@ class FederationService:
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay or merge")
         dim, dtype = upload_kind(self.engine, head)  # a plaintext or a masked update
+        retain = self.retained and keyring is self.keys and dim is None  # kept by its client
         duplicate = (client, head.task) in self.accepted
         problem = None if duplicate else self.engine.task_problem(client, head.task, head.version)
         if problem == "unknown":
@@ -574,7 +607,7 @@ class FederationService:
                 what = f"re-sent upload of accepted task {head.task}"
                 await self.up.read_unspooled(first, rest, head, dtype.itemsize, what)
                 self.stats.duplicates += 1
-                return pb.PushReply(task=head.task, duplicate=True)
+                return self.ack(head.task, True, retain)
             t0 = time.perf_counter()
             path, digest, check, tsig = await self.up.receive(
                 client, first, rest, head, dtype, keyring, origin_sha, finite=dim is None
@@ -591,13 +624,13 @@ class FederationService:
             )  # fmt: skip
             done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
             event = ("arrival", self.now(), client, head.task, None, upload)
-            await self.queue.put(Item(event, done))
+            await self.queue.put(Item(event, done, retain))
             row = await done
             if row is None:  # a concurrent retry won the race
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 self.stats.duplicates += 1
-                return pb.PushReply(task=head.task, duplicate=True)
+                return self.ack(head.task, True, retain)
             self.stats.uploads += 1
             self.progress.accepted(client, head.task, head.nbytes)
-            return pb.PushReply(task=head.task, duplicate=False)
+            return self.ack(head.task, False, retain)
