@@ -134,8 +134,12 @@ def _cfg(rounds: int, clients: int, durability: str = "fsync") -> dict[str, obje
         "rounds": rounds,
         "extra": {"model": {"name": "mlp", "hidden": [64]}},
         # 4 KiB chunks: a 19 KB update streams in 5 chunks, so "mid-upload" exists
-        "deploy": {"order": "canonical", "chunk_mib": 4096 / 2**20, "client_timeout": 60.0,
-                   "durability": durability},  # fmt: skip
+        "deploy": {
+            "order": "canonical",
+            "chunk_mib": 4096 / 2**20,
+            "client_timeout": 60.0,
+            "durability": durability,
+        },
     }
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import xxhash
 
-from fedagg.deploy._faults import on_power_loss
+from fedagg.deploy._faults import crash_point, on_power_loss
 from fedagg.deploy._spoolcheck import fsync_dir, verify_file
 from fedagg.deploy._store import EventRow, Store, UploadRow
 from fedagg.errors import StateError
@@ -198,6 +198,7 @@ class Committer:
                         return
                     batch = list(self._pending)
                 upto = batch[-1][0]
+                crash_point("commit")
                 sync_files([p for _, paths, _ in batch for p in paths], self.spool, self.sync)
                 with self._mark_lock:
                     write_mark(self.dir, upto, self.sync)

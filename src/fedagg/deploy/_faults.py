@@ -58,6 +58,7 @@ POINTS = (
     "fold",  # server: about to feed an arrival to the policy
     "applied",  # server: a round closed, before its checkpoint
     "checkpoint",  # server: checkpoint file written, not yet recorded
+    "commit",  # server, durability "retained": acknowledged spools about to be synced
     "client-upload",  # client: mid-way through pushing an update
     "edge-logged",  # edge aggregator: uploads logged (acks may not have gone out), not forwarded
     "edge-forwarded",  # edge aggregator: the parent acknowledged a forward, not yet recorded

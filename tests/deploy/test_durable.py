@@ -1,0 +1,173 @@
+"""``durability = "retained"`` with real processes: acknowledged before the spool is synced,
+kept by the client until the committed watermark covers it, sent again after a power loss.
+
+A power loss is simulated by the ``power`` fault (:mod:`fedagg.deploy._faults`): before the
+SIGKILL, every spool file the committer has not yet synced is deleted, emptied or cut in half.
+The restarted server must cut its log at the first such update, open those tasks again, and
+get the kept copies back from the clients (not retrained), ending with exactly the model of
+an uninterrupted run (canonical fold order), every update folded once.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedagg.deploy._commit import read_mark, write_mark
+from tests.deploy.harness import (
+    federation,
+    kill,
+    read_acks,
+    read_log,
+    read_retained,
+    run_all,
+    start_client,
+    start_server,
+    wait,
+    wait_listening,
+)
+
+ROUNDS, CLIENTS = 4, 3
+
+
+def _cfg(durability: str = "retained", **deploy: Any) -> dict[str, Any]:
+    return {
+        "clients": CLIENTS,
+        "rounds": ROUNDS,
+        "extra": {"model": {"name": "mlp", "hidden": [64]}},
+        "deploy": {
+            "order": "canonical",
+            "client_timeout": 60.0,
+            "durability": durability,
+            **deploy,
+        },
+    }
+
+
+def _db(state: Path) -> sqlite3.Connection:
+    return sqlite3.connect(state / "state.db")
+
+
+def _trained(text: str) -> list[int]:
+    """The tasks a client's log says it trained (one line per training)."""
+    return [int(t) for t in re.findall(r"task (\d+): train from", text)]
+
+
+def test_a_power_loss_cuts_the_log_and_the_clients_send_their_kept_updates(
+    tmp_path: Path,
+) -> None:
+    """The committer stalls before its first pass, then the power fails: round 1's uploads
+    were all acknowledged ("retain") and logged, and the round closed in memory, but its new
+    model waits for them to be synced (checkpoints every 2 rounds: no checkpoint covers them).
+    The restarted server cuts the updates it lost, and their clients send their kept copies
+    again, untrained."""
+    with federation(tmp_path / "ref", **_cfg("fsync")) as fed:
+        run_all(fed, timeout=120)
+        ref = np.asarray(fed.final().params)
+    with federation(tmp_path / "run", **_cfg(checkpoint_every=2)) as fed:
+        server = start_server(fed, env={"FEDAGG_CRASH_AT": "commit:1:1.5:power"})
+        wait_listening(fed, server)
+        cl = [start_client(fed, i, args=("--retry-for", "120"), record_acks=True)
+              for i in range(CLIENTS)]  # fmt: skip
+        assert wait(server, 120) == -9, read_log(fed)
+        lost = read_log(fed)
+        assert "power loss (fault injection)" in lost, lost
+        server = start_server(fed, log="server-2.log")
+        assert wait(server, 120) == 0, read_log(fed, "server-2.log")
+        for i, c in enumerate(cl):
+            assert wait(c, 60) == 0, read_log(fed, f"client-{i}.log")
+        after = read_log(fed, "server-2.log")
+        logs = [(fed.dir / f"client-{i}.log").read_text() for i in range(CLIENTS)]
+        with _db(fed.state) as db:
+            keys = [(c, j) for c, j in db.execute("SELECT client, job FROM uploads")]
+            folded = [r[0] for r in db.execute("SELECT folded FROM rounds ORDER BY round")]
+        acked = {(c, t) for c, t, _ in read_acks(fed)}
+        final = fed.final()
+    assert "cut from the log" in after, after  # something acknowledged was lost, and cut
+    assert any("sending the kept update" in t for t in logs), logs
+    for i, text in enumerate(logs):  # no task trained twice: the kept copy was sent instead
+        trained = _trained(text)
+        assert len(trained) == len(set(trained)), (i, trained)
+    assert len(keys) == len(set(keys)) == ROUNDS * CLIENTS  # each update logged once
+    assert acked == set(keys)  # every acknowledged update is in the log
+    assert folded == [CLIENTS] * ROUNDS  # and folded into its round once
+    assert final.version == ROUNDS
+    assert np.array_equal(final.params, ref)
+    for client, seen in read_retained(fed).items():  # the watermark never decreased
+        marks = [w for _, w in seen]
+        assert marks == sorted(marks), (client, seen)
+        assert all(w <= task for task, w in seen), (client, seen)  # a kept task is above it
+
+
+def test_retained_acknowledges_before_the_sync_and_the_watermark_covers_every_round(
+    tmp_path: Path,
+) -> None:
+    """Without a crash: every upload is acknowledged as "retain", the watermark rises round
+    after round, and the run is the one an "fsync" server gives."""
+    with federation(tmp_path / "ref", **_cfg("fsync")) as fed:
+        run_all(fed, timeout=120)
+        ref = np.asarray(fed.final().params)
+    with federation(tmp_path / "run", **_cfg()) as fed:
+        server = start_server(fed)
+        wait_listening(fed, server)
+        cl = [start_client(fed, i, record_acks=True) for i in range(CLIENTS)]
+        assert wait(server, 120) == 0, read_log(fed)
+        for c in cl:
+            assert wait(c, 60) == 0
+        seen = read_retained(fed)
+        assert np.array_equal(fed.final().params, ref)
+        with _db(fed.state) as db:
+            last = int(db.execute("SELECT max(seq) FROM events").fetchone()[0])
+        assert read_mark(fed.state) == last  # everything synced by the end
+    assert sum(len(v) for v in seen.values()) == ROUNDS * CLIENTS
+    for client, acks in seen.items():
+        marks = [w for _, w in acks]
+        assert marks == sorted(marks) and marks[-1] > marks[0], (client, acks)
+
+
+def _alter(path: Path) -> None:
+    a = np.fromfile(path, np.float32)
+    a[len(a) // 2] += 0.25  # still finite: only the checksum can tell
+    a.tofile(path)
+
+
+def test_a_corrupted_synced_spool_is_refused_and_an_unsynced_one_is_cut(tmp_path: Path) -> None:
+    """After a kill with round 1's uploads logged: a spool at or before the mark (synced) that
+    does not match its row is corruption, refused (exit 3) as with "fsync"; after the mark it
+    is what a power loss leaves, and the log is cut there."""
+    with federation(tmp_path, **_cfg()) as fed:
+        server = start_server(fed, env={"FEDAGG_CRASH_AT": f"fold:{CLIENTS}"})
+        wait_listening(fed, server)
+        clients = [start_client(fed, i) for i in range(CLIENTS)]
+        assert wait(server, 120) == -9, read_log(fed)
+        for c in clients:
+            kill(c)
+        with _db(fed.state) as db:
+            rows = db.execute("SELECT seq, path FROM uploads ORDER BY seq").fetchall()
+            last = int(db.execute("SELECT max(seq) FROM events").fetchone()[0])
+        assert len(rows) == CLIENTS
+        (_, first), (seq, target), _ = rows
+        original = Path(target).read_bytes()
+        _alter(Path(target))
+        write_mark(fed.state, last)  # the committer had synced them all
+        p = start_server(fed, log="server-synced.log")
+        assert wait(p, 60) == 3, read_log(fed, "server-synced.log")
+        out = read_log(fed, "server-synced.log")
+        assert target in out and "corrupted" in out and "Traceback" not in out, out
+        write_mark(fed.state, 0)  # nothing synced: the file is what a power loss left
+        p = start_server(fed, log="server-cut.log")
+        wait_listening(fed, p, log="server-cut.log")
+        kill(p)
+        out = read_log(fed, "server-cut.log")
+        assert f"from seq {seq} on" in out and "cut from the log" in out, out
+        with _db(fed.state) as db:
+            left = [r[0] for r in db.execute("SELECT path FROM uploads ORDER BY seq")]
+            head = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()[0]
+        assert left == [first]  # the first update stays, the rest is cut
+        assert head.startswith(f"{seq - 1}:")
+        assert not Path(target).exists()
+        assert original  # (the corrupted one was removed with the cut)
