@@ -134,6 +134,8 @@ class Committer:
     def logged(self, seq: int, paths: Sequence[str], jobs: Sequence[int]) -> None:
         """Events up to ``seq`` are committed to the log, with these spool files and jobs."""
         with self._cv:
+            if seq <= self.durable:  # (a checkpoint covers them already)
+                return
             self._pending.append((seq, tuple(paths), tuple(jobs)))
             self._update()
             self._cv.notify_all()
