@@ -18,6 +18,7 @@ import pytest
 
 from fedagg.deploy._commit import write_mark
 from tests.deploy.harness import (
+    Fed,
     federation,
     kill,
     read_log,
@@ -106,9 +107,30 @@ def test_a_corrupted_spool_file_is_refused_at_restart(
             assert "Traceback" not in out, (name, out)
             assert _rounds(fed.state) == 0, name  # nothing folded into a closed round
             assert not (fed.state / "final.npz").exists()
+        if durability == "retained":
+            _unsynced_is_cut(fed, paths, target)
+            return
         # the file restored (from a backup): the server starts again
         target.write_bytes(original)
         p = start_server(fed, log="server-restored.log")
         wait_listening(fed, p, log="server-restored.log")
         kill(p)
         assert p.returncode is not None and p.returncode != 3
+
+
+def _unsynced_is_cut(fed: Fed, paths: list[str], target: Path) -> None:
+    """Under "retained", the same bad file after the mark (not yet synced) is what a power
+    loss leaves: the log is cut there (and its chain's head reset), the server starts."""
+    with sqlite3.connect(fed.state / "state.db") as db:
+        seq = db.execute("SELECT seq FROM uploads WHERE path = ?", (str(target),)).fetchone()[0]
+    write_mark(fed.state, 0)  # nothing synced
+    p = start_server(fed, log="server-cut.log")
+    wait_listening(fed, p, log="server-cut.log")
+    kill(p)
+    out = read_log(fed, "server-cut.log")
+    assert f"from seq {seq} on" in out and "cut from the log" in out, out
+    with sqlite3.connect(fed.state / "state.db") as db:
+        head = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()[0]
+    assert _spooled(fed.state) == paths[:1]  # the first update stays, the rest is cut
+    assert head.startswith(f"{seq - 1}:")
+    assert not target.exists() and not Path(paths[2]).exists()
