@@ -93,6 +93,7 @@ class Kept:
     version: int
     epochs: int
     config: str
+    stream: int  # the task stream it was given on (a task listed twice on one is not lost)
     delta: np.ndarray[Any, Any]
     weight: float
     metrics: dict[str, float]
@@ -171,6 +172,7 @@ class Client:
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
         #: updates acknowledged as "retain", by task, until a watermark is above the task
         self.kept: dict[int, Kept] = {}
+        self._streams = 0  # task streams opened
 
     def run(self) -> ClientReport:
         return asyncio.run(self.run_async())
@@ -285,6 +287,7 @@ class Client:
                 req = pb.TasksRequest(auth=self._auth("Tasks", body()))
                 stream = self._method("Tasks", "unary_stream")(req.SerializeToString())
                 self._stream = stream
+                self._streams += 1
                 async for raw in stream:
                     start, delay = time.monotonic(), 0.05
                     t = pb.Task.FromString(raw)
@@ -299,8 +302,9 @@ class Client:
                         await self._stage(t)  # a stage request of a secure round
                         continue
                     if t.task in done:
-                        if t.task in self.kept:  # the server lost it: send the kept update
-                            await self._resend(t)
+                        kept = self.kept.get(t.task)
+                        if kept is not None and kept.stream < self._streams:  # the server
+                            await self._resend(t)  # lost it: send the kept update
                         continue
                     if t.HasField("secagg"):  # trains while the round's stages go on
                         done.add(t.task)
@@ -400,7 +404,8 @@ class Client:
         if reply.retain and reply.watermark <= t.task:
             if not delta.flags.owndata:  # (a view of the train function's arrays)
                 delta = delta.copy()
-            self.kept[t.task] = Kept(t.version, t.epochs, t.config, delta, weight, metrics)
+            self.kept[t.task] = Kept(t.version, t.epochs, t.config, self._streams, delta, weight,
+                                     metrics)  # fmt: skip
         self._covered(reply.watermark)
 
     def _covered(self, watermark: int) -> None:

@@ -4,11 +4,15 @@ With ``[deploy] durability = "retained"`` an upload is acknowledged once its eve
 to the log (SQLite, fsynced), its spool file written but not yet fsynced; the acknowledgement
 says ``retain``: the client keeps the update. A :class:`Committer` thread fsyncs the written
 spool files in the background, all that are waiting in one pass (then the spool directory,
-for their renames), then records how far the log is covered in the *mark file* (``synced``:
-the last event seq whose spool, and every one before it, is on disk). Only then does the
-watermark advance: the lowest job among the open tasks and the events logged after the
-mark. Every acknowledged upload of a job below the watermark is durable, and it never
-decreases, across restarts too (a restart can only reopen jobs of events after the mark).
+for their renames), then records in the *mark file* (``synced``) how far the log is covered
+(the last event seq whose spool, and every one before it, is on disk) and the new
+watermark: the lowest job of an open task or of an event logged after the mark; only then is
+the watermark sent. Every acknowledged upload of a job below it is durable, and it never
+decreases, across restarts too: a restart resumes from the recorded one, and can only reopen
+the jobs of events after the mark, which are not below it. An upload of a job below it (a
+task already closed, whose arrival the policy refuses) is synced before it is acknowledged
+(:meth:`Committer.logged` says which). An open task holds the watermark back: while a
+straggler trains, the other clients keep their acknowledged updates.
 
 A checkpoint covers what it folded: its events need no spool fsync (:meth:`covered`).
 
@@ -18,7 +22,7 @@ mark and the newest checkpoint; those jobs are open again and their clients push
 they kept. A file at or before the mark that does not match its log row is corruption, and
 refused as in ``"fsync"`` mode.
 
-The mark is 16 bytes written in place (one sector): the seq and its xxh64.
+The mark is 24 bytes written in place (one sector): the seq, the watermark and their xxh64.
 """
 
 from __future__ import annotations
@@ -48,26 +52,27 @@ log = logging.getLogger("fedagg.server")
 MARK = "synced"
 
 
-def read_mark(d: Path) -> int | None:
-    """The seq recorded in ``d``'s mark file; None if there is none (``"fsync"`` mode), 0 if
-    it is unreadable (then nothing is known to be synced past the checkpoint)."""
+def read_mark(d: Path) -> tuple[int, int] | None:
+    """The seq and watermark recorded in ``d``'s mark file; None if there is none (``"fsync"``
+    mode), (0, 0) if it is unreadable (nothing is known to be synced past the checkpoint)."""
     try:
         data = (d / MARK).read_bytes()
     except FileNotFoundError:
         return None
-    if len(data) != 16:
-        return 0
-    seq, check = struct.unpack("<QQ", data)
-    return int(seq) if xxhash.xxh64_intdigest(data[:8]) == check else 0
+    if len(data) != 24:
+        return 0, 0
+    seq, watermark, check = struct.unpack("<QQQ", data)
+    return (int(seq), int(watermark)) if xxhash.xxh64_intdigest(data[:16]) == check else (0, 0)
 
 
-def write_mark(d: Path, seq: int, sync: bool = True) -> None:
-    """Record ``seq`` in ``d``'s mark file (created, and the directory synced, if new)."""
+def write_mark(d: Path, seq: int, watermark: int = 0, sync: bool = True) -> None:
+    """Record ``seq`` and ``watermark`` in ``d``'s mark file (created, and the directory
+    synced, if new)."""
     path = d / MARK
     new = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        head = struct.pack("<Q", seq)
+        head = struct.pack("<QQ", seq, watermark)
         os.pwrite(fd, head + struct.pack("<Q", xxhash.xxh64_intdigest(head)), 0)
         if sync:
             os.fsync(fd)
@@ -86,7 +91,7 @@ def remove_mark(d: Path) -> None:
 def sync_files(paths: Sequence[str], spool: Path, sync: bool = True) -> None:
     """fsync each file (one gone was recycled after a checkpoint: nothing to do), then the
     spool directory (their renames)."""
-    if not sync:
+    if not sync or not paths:
         return
     for p in paths:
         try:
@@ -110,7 +115,7 @@ class Committer:
     fsynced, the mark and the watermark advance all the same (durable across a crash of the
     process only)."""
 
-    def __init__(self, directory: Path, spool: Path, seq: int, low_open: int, version: int,
+    def __init__(self, directory: Path, spool: Path, seq: int, low: int, version: int,
                  sync: bool = True) -> None:  # fmt: skip
         self.dir, self.spool, self.sync = directory, spool, sync
         self._cv = threading.Condition()
@@ -118,33 +123,36 @@ class Committer:
         #: events logged after the mark, in log order: (seq, spool paths, jobs)
         self._pending: list[tuple[int, tuple[str, ...], tuple[int, ...]]] = []
         self.durable = seq  # every event up to this seq is durable
-        self._open = low_open
-        self.watermark = low_open
+        self._next = low
+        self.watermark = low  # sent only once recorded in the mark
         self.exposed = version  # the newest model version that has left the engine
         self._error: BaseException | None = None
         self._stop = False
         self.passes = 0  # fsync passes done (each covers every file waiting)
         self.files = 0  # files fsynced
-        write_mark(directory, seq, sync)
+        write_mark(directory, seq, low, sync)
         on_power_loss(self._lose_unsynced)
         self._thread = threading.Thread(target=self._run, name="fedagg-commit", daemon=True)
         self._thread.start()
 
     # -- the engine thread -------------------------------------------------------------------
-    def logged(self, seq: int, paths: Sequence[str], jobs: Sequence[int]) -> None:
-        """Events up to ``seq`` are committed to the log, with these spool files and jobs."""
+    def logged(self, seq: int, paths: Sequence[str], jobs: Sequence[int]) -> set[int]:
+        """Events up to ``seq`` are committed to the log, with these spool files and jobs.
+        Returns the jobs below the watermark: their uploads must be synced (:meth:`flush`)
+        before they are acknowledged (their clients would not keep them)."""
         with self._cv:
             if seq <= self.durable:  # (a checkpoint covers them already)
-                return
+                return set()
+            late = {j for j in jobs if j < self.watermark}
             self._pending.append((seq, tuple(paths), tuple(jobs)))
-            self._update()
             self._cv.notify_all()
+            return late
 
     def opened(self, low: int) -> None:
-        """Every open task's job is >= ``low`` (and so is every job dispatched from now on)."""
+        """Every open task's job, and every job dispatched from now on, is >= ``low``."""
         with self._cv:
-            self._open = max(self._open, low)
-            self._update()
+            self._next = max(self._next, low)
+            self._cv.notify_all()
 
     def covered(self, seq: int) -> None:
         """A checkpoint (durable) covers the events up to ``seq``: their files need no fsync."""
@@ -180,35 +188,35 @@ class Committer:
     def _advance(self, seq: int) -> None:
         self.durable = max(self.durable, seq)
         self._pending = [p for p in self._pending if p[0] > self.durable]
-        self._update()
 
-    def _update(self) -> None:
-        """The watermark: the lowest open job and job of an event after the mark (never
-        lower than it was: see the module docstring for why it need not be)."""
+    def _candidate(self) -> int:
+        """The watermark the log allows now: the lowest job of an open task or of an event
+        after the mark (never lower than the one sent)."""
         low = min((j for _, _, jobs in self._pending for j in jobs), default=math.inf)
-        w = min(self._open, low)
-        if w > self.watermark:
-            self.watermark = int(w)
+        return int(max(self.watermark, min(self._next, low)))
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._pending and not self._stop:
+                    while not (self._pending or self._stop or self._candidate() > self.watermark):
                         self._cv.wait()
                     if self._stop:
                         return
                     batch = list(self._pending)
-                upto = batch[-1][0]
-                crash_point("commit")
+                upto = batch[-1][0] if batch else self.durable
+                if batch:
+                    crash_point("commit")
                 sync_files([p for _, paths, _ in batch for p in paths], self.spool, self.sync)
-                with self._mark_lock:
-                    write_mark(self.dir, upto, self.sync)
-                    with self._cv:
-                        self.passes += 1
-                        self.files += sum(len(p) for _, p, _ in batch)
-                        self._advance(upto)
-                        self._cv.notify_all()
+                # recorded, then sent; logged() waits meanwhile (it judges late uploads by it)
+                with self._mark_lock, self._cv:
+                    self._advance(upto)
+                    w = self._candidate()
+                    write_mark(self.dir, self.durable, w, self.sync)
+                    self.watermark = w
+                    self.passes += 1
+                    self.files += sum(len(p) for _, p, _ in batch)
+                    self._cv.notify_all()
         except BaseException as e:  # a disk error: flushes fail, the watermark stops
             log.exception("the spool committer failed")
             with self._cv:
@@ -248,17 +256,18 @@ def logged_files(rows: Sequence[EventRow | None]) -> tuple[list[str], list[int]]
     return paths, jobs
 
 
-def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> int:
+def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> list[int]:
     """Recovery, before the replay: if a mark file says spools may be unsynced, find the first
     event after the mark and the newest ``checkpoint`` whose spool is missing or does not
     match its log row (lost in a power failure), and cut the log there (with the spool files
-    of the events cut). Returns how many events were cut."""
+    of the events cut). Returns the jobs of the events cut."""
     mark = read_mark(directory)
     if mark is None:
-        return 0
+        return []
     bad: int | None = None
     lost: list[str] = []
-    for row in store.events_after(max(checkpoint, mark)):
+    jobs: list[int] = []
+    for row in store.events_after(max(checkpoint, mark[0])):
         for u in _files(row):
             if bad is None:
                 try:
@@ -267,8 +276,10 @@ def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> int:
                     bad = row.seq
             if bad is not None and u.path:
                 lost.append(u.path)
+        if bad is not None:
+            jobs += [u.job for u in row.parts] or ([row.job] if row.job is not None else [])
     if bad is None:
-        return 0
+        return []
     n = store.truncate(bad)
     for p in lost:
         with contextlib.suppress(OSError):
@@ -279,18 +290,21 @@ def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> int:
         "open again and their clients send the copies they kept",
         n, bad,
     )  # fmt: skip
-    return n
+    return jobs
 
 
 def settle(store: Store, directory: Path, spool: Path, seq: int, version: int, low_open: int,
            retained: bool, sync: bool) -> Committer | None:  # fmt: skip
     """Recovery, after the replay: the spools the log still needs are synced now (a crash may
-    have left them in the page cache only); then a :class:`Committer` for ``"retained"``, or
-    the mark file removed for ``"fsync"`` (every upload is then synced before it is logged)."""
-    if read_mark(directory) is None and not retained:
+    have left them in the page cache only); then a :class:`Committer` for ``"retained"``
+    whose watermark resumes from the recorded one (the lowest open job without one), or the
+    mark file removed for ``"fsync"`` (every upload is then synced before it is logged)."""
+    mark = read_mark(directory)
+    if mark is None and not retained:
         return None
     sync_files(store.spooled_through(seq), spool, sync)
     if retained:
-        return Committer(directory, spool, seq, low_open, version, sync)
+        low = low_open if mark is None else min(mark[1], low_open)
+        return Committer(directory, spool, seq, low, version, sync)
     remove_mark(directory)
     return None

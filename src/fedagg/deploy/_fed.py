@@ -226,7 +226,10 @@ class Federation:
         #: "retained", the committer of spool files and the watermark (:mod:`._commit`)
         self.durability, self.sync_spools = "fsync", True
         self.committer: Committer | None = None
-        self.cut = 0  # events cut from the log at the last open (lost in a power failure)
+        self.cut: list[int] = []  # jobs cut from the log at the last open (a power failure)
+        #: "retained": jobs of the last logged batch whose uploads are synced before their
+        #: acknowledgement (below the watermark: their clients would not keep them)
+        self.late: set[int] = set()
 
     def set_durability(self, mode: str, sync: bool = True) -> None:
         """Before :meth:`open`: "fsync", or "retained" (not under secure aggregation, whose
@@ -357,7 +360,7 @@ class Federation:
         for i in dup:  # secure replies already logged (or twice in this batch): duplicates
             rows.insert(i, None)
         if self.committer is not None:  # "retained": their spools are synced in the background
-            self.committer.logged(self.seq, *logged_files(rows))
+            self.late = self.committer.logged(self.seq, *logged_files(rows))
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows

@@ -237,12 +237,14 @@ class FederationService:
                 rows = await loop.run_in_executor(
                     self._ex, self.engine.log, [i.event for i in batch]
                 )
-                if self.retained and any(  # acknowledged as durable: synced first
-                    r is not None and r.upload is not None and not i.retain
-                    for i, r in zip(batch, rows, strict=True)
-                ):
-                    seq = max(r.seq for r in rows if r is not None)
-                    await loop.run_in_executor(self._ex, self._committer().flush, seq)
+                if self.retained:  # acknowledged as durable (or below the watermark): sync
+                    late: set[int] = getattr(self.engine, "late", set())
+                    for i, r in zip(batch, rows, strict=True):
+                        i.retain = i.retain and r is not None and r.job not in late
+                    if any(r is not None and r.upload is not None and not i.retain
+                           for i, r in zip(batch, rows, strict=True)):  # fmt: skip
+                        seq = max(r.seq for r in rows if r is not None)
+                        await loop.run_in_executor(self._ex, self._committer().flush, seq)
                 for item, row in zip(batch, rows, strict=True):
                     if row is not None:
                         for u in row.parts or ((row.upload,) if row.upload else ()):
@@ -483,7 +485,9 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, drop)
 
     def _open_tasks_of(self, clients: set[int]) -> list[TaskInfo]:
-        return sorted((t for t in self.engine.tasks.values() if t.client in clients),
+        """Their open tasks, but for one whose upload is logged (not yet stepped)."""
+        return sorted((t for t in self.engine.tasks.values()
+                       if t.client in clients and (t.client, t.job) not in self.accepted),
                       key=lambda t: t.job)  # fmt: skip
 
     async def _pull(self, call: Call) -> None:
@@ -624,7 +628,7 @@ class FederationService:
             )  # fmt: skip
             done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
             event = ("arrival", self.now(), client, head.task, None, upload)
-            await self.queue.put(Item(event, done, retain))
+            await self.queue.put(item := Item(event, done, retain))
             row = await done
             if row is None:  # a concurrent retry won the race
                 with contextlib.suppress(FileNotFoundError):
@@ -633,4 +637,4 @@ class FederationService:
                 return self.ack(head.task, True, retain)
             self.stats.uploads += 1
             self.progress.accepted(client, head.task, head.nbytes)
-            return self.ack(head.task, False, retain)
+            return self.ack(head.task, False, item.retain)  # (synced first if below the mark)
