@@ -485,9 +485,11 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, drop)
 
     def _open_tasks_of(self, clients: set[int]) -> list[TaskInfo]:
-        """Their open tasks, but for one whose upload is logged (not yet stepped)."""
+        """Their open tasks ("retained": but for one whose upload is logged, not yet stepped,
+        which its client would send again)."""
+        skip = self.accepted if self.retained else set()
         return sorted((t for t in self.engine.tasks.values()
-                       if t.client in clients and (t.client, t.job) not in self.accepted),
+                       if t.client in clients and (t.client, t.job) not in skip),
                       key=lambda t: t.job)  # fmt: skip
 
     async def _pull(self, call: Call) -> None:
