@@ -39,6 +39,7 @@ from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._probe import transport_mismatch
 from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
+from fedagg.deploy._store import checksum
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from fedagg.errors import ConfigError, FedaggError
 from fedagg.secagg import SecureExpectations
@@ -94,7 +95,8 @@ class Kept:
     epochs: int
     config: str
     stream: int  # the task stream it was given on (a task listed twice on one is not lost)
-    delta: np.ndarray[Any, Any]
+    delta: np.ndarray[Any, Any]  # not copied: checked against ``check`` before it is re-sent
+    check: bytes
     weight: float
     metrics: dict[str, float]
 
@@ -402,10 +404,8 @@ class Client:
               metrics: dict[str, float]) -> None:  # fmt: skip
         """Keep an update acknowledged as "retain" until a watermark is above its task."""
         if reply.retain and reply.watermark <= t.task:
-            if not delta.flags.owndata:  # (a view of the train function's arrays)
-                delta = delta.copy()
-            self.kept[t.task] = Kept(t.version, t.epochs, t.config, self._streams, delta, weight,
-                                     metrics)  # fmt: skip
+            self.kept[t.task] = Kept(t.version, t.epochs, t.config, self._streams, delta,
+                                     checksum(delta.data.cast("B")), weight, metrics)  # fmt: skip
         self._covered(reply.watermark)
 
     def _covered(self, watermark: int) -> None:
@@ -418,7 +418,8 @@ class Client:
         before it was synced). Sent again as it was, not trained again (a different task under
         the same id, which should not happen, is trained)."""
         k = self.kept.pop(t.task)
-        if (k.version, k.epochs, k.config) != (t.version, t.epochs, t.config):
+        same = (k.version, k.epochs, k.config) == (t.version, t.epochs, t.config)
+        if not same or checksum(k.delta.data.cast("B")) != k.check:  # (its arrays reused)
             await self._do(t)
             return
         log.info("task %d: given again (the server lost the upload): sending the kept update",
