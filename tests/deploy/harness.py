@@ -149,8 +149,9 @@ def start_server(
     return p
 
 
-# ``fedagg client`` that appends "client task duplicate" to $FEDAGG_TEST_ACKS for every
-# upload the server acknowledged, once the acknowledgement is in (nothing else changes)
+# ``fedagg client`` that appends "client task duplicate retain watermark" to $FEDAGG_TEST_ACKS
+# for every upload the server acknowledged, once the acknowledgement is in (nothing else
+# changes)
 _RECORD_ACKS = """
 import os, sys
 from fedagg.deploy import _client
@@ -160,7 +161,8 @@ _push = _client.Client._push
 async def _push_and_record(self, t, *args):
     reply = await _push(self, t, *args)
     with open(os.environ["FEDAGG_TEST_ACKS"], "a") as f:
-        f.write(f"{self.index} {t.task} {int(reply.duplicate)}\\n")
+        f.write(f"{self.index} {t.task} {int(reply.duplicate)} {int(reply.retain)} "
+                f"{reply.watermark}\\n")
     return reply
 
 _client.Client._push = _push_and_record
@@ -230,8 +232,20 @@ def read_acks(fed: Fed) -> list[tuple[int, int, bool]]:
         text = p.read_text() if p.exists() else ""
         for line in text.splitlines(keepends=True):
             if line.endswith("\n"):
-                c, t, d = line.split()
+                c, t, d = line.split()[:3]
                 out.append((int(c), int(t), d == "1"))
+    return out
+
+
+def read_retained(fed: Fed) -> dict[int, list[tuple[int, int]]]:
+    """By client, in order: ``(task, watermark)`` of each acknowledgement that said "retain"."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i in range(len(fed.names)):
+        p = acks_path(fed, i)
+        for line in (p.read_text() if p.exists() else "").splitlines(keepends=True):
+            f = line.split()
+            if line.endswith("\n") and len(f) == 5 and f[3] == "1":
+                out.setdefault(int(f[0]), []).append((int(f[1]), int(f[4])))
     return out
 
 

@@ -39,15 +39,17 @@ from tests.deploy.harness import (
     wait_listening,
 )
 
-SERVER_POINTS = [p for p in POINTS if not p.startswith(("client", "edge"))]
+# ("commit": the committer of durability = "retained", about to sync acknowledged spools)
+SERVER_POINTS = [p for p in POINTS if not p.startswith(("client", "edge")) and p != "commit"]
 STALL = 60.0  # seconds without a newly accepted upload: stuck (normal pauses <= ~11 s here)
 
 
-def _crash_at(point: str, nth: int) -> dict[str, str]:
+def _crash_at(point: str, nth: int, power: bool = False) -> dict[str, str]:
     # at "upload-queued" the commit stalls a moment before the kill, as a slow disk would:
-    # whatever the server does meanwhile (an acknowledgement sent too early) gets out
-    stall = ":0.3" if point == "upload-queued" else ""
-    return {"FEDAGG_CRASH_AT": f"{point}:{nth}{stall}"}
+    # whatever the server does meanwhile (an acknowledgement sent too early) gets out.
+    # ``power``: a power loss (what the committer had not synced is lost first)
+    stall = ":0.3" if point in ("upload-queued", "commit") else (":0" if power else "")
+    return {"FEDAGG_CRASH_AT": f"{point}:{nth}{stall}" + (":power" if power else "")}
 
 
 def _logged(fed: Fed) -> set[tuple[int, int]] | None:
@@ -62,13 +64,15 @@ def _logged(fed: Fed) -> set[tuple[int, int]] | None:
         return None
 
 
-def _check_acks(fed: Fed) -> set[tuple[int, int]] | None:
+def _check_acks(fed: Fed, kept: bool = False) -> set[tuple[int, int]] | None:
     """Every upload a client has seen acknowledged is in the server's log (read after the
-    acknowledgements: each was recorded after its commit). Returns the log's keys."""
+    acknowledgements: each was recorded after its commit). Returns the log's keys. ``kept``:
+    a power loss may have cut acknowledged ("retain") uploads, which their clients send again:
+    checked at the end only."""
     acked = {(c, t) for c, t, _ in read_acks(fed)}
     logged = _logged(fed)
-    if logged is None:
-        return None
+    if logged is None or kept:
+        return logged
     lost = sorted(acked - logged)
     assert not lost, (
         f"{len(lost)} upload(s) acknowledged to their clients are not in the server's log, "
@@ -78,13 +82,15 @@ def _check_acks(fed: Fed) -> set[tuple[int, int]] | None:
     return logged
 
 
-def _supervise(fed: Fed, server: subprocess.Popen[bytes], timeout: float) -> int:
+def _supervise(
+    fed: Fed, server: subprocess.Popen[bytes], timeout: float, kept: bool = False
+) -> int:
     """Wait for the server to exit and return its code, checking every 0.2 s that no
     acknowledged upload is missing from its log and that uploads keep being accepted."""
     t0 = time.monotonic()
     seen, progress = -1, t0
     while (rc := server.poll()) is None:
-        logged = _check_acks(fed)
+        logged = _check_acks(fed, kept)
         now = time.monotonic()
         if logged is not None and len(logged) != seen:
             seen, progress = len(logged), now
@@ -98,7 +104,7 @@ def _supervise(fed: Fed, server: subprocess.Popen[bytes], timeout: float) -> int
                 f"\n{read_log(fed)}"
             )
         time.sleep(0.2)
-    _check_acks(fed)
+    _check_acks(fed, kept)
     return rc
 
 
@@ -128,13 +134,18 @@ def test_a_crash_point_kills_at_its_nth_pass_and_can_stall_first() -> None:
     assert out.count("other") >= 5  # the other thread ran during the stall
 
 
-def _cfg(rounds: int, clients: int) -> dict[str, object]:
+def _cfg(rounds: int, clients: int, durability: str = "fsync") -> dict[str, object]:
     return {
         "clients": clients,
         "rounds": rounds,
         "extra": {"model": {"name": "mlp", "hidden": [64]}},
         # 4 KiB chunks: a 19 KB update streams in 5 chunks, so "mid-upload" exists
-        "deploy": {"order": "canonical", "chunk_mib": 4096 / 2**20, "client_timeout": 60.0},
+        "deploy": {
+            "order": "canonical",
+            "chunk_mib": 4096 / 2**20,
+            "client_timeout": 60.0,
+            "durability": durability,
+        },
     }
 
 
@@ -148,17 +159,29 @@ def _db(fed_state: Path) -> sqlite3.Connection:
     return sqlite3.connect(fed_state / "state.db")
 
 
-def test_server_sigkill_at_random_points_gives_the_uninterrupted_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["fsync", "retained"])
+def test_server_sigkill_at_random_points_gives_the_uninterrupted_model(
+    tmp_path: Path, durability: str
+) -> None:
+    """Under "retained", every other crash is a power loss too (what the committer had not
+    synced is lost), and the committer's own point is in the plan."""
     rounds, clients = 30, 5
     ref = _reference(tmp_path / "ref", rounds, clients)
     rng = random.Random(20261126)
+    retained = durability == "retained"
+    points = [*SERVER_POINTS, "commit"] if retained else SERVER_POINTS
     # every crash point at least once, in a random order, each at a random occurrence (one
     # extra: each crash costs a restart, ~5 s; 8 of them keep the test near a minute)
-    plan = [*SERVER_POINTS, *rng.choices(SERVER_POINTS, k=1)]
+    plan = [*points, *rng.choices(points, k=1)]
     rng.shuffle(plan)
-    with federation(tmp_path / "crash", **_cfg(rounds, clients)) as fed:  # type: ignore[arg-type]
+    cfg = _cfg(rounds, clients, durability)
+
+    def crash(i: int) -> dict[str, str]:
+        return _crash_at(plan[i], rng.randint(1, 12), power=retained and i % 2 == 0)
+
+    with federation(tmp_path / "crash", **cfg) as fed:  # type: ignore[arg-type]
         crashes: list[str] = []
-        server = start_server(fed, env=_crash_at(plan[0], rng.randint(1, 12)))
+        server = start_server(fed, env=crash(0))
         wait_listening(fed, server)
         cl = [
             start_client(fed, i, args=("--retry-for", "120"), record_acks=True)
@@ -166,13 +189,13 @@ def test_server_sigkill_at_random_points_gives_the_uninterrupted_model(tmp_path:
         ]
         deadline = time.monotonic() + 400
         while True:
-            rc = _supervise(fed, server, max(1.0, deadline - time.monotonic()))
+            rc = _supervise(fed, server, max(1.0, deadline - time.monotonic()), retained)
             if rc == 0:
                 break
             assert rc == -9, f"server failed (rc {rc}):\n{read_log(fed)}"
             crashes.append(plan[len(crashes)])
-            nxt = plan[len(crashes)] if len(crashes) < len(plan) else None
-            server = start_server(fed, env=_crash_at(nxt, rng.randint(1, 12)) if nxt else None)
+            nxt = len(crashes) if len(crashes) < len(plan) else None
+            server = start_server(fed, env=crash(nxt) if nxt is not None else None)
         for i, c in enumerate(cl):
             assert wait(c, 60) == 0, read_log(fed, f"client-{i}.log")
         log = read_log(fed)
@@ -184,12 +207,13 @@ def test_server_sigkill_at_random_points_gives_the_uninterrupted_model(tmp_path:
             folded = [r[0] for r in db.execute("SELECT folded FROM rounds ORDER BY round")]
     # enough crashes happened, of every kind planned (a point may not be reached if its
     # occurrence number exceeds what is left of the run; most are)
-    assert len(crashes) >= len(SERVER_POINTS), crashes
+    assert len(crashes) >= len(points), crashes
     assert "upload-queued" in crashes, crashes
     assert final.version == rounds
     assert uploads == (rounds * clients, rounds * clients)  # each update accepted once
-    # each acknowledged to its client once (one crashed before its commit was retried)
-    assert len(acked) == len(set(acked)) and set(acked) == logged
+    # each acknowledged to its client once (one crashed before its commit was retried; under
+    # "retained", one a power loss cut was sent again, and acknowledged again)
+    assert (retained or len(acked) == len(set(acked))) and set(acked) == logged
     assert folded == [clients] * rounds  # and folded into its round exactly once
     assert np.array_equal(final.params, ref), (np.abs(final.params - ref).max(), log)
 
@@ -230,14 +254,15 @@ def test_a_client_that_never_comes_back_is_dropped_and_rounds_go_on(tmp_path: Pa
         assert fed.final().version == 3
 
 
+@pytest.mark.parametrize("durability", ["fsync", "retained"])
 @pytest.mark.parametrize("point", ["logged", "upload-queued", "spooled"])
 def test_an_upload_acknowledged_or_not_before_a_crash_is_counted_once(
-    tmp_path: Path, point: str
+    tmp_path: Path, point: str, durability: str
 ) -> None:
     """A crash right after logging (the ack may be lost), between queuing and committing, or
     right after spooling (not yet logged): an upload acknowledged before the crash is still
     in the log after it, and a client's retry is counted exactly once either way."""
-    with federation(tmp_path, **_cfg(2, 2)) as fed:  # type: ignore[arg-type]
+    with federation(tmp_path, **_cfg(2, 2, durability)) as fed:  # type: ignore[arg-type]
         server = start_server(fed, env=_crash_at(point, 1))
         wait_listening(fed, server)
         cl = [start_client(fed, i, record_acks=True) for i in range(2)]

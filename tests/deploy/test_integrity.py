@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedagg.deploy._commit import write_mark
 from tests.deploy.harness import (
+    Fed,
     federation,
     kill,
     read_log,
@@ -55,17 +57,26 @@ CORRUPTIONS = {"altered": _alter, "truncated": lambda d: d[: len(d) // 2], "nan"
 
 
 @pytest.mark.parametrize(
-    ("order", "digest"), [("canonical", True), ("arrival", True), ("arrival", False)]
-)
+    ("order", "digest", "durability"),
+    [("canonical", True, "fsync"), ("arrival", True, "fsync"), ("arrival", False, "fsync"),
+     ("canonical", True, "retained")],
+)  # fmt: skip
 def test_a_corrupted_spool_file_is_refused_at_restart(
-    tmp_path: Path, order: str, digest: bool
+    tmp_path: Path, order: str, digest: bool, durability: str
 ) -> None:
     """With or without signed digests: each spool file's at-rest checksum (xxh3-128, computed
-    as it was received) is logged with it and checked when it is read back."""
+    as it was received) is logged with it and checked when it is read back. Under "retained",
+    once the committer has synced them (its mark covers them; one not yet synced is what a
+    power loss leaves, and is cut from the log instead: see test_durable.py)."""
     cfg: dict[str, Any] = {
         "clients": CLIENTS,
         "rounds": 2,
-        "deploy": {"order": order, "client_timeout": 60.0, "digest": digest},
+        "deploy": {
+            "order": order,
+            "client_timeout": 60.0,
+            "digest": digest,
+            "durability": durability,
+        },
     }
     with federation(tmp_path, **cfg) as fed:
         # killed about to fold the round's last arrival: every upload of round 1 is spooled
@@ -79,6 +90,9 @@ def test_a_corrupted_spool_file_is_refused_at_restart(
         paths = _spooled(fed.state)
         assert len(paths) == CLIENTS, paths
         assert _rounds(fed.state) == 0
+        if durability == "retained":  # the committer had synced them all before the kill
+            with sqlite3.connect(fed.state / "state.db") as db:
+                write_mark(fed.state, int(db.execute("SELECT max(seq) FROM events").fetchone()[0]))
         target = Path(paths[1])
         original = target.read_bytes()
         for name, corrupt in CORRUPTIONS.items():
@@ -93,9 +107,30 @@ def test_a_corrupted_spool_file_is_refused_at_restart(
             assert "Traceback" not in out, (name, out)
             assert _rounds(fed.state) == 0, name  # nothing folded into a closed round
             assert not (fed.state / "final.npz").exists()
+        if durability == "retained":
+            _unsynced_is_cut(fed, paths, target)
+            return
         # the file restored (from a backup): the server starts again
         target.write_bytes(original)
         p = start_server(fed, log="server-restored.log")
         wait_listening(fed, p, log="server-restored.log")
         kill(p)
         assert p.returncode is not None and p.returncode != 3
+
+
+def _unsynced_is_cut(fed: Fed, paths: list[str], target: Path) -> None:
+    """Under "retained", the same bad file after the mark (not yet synced) is what a power
+    loss leaves: the log is cut there (and its chain's head reset), the server starts."""
+    with sqlite3.connect(fed.state / "state.db") as db:
+        seq = db.execute("SELECT seq FROM uploads WHERE path = ?", (str(target),)).fetchone()[0]
+    write_mark(fed.state, 0)  # nothing synced
+    p = start_server(fed, log="server-cut.log")
+    wait_listening(fed, p, log="server-cut.log")
+    kill(p)
+    out = read_log(fed, "server-cut.log")
+    assert f"from seq {seq} on" in out and "cut from the log" in out, out
+    with sqlite3.connect(fed.state / "state.db") as db:
+        head = db.execute("SELECT value FROM meta WHERE key='chain_head'").fetchone()[0]
+    assert _spooled(fed.state) == paths[:1]  # the first update stays, the rest is cut
+    assert head.startswith(f"{seq - 1}:")
+    assert not target.exists() and not Path(paths[2]).exists()

@@ -273,7 +273,8 @@ def _run_client(args: argparse.Namespace) -> int:
     _say(
         args,
         f"fedagg client {client.key.name}: {report.tasks} tasks, {report.uploads} uploads, "
-        f"{report.duplicates} acknowledged as retries, {report.skipped} skipped",
+        f"{report.duplicates} acknowledged as retries, {report.skipped} skipped"
+        + (f", {report.resent} kept updates sent again" if report.resent else ""),
     )
     return EXIT_OK
 

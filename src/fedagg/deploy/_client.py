@@ -4,7 +4,11 @@ The user supplies ``train(model, task) -> Result`` (and, for federated evaluatio
 ``evaluate(model, task) -> {metric: value}``); everything else (TLS, signing every
 request, streaming in chunks, retrying through server restarts and network errors) is here.
 Uploads are idempotent (keyed by client and task), so a retry after a lost acknowledgement is
-safe: the server acknowledges it without counting it again.
+safe: the server acknowledges it without counting it again. A server with ``durability =
+"retained"`` acknowledges an upload before its bytes are synced (``PushReply.retain``): the
+client keeps the update (in memory: lost with this process, the task is then trained again)
+until the server's committed watermark is above its task, and if the server, restarted after
+a power failure, gives it that task again, it sends the update it kept instead of training.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fedagg.deploy._probe import transport_mismatch
 from fedagg.deploy._push import PushPlan, push_update, stream_count
 from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
+from fedagg.deploy._store import checksum
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk
 from fedagg.errors import ConfigError, FedaggError
 from fedagg.secagg import SecureExpectations
@@ -76,9 +81,24 @@ class ClientReport:
     evaluations: int = 0  # evaluation tasks reported
     retries: int = 0
     heartbeats: int = 0
+    resent: int = 0  # updates kept ("retain") and sent again when given their task again
     pull_s: list[float] = field(default_factory=list)  # per task: model download
     train_s: list[float] = field(default_factory=list)
     push_s: list[float] = field(default_factory=list)  # digest, upload, durable ack
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An update acknowledged as "retain": what to send again if its task comes back."""
+
+    version: int
+    epochs: int
+    config: str
+    stream: int  # the task stream it was given on (a task listed twice on one is not lost)
+    delta: np.ndarray[Any, Any]  # not copied: checked against ``check`` before it is re-sent
+    check: bytes
+    weight: float
+    metrics: dict[str, float]
 
 
 TrainFn = Callable[[ArrayTree, TaskContext], Any]
@@ -159,6 +179,9 @@ class Client:
         self.streams = streams  # parallel streams per upload (0: by size); see _push.py
         self.chunk, self.digest, self.digest_algorithm, self.max_streams = 0, True, "sha256", 0
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
+        #: updates acknowledged as "retain", by task, until a watermark is above the task
+        self.kept: dict[int, Kept] = {}
+        self._streams = 0  # task streams opened
 
     def run(self) -> ClientReport:
         return asyncio.run(self.run_async())
@@ -281,9 +304,11 @@ class Client:
                 req = pb.TasksRequest(auth=self._auth("Tasks", body()))
                 stream = self._method("Tasks", "unary_stream")(req.SerializeToString())
                 self._stream = stream
+                self._streams += 1
                 async for raw in stream:
                     start, delay = time.monotonic(), 0.05
                     t = pb.Task.FromString(raw)
+                    self._covered(t.watermark)
                     if t.heartbeat:
                         continue
                     if t.finished:
@@ -294,6 +319,9 @@ class Client:
                         await self._stage(t)  # a stage request of a secure round
                         continue
                     if t.task in done:
+                        kept = self.kept.get(t.task)
+                        if kept is not None and kept.stream < self._streams:  # the server
+                            await self._resend(t)  # lost it: send the kept update
                         continue
                     if t.HasField("secagg"):  # trains while the round's stages go on
                         done.add(t.task)
@@ -385,6 +413,41 @@ class Client:
             self.report.duplicates += 1
         else:
             self.report.uploads += 1
+        self._keep(t, reply, delta, weight, metrics)
+
+    def _keep(self, t: pb.Task, reply: pb.PushReply, delta: np.ndarray[Any, Any], weight: float,
+              metrics: dict[str, float]) -> None:  # fmt: skip
+        """Keep an update acknowledged as "retain" until a watermark is above its task."""
+        if reply.retain and reply.watermark <= t.task:
+            self.kept[t.task] = Kept(t.version, t.epochs, t.config, self._streams, delta,
+                                     checksum(delta.data.cast("B")), weight, metrics)  # fmt: skip
+        self._covered(reply.watermark)
+
+    def _covered(self, watermark: int) -> None:
+        """The server's committed watermark: the updates kept for tasks below it are durable."""
+        for task in [j for j in self.kept if j < watermark]:
+            del self.kept[task]
+
+    async def _resend(self, t: pb.Task) -> None:
+        """Task ``t`` again, whose update this client kept: the server lost it (a power failure
+        before it was synced). Sent again as it was, not trained again (a different task under
+        the same id, which should not happen, is trained)."""
+        k = self.kept.pop(t.task)
+        same = (k.version, k.epochs, k.config) == (t.version, t.epochs, t.config)
+        if not same or checksum(k.delta.data.cast("B")) != k.check:  # (its arrays reused)
+            await self._do(t)
+            return
+        log.info("task %d: given again (the server lost the upload): sending the kept update",
+                 t.task, extra={"event": "resend", "task": t.task})  # fmt: skip
+        try:
+            reply = await self._retry("push", lambda: self._push(t, k.delta, k.weight, k.metrics))
+        except ClientError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("task %d closed before its upload: skipped (%s)", t.task, e.message)
+                return
+            raise
+        self.report.resent += 1
+        self._keep(t, reply, k.delta, k.weight, k.metrics)
 
     def _trained(self, task: asyncio.Task[None]) -> None:
         """A secure round's task ended (trained and uploaded, or failed: logged)."""
@@ -476,7 +539,8 @@ class Client:
             req = pb.HeartbeatRequest(auth=self._auth("Heartbeat", body(tasks=[task])),
                                       tasks=[task])  # fmt: skip
             try:
-                await call(req.SerializeToString(), timeout=self.heartbeat)
+                raw = await call(req.SerializeToString(), timeout=self.heartbeat)
+                self._covered(pb.HeartbeatReply.FromString(raw).watermark)
                 self.report.heartbeats += 1
             except grpc.aio.AioRpcError as e:
                 log.debug("heartbeat: %s", e.code().name)

@@ -131,3 +131,6 @@ class Item:
 
     event: LogItem
     done: asyncio.Future[EventRow | None] | None = None
+    #: acknowledged as "retain" (``durability = "retained"``: the client keeps the update
+    #: until the watermark covers it); otherwise its spool is synced before ``done`` is set
+    retain: bool = False

@@ -25,6 +25,11 @@ runs on, then kills it: a crash in the middle of a slow step (a commit waiting f
 What the other threads do meanwhile gets out, as it would: an acknowledgement sent before the
 commit it depends on reaches the client, and is then seen to be lost.
 
+With a fourth field ``power`` (``"logged:3:0:power"``), the kill is a power loss: first what
+was written but not yet synced is lost. The code that knows what that is registers it with
+:func:`on_power_loss` (the spool committer of ``durability = "retained"``: the spool files
+after its mark are deleted, emptied or cut short); the SQLite log is fsynced at each commit.
+
 The setting is process-wide (what it does, a SIGKILL, is too). An invalid spec raises
 :class:`~fedagg.ConfigError` naming the valid points, and leaves the setting as it was.
 """
@@ -36,11 +41,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedagg.errors import ConfigError
 
-__all__ = ["POINTS", "SECURE_POINTS", "Faults", "configure", "crash_point", "current"]
+__all__ = [
+    "POINTS", "SECURE_POINTS", "Faults", "configure", "crash_point", "current", "on_power_loss",
+]  # fmt: skip
 
 POINTS = (
     "upload",  # server: mid-way through receiving an upload's chunks
@@ -50,6 +58,7 @@ POINTS = (
     "fold",  # server: about to feed an arrival to the policy
     "applied",  # server: a round closed, before its checkpoint
     "checkpoint",  # server: checkpoint file written, not yet recorded
+    "commit",  # server, durability "retained": acknowledged spools about to be synced
     "client-upload",  # client: mid-way through pushing an update
     "edge-logged",  # edge aggregator: uploads logged (acks may not have gone out), not forwarded
     "edge-forwarded",  # edge aggregator: the parent acknowledged a forward, not yet recorded
@@ -70,11 +79,12 @@ SECURE_POINTS = (
 @dataclass(frozen=True, slots=True)
 class Faults:
     """Kill the process at the ``nth`` pass through ``crash_point(point)``, after stalling
-    that thread for ``stall`` seconds."""
+    that thread for ``stall`` seconds; ``power``: losing what was not yet synced first."""
 
     point: str
     nth: int = 1
     stall: float = 0.0
+    power: bool = False
 
     def __post_init__(self) -> None:
         if self.point not in POINTS + SECURE_POINTS:
@@ -95,32 +105,41 @@ class Faults:
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
-        """``"point[:n[:seconds]]"`` (e.g. ``"fold:3"``, ``"upload-queued:2:0.3"``)."""
+        """``"point[:n[:seconds[:power]]]"`` (e.g. ``"fold:3"``, ``"upload-queued:2:0.3"``,
+        ``"logged:2:0:power"``)."""
         parts = spec.strip().split(":")
-        if len(parts) > 3 or not parts[0]:
+        if len(parts) > 4 or not parts[0] or (len(parts) == 4 and parts[3] != "power"):
             raise ConfigError(cls._malformed(spec))
-        point, nth, stall = (*parts, "", "")[:3]
+        point, nth, stall, power = (*parts, "", "", "")[:4]
         try:
             n = int(nth) if nth else 1
             s = float(stall) if stall else 0.0
         except ValueError:
             raise ConfigError(cls._malformed(spec)) from None
-        return cls(point, n, s)
+        return cls(point, n, s, power == "power")
 
     @staticmethod
     def _malformed(spec: str) -> str:
         return (
-            f"malformed crash spec {spec!r}: expected POINT[:N[:SECONDS]], "
+            f"malformed crash spec {spec!r}: expected POINT[:N[:SECONDS[:power]]], "
             f"with POINT one of: {', '.join(POINTS + SECURE_POINTS)}"
         )
 
     def __str__(self) -> str:
-        return f"{self.point}:{self.nth}" + (f":{self.stall:g}" if self.stall else "")
+        tail = f":{self.stall:g}" if self.stall or self.power else ""
+        return f"{self.point}:{self.nth}{tail}" + (":power" if self.power else "")
 
 
 _ACTIVE: Faults | None = None
 _COUNTS: dict[str, int] = {}
 _LOCK = threading.Lock()
+_POWER_LOSS: Callable[[], None] | None = None
+
+
+def on_power_loss(fn: Callable[[], None] | None) -> None:
+    """What a ``power`` fault loses before the kill (None: nothing): the last registered."""
+    global _POWER_LOSS
+    _POWER_LOSS = fn
 
 
 def configure(spec: Faults | str | None) -> Faults | None:
@@ -154,4 +173,7 @@ def crash_point(name: str) -> None:
     if n == faults.nth:
         if faults.stall:
             time.sleep(faults.stall)
+        lose = _POWER_LOSS
+        if faults.power and lose is not None:
+            lose()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -45,6 +45,7 @@ from fedagg.core.spec import ParamSpec
 from fedagg.core.strategy import ServerState
 from fedagg.core.update import Update
 from fedagg.deploy._canonical import Canonical, CanonicalState
+from fedagg.deploy._commit import Committer, cut_lost_tail, logged_files, settle
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
 from fedagg.deploy._ingest import FoldIngest
@@ -227,6 +228,20 @@ class Federation:
         self.checkpoints = 0  # written by this process
         #: fold on receive: the lease of the upload folding as it arrives, if any
         self.ingest = FoldIngest(self)
+        #: ``[deploy] durability`` (set before :meth:`open`, see :meth:`set_durability`); with
+        #: "retained", the committer of spool files and the watermark (:mod:`._commit`)
+        self.durability, self.sync_spools = "fsync", True
+        self.committer: Committer | None = None
+        self.cut: list[int] = []  # jobs cut from the log at the last open (a power failure)
+        #: "retained": jobs of the last logged batch whose uploads are synced before their
+        #: acknowledgement (below the watermark: their clients would not keep them)
+        self.late: set[int] = set()
+
+    def set_durability(self, mode: str, sync: bool = True) -> None:
+        """Before :meth:`open`: "fsync", or "retained" (not under secure aggregation, whose
+        clients keep nothing: "fsync" then)."""
+        self.durability = "fsync" if self.secure_rounds else mode
+        self.sync_spools = sync
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> Effects:
@@ -264,8 +279,10 @@ class Federation:
                     f"{RECOVERY_HINT}"
                 )
             self._checkpoint()
+            self._settle()
             return Effects()
         at, path = ckpts[0]
+        self.cut = cut_lost_tail(self.store, self.dir, at)  # "retained": lost in a power failure
         snap = loads(self.store.read_checkpoint(at))  # its sha256 checked against its record
         if not isinstance(snap, _Snapshot):
             raise StateError(f"{path} is not a federation checkpoint")
@@ -287,7 +304,13 @@ class Federation:
         effects.tasks = sorted(self.tasks.values(), key=lambda t: t.job)
         effects.timers = sorted((at, tag) for tag, at in self.timers.items())
         effects.finished = self.finished
+        self._settle()
         return effects
+
+    def _settle(self) -> None:
+        low, retained = min(self.tasks, default=self.next_job), self.durability == "retained"
+        self.committer = settle(self.store, self.dir, self.spool, self.seq, self.server.version,
+                                low, retained, self.sync_spools)  # fmt: skip
 
     def secure_dim(self, job: int) -> int | None:
         """The masked upload's length (uint32 words) of a secure round's job, else None."""
@@ -299,6 +322,8 @@ class Federation:
 
     def close(self) -> None:
         self.ingest.revoke()
+        if self.committer is not None:
+            self.committer.close()
         self.store.close()
         stop_receivers(getattr(getattr(self.policy, "strategy", None), "aggregator", None))
 
@@ -348,6 +373,8 @@ class Federation:
         rows, self.seq = self.store.log_batch(self.seq, events)
         for i in dup:  # secure replies already logged (or twice in this batch): duplicates
             rows.insert(i, None)
+        if self.committer is not None:  # "retained": their spools are synced in the background
+            self.late = self.committer.logged(self.seq, *logged_files(rows))
         self.timings["log"] += time.perf_counter() - t0
         crash_point("logged")
         return rows
@@ -371,6 +398,10 @@ class Federation:
             mid = 0 < self.checkpoint_updates <= self._folds_since_ckpt
             if self._since_ckpt >= self.checkpoint_every or mid:
                 self._checkpoint()
+        if self.committer is not None:  # no new model version leaves before it is durable
+            vs = [t.version for t in effects.tasks] + [v for v, _ in effects.round_models.values()]
+            self.committer.barrier(self.applied, min(self.tasks, default=self.next_job), vs,
+                                   bool(effects.rounds) or effects.finished)  # fmt: skip
         return effects
 
     def ready(self) -> bool:
@@ -603,6 +634,8 @@ class Federation:
         fsync_dir(self.dir)
         crash_point("checkpoint")
         self.store.add_checkpoint(self.applied, str(path), self.server.version, digest)
+        if self.committer is not None:  # what it covers needs no spool fsync
+            self.committer.covered(self.applied)
         self._since_ckpt = self._folds_since_ckpt = 0
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for _, old in self.store.checkpoints()[1:]:

@@ -11,8 +11,10 @@ falls behind, uploads wait for their acknowledgement and the clients slow down
 (backpressure).
 
 An upload is acknowledged only once it is durable: its spool file fsynced and renamed, its
-(client, job) key committed to the event log. Admission (call credentials, caps, request
-signatures, rate limits) is :mod:`fedagg.deploy._admission`, the receive path
+(client, job) key committed to the event log; or, with ``durability = "retained"``, once its
+key is committed, its spool synced in the background while the client keeps the update until
+the committed watermark covers it (:mod:`fedagg.deploy._commit`). Admission (call credentials,
+caps, request signatures, rate limits) is :mod:`fedagg.deploy._admission`, the receive path
 :mod:`fedagg.deploy._upload`, the edge aggregators below :mod:`fedagg.deploy._children`.
 """
 
@@ -115,6 +117,7 @@ class FederationService:
         self._base = 0.0
         self._start_sent = False
         self.accepted: set[tuple[int, int]] = set()  # (client, job) keys already logged
+        self.retained = False  # durability = "retained" in effect (see open)
         self._failure: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.keep_rounds = 100_000  # round stats kept in memory (all are in the state DB)
@@ -171,7 +174,11 @@ class FederationService:
         """Open the engine: what it says to do first, for :meth:`run`."""
         keep_large_buffers()
         loop = asyncio.get_running_loop()
+        durability = getattr(self.engine, "set_durability", None)  # the root's Federation
+        if durability is not None:
+            durability(self.opt.durability, self.opt.fsync)
         effects = await loop.run_in_executor(self._ex, self.engine.open)
+        self.retained = self.up.defer_sync = self._committer() is not None
         await loop.run_in_executor(self._ex, self.engine.warmup)
         self.accepted = await loop.run_in_executor(self._ex, self.engine.store.accepted_keys)
         self._base, self._mono0 = self.engine.now, time.monotonic()
@@ -234,6 +241,14 @@ class FederationService:
                 rows = await loop.run_in_executor(
                     self._ex, self.engine.log, [i.event for i in batch]
                 )
+                if self.retained:  # acknowledged as durable (or below the watermark): sync
+                    late: set[int] = getattr(self.engine, "late", set())
+                    for i, r in zip(batch, rows, strict=True):
+                        i.retain = i.retain and r is not None and r.job not in late
+                    if any(r is not None and r.upload is not None and not i.retain
+                           for i, r in zip(batch, rows, strict=True)):  # fmt: skip
+                        seq = max(r.seq for r in rows if r is not None)
+                        await loop.run_in_executor(self._ex, self._committer().flush, seq)
                 for item, row in zip(batch, rows, strict=True):
                     if row is not None:
                         for u in row.parts or ((row.upload,) if row.upload else ()):
@@ -253,6 +268,22 @@ class FederationService:
             log.exception("federation engine failed")
             self._failure = e
             self._done.set()
+
+    def _committer(self) -> Any:
+        """The engine's spool committer (``durability = "retained"``), or None."""
+        return getattr(self.engine, "committer", None)
+
+    def watermark(self) -> int:
+        """Every acknowledged upload of a job below this one is durable (0 without
+        ``durability = "retained"``: every acknowledged upload is)."""
+        c = self._committer()
+        return int(c.watermark) if c is not None else 0
+
+    def ack(self, task: int, duplicate: bool, retain: bool) -> pb.PushReply:
+        """An upload's acknowledgement (``retain``: the client keeps it until the watermark
+        is above ``task``)."""
+        return pb.PushReply(task=task, duplicate=duplicate, retain=retain,
+                            watermark=self.watermark() if retain else 0)  # fmt: skip
 
     def enqueue(self, kind: str, client: int | None = None, job: int | None = None,
                         tag: int | None = None) -> None:  # fmt: skip
@@ -300,7 +331,8 @@ class FederationService:
 
     def task_msg(self, t: TaskInfo) -> pb.Task:
         msg = pb.Task(task=t.job, version=t.version, epochs=t.epochs, seed=self.engine.seed,
-                      client=t.client, config=t.config or self.task_config(t.version))  # fmt: skip
+                      client=t.client, config=t.config or self.task_config(t.version),
+                      watermark=self.watermark())  # fmt: skip
         if t.secure is not None:  # the stage-0 request of its secure round rides on it
             r = t.secure
             msg.secagg.CopyFrom(pb.SecureStage(round=r.round, stage=0, payload=r.raw))
@@ -375,6 +407,7 @@ class FederationService:
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
             digest_algorithm=self.opt.digest_algorithm,
             max_streams=self.opt.max_streams if hasattr(self.engine, "ingest") else 1,
+            retained=self.retained,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:
@@ -394,7 +427,8 @@ class FederationService:
         if s.drop is not None:
             s.drop.cancel()
             s.drop = loop.call_later(self.opt.client_timeout, self.drop, client)
-        return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000))
+        return pb.HeartbeatReply(server_time_ms=int(time.time() * 1000),
+                                 watermark=self.watermark())  # fmt: skip
 
     async def _tasks(self, call: Call) -> None:
         edge: str | None = None
@@ -434,7 +468,7 @@ class FederationService:
             queue.put_nowait(secure_task(r.job, r.client, r.round, r.stage, r.raw))
         for ask in self.evals.tasks_of(s, clients) if self.evals is not None else ():
             queue.put_nowait(ask)  # evaluation tasks asked and not yet reported
-        queue.put_nowait(pb.Task(heartbeat=True))  # marks the end of the open tasks
+        queue.put_nowait(pb.Task(heartbeat=True, watermark=self.watermark()))  # the open tasks' end
         if self.engine.finished:
             queue.put_nowait(pb.Task(finished=True))
         self.maybe_start()
@@ -443,7 +477,7 @@ class FederationService:
                 try:
                     msg = await asyncio.wait_for(queue.get(), self.opt.heartbeat)
                 except TimeoutError:
-                    msg = pb.Task(heartbeat=True)
+                    msg = pb.Task(heartbeat=True, watermark=self.watermark())
                 if msg is None:
                     return
                 await call.write(msg.SerializeToString())
@@ -457,7 +491,11 @@ class FederationService:
                     s.drop = loop.call_later(self.opt.client_timeout, drop)
 
     def _open_tasks_of(self, clients: set[int]) -> list[TaskInfo]:
-        return sorted((t for t in self.engine.tasks.values() if t.client in clients),
+        """Their open tasks ("retained": but for one whose upload is logged, not yet stepped,
+        which its client would send again)."""
+        skip = self.accepted if self.retained else set()
+        return sorted((t for t in self.engine.tasks.values()
+                       if t.client in clients and (t.client, t.job) not in skip),
                       key=lambda t: t.job)  # fmt: skip
 
     async def _pull(self, call: Call) -> None:
@@ -554,6 +592,7 @@ class FederationService:
             if head.relay or head.partial.jobs or head.partial.dropped:
                 raise CallError(Status.PERMISSION_DENIED, "only edge aggregators relay or merge")
         dim, dtype = upload_kind(self.engine, head)  # a plaintext or a masked update
+        retain = self.retained and keyring is self.keys and dim is None  # kept by its client
         duplicate = (client, head.task) in self.accepted
         problem = None if duplicate else self.engine.task_problem(client, head.task, head.version)
         if problem == "unknown":
@@ -587,7 +626,7 @@ class FederationService:
                 what = f"re-sent upload of accepted task {head.task}"
                 await self.up.read_unspooled(first, rest, head, dtype.itemsize, what)
                 self.stats.duplicates += 1
-                return pb.PushReply(task=head.task, duplicate=True)
+                return self.ack(head.task, True, retain)
             t0 = time.perf_counter()
             lease = await self.turns.take(client, head, dim is not None)  # fold on receive
             queued = False
@@ -602,17 +641,17 @@ class FederationService:
                                        metrics=metrics,
                                        digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
                 self.engine.keep_origin(client, head.task, origin.SerializeToString())
-                done = await self.log_arrival(client, head, path, digest, check, metrics, dim,
-                                              lease)  # fmt: skip
+                item = await self.log_arrival(client, head, path, digest, check, metrics, dim,
+                                              lease, retain)  # fmt: skip
                 queued = True
             finally:
                 await self.turns.end(lease, queued)
-            return await self.acknowledge(client, head, path, done, lease)
+            return await self.acknowledge(client, head, path, item, lease)
 
     async def log_arrival(
         self, client: int, head: Any, path: Any, digest: bytes, check: bytes,
-        metrics: dict[str, float], dim: int | None, lease: Lease | None,
-    ) -> asyncio.Future[EventRow | None]:  # fmt: skip
+        metrics: dict[str, float], dim: int | None, lease: Lease | None, retain: bool,
+    ) -> Item:  # fmt: skip
         """Queue a received upload's arrival for the engine (after another upload's fold
         lease, if one is active: log order = fold order); its row comes in the future."""
         weight = float(head.weight) if dim is None else 1.0  # masked: in the encoding
@@ -624,22 +663,23 @@ class FederationService:
         with self.turns.arriving(done):
             await self.turns.turn(lease)
             event = ("arrival", self.now(), client, head.task, None, upload)
-            await self.queue.put(Item(event, done))
-        return done
+            await self.queue.put(item := Item(event, done, retain))
+        return item
 
     async def acknowledge(
-        self, client: int, head: Any, path: Any, done: asyncio.Future[EventRow | None],
-        lease: Lease | None,
-    ) -> pb.PushReply:  # fmt: skip
-        """The reply to a queued upload, once its arrival is logged."""
-        row = await done
+        self, client: int, head: Any, path: Any, item: Item, lease: Lease | None
+    ) -> pb.PushReply:
+        """The reply to a queued upload, once its arrival is logged (``retain``: its client
+        keeps it until the watermark covers it; else synced first if below the mark)."""
+        assert item.done is not None
+        row = await item.done
         if row is None:  # a concurrent retry won the race
             if lease is not None:  # not stepped: its folds go (if nothing revoked them)
                 await self.turns.revoke(lease)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.stats.duplicates += 1
-            return pb.PushReply(task=head.task, duplicate=True)
+            return self.ack(head.task, True, item.retain)
         self.stats.uploads += 1
         self.progress.accepted(client, head.task, head.nbytes)
-        return pb.PushReply(task=head.task, duplicate=False)
+        return self.ack(head.task, False, item.retain)

@@ -142,7 +142,8 @@ class Shards:
                 await svc.up.read_unspooled(first, paced, head, dtype.itemsize, what,
                                             start=start, length=length)  # fmt: skip
             svc.stats.duplicates += 1
-            return pb.PushReply(task=head.task, duplicate=True)
+            ack: pb.PushReply = svc.ack(head.task, True, svc.retained)
+            return ack
         key = (client, int(head.task))
         asm = self.live.get(key)
         if asm is None:
@@ -238,7 +239,7 @@ class Shards:
                                        "upload cut off: below the progress floor"))  # fmt: skip
                 if asm.outcome.done():
                     raise asm.fail(CallError(Status.ABORTED, "failed"))
-                if opt.fsync:
+                if opt.fsync and not svc.up.defer_sync:  # retained: the committer syncs it
                     await spool.start(os.fsync)
                 await spool.commit()
                 crash_point("spooled")
@@ -249,13 +250,13 @@ class Shards:
                 check = combined([p[1] for p in parts], dtype.itemsize)
                 metrics = dict(head.metrics)
                 try:
-                    done = await svc.log_arrival(client, head, spool.final, digest, check,
-                                                 metrics, None, lease)  # fmt: skip
+                    item = await svc.log_arrival(client, head, spool.final, digest, check,
+                                                 metrics, None, lease, svc.retained)  # fmt: skip
                     queued = True
                 finally:
                     await svc.turns.end(lease, queued)
                     lease = None
-                reply = await svc.acknowledge(client, head, spool.final, done, asm.lease)
+                reply = await svc.acknowledge(client, head, spool.final, item, asm.lease)
                 if not asm.outcome.done():
                     asm.outcome.set_result(reply)
         except BaseException as e:

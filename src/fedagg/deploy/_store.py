@@ -354,6 +354,21 @@ class Store:
                 "INSERT OR REPLACE INTO meta VALUES ('forgotten_through', ?)", (str(new),)
             )
 
+    def truncate(self, seq: int) -> int:
+        """Delete the events from ``seq`` on (their upload, partial and round rows with them)
+        and reset the chain's head to the event before, in one transaction; returns how many
+        events went. For ``durability = "retained"`` recovery only: those events were never
+        durable (an upload's spool lost in a power failure), and no checkpoint covers them."""
+        if any(s >= seq for s, _ in self.checkpoints()):
+            raise StateError(f"cannot cut the event log at seq {seq}: a checkpoint covers it")
+        with self.tx():
+            n = int(self.db.execute("SELECT count(*) FROM events WHERE seq >= ?",
+                                    (seq,)).fetchone()[0])  # fmt: skip
+            for table in ("events", "uploads", "partials", "rounds"):
+                self.db.execute(f"DELETE FROM {table} WHERE seq >= ?", (seq,))
+            self._set_head(seq - 1, self._chain_at(seq - 1))
+        return n
+
     def _forgotten(self) -> int:
         return int(self.meta("forgotten_through") or 0)
 

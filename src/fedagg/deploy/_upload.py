@@ -59,6 +59,7 @@ class Uploads:
         self.slots: dict[str, int] = {}  # upload slots held, by owner (client or edge)
         self.pull_slots: dict[str, int] = {}  # model streams in progress, by owner
         self.inflight: set[tuple[int, int]] = set()  # (client, task) uploads being received
+        self.defer_sync = False  # durability = "retained": the committer syncs the spools
 
     def take(self, counts: dict[str, int], owner: str, what: str) -> Callable[[], None]:
         """One of the ``client_uploads`` slots ``owner`` may hold in ``counts``, refused
@@ -211,7 +212,7 @@ class Uploads:
             digest, check, tsig = await self.stream(
                 spool, first, it, head, dtype, keyring, origin_sha, finite=finite, lease=lease
             )
-            if self.opt.fsync:
+            if self.opt.fsync and not self.defer_sync:
                 await spool.start(os.fsync)
             await spool.commit()
             crash_point("spooled")
