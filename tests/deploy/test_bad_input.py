@@ -18,7 +18,6 @@ them one by one, so a failure names the input that was mishandled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -45,6 +44,8 @@ from fedagg.deploy import ClientKey, TaskContext, config_trainer, make_keys
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body, signing_bytes
 from fedagg.deploy._calls import signed_channel
+from fedagg.deploy._digest import digest_of
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from tests.deploy.harness import (
     PY,
@@ -59,6 +60,9 @@ from tests.deploy.harness import (
     wait_listening,
     write_toml,
 )
+
+#: the digest the servers under test sign with (their default)
+DIGEST = ServerOptions.digest_algorithm
 
 CHUNK = 4096
 CFG: dict[str, Any] = {
@@ -230,7 +234,7 @@ class Peer:
     ) -> bytes:
         """The upload's last message's trailer: the data's sha256 (or ``digest``), signed
         with the header's name, timestamp and nonce, over the header's signature and it."""
-        digest = hashlib.sha256(data).digest() if digest is None else digest
+        digest = digest_of(DIGEST, data) if digest is None else digest
         signer = self.key.private if signer is None else signer
         a = head.auth
         signed = signing_bytes(
@@ -480,8 +484,8 @@ def push_cases(peer: Peer, good: Upload) -> dict[str, tuple[str, str]]:
     heads = [h(good) for _ in range(9)]
     other_key = Ed25519PrivateKey.generate()
     signature = pb.UploadTrailer.FromString(tr(heads[4], data)).signature  # over data's digest
-    redigested = pb.UploadTrailer(sha256=hashlib.sha256(bad).digest(), signature=signature)
-    unsigned = pb.UploadTrailer(sha256=hashlib.sha256(data).digest(), signature=bytes(64))
+    redigested = pb.UploadTrailer(sha256=digest_of(DIGEST, bad), signature=signature)
+    unsigned = pb.UploadTrailer(sha256=digest_of(DIGEST, data), signature=bytes(64))
     cases: dict[str, list[bytes]] = {
         # malformed
         "push_garbage": [GARBAGE],

@@ -14,7 +14,6 @@ about the accepted upload's size; then client 0 does its second task and the run
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import sqlite3
 import time
@@ -28,6 +27,8 @@ from fedagg.deploy import ClientKey
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import body, upload_body
 from fedagg.deploy._calls import signed_channel
+from fedagg.deploy._digest import digest_of
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._wire import encode_chunk
 from tests.deploy.harness import (
     Fed,
@@ -39,6 +40,9 @@ from tests.deploy.harness import (
     wait_listening,
 )
 from tests.deploy.test_bad_input import TaskStream, outcome, wait_for
+
+#: the digest the servers under test sign with (their default)
+DIGEST = ServerOptions.digest_algorithm
 
 SERVICE = "/fedagg.v1.Federation/"
 RPC_TIMEOUT = 30.0
@@ -76,7 +80,7 @@ class Peer:
         )  # fmt: skip
 
     def trailer(self, head: pb.UploadHeader, data: bytes) -> bytes:
-        digest = hashlib.sha256(data).digest()
+        digest = digest_of(DIGEST, data)
         a = head.auth
         sig = self.key.sign_bytes("PushTrailer", a.timestamp_ms, a.nonce, a.signature + digest)
         out: bytes = encode_chunk(

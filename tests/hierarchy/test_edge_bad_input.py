@@ -44,6 +44,8 @@ from fedagg.deploy._auth import (
     upload_body,
 )
 from fedagg.deploy._calls import signed_channel
+from fedagg.deploy._digest import digest_of as hash_with
+from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._partial import partial_buffers
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk, encode_chunk
 from tests.deploy.harness import Fed, federation, read_log, start_server, wait, wait_listening
@@ -97,6 +99,9 @@ EXPECTED: dict[str, tuple[str, str]] = {
     # after the first partial was accepted
     "partial_overlaps_accepted_uploads": (PRECOND, "a partial overlaps accepted uploads"),
 }
+
+#: the digest the servers under test sign with (their default)
+DIGEST = ServerOptions.digest_algorithm
 
 
 # -- an edge (or a client) over raw gRPC ---------------------------------------------------------
@@ -162,8 +167,9 @@ class Peer:
                  digest_of: bytes | None = None) -> list[bytes]:  # fmt: skip
         """Header, data chunks (4 KiB), and the trailer: the data's sha256 signed with the
         header's timestamp and nonce, over the header's signature and the digest."""
-        digest = hashlib.sha256(data if digest_of is None else digest_of).digest()
-        with_origins(head, digest)
+        payload = data if digest_of is None else digest_of
+        digest = hash_with(DIGEST, payload)  # the edge's trailer: the server's algorithm
+        with_origins(head, hashlib.sha256(payload).digest())  # a relay's client: sha256
         a = head.auth
         sig = (key or self.key).sign_bytes("PushTrailer", a.timestamp_ms, a.nonce,
                                            a.signature + digest)  # fmt: skip

@@ -371,9 +371,9 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
     "fsync": boolean(True, "fsync each spooled upload before acknowledging it"),
     "max_clients": integer(100_000, "refuse a keyring larger than this", ge=1),
     "digest": boolean(True, "require a signed digest of every upload's bytes"),
-    "digest_algorithm": string("sha256", "the uploads' signed digest: sha256 or blake3",
+    "digest_algorithm": string("blake3", "the uploads' signed digest: blake3 or sha256",
                                choices=("sha256", "blake3"), noun="digest algorithm"),
-    "durability": string("fsync", "fsync: acknowledge an upload once durable; retained: once "
+    "durability": string("retained", "fsync: acknowledge an upload once durable; retained: once "
                          "logged, synced in groups, the client keeping it until the "
                          "watermark covers it", choices=("fsync", "retained"),
                          noun="durability"),

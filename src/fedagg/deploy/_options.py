@@ -141,8 +141,8 @@ class ServerOptions:
     preauth: int = 64
     preauth_per_peer: int = 32
     metrics: str = ""
-    digest_algorithm: str = "sha256"
-    durability: str = "fsync"
+    digest_algorithm: str = "blake3"
+    durability: str = "retained"
     ingest: str = "spool"
     max_streams: int = 8
     receivers: int = 0
