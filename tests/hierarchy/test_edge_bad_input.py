@@ -168,8 +168,11 @@ class Peer:
         """Header, data chunks (4 KiB), and the trailer: the data's sha256 signed with the
         header's timestamp and nonce, over the header's signature and the digest."""
         payload = data if digest_of is None else digest_of
-        digest = hash_with(DIGEST, payload)  # the edge's trailer: the server's algorithm
-        with_origins(head, hashlib.sha256(payload).digest())  # a relay's client: sha256
+        client_digest = hashlib.sha256(payload).digest()  # a relay's client signed sha256
+        with_origins(head, client_digest)
+        # the trailer: a relay's is its client's digest (the bytes are hashed once, with the
+        # client's algorithm); a partial's, the server's algorithm
+        digest = client_digest if head.relay else hash_with(DIGEST, payload)
         a = head.auth
         sig = (key or self.key).sign_bytes("PushTrailer", a.timestamp_ms, a.nonce,
                                            a.signature + digest)  # fmt: skip
