@@ -25,12 +25,10 @@ Nothing here does network I/O or reads a clock: the server passes ``now`` in.
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +46,7 @@ from fedagg.deploy._canonical import Canonical, CanonicalState
 from fedagg.deploy._commit import Committer, cut_lost_tail, logged_files, settle
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._files import secret_key
+from fedagg.deploy._free import FreeSpools
 from fedagg.deploy._ingest import FoldIngest
 from fedagg.deploy._partial import accumulator_of, load_partial, read_into
 from fedagg.deploy._receivers import read_buffer, start_receivers, stop_receivers
@@ -215,9 +214,8 @@ class Federation:
         #: the parameters of earlier versions that open tasks still need (the current
         #: version's are the server's own, see :meth:`model`)
         self.models: dict[int, Arr] = {}
-        #: recycled spool files (see _recycle); deque append and pop are thread-safe
-        self.free: collections.deque[Path] = collections.deque()
-        self.keep_free = 8
+        #: recycled spool files, overwritten by the next uploads (any thread)
+        self.free = FreeSpools(self.spool, self.spec.nbytes)
         self.finished = False
         self.started = False
         self._since_ckpt = 0
@@ -261,11 +259,7 @@ class Federation:
         self.store.verify()
         for tmp in self.spool.glob("tmp-*"):  # uploads cut off by a crash: never acknowledged
             tmp.unlink()
-        for f in sorted(self.spool.glob("free-*")):
-            if f.stat().st_size == self.spec.nbytes and len(self.free) < self.keep_free:
-                self.free.append(f)
-            else:
-                f.unlink()
+        self.free.found()
         ckpts = self.store.checkpoints()
         server0, self.server0 = self.server0, None
         if not ckpts:
@@ -477,29 +471,9 @@ class Federation:
             return Merge(row.time, jobs, state)
         raise StateError(f"malformed event {row.seq} ({row.kind})")
 
-    def _recycle(self, path: str) -> None:
-        """A spool file no longer needed: kept (renamed) for the next upload to overwrite, up
-        to :attr:`keep_free` of them. Overwriting a file of the same size reuses its page
-        cache and its disk blocks: no fresh pages to fault in, no allocation."""
-        with contextlib.suppress(OSError):
-            if os.path.getsize(path) != self.spec.nbytes:  # a partial aggregate's payload
-                os.unlink(path)
-                return
-        if len(self.free) < self.keep_free:
-            new = self.spool / f"free-{uuid.uuid4().hex}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(path, new)
-                self.free.append(new)
-                return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
     def take_free(self) -> Path | None:
         """A spool file to overwrite (any thread), or None."""
-        try:
-            return self.free.pop()
-        except IndexError:
-            return None
+        return self.free.take()
 
     def _read(self, u: UploadRow, what: str) -> Arr:
         """A spooled update as an array, re-verified against what was logged when it was
@@ -642,7 +616,7 @@ class Federation:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(old)
         for p in self.store.spooled_through(self.applied):
-            self._recycle(p)
+            self.free.recycle(p)
         self.store.retire(self.applied)
         self.timings["checkpoint"] += time.perf_counter() - t0
         self.checkpoints += 1

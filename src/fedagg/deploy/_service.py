@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,22 +33,22 @@ from typing import Any, TypeVar
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import Admission, parse
+from fedagg.deploy._arrivals import acknowledge, log_arrival
 from fedagg.deploy._auth import Keyring, body, edge_upload_body, upload_body
 from fedagg.deploy._children import Children
 from fedagg.deploy._engine import Engine, Item, ServerStats
 from fedagg.deploy._evaluation import Evaluation
-from fedagg.deploy._evalwire import is_eval_task
 from fedagg.deploy._fed import Effects, TaskInfo
-from fedagg.deploy._ingest import Lease, Turns
+from fedagg.deploy._ingest import Turns
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._options import PROTOCOL, ServerOptions
 from fedagg.deploy._progress import Progress
+from fedagg.deploy._pull import pull_call
 from fedagg.deploy._secure_rpc import secure_call, secure_task, upload_kind
 from fedagg.deploy._shards import Shards
-from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.deploy._transport import Call, CallError, Messages, Status
-from fedagg.deploy._upload import Uploads, check_metrics, paced
-from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk, encode_chunk
+from fedagg.deploy._upload import Uploads, check_metrics
+from fedagg.deploy._wire import UPLOAD_CHUNK, WireError, decode_chunk
 from fedagg.errors import ConfigError
 from fedagg.policy import RoundStats
 
@@ -147,7 +146,7 @@ class FederationService:
                 await self._tasks(call)
                 return None
             if call.method == "Pull":
-                await self._pull(call)
+                await pull_call(self, call)
                 return None
             raise CallError(Status.UNIMPLEMENTED, f"no method {call.method!r}")
         except CallError as e:
@@ -498,51 +497,6 @@ class FederationService:
                        if t.client in clients and (t.client, t.job) not in skip),
                       key=lambda t: t.job)  # fmt: skip
 
-    async def _pull(self, call: Call) -> None:
-        with self.admit.opening(call):
-            raw = await self.admit.first(call)
-            self.admit.sized(raw)
-            req = parse(pb.PullRequest, raw)
-            edge = None
-            if self.below.is_edge(req.auth):
-                edge = self.below.auth("Pull", req.auth, body(task=req.task))
-            else:
-                client = self._auth("Pull", req.auth, body(task=req.task))
-        if self.evals is None or edge is not None or not is_eval_task(req.task):
-            task = self.engine.tasks.get(req.task)
-            if task is None:
-                self.unknown_task(req.task)
-            assert task is not None
-            if edge is not None:
-                self.below.routed(edge, task.client)
-            elif task.client != client:
-                raise CallError(Status.PERMISSION_DENIED, f"task {req.task} is not yours")
-            owner, version, model = task.client, task.version, self.engine.model(task.version)
-        else:  # a federated evaluation task
-            owner, (version, model) = client, self.evals.pull(client, req.task)
-        if model is None:
-            raise CallError(
-                Status.FAILED_PRECONDITION, f"model version {version} is no longer kept"
-            )
-        view = model.data.cast("B")
-        total = len(view)
-        step = self.opt.chunk_bytes
-        # at most client_uploads downloads per client until each RPC is over (gRPC may
-        # buffer a whole model for a peer that stops reading: one client cannot make it
-        # buffer more than a few), max_uploads being written at once (more wait); a write
-        # that stalls for idle_timeout, or the stream below min_rate, is cut off
-        release = self.up.take(self.up.pull_slots, f"client:{owner}", "model downloads")
-        call.on_done(release)
-        if call.done():
-            release()
-        async with self.up.pulls:
-            until = time.monotonic() + self.opt.idle_timeout + total / self.opt.min_rate
-            for off in range(0, max(total, 1), step):
-                msg = encode_chunk({1: version, 2: off, 4: total},
-                                   view[off : off + step])  # fmt: skip
-                await paced(call.write(msg), self.opt.idle_timeout, until, "download")
-                self.stats.bytes_out += min(step, total - off)
-
     async def _push(self, call: Call) -> bytes:
         t0 = time.perf_counter()
         with self.admit.opening(call) as authenticated:
@@ -641,45 +595,9 @@ class FederationService:
                                        metrics=metrics,
                                        digest_algorithm=self.opt.digest_algorithm)  # fmt: skip
                 self.engine.keep_origin(client, head.task, origin.SerializeToString())
-                item = await self.log_arrival(client, head, path, digest, check, metrics, dim,
+                item = await log_arrival(self, client, head, path, digest, check, metrics, dim,
                                               lease, retain)  # fmt: skip
                 queued = True
             finally:
                 await self.turns.end(lease, queued)
-            return await self.acknowledge(client, head, path, item, lease)
-
-    async def log_arrival(
-        self, client: int, head: Any, path: Any, digest: bytes, check: bytes,
-        metrics: dict[str, float], dim: int | None, lease: Lease | None, retain: bool,
-    ) -> Item:  # fmt: skip
-        """Queue a received upload's arrival for the engine (after another upload's fold
-        lease, if one is active: log order = fold order); its row comes in the future."""
-        weight = float(head.weight) if dim is None else 1.0  # masked: in the encoding
-        upload = UploadRow(
-            client, head.task, str(path), weight, head.version, metrics, head.nbytes,
-            digest, check,
-        )  # fmt: skip
-        done: asyncio.Future[EventRow | None] = asyncio.get_running_loop().create_future()
-        with self.turns.arriving(done):
-            await self.turns.turn(lease)
-            event = ("arrival", self.now(), client, head.task, None, upload)
-            await self.queue.put(item := Item(event, done, retain))
-        return item
-
-    async def acknowledge(
-        self, client: int, head: Any, path: Any, item: Item, lease: Lease | None
-    ) -> pb.PushReply:
-        """The reply to a queued upload, once its arrival is logged (``retain``: its client
-        keeps it until the watermark covers it; else synced first if below the mark)."""
-        assert item.done is not None
-        row = await item.done
-        if row is None:  # a concurrent retry won the race
-            if lease is not None:  # not stepped: its folds go (if nothing revoked them)
-                await self.turns.revoke(lease)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self.stats.duplicates += 1
-            return self.ack(head.task, True, item.retain)
-        self.stats.uploads += 1
-        self.progress.accepted(client, head.task, head.nbytes)
-        return self.ack(head.task, False, item.retain)
+            return await acknowledge(self, client, head, path, item, lease)

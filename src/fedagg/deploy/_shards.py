@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._arrivals import acknowledge, log_arrival
 from fedagg.deploy._faults import crash_point
 from fedagg.deploy._ingest import Lease, rollback
 from fedagg.deploy._shardsum import combined, shard_range
@@ -250,13 +251,13 @@ class Shards:
                 check = combined([p[1] for p in parts], dtype.itemsize)
                 metrics = dict(head.metrics)
                 try:
-                    item = await svc.log_arrival(client, head, spool.final, digest, check,
+                    item = await log_arrival(svc, client, head, spool.final, digest, check,
                                                  metrics, None, lease, svc.retained)  # fmt: skip
                     queued = True
                 finally:
                     await svc.turns.end(lease, queued)
                     lease = None
-                reply = await svc.acknowledge(client, head, spool.final, item, asm.lease)
+                reply = await acknowledge(svc, client, head, spool.final, item, asm.lease)
                 if not asm.outcome.done():
                     asm.outcome.set_result(reply)
         except BaseException as e:

@@ -32,13 +32,13 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._rows import EventRow, LogItem, Note, PartialRows, UploadRow
 from fedagg.errors import StateError
 
 __all__ = [
@@ -65,58 +65,6 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, version INTEGER NOT NULL, folded INTEGER NOT NULL,
     applied INTEGER NOT NULL, seq INTEGER NOT NULL, stats TEXT NOT NULL);
 """
-
-
-@dataclass(frozen=True, slots=True)
-class UploadRow:
-    client: int
-    job: int
-    path: str
-    weight: float
-    version: int
-    metrics: dict[str, float]
-    nbytes: int
-    sha256: bytes
-    #: xxh3-128 of the bytes as received (b'' in logs from before it): what a read-back checks
-    checksum: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class PartialRows:
-    """What a partial aggregate logs: one upload row per job it covers (all pointing at its
-    payload file) and its info (weight sums, accumulator, version)."""
-
-    parts: tuple[UploadRow, ...]
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """What an event without an upload logs besides its columns (a secure aggregation reply:
-    its round, stage and message), as JSON in ``partials.info``: covered by the hash chain."""
-
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    seq: int
-    kind: str
-    time: float
-    client: int | None
-    job: int | None
-    tag: int | None
-    upload: UploadRow | None
-    #: a partial aggregate's jobs (one row each; ``upload`` is the first) and its info
-    parts: tuple[UploadRow, ...] = ()
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-#: An event as the server hands it to the engine's ``log``:
-#: ``(kind, time, client, job, tag, upload or partial aggregate)``.
-LogItem = tuple[
-    str, float, int | None, int | None, int | None, UploadRow | PartialRows | Note | None
-]
 
 
 #: what to do about a state database that cannot be read (in every such error's message)
