@@ -495,7 +495,10 @@ class Federation:
             return masked
         check_size(path, u.nbytes, n * self.spec.dtype.itemsize, what)
         agg = getattr(getattr(self.policy, "strategy", None), "aggregator", None)
-        buf = read_buffer(agg)  # deploy.receivers: a shared-memory slot they fold in place
+        held = isinstance(agg, Canonical) and agg.holds(getattr(self.state, "agg", None))
+        # deploy.receivers: a shared-memory slot they fold in place (not for an update kept
+        # until the round's close: the slot is reused by the next read)
+        buf = None if held else read_buffer(agg)
         if buf is not None:
             read_into(path, [buf.data.cast("B")], "the spooled update")
             out: Arr = buf.view()
