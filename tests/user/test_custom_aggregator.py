@@ -199,7 +199,11 @@ def _run(fed: Any, crash: str | None) -> tuple[np.ndarray, str]:
         rc = wait(server, 120)
     assert rc == 0, read_log(fed)
     for i, c in enumerate(clients):
-        assert wait(c, 60) == 0, read_log(fed, f"client-{i}.log")
+        crc, clog = wait(c, 90), read_log(fed, f"client-{i}.log")
+        # after a crash the restarted server may finish from its log alone (every update it
+        # needs acknowledged before the kill) while a client still waits out its retry pause:
+        # that client then finds no server, which is not an error of the federation's
+        assert crc == 0 or (crash and "UNAVAILABLE" in clog), clog
     return np.asarray(fed.final().params), read_log(fed)
 
 
