@@ -79,6 +79,8 @@ PLANE: list[tuple[str, str, dict[str, Any]]] = [
                                                       "streams": 4}),
     ("blake3-s4-fold", "TLS, BLAKE3, fsync, S=4, fold", {**_SECURE, "algorithm": "blake3",
                                                           "streams": 4, "ingest": "fold"}),
+    ("default", "TLS, BLAKE3, retained, S=2, spool (the defaults)",
+     {**_SECURE, "algorithm": "blake3", "streams": 2, "durability": "retained"}),
     ("secure", "TLS, BLAKE3, retained, S=4, fold", {**_SECURE, "algorithm": "blake3",
                                                      "streams": 4, "ingest": "fold",
                                                      "durability": "retained"}),

@@ -367,7 +367,7 @@ class EdgeEngine:
                 out[k] = bytes(row[0])
         return out
 
-    def step(self, rows: Iterable[EventRow]) -> Effects:
+    def step(self, rows: Iterable[EventRow], *, defer: bool = False) -> Effects:
         effects = Effects()
         for row in rows:
             effects.merge(self._apply(row))
@@ -377,6 +377,9 @@ class EdgeEngine:
         for v in [v for v in self.models if v not in live and v != newest]:
             del self.models[v]
         return effects
+
+    def settle(self) -> None:
+        """Nothing: an edge checkpoints nothing (its log and its parent hold its state)."""
 
     # -- internals -----------------------------------------------------------------------------
     def _apply(self, row: EventRow) -> Effects:

@@ -78,8 +78,13 @@ class Engine(Protocol):
         """Commit events (None for an upload already logged: a duplicate)."""
         ...
 
-    def step(self, rows: Iterable[EventRow]) -> Effects:
-        """Apply logged events: the tasks, timers, rounds and forwards they cause."""
+    def step(self, rows: Iterable[EventRow], *, defer: bool = False) -> Effects:
+        """Apply logged events: the tasks, timers, rounds and forwards they cause (with
+        ``defer``, work nothing sent waits for is left to :meth:`settle`)."""
+        ...
+
+    def settle(self) -> None:
+        """The work a deferred :meth:`step` left (a checkpoint), after its effects are out."""
         ...
 
     def model(self, version: int) -> npt.NDArray[Any] | None:

@@ -219,6 +219,7 @@ class Federation:
         self.finished = False
         self.started = False
         self._since_ckpt = 0
+        self._due = False  # a checkpoint left to settle() (a deferred step)
         self.replayed = 0
         #: seconds spent logging events, in the policy (fold, finalize, optimizer) and
         #: writing checkpoints
@@ -373,8 +374,11 @@ class Federation:
         crash_point("logged")
         return rows
 
-    def step(self, rows: Iterable[EventRow]) -> Effects:
-        """Feed logged events to the policy; checkpoint when rounds have closed."""
+    def step(self, rows: Iterable[EventRow], *, defer: bool = False) -> Effects:
+        """Feed logged events to the policy; checkpoint when rounds have closed (with
+        ``defer``, in :meth:`settle`, once the effects are out: a checkpoint only shortens a
+        recovery, the log has the events, so the next round's tasks need not wait for it;
+        the federation's end is checkpointed here)."""
         effects = Effects()
         for row in rows:
             if row.kind == "secure":
@@ -391,12 +395,20 @@ class Federation:
                 crash_point("applied")
             mid = 0 < self.checkpoint_updates <= self._folds_since_ckpt
             if self._since_ckpt >= self.checkpoint_every or mid:
-                self._checkpoint()
+                self._due = defer and not self.finished
+                if not self._due:
+                    self._checkpoint()
         if self.committer is not None:  # no new model version leaves before it is durable
             vs = [t.version for t in effects.tasks] + [v for v, _ in effects.round_models.values()]
             self.committer.barrier(self.applied, min(self.tasks, default=self.next_job), vs,
                                    bool(effects.rounds) or effects.finished)  # fmt: skip
         return effects
+
+    def settle(self) -> None:
+        """The checkpoint a deferred :meth:`step` left due, if any."""
+        if self._due:
+            self._due = False
+            self._checkpoint()
 
     def ready(self) -> bool:
         """Whether every open task is known here (the root: always)."""

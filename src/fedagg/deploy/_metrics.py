@@ -281,6 +281,10 @@ class _Observed(Progress):
         super().effects(effects)
         self.metrics.effects(effects)
 
+    def settled(self) -> None:
+        super().settled()
+        self.metrics._checkpoints()
+
 
 def attach(service: FederationService) -> Metrics:
     """Give ``service`` (not yet opened) its metrics; returns them (no endpoint: see

@@ -333,6 +333,9 @@ class Progress:
         )
 
     # -- rounds ------------------------------------------------------------------------------
+    def settled(self) -> None:
+        """The engine finished a step's deferred work (its checkpoint)."""
+
     def effects(self, effects: Effects) -> None:
         """What the engine did: rounds closed, tasks dispatched, the end."""
         for r in effects.rounds:

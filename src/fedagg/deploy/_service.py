@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -256,8 +257,12 @@ class FederationService:
                         item.done.set_result(row)
                 live = [r for r in rows if r is not None]
                 if live:
-                    effects = await loop.run_in_executor(self._ex, self.engine.step, live)
-                    self.apply(effects)
+                    effects = await loop.run_in_executor(
+                        self._ex, functools.partial(self.engine.step, live, defer=True)
+                    )
+                    self.apply(effects)  # the next tasks go out while it checkpoints
+                    await loop.run_in_executor(self._ex, self.engine.settle)
+                    self.progress.settled()
                     if effects.rounds:  # keys of closed jobs: the log answers for them
                         lo = effects.min_open_job
                         self.accepted = {k for k in self.accepted if k[1] >= lo}
