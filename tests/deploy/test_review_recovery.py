@@ -99,6 +99,25 @@ def test_a_garbage_mark_refuses_to_start_and_cuts_nothing(tmp_path: Path, garbag
     assert _log(d) == before  # nothing cut
 
 
+def test_a_garbage_or_planted_mark_without_damage_is_harmless(tmp_path: Path) -> None:
+    """Nothing to cut: the mark is not needed, the start goes on (and the mode's own settle
+    rewrites or removes it)."""
+    d = _two_uploads(tmp_path / "s", "retained").dir
+    before = _log(d)
+    (d / MARK).write_bytes(b"garbage")
+    fed = _reopen(d, "retained")
+    try:
+        assert fed.cut == [] and fed.store.cuts() == []
+    finally:
+        fed.close()
+    assert read_mark(d) not in (None, (0, 0)) and _log(d) == before
+    d = _two_uploads(tmp_path / "f", "fsync").dir
+    write_mark(d, 1, 0, sync=False)
+    fed = _reopen(d, "fsync")
+    fed.close()
+    assert read_mark(d) is None
+
+
 def test_a_mark_file_in_fsync_mode_refuses_to_start_and_cuts_nothing(tmp_path: Path) -> None:
     d = _two_uploads(tmp_path / "s", "fsync").dir
     assert read_mark(d) is None

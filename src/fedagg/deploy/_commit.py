@@ -26,8 +26,8 @@ refused as in ``"fsync"`` mode. The cut is recorded in the store (``meta.cuts``:
 head's seq and chain, the seq cut from, how many events; see :meth:`Store.truncate`), so a
 rollback of the log stays visible. It runs only when the store says the previous run was
 ``"retained"`` (``meta.durability``, written at each start by :func:`settle` before the mark
-file) and the mark file is valid: a mark file in a state directory last run with
-``"fsync"``, or a mark file that does not check (torn or altered: it is written in one
+file) and the mark file is valid: a cut on the word of a mark file in a state directory last
+run with ``"fsync"``, or of one that does not check (torn or altered: it is written in one
 sector, and created whole by a rename, so neither happens by itself), refuses to start
 (:class:`~fedagg.errors.StateError`), nothing cut.
 
@@ -91,9 +91,8 @@ def checked_mark(d: Path) -> tuple[int, int] | None:
     raise StateError(
         f"the mark file {d / MARK} is unreadable (torn or altered: it is written in place in "
         "one sector and created whole, so a crash does not leave it so); recovery will not "
-        "cut the event log on its word. Restore the state directory from a backup, or remove "
-        "the file to start without a cut (an update lost after the last checkpoint is then "
-        "refused as corruption)"
+        "cut the event log on its word. Restore the state directory from a backup, or move "
+        "it aside to start a new federation"
     )
 
 
@@ -330,21 +329,19 @@ def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> list[int]:
     log row (lost in a power failure), and cut the log there (with the spool files of the
     events cut), recording the cut in the store. Returns the jobs of the events cut.
 
-    A mark file that does not check, or one in a state directory whose previous run was
-    ``"fsync"`` (planted, or copied from another run: those uploads were acknowledged as
-    durable, their clients keep nothing), is a :class:`StateError`: nothing is cut. (A
-    store of before ``meta.durability`` is taken as ``"retained"`` if it has a mark file.)"""
+    A cut on the word of a mark file that does not check, or of one in a state directory
+    whose previous run was ``"fsync"`` (planted, or copied from another run: those uploads
+    were acknowledged as durable, their clients keep nothing), is refused instead (a
+    :class:`StateError`, nothing cut); with no spool damaged, such a mark is harmless (the
+    mode's :func:`settle` removes or rewrites it). A store of before ``meta.durability`` is
+    taken as ``"retained"`` if it has a mark file."""
     mode = store.meta(MODE)
-    mark = checked_mark(directory)
+    try:
+        mark, torn = checked_mark(directory), None
+    except StateError as e:  # scanned from the checkpoint: a cut would be refused
+        mark, torn = (0, 0), e
     if mark is None:
         return []
-    if mode is not None and mode != "retained":
-        raise StateError(
-            f"{directory / MARK} exists but the state directory's last run had durability = "
-            f"{mode!r}, which writes no mark file: it was planted or copied from another run, "
-            "and the event log is not cut on its word (every upload logged in that mode was "
-            "acknowledged as durable). Remove the file if you know where it comes from"
-        )
     bad: int | None = None
     lost: list[str] = []
     jobs: list[int] = []
@@ -361,6 +358,17 @@ def cut_lost_tail(store: Store, directory: Path, checkpoint: int) -> list[int]:
             jobs += [u.job for u in row.parts] or ([row.job] if row.job is not None else [])
     if bad is None:
         return []
+    damaged = f"the spool file of event {bad} (after the checkpoint) is missing or damaged"
+    if torn is not None:
+        raise StateError(f"{damaged}, and {torn}")
+    if mode is not None and mode != "retained":
+        raise StateError(
+            f"{damaged}, and {directory / MARK} exists but the state directory's last run had "
+            f"durability = {mode!r}, which writes no mark file: it was planted or copied from "
+            "another run, and the event log is not cut on its word (every upload logged in "
+            "that mode was acknowledged as durable). Restore the state directory from a "
+            "backup, or move it aside to start a new federation"
+        )
     cut = store.truncate(bad, why=f"spool lost after the synced mark (seq {mark[0]})")
     for p in lost:
         with contextlib.suppress(OSError):
