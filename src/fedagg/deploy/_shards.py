@@ -300,7 +300,7 @@ class Shards:
                 await spool.commit()
                 crash_point("spooled")
                 if lease is not None:
-                    lease.complete = True
+                    lease.complete, lease.path = True, str(spool.final)
                 parts = [asm.done[i] for i in range(asm.shards)]
                 digest = b"".join(p[0] for p in parts)
                 check = combined([p[1] for p in parts], dtype.itemsize)
