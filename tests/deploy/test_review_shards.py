@@ -13,6 +13,7 @@ shards' streams sent by hand:
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -139,3 +140,37 @@ def test_at_most_max_uploads_streams_per_upload(tmp_path: Any) -> None:
 
     asyncio.run(_session(tmp_path / "h", "fold", script, size=20_000,
                          opts={"max_uploads": 3, "max_streams": 8}))  # fmt: skip
+
+
+def test_a_late_stream_cannot_fail_an_upload_whose_shards_are_all_in(tmp_path: Any) -> None:
+    """Review L4: once every shard is in (the upload committing: here its arrival waits for
+    the engine thread), a stream with a disagreeing header is refused (RESOURCE_EXHAUSTED)
+    and the upload's own streams are acknowledged."""
+
+    async def script(hand: Hand, service: FederationService) -> None:
+        t = await hand.task(0)
+        data = _delta(t.task, size=hand.size).tobytes()
+        go = asyncio.Event()
+        calls = [asyncio.create_task(hand.push(0, _held(_shard_msgs(hand, 0, t, s, 2, data), go)))
+                 for s in range(2)]  # fmt: skip
+        live = service.shards.live
+        await _until(lambda: any(a.started.is_set() for a in live.values()), "started")
+        started, release = threading.Event(), threading.Event()
+
+        def step() -> None:  # the engine thread busy: the arrival waits to be logged
+            started.set()
+            release.wait(20)
+
+        busy = asyncio.create_task(service.in_engine(step))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        go.set()
+        await _until(lambda: all(a.all_in.is_set() for a in live.values()), "all in")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await hand.push(0, _shard_msgs(hand, 0, t, 0, 2, data, weight=99.0))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        await busy
+        replies = await asyncio.wait_for(asyncio.gather(*calls), 20)
+        assert all(isinstance(r, pb.PushReply) and not r.duplicate for r in replies), replies
+
+    asyncio.run(_session(tmp_path / "l", "fold", script, size=20_000))

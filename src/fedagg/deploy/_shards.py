@@ -9,7 +9,8 @@ meet in an :class:`Assembly`, keyed by (client, task):
 
 * every shard's header must agree with the first one's (else the upload fails), each shard
   index once at a time (a second stream for it is refused, RESOURCE_EXHAUSTED, until the
-  first ends); at most ``max_streams`` shards;
+  first ends; so is any stream once every shard is in, or the upload failed: it cannot
+  undo the upload's outcome); at most ``max_streams`` shards;
 * the assembly's runner (a task of its own, not any one stream's) holds the upload's slot
   (one of the owner's ``client_uploads``: at most ``client_uploads x S`` streams per
   client), one of the ``max_uploads`` slots *per stream* (S of them, taken together, one
@@ -203,6 +204,12 @@ class Shards:
         if asm is None:
             asm = self.live[key] = Assembly(key, head)
             asm.runner = asyncio.create_task(self._run(asm, client, head, it, dtype))
+        elif asm.all_in.is_set():  # committing (or failed, cleaning up): it stands as it is
+            raise CallError(
+                Status.RESOURCE_EXHAUSTED,
+                f"shard {head.shard} of task {head.task}: the upload's shards are all in "
+                "(or it failed): retry later",
+            )
         elif _fields(head) != asm.fields:
             raise asm.fail(CallError(
                 Status.INVALID_ARGUMENT,
