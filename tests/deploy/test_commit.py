@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedagg.deploy import _faults
-from fedagg.deploy._commit import Committer, read_mark, write_mark
+from fedagg.deploy._commit import Committer, checked_mark, read_mark, write_mark
 from fedagg.deploy._faults import Faults
 from fedagg.deploy._store import Store, UploadRow
 from fedagg.errors import ConfigError, StateError
@@ -59,6 +59,58 @@ def test_the_watermark_waits_for_the_sync_and_never_decreases(tmp_path: Path) ->
         assert seen == sorted(seen) and seen[-1] == 12
         assert read_mark(tmp_path) == (4, 12)
         assert c.logged(5, [], [3, 12]) == {3}  # a closed task's late arrival: synced first
+    finally:
+        c.close()
+
+
+def test_an_old_open_task_stops_holding_the_watermark(tmp_path: Path) -> None:
+    """Review M2: a straggler's open task (job 2) holds the watermark for ``hold`` seconds
+    only; then it rises to the younger open tasks' jobs, and the straggler's upload, when it
+    comes, is late (synced before its acknowledgement)."""
+    paths = _files(tmp_path, 2)
+    now = [0.0]
+    c = Committer(tmp_path, tmp_path / "spool", seq=0, low=0, version=0, sync=False, hold=5.0)
+    c.clock = lambda: now[0]
+    try:
+        c.barrier(0, 0, [], False, high=3)  # jobs 0..2 dispatched at t=0
+        c.logged(1, paths[:1], [0])
+        c.logged(2, [], [1])
+        c.barrier(2, 2, [], False, high=3)  # job 2, the straggler's, open
+        c.flush(2)
+        _settled(c, 2)
+        assert c.watermark == 2  # held by the young open task
+        now[0] = 10.0
+        c.barrier(2, 2, [], False, high=6)  # jobs 3..5 dispatched at t=10
+        _settled(c, 3)
+        assert c.watermark == 3  # job 2 is 10 s old: the first younger job holds it
+        with c._mark_lock:
+            assert c.logged(3, paths[1:], [4]) == set()  # a young task's upload: retained
+            assert c.logged(4, [], [2]) == {2}  # the straggler's: late, synced before its ack
+        c.flush(4)
+        assert c.watermark == 3  # jobs 3 and 5 still open and young
+        now[0] = 16.0
+        c.barrier(4, 3, [], False, high=6)
+        _settled(c, 6)  # old too now, nothing pending: the next job to dispatch
+        assert c.watermark == 6 and read_mark(tmp_path) == (4, 6)
+    finally:
+        c.close()
+
+
+def test_a_pending_event_holds_the_watermark_however_old(tmp_path: Path) -> None:
+    paths = _files(tmp_path, 1)
+    now = [0.0]
+    c = Committer(tmp_path, tmp_path / "spool", seq=0, low=0, version=0, hold=1.0)
+    c.clock = lambda: now[0]
+    try:
+        with c._mark_lock:  # no pass: the event stays unsynced
+            c.barrier(0, 0, [], False, high=2)
+            c.logged(1, paths, [1])
+            c.barrier(1, 5, [], False, high=5)
+            now[0] = 100.0
+            assert c._candidate() == 1
+        c.flush(1)
+        _settled(c, 5)
+        assert c.watermark == 5
     finally:
         c.close()
 
@@ -114,6 +166,11 @@ def test_the_mark_file_is_checked(tmp_path: Path) -> None:
     data[0] ^= 1
     (tmp_path / "synced").write_bytes(bytes(data))
     assert read_mark(tmp_path) == (0, 0)  # torn or altered: nothing known to be synced
+    with pytest.raises(StateError, match=r"mark file .* is unreadable"):
+        checked_mark(tmp_path)  # what recovery reads: it does not cut on its word
+    (tmp_path / "synced").unlink()
+    write_mark(tmp_path, 3, 2, sync=False)  # a new mark is created whole (renamed)
+    assert checked_mark(tmp_path) == (3, 2) and not (tmp_path / "synced.tmp").exists()
 
 
 def test_power_fault_specs() -> None:
@@ -140,7 +197,11 @@ def test_truncate_cuts_the_log_tail_and_resets_the_chain(tmp_path: Path) -> None
         ]
         _, seq = store.log_batch(0, events)
         assert seq == 5 and store.verify() == 5
-        assert store.truncate(4) == 2  # the arrivals of jobs 2 and 3
+        head = store.meta("chain_head")
+        cut = store.truncate(4, why="test")  # the arrivals of jobs 2 and 3
+        assert cut["events"] == 2 and f"{cut['head']}:{cut['chain']}" == head
+        assert cut["at"] == 4 and cut["why"] == "test"
+        assert store.cuts() == [cut]  # recorded with the cut (the old head: a rollback shows)
         assert store.verify() == 3 and store.last_seq() == 3
         assert store.accepted_keys() == {(0, 0), (1, 1)}
         _, seq = store.log_batch(3, events[3:4])  # logged again after the cut: chained on

@@ -8,7 +8,9 @@ safe: the server acknowledges it without counting it again. A server with ``dura
 "retained"`` acknowledges an upload before its bytes are synced (``PushReply.retain``): the
 client keeps the update (in memory: lost with this process, the task is then trained again)
 until the server's committed watermark is above its task, and if the server, restarted after
-a power failure, gives it that task again, it sends the update it kept instead of training.
+a power failure, gives it that task again, it sends the update it kept instead of training
+(at most :data:`~fedagg.deploy._kept.MAX_KEPT` kept: beyond, the oldest is dropped, and
+trained again if given again).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fedagg.deploy._auth import ClientKey, Keyring, body
 from fedagg.deploy._calls import CALL_METADATA, CallTokens
 from fedagg.deploy._evalwire import parse_task_config, report_body
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._kept import Kept, KeptUpdates
 from fedagg.deploy._log import client_connected, client_retry, client_task, client_uploaded
 from fedagg.deploy._malloc import keep_large_buffers
 from fedagg.deploy._probe import transport_mismatch
@@ -85,20 +88,6 @@ class ClientReport:
     pull_s: list[float] = field(default_factory=list)  # per task: model download
     train_s: list[float] = field(default_factory=list)
     push_s: list[float] = field(default_factory=list)  # digest, upload, durable ack
-
-
-@dataclass(frozen=True)
-class Kept:
-    """An update acknowledged as "retain": what to send again if its task comes back."""
-
-    version: int
-    epochs: int
-    config: str
-    stream: int  # the task stream it was given on (a task listed twice on one is not lost)
-    delta: np.ndarray[Any, Any]  # not copied: checked against ``check`` before it is re-sent
-    check: bytes
-    weight: float
-    metrics: dict[str, float]
 
 
 TrainFn = Callable[[ArrayTree, TaskContext], Any]
@@ -180,7 +169,7 @@ class Client:
         self.chunk, self.digest, self.digest_algorithm, self.max_streams = 0, True, "sha256", 0
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
         #: updates acknowledged as "retain", by task, until a watermark is above the task
-        self.kept: dict[int, Kept] = {}
+        self.kept = KeptUpdates()  # at most MAX_KEPT (deploy._kept): the oldest dropped
         self._streams = 0  # task streams opened
 
     def run(self) -> ClientReport:
@@ -319,9 +308,11 @@ class Client:
                         await self._stage(t)  # a stage request of a secure round
                         continue
                     if t.task in done:
-                        kept = self.kept.get(t.task)
-                        if kept is not None and kept.stream < self._streams:  # the server
-                            await self._resend(t)  # lost it: send the kept update
+                        lost = self.kept.lost(t.task, self._streams)  # the server lost it:
+                        if lost == "resend":  # send the kept update
+                            await self._resend(t)
+                        elif lost == "train":  # (dropped: MAX_KEPT)
+                            await self._do(t)
                         continue
                     if t.HasField("secagg"):  # trains while the round's stages go on
                         done.add(t.task)
@@ -419,14 +410,14 @@ class Client:
               metrics: dict[str, float]) -> None:  # fmt: skip
         """Keep an update acknowledged as "retain" until a watermark is above its task."""
         if reply.retain and reply.watermark <= t.task:
-            self.kept[t.task] = Kept(t.version, t.epochs, t.config, self._streams, delta,
-                                     checksum(delta.data.cast("B")), weight, metrics)  # fmt: skip
+            self.kept.keep(t.task, Kept(t.version, t.epochs, t.config, self._streams, delta,
+                                        checksum(delta.data.cast("B")), weight, metrics),
+                           reply.watermark)  # fmt: skip
         self._covered(reply.watermark)
 
     def _covered(self, watermark: int) -> None:
         """The server's committed watermark: the updates kept for tasks below it are durable."""
-        for task in [j for j in self.kept if j < watermark]:
-            del self.kept[task]
+        self.kept.covered(watermark)
 
     async def _resend(self, t: pb.Task) -> None:
         """Task ``t`` again, whose update this client kept: the server lost it (a power failure

@@ -401,7 +401,8 @@ class Federation:
         if self.committer is not None:  # no new model version leaves before it is durable
             vs = [t.version for t in effects.tasks] + [v for v, _ in effects.round_models.values()]
             self.committer.barrier(self.applied, min(self.tasks, default=self.next_job), vs,
-                                   bool(effects.rounds) or effects.finished)  # fmt: skip
+                                   bool(effects.rounds) or effects.finished,
+                                   high=self.next_job)  # fmt: skip
         return effects
 
     def settle(self) -> None:

@@ -107,6 +107,7 @@ class Lease:
         self.undo_comp: Arr | None = None
         self.peak = 0.0  # max |x| over the folded chunks (the float64 overflow bound)
         self.rolled_back = False
+        self.path: str | None = None  # its spool file, once complete (before() matches it: L1)
         #: set by the service when the upload's arrival is queued or the upload failed
         self.ended: asyncio.Event | None = None
 
@@ -343,6 +344,7 @@ class FoldIngest:
             return
         u = row.upload
         mine = row.kind == "arrival" and u is not None and (u.client, u.job) == lease.key
+        mine = mine and lease.path in (None, u.path if u else None)  # this attempt's file
         if mine and lease.live and lease.complete:
             self.committing = lease
         else:

@@ -4,7 +4,7 @@ chunks of at most ``chunk_bytes``, paced, within the download slots."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._admission import parse
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 __all__ = ["pull_call"]
 
 
+def _lookup(engine: Any, job: int) -> tuple[Any, Any]:
+    """Task ``job`` and its model (engine thread)."""
+    task = engine.tasks.get(job)
+    return task, None if task is None else engine.model(task.version)
+
+
 async def pull_call(svc: FederationService, call: Call) -> None:
     """Answer one ``Pull`` call: the model a task names, streamed in chunks, paced and
     within the client's download slots (a federated evaluation task's from the evaluation)."""
@@ -33,7 +39,9 @@ async def pull_call(svc: FederationService, call: Call) -> None:
         else:
             client = svc._auth("Pull", req.auth, body(task=req.task))
     if svc.evals is None or edge is not None or not is_eval_task(req.task):
-        task = svc.engine.tasks.get(req.task)
+        # on the engine thread: a task the running step opened is seen only once the step
+        # returns, after its durability barrier (a model leaves only once it is durable)
+        task, model = await svc.in_engine(_lookup, svc.engine, req.task)
         if task is None:
             svc.unknown_task(req.task)
         assert task is not None
@@ -41,7 +49,7 @@ async def pull_call(svc: FederationService, call: Call) -> None:
             svc.below.routed(edge, task.client)
         elif task.client != client:
             raise CallError(Status.PERMISSION_DENIED, f"task {req.task} is not yours")
-        owner, version, model = task.client, task.version, svc.engine.model(task.version)
+        owner, version = task.client, task.version
     else:  # a federated evaluation task
         owner, (version, model) = client, svc.evals.pull(client, req.task)
     if model is None:

@@ -410,7 +410,7 @@ class FederationService:
             protocol=PROTOCOL, client_index=client, spec_json=json.dumps(spec.to_dict()),
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
             digest_algorithm=self.opt.digest_algorithm,
-            max_streams=self.opt.max_streams if hasattr(self.engine, "ingest") else 1,
+            max_streams=self.shards.most() if hasattr(self.engine, "ingest") else 1,
             retained=self.retained,
         )  # fmt: skip
 

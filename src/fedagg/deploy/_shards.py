@@ -9,13 +9,21 @@ meet in an :class:`Assembly`, keyed by (client, task):
 
 * every shard's header must agree with the first one's (else the upload fails), each shard
   index once at a time (a second stream for it is refused, RESOURCE_EXHAUSTED, until the
-  first ends); at most ``max_streams`` shards;
+  first ends; so is any stream once every shard is in, or the upload failed: it cannot
+  undo the upload's outcome); at most ``max_streams`` shards;
 * the assembly's runner (a task of its own, not any one stream's) holds the upload's slot
-  and its one-at-a-time key, opens one spool file and takes one fold lease
+  (one of the owner's ``client_uploads``: at most ``client_uploads x S`` streams per
+  client), one of the ``max_uploads`` slots *per stream* (S of them, taken together, one
+  split upload at a time gathering them, so that several waiting cannot each hold part of
+  the pool: at most ``max_uploads`` streams receive at once; a server advertises
+  ``min(max_streams, max_uploads)`` streams, :meth:`Shards.most`) and its one-at-a-time
+  key, opens one spool file and takes one fold lease
   (:mod:`fedagg.deploy._ingest`) for all the shards; each stream writes its shard at its
   offsets and folds its range (disjoint ranges: at once, on the I/O threads), its chunks,
   digest and trailer signature checked as a whole upload's are
-  (:meth:`~fedagg.deploy._upload.Uploads.stream`);
+  (:meth:`~fedagg.deploy._upload.Uploads.stream`); a stream waits unread (flow control)
+  until then, for ``idle_timeout`` at most (then the upload fails, RESOURCE_EXHAUSTED: the
+  client retries);
 * once every shard is in: the file fsynced and renamed, the arrival logged as a whole
   upload's, and every shard's stream answered with that outcome. Any shard failing (a bad
   chunk, a bad trailer, a stream cut off or cancelled), a shard that never comes within
@@ -34,6 +42,7 @@ recomputes it from the file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -53,6 +62,13 @@ from fedagg.deploy._upload import Paced, SpoolFile
 __all__ = ["Assembly", "Shards"]
 
 log = logging.getLogger("fedagg.server")
+
+
+@contextlib.asynccontextmanager
+async def _owned(up: Any, owner: str) -> AsyncIterator[None]:
+    """One of the ``client_uploads`` slots of ``owner`` (refused beyond, RESOURCE_EXHAUSTED)."""
+    with up.owned(up.slots, owner, "uploads"):
+        yield
 
 
 def _fields(head: Any) -> tuple[Any, ...]:
@@ -78,6 +94,7 @@ class Assembly:
         self.lease: Lease | None = None
         self.rest0: AsyncIterator[bytes] | None = None  # the first stream, paced by the slot
         self.runner: asyncio.Task[None] | None = None
+        self.waiting = False  # the runner is waiting for its slots
 
     def fail(self, e: BaseException) -> CallError:
         """The upload fails (the first failure is its outcome): every shard stops."""
@@ -90,18 +107,27 @@ class Assembly:
         self.all_in.set()
         for t in list(self.children):
             t.cancel()
+        if self.runner is not None and self.waiting:
+            self.runner.cancel()  # still waiting for its slots: it stops waiting
         failure = self.outcome.exception()
         return failure if isinstance(failure, CallError) else err
 
-    async def ready(self) -> None:
-        """Wait until the assembly started, or raise its failure."""
+    async def ready(self, timeout: float) -> None:
+        """Wait until the assembly started (``timeout`` seconds at most: then it fails,
+        RESOURCE_EXHAUSTED), or raise its failure."""
         if not self.started.is_set():
             wait: asyncio.Future[Any] = asyncio.ensure_future(self.started.wait())
             try:
                 aws: list[asyncio.Future[Any]] = [wait, self.outcome]
-                await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(aws, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 wait.cancel()
+            if not self.started.is_set() and not self.outcome.done():
+                raise self.fail(CallError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"upload of task {self.key[1]}: no upload slots for its {self.shards} "
+                    f"streams within {timeout:g}s (the server is busy): retry later",
+                ))  # fmt: skip
         if self.outcome.done() and self.outcome.exception() is not None:
             raise self.fail(CallError(Status.ABORTED, "failed"))
 
@@ -113,14 +139,42 @@ class Shards:
     def __init__(self, svc: Any) -> None:
         self.svc = svc
         self.live: dict[tuple[int, int], Assembly] = {}
+        self.gather = asyncio.Lock()  # held by the one split upload gathering its slots
+
+    def most(self) -> int:
+        """The most streams an upload may be split across here (``HelloReply.max_streams``):
+        ``max_streams``, at most ``max_uploads`` (each stream takes one of those slots)."""
+        return int(min(self.svc.opt.max_streams, self.svc.opt.max_uploads))
+
+    @contextlib.asynccontextmanager
+    async def slots(self, asm: Assembly) -> AsyncIterator[None]:
+        """One of the ``max_uploads`` slots per stream of ``asm``, taken together: one split
+        upload at a time gathers its slots (the others wait for the lock), so waiting
+        uploads never each hold part of the pool (no deadlock); an upload on one stream
+        takes its one slot meanwhile. Released however it ends; a failure of the upload
+        meanwhile stops the wait (:meth:`Assembly.fail`)."""
+        pool: asyncio.Semaphore = self.svc.up.uploads
+        held = 0
+        asm.waiting = True
+        try:
+            async with self.gather:
+                for _ in range(asm.shards):
+                    await pool.acquire()
+                    held += 1
+            asm.waiting = False
+            yield
+        finally:
+            asm.waiting = False
+            for _ in range(held):
+                pool.release()
 
     def check(self, head: Any, masked: bool) -> None:
         """A shard header's own bounds (before anything is taken for it)."""
-        opt = self.svc.opt
-        if not 1 < head.shards <= opt.max_streams or head.shard >= head.shards:
+        most = self.most()
+        if not 1 < head.shards <= most or head.shard >= head.shards:
             raise CallError(
                 Status.INVALID_ARGUMENT,
-                f"shard {head.shard} of {head.shards}: at most {opt.max_streams} shards "
+                f"shard {head.shard} of {head.shards}: at most {most} shards "
                 "(HelloReply.max_streams), each index below their count",
             )
         if masked or getattr(self.svc.engine, "ingest", None) is None:
@@ -150,6 +204,12 @@ class Shards:
         if asm is None:
             asm = self.live[key] = Assembly(key, head)
             asm.runner = asyncio.create_task(self._run(asm, client, head, it, dtype))
+        elif asm.all_in.is_set():  # committing (or failed, cleaning up): it stands as it is
+            raise CallError(
+                Status.RESOURCE_EXHAUSTED,
+                f"shard {head.shard} of task {head.task}: the upload's shards are all in "
+                "(or it failed): retry later",
+            )
         elif _fields(head) != asm.fields:
             raise asm.fail(CallError(
                 Status.INVALID_ARGUMENT,
@@ -163,7 +223,7 @@ class Shards:
             )
         asm.streams.add(head.shard)
         try:
-            await asm.ready()
+            await asm.ready(svc.opt.idle_timeout)
         except BaseException as e:
             raise asm.fail(e) from None
         if head.shard == asm.head.shard and asm.rest0 is not None and asm.head is head:
@@ -223,9 +283,11 @@ class Shards:
         try:
             async with (
                 svc.up.one_upload(client, head.task),
-                svc.up.slot(f"client:{client}", it, head.nbytes) as rest,
+                _owned(svc.up, f"client:{client}"),  # one of its client_uploads
+                self.slots(asm),  # one of the max_uploads per stream
             ):
                 until = time.monotonic() + opt.idle_timeout + head.nbytes / opt.min_rate
+                rest = Paced(it, opt.idle_timeout, until)
                 asm.spool = spool = svc.up.new_spool(head.task, client)
                 await spool.open(svc.up.open_spool)
                 lease = asm.lease = await svc.turns.take(client, head, False)
@@ -245,7 +307,7 @@ class Shards:
                 await spool.commit()
                 crash_point("spooled")
                 if lease is not None:
-                    lease.complete = True
+                    lease.complete, lease.path = True, str(spool.final)
                 parts = [asm.done[i] for i in range(asm.shards)]
                 digest = b"".join(p[0] for p in parts)
                 check = combined([p[1] for p in parts], dtype.itemsize)

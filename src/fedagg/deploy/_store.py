@@ -1,7 +1,9 @@
 """The server's durable state: one SQLite database in WAL mode.
 
 Tables:
-    meta         key -> value (the federation's identity: spec, seed, config digest)
+    meta         key -> value (the federation's identity: spec, seed, config digest; the
+                 chain's head; ``durability``, the mode of the last start; ``cuts``, every
+                 cut of the log's tail at a recovery, see :meth:`Store.truncate`)
     events       the event log fed to the policy, in order (start, arrival, dropout, timer,
                  partial, secure: a client's reply to a secure aggregation stage)
     uploads      accepted updates, unique by (client, job): the idempotency keys (a partial
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import sqlite3
+import time as _time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,20 +305,33 @@ class Store:
                 "INSERT OR REPLACE INTO meta VALUES ('forgotten_through', ?)", (str(new),)
             )
 
-    def truncate(self, seq: int) -> int:
+    def truncate(self, seq: int, why: str = "") -> dict[str, Any]:
         """Delete the events from ``seq`` on (their upload, partial and round rows with them)
-        and reset the chain's head to the event before, in one transaction; returns how many
-        events went. For ``durability = "retained"`` recovery only: those events were never
-        durable (an upload's spool lost in a power failure), and no checkpoint covers them."""
+        and reset the chain's head to the event before, in one transaction that also appends
+        the cut to ``meta.cuts`` (:meth:`cuts`: the old head's seq and chain, ``seq``, how
+        many events went, when, ``why``), so a rollback of the log stays visible to whoever
+        saw the old head. Returns that record. For ``durability = "retained"`` recovery only:
+        those events were never durable (an upload's spool lost in a power failure), and no
+        checkpoint covers them."""
         if any(s >= seq for s, _ in self.checkpoints()):
             raise StateError(f"cannot cut the event log at seq {seq}: a checkpoint covers it")
         with self.tx():
             n = int(self.db.execute("SELECT count(*) FROM events WHERE seq >= ?",
                                     (seq,)).fetchone()[0])  # fmt: skip
+            head, _, chain = (self.meta("chain_head") or "0:").partition(":")
+            record = {"at": seq, "head": int(head or 0), "chain": chain, "events": n,
+                      "time": _time.time(), "why": why}  # fmt: skip
             for table in ("events", "uploads", "partials", "rounds"):
                 self.db.execute(f"DELETE FROM {table} WHERE seq >= ?", (seq,))
             self._set_head(seq - 1, self._chain_at(seq - 1))
-        return n
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cuts', ?)",
+                            (json.dumps([*self.cuts(), record]),))  # fmt: skip
+        return record
+
+    def cuts(self) -> list[dict[str, Any]]:
+        """Every cut of the log's tail at a recovery (:meth:`truncate`), oldest first."""
+        raw = self.meta("cuts")
+        return list(json.loads(raw)) if raw else []
 
     def _forgotten(self) -> int:
         return int(self.meta("forgotten_through") or 0)

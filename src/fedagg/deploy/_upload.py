@@ -217,7 +217,7 @@ class Uploads:
             await spool.commit()
             crash_point("spooled")
             if lease is not None:
-                lease.complete = True
+                lease.complete, lease.path = True, str(spool.final)
             return spool.final, digest, check, tsig
         except BaseException:
             if lease is not None:  # after the running chunk's fold, if any: exact
