@@ -248,3 +248,42 @@ def test_canonical_round_fold_skips_an_update_the_rule_refuses_and_keeps_the_oth
     st.pending = [_up("b", 3e38, 10.0)]
     with pytest.raises(EmptyAggregate):  # nothing left to apply: the policy skips the round
         agg.finalize_flat(st)
+
+
+def test_a_deferred_step_leaves_the_rounds_checkpoint_to_settle(tmp_path: Path) -> None:
+    """The service steps with ``defer=True``: a closed round's tasks come back before its
+    checkpoint is written; ``settle`` writes it; the end is checkpointed in the step itself;
+    a crash between the step and ``settle`` replays to the same bits."""
+    ref = _fed(tmp_path / "ref")
+    _drive(ref)
+    want = ref.server.params.copy()
+    fed = _fed(tmp_path / "fed")
+    fed.open()
+    fed.step([r for r in fed.log([("start", 0.0, None, None, None, None)]) if r])
+    t, closed = 1.0, 0
+    while not fed.finished:
+        task = min(fed.tasks.values(), key=lambda x: x.job)
+        before = len(fed.store.checkpoints())
+        up = _upload(fed, task.job, task.client, task.version)
+        rows = [r for r in fed.log([("arrival", t, task.client, task.job, None, up)]) if r]
+        effects = fed.step(rows, defer=True)
+        t += 1.0
+        if not effects.rounds:
+            fed.settle()  # nothing due: settle writes nothing
+            assert len(fed.store.checkpoints()) == before
+            continue
+        closed += 1
+        if effects.finished:  # the end: checkpointed in the step
+            assert fed.store.checkpoints()[0][0] == fed.applied
+            break
+        assert effects.tasks  # the next round's tasks, before its checkpoint
+        assert fed.store.checkpoints()[0][0] < fed.applied
+        if closed == 1:  # die here, before settle: the log replays it
+            fed.close()
+            fed = _fed(tmp_path / "fed")
+            fed.open()
+            continue
+        fed.settle()
+        assert fed.store.checkpoints()[0][0] == fed.applied
+    assert closed == 3 and fed.finished
+    assert np.array_equal(fed.server.params, want)

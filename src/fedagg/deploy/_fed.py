@@ -627,6 +627,7 @@ class Federation:
         if self.committer is not None:  # what it covers needs no spool fsync
             self.committer.covered(self.applied)
         self._since_ckpt = self._folds_since_ckpt = 0
+        self._due = False
         # what the checkpoint covers is no longer needed: older checkpoints, folded spools
         for _, old in self.store.checkpoints()[1:]:
             with contextlib.suppress(FileNotFoundError):
