@@ -225,7 +225,11 @@ class Shards:
         try:
             await asm.ready(svc.opt.idle_timeout)
         except BaseException as e:
-            raise asm.fail(e) from None
+            err = asm.fail(e)
+            task = asyncio.current_task()
+            if isinstance(e, asyncio.CancelledError) and task and task.cancelling():
+                raise  # this call was cancelled (its client went away): it ends so
+            raise err from None
         if head.shard == asm.head.shard and asm.rest0 is not None and asm.head is head:
             rest: AsyncIterator[bytes] = asm.rest0
         else:
