@@ -128,6 +128,8 @@ class FederationService:
         #: an edge's relay of its clients' secure aggregation replies to its parent (None at
         #: the root, which answers them)
         self.relay_secure: Callable[[int, Any], Awaitable[Any]] | None = None
+        #: the data port for uploads (:mod:`fedagg.deploy._stream`; 0: none), told to clients
+        self.data_port = 0
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
@@ -406,7 +408,7 @@ class FederationService:
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
             digest_algorithm=self.opt.digest_algorithm,
             max_streams=self.opt.max_streams if hasattr(self.engine, "ingest") else 1,
-            retained=self.retained,
+            retained=self.retained, data_port=self.data_port,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:

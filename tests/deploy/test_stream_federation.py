@@ -1,0 +1,143 @@
+"""The stream transport (the data port, ``deploy/_stream.py``) in a real federation over
+loopback: the same bits as gRPC, with TLS and without, one stream or two per upload; and the
+client's fallback to gRPC when the advertised port cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedagg.deploy import Client, Federation, Server, make_certs
+from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._stream_client import chunk_parts
+from fedagg.deploy._wire import encode_chunk
+from tests.deploy.harness import free_port
+from tests.deploy.test_memory_transport import (
+    _GRPC_LEFTOVERS,
+    KEYS,
+    NAMES,
+    RING,
+    _fed,
+    _opts,
+    _train,
+)
+
+
+class _Counting(Client):
+    """Counts the uploads that went over the data port and over gRPC."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.via: dict[str, int] = {"stream": 0, "grpc": 0}
+
+    def _method(self, name: str, kind: str) -> Any:
+        if name == "Push":
+            self.via["grpc"] += 1
+        return super()._method(name, kind)
+
+    def upload_options(self, reply: pb.HelloReply) -> None:
+        super().upload_options(reply)
+        if self._data is not None and not isinstance(self._data, _Counted):
+            self._data = _Counted(self._data, self.via)  # type: ignore[assignment]
+
+
+class _Counted:
+    """A data port call, counted."""
+
+    parts = True
+
+    def __init__(self, push: Any, via: dict[str, int]) -> None:
+        self.push, self.via = push, via
+
+    async def __call__(self, messages: Any, **kw: Any) -> bytes:
+        self.via["stream"] += 1
+        out: bytes = await self.push(messages, **kw)
+        return out
+
+
+async def _run(d: Path, *, transport: str = "auto", tls: bool = False, streams: int = 0,
+               data_listen: str = "auto", port_override: int | None = None,
+               **opts: Any) -> tuple[Federation, list[_Counting], int]:  # fmt: skip
+    fed = _fed(d)
+    ca = None
+    kw: dict[str, Any] = {}
+    if tls:
+        paths = make_certs(d / "certs")
+        ca = paths["ca"].read_bytes()
+        kw = {"tls": (paths["cert"].read_bytes(), paths["key"].read_bytes()),
+              "insecure": False}  # fmt: skip
+    server = Server(fed, RING, _opts(data_listen=data_listen, **kw, **opts))
+    await server.start()
+    if port_override is not None:
+        server.service.data_port = port_override
+    try:
+        host = "localhost" if tls else "127.0.0.1"
+        clients = [_Counting(f"{host}:{server.port}", KEYS[n], _train, insecure=not tls, ca=ca,
+                             retry_for=5.0, heartbeat=1.0, transport=transport, streams=streams)
+                   for n in NAMES]  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(server.wait(), *[c.run_async() for c in clients]), 60)
+    finally:
+        await server.stop(0.1)
+    return fed, clients, server.data_port
+
+
+def _via(clients: list[_Counting]) -> dict[str, int]:
+    return {k: sum(c.via[k] for c in clients) for k in ("stream", "grpc")}
+
+
+@_GRPC_LEFTOVERS
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_data_port_gives_the_bits_of_grpc(tmp_path: Path, tls: bool) -> None:
+    """Two streams per upload (chunks of 4 KiB, 12 KB updates: shards of 3 chunks) over the
+    data port, against one gRPC stream: the same model, to the bit."""
+    net, grpc_clients, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
+    data, clients, port = asyncio.run(_run(tmp_path / "data", tls=tls, streams=2))
+    gc.collect()
+    assert port > 0 and all(c.data_port == port for c in clients)
+    assert _via(grpc_clients) == {"stream": 0, "grpc": 9}
+    assert _via(clients) == {"stream": 18, "grpc": 0}  # 9 uploads, 2 shards each
+    assert data.server.version == net.server.version == 3
+    assert data.server.params.tobytes() == net.server.params.tobytes()
+    assert np.any(data.server.params != 0)
+
+
+@_GRPC_LEFTOVERS
+def test_an_unreachable_data_port_falls_back_to_grpc_for_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hello advertises a port nobody listens on: each client's first upload fails to
+    connect, goes over gRPC, and so does every later one."""
+    caplog.set_level(logging.WARNING, "fedagg.client")
+    net, _, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
+    fed, clients, _ = asyncio.run(_run(tmp_path / "off", port_override=free_port()))
+    gc.collect()
+    tried = [c for c in clients if c.via["stream"]]
+    assert tried and all(c._data is None and c.via["stream"] == 1 for c in tried)
+    assert _via(clients)["grpc"] == 9
+    assert fed.server.params.tobytes() == net.server.params.tobytes()
+    assert sum("data port is unreachable" in r.getMessage() for r in caplog.records) >= 3
+
+
+@_GRPC_LEFTOVERS
+def test_no_data_port_when_turned_off(tmp_path: Path) -> None:
+    fed, clients, port = asyncio.run(_run(tmp_path, data_listen=""))
+    gc.collect()
+    assert port == 0 and all(c.data_port == 0 for c in clients)
+    assert _via(clients) == {"stream": 0, "grpc": 9}
+    assert fed.server.version == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 5000])
+def test_chunk_parts_are_the_encoded_message(n: int) -> None:
+    data = memoryview(bytes(range(256)) * 20)[:n]
+    for head, trailer in ((b"\x0a\x02hi", None), (None, None), (None, b"\x0a\x01x")):
+        parts = chunk_parts({2: 12345}, data, head, trailer)
+        assert b"".join(bytes(p) for p in parts) == encode_chunk({2: 12345}, data, head, trailer)
+    if n:
+        assert chunk_parts({}, data)[1] is data  # not copied
