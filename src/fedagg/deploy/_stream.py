@@ -229,6 +229,8 @@ class _Conn(asyncio.BufferedProtocol):
         if self.call is not None:
             self.call.finish()
         if self.task is not None and not self.task.done() and not self.replied:
+            if self.call is not None:
+                self.owner.cut += 1
             self.task.cancel()  # the peer went away mid-call: as gRPC, cancel its handler
 
     # -- the wire ------------------------------------------------------------------------------
@@ -381,6 +383,7 @@ class StreamTransport:
         self.conns: set[_Conn] = set()
         self.counts: dict[str, int] = {}  # connections waiting for their preamble
         self.refused = 0  # connections closed for a violation or a timeout (tests, metrics)
+        self.cut = 0  # calls whose peer went away before the reply (their handler cancelled)
         self._server: asyncio.Server | None = None
 
     def opening(self, host: str) -> Callable[[], None] | None:
