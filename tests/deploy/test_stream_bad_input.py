@@ -102,7 +102,7 @@ def test_malformed_preambles_get_a_typed_error_and_change_nothing(tmp_path: Path
                 PREAMBLE.pack(MAGIC, 1, 4, MAX_CREDENTIALS + 1),
                 Status.INVALID_ARGUMENT,
                 "at most 8192",
-            ),  # fmt: skip
+            ),
             "hello": (_preamble(1), Status.UNIMPLEMENTED, "serves Push only"),
             "unknown": (_preamble(99), Status.UNIMPLEMENTED, "serves Push only"),
             "unsigned": (_preamble(creds=b""), Status.UNAUTHENTICATED, "call credentials"),
@@ -129,8 +129,8 @@ def test_lengths_are_checked_before_anything_is_read(tmp_path: Path) -> None:
         raw, _ = await asyncio.to_thread(
             _exchange, server.data_port, _preamble() + LENGTH.pack(limit + 1)
         )
-        assert _reply(raw) == (Status.RESOURCE_EXHAUSTED,
-                               f"Received message larger than max ({limit + 1} vs. {limit})")  # fmt: skip
+        too_long = f"Received message larger than max ({limit + 1} vs. {limit})"
+        assert _reply(raw) == (Status.RESOURCE_EXHAUSTED, too_long)
         raw, _ = await asyncio.to_thread(
             _exchange, server.data_port, _preamble() + LENGTH.pack(END)
         )
@@ -225,8 +225,12 @@ async def _federation(d: Path, client: type[Client], ingest: str, transport: str
     server = Server(_fed(d), RING, _opts(ingest=ingest))
     await server.start()
     try:
-        clients = [client(f"127.0.0.1:{server.port}", KEYS[n], _train, insecure=True,
-                          retry_for=5.0, heartbeat=1.0, transport=transport) for n in NAMES]  # fmt: skip
+        at = f"127.0.0.1:{server.port}"
+        clients = [
+            client(at, KEYS[n], _train, insecure=True, retry_for=5.0, heartbeat=1.0,
+                   transport=transport)
+            for n in NAMES
+        ]  # fmt: skip
         await asyncio.wait_for(asyncio.gather(server.wait(), *[c.run_async() for c in clients]), 60)
         assert server.data is not None
         return server.fed, server.data.cut, sum(c.report.retries for c in clients)
