@@ -86,6 +86,16 @@ PLANE: list[tuple[str, str, dict[str, Any]]] = [
     # but not synced (without the background committer's load): its ack, until i20-durable
     ("retained-proxy", "TLS, BLAKE3, ack at the log commit (spool not synced), S=4, fold",
      {**_SECURE, "algorithm": "blake3", "streams": 4, "ingest": "fold", "fsync": False}),
+    # the stream transport (the data port, deploy/_stream.py) for the uploads, next to gRPC
+    ("stream-fast", "data port: no TLS/digest/fsync, S=1, spool",
+     {**_FAST, "transport": "stream"}),
+    ("stream-fast-s2", "data port: no TLS/digest/fsync, S=2, spool",
+     {**_FAST, "streams": 2, "transport": "stream"}),
+    ("stream-default", "data port: TLS, BLAKE3, retained, S=2, spool (the defaults)",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2,
+      "transport": "stream"}),
+    ("default", "TLS, BLAKE3, retained, S=2, spool (the defaults, over gRPC)",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2}),
 ]  # fmt: skip
 
 
@@ -176,9 +186,14 @@ def grpc_drain(nbytes: int, cases: list[tuple[int, str]], reps: int = 3) -> list
 
 TWO = [
     ("two", "two clients at once, no TLS/digest/fsync, S=1, spool", _FAST),
-    ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[-2][2]),
+    ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[11][2]),
     ("two-proxy", "two clients at once, TLS, BLAKE3, ack at the log commit, S=4, fold",
-     PLANE[-1][2]),
+     PLANE[12][2]),
+    ("two-stream", "two clients at once, data port, no TLS/digest/fsync, S=1, spool",
+     {**_FAST, "transport": "stream"}),
+    ("two-stream-default", "two clients at once, data port, TLS, BLAKE3, retained, S=2, spool",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2,
+      "transport": "stream"}),
 ]  # fmt: skip
 
 
@@ -525,7 +540,7 @@ def save(res: dict[str, Any], a: argparse.Namespace, out: Path) -> None:
         prev = json.loads((out / "transport.json").read_text())
         keys = {r["key"] for r in res["plane"]}
         prev["plane"] = [r for r in prev.get("plane", []) if r["key"] not in keys] + res["plane"]
-        order = [k for k, *_ in PLANE] + ["two", "two-secure", "two-proxy"]
+        order = [k for k, *_ in PLANE] + [k for k, *_ in TWO]
         prev["plane"].sort(key=lambda r: order.index(r["key"]) if r["key"] in order else 99)
         if res["command"] not in prev.setdefault("updates", []):
             prev["updates"].append(res["command"])
