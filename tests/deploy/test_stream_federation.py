@@ -15,8 +15,10 @@ import pytest
 
 from fedagg.deploy import Client, Federation, Server, make_certs
 from fedagg.deploy import fedagg_pb2 as pb
+from fedagg.deploy._options import data_address
 from fedagg.deploy._stream_client import chunk_parts
 from fedagg.deploy._wire import encode_chunk
+from fedagg.errors import ConfigError
 from tests.deploy.harness import free_port
 from tests.deploy.test_memory_transport import (
     _GRPC_LEFTOVERS,
@@ -141,3 +143,33 @@ def test_chunk_parts_are_the_encoded_message(n: int) -> None:
         assert b"".join(bytes(p) for p in parts) == encode_chunk({2: 12345}, data, head, trailer)
     if n:
         assert chunk_parts({}, data)[1] is data  # not copied
+
+
+def test_the_data_port_options_are_checked() -> None:
+    assert data_address("auto", "0.0.0.0:7531") == ("0.0.0.0", 0)
+    assert data_address("auto", "[::1]:7531") == ("::1", 0)
+    assert data_address("auto", "unix:/tmp/x") is None  # no host to share: no data port
+    assert data_address("", "127.0.0.1:7531") is None
+    assert data_address("10.0.0.1:7532", "127.0.0.1:7531") == ("10.0.0.1", 7532)
+    for bad in ("7532", "host:", "host:99999", "a b:1"):
+        with pytest.raises(ConfigError, match="data_listen"):
+            _opts(data_listen=bad)
+    with pytest.raises(ConfigError, match="transport"):
+        Client("127.0.0.1:1", KEYS["c0"], _train, insecure=True, transport="quic")
+
+
+def test_the_config_keys_reach_the_server_and_the_client(tmp_path: Path) -> None:
+    """``[deploy] data_listen`` and ``transport``, as ``fedagg server`` / ``client`` read them."""
+    from fedagg.config import resolve_config
+    from fedagg.deploy import make_keys
+    from fedagg.deploy._app import client_from_config, options_from_config
+
+    make_keys(tmp_path / "keys", ["c0"])
+    cfg = {"deploy": {"data_listen": "127.0.0.1:7599", "transport": "grpc"}}
+    assert options_from_config(cfg, insecure=True).data_listen == "127.0.0.1:7599"
+    assert options_from_config({}, insecure=True).data_listen == "auto"
+    key = tmp_path / "keys" / "c0.key"
+    assert client_from_config(cfg, key, insecure=True).transport == "grpc"
+    assert client_from_config({}, key, insecure=True).transport == "auto"
+    with pytest.raises(ConfigError, match="transport"):
+        resolve_config({"deploy": {"transport": "udp"}})

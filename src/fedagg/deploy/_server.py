@@ -10,6 +10,7 @@ in-process over :mod:`fedagg.deploy._memory`. The options are
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from fedagg.deploy._transport import Service, Transport
 from fedagg.policy import RoundStats
 
 __all__ = ["Server"]
+
+log = logging.getLogger("fedagg.server")
 
 
 class Server:
@@ -106,6 +109,8 @@ class Server:
                     await self.transport.stop(0)
                     raise
                 self.service.data_port = self.data.port
+                log.info("uploads also on the data port %d (%s)", self.data.port,
+                         "TLS" if self.opt.tls is not None else "no TLS")  # fmt: skip
             await self.service.run(effects)
         except BaseException:
             await self._stop_metrics()
