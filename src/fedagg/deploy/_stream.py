@@ -24,12 +24,13 @@ The wire (integers big-endian), one call per connection:
   :data:`MAX_REPLY`), then the reply (a ``PushReply``) or, for an error, its message
   (UTF-8). Then the server closes the connection.
 
-Before its preamble a connection costs a few bytes and a timer: at most ``preauth`` wait for
-theirs (``preauth_per_peer`` per address; more are closed at once), each closed after
-``first_timeout`` (TLS handshake included). Messages are read only when the service asks for
-one (a pull: no read-ahead, the socket's buffer is the window), so a call waiting for its
-slot holds nothing but the kernel's buffer. Anything malformed (magic, version, lengths)
-gets a typed error reply and the connection is closed. A peer that disconnects mid-call
+Before its preamble a connection costs a few bytes and a timer (with TLS, also asyncio's
+TLS buffers, 256 KiB): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
+more are closed at once), each closed after ``first_timeout`` (TLS handshake included).
+Messages are read only when the service asks for one (a pull: no read-ahead, the socket's
+buffer is the window), so a call waiting for its slot holds nothing but the kernel's buffer
+(with TLS, up to 256 KiB more of records read ahead). Anything malformed (magic, version,
+lengths) gets a typed error reply and the connection is closed. A peer that disconnects mid-call
 cancels its handler (as gRPC does: the upload path rolls back on cancellation); after an
 error reply the server reads and discards for at most :data:`LINGER` seconds so that the
 client, still sending, reads the reply instead of a reset.
@@ -399,13 +400,24 @@ class StreamTransport:
         if where is None:
             return
         loop = asyncio.get_running_loop()
+        host, port = where
         try:
-            self._server = await loop.create_server(
-                lambda: _Conn(self), where[0], where[1], backlog=1024, reuse_address=True
-            )
+            for _ in range(5):
+                server = await loop.create_server(
+                    lambda: _Conn(self), host, port, backlog=1024, reuse_address=True
+                )
+                ports = {int(s.getsockname()[1]) for s in server.sockets}
+                if len(ports) == 1:
+                    break
+                # a name of several addresses ("localhost": ::1 and 127.0.0.1), each given
+                # its own free port: again, all on the first one's
+                port = int(server.sockets[0].getsockname()[1])
+                server.close()
+                await server.wait_closed()
         except OSError as e:
             raise ConfigError(f"cannot listen on {self.opt.data_listen} (data port): {e}") from e
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._server = server
+        self.port = ports.pop()
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._server is None:
