@@ -173,3 +173,54 @@ def test_the_config_keys_reach_the_server_and_the_client(tmp_path: Path) -> None
     assert client_from_config({}, key, insecure=True).transport == "auto"
     with pytest.raises(ConfigError, match="transport"):
         resolve_config({"deploy": {"transport": "udp"}})
+
+
+async def _edge_tree(d: Path, transport: str) -> tuple[Federation, list[_Counting], int]:
+    """Root (over memory) <- a relaying edge served over gRPC and its data port <- clients
+    over loopback, uploading to the edge with ``transport``."""
+    from fedagg.deploy import EdgeEngine, EdgeServer, ParentLink
+    from fedagg.deploy._memory import MemoryChannel
+    from fedagg.deploy._service import FederationService
+    from tests.deploy.test_memory_transport import EDGE, EDGES, N
+
+    fed = _fed(d / "root")
+    root = FederationService(fed, RING, _opts(), edges=EDGES, edge_clients={"e0": range(N)})
+    await root.start()
+    engine = EdgeEngine(fed.policy.strategy.aggregator, fed.spec, num_clients=N,
+                        directory=d / "edge", mode="relay")  # fmt: skip
+    link = ParentLink("memory", EDGE, range(N), insecure=True, retry_for=5.0,
+                      channel=MemoryChannel(root))  # fmt: skip
+    edge = EdgeServer(engine, RING, _opts(), link, serves=set(range(N)))
+    made: list[_Counting] = []
+    runs: list[asyncio.Task[Any]] = []
+    starting = asyncio.create_task(edge.start())  # it links up once its clients are in
+    try:
+        while not edge.server.service.data_port:  # listening
+            assert not starting.done()
+            await asyncio.sleep(0.01)
+        at = f"127.0.0.1:{edge.server.port}"
+        made = [_Counting(at, KEYS[n], _train, insecure=True, retry_for=5.0, heartbeat=1.0,
+                          transport=transport) for n in NAMES]  # fmt: skip
+        runs = [asyncio.create_task(c.run_async()) for c in made]
+        await asyncio.wait_for(starting, 30)
+        await asyncio.wait_for(root.wait(), 60)
+        await asyncio.wait_for(asyncio.gather(*runs), 30)
+    finally:
+        for r in [*runs, starting]:
+            r.cancel()
+        await asyncio.gather(*runs, starting, return_exceptions=True)
+        await edge.stop()
+        await root.stop()
+    return fed, made, edge.server.data_port
+
+
+@_GRPC_LEFTOVERS
+def test_an_edge_takes_its_clients_uploads_on_its_data_port(tmp_path: Path) -> None:
+    ref, grpc_clients, _ = asyncio.run(_edge_tree(tmp_path / "grpc", "grpc"))
+    fed, clients, port = asyncio.run(_edge_tree(tmp_path / "data", "auto"))
+    gc.collect()
+    assert port > 0 and all(c.data_port == port for c in clients)
+    assert _via(grpc_clients) == {"stream": 0, "grpc": 9}
+    assert _via(clients) == {"stream": 9, "grpc": 0}
+    assert fed.server.version == ref.server.version == 3
+    assert fed.server.params.tobytes() == ref.server.params.tobytes()
