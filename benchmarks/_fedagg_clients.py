@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("count", type=int)
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--streams", type=int, default=0, help="parallel streams (0: auto)")
-    ap.add_argument("--transport", default="grpc", help="deploy.transport (auto: the data port)")
+    ap.add_argument("--transport", default="grpc", help="deploy.transport (stream: the data port)")
     a = ap.parse_args()
     print(json.dumps({"fedagg_file": fedagg.__file__}), flush=True)
     d = Path(a.dir)

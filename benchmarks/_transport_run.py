@@ -48,7 +48,8 @@ def fedagg_run(
     """One fedagg federation: server process + ``client_procs`` client processes.
 
     ``transport``: how uploads travel: ``"grpc"`` (the server has no data port), or
-    ``"stream"`` (the data port, ``deploy/_stream.py``; the clients' ``transport = "auto"``).
+    ``"stream"`` (the data port, ``deploy/_stream.py``; the clients' ``transport = "stream"``,
+    also under TLS).
 
     ``src``: run them on the ``fedagg`` in that ``src`` directory (``PYTHONPATH``, ahead of the
     venv's editable install); every process must report a ``fedagg/__init__.py`` under it.
@@ -91,7 +92,7 @@ def fedagg_run(
                     str(hi - lo),
                     *(["--tls"] if tls else []),
                     *["--streams", str(streams)],
-                    *(["--transport", "auto"] if transport == "stream" else []),
+                    *(["--transport", "stream"] if transport == "stream" else []),
                 ],
                 stdout=subprocess.PIPE,
                 env=env,

@@ -99,7 +99,8 @@ def test_the_data_port_gives_the_bits_of_grpc(tmp_path: Path, tls: bool) -> None
     """Two streams per upload (chunks of 4 KiB, 12 KB updates: shards of 3 chunks) over the
     data port, against one gRPC stream: the same model, to the bit."""
     net, grpc_clients, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
-    data, clients, port = asyncio.run(_run(tmp_path / "data", tls=tls, streams=2))
+    how = "stream" if tls else "auto"  # under TLS, "auto" keeps to gRPC (see TLS_STREAM)
+    data, clients, port = asyncio.run(_run(tmp_path / "data", tls=tls, streams=2, transport=how))
     gc.collect()
     assert port > 0 and all(c.data_port == port for c in clients)
     assert _via(grpc_clients) == {"stream": 0, "grpc": 9}
@@ -224,3 +225,13 @@ def test_an_edge_takes_its_clients_uploads_on_its_data_port(tmp_path: Path) -> N
     assert _via(clients) == {"stream": 9, "grpc": 0}
     assert fed.server.version == ref.server.version == 3
     assert fed.server.params.tobytes() == ref.server.params.tobytes()
+
+
+@_GRPC_LEFTOVERS
+def test_auto_keeps_uploads_on_grpc_under_tls(tmp_path: Path) -> None:
+    """Until the data port's TLS is as fast as gRPC's (``_client.TLS_STREAM``)."""
+    fed, clients, port = asyncio.run(_run(tmp_path, tls=True))
+    gc.collect()
+    assert port > 0 and all(c.data_port == 0 for c in clients)
+    assert _via(clients) == {"stream": 0, "grpc": 9}
+    assert fed.server.version == 3

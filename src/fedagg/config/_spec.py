@@ -390,8 +390,9 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
                           "\"auto\" (listen's host, a free port), \"host:port\", or \"\" "
                           "(none: uploads over gRPC)"),
     "transport": string("auto", "how uploads travel (client): auto (the server's data port "
-                        "when it has one and it connects, else gRPC), grpc",
-                        choices=("auto", "grpc"), noun="transport"),
+                        "when it has one, it connects and TLS is off, else gRPC), stream "
+                        "(the data port, also under TLS), grpc",
+                        choices=("auto", "stream", "grpc"), noun="transport"),
     "max_uploads": integer(8, "uploads received (and models sent) at once", ge=1),
     "adaptive_window": boolean(False, "let gRPC grow each stream's flow-control window"),
     "first_timeout": number(10.0, "seconds for an RPC's first message", gt=0),

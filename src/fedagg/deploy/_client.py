@@ -59,6 +59,13 @@ RETRY = {
 }
 
 
+#: whether ``transport = "auto"`` uses the data port under TLS too: not yet. Python's TLS (OpenSSL
+#: 3.0, in asyncio on the server, record by record) moved 1 GiB in 24 s where gRPC's took 3.4 s
+#: on the loaded 2-core test machine (benchmarks/results/transport.md, "stream-default"); the
+#: plain data port costs less CPU than gRPC on both sides.
+TLS_STREAM = False
+
+
 class ClientError(FedaggError):
     """The server refused the client for good (bad credentials, bad input, wrong protocol)."""
 
@@ -138,9 +145,11 @@ class Client:
         streams: split each upload across this many parallel streams (``[deploy] streams``;
             0: one below 64 MiB, else 2), at most the server's ``max_streams``.
         transport: how uploads travel (``[deploy] transport``): ``"auto"``: over the
-            server's data port (:mod:`fedagg.deploy._stream`) when its hello advertises one
-            and it connects, else (and from then on, for the rest of the run) over gRPC;
-            ``"grpc"``: always gRPC. Everything else always goes over gRPC.
+            server's data port (:mod:`fedagg.deploy._stream`) when its hello advertises one,
+            it connects, and the connection is without TLS (Python's TLS measured slower than
+            gRPC's here: see :data:`TLS_STREAM`), else (and from then on, for the rest of the
+            run) over gRPC; ``"stream"``: the data port also under TLS; ``"grpc"``: always
+            gRPC. Everything else always goes over gRPC.
     """
 
     def __init__(
@@ -183,8 +192,8 @@ class Client:
         if not 0 <= streams <= 64:
             raise ConfigError("streams must be in [0, 64]")
         self.streams = streams  # parallel streams per upload (0: by size); see _push.py
-        if transport not in ("auto", "grpc"):
-            raise ConfigError('transport must be "auto" or "grpc"')
+        if transport not in ("auto", "stream", "grpc"):
+            raise ConfigError('transport must be "auto", "stream" or "grpc"')
         self.transport = transport
         self.data_port = 0  # the server's data port (HelloReply.data_port), once known
         self._data: StreamPush | None = None  # Push over it (None: over gRPC)
@@ -304,7 +313,10 @@ class Client:
         self.digest = bool(reply.digest)
         self.digest_algorithm = str(reply.digest_algorithm) or "sha256"
         self.max_streams = int(reply.max_streams)
-        port = int(reply.data_port) if self.transport == "auto" and self._channel_is_grpc() else 0
+        wants = self.transport == "stream" or (
+            self.transport == "auto" and (self.ca is None or TLS_STREAM)
+        )
+        port = int(reply.data_port) if wants and self._channel_is_grpc() else 0
         if port != self.data_port:
             self.data_port = port
             self._data = self._stream_push(port) if port else None
