@@ -198,7 +198,9 @@ TWO = [
 
 
 def bench_plane(
-    nbytes: int, only: list[str] | None = None, save: Callable[[], None] = lambda: None
+    nbytes: int,
+    only: list[str] | None = None,
+    save: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
     """The 1 GiB rows, in the order of ``only`` (keys of PLANE and TWO; None: all), each
     saved (``save``) as soon as it is measured."""
@@ -212,7 +214,7 @@ def bench_plane(
         except Exception as e:  # recorded, not hidden (e.g. a feature not on this branch)
             print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
-        save()
+        save(rows)
     return rows
 
 
@@ -665,7 +667,12 @@ def main(argv: list[str]) -> None:
         drain_last = not a.only or "drain" in a.only.split(",")
         if drain_last and not a.only:  # the whole run: the ceiling first
             res["drain"] = grpc_drain(nbytes, DRAIN_CASES)
-        res["plane"] = bench_plane(nbytes, only, lambda: save(res, a, out))
+
+        def partial(rows: list[dict[str, Any]]) -> None:  # the rows so far, saved
+            res["plane"] = rows
+            save(res, a, out)
+
+        res["plane"] = bench_plane(nbytes, only, partial)
         if drain_last and a.only:
             res["drain"] = grpc_drain(nbytes, DRAIN_CASES, reps=a.drain_reps)
         res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)
