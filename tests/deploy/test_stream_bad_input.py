@@ -255,3 +255,25 @@ def test_a_disconnect_mid_upload_changes_nothing_and_the_retry_succeeds(
 
 def test_the_wire_constants() -> None:
     assert PREAMBLE.size == 8 and struct.calcsize(">I") == LENGTH.size
+
+
+@_GRPC_LEFTOVERS
+def test_a_tls_data_port_closes_plaintext_and_silent_handshakes(tmp_path: Path) -> None:
+    """Under TLS, a preamble sent in the clear fails the handshake (closed, nothing served);
+    a connection that never finishes its handshake is closed after first_timeout."""
+    from fedagg.deploy import make_certs
+
+    paths = make_certs(tmp_path / "certs")
+    tls = (paths["cert"].read_bytes(), paths["key"].read_bytes())
+
+    async def go(server: Server) -> None:
+        assert server.data is not None
+        raw, took = await asyncio.to_thread(_exchange, server.data_port, _preamble() * 40)
+        assert raw == b"" or raw[:1] == b"\x15", raw[:20]  # closed (maybe after a TLS alert)
+        assert took < FIRST * 0.8  # at once, not at the timeout
+        raw, took = await asyncio.to_thread(_exchange, server.data_port, b"")
+        assert raw == b"" and FIRST * 0.8 <= took < FIRST + 3
+        await _until(lambda: _idle(server))
+        assert server.data.refused >= 2
+
+    asyncio.run(_with_server(tmp_path / "d", go, tls=tls, insecure=False))
