@@ -258,8 +258,8 @@ class _Conn(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         self.paused = False
         self.transport.resume_reading()
-        if self.tls is not None and self.inc.pending:
-            self._pump()  # what the last read brought beyond the last message
+        if self.tls is not None:  # what the last read brought beyond the last message, in
+            self._pump()  # the incoming buffer or already decrypted inside the TLS session
 
     def _take(self, nbytes: int) -> None:
         if self.state == _DRAIN:
