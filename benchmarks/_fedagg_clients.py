@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("count", type=int)
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--streams", type=int, default=0, help="parallel streams (0: auto)")
+    ap.add_argument("--transport", default="grpc", help="deploy.transport (stream: the data port)")
     a = ap.parse_args()
     print(json.dumps({"fedagg_file": fedagg.__file__}), flush=True)
     d = Path(a.dir)
@@ -50,7 +51,10 @@ def main() -> None:
             return out
 
     # (a tree of before parallel streams has no such parameter: one stream)
-    extra = {"streams": a.streams} if "streams" in inspect.signature(Client).parameters else {}
+    params = inspect.signature(Client).parameters
+    extra: dict[str, Any] = {"streams": a.streams} if "streams" in params else {}
+    if "transport" in params:  # (a tree of before the data port: gRPC)
+        extra["transport"] = a.transport
     clients = [
         Timed(
             f"127.0.0.1:{a.port}",

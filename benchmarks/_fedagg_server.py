@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--ingest", default="spool")
     ap.add_argument("--durability", default="fsync")
     ap.add_argument("--max-streams", type=int, default=8)
+    ap.add_argument("--data-listen", default="")  # deploy.data_listen ("": uploads over gRPC)
     a = ap.parse_args()
     d = Path(a.dir)
     strategy = strategies.fedavg()
@@ -149,7 +150,8 @@ def _new_options(a: argparse.Namespace) -> dict[str, object]:
     """The issue-20 options, for a ``src`` that has them (``--baseline`` runs older trees)."""
     fields = {f.name for f in dataclasses.fields(ServerOptions)}
     want = {"digest_algorithm": a.digest_algorithm, "ingest": a.ingest,
-            "durability": a.durability, "max_streams": a.max_streams}  # fmt: skip
+            "durability": a.durability, "max_streams": a.max_streams,
+            "data_listen": a.data_listen}  # fmt: skip
     return {k: v for k, v in want.items() if k in fields}
 
 

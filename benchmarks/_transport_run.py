@@ -43,8 +43,13 @@ def fedagg_run(
     durability: str = "fsync",
     streams: int = 1,
     server_args: tuple[str, ...] = (),
+    transport: str = "grpc",
 ) -> dict[str, Any]:
     """One fedagg federation: server process + ``client_procs`` client processes.
+
+    ``transport``: how uploads travel: ``"grpc"`` (the server has no data port), or
+    ``"stream"`` (the data port, ``deploy/_stream.py``; the clients' ``transport = "stream"``,
+    also under TLS).
 
     ``src``: run them on the ``fedagg`` in that ``src`` directory (``PYTHONPATH``, ahead of the
     venv's editable install); every process must report a ``fedagg/__init__.py`` under it.
@@ -67,6 +72,8 @@ def fedagg_run(
             args += ["--digest-algorithm", algorithm, "--ingest", ingest]
             args += ["--durability", durability]
         args += server_args
+        if transport == "stream":
+            args += ["--data-listen", "auto"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if src is not None:
             env["PYTHONPATH"] = str(src)
@@ -85,6 +92,7 @@ def fedagg_run(
                     str(hi - lo),
                     *(["--tls"] if tls else []),
                     *["--streams", str(streams)],
+                    *(["--transport", "stream"] if transport == "stream" else []),
                 ],
                 stdout=subprocess.PIPE,
                 env=env,

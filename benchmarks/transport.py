@@ -88,6 +88,16 @@ PLANE: list[tuple[str, str, dict[str, Any]]] = [
     # but not synced (without the background committer's load): its ack, until i20-durable
     ("retained-proxy", "TLS, BLAKE3, ack at the log commit (spool not synced), S=4, fold",
      {**_SECURE, "algorithm": "blake3", "streams": 4, "ingest": "fold", "fsync": False}),
+    # the stream transport (the data port, deploy/_stream.py) for the uploads, next to gRPC
+    ("stream-fast", "data port: no TLS/digest/fsync, S=1, spool",
+     {**_FAST, "transport": "stream"}),
+    ("stream-fast-s2", "data port: no TLS/digest/fsync, S=2, spool",
+     {**_FAST, "streams": 2, "transport": "stream"}),
+    ("stream-default", "data port: TLS, BLAKE3, retained, S=2, spool (the defaults)",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2,
+      "transport": "stream"}),
+    ("default", "TLS, BLAKE3, retained, S=2, spool (the defaults, over gRPC)",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2}),
 ]  # fmt: skip
 
 
@@ -178,14 +188,21 @@ def grpc_drain(nbytes: int, cases: list[tuple[int, str]], reps: int = 3) -> list
 
 TWO = [
     ("two", "two clients at once, no TLS/digest/fsync, S=1, spool", _FAST),
-    ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[-2][2]),
+    ("two-secure", "two clients at once, TLS, BLAKE3, retained, S=4, fold", PLANE[11][2]),
     ("two-proxy", "two clients at once, TLS, BLAKE3, ack at the log commit, S=4, fold",
-     PLANE[-1][2]),
+     PLANE[12][2]),
+    ("two-stream", "two clients at once, data port, no TLS/digest/fsync, S=1, spool",
+     {**_FAST, "transport": "stream"}),
+    ("two-stream-default", "two clients at once, data port, TLS, BLAKE3, retained, S=2, spool",
+     {**_SECURE, "algorithm": "blake3", "durability": "retained", "streams": 2,
+      "transport": "stream"}),
 ]  # fmt: skip
 
 
 def bench_plane(
-    nbytes: int, only: list[str] | None = None, save: Callable[[], None] = lambda: None
+    nbytes: int,
+    only: list[str] | None = None,
+    save: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
     """The 1 GiB rows, in the order of ``only`` (keys of PLANE and TWO; None: all), each
     saved (``save``) as soon as it is measured."""
@@ -199,7 +216,7 @@ def bench_plane(
         except Exception as e:  # recorded, not hidden (e.g. a feature not on this branch)
             print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
             rows.append({"key": key, "setting": label, "options": opts, "error": str(e)})
-        save()
+        save(rows)
     return rows
 
 
@@ -527,7 +544,7 @@ def save(res: dict[str, Any], a: argparse.Namespace, out: Path) -> None:
         prev = json.loads((out / "transport.json").read_text())
         keys = {r["key"] for r in res["plane"]}
         prev["plane"] = [r for r in prev.get("plane", []) if r["key"] not in keys] + res["plane"]
-        order = [k for k, *_ in PLANE] + ["two", "two-secure", "two-proxy"]
+        order = [k for k, *_ in PLANE] + [k for k, *_ in TWO]
         prev["plane"].sort(key=lambda r: order.index(r["key"]) if r["key"] in order else 99)
         if res["command"] not in prev.setdefault("updates", []):
             prev["updates"].append(res["command"])
@@ -652,7 +669,12 @@ def main(argv: list[str]) -> None:
         drain_last = not a.only or "drain" in a.only.split(",")
         if drain_last and not a.only:  # the whole run: the ceiling first
             res["drain"] = grpc_drain(nbytes, DRAIN_CASES)
-        res["plane"] = bench_plane(nbytes, only, lambda: save(res, a, out))
+
+        def partial(rows: list[dict[str, Any]]) -> None:  # the rows so far, saved
+            res["plane"] = rows
+            save(res, a, out)
+
+        res["plane"] = bench_plane(nbytes, only, partial)
         if drain_last and a.only:
             res["drain"] = grpc_drain(nbytes, DRAIN_CASES, reps=a.drain_reps)
         res["raw_tcp_end"] = flw.raw_tcp_loopback(nbytes)

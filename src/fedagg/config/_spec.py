@@ -386,6 +386,13 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
                        ge=0, le=64),
     "receivers": integer(0, "processes the root server folds uploads in, through shared "
                          "memory (a plain mean; 0: in the server's process)", ge=0, le=64),
+    "data_listen": string("auto", "the data port, a stream transport for uploads (server): "
+                          "\"auto\" (listen's host, a free port), \"host:port\", or \"\" "
+                          "(none: uploads over gRPC)"),
+    "transport": string("auto", "how uploads travel (client): auto (the server's data port "
+                        "when it has one, it connects and TLS is off, else gRPC), stream "
+                        "(the data port, also under TLS), grpc",
+                        choices=("auto", "stream", "grpc"), noun="transport"),
     "max_uploads": integer(8, "uploads received (and models sent) at once", ge=1),
     "adaptive_window": boolean(False, "let gRPC grow each stream's flow-control window"),
     "first_timeout": number(10.0, "seconds for an RPC's first message", gt=0),

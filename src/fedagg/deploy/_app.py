@@ -254,7 +254,7 @@ def options_from_config(config: Mapping[str, Any], *, insecure: bool | None = No
         preauth_per_peer=int(d["preauth_per_peer"]), metrics=str(d["metrics"]),
         digest_algorithm=str(d["digest_algorithm"]), durability=str(d["durability"]),
         ingest=str(d["ingest"]), max_streams=int(d["max_streams"]),
-        receivers=int(d["receivers"]),
+        receivers=int(d["receivers"]), data_listen=str(d["data_listen"]),
     )  # fmt: skip
 
 
@@ -533,6 +533,7 @@ def client_from_config(
         server or str(d["server"]), ClientKey.load(key), train or config_trainer(cfg), ca=ca,
         insecure=insecure, retry_for=retry_for, evaluate=evaluate or config_evaluator(cfg),
         keyring=keyring, expect=secure_expectations(cfg), streams=int(d["streams"]),
+        transport=str(d["transport"]),
     )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ from fedagg.deploy._push import PushPlan, push_update, stream_count
 from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
 from fedagg.deploy._store import checksum
+from fedagg.deploy._stream_client import StreamPush, StreamUnreachable
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk
 from fedagg.errors import ConfigError, FedaggError
 from fedagg.secagg import SecureExpectations
@@ -59,6 +60,14 @@ RETRY = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+#: whether ``transport = "auto"`` uses the data port under TLS too: not yet. Its TLS (Python's
+#: ssl, OpenSSL 3.0: the client encrypts in memory, the server decrypts on its event loop) was
+#: not faster than gRPC's on the loaded 2-core test machine (benchmarks/results/transport.md,
+#: "stream-default" vs "default": 6-24 s against 3.4-5.3 s for 1 GiB, similar CPU); the plain
+#: data port costs about a third less CPU than gRPC on both sides.
+TLS_STREAM = False
 
 
 class ClientError(FedaggError):
@@ -125,6 +134,12 @@ class Client:
             cohort size (>= 3) and the protocol's majority threshold are checked.
         streams: split each upload across this many parallel streams (``[deploy] streams``;
             0: one below 64 MiB, else 2), at most the server's ``max_streams``.
+        transport: how uploads travel (``[deploy] transport``): ``"auto"``: over the
+            server's data port (:mod:`fedagg.deploy._stream`) when its hello advertises one,
+            it connects, and the connection is without TLS (Python's TLS measured slower than
+            gRPC's here: see :data:`TLS_STREAM`), else (and from then on, for the rest of the
+            run) over gRPC; ``"stream"``: the data port also under TLS; ``"grpc"``: always
+            gRPC. Everything else always goes over gRPC.
     """
 
     def __init__(
@@ -143,6 +158,7 @@ class Client:
         keyring: Keyring | None = None,
         expect: SecureExpectations | None = None,
         streams: int = 0,
+        transport: str = "auto",
     ) -> None:
         if ca is None and not insecure:
             raise ConfigError("TLS is on by default: give the CA certificate, or insecure=True")
@@ -166,6 +182,11 @@ class Client:
         if not 0 <= streams <= 64:
             raise ConfigError("streams must be in [0, 64]")
         self.streams = streams  # parallel streams per upload (0: by size); see _push.py
+        if transport not in ("auto", "stream", "grpc"):
+            raise ConfigError('transport must be "auto", "stream" or "grpc"')
+        self.transport = transport
+        self.data_port = 0  # the server's data port (HelloReply.data_port), once known
+        self._data: StreamPush | None = None  # Push over it (None: over gRPC)
         self.chunk, self.digest, self.digest_algorithm, self.max_streams = 0, True, "sha256", 0
         self._running: dict[int, asyncio.Task[None]] = {}  # secure tasks training
         #: updates acknowledged as "retain", by task, until a watermark is above the task
@@ -282,6 +303,22 @@ class Client:
         self.digest = bool(reply.digest)
         self.digest_algorithm = str(reply.digest_algorithm) or "sha256"
         self.max_streams = int(reply.max_streams)
+        wants = self.transport == "stream" or (
+            self.transport == "auto" and (self.ca is None or TLS_STREAM)
+        )
+        port = int(reply.data_port) if wants and self._channel_is_grpc() else 0
+        if port != self.data_port:
+            self.data_port = port
+            self._data = self._stream_push(port) if port else None
+
+    def _channel_is_grpc(self) -> bool:
+        """Whether this client reaches the server over the network (not an in-process
+        channel given to it): only then is there a data port to connect to."""
+        return self._probe
+
+    def _stream_push(self, port: int) -> StreamPush:
+        host = self.server.rpartition(":")[0].strip("[]")
+        return StreamPush(host, port, self.ca, self._tokens, server_name=self.server_name)
 
     async def _loop(self) -> None:
         await self._hello()
@@ -562,6 +599,14 @@ class Client:
             streams = 1
         plan = PushPlan(int(t.task), int(t.version), weight, metrics, self.chunk, self.digest,
                         self.digest_algorithm, streams)  # fmt: skip
+        if self._data is not None:  # the data port, unless it cannot be reached
+            try:
+                return await push_update(self._data, self.key, self._auth, data, delta.itemsize,
+                                         plan)  # fmt: skip
+            except StreamUnreachable as e:
+                log.warning("the data port is unreachable (%s): uploads go over gRPC", e,
+                            extra={"event": "data_port_unreachable"})  # fmt: skip
+                self._data = None
         return await push_update(self._method("Push", "stream_unary"), self.key, self._auth,
                                  data, delta.itemsize, plan)  # fmt: skip
 

@@ -15,6 +15,7 @@ __all__ = [
     "OPENING_PER_CALLER",
     "PROTOCOL",
     "ServerOptions",
+    "data_address",
     "metrics_address",
 ]
 
@@ -56,6 +57,26 @@ def metrics_address(value: str) -> tuple[str, int]:
             f"metrics endpoint; got {value!r}"
         )
     return host, int(port)
+
+
+def data_address(data_listen: str, listen: str) -> tuple[str, int] | None:
+    """Where the stream transport listens: ``data_listen`` (``"host:port"``; ``"auto"``:
+    ``listen``'s host, a free port, none if ``listen`` is no ``host:port``; ``""``: nowhere,
+    None)."""
+    if not data_listen:
+        return None
+    value = listen if data_listen == "auto" else data_listen
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    bad = not sep or not host or not port.isdigit() or int(port) > 65535
+    if bad or any(c.isspace() or c in "/[]@" for c in host):
+        if data_listen == "auto":
+            return None
+        raise ConfigError(
+            f'deploy.data_listen must be "auto", "" (off) or host:port; got {data_listen!r}'
+        )
+    return host, 0 if data_listen == "auto" else int(port)
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,10 @@ class ServerOptions:
         max_streams: the most parallel streams (shards) one upload may be split across.
         receivers: processes the root folds its uploads in, through the shared-memory plane
             (:mod:`fedagg.deploy._receivers`); 0: in the server's process.
+        data_listen: where the stream transport for uploads listens (the data port,
+            :mod:`fedagg.deploy._stream`, advertised in ``HelloReply.data_port``):
+            ``"auto"``: ``listen``'s host, a free port; ``"host:port"``; ``""``: none
+            (uploads over gRPC only).
         metrics: ``host:port`` to serve Prometheus metrics on (``/metrics``, plain HTTP,
             unauthenticated: keep it on loopback), or ``""`` for none (see
             :mod:`fedagg.deploy._metrics`).
@@ -146,6 +171,7 @@ class ServerOptions:
     ingest: str = "spool"
     max_streams: int = 8
     receivers: int = 0
+    data_listen: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure:
@@ -172,3 +198,4 @@ class ServerOptions:
             raise ConfigError("max_streams must be in [1, 64]")
         if not 0 <= self.receivers <= 64:
             raise ConfigError("receivers must be in [0, 64]")
+        data_address(self.data_listen, self.listen)  # a ConfigError naming deploy.data_listen

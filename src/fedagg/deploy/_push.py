@@ -29,6 +29,7 @@ from fedagg.deploy import fedagg_pb2 as pb
 from fedagg.deploy._auth import ClientKey, upload_body
 from fedagg.deploy._digest import Hasher, new_digest
 from fedagg.deploy._faults import crash_point
+from fedagg.deploy._stream_client import chunk_parts
 from fedagg.deploy._wire import encode_chunk
 
 __all__ = ["AUTO_MIN_BYTES", "AUTO_STREAMS", "PushPlan", "push_update", "shard_ranges",
@@ -90,6 +91,7 @@ async def push_update(
     the first failure of any shard is raised after the others are cancelled."""
     nbytes = len(data)
     shards = plan.streams if plan.streams > 1 else 0
+    parts = bool(getattr(call, "parts", False))  # the stream transport: messages as parts
 
     def stream(i: int, lo: int, hi: int) -> AsyncIterator[bytes]:
         content = upload_body(plan.task, plan.version, plan.weight, nbytes, plan.metrics, i,
@@ -100,7 +102,8 @@ async def push_update(
             metrics=plan.metrics, shard=i, shards=shards,
         )  # fmt: skip
         return upload_chunks(head.SerializeToString(), [data[lo:hi]], plan.chunk, plan.digest,
-                             key, auth, algorithm=plan.algorithm, offset=lo)  # fmt: skip
+                             key, auth, algorithm=plan.algorithm, offset=lo,
+                             parts=parts)  # fmt: skip
 
     if shards == 0:
         reply: pb.PushReply = pb.PushReply.FromString(await call(stream(0, 0, nbytes)))
@@ -125,16 +128,20 @@ async def push_update(
     return first
 
 
-def _frame(h: Hasher | None, piece: memoryview, ints: dict[int, int], head: bytes | None) -> bytes:
+def _frame(
+    h: Hasher | None, piece: memoryview, ints: dict[int, int], head: bytes | None, parts: bool
+) -> Any:
     if h is not None:
         h.update(piece)
+    if parts:
+        return chunk_parts(ints, piece, head)
     return encode_chunk(ints, piece, head)
 
 
 async def upload_chunks(
     head: bytes, buffers: Sequence[memoryview], step: int, digest: bool, key: ClientKey,
-    auth: Any, *, algorithm: str = "sha256", offset: int = 0,
-) -> AsyncIterator[bytes]:  # fmt: skip
+    auth: Any, *, algorithm: str = "sha256", offset: int = 0, parts: bool = False,
+) -> AsyncIterator[Any]:  # fmt: skip
     """An upload (or one shard of it) as Push messages: the header with the first data chunk,
     the data in chunks of ``step`` bytes taken from ``buffers`` in turn (no copy but the
     framing), at absolute byte offsets from ``offset``, then the trailer: the ``algorithm``
@@ -155,10 +162,12 @@ async def upload_chunks(
     def start(k: int) -> asyncio.Future[bytes]:
         at, piece = jobs[k]
         first = k == 0
-        return loop.run_in_executor(pool, _frame, h, piece, {2: at}, head if first else None)
+        return loop.run_in_executor(pool, _frame, h, piece, {2: at}, head if first else None,
+                                    parts)  # fmt: skip
 
+    encode = chunk_parts if parts else encode_chunk
     if not jobs:
-        yield encode_chunk({2: offset}, b"", head)
+        yield encode({2: offset}, b"", head)
     nxt = start(0) if jobs else None
     for k in range(len(jobs)):
         assert nxt is not None
@@ -169,5 +178,5 @@ async def upload_chunks(
         yield msg
     got = h.digest() if h is not None else b""
     sig = key.sign_bytes("PushTrailer", auth.timestamp_ms, auth.nonce, auth.signature + got)
-    yield encode_chunk({}, b"", None, pb.UploadTrailer(sha256=got, signature=sig)
-                       .SerializeToString())  # fmt: skip
+    yield encode({}, b"", None, pb.UploadTrailer(sha256=got, signature=sig)
+                 .SerializeToString())  # fmt: skip

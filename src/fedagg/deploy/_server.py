@@ -1,5 +1,6 @@
 """The federation server: a :class:`~fedagg.deploy._service.FederationService` over a
-:class:`~fedagg.deploy._fed.Federation`, served over gRPC (:mod:`fedagg.deploy._grpc`).
+:class:`~fedagg.deploy._fed.Federation`, served over gRPC (:mod:`fedagg.deploy._grpc`), and
+its uploads also over the data port (:mod:`fedagg.deploy._stream`, ``data_listen``).
 
 The service is transport-free (see :mod:`fedagg.deploy._transport`); the same service runs
 in-process over :mod:`fedagg.deploy._memory`. The options are
@@ -9,6 +10,7 @@ in-process over :mod:`fedagg.deploy._memory`. The options are
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -18,10 +20,13 @@ from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._metrics import MetricsEndpoint, serve_metrics
 from fedagg.deploy._options import ServerOptions
 from fedagg.deploy._service import FederationService
+from fedagg.deploy._stream import StreamTransport
 from fedagg.deploy._transport import Service, Transport
 from fedagg.policy import RoundStats
 
 __all__ = ["Server"]
+
+log = logging.getLogger("fedagg.server")
 
 
 class Server:
@@ -46,6 +51,11 @@ class Server:
             edge_clients=edge_clients,
         )  # fmt: skip
         self.transport = transport(self.service, options)
+        #: the data port (uploads over :mod:`fedagg.deploy._stream`) next to gRPC
+        #: (``options.data_listen``; not with an in-process transport)
+        self.data: StreamTransport | None = None
+        if options.data_listen and transport is GrpcTransport:
+            self.data = StreamTransport(self.service, options)
         #: ``/metrics`` (``options.metrics``; see :mod:`fedagg.deploy._metrics`), once started
         self.metrics: MetricsEndpoint | None = None
 
@@ -70,6 +80,11 @@ class Server:
         return self.transport.port
 
     @property
+    def data_port(self) -> int:
+        """The data port (0: none)."""
+        return self.data.port if self.data is not None else 0
+
+    @property
     def nonces(self) -> Any:
         return self.service.admit.nonces
 
@@ -87,6 +102,15 @@ class Server:
         try:
             effects = await self.service.open()
             await self.transport.start()
+            if self.data is not None:
+                try:
+                    await self.data.start()
+                except BaseException:
+                    await self.transport.stop(0)
+                    raise
+                self.service.data_port = self.data.port
+                log.info("uploads also on the data port %d (%s)", self.data.port,
+                         "TLS" if self.opt.tls is not None else "no TLS")  # fmt: skip
             await self.service.run(effects)
         except BaseException:
             await self._stop_metrics()
@@ -100,6 +124,8 @@ class Server:
 
     async def stop(self, grace: float = 1.0) -> None:
         try:
+            if self.data is not None:
+                await self.data.stop(grace)
             await self.transport.stop(grace)
             await self.service.stop()
         finally:

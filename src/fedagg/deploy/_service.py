@@ -129,6 +129,8 @@ class FederationService:
         #: an edge's relay of its clients' secure aggregation replies to its parent (None at
         #: the root, which answers them)
         self.relay_secure: Callable[[int, Any], Awaitable[Any]] | None = None
+        #: the data port for uploads (:mod:`fedagg.deploy._stream`; 0: none), told to clients
+        self.data_port = 0
 
     async def handle(self, call: Call) -> bytes | None:
         """Answer ``call`` (see :class:`~fedagg.deploy._transport.Service`)."""
@@ -411,7 +413,7 @@ class FederationService:
             model_bytes=spec.nbytes, chunk_bytes=self.opt.chunk_bytes, digest=self.opt.digest,
             digest_algorithm=self.opt.digest_algorithm,
             max_streams=self.shards.most() if hasattr(self.engine, "ingest") else 1,
-            retained=self.retained,
+            retained=self.retained, data_port=self.data_port,
         )  # fmt: skip
 
     async def _heartbeat(self, raw: bytes) -> pb.HeartbeatReply:

@@ -29,7 +29,7 @@ class HelloRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ..., protocol: _Optional[int] = ..., serves: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest", "digest_algorithm", "max_streams", "retained")
+    __slots__ = ("protocol", "client_index", "spec_json", "model_bytes", "chunk_bytes", "digest", "digest_algorithm", "max_streams", "retained", "data_port")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class HelloReply(_message.Message):
     DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     RETAINED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     client_index: int
     spec_json: str
@@ -48,7 +49,8 @@ class HelloReply(_message.Message):
     digest_algorithm: str
     max_streams: int
     retained: bool
-    def __init__(self, protocol: _Optional[int] = ..., client_index: _Optional[int] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., digest: bool = ..., digest_algorithm: _Optional[str] = ..., max_streams: _Optional[int] = ..., retained: bool = ...) -> None: ...
+    data_port: int
+    def __init__(self, protocol: _Optional[int] = ..., client_index: _Optional[int] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., digest: bool = ..., digest_algorithm: _Optional[str] = ..., max_streams: _Optional[int] = ..., retained: bool = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class TasksRequest(_message.Message):
     __slots__ = ("auth",)
