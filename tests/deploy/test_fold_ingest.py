@@ -433,6 +433,49 @@ def test_a_checkpoint_revokes_an_active_lease(tmp_path: Path) -> None:
     asyncio.run(_session(tmp_path / "fold", "fold", script))
 
 
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+def test_leases_reuse_one_pre_image_buffer_and_still_roll_back_exactly(
+    tmp_path: Path, acc: str
+) -> None:
+    """Engine level: every lease of a federation saves its pre-images into the same buffers
+    (no model-sized allocation per upload), across rounds; a lease rolled back after an earlier
+    one left its pre-images there restores the sums to the bit; and no lease is granted while
+    the previous one is still rolling back (it reads the shared buffers)."""
+
+    async def script(hand: Hand, service: FederationService) -> None:
+        fed: Federation = service.engine  # type: ignore[assignment]
+        ing = fed.ingest
+        await hand.good(0)
+        buffers = (ing.scratch.acc, ing.scratch.comp)
+        assert buffers[0] is not None and (buffers[1] is not None) == (acc == "float64")
+        t = await hand.task(1)
+        before = await service.in_engine(lambda: dumps(fed.state))
+        for k in range(2):  # two leases of the same upload, each rolled back
+            lease = await service.in_engine(ing.grant, 1, t.task, t.version, 4.0 + k)
+            assert lease is not None
+            x = _delta(t.task, scale=1.0 + k)
+            lease.fold(1024, x[1024:3000])
+            lease.fold(0, x[:1024])
+            assert lease.undo_acc is buffers[0] and lease.undo_comp is buffers[1]
+            assert await service.in_engine(lambda: dumps(fed.state)) != before
+            with lease.cond:  # mid-rollback (it holds its lock): no other lease meanwhile
+                lease.live = False
+                assert await service.in_engine(ing.grant, 1, t.task, t.version, 4.0) is None
+                lease.live = True
+            await service.in_engine(ing.revoke, lease)
+            assert lease.rolled_back and lease.settled
+            assert await service.in_engine(lambda: dumps(fed.state)) == before
+        for i in (1, 2):
+            await hand.good(i)
+        for i in range(3):  # round 1: the same buffers
+            await hand.good(i)
+        assert ing.scratch.acc is buffers[0] and ing.scratch.comp is buffers[1]
+        assert ing.commits == 5
+        await asyncio.wait_for(service.wait(), 10)
+
+    asyncio.run(_session(tmp_path / "fold", "fold", script, acc=acc))
+
+
 # -- replay ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("acc", ["float32", "float64"])
 def test_replay_after_a_crash_equals_the_live_state(tmp_path: Path, acc: str) -> None:
