@@ -114,14 +114,23 @@ def child(
     }
 
 
-def drive(measure: Callable[[list[str]], Result], log: Callable[[str], None]) -> Result:
-    """Measure every row (each in a fresh process, between two bandwidth measurements)."""
+def drive(
+    measure: Callable[[list[str]], Result],
+    log: Callable[[str], None],
+    only: set[str] | None = None,
+    old: Result | None = None,
+) -> Result:
+    """Measure every row (each in a fresh process, between two bandwidth measurements);
+    ``only``: just these methods, the other rows kept from ``old`` (an earlier section, said
+    so in the page)."""
     t_start = time.perf_counter()
     bw = [measure(["--bandwidth"])]
     best: dict[tuple[str, int, int], Result] = {}
     for rnd in range(ROUNDS):
         for (n, m), methods in SCENARIOS.items():
             for method in methods:
+                if only is not None and method not in only:
+                    continue
                 r = measure(["--stream-one", method, str(n), str(m)])
                 key = (method, n, m)
                 r["round_bests"] = best[key]["round_bests"] if key in best else []
@@ -135,7 +144,14 @@ def drive(measure: Callable[[list[str]], Result], log: Callable[[str], None]) ->
                 )
         bw.append(measure(["--bandwidth"]))
     rows = list(best.values())
+    kept = []
+    if only is not None and old is not None:
+        kept = [r for r in old["rows"] if r["method"] not in only]
+        for r in kept:
+            r["kept_from"] = old["machine"]["git"]
+        rows = kept + rows
     return {
+        "kept": sorted({r["method"] for r in kept}),
         "bandwidth_runs": bw,
         "numba_Bps": max(b["numba"] for b in bw),
         "rows": rows,
@@ -207,7 +223,7 @@ def markdown(section: Result) -> list[str]:
         "## One update at a time, with work in between (`--streaming`)",
         "",
         "- Command: `FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 python "
-        "benchmarks/aggregate.py --streaming`",
+        f"benchmarks/aggregate.py --streaming{section.get('command_extra', '')}`",
         f"- Measured {m_['date']}, fedagg git {m_['git']}, in "
         f"{section['wall_s'] / 60:.1f} min; numba {m_['numba']} "
         f"({m_['numba_threads']} threads). Load average at the end (1, 5, 15 min): {load}: the "
@@ -220,6 +236,16 @@ def markdown(section: Result) -> list[str]:
         "pre-built row; time = `init` + the folds + `finalize` (building excluded), best of "
         f"{REPS} in each of {ROUNDS} rounds that alternate the rows (each round's best in the "
         "last column); per-fold median and max over the best round's repeats.",
+    ]
+    if section.get("kept"):
+        lines.append(
+            "- Not re-measured in this run (kept from the earlier run at git "
+            + ", ".join(sorted({r["kept_from"] for r in section["rows"] if "kept_from" in r}))
+            + ", so not comparable with the bound above): "
+            + ", ".join(LABELS[k] for k in section["kept"])
+            + " (marked *)."
+        )
+    lines += [
         "",
         "| N | M | method | best s | ÷ bound | fold median ms | fold max ms | other CPU | rounds |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
@@ -235,8 +261,9 @@ def markdown(section: Result) -> list[str]:
             med = f"{r['fold_median_ms']:.1f}" if "fold_median_ms" in r else ""
             mx = f"{r['fold_max_ms']:.1f}" if "fold_max_ms" in r else ""
             rounds = ", ".join(f"{t:.3f}" for t in r.get("round_bests", [r["best"]]))
+            star = " *" if "kept_from" in r else ""
             lines.append(
-                f"| {n} | {m // 1_000_000}M | {LABELS[r['method']]} | {r['best']:.3f} | "
+                f"| {n} | {m // 1_000_000}M | {LABELS[r['method']]}{star} | {r['best']:.3f} | "
                 f"{r['best'] / bound:.2f} | {med} | {mx} | {r['foreign_cpu']:.0%} | {rounds} |"
             )
     return lines

@@ -379,7 +379,10 @@ def drive_streaming(args: argparse.Namespace) -> None:
             wait_for_idle(args.wait_idle)
         return run_child(script, child_args)
 
-    section = _aggregate_stream.drive(measure, log)
+    only = set(args.stream_methods.split(",")) if args.stream_methods else None
+    section = _aggregate_stream.drive(measure, log, only, report.get("streaming"))
+    if only is not None:
+        section["command_extra"] = f" --stream-methods {args.stream_methods}"
     section["machine"] = {**machine_info(), "flwr": flower_version()}
     report["streaming"] = section
     write(report, out_dir)
@@ -659,6 +662,12 @@ def main() -> None:
         "--streaming",
         action="store_true",
         help="measure only the one-at-a-time section, into the existing aggregate.json",
+    )
+    p.add_argument(
+        "--stream-methods",
+        metavar="M,M",
+        help="with --streaming: re-measure only these rows (stream, stream_undo1, stream_undo, "
+        "prebuilt, flower_msg); the others are kept from aggregate.json, marked",
     )
     p.add_argument("--one", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)
     p.add_argument("--stream-one", nargs=3, metavar=("METHOD", "N", "M"), help=argparse.SUPPRESS)

@@ -94,15 +94,17 @@ async def held(msgs: list[bytes], go: asyncio.Event, first: int = 3) -> AsyncIte
         yield m
 
 
-async def folding(fed: Federation, ranges: int) -> Lease:
-    """The active lease, once it folded ``ranges`` chunks."""
+async def folding(fed: Federation, ranges: int, job: int) -> Lease:
+    """The active lease of ``job``'s upload, once it folded ``ranges`` chunks (not an earlier
+    upload's lease, complete and waiting for its arrival's step on a busy machine)."""
     lease = None
     for _ in range(2000):
         lease = fed.ingest.lease
-        if lease is not None and len(lease.ranges) >= ranges:
+        if lease is not None and lease.key[1] == job and len(lease.ranges) >= ranges:
             break
         await asyncio.sleep(0.005)
-    assert lease is not None and lease.live and len(lease.ranges) >= ranges
+    assert lease is not None and lease.key[1] == job
+    assert lease.live and len(lease.ranges) >= ranges
     return lease
 
 
@@ -245,7 +247,7 @@ async def _fail(hand: Hand, service: FederationService, kind: str) -> Lease:
     if kind in ("cancel", "idle"):
         msgs = _messages(hand, 0, t, "truncated")
         push = asyncio.create_task(hand.push(0, held(msgs, asyncio.Event(), len(msgs))))
-        lease = await folding(fed, 3)
+        lease = await folding(fed, 3, t.task)
         if kind == "cancel":
             push.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -389,7 +391,7 @@ def test_a_round_closing_on_its_timer_revokes_the_lease(tmp_path: Path) -> None:
             msgs = hand.peers[2].upload(hand.upload(2, t))
             go = asyncio.Event()
             push = asyncio.create_task(hand.push(2, held(msgs, go)))
-            lease = await folding(fed, 2) if ingest == "fold" else None
+            lease = await folding(fed, 2, t.task) if ingest == "fold" else None
             for _ in range(2000):  # the deadline (2 s) closes round 0
                 if fed.server.version == 1:
                     break
@@ -431,6 +433,53 @@ def test_a_checkpoint_revokes_an_active_lease(tmp_path: Path) -> None:
         await asyncio.wait_for(service.wait(), 10)
 
     asyncio.run(_session(tmp_path / "fold", "fold", script))
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+def test_leases_reuse_one_pre_image_buffer_and_still_roll_back_exactly(
+    tmp_path: Path, acc: str
+) -> None:
+    """Engine level: every lease of a federation saves its pre-images into the same buffers
+    (no model-sized allocation per upload), across rounds; a lease rolled back after an earlier
+    one left its pre-images there restores the sums to the bit; and no lease is granted while
+    the previous one is still rolling back (it reads the shared buffers)."""
+
+    async def script(hand: Hand, service: FederationService) -> None:
+        fed: Federation = service.engine  # type: ignore[assignment]
+        ing = fed.ingest
+        await hand.good(0)
+        for _ in range(2000):  # its arrival stepped (a busy engine may still be at it)
+            if ing.commits:
+                break
+            await asyncio.sleep(0.005)
+        assert ing.commits == 1
+        buffers = (ing.scratch.acc, ing.scratch.comp)
+        assert buffers[0] is not None and (buffers[1] is not None) == (acc == "float64")
+        t = await hand.task(1)
+        before = await service.in_engine(lambda: dumps(fed.state))
+        for k in range(2):  # two leases of the same upload, each rolled back
+            lease = await service.in_engine(ing.grant, 1, t.task, t.version, 4.0 + k)
+            assert lease is not None
+            x = _delta(t.task, scale=1.0 + k)
+            lease.fold(1024, x[1024:3000])
+            lease.fold(0, x[:1024])
+            assert lease.undo_acc is buffers[0] and lease.undo_comp is buffers[1]
+            assert await service.in_engine(lambda: dumps(fed.state)) != before
+            with lease.cond:  # mid-rollback (it holds its lock): no other lease meanwhile
+                lease.live = False
+                assert await service.in_engine(ing.grant, 1, t.task, t.version, 4.0) is None
+                lease.live = True
+            await service.in_engine(ing.revoke, lease)
+            assert lease.rolled_back and lease.settled
+            assert await service.in_engine(lambda: dumps(fed.state)) == before
+        for i in (1, 2):
+            await hand.good(i)
+        for i in range(3):  # round 1
+            await hand.good(i)
+        await asyncio.wait_for(service.wait(), 10)
+        assert ing.scratch.acc is buffers[0] and ing.scratch.comp is buffers[1]  # kept
+
+    asyncio.run(_session(tmp_path / "fold", "fold", script, acc=acc))
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -488,7 +537,7 @@ def test_an_upload_completing_during_a_lease_waits_for_it_or_revokes_it(
         msgs = hand.peers[0].upload(hand.upload(0, t0))
         go = asyncio.Event()
         first = asyncio.create_task(hand.push(0, held(msgs, go)))
-        lease = await folding(fed, 2)
+        lease = await folding(fed, 2, t0.task)
         second = asyncio.create_task(hand.good(1))
         if leaser_ends:
             for _ in range(200):  # client 1's upload is in, waiting for its turn

@@ -185,3 +185,41 @@ def test_peak_is_exact_and_refuses_nonfinite() -> None:
             y[3] = bad
             assert _stream.peak([x, y]) == math.inf
     assert _stream.peak([]) == 0.0
+
+
+# -- save_fold: a fold on receive's pre-image copy and fold in one pass ------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_save_fold_has_fold_trusteds_bits_and_saves_the_pre_image(dtype: Any) -> None:
+    rng = np.random.default_rng(7)
+    n = 70_001
+    acc = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(dtype)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(dtype)
+    x.flags.writeable = False  # as a received chunk is
+    w = 3.7e-3
+    want = acc.copy()
+    _stream.fold_trusted_blocked(want, [x], np.array([w]).astype(dtype))
+    before = acc.copy()
+    undo = np.full_like(acc, np.nan)
+    assert _stream.save_fold(acc, undo, x, w) is True
+    assert acc.tobytes() == want.tobytes()
+    assert undo.tobytes() == before.tobytes()
+
+
+def test_save_fold_reports_an_overflow_with_the_whole_range_saved() -> None:
+    n = 5000
+    acc = np.ones(n, np.float32)
+    acc[4321] = np.finfo(np.float32).max
+    x = np.ones(n, np.float32)
+    x[4321] = np.finfo(np.float32).max
+    before = acc.copy()
+    undo = np.zeros_like(acc)
+    assert _stream.save_fold(acc, undo, x, 1.0) is False
+    assert np.isinf(acc[4321])
+    assert undo.tobytes() == before.tobytes()  # a rollback from it restores every coordinate
+
+
+def test_save_fold_declines_what_it_cannot_compile() -> None:
+    acc = np.zeros(10, np.float32)
+    assert _stream.save_fold(acc, np.zeros(10, np.float16), np.ones(10, np.float32), 1.0) is None
+    assert _stream.save_fold(acc, np.zeros(10, np.float32), np.ones(10, np.float16), 1.0) is None
+    assert not acc.any()

@@ -51,6 +51,7 @@ __all__ = [
     "fold_trusted_blocked",
     "fold_unchecked",
     "peak",
+    "save_fold",
     "streamable",
 ]
 
@@ -105,6 +106,19 @@ if _kernels.HAVE_NUMBA:
         # acc += w*x in acc's dtype, no fast-math: the very operation of every other fold
         for i in range(acc.size):
             acc[i] += w * x[i]
+
+    @_jit
+    def _save_fold_nb(acc: Arr, undo: Arr, x: Arr, w: Any) -> int:  # pragma: no cover - jitted
+        # one pass, while each line is in cache: undo = acc; acc += w*x (the very operation of
+        # every other fold, no fast-math); the count of non-finite sums (an overflow)
+        nbad = 0
+        for i in range(acc.size):
+            a = acc[i]
+            undo[i] = a
+            v = a + w * x[i]
+            acc[i] = v
+            nbad += not np.isfinite(v)
+        return nbad
 
     @_jit
     def _fold_trusted_nb(acc: Arr, xs: Any, ws: Arr) -> None:  # pragma: no cover - jitted
@@ -200,6 +214,24 @@ def fold_unchecked(
     for j, (s0, s1) in enumerate(layout):
         if s1 > s0:
             _fold_one(acc[s0:s1], segs[0][s0:s1] if len(segs) == 1 else segs[j], w)
+
+
+def save_fold(acc: Arr, undo: Arr, x: Arr, w: float) -> bool | None:
+    """``undo[:] = acc; acc += w * x`` in one serial pass (``w`` rounded to ``acc``'s dtype
+    first, as :meth:`Mean.fold_trusted <fedagg.core.aggregate.Mean.fold_trusted>` does: the
+    same bits), for a fold on receive that saves its pre-image as it folds. False if a sum is
+    not finite (an overflow, for finite ``x``: ``undo`` then holds the pre-image of the whole
+    range); None, with nothing touched, unless compiled kernels run and ``acc``, ``undo`` and
+    ``x`` are float32 or float64 (the caller then copies and folds separately)."""
+    if not (
+        _kernels.HAVE_NUMBA
+        and acc.dtype in _NATIVE
+        and undo.dtype == acc.dtype
+        and x.dtype in _NATIVE
+        and acc.shape == undo.shape == x.shape
+    ):
+        return None
+    return int(_save_fold_nb(acc, undo, x, acc.dtype.type(w))) == 0
 
 
 def fold_trusted_blocked(acc: Arr, xs: Sequence[Arr], ws: Arr) -> None:

@@ -14,10 +14,13 @@ what arrives differently, or later.
 
 **A chunk** (on an I/O thread, :meth:`Lease.fold`, after it was checked, hashed and written to
 the spool as before): its range of the accumulator (``acc``, and ``comp`` for float64) is
-copied aside (the pre-image), then the chunk is added with
-:meth:`~fedagg.core.aggregate.Mean.fold_trusted`, the whole-update fold's kernel, element by
-element the same operation: the same bits as the spool path. A float32 sum that overflows
-(where the spool path's fold would refuse the update), or a float64 one, gives up the lease.
+copied aside (the pre-image, into the federation's :class:`Scratch`, reused by every lease),
+and the chunk is added, element by element the same operation as the whole-update fold's
+kernel (:meth:`~fedagg.core.aggregate.Mean.fold_trusted`): the same bits as the spool path.
+For a plain accumulator both happen in one pass while the range is in cache
+(:func:`~fedagg.core._stream.save_fold`, which also tests the sums); for float64, a copy then
+``fold_trusted``. A float32 sum that overflows (where the spool path's fold would refuse the
+update), or a float64 one, gives up the lease.
 Ranges are disjoint (chunks in order, shards apart), so the shards of one upload fold at once.
 
 **Rollback** (:meth:`Lease.rollback`): every saved range copied back, exact; after it, the
@@ -58,7 +61,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedagg.core import kernels
+from fedagg.core import _stream, kernels
 from fedagg.core.aggregate import Mean, MeanState, check_peak, check_update
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
@@ -68,7 +71,15 @@ from fedagg.deploy._store import EventRow, UploadRow
 from fedagg.errors import StateError, UpdateError
 from fedagg.policy import SyncPolicy, SyncState
 
-__all__ = ["LEASE_GRACE", "FoldIngest", "FoldingBounded", "FoldingMean", "Lease", "Turns"]
+__all__ = [
+    "LEASE_GRACE",
+    "FoldIngest",
+    "FoldingBounded",
+    "FoldingMean",
+    "Lease",
+    "Scratch",
+    "Turns",
+]
 
 Arr = npt.NDArray[Any]
 
@@ -95,9 +106,13 @@ class Lease:
     ``mean``'s kernels at ``weight``; thread-safe: the I/O threads fold chunks (disjoint
     ranges at once), the engine thread or the failing upload rolls back."""
 
-    def __init__(self, key: tuple[int, int], mean: Mean, state: MeanState, weight: float) -> None:
+    def __init__(
+        self, key: tuple[int, int], mean: Mean, state: MeanState, weight: float,
+        scratch: Scratch | None = None,
+    ) -> None:  # fmt: skip
         self.key = key  # (client, job)
         self.mean, self.state, self.weight = mean, state, weight
+        self.scratch = Scratch() if scratch is None else scratch
         self.cond = threading.Condition()
         self.live = True  # folding; False once rolled back or committed
         self.complete = False  # every chunk folded and the upload verified
@@ -108,6 +123,8 @@ class Lease:
         self.peak = 0.0  # max |x| over the folded chunks (the float64 overflow bound)
         self.rolled_back = False
         self.path: str | None = None  # its spool file, once complete (before() matches it: L1)
+        #: True once rolled back or committed: the pre-image buffers are free for another lease
+        self.settled = False
         #: set by the service when the upload's arrival is queued or the upload failed
         self.ended: asyncio.Event | None = None
 
@@ -125,17 +142,11 @@ class Lease:
             if not self.live:
                 return
             self.active += 1
-            if self.undo_acc is None:  # only while the lease lives: pages touched as saved
-                self.undo_acc = np.empty_like(st.acc)
-                self.undo_comp = None if st.comp is None else np.empty_like(st.comp)
+            if self.undo_acc is None:  # the federation's scratch (see Scratch)
+                self.undo_acc, self.undo_comp = self.scratch.take(st)
         ok = False
         try:
-            assert self.undo_acc is not None
-            self.undo_acc[lo:hi] = st.acc[lo:hi]
-            if st.comp is not None and self.undo_comp is not None:
-                self.undo_comp[lo:hi] = st.comp[lo:hi]
             with self.cond:
-                self.ranges.append((lo, hi))
                 self.peak = max(self.peak, peak)
             ok = self._fold(lo, hi, x)
         finally:
@@ -146,7 +157,21 @@ class Lease:
             self.rollback()
 
     def _fold(self, lo: int, hi: int, x: Arr) -> bool:
+        """Save the pre-image of ``[lo, hi)``, then fold ``x`` into it; False on an overflow
+        (the range is saved: a rollback restores it)."""
         st = self.state
+        assert self.undo_acc is not None
+        if st.comp is None and self.mean.use_numba:  # one pass: save, fold, test the sums
+            ok = _stream.save_fold(st.acc[lo:hi], self.undo_acc[lo:hi], x, self.weight)
+            if ok is not None:
+                with self.cond:
+                    self.ranges.append((lo, hi))
+                return ok
+        self.undo_acc[lo:hi] = st.acc[lo:hi]
+        if st.comp is not None and self.undo_comp is not None:
+            self.undo_comp[lo:hi] = st.comp[lo:hi]
+        with self.cond:
+            self.ranges.append((lo, hi))
         step = _F64_PIECE if st.comp is not None else hi - lo
         for a in range(lo, hi, max(1, step)):
             b = min(hi, a + step)
@@ -176,7 +201,7 @@ class Lease:
                 if st.comp is not None and self.undo_comp is not None:
                     st.comp[lo:hi] = self.undo_comp[lo:hi]
             self._drop()
-            self.rolled_back = True
+            self.rolled_back = self.settled = True
             return True
 
     def commit(self) -> None:
@@ -184,10 +209,44 @@ class Lease:
         with self.cond:
             self.live = False
             self._drop()
+            self.settled = True
 
     def _drop(self) -> None:
         self.ranges = []
         self.undo_acc = self.undo_comp = None
+
+
+class Scratch:
+    """The pre-image buffers of a federation's fold leases: allocated at its first lease's
+    first fold and reused by every later lease (one lease at a time, so one set of buffers),
+    across rounds. A model-sized buffer allocated per upload (as before) cost the kernel's
+    page faults and zeroing of every page on each upload: about 1.6 CPU-s per GiB on the
+    benchmark machine (a VM), more than the rest of the fold. The price: one model-sized
+    buffer held while folding on receive, so a round's close holds three models (the old
+    parameters, the sums becoming the new ones, this), as it did with a lease's own buffer."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acc: Arr | None = None
+        self.comp: Arr | None = None
+
+    def take(self, state: MeanState) -> tuple[Arr, Arr | None]:
+        """Buffers shaped like ``state``'s ``acc`` and ``comp`` (None without one); their
+        contents are whatever the last lease left."""
+        with self.lock:
+            self.acc = _like(self.acc, state.acc)
+            self.comp = None if state.comp is None else _like(self.comp, state.comp)
+            return self.acc, self.comp
+
+    def release(self) -> None:
+        with self.lock:
+            self.acc = self.comp = None
+
+
+def _like(buf: Arr | None, ref: Arr) -> Arr:
+    if buf is not None and buf.shape == ref.shape and buf.dtype == ref.dtype:
+        return buf
+    return np.empty_like(ref)
 
 
 def chunk_peak(x: Arr) -> float:
@@ -264,6 +323,7 @@ class FoldIngest:
         self.token: list[_Token] = []
         self.installed: bool | None = None  # the wrappers are in the policy (None: not tried)
         self.commits = 0  # uploads whose fold on receive stood (for tests and metrics)
+        self.scratch = Scratch()  # the leases' pre-image buffers
 
     def _install(self) -> bool:
         fed = self.fed
@@ -280,7 +340,7 @@ class FoldIngest:
     def grant(self, client: int, job: int, version: int, weight: float) -> Lease | None:
         """A lease for the upload of (client, job) from ``version`` claiming ``weight``, or
         None (another is active, or its fold is not known now)."""
-        if self.lease is not None and self.lease.live:
+        if self.lease is not None and not self.lease.settled:  # live, or rolling back
             return None
         self.lease = None
         if self.installed is None:
@@ -312,7 +372,7 @@ class FoldIngest:
         if ms.version != version:
             return None
         ms.peak = None  # its max |acc| is stale as soon as a chunk folds
-        self.lease = Lease((client, job), agg, ms, float(weight))
+        self.lease = Lease((client, job), agg, ms, float(weight), self.scratch)
         return self.lease
 
     def warmup(self) -> None:
@@ -369,6 +429,7 @@ class FoldIngest:
             self.revoke(lease)
             return None
         self.token[:] = [_Token(delta, float(u.weight), norm)]
+        lease.commit()  # it stands: its pre-image is not needed any more
         return delta
 
     def _stands(self, lease: Lease, update: Update) -> float | None:
