@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,52 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("fedagg")
+
+# Test modules that run federations of real processes on loopback (servers, clients and edges
+# through the harnesses, a Ray cluster, a browser): under pytest-xdist (`make test` runs
+# `-n 2 --dist loadgroup`) they go to one worker, one test after another as in a serial run,
+# so no two of them run at once: they time out clients after a second or two, synchronise on
+# short pauses, measure RSS or how soon a refusal comes, or load both cores (the soak, Ray).
+# Found by what the module's source uses, so a new module that starts a federation joins the
+# group without being listed here. The in-process tests are shared out over both workers, and
+# so are the process modules in _ALONGSIDE: their clients' timeouts and retry windows are 30 s
+# or more and they assert on outcomes, never on timing, so they may run next to the group.
+_PROCS = re.compile(
+    r"tests\.deploy\.harness|tests\.deploy import harness|tree_harness|\bnetns\b|\bimport ray\b"
+    r"|\bray\.init\b|\"ray\"|\bbrowser\b|start_new_session|wait_listening"
+)
+_ALONGSIDE = {
+    "cli/test_new.py",
+    "deploy/test_bounds.py",
+    "deploy/test_evaluation_procs.py",
+    "deploy/test_eventlog.py",
+    "deploy/test_examples.py",
+    "deploy/test_fault_config.py",
+    "deploy/test_hardening.py",
+    "deploy/test_integrity.py",
+    "deploy/test_overflow.py",
+    "deploy/test_receivers_procs.py",
+    "deploy/test_status.py",
+    "hierarchy/test_edge_bounds.py",
+    "user/test_cli.py",
+    "user/test_custom_aggregator.py",
+}
+_HERE = Path(__file__).parent
+_serial: dict[Path, bool] = {}
+
+
+def _serial_module(path: Path) -> bool:
+    if path not in _serial:
+        rel = path.relative_to(_HERE).as_posix() if path.is_relative_to(_HERE) else ""
+        text = path.read_text(errors="replace")
+        _serial[path] = rel not in _ALONGSIDE and bool(_PROCS.search(text))
+    return _serial[path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.suffix == ".py" and _serial_module(item.path):
+            item.add_marker(pytest.mark.xdist_group("procs"))
 
 
 def make_model(kind: str = "dict", dtype: Any = np.float32, seed: int = 0) -> Any:
