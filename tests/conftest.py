@@ -29,12 +29,15 @@ settings.load_profile("fedagg")
 # by what the module's source uses, so a new module that starts a federation joins the group
 # without being listed here. The in-process tests are shared out over both workers, and so are
 # the process modules in _ALONGSIDE: their clients' timeouts and retry windows are 30 s or
-# more and they assert on outcomes, never on timing, so they may run next to the group.
+# more and they assert on outcomes, never on timing, so they may run next to the group. The
+# modules that count the machine's shared-memory segments (/dev/shm: none left behind) are in
+# the group too: a segment of a test running next to them would look like a leak.
 # (The grouping is done by the scheduler below, from the node ids: xdist's own xdist_group
 # marks are lost with pytest 9, whose nodes no longer take xdist's renamed ids.)
 _PROCS = re.compile(
     r"tests\.deploy\.harness|tests\.deploy import harness|tree_harness|\bnetns\b|\bimport ray\b"
     r"|\bray\.init\b|\"ray\"|\bbrowser\b|start_new_session|wait_listening"
+    r"|/dev/shm"
 )
 _ALONGSIDE = {
     "cli/test_new.py",
@@ -46,7 +49,6 @@ _ALONGSIDE = {
     "deploy/test_hardening.py",
     "deploy/test_integrity.py",
     "deploy/test_overflow.py",
-    "deploy/test_receivers_procs.py",
     "deploy/test_status.py",
     "hierarchy/test_edge_bounds.py",
     "user/test_cli.py",
