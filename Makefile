@@ -25,8 +25,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# two workers (pytest-xdist): the modules that run federations of real processes stay on one
+# worker, in order (tests/conftest.py); PYTEST_WORKERS=0 runs everything in this process
+PYTEST_WORKERS ?= 2
 unit: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # the docs site (mkdocs.yml) into site/: --strict, so a broken link, a page missing from the nav
 # or a docstring the API reference cannot render fails the build

@@ -273,3 +273,27 @@ def run_all(fed: Fed, timeout: float = 120.0) -> None:
     assert wait(server, timeout) == 0, read_log(fed)
     for i, c in enumerate(clients):
         assert wait(c, 30) == 0, read_log(fed, f"client-{i}.log")
+
+
+def wait_after_server(fed: Fed, i: int, proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Client ``i``'s exit code, once the server has exited. A client that heard the end exits
+    by itself; one that missed it (the server finished while the client was in a retry pause)
+    can only retry a server that is gone until its ``--retry-for`` runs out: its next attempt
+    logs UNAVAILABLE, and it is killed then (-9) rather than waited out (after a second for a
+    client that was exiting anyway to do so, with its own code)."""
+    path = fed.dir / f"client-{i}.log"
+    seen = path.stat().st_size if path.exists() else 0
+    deadline = time.monotonic() + timeout
+    while (rc := proc.poll()) is None:
+        with open(path, "rb") as f:
+            f.seek(seen)
+            if b"UNAVAILABLE" in f.read():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(1.0)
+                kill(proc)
+                return -9
+        if time.monotonic() > deadline:
+            kill(proc)
+            raise AssertionError(f"process {proc.args} did not finish in {timeout}s")
+        time.sleep(0.05)
+    return rc

@@ -21,6 +21,7 @@ from tests.deploy.harness import (
     start_client,
     start_server,
     wait,
+    wait_after_server,
     wait_listening,
     write_toml,
 )
@@ -62,8 +63,9 @@ def test_server_and_client_lines_and_the_resume_after_a_kill(tmp_path: Path) -> 
         assert re.search(STAMP + "new federation in ", log, re.M), log
         again = start_server(fed, log="again.log")
         assert wait(again, 90) == 0, read_log(fed, "again.log")
-        wait(c0, 60)
-        wait(c1, 60)
+        # (one that missed "finished" is stopped at its first retry of the server that is gone)
+        wait_after_server(fed, 0, c0, 60)
+        wait_after_server(fed, 1, c1, 60)
         log2 = read_log(fed, "again.log")
         # killed at the 1st fold of round 2: the 2nd update of round 2 may have been logged
         # before the kill too (one batch), and then the replay alone finishes the federation

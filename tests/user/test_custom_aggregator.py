@@ -23,6 +23,7 @@ from tests.deploy.harness import (
     start_client,
     start_server,
     wait,
+    wait_after_server,
     wait_listening,
 )
 from tests.user.guide import cli, guide_code, toml
@@ -199,10 +200,11 @@ def _run(fed: Any, crash: str | None) -> tuple[np.ndarray, str]:
         rc = wait(server, 120)
     assert rc == 0, read_log(fed)
     for i, c in enumerate(clients):
-        crc, clog = wait(c, 90), read_log(fed, f"client-{i}.log")
+        crc, clog = wait_after_server(fed, i, c, 90), read_log(fed, f"client-{i}.log")
         # after a crash the restarted server may finish from its log alone (every update it
         # needs acknowledged before the kill) while a client still waits out its retry pause:
-        # that client then finds no server, which is not an error of the federation's
+        # that client then finds no server (and is stopped at its first attempt rather than
+        # left to retry for a minute), which is not an error of the federation's
         assert crc == 0 or (crash and "UNAVAILABLE" in clog), clog
     return np.asarray(fed.final().params), read_log(fed)
 
