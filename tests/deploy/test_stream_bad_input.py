@@ -5,6 +5,7 @@ and a client that disconnects mid-upload (nothing changes, its retry succeeds)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import struct
@@ -19,7 +20,7 @@ import pytest
 from fedagg.deploy import Client, Server
 from fedagg.deploy._calls import call_token
 from fedagg.deploy._memory import rpc_error
-from fedagg.deploy._stream import END, LENGTH, MAGIC, MAX_CREDENTIALS, PREAMBLE, REPLY
+from fedagg.deploy._stream import END, FULL, LENGTH, MAGIC, MAX_CREDENTIALS, PREAMBLE, REPLY
 from fedagg.deploy._transport import Status
 from tests.deploy.test_memory_transport import (
     _GRPC_LEFTOVERS,
@@ -171,17 +172,56 @@ def test_a_flood_of_unauthenticated_connections_is_capped(tmp_path: Path) -> Non
             await _until(lambda: server.data is not None and server.data.refused >= 9)
             assert server.data.counts == {"*": 3, "ipv4:127.0.0.1": 3}
             t0 = time.monotonic()
-            closed = 0
-            for s in socks[3:]:  # refused: closed at once, long before first_timeout
+            for s in socks[3:]:  # refused: told so and closed at once, before first_timeout
                 s.settimeout(FIRST / 2)
-                closed += await asyncio.to_thread(s.recv, 1) == b""
-            assert closed == 9 and time.monotonic() - t0 < FIRST / 2
+                assert _reply(await asyncio.to_thread(_until_eof, s)) == (
+                    Status.RESOURCE_EXHAUSTED, FULL)  # fmt: skip
+            assert time.monotonic() - t0 < FIRST / 2
         finally:
             for s in socks:
                 s.close()
         await _until(lambda: _idle(server))
         raw, _ = await asyncio.to_thread(_exchange, server.data_port, _preamble(1))
         assert _reply(raw)[0] == Status.UNIMPLEMENTED  # served again
+
+    asyncio.run(_with_server(tmp_path, go, preauth=5, preauth_per_peer=3))
+
+
+def _until_eof(s: socket.socket) -> bytes:
+    """What ``s`` receives until the server closes (a reset, if it left bytes unread)."""
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+@_GRPC_LEFTOVERS
+def test_refused_connections_kept_open_stay_under_the_preauth_caps(tmp_path: Path) -> None:
+    """A refused connection lingers (reading and discarding, so its client reads the reply)
+    only while counted under ``preauth_per_peer``; beyond, it is closed at once: a peer that
+    keeps its refused connections open holds at most the cap."""
+
+    async def go(server: Server) -> None:
+        assert server.data is not None
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(10):
+                s = socket.create_connection(("127.0.0.1", server.data_port), 5)
+                socks.append(s)
+                s.settimeout(5)
+                s.sendall(b"XXXXXXXX")  # bad magic: refused
+                await asyncio.to_thread(s.recv, REPLY.size)  # the reply: keep the socket
+                assert len(server.data.conns) <= 3
+            assert server.data.counts == {"*": 3, "ipv4:127.0.0.1": 3}
+            t0 = time.monotonic()
+            for s in socks[3:]:  # closed at once (not after the 2 s of lingering)
+                await asyncio.to_thread(_until_eof, s)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            for s in socks:
+                s.close()
+        await _until(lambda: _idle(server))
 
     asyncio.run(_with_server(tmp_path, go, preauth=5, preauth_per_peer=3))
 

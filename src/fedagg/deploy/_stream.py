@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import struct
 import tempfile
@@ -87,7 +88,12 @@ REPLY = struct.Struct(">BI")
 MAX_REPLY = 1 << 20
 #: seconds the server keeps reading (and discarding) after an error reply to an unfinished call
 LINGER = 2.0
-_RAW_READ = 1 << 20  # TLS: bytes read from the socket at once
+_RAW_READ = 1 << 20  # TLS: bytes read from the socket at once (after authentication)
+_SMALL_READ = 16 * 1024 + 512  # TLS, before authentication: one record at a time
+_DISCARD = 64 * 1024  # the shared buffer bytes read after an error reply are dropped into
+#: the reply (status, message) to a connection over the data port's caps: the client takes it
+#: as "the data port cannot be used now" and uploads over gRPC (nothing was received)
+FULL = "the data port is full"
 _MAX_ERROR = 4096
 
 _PRE, _CRED, _IDLE, _LEN, _BODY, _ENDED, _BROKEN, _DRAIN = range(8)
@@ -176,32 +182,45 @@ class _Conn(asyncio.BufferedProtocol):
         self.tls: ssl.SSLObject | None = None
         self.handshaking = False
         self.paused = False
+        self.authed = False  # TLS: the call's first message arrived (bigger reads from then)
 
     # -- asyncio's side ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.peer = _peer(transport.get_extra_info("peername"))
-        self.counted = self.owner.opening(peer_host(self.peer))  # at accept, before TLS
-        if self.counted is None:  # too many connections waiting for their preamble
+        if len(self.owner.conns) >= self.owner.max_conns:  # the backstop (see StreamTransport)
+            self.owner.refused += 1
+            self.counted = None
+        else:  # at accept, before TLS
+            self.counted = self.owner.opening(peer_host(self.peer))
+        if self.counted is None:  # too many connections: closed at once (see FULL)
             self.closed = True
-            transport.abort()
+            if self.owner.ssl is None:
+                transport.write(
+                    REPLY.pack(Status.RESOURCE_EXHAUSTED.value, len(FULL)) + FULL.encode()
+                )
+                transport.close()  # the reply fits the kernel's buffer: closes at once
+            else:  # nothing readable to say before the handshake: the client falls back
+                transport.abort()
             return
+        _keepalive(transport)
         self.owner.conns.add(self)
         self.timer = self.loop.call_later(self.owner.opt.first_timeout, self._expire)
         if self.owner.ssl is not None:
             self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = self.owner.ssl.wrap_bio(self.inc, self.out, server_side=True)
-            self.raw = memoryview(bytearray(_RAW_READ))
             self.handshaking = True
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.tls is not None:
-            return self.raw
+        if self.tls is not None:  # the transport's shared buffer: copied out at once
+            return self.owner.raw[: _RAW_READ if self.authed else _SMALL_READ]
+        if self.state == _DRAIN:
+            return self.owner.discard
         return self.view[self.got :]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tls is not None:
-            self.inc.write(self.raw[:nbytes])
+            self.inc.write(self.owner.raw[:nbytes])
             self._pump()
         else:
             self._take(nbytes)
@@ -221,7 +240,7 @@ class _Conn(asyncio.BufferedProtocol):
                     self._flush()
                 self.handshaking = False
             while not self.closed and not self.paused and self.state not in (_IDLE, _BROKEN):
-                view = self.view[self.got :] if self.state != _DRAIN else self.view
+                view = self.view[self.got :] if self.state != _DRAIN else self.owner.discard
                 try:
                     n = cast(int, self.tls.read(len(view), view))  # into a buffer: a count
                 except ssl.SSLWantReadError:
@@ -364,6 +383,7 @@ class _Conn(asyncio.BufferedProtocol):
             raise CallError(Status.CANCELLED, "the connection is closed")
         if self.state != _IDLE:
             raise CallError(Status.INVALID_ARGUMENT, "the stream is broken")
+        self.authed = True  # the service checked the call credentials before reading
         self.waiting = self.loop.create_future()
         self._target(LENGTH.size, _LEN)
         self._resume()
@@ -393,8 +413,16 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.close()
             self.loop.call_later(LINGER, self.transport.abort)
             return
-        self.state = _DRAIN
-        self._target(64 * 1024, _DRAIN)
+        # the client may still be sending: read (into the transport's discard buffer) and drop
+        # for at most LINGER seconds, the connection counted under the preauth caps meanwhile
+        # (over them: closed at once)
+        if self.counted is None:
+            self.counted = self.owner.opening(peer_host(self.peer), refusal=False)
+        if self.counted is None:
+            self.transport.close()
+            self.loop.call_later(LINGER, self.transport.abort)
+            return
+        self._target(0, _DRAIN)
         self._resume()
         self.loop.call_later(LINGER, self.transport.abort)
 
@@ -422,6 +450,35 @@ class _Conn(asyncio.BufferedProtocol):
             self.counted = None
 
 
+def max_connections(options: ServerOptions) -> int:
+    """The data port's connection cap, a backstop under the preauth caps: ``preauth`` (waiting
+    for a preamble or lingering) + 1024 calls (authenticated, receiving or waiting for a slot;
+    at least 4 x ``max_uploads`` x ``max_streams``), at most half the process's file
+    descriptors. A connection over it gets :data:`FULL` and its client uploads over gRPC."""
+    calls = max(1024, 4 * options.max_uploads * options.max_streams)
+    cap = options.preauth + calls
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            cap = min(cap, max(soft // 2, options.preauth + 16))
+    return cap
+
+
+def _keepalive(transport: Any) -> None:
+    """TCP keep-alives on an accepted connection, as the client sets them: a peer that
+    vanished (no FIN, no RST) is noticed in about 25 s, even while its reading is paused."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
 class StreamTransport:
     """The data port (see the module's docstring): a :class:`~fedagg.deploy._transport.
     Transport` serving ``Push`` calls to ``service`` at ``options.data_listen``."""
@@ -433,16 +490,22 @@ class StreamTransport:
         self.limit = options.chunk_bytes + 64 * 1024  # gRPC's message limit
         self.ssl = server_context(*options.tls) if options.tls is not None else None
         self.conns: set[_Conn] = set()
-        self.counts: dict[str, int] = {}  # connections waiting for their preamble
+        #: connections waiting for their preamble or lingering after an error reply
+        self.counts: dict[str, int] = {}
+        self.max_conns = max_connections(options)
+        self.discard = memoryview(bytearray(_DISCARD))  # see _Conn.reply
+        #: TLS: every connection's socket reads, copied at once into its session's buffer
+        self.raw = memoryview(bytearray(_RAW_READ if self.ssl is not None else 0))
         self.refused = 0  # connections closed for a violation or a timeout (tests, metrics)
         self.cut = 0  # calls whose peer went away before the reply (their handler cancelled)
         self._server: asyncio.Server | None = None
 
-    def opening(self, host: str) -> Callable[[], None] | None:
-        """Count a connection waiting for its preamble (None: over the caps)."""
+    def opening(self, host: str, refusal: bool = True) -> Callable[[], None] | None:
+        """Count a connection waiting for its preamble, or lingering after an error reply
+        (None: over the caps)."""
         if (self.counts.get("*", 0) >= self.opt.preauth
                 or self.counts.get(host, 0) >= self.opt.preauth_per_peer):  # fmt: skip
-            self.refused += 1
+            self.refused += refusal
             return None
         return hold(self.counts, "*", host)
 
