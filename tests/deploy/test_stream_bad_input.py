@@ -316,4 +316,6 @@ def test_a_tls_data_port_closes_plaintext_and_silent_handshakes(tmp_path: Path) 
         await _until(lambda: _idle(server))
         assert server.data.refused >= 2
 
-    asyncio.run(_with_server(tmp_path / "d", go, tls=tls, insecure=False))
+    asyncio.run(
+        _with_server(tmp_path / "d", go, tls=tls, insecure=False, data_listen="127.0.0.1:0")
+    )

@@ -100,7 +100,10 @@ def test_the_data_port_gives_the_bits_of_grpc(tmp_path: Path, tls: bool) -> None
     data port, against one gRPC stream: the same model, to the bit."""
     net, grpc_clients, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
     how = "stream" if tls else "auto"  # under TLS, "auto" keeps to gRPC (see TLS_STREAM)
-    data, clients, port = asyncio.run(_run(tmp_path / "data", tls=tls, streams=2, transport=how))
+    where = "127.0.0.1:0" if tls else "auto"  # and "auto" opens no data port under TLS
+    data, clients, port = asyncio.run(
+        _run(tmp_path / "data", tls=tls, streams=2, transport=how, data_listen=where)
+    )
     gc.collect()
     assert port > 0 and all(c.data_port == port for c in clients)
     assert _via(grpc_clients) == {"stream": 0, "grpc": 9}
@@ -229,9 +232,17 @@ def test_an_edge_takes_its_clients_uploads_on_its_data_port(tmp_path: Path) -> N
 
 @_GRPC_LEFTOVERS
 def test_auto_keeps_uploads_on_grpc_under_tls(tmp_path: Path) -> None:
-    """Until the data port's TLS is as fast as gRPC's (``_client.TLS_STREAM``)."""
-    fed, clients, port = asyncio.run(_run(tmp_path, tls=True))
+    """Until the data port's TLS is as fast as gRPC's (``_client.TLS_STREAM``): a data port
+    opened explicitly is not used by ``transport = "auto"`` clients, and ``data_listen =
+    "auto"`` opens none under TLS."""
+    fed, clients, port = asyncio.run(_run(tmp_path / "explicit", tls=True,
+                                          data_listen="127.0.0.1:0"))  # fmt: skip
     gc.collect()
     assert port > 0 and all(c.data_port == 0 for c in clients)
+    assert _via(clients) == {"stream": 0, "grpc": 9}
+    assert fed.server.version == 3
+    fed, clients, port = asyncio.run(_run(tmp_path / "auto", tls=True))
+    gc.collect()
+    assert port == 0 and all(c.data_port == 0 for c in clients)
     assert _via(clients) == {"stream": 0, "grpc": 9}
     assert fed.server.version == 3

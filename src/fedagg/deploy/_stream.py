@@ -510,7 +510,7 @@ class StreamTransport:
         return hold(self.counts, "*", host)
 
     async def start(self) -> None:
-        where = data_address(self.opt.data_listen, self.opt.listen)
+        where = data_address(self.opt.data_listen, self.opt.listen, self.ssl is not None)
         if where is None:
             return
         loop = asyncio.get_running_loop()
