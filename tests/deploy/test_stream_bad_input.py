@@ -319,3 +319,78 @@ def test_a_tls_data_port_closes_plaintext_and_silent_handshakes(tmp_path: Path) 
     asyncio.run(
         _with_server(tmp_path / "d", go, tls=tls, insecure=False, data_listen="127.0.0.1:0")
     )
+
+
+class _Waiting:
+    """A service whose calls read nothing until ``go`` is set (as a call waiting for its
+    slot), then read to the end and commit (0.3 s): its reply is the number of messages."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+
+    async def handle(self, call: Any) -> bytes:
+        self.started += 1
+        try:
+            await self.go.wait()
+            n = 0
+            while await call.read() is not None:
+                n += 1
+            await asyncio.sleep(0.3)  # the upload's commit, while the client half-closes
+            return str(n).encode()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def _waiting_port(fn: Callable[[Any, _Waiting], Awaitable[None]]) -> None:
+    from fedagg.deploy._stream import StreamTransport
+
+    service = _Waiting()
+    data = StreamTransport(service, _opts(first_timeout=FIRST))  # type: ignore[arg-type]
+    await data.start()
+    try:
+        await fn(data, service)
+    finally:
+        await data.stop(0.1)
+
+
+def test_a_client_gone_while_its_call_waits_is_noticed(tmp_path: Path) -> None:
+    """A call that is not read (waiting for its slot): its client closes (a FIN, as a killed
+    process does) or resets; the server notices within a few seconds (not at its next read)
+    and cancels the call."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        for n, reset in ((1, False), (2, True)):
+            s = socket.create_connection(("127.0.0.1", data.port), 5)
+            s.sendall(_preamble() + LENGTH.pack(3) + b"abc")
+            await _until(lambda n=n: service.started == n)  # type: ignore[misc]
+            if reset:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            await _until(lambda n=n: service.cancelled == n, timeout=4.0)  # type: ignore[misc]
+            assert data.cut == n and not data.conns
+
+    asyncio.run(_waiting_port(go))
+
+
+def test_a_half_close_after_the_end_marker_gets_the_reply(tmp_path: Path) -> None:
+    """A client that shuts down its sending side after the end marker (as gRPC's half-close)
+    still gets its reply: the call is not cancelled."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        service.go.set()
+        msgs = LENGTH.pack(3) + b"abc" + LENGTH.pack(1) + b"d" + LENGTH.pack(END)
+
+        def exchange() -> bytes:
+            with socket.create_connection(("127.0.0.1", data.port), 5) as s:
+                s.settimeout(5)
+                s.sendall(_preamble() + msgs)
+                s.shutdown(socket.SHUT_WR)
+                return _until_eof(s)
+
+        raw = await asyncio.to_thread(exchange)
+        assert _reply(raw) == (Status.OK, "2") and data.cut == 0 and service.cancelled == 0
+
+    asyncio.run(_waiting_port(go))

@@ -22,7 +22,11 @@ The wire (integers big-endian), one call per connection:
   the length :data:`END` (``0xFFFFFFFF``) ends the requests;
 * **reply** (server): the status (u8, gRPC's code), a u32 length (at most
   :data:`MAX_REPLY`), then the reply (a ``PushReply``) or, for an error, its message
-  (UTF-8). Then the server closes the connection.
+  (UTF-8). Then the server closes the connection. The client may close its side (a TCP
+  half-close, a TLS close_notify) after the end marker, not before: while a call waits (for
+  its slot, say) its socket is checked every :data:`WATCH` seconds, and a reset or a FIN
+  there is the client gone (the call is cancelled). Clients of this package do not
+  half-close; a cancelled call closes with a reset.
 
 Before its preamble a connection costs a few bytes and a timer (with TLS, a 1 MiB read buffer
 and the TLS session): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
@@ -95,6 +99,30 @@ _DISCARD = 64 * 1024  # the shared buffer bytes read after an error reply are dr
 #: as "the data port cannot be used now" and uploads over gRPC (nothing was received)
 FULL = "the data port is full"
 _MAX_ERROR = 4096
+
+#: seconds between two checks that the peer of a call is still there while its reading is
+#: paused (waiting for its slot, a lease, the engine): a paused socket is not polled, so a
+#: FIN or RST would otherwise be seen only at the next read
+WATCH = 1.0
+_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # Linux's tcp_info.tcpi_state
+
+
+def _gone(transport: Any) -> bool:
+    """Whether the peer of ``transport`` reset the connection or closed its side (a FIN
+    before the reply: the wire has the client never half-close, see the docstring)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if hasattr(socket, "TCP_INFO"):
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+    except OSError:
+        return True
+    return False
+
 
 _PRE, _CRED, _IDLE, _LEN, _BODY, _ENDED, _BROKEN, _DRAIN = range(8)
 
@@ -183,6 +211,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.handshaking = False
         self.paused = False
         self.authed = False  # TLS: the call's first message arrived (bigger reads from then)
+        self.watch: asyncio.TimerHandle | None = None  # see _watch
 
     # -- asyncio's side ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -249,7 +278,8 @@ class _Conn(asyncio.BufferedProtocol):
                     raise ssl.SSLZeroReturnError
                 self._take(n)
         except ssl.SSLZeroReturnError:  # the peer's close_notify
-            self.transport.close()
+            if self.state != _ENDED or self.replied:  # after the end marker: the reply's
+                self.transport.close()
         except (ssl.SSLError, OSError):  # a bad handshake or record: nothing to answer
             self.owner.refused += self.call is None
             self.transport.abort()
@@ -273,6 +303,18 @@ class _Conn(asyncio.BufferedProtocol):
     def _pause(self) -> None:
         self.paused = True
         self.transport.pause_reading()
+        if self.watch is None:
+            self.watch = self.loop.call_later(WATCH, self._watch)
+
+    def _watch(self) -> None:
+        """While paused with a call running: is the peer still there (every WATCH s)?"""
+        self.watch = None
+        if self.closed or self.replied or not self.paused:
+            return
+        if self.task is not None and _gone(self.transport):
+            self.transport.abort()  # connection_lost cancels the handler
+            return
+        self.watch = self.loop.call_later(WATCH, self._watch)
 
     def _resume(self) -> None:
         self.paused = False
@@ -291,10 +333,14 @@ class _Conn(asyncio.BufferedProtocol):
             self._complete()
 
     def eof_received(self) -> bool | None:
-        return False  # close
+        # after the end marker, a half-close: keep the connection to send the reply
+        return self.state == _ENDED and not self.replied
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         self.owner.conns.discard(self)
         self._uncount()
         if self.call is not None:
