@@ -28,18 +28,22 @@ The wire (integers big-endian), one call per connection:
   there is the client gone (the call is cancelled). Clients of this package do not
   half-close; a cancelled call closes with a reset.
 
-Before its preamble a connection costs a few bytes and a timer (with TLS, a 1 MiB read buffer
-and the TLS session): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
-more are closed at once), each closed after ``first_timeout`` (TLS handshake included).
+Before its preamble a connection costs a few bytes and a timer (with TLS, the TLS session;
+its reads go through one buffer the transport shares, one record at a time before the call
+is authenticated): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
+more are told :data:`FULL` and closed at once), each closed after ``first_timeout`` (TLS
+handshake included). A connection lingering after an error reply is counted the same way,
+and the port holds at most :func:`max_connections` connections in all.
 Messages are read only when the service asks for one (a pull: no read-ahead, the socket's
 buffer is the window), so a call waiting for its slot holds nothing but the kernel's buffer
-(with TLS, up to one 1 MiB read of records more). TLS is decrypted here (``ssl.MemoryBIO``)
-from reads of up to 1 MiB: asyncio's own TLS (256 KiB reads, record by record) was measured
-several times slower on a busy machine. Anything malformed (magic, version,
-lengths) gets a typed error reply and the connection is closed. A peer that disconnects mid-call
-cancels its handler (as gRPC does: the upload path rolls back on cancellation); after an
-error reply the server reads and discards for at most :data:`LINGER` seconds so that the
-client, still sending, reads the reply instead of a reset.
+(with TLS, up to one 1 MiB read of records more, copied into its session's buffer). TLS is
+decrypted here (``ssl.MemoryBIO``) from reads of up to 1 MiB: asyncio's own TLS (256 KiB
+reads, record by record) was measured several times slower on a busy machine. Anything
+malformed (magic, version, lengths) gets a typed error reply and the connection is closed.
+A peer that disconnects mid-call cancels its handler (as gRPC does: the upload path rolls
+back on cancellation); after an error reply the server reads and discards for at most
+:data:`LINGER` seconds so that the client, still sending, reads the reply instead of a
+reset.
 """
 
 from __future__ import annotations
@@ -132,6 +136,7 @@ def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.num_tickets = 0  # nothing from the server before the reply (see _stream_client)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     with tempfile.TemporaryDirectory(prefix="fedagg-tls-") as d:  # ssl loads files only
         cert_path, key_path = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         for path, data in ((cert_path, cert), (key_path, key)):
@@ -273,10 +278,11 @@ class _Conn(asyncio.BufferedProtocol):
                 try:
                     n = cast(int, self.tls.read(len(view), view))  # into a buffer: a count
                 except ssl.SSLWantReadError:
-                    return
+                    break
                 if not n:
                     raise ssl.SSLZeroReturnError
                 self._take(n)
+            self._flush()  # records the session answers with (a TLS 1.3 key update)
         except ssl.SSLZeroReturnError:  # the peer's close_notify
             if self.state != _ENDED or self.replied:  # after the end marker: the reply's
                 self.transport.close()
@@ -286,7 +292,7 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         data = self.out.read()
-        if data and not self.closed:
+        if data and not self.closed and not self.transport.is_closing():
             self.transport.write(data)
 
     def _write(self, data: bytes) -> None:
@@ -383,6 +389,9 @@ class _Conn(asyncio.BufferedProtocol):
                 what = name or f"method {self.method}"
                 self._refuse(Status.UNIMPLEMENTED,
                              f"the data port serves Push only: call {what} over gRPC")  # fmt: skip
+                return
+            if self.owner.stopping:
+                self._refuse(Status.UNAVAILABLE, "the server is stopping")
                 return
             self._pause()  # until the service asks for a message
             self.state = _IDLE
@@ -545,6 +554,7 @@ class StreamTransport:
         self.refused = 0  # connections closed for a violation or a timeout (tests, metrics)
         self.cut = 0  # calls whose peer went away before the reply (their handler cancelled)
         self._server: asyncio.Server | None = None
+        self.stopping = False
 
     def opening(self, host: str, refusal: bool = True) -> Callable[[], None] | None:
         """Count a connection waiting for its preamble, or lingering after an error reply
@@ -574,6 +584,8 @@ class StreamTransport:
                 port = int(server.sockets[0].getsockname()[1])
                 server.close()
                 await server.wait_closed()
+            else:
+                raise OSError(f"no one free port for all the addresses of {host}")
         except OSError as e:
             raise ConfigError(f"cannot listen on {self.opt.data_listen} (data port): {e}") from e
         self._server = server
@@ -583,12 +595,15 @@ class StreamTransport:
         if self._server is None:
             return
         self._server.close()
+        self.stopping = True  # calls completing their preamble now are refused
         tasks = [c.task for c in self.conns if c.task is not None and not c.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        for c in list(self.conns):
+        conns = list(self.conns)
+        for c in conns:
             if c.transport is not None:
                 c.transport.abort()
+        tasks = [c.task for c in conns if c.task is not None and not c.task.done()]
         for t in tasks:
             t.cancel()
         if tasks:
