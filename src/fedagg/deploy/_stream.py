@@ -51,16 +51,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import ssl
 import struct
-import tempfile
 from collections.abc import Callable
 from typing import Any, cast
 
 from fedagg.deploy._admission import hold, peer_host
 from fedagg.deploy._options import ServerOptions, data_address
+from fedagg.deploy._stream_net import gone, keepalive, max_connections, peer_name, server_context
 from fedagg.deploy._transport import CallError, Service, Status
 from fedagg.errors import ConfigError
 
@@ -108,50 +106,7 @@ _MAX_ERROR = 4096
 #: paused (waiting for its slot, a lease, the engine): a paused socket is not polled, so a
 #: FIN or RST would otherwise be seen only at the next read
 WATCH = 1.0
-_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # Linux's tcp_info.tcpi_state
-
-
-def _gone(transport: Any) -> bool:
-    """Whether the peer of ``transport`` reset the connection or closed its side (a FIN
-    before the reply: the wire has the client never half-close, see the docstring)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            return True
-        if hasattr(socket, "TCP_INFO"):
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-            return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
-    except OSError:
-        return True
-    return False
-
-
 _PRE, _CRED, _IDLE, _LEN, _BODY, _ENDED, _BROKEN, _DRAIN = range(8)
-
-
-def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
-    """A TLS server context with the gRPC port's certificate and key (PEM bytes)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.num_tickets = 0  # nothing from the server before the reply (see _stream_client)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
-    with tempfile.TemporaryDirectory(prefix="fedagg-tls-") as d:  # ssl loads files only
-        cert_path, key_path = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-        for path, data in ((cert_path, cert), (key_path, key)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(cert_path, key_path)
-    return ctx
-
-
-def _peer(name: Any) -> str:
-    if isinstance(name, tuple) and len(name) >= 2:
-        host, port = name[0], name[1]
-        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
-    return f"unix:{name}"
 
 
 class StreamCall:
@@ -221,7 +176,7 @@ class _Conn(asyncio.BufferedProtocol):
     # -- asyncio's side ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.peer = _peer(transport.get_extra_info("peername"))
+        self.peer = peer_name(transport.get_extra_info("peername"))
         if len(self.owner.conns) >= self.owner.max_conns:  # the backstop (see StreamTransport)
             self.owner.refused += 1
             self.counted = None
@@ -237,7 +192,7 @@ class _Conn(asyncio.BufferedProtocol):
             else:  # nothing readable to say before the handshake: the client falls back
                 transport.abort()
             return
-        _keepalive(transport)
+        keepalive(transport)
         self.owner.conns.add(self)
         self.timer = self.loop.call_later(self.owner.opt.first_timeout, self._expire)
         if self.owner.ssl is not None:
@@ -317,7 +272,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.watch = None
         if self.closed or self.replied or not self.paused:
             return
-        if self.task is not None and _gone(self.transport):
+        if self.task is not None and gone(self.transport):
             self.transport.abort()  # connection_lost cancels the handler
             return
         self.watch = self.loop.call_later(WATCH, self._watch)
@@ -503,35 +458,6 @@ class _Conn(asyncio.BufferedProtocol):
         if self.counted is not None:
             self.counted()
             self.counted = None
-
-
-def max_connections(options: ServerOptions) -> int:
-    """The data port's connection cap, a backstop under the preauth caps: ``preauth`` (waiting
-    for a preamble or lingering) + 1024 calls (authenticated, receiving or waiting for a slot;
-    at least 4 x ``max_uploads`` x ``max_streams``), at most half the process's file
-    descriptors. A connection over it gets :data:`FULL` and its client uploads over gRPC."""
-    calls = max(1024, 4 * options.max_uploads * options.max_streams)
-    cap = options.preauth + calls
-    with contextlib.suppress(ImportError, OSError, ValueError):
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY:
-            cap = min(cap, max(soft // 2, options.preauth + 16))
-    return cap
-
-
-def _keepalive(transport: Any) -> None:
-    """TCP keep-alives on an accepted connection, as the client sets them: a peer that
-    vanished (no FIN, no RST) is noticed in about 25 s, even while its reading is paused."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-            if hasattr(socket, opt):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 class StreamTransport:
