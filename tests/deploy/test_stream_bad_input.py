@@ -329,13 +329,15 @@ class _Waiting:
         self.go = asyncio.Event()
         self.started = 0
         self.cancelled = 0
+        self.messages: list[bytes] = []
 
     async def handle(self, call: Any) -> bytes:
         self.started += 1
         try:
             await self.go.wait()
             n = 0
-            while await call.read() is not None:
+            while (msg := await call.read()) is not None:
+                self.messages.append(bytes(msg))
                 n += 1
             await asyncio.sleep(0.3)  # the upload's commit, while the client half-closes
             return str(n).encode()
@@ -348,7 +350,8 @@ async def _waiting_port(fn: Callable[[Any, _Waiting], Awaitable[None]]) -> None:
     from fedagg.deploy._stream import StreamTransport
 
     service = _Waiting()
-    data = StreamTransport(service, _opts(first_timeout=FIRST))  # type: ignore[arg-type]
+    opts = _opts(first_timeout=FIRST, chunk_bytes=1 << 20)
+    data = StreamTransport(service, opts)  # type: ignore[arg-type]
     await data.start()
     try:
         await fn(data, service)
@@ -392,5 +395,28 @@ def test_a_half_close_after_the_end_marker_gets_the_reply(tmp_path: Path) -> Non
 
         raw = await asyncio.to_thread(exchange)
         assert _reply(raw) == (Status.OK, "2") and data.cut == 0 and service.cancelled == 0
+
+    asyncio.run(_waiting_port(go))
+
+
+def test_the_first_message_gets_memory_as_its_bytes_arrive(tmp_path: Path) -> None:
+    """The first message (its header not yet checked): its 4-byte length alone reserves no
+    ``chunk_bytes``; its buffer doubles as bytes arrive, and the message is whole."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        service.go.set()
+        body = bytes(range(256)) * (data.limit // 256)
+        s = socket.create_connection(("127.0.0.1", data.port), 5)
+        try:
+            s.sendall(_preamble() + LENGTH.pack(len(body)) + body[:100_000])
+            await _until(lambda: any(c.got >= 100_000 for c in data.conns))
+            (conn,) = data.conns
+            assert len(conn.buf) == 128 * 1024 < len(body)
+            await asyncio.to_thread(s.sendall, body[100_000:] + LENGTH.pack(END))
+            s.settimeout(5)
+            assert _reply(await asyncio.to_thread(_until_eof, s)) == (Status.OK, "1")
+        finally:
+            s.close()
+        assert service.messages == [body]
 
     asyncio.run(_waiting_port(go))

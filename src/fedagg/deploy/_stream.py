@@ -101,6 +101,7 @@ _DISCARD = 64 * 1024  # the shared buffer bytes read after an error reply are dr
 #: as "the data port cannot be used now" and uploads over gRPC (nothing was received)
 FULL = "the data port is full"
 _MAX_ERROR = 4096
+_FIRST_BUFFER = 64 * 1024  # the first message's buffer to begin with (see _Conn._complete)
 
 #: seconds between two checks that the peer of a call is still there while its reading is
 #: paused (waiting for its slot, a lease, the engine): a paused socket is not polled, so a
@@ -165,6 +166,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.closed = False
         self.replied = False
         self.drained = 0
+        self.need = PREAMBLE.size  # the current target's length (see _target)
+        self.messages = 0  # messages whose length was read
         #: TLS (see :meth:`_pump`): decrypted here from MiB reads (asyncio's own TLS reads
         #: 256 KiB at a time and was measured several times slower)
         self.tls: ssl.SSLObject | None = None
@@ -291,6 +294,11 @@ class _Conn(asyncio.BufferedProtocol):
             return
         self.got += nbytes
         if self.got == len(self.buf):
+            if self.got < self.need:  # the first message, grown as its bytes arrive
+                self.buf = bytearray(min(2 * self.got, self.need))
+                self.buf[: self.got] = self.view
+                self.view = memoryview(self.buf)
+                return
             self._complete()
 
     def eof_received(self) -> bool | None:
@@ -312,8 +320,11 @@ class _Conn(asyncio.BufferedProtocol):
             self.task.cancel()  # the peer went away mid-call: as gRPC, cancel its handler
 
     # -- the wire ------------------------------------------------------------------------------
-    def _target(self, n: int, state: int) -> None:
-        self.buf = bytearray(n)
+    def _target(self, n: int, state: int, start: int | None = None) -> None:
+        """Read ``n`` bytes next, into a buffer of ``start`` bytes (default ``n``) that
+        doubles as they arrive."""
+        self.need = n
+        self.buf = bytearray(n if start is None else min(n, start))
         self.view = memoryview(self.buf)
         self.got = 0
         self.state = state
@@ -364,7 +375,10 @@ class _Conn(asyncio.BufferedProtocol):
                                      f"Received message larger than max ({n} vs. "
                                      f"{self.owner.limit})"))  # fmt: skip
             else:
-                self._target(n, _BODY)
+                # the first message (the header, not yet checked) gets memory as its bytes
+                # arrive, not at its length: 4 bytes cannot reserve chunk_bytes
+                self._target(n, _BODY, None if self.messages else _FIRST_BUFFER)
+                self.messages += 1
                 if n == 0:
                     self._complete()
         elif self.state == _BODY:
