@@ -332,12 +332,12 @@ class _CutShard(Client):
 
 async def _run_streams(
     d: Path, streams: int, ingest: str, algorithm: str, grpc_: bool = False,
-    first: type[Client] = Client,
+    first: type[Client] = Client, data_listen: str = "auto",
 ) -> tuple[Federation, list[Client]]:  # fmt: skip
     """A federation of N clients uploading across ``streams`` parallel streams (the first of
     class ``first``: if not a plain Client, its outcome is the run's)."""
     fed = _fedavg(d)
-    opts = _opts(ingest=ingest, digest_algorithm=algorithm, max_streams=4)
+    opts = _opts(ingest=ingest, digest_algorithm=algorithm, max_streams=4, data_listen=data_listen)
     server: Any = Server(fed, RING, opts) if grpc_ else FederationService(fed, RING, opts)
     await server.start()
     made = []
@@ -383,7 +383,9 @@ def test_uploads_split_across_streams_give_the_bits_of_one_stream(
 @_GRPC_LEFTOVERS
 def test_four_streams_over_grpc_give_the_bits_of_one(tmp_path: Path) -> None:
     one, _ = asyncio.run(_run_streams(tmp_path / "one", 1, "fold", "blake3"))
-    four, made = asyncio.run(_run_streams(tmp_path / "four", 4, "fold", "blake3", grpc_=True))
+    four, made = asyncio.run(  # over gRPC, not the data port
+        _run_streams(tmp_path / "four", 4, "fold", "blake3", grpc_=True, data_listen="")
+    )
     gc.collect()
     assert four.server.params.tobytes() == one.server.params.tobytes()
     assert sum(c.report.uploads for c in made) == 2 * N

@@ -316,9 +316,11 @@ def _scrape(port: int) -> dict[str, float] | None:
 def test_a_real_server_serves_metrics_while_it_runs(tmp_path: Path) -> None:
     mport = free_port()
     rounds = 3
+    # no data port (without TLS, data_listen = "auto" opens one): the ports are gRPC's (+ metrics)
     fed = make_fed(tmp_path / "on", clients=2, rounds=rounds, tls=False,
-                   deploy={"metrics": f"127.0.0.1:{mport}"})  # fmt: skip
-    off = make_fed(tmp_path / "off", clients=2, rounds=rounds, tls=False)
+                   deploy={"metrics": f"127.0.0.1:{mport}", "data_listen": ""})  # fmt: skip
+    off = make_fed(tmp_path / "off", clients=2, rounds=rounds, tls=False,
+                   deploy={"data_listen": ""})  # fmt: skip
     gate = tmp_path / "go"
     env = {"FEDAGG_TEST_GATE": str(gate), "FEDAGG_TEST_LAST": str(rounds - 1)}
     procs: list[subprocess.Popen[bytes]] = []

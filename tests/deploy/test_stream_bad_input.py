@@ -5,6 +5,7 @@ and a client that disconnects mid-upload (nothing changes, its retry succeeds)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import struct
@@ -19,7 +20,7 @@ import pytest
 from fedagg.deploy import Client, Server
 from fedagg.deploy._calls import call_token
 from fedagg.deploy._memory import rpc_error
-from fedagg.deploy._stream import END, LENGTH, MAGIC, MAX_CREDENTIALS, PREAMBLE, REPLY
+from fedagg.deploy._stream import END, FULL, LENGTH, MAGIC, MAX_CREDENTIALS, PREAMBLE, REPLY
 from fedagg.deploy._transport import Status
 from tests.deploy.test_memory_transport import (
     _GRPC_LEFTOVERS,
@@ -171,17 +172,56 @@ def test_a_flood_of_unauthenticated_connections_is_capped(tmp_path: Path) -> Non
             await _until(lambda: server.data is not None and server.data.refused >= 9)
             assert server.data.counts == {"*": 3, "ipv4:127.0.0.1": 3}
             t0 = time.monotonic()
-            closed = 0
-            for s in socks[3:]:  # refused: closed at once, long before first_timeout
+            for s in socks[3:]:  # refused: told so and closed at once, before first_timeout
                 s.settimeout(FIRST / 2)
-                closed += await asyncio.to_thread(s.recv, 1) == b""
-            assert closed == 9 and time.monotonic() - t0 < FIRST / 2
+                assert _reply(await asyncio.to_thread(_until_eof, s)) == (
+                    Status.RESOURCE_EXHAUSTED, FULL)  # fmt: skip
+            assert time.monotonic() - t0 < FIRST / 2
         finally:
             for s in socks:
                 s.close()
         await _until(lambda: _idle(server))
         raw, _ = await asyncio.to_thread(_exchange, server.data_port, _preamble(1))
         assert _reply(raw)[0] == Status.UNIMPLEMENTED  # served again
+
+    asyncio.run(_with_server(tmp_path, go, preauth=5, preauth_per_peer=3))
+
+
+def _until_eof(s: socket.socket) -> bytes:
+    """What ``s`` receives until the server closes (a reset, if it left bytes unread)."""
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+@_GRPC_LEFTOVERS
+def test_refused_connections_kept_open_stay_under_the_preauth_caps(tmp_path: Path) -> None:
+    """A refused connection lingers (reading and discarding, so its client reads the reply)
+    only while counted under ``preauth_per_peer``; beyond, it is closed at once: a peer that
+    keeps its refused connections open holds at most the cap."""
+
+    async def go(server: Server) -> None:
+        assert server.data is not None
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(10):
+                s = socket.create_connection(("127.0.0.1", server.data_port), 5)
+                socks.append(s)
+                s.settimeout(5)
+                s.sendall(b"XXXXXXXX")  # bad magic: refused
+                await asyncio.to_thread(s.recv, REPLY.size)  # the reply: keep the socket
+                assert len(server.data.conns) <= 3
+            assert server.data.counts == {"*": 3, "ipv4:127.0.0.1": 3}
+            t0 = time.monotonic()
+            for s in socks[3:]:  # closed at once (not after the 2 s of lingering)
+                await asyncio.to_thread(_until_eof, s)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            for s in socks:
+                s.close()
+        await _until(lambda: _idle(server))
 
     asyncio.run(_with_server(tmp_path, go, preauth=5, preauth_per_peer=3))
 
@@ -276,4 +316,107 @@ def test_a_tls_data_port_closes_plaintext_and_silent_handshakes(tmp_path: Path) 
         await _until(lambda: _idle(server))
         assert server.data.refused >= 2
 
-    asyncio.run(_with_server(tmp_path / "d", go, tls=tls, insecure=False))
+    asyncio.run(
+        _with_server(tmp_path / "d", go, tls=tls, insecure=False, data_listen="127.0.0.1:0")
+    )
+
+
+class _Waiting:
+    """A service whose calls read nothing until ``go`` is set (as a call waiting for its
+    slot), then read to the end and commit (0.3 s): its reply is the number of messages."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+        self.messages: list[bytes] = []
+
+    async def handle(self, call: Any) -> bytes:
+        self.started += 1
+        try:
+            await self.go.wait()
+            n = 0
+            while (msg := await call.read()) is not None:
+                self.messages.append(bytes(msg))
+                n += 1
+            await asyncio.sleep(0.3)  # the upload's commit, while the client half-closes
+            return str(n).encode()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+async def _waiting_port(fn: Callable[[Any, _Waiting], Awaitable[None]]) -> None:
+    from fedagg.deploy._stream import StreamTransport
+
+    service = _Waiting()
+    opts = _opts(first_timeout=FIRST, chunk_bytes=1 << 20)
+    data = StreamTransport(service, opts)  # type: ignore[arg-type]
+    await data.start()
+    try:
+        await fn(data, service)
+    finally:
+        await data.stop(0.1)
+
+
+def test_a_client_gone_while_its_call_waits_is_noticed(tmp_path: Path) -> None:
+    """A call that is not read (waiting for its slot): its client closes (a FIN, as a killed
+    process does) or resets; the server notices within a few seconds (not at its next read)
+    and cancels the call."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        for n, reset in ((1, False), (2, True)):
+            s = socket.create_connection(("127.0.0.1", data.port), 5)
+            s.sendall(_preamble() + LENGTH.pack(3) + b"abc")
+            await _until(lambda n=n: service.started == n)  # type: ignore[misc]
+            if reset:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            await _until(lambda n=n: service.cancelled == n, timeout=4.0)  # type: ignore[misc]
+            assert data.cut == n and not data.conns
+
+    asyncio.run(_waiting_port(go))
+
+
+def test_a_half_close_after_the_end_marker_gets_the_reply(tmp_path: Path) -> None:
+    """A client that shuts down its sending side after the end marker (as gRPC's half-close)
+    still gets its reply: the call is not cancelled."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        service.go.set()
+        msgs = LENGTH.pack(3) + b"abc" + LENGTH.pack(1) + b"d" + LENGTH.pack(END)
+
+        def exchange() -> bytes:
+            with socket.create_connection(("127.0.0.1", data.port), 5) as s:
+                s.settimeout(5)
+                s.sendall(_preamble() + msgs)
+                s.shutdown(socket.SHUT_WR)
+                return _until_eof(s)
+
+        raw = await asyncio.to_thread(exchange)
+        assert _reply(raw) == (Status.OK, "2") and data.cut == 0 and service.cancelled == 0
+
+    asyncio.run(_waiting_port(go))
+
+
+def test_the_first_message_gets_memory_as_its_bytes_arrive(tmp_path: Path) -> None:
+    """The first message (its header not yet checked): its 4-byte length alone reserves no
+    ``chunk_bytes``; its buffer doubles as bytes arrive, and the message is whole."""
+
+    async def go(data: Any, service: _Waiting) -> None:
+        service.go.set()
+        body = bytes(range(256)) * (data.limit // 256)
+        s = socket.create_connection(("127.0.0.1", data.port), 5)
+        try:
+            s.sendall(_preamble() + LENGTH.pack(len(body)) + body[:100_000])
+            await _until(lambda: any(c.got >= 100_000 for c in data.conns))
+            (conn,) = data.conns
+            assert len(conn.buf) == 128 * 1024 < len(body)
+            await asyncio.to_thread(s.sendall, body[100_000:] + LENGTH.pack(END))
+            s.settimeout(5)
+            assert _reply(await asyncio.to_thread(_until_eof, s)) == (Status.OK, "1")
+        finally:
+            s.close()
+        assert service.messages == [body]
+
+    asyncio.run(_waiting_port(go))

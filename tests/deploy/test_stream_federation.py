@@ -65,6 +65,7 @@ class _Counted:
 
 async def _run(d: Path, *, transport: str = "auto", tls: bool = False, streams: int = 0,
                data_listen: str = "auto", port_override: int | None = None,
+               max_conns: int | None = None,
                **opts: Any) -> tuple[Federation, list[_Counting], int]:  # fmt: skip
     fed = _fed(d)
     ca = None
@@ -78,6 +79,8 @@ async def _run(d: Path, *, transport: str = "auto", tls: bool = False, streams: 
     await server.start()
     if port_override is not None:
         server.service.data_port = port_override
+    if max_conns is not None and server.data is not None:
+        server.data.max_conns = max_conns
     try:
         host = "localhost" if tls else "127.0.0.1"
         clients = [_Counting(f"{host}:{server.port}", KEYS[n], _train, insecure=not tls, ca=ca,
@@ -100,7 +103,10 @@ def test_the_data_port_gives_the_bits_of_grpc(tmp_path: Path, tls: bool) -> None
     data port, against one gRPC stream: the same model, to the bit."""
     net, grpc_clients, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
     how = "stream" if tls else "auto"  # under TLS, "auto" keeps to gRPC (see TLS_STREAM)
-    data, clients, port = asyncio.run(_run(tmp_path / "data", tls=tls, streams=2, transport=how))
+    where = "127.0.0.1:0" if tls else "auto"  # and "auto" opens no data port under TLS
+    data, clients, port = asyncio.run(
+        _run(tmp_path / "data", tls=tls, streams=2, transport=how, data_listen=where)
+    )
     gc.collect()
     assert port > 0 and all(c.data_port == port for c in clients)
     assert _via(grpc_clients) == {"stream": 0, "grpc": 9}
@@ -125,6 +131,22 @@ def test_an_unreachable_data_port_falls_back_to_grpc_for_the_run(
     assert _via(clients)["grpc"] == 9
     assert fed.server.params.tobytes() == net.server.params.tobytes()
     assert sum("data port is unreachable" in r.getMessage() for r in caplog.records) >= 3
+
+
+@_GRPC_LEFTOVERS
+def test_a_full_data_port_sends_that_upload_over_grpc(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over its connection cap the data port answers FULL: each upload then goes over gRPC,
+    and the client keeps trying the data port for the next one (unlike an unreachable port)."""
+    caplog.set_level(logging.WARNING, "fedagg.client")
+    net, _, _ = asyncio.run(_run(tmp_path / "grpc", transport="grpc"))
+    fed, clients, _ = asyncio.run(_run(tmp_path / "full", max_conns=0))
+    gc.collect()
+    assert all(c._data is not None for c in clients)
+    assert _via(clients) == {"stream": 9, "grpc": 9}  # each upload tried, then over gRPC
+    assert fed.server.params.tobytes() == net.server.params.tobytes()
+    assert sum("data port is full" in r.getMessage() for r in caplog.records) == 9
 
 
 @_GRPC_LEFTOVERS
@@ -229,9 +251,17 @@ def test_an_edge_takes_its_clients_uploads_on_its_data_port(tmp_path: Path) -> N
 
 @_GRPC_LEFTOVERS
 def test_auto_keeps_uploads_on_grpc_under_tls(tmp_path: Path) -> None:
-    """Until the data port's TLS is as fast as gRPC's (``_client.TLS_STREAM``)."""
-    fed, clients, port = asyncio.run(_run(tmp_path, tls=True))
+    """Until the data port's TLS is as fast as gRPC's (``_client.TLS_STREAM``): a data port
+    opened explicitly is not used by ``transport = "auto"`` clients, and ``data_listen =
+    "auto"`` opens none under TLS."""
+    fed, clients, port = asyncio.run(_run(tmp_path / "explicit", tls=True,
+                                          data_listen="127.0.0.1:0"))  # fmt: skip
     gc.collect()
     assert port > 0 and all(c.data_port == 0 for c in clients)
+    assert _via(clients) == {"stream": 0, "grpc": 9}
+    assert fed.server.version == 3
+    fed, clients, port = asyncio.run(_run(tmp_path / "auto", tls=True))
+    gc.collect()
+    assert port == 0 and all(c.data_port == 0 for c in clients)
     assert _via(clients) == {"stream": 0, "grpc": 9}
     assert fed.server.version == 3

@@ -387,8 +387,8 @@ _DEPLOY = Section("fedagg server / fedagg client (ignored by the simulator)", {
     "receivers": integer(0, "processes the root server folds uploads in, through shared "
                          "memory (a plain mean; 0: in the server's process)", ge=0, le=64),
     "data_listen": string("auto", "the data port, a stream transport for uploads (server): "
-                          "\"auto\" (listen's host, a free port), \"host:port\", or \"\" "
-                          "(none: uploads over gRPC)"),
+                          "\"auto\" (listen's host, a free port; none under TLS), "
+                          "\"host:port\", or \"\" (none: uploads over gRPC)"),
     "transport": string("auto", "how uploads travel (client): auto (the server's data port "
                         "when it has one, it connects and TLS is off, else gRPC), stream "
                         "(the data port, also under TLS), grpc",

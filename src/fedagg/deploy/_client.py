@@ -43,7 +43,7 @@ from fedagg.deploy._push import PushPlan, push_update, stream_count
 from fedagg.deploy._secure import secure_body
 from fedagg.deploy._secure_client import SecureJobs
 from fedagg.deploy._store import checksum
-from fedagg.deploy._stream_client import StreamPush, StreamUnreachable
+from fedagg.deploy._stream_client import StreamFull, StreamPush, StreamUnreachable
 from fedagg.deploy._wire import MODEL_CHUNK, decode_chunk
 from fedagg.errors import ConfigError, FedaggError
 from fedagg.secagg import SecureExpectations
@@ -603,6 +603,9 @@ class Client:
             try:
                 return await push_update(self._data, self.key, self._auth, data, delta.itemsize,
                                          plan)  # fmt: skip
+            except StreamFull as e:  # busy (or flooded) now: this upload over gRPC
+                log.warning("the data port is full (%s): this upload goes over gRPC", e,
+                            extra={"event": "data_port_full"})  # fmt: skip
             except StreamUnreachable as e:
                 log.warning("the data port is unreachable (%s): uploads go over gRPC", e,
                             extra={"event": "data_port_unreachable"})  # fmt: skip

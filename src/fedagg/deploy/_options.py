@@ -59,11 +59,12 @@ def metrics_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def data_address(data_listen: str, listen: str) -> tuple[str, int] | None:
+def data_address(data_listen: str, listen: str, tls: bool = False) -> tuple[str, int] | None:
     """Where the stream transport listens: ``data_listen`` (``"host:port"``; ``"auto"``:
-    ``listen``'s host, a free port, none if ``listen`` is no ``host:port``; ``""``: nowhere,
-    None)."""
-    if not data_listen:
+    ``listen``'s host, a free port, none if ``listen`` is no ``host:port`` or the server runs
+    TLS (``tls``: clients with ``transport = "auto"`` do not use the data port under TLS, see
+    ``_client.TLS_STREAM``, so it is not opened unless asked for); ``""``: nowhere, None)."""
+    if not data_listen or (data_listen == "auto" and tls):
         return None
     value = listen if data_listen == "auto" else data_listen
     host, sep, port = value.rpartition(":")
@@ -136,8 +137,9 @@ class ServerOptions:
             (:mod:`fedagg.deploy._receivers`); 0: in the server's process.
         data_listen: where the stream transport for uploads listens (the data port,
             :mod:`fedagg.deploy._stream`, advertised in ``HelloReply.data_port``):
-            ``"auto"``: ``listen``'s host, a free port; ``"host:port"``; ``""``: none
-            (uploads over gRPC only).
+            ``"auto"``: ``listen``'s host, a free port, without TLS only (under TLS
+            clients upload over gRPC by default: no data port unless ``"host:port"``);
+            ``"host:port"``; ``""``: none (uploads over gRPC only).
         metrics: ``host:port`` to serve Prometheus metrics on (``/metrics``, plain HTTP,
             unauthenticated: keep it on loopback), or ``""`` for none (see
             :mod:`fedagg.deploy._metrics`).

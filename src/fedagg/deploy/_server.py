@@ -18,7 +18,7 @@ from fedagg.deploy._auth import Keyring
 from fedagg.deploy._engine import Engine, ServerStats
 from fedagg.deploy._grpc import GrpcTransport
 from fedagg.deploy._metrics import MetricsEndpoint, serve_metrics
-from fedagg.deploy._options import ServerOptions
+from fedagg.deploy._options import ServerOptions, data_address
 from fedagg.deploy._service import FederationService
 from fedagg.deploy._stream import StreamTransport
 from fedagg.deploy._transport import Service, Transport
@@ -54,7 +54,8 @@ class Server:
         #: the data port (uploads over :mod:`fedagg.deploy._stream`) next to gRPC
         #: (``options.data_listen``; not with an in-process transport)
         self.data: StreamTransport | None = None
-        if options.data_listen and transport is GrpcTransport:
+        tls = options.tls is not None
+        if data_address(options.data_listen, options.listen, tls) and transport is GrpcTransport:
             self.data = StreamTransport(self.service, options)
         #: ``/metrics`` (``options.metrics``; see :mod:`fedagg.deploy._metrics`), once started
         self.metrics: MetricsEndpoint | None = None

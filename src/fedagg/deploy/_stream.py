@@ -22,20 +22,28 @@ The wire (integers big-endian), one call per connection:
   the length :data:`END` (``0xFFFFFFFF``) ends the requests;
 * **reply** (server): the status (u8, gRPC's code), a u32 length (at most
   :data:`MAX_REPLY`), then the reply (a ``PushReply``) or, for an error, its message
-  (UTF-8). Then the server closes the connection.
+  (UTF-8). Then the server closes the connection. The client may close its side (a TCP
+  half-close, a TLS close_notify) after the end marker, not before: while a call waits (for
+  its slot, say) its socket is checked every :data:`WATCH` seconds, and a reset or a FIN
+  there is the client gone (the call is cancelled). Clients of this package do not
+  half-close; a cancelled call closes with a reset.
 
-Before its preamble a connection costs a few bytes and a timer (with TLS, a 1 MiB read buffer
-and the TLS session): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
-more are closed at once), each closed after ``first_timeout`` (TLS handshake included).
+Before its preamble a connection costs a few bytes and a timer (with TLS, the TLS session;
+its reads go through one buffer the transport shares, one record at a time before the call
+is authenticated): at most ``preauth`` wait for theirs (``preauth_per_peer`` per address;
+more are told :data:`FULL` and closed at once), each closed after ``first_timeout`` (TLS
+handshake included). A connection lingering after an error reply is counted the same way,
+and the port holds at most :func:`max_connections` connections in all.
 Messages are read only when the service asks for one (a pull: no read-ahead, the socket's
 buffer is the window), so a call waiting for its slot holds nothing but the kernel's buffer
-(with TLS, up to one 1 MiB read of records more). TLS is decrypted here (``ssl.MemoryBIO``)
-from reads of up to 1 MiB: asyncio's own TLS (256 KiB reads, record by record) was measured
-several times slower on a busy machine. Anything malformed (magic, version,
-lengths) gets a typed error reply and the connection is closed. A peer that disconnects mid-call
-cancels its handler (as gRPC does: the upload path rolls back on cancellation); after an
-error reply the server reads and discards for at most :data:`LINGER` seconds so that the
-client, still sending, reads the reply instead of a reset.
+(with TLS, up to one 1 MiB read of records more, copied into its session's buffer). TLS is
+decrypted here (``ssl.MemoryBIO``) from reads of up to 1 MiB: asyncio's own TLS (256 KiB
+reads, record by record) was measured several times slower on a busy machine. Anything
+malformed (magic, version, lengths) gets a typed error reply and the connection is closed.
+A peer that disconnects mid-call cancels its handler (as gRPC does: the upload path rolls
+back on cancellation); after an error reply the server reads and discards for at most
+:data:`LINGER` seconds so that the client, still sending, reads the reply instead of a
+reset.
 """
 
 from __future__ import annotations
@@ -43,15 +51,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import struct
-import tempfile
 from collections.abc import Callable
 from typing import Any, cast
 
 from fedagg.deploy._admission import hold, peer_host
 from fedagg.deploy._options import ServerOptions, data_address
+from fedagg.deploy._stream_net import gone, keepalive, max_connections, peer_name, server_context
 from fedagg.deploy._transport import CallError, Service, Status
 from fedagg.errors import ConfigError
 
@@ -87,32 +94,20 @@ REPLY = struct.Struct(">BI")
 MAX_REPLY = 1 << 20
 #: seconds the server keeps reading (and discarding) after an error reply to an unfinished call
 LINGER = 2.0
-_RAW_READ = 1 << 20  # TLS: bytes read from the socket at once
+_RAW_READ = 1 << 20  # TLS: bytes read from the socket at once (after authentication)
+_SMALL_READ = 16 * 1024 + 512  # TLS, before authentication: one record at a time
+_DISCARD = 64 * 1024  # the shared buffer bytes read after an error reply are dropped into
+#: the reply (status, message) to a connection over the data port's caps: the client takes it
+#: as "the data port cannot be used now" and uploads over gRPC (nothing was received)
+FULL = "the data port is full"
 _MAX_ERROR = 4096
+_FIRST_BUFFER = 64 * 1024  # the first message's buffer to begin with (see _Conn._complete)
 
+#: seconds between two checks that the peer of a call is still there while its reading is
+#: paused (waiting for its slot, a lease, the engine): a paused socket is not polled, so a
+#: FIN or RST would otherwise be seen only at the next read
+WATCH = 1.0
 _PRE, _CRED, _IDLE, _LEN, _BODY, _ENDED, _BROKEN, _DRAIN = range(8)
-
-
-def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
-    """A TLS server context with the gRPC port's certificate and key (PEM bytes)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.num_tickets = 0  # nothing from the server before the reply (see _stream_client)
-    with tempfile.TemporaryDirectory(prefix="fedagg-tls-") as d:  # ssl loads files only
-        cert_path, key_path = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-        for path, data in ((cert_path, cert), (key_path, key)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(cert_path, key_path)
-    return ctx
-
-
-def _peer(name: Any) -> str:
-    if isinstance(name, tuple) and len(name) >= 2:
-        host, port = name[0], name[1]
-        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
-    return f"unix:{name}"
 
 
 class StreamCall:
@@ -171,37 +166,53 @@ class _Conn(asyncio.BufferedProtocol):
         self.closed = False
         self.replied = False
         self.drained = 0
+        self.need = PREAMBLE.size  # the current target's length (see _target)
+        self.messages = 0  # messages whose length was read
         #: TLS (see :meth:`_pump`): decrypted here from MiB reads (asyncio's own TLS reads
         #: 256 KiB at a time and was measured several times slower)
         self.tls: ssl.SSLObject | None = None
         self.handshaking = False
         self.paused = False
+        self.authed = False  # TLS: the call's first message arrived (bigger reads from then)
+        self.watch: asyncio.TimerHandle | None = None  # see _watch
 
     # -- asyncio's side ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.peer = _peer(transport.get_extra_info("peername"))
-        self.counted = self.owner.opening(peer_host(self.peer))  # at accept, before TLS
-        if self.counted is None:  # too many connections waiting for their preamble
+        self.peer = peer_name(transport.get_extra_info("peername"))
+        if len(self.owner.conns) >= self.owner.max_conns:  # the backstop (see StreamTransport)
+            self.owner.refused += 1
+            self.counted = None
+        else:  # at accept, before TLS
+            self.counted = self.owner.opening(peer_host(self.peer))
+        if self.counted is None:  # too many connections: closed at once (see FULL)
             self.closed = True
-            transport.abort()
+            if self.owner.ssl is None:
+                transport.write(
+                    REPLY.pack(Status.RESOURCE_EXHAUSTED.value, len(FULL)) + FULL.encode()
+                )
+                transport.close()  # the reply fits the kernel's buffer: closes at once
+            else:  # nothing readable to say before the handshake: the client falls back
+                transport.abort()
             return
+        keepalive(transport)
         self.owner.conns.add(self)
         self.timer = self.loop.call_later(self.owner.opt.first_timeout, self._expire)
         if self.owner.ssl is not None:
             self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = self.owner.ssl.wrap_bio(self.inc, self.out, server_side=True)
-            self.raw = memoryview(bytearray(_RAW_READ))
             self.handshaking = True
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.tls is not None:
-            return self.raw
+        if self.tls is not None:  # the transport's shared buffer: copied out at once
+            return self.owner.raw[: _RAW_READ if self.authed else _SMALL_READ]
+        if self.state == _DRAIN:
+            return self.owner.discard
         return self.view[self.got :]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.tls is not None:
-            self.inc.write(self.raw[:nbytes])
+            self.inc.write(self.owner.raw[:nbytes])
             self._pump()
         else:
             self._take(nbytes)
@@ -221,23 +232,25 @@ class _Conn(asyncio.BufferedProtocol):
                     self._flush()
                 self.handshaking = False
             while not self.closed and not self.paused and self.state not in (_IDLE, _BROKEN):
-                view = self.view[self.got :] if self.state != _DRAIN else self.view
+                view = self.view[self.got :] if self.state != _DRAIN else self.owner.discard
                 try:
                     n = cast(int, self.tls.read(len(view), view))  # into a buffer: a count
                 except ssl.SSLWantReadError:
-                    return
+                    break
                 if not n:
                     raise ssl.SSLZeroReturnError
                 self._take(n)
+            self._flush()  # records the session answers with (a TLS 1.3 key update)
         except ssl.SSLZeroReturnError:  # the peer's close_notify
-            self.transport.close()
+            if self.state != _ENDED or self.replied:  # after the end marker: the reply's
+                self.transport.close()
         except (ssl.SSLError, OSError):  # a bad handshake or record: nothing to answer
             self.owner.refused += self.call is None
             self.transport.abort()
 
     def _flush(self) -> None:
         data = self.out.read()
-        if data and not self.closed:
+        if data and not self.closed and not self.transport.is_closing():
             self.transport.write(data)
 
     def _write(self, data: bytes) -> None:
@@ -254,6 +267,18 @@ class _Conn(asyncio.BufferedProtocol):
     def _pause(self) -> None:
         self.paused = True
         self.transport.pause_reading()
+        if self.watch is None:
+            self.watch = self.loop.call_later(WATCH, self._watch)
+
+    def _watch(self) -> None:
+        """While paused with a call running: is the peer still there (every WATCH s)?"""
+        self.watch = None
+        if self.closed or self.replied or not self.paused:
+            return
+        if self.task is not None and gone(self.transport):
+            self.transport.abort()  # connection_lost cancels the handler
+            return
+        self.watch = self.loop.call_later(WATCH, self._watch)
 
     def _resume(self) -> None:
         self.paused = False
@@ -269,13 +294,22 @@ class _Conn(asyncio.BufferedProtocol):
             return
         self.got += nbytes
         if self.got == len(self.buf):
+            if self.got < self.need:  # the first message, grown as its bytes arrive
+                self.buf = bytearray(min(2 * self.got, self.need))
+                self.buf[: self.got] = self.view
+                self.view = memoryview(self.buf)
+                return
             self._complete()
 
     def eof_received(self) -> bool | None:
-        return False  # close
+        # after the end marker, a half-close: keep the connection to send the reply
+        return self.state == _ENDED and not self.replied
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
         self.owner.conns.discard(self)
         self._uncount()
         if self.call is not None:
@@ -286,8 +320,11 @@ class _Conn(asyncio.BufferedProtocol):
             self.task.cancel()  # the peer went away mid-call: as gRPC, cancel its handler
 
     # -- the wire ------------------------------------------------------------------------------
-    def _target(self, n: int, state: int) -> None:
-        self.buf = bytearray(n)
+    def _target(self, n: int, state: int, start: int | None = None) -> None:
+        """Read ``n`` bytes next, into a buffer of ``start`` bytes (default ``n``) that
+        doubles as they arrive."""
+        self.need = n
+        self.buf = bytearray(n if start is None else min(n, start))
         self.view = memoryview(self.buf)
         self.got = 0
         self.state = state
@@ -319,6 +356,9 @@ class _Conn(asyncio.BufferedProtocol):
                 self._refuse(Status.UNIMPLEMENTED,
                              f"the data port serves Push only: call {what} over gRPC")  # fmt: skip
                 return
+            if self.owner.stopping:
+                self._refuse(Status.UNAVAILABLE, "the server is stopping")
+                return
             self._pause()  # until the service asks for a message
             self.state = _IDLE
             self.call = StreamCall(self, name, self.peer, bytes(self.buf) or None)
@@ -335,7 +375,10 @@ class _Conn(asyncio.BufferedProtocol):
                                      f"Received message larger than max ({n} vs. "
                                      f"{self.owner.limit})"))  # fmt: skip
             else:
-                self._target(n, _BODY)
+                # the first message (the header, not yet checked) gets memory as its bytes
+                # arrive, not at its length: 4 bytes cannot reserve chunk_bytes
+                self._target(n, _BODY, None if self.messages else _FIRST_BUFFER)
+                self.messages += 1
                 if n == 0:
                     self._complete()
         elif self.state == _BODY:
@@ -364,6 +407,7 @@ class _Conn(asyncio.BufferedProtocol):
             raise CallError(Status.CANCELLED, "the connection is closed")
         if self.state != _IDLE:
             raise CallError(Status.INVALID_ARGUMENT, "the stream is broken")
+        self.authed = True  # the service checked the call credentials before reading
         self.waiting = self.loop.create_future()
         self._target(LENGTH.size, _LEN)
         self._resume()
@@ -393,8 +437,16 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.close()
             self.loop.call_later(LINGER, self.transport.abort)
             return
-        self.state = _DRAIN
-        self._target(64 * 1024, _DRAIN)
+        # the client may still be sending: read (into the transport's discard buffer) and drop
+        # for at most LINGER seconds, the connection counted under the preauth caps meanwhile
+        # (over them: closed at once)
+        if self.counted is None:
+            self.counted = self.owner.opening(peer_host(self.peer), refusal=False)
+        if self.counted is None:
+            self.transport.close()
+            self.loop.call_later(LINGER, self.transport.abort)
+            return
+        self._target(0, _DRAIN)
         self._resume()
         self.loop.call_later(LINGER, self.transport.abort)
 
@@ -433,21 +485,28 @@ class StreamTransport:
         self.limit = options.chunk_bytes + 64 * 1024  # gRPC's message limit
         self.ssl = server_context(*options.tls) if options.tls is not None else None
         self.conns: set[_Conn] = set()
-        self.counts: dict[str, int] = {}  # connections waiting for their preamble
+        #: connections waiting for their preamble or lingering after an error reply
+        self.counts: dict[str, int] = {}
+        self.max_conns = max_connections(options)
+        self.discard = memoryview(bytearray(_DISCARD))  # see _Conn.reply
+        #: TLS: every connection's socket reads, copied at once into its session's buffer
+        self.raw = memoryview(bytearray(_RAW_READ if self.ssl is not None else 0))
         self.refused = 0  # connections closed for a violation or a timeout (tests, metrics)
         self.cut = 0  # calls whose peer went away before the reply (their handler cancelled)
         self._server: asyncio.Server | None = None
+        self.stopping = False
 
-    def opening(self, host: str) -> Callable[[], None] | None:
-        """Count a connection waiting for its preamble (None: over the caps)."""
+    def opening(self, host: str, refusal: bool = True) -> Callable[[], None] | None:
+        """Count a connection waiting for its preamble, or lingering after an error reply
+        (None: over the caps)."""
         if (self.counts.get("*", 0) >= self.opt.preauth
                 or self.counts.get(host, 0) >= self.opt.preauth_per_peer):  # fmt: skip
-            self.refused += 1
+            self.refused += refusal
             return None
         return hold(self.counts, "*", host)
 
     async def start(self) -> None:
-        where = data_address(self.opt.data_listen, self.opt.listen)
+        where = data_address(self.opt.data_listen, self.opt.listen, self.ssl is not None)
         if where is None:
             return
         loop = asyncio.get_running_loop()
@@ -465,6 +524,8 @@ class StreamTransport:
                 port = int(server.sockets[0].getsockname()[1])
                 server.close()
                 await server.wait_closed()
+            else:
+                raise OSError(f"no one free port for all the addresses of {host}")
         except OSError as e:
             raise ConfigError(f"cannot listen on {self.opt.data_listen} (data port): {e}") from e
         self._server = server
@@ -474,12 +535,15 @@ class StreamTransport:
         if self._server is None:
             return
         self._server.close()
+        self.stopping = True  # calls completing their preamble now are refused
         tasks = [c.task for c in self.conns if c.task is not None and not c.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        for c in list(self.conns):
+        conns = list(self.conns)
+        for c in conns:
             if c.transport is not None:
                 c.transport.abort()
+        tasks = [c.task for c in conns if c.task is not None and not c.task.done()]
         for t in tasks:
             t.cancel()
         if tasks:

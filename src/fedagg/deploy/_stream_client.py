@@ -5,113 +5,151 @@ over the server's data port, for :func:`fedagg.deploy._push.push_update`.
 push(messages)`` -> the reply's bytes) and fails like it (``grpc.aio.AioRpcError`` with the
 server's status and message, UNAVAILABLE when the connection fails), so the client's retries
 treat both alike. Its messages are chunk parts (:func:`chunk_parts`: the few framing bytes
-and a view of the update), sent with blocking ``sendall`` on a worker thread (which releases
-the GIL, and encrypts there under TLS): the update's bytes are never joined or copied in
-Python (under TLS, encrypted in memory and written in MiB pieces: :class:`_Tls`). Between
-messages it checks whether the server already answered (an error, while the
-client is still sending), and then stops and reads the answer.
+and a view of the update), sent on a non-blocking socket by the event loop
+(``loop.sock_sendall``): no thread waits on a server that does not read (a call waiting for
+its slot), so any number of calls run at once in one process; the update's bytes are never
+joined or copied in Python (under TLS, encrypted in memory on a worker thread and written in
+MiB pieces: :class:`_Tls`). Between messages it checks whether the server already answered
+(an error, while the client is still sending), and then stops and reads the answer. A
+server over its connection caps answers :data:`~fedagg.deploy._stream.FULL` at once:
+:class:`StreamFull`, this upload goes over gRPC. A cancelled call closes with a reset, which
+the server notices even while it is not reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from fedagg.deploy._memory import rpc_error
-from fedagg.deploy._stream import END, LENGTH, MAGIC, MAX_REPLY, METHOD_CODES, PREAMBLE, REPLY
+from fedagg.deploy._stream import END, FULL, LENGTH, MAGIC, MAX_REPLY, METHOD_CODES, PREAMBLE, REPLY
 from fedagg.deploy._stream import VERSION as _VERSION
 from fedagg.deploy._wire import encode_varint
 
-__all__ = ["Parts", "StreamPush", "StreamUnreachable", "chunk_parts"]
+__all__ = ["Parts", "StreamFull", "StreamPush", "StreamUnreachable", "chunk_parts"]
 
-T = TypeVar("T")
 #: a message as parts: framing bytes, a view of the data, trailing bytes
 Parts = tuple[bytes, "memoryview | bytes", bytes]
 _MAX_FIELD = (1 << 29) - 1
 _pool: ThreadPoolExecutor | None = None
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
+_FULL_STATUS = 8  # RESOURCE_EXHAUSTED, with the message FULL
 
 
 def _workers() -> ThreadPoolExecutor:
     global _pool
-    if _pool is None:  # one per process: each running call's sends and its reply
-        _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fedagg-stream")
+    if _pool is None:  # one per process: TLS encryption only (no thread waits on a socket)
+        _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedagg-stream")
     return _pool
 
 
-class _Tls:
-    """A blocking TLS connection over ``raw`` that encrypts into memory and writes large
-    buffers: an ``SSLSocket`` writes (and reads) one 16 KiB record per system call, and on a
-    busy machine each of those waits to be scheduled (measured: ~0.1 GiB/s on loopback, the
-    same data in MiB writes goes at the wire's speed). ``SSLObject.write`` encrypts with the
-    GIL released."""
+class _Plain:
+    """A connected non-blocking socket driven by the event loop: waiting on the peer's flow
+    control (a server that does not read while the call waits for its slot) holds no
+    thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def sendall(self, data: Any) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def recv_into(self, buf: memoryview) -> int:
+        return await self.loop.sock_recv_into(self.sock, buf)
+
+    def answered(self) -> bool:
+        """Whether the server sent something (its reply: it sends nothing else) or closed."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # a reset: reading the reply tells
+        return True  # a byte, or the end of the connection
+
+    def close(self, reset: bool = False) -> None:
+        if reset:  # the call was cancelled: a reset, which the server notices at once
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.sock.close()
+
+
+class _Tls(_Plain):
+    """TLS over a :class:`_Plain` socket, encrypted in memory (``SSLObject``, on a worker
+    thread for large pieces: it releases the GIL; the thread never waits on the socket) and
+    written in MiB pieces: an ``SSLSocket`` writes (and reads) one 16 KiB record per system
+    call, and on a busy machine each of those waits to be scheduled (measured: ~0.1 GiB/s on
+    loopback, the same data in MiB writes goes at the wire's speed)."""
 
     STEP = 1 << 20  # plaintext encrypted per write
 
-    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, hostname: str) -> None:
-        self.raw = raw
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, hostname: str) -> None:
+        super().__init__(sock)
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=hostname)
+
+    async def handshake(self) -> None:
         while True:
             try:
                 self.obj.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("the server closed the connection") from None
+        await self._flush()
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         data = self.out.read()
         if data:
-            self.raw.sendall(data)
+            await self.loop.sock_sendall(self.sock, data)
 
-    def _fill(self) -> None:
-        data = self.raw.recv(256 * 1024)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.inc.write(data)
+    async def _fill(self) -> bool:
+        data = await self.loop.sock_recv(self.sock, 256 * 1024)
+        if data:
+            self.inc.write(data)
+        return bool(data)
 
-    def sendall(self, data: Any) -> None:
+    async def sendall(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         for lo in range(0, len(view), self.STEP):
-            self.obj.write(view[lo : lo + self.STEP])
-            self._flush()
+            piece = view[lo : lo + self.STEP]
+            if len(piece) >= 64 * 1024:
+                await self.loop.run_in_executor(_workers(), self.obj.write, piece)
+            else:
+                self.obj.write(piece)
+            await self._flush()
 
-    def recv_into(self, buf: Any) -> int:
+    async def recv_into(self, buf: memoryview) -> int:
         while True:
             try:
                 return int(self.obj.read(len(buf), buf))
             except ssl.SSLWantReadError:
-                self._fill()
+                if not await self._fill():
+                    return 0
             except ssl.SSLZeroReturnError:
                 return 0
 
-    def pending(self) -> int:
-        return int(self.obj.pending()) + int(self.inc.pending)
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def shutdown(self, how: int) -> None:
-        self.raw.shutdown(how)
-
-    def settimeout(self, value: float | None) -> None:
-        self.raw.settimeout(value)
-
-    def close(self) -> None:
-        self.raw.close()
+    def answered(self) -> bool:
+        return bool(self.obj.pending() or self.inc.pending) or super().answered()
 
 
 class StreamUnreachable(Exception):
     """The data port cannot be reached (connect or TLS handshake failed): nothing was sent."""
+
+
+class StreamFull(StreamUnreachable):
+    """The data port is over its connection caps (it said :data:`~fedagg.deploy._stream.FULL`
+    before receiving anything): this upload goes over gRPC, the next tries the port again."""
 
 
 def chunk_parts(
@@ -143,12 +181,12 @@ def _status(code: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _recv_exact(sock: Any, n: int) -> bytes:
+async def _recv_exact(sock: _Plain, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:])
+        k = await sock.recv_into(view[got:])
         if not k:
             raise ConnectionError("the server closed the connection")
         got += k
@@ -175,101 +213,99 @@ class StreamPush:
             self.ssl = ssl.create_default_context(cadata=ca.decode())
             self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    def _open(self) -> Any:
-        """Connect, handshake, send the preamble (blocking, on a worker thread)."""
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        error: OSError = OSError(f"no address for {self.host}")
+        for family, kind, proto, _, addr in await loop.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, addr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+    async def _open(self) -> _Plain:
+        """Connect, handshake, send the preamble, within ``connect_timeout``."""
         try:
-            raw = socket.create_connection((self.host, self.port), self.connect_timeout)
-        except OSError as e:
+            raw = await asyncio.wait_for(self._connect(), self.connect_timeout)
+        except (TimeoutError, OSError) as e:
             raise StreamUnreachable(f"{self.host}:{self.port}: {e}") from None
-        sock: Any = raw
+        sock = _Plain(raw) if self.ssl is None else _Tls(raw, self.ssl, self.server_name)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
                 if hasattr(socket, opt):  # a dead server is noticed, as gRPC's keep-alives do
                     raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-            if self.ssl is not None:
+            if isinstance(sock, _Tls):
                 try:
-                    sock = _Tls(raw, self.ssl, self.server_name)
-                except (OSError, ssl.SSLError) as e:
+                    await asyncio.wait_for(sock.handshake(), self.connect_timeout)
+                except (TimeoutError, OSError, ssl.SSLError) as e:
                     raise StreamUnreachable(f"TLS to {self.host}:{self.port}: {e}") from None
-            sock.settimeout(None)
             creds = self.token("Push")
-            sock.sendall(PREAMBLE.pack(MAGIC, _VERSION, METHOD_CODES["Push"], len(creds)) + creds)
+            await sock.sendall(
+                PREAMBLE.pack(MAGIC, _VERSION, METHOD_CODES["Push"], len(creds)) + creds
+            )
             return sock
         except BaseException:
             sock.close()
-            raw.close()
             raise
 
     @staticmethod
-    def _answered(sock: Any) -> bool:
-        """Whether the server sent something (its reply: it sends nothing else)."""
-        if isinstance(sock, _Tls) and sock.pending():
-            return True
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
-
-    @staticmethod
-    def _send(sock: Any, msg: Any) -> bool:
+    async def _send(sock: _Plain, msg: Any) -> bool:
         """Send one message (parts or bytes); False if the server answered first."""
-        if StreamPush._answered(sock):
+        if sock.answered():
             return False
         if isinstance(msg, tuple):
             pre, mid, post = msg
-            sock.sendall(LENGTH.pack(len(pre) + len(mid) + len(post)) + pre)
+            await sock.sendall(LENGTH.pack(len(pre) + len(mid) + len(post)) + pre)
             if len(mid):
-                sock.sendall(mid)
+                await sock.sendall(mid)
             if post:
-                sock.sendall(post)
+                await sock.sendall(post)
         else:
-            sock.sendall(LENGTH.pack(len(msg)))
-            sock.sendall(msg)
+            await sock.sendall(LENGTH.pack(len(msg)))
+            await sock.sendall(msg)
         return True
 
     @staticmethod
-    def _reply(sock: Any, end: bool) -> tuple[int, bytes]:
+    async def _reply(sock: _Plain, end: bool) -> tuple[int, bytes]:
         if end:
-            sock.sendall(LENGTH.pack(END))
-        status, n = REPLY.unpack(_recv_exact(sock, REPLY.size))
-        if n > MAX_REPLY:
-            raise ConnectionError(f"a reply of {n} bytes")
-        return status, _recv_exact(sock, n)
+            await sock.sendall(LENGTH.pack(END))
+        status, n = REPLY.unpack(await _recv_exact(sock, REPLY.size))
+        if n > MAX_REPLY:  # not an OSError: the stream is not read again
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"data port: a reply of {n} bytes")
+        return status, await _recv_exact(sock, n)
 
     async def __call__(self, messages: AsyncIterator[Any], **_: Any) -> bytes:
-        loop = asyncio.get_running_loop()
-        pool = _workers()
-        sock = await loop.run_in_executor(pool, self._open)
-        running: asyncio.Future[Any] | None = None
-
-        async def step(fn: Callable[..., T], *args: Any) -> T:
-            nonlocal running
-            running = loop.run_in_executor(pool, fn, *args)
-            out: T = await asyncio.shield(running)
-            return out
-
+        sock = await self._open()
+        reset = True
         try:
             try:
                 sent = True
                 async for msg in messages:
-                    sent = await step(self._send, sock, msg)
+                    sent = await self._send(sock, msg)
                     if not sent:
                         break
-                status, body = await step(self._reply, sock, sent)
+                status, body = await self._reply(sock, sent)
             except OSError as e:  # the connection failed: maybe after the server answered
                 try:
-                    status, body = await step(self._reply, sock, False)
+                    status, body = await self._reply(sock, False)
                 except OSError:
                     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"data port: {e}") from None
-        except asyncio.CancelledError:
-            with contextlib.suppress(OSError):  # wakes a thread blocked on the socket
-                sock.shutdown(socket.SHUT_RDWR)
-            raise
+            reset = False
         finally:
-            if running is not None and not running.done():
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait([running])
-            sock.close()
+            sock.close(reset)
+        if status == _FULL_STATUS and body == FULL.encode():  # nothing was received
+            raise StreamFull(f"{self.host}:{self.port}: {FULL}")
         if status != 0:
             raise rpc_error(_status(status), body.decode("utf-8", "replace"))
         return body
