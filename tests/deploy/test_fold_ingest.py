@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,15 @@ def _files(d: Path) -> list[str]:
     return sorted(p.name for p in (d / "spool").iterdir() if not p.name.startswith("free-"))
 
 
+async def _files_settle(d: Path, want: list[str]) -> list[str]:
+    """The spool's files once a cancelled upload's file is gone: its write job, which a
+    cancel cannot stop, removes it when it ends (up to 10 s on a busy machine)."""
+    end = time.monotonic() + 10
+    while _files(d) != want and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    return _files(d)
+
+
 def _rows(d: Path) -> int:
     with contextlib.closing(sqlite3.connect(d / "state.db")) as db:
         return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
@@ -302,7 +312,7 @@ def test_an_upload_failing_mid_way_changes_no_state(tmp_path: Path, kind: str, a
         lease = await _fail(hand, service, kind)
         assert lease.rolled_back and not lease.live
         assert await service.in_engine(lambda: dumps(fed.state)) == before  # to the bit
-        assert _files(fed.dir) == files and _rows(fed.dir) == rows
+        assert await _files_settle(fed.dir, files) == files and _rows(fed.dir) == rows
         assert fed.ingest.lease is None or not fed.ingest.lease.live
         # the same client then uploads its update: folded on receive, as if nothing happened
         await hand.good(0)

@@ -258,7 +258,8 @@ def test_stalled_downloads_are_capped_per_client(tmp_path: Path) -> None:
                 return slow.unary_stream(SERVICE + "Pull")(req, timeout=120)
 
             stalled = [pull(), pull()]
-            time.sleep(1.0)
+            for call in stalled:  # each past its slot (taken before the first chunk), then stalled
+                next(call)
             with pytest.raises(grpc.RpcError) as err:
                 list(pull())
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value

@@ -29,6 +29,7 @@ from fedagg.core import _stream
 from fedagg.core import kernels as _kernels
 from fedagg.core._segments import batch_segments, nonfinite_error
 from fedagg.core._segments import layout as coord_layout
+from fedagg.core._stream import save_fold  # a fold on receive's one-pass kernel (deploy)
 from fedagg.core.spec import ArrayTree, ParamSpec
 from fedagg.core.update import Update
 from fedagg.errors import (
@@ -56,6 +57,7 @@ __all__ = [
     "compose",
     "donate",
     "mean",
+    "save_fold",
 ]
 
 S = TypeVar("S")

@@ -18,7 +18,7 @@ copied aside (the pre-image, into the federation's :class:`Scratch`, reused by e
 and the chunk is added, element by element the same operation as the whole-update fold's
 kernel (:meth:`~fedagg.core.aggregate.Mean.fold_trusted`): the same bits as the spool path.
 For a plain accumulator both happen in one pass while the range is in cache
-(:func:`~fedagg.core._stream.save_fold`, which also tests the sums); for float64, a copy then
+(:func:`~fedagg.core.aggregate.save_fold`, which also tests the sums); for float64, a copy then
 ``fold_trusted``. A float32 sum that overflows (where the spool path's fold would refuse the
 update), or a float64 one, gives up the lease.
 Ranges are disjoint (chunks in order, shards apart), so the shards of one upload fold at once.
@@ -61,8 +61,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedagg.core import _stream, kernels
-from fedagg.core.aggregate import Mean, MeanState, check_peak, check_update
+from fedagg.core import kernels
+from fedagg.core.aggregate import Mean, MeanState, check_peak, check_update, save_fold
 from fedagg.core.spec import ParamSpec
 from fedagg.core.update import Update
 from fedagg.deploy._bounds import Bounded, BoundedState, check_claim, limits
@@ -162,7 +162,7 @@ class Lease:
         st = self.state
         assert self.undo_acc is not None
         if st.comp is None and self.mean.use_numba:  # one pass: save, fold, test the sums
-            ok = _stream.save_fold(st.acc[lo:hi], self.undo_acc[lo:hi], x, self.weight)
+            ok = save_fold(st.acc[lo:hi], self.undo_acc[lo:hi], x, self.weight)
             if ok is not None:
                 with self.cond:
                     self.ranges.append((lo, hi))
