@@ -21,7 +21,7 @@ import grpc
 from fedagg.deploy._calls import CALL_METADATA
 from fedagg.deploy._grpc import grpc_code
 from fedagg.deploy._options import ServerOptions
-from fedagg.deploy._transport import METHODS, SERVICE, CallError, Service
+from fedagg.deploy._transport import METHODS, SERVICE, CallError, Ends, Service
 
 __all__ = ["MemoryCall", "MemoryChannel", "MemoryTransport"]
 
@@ -46,7 +46,7 @@ class _End:
 _END = _End()
 
 
-class MemoryCall:
+class MemoryCall(Ends):
     """One in-process call, as the service sees it (a :class:`~fedagg.deploy._transport.Call`)."""
 
     def __init__(
@@ -63,8 +63,7 @@ class MemoryCall:
         self._requests = requests
         self._max = max_message
         self.out: asyncio.Queue[bytes | _End | grpc.aio.AioRpcError] = asyncio.Queue(4)
-        self._done = False
-        self._callbacks: list[Callable[[], None]] = []
+        Ends.__init__(self)
 
     async def read(self) -> bytes | None:
         try:
@@ -77,21 +76,6 @@ class MemoryCall:
 
     async def write(self, data: bytes) -> None:
         await self.out.put(bytes(data))
-
-    def done(self) -> bool:
-        return self._done
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        if self._done:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def finish(self) -> None:
-        if not self._done:
-            self._done = True
-            for cb in self._callbacks:
-                cb()
 
 
 async def _one(request: bytes) -> AsyncIterator[bytes]:

@@ -59,7 +59,7 @@ from typing import Any, cast
 from fedagg.deploy._admission import hold, peer_host
 from fedagg.deploy._options import ServerOptions, data_address
 from fedagg.deploy._stream_net import gone, keepalive, max_connections, peer_name, server_context
-from fedagg.deploy._transport import CallError, Service, Status
+from fedagg.deploy._transport import CallError, Ends, Service, Status
 from fedagg.errors import ConfigError
 
 __all__ = [
@@ -110,7 +110,7 @@ WATCH = 1.0
 _PRE, _CRED, _IDLE, _LEN, _BODY, _ENDED, _BROKEN, _DRAIN = range(8)
 
 
-class StreamCall:
+class StreamCall(Ends):
     """One call on the data port, as the service sees it."""
 
     def __init__(self, conn: _Conn, method: str, peer: str, credentials: bytes | None) -> None:
@@ -118,30 +118,13 @@ class StreamCall:
         self.method = method
         self.peer = peer
         self.credentials = credentials
-        self._done = False
-        self._callbacks: list[Callable[[], None]] = []
+        Ends.__init__(self)
 
     async def read(self) -> bytes | None:
         return await self.conn.read()
 
     async def write(self, data: bytes) -> None:
         raise CallError(Status.UNIMPLEMENTED, "the data port streams no replies")
-
-    def done(self) -> bool:
-        return self._done
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        if self._done:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def finish(self) -> None:
-        if not self._done:
-            self._done = True
-            callbacks, self._callbacks = self._callbacks, []
-            for cb in callbacks:
-                cb()
 
 
 class _Conn(asyncio.BufferedProtocol):

@@ -20,6 +20,7 @@ __all__ = [
     "SERVICE",
     "Call",
     "CallError",
+    "Ends",
     "Messages",
     "Service",
     "Status",
@@ -106,6 +107,31 @@ class Call(Protocol):
     def on_done(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the call is over."""
         ...
+
+
+class Ends:
+    """A call's end for transports that track it themselves: :meth:`finish` runs the
+    :meth:`on_done` callbacks once (one registered after the end runs at once)."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def done(self) -> bool:
+        return self._done
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        if self._done:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def finish(self) -> None:
+        if not self._done:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, []
+            for cb in callbacks:
+                cb()
 
 
 class Service(Protocol):
