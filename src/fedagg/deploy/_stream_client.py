@@ -32,13 +32,11 @@ import grpc
 from fedagg.deploy._memory import rpc_error
 from fedagg.deploy._stream import END, FULL, LENGTH, MAGIC, MAX_REPLY, METHOD_CODES, PREAMBLE, REPLY
 from fedagg.deploy._stream import VERSION as _VERSION
-from fedagg.deploy._wire import encode_varint
+from fedagg.deploy._wire import Parts, chunk_parts
 
 __all__ = ["Parts", "StreamFull", "StreamPush", "StreamUnreachable", "chunk_parts"]
 
 #: a message as parts: framing bytes, a view of the data, trailing bytes
-Parts = tuple[bytes, "memoryview | bytes", bytes]
-_MAX_FIELD = (1 << 29) - 1
 _pool: ThreadPoolExecutor | None = None
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 _FULL_STATUS = 8  # RESOURCE_EXHAUSTED, with the message FULL
@@ -150,28 +148,6 @@ class StreamUnreachable(Exception):
 class StreamFull(StreamUnreachable):
     """The data port is over its connection caps (it said :data:`~fedagg.deploy._stream.FULL`
     before receiving anything): this upload goes over gRPC, the next tries the port again."""
-
-
-def chunk_parts(
-    ints: dict[int, int], data: memoryview | bytes, header: bytes | None = None,
-    trailer: bytes | None = None,
-) -> Parts:  # fmt: skip
-    """:func:`fedagg.deploy._wire.encode_chunk`'s message as three parts whose concatenation
-    is its bytes: everything before the data, the data itself (not copied), the trailer."""
-    pre: list[bytes] = []
-    if header is not None:
-        pre += [b"\x0a", encode_varint(len(header)), header]
-    for field in sorted(ints):
-        if field == 3 or not 1 <= field <= _MAX_FIELD:
-            raise ValueError(f"bad varint field number {field}")
-        if ints[field]:
-            pre += [encode_varint(field << 3), encode_varint(ints[field])]
-    mid: memoryview | bytes = b""
-    if len(data):
-        pre += [b"\x1a", encode_varint(len(data))]
-        mid = data
-    post = b"" if trailer is None else b"\x22" + encode_varint(len(trailer)) + trailer
-    return b"".join(pre), mid, post
 
 
 def _status(code: int) -> grpc.StatusCode:

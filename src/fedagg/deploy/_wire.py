@@ -19,7 +19,9 @@ __all__ = [
     "MODEL_CHUNK",
     "UPLOAD_CHUNK",
     "Chunk",
+    "Parts",
     "WireError",
+    "chunk_parts",
     "decode_chunk",
     "encode_chunk",
     "encode_varint",
@@ -85,6 +87,34 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
+#: A chunk message as three parts whose concatenation is its bytes (:func:`chunk_parts`).
+Parts = tuple[bytes, "memoryview | bytes", bytes]
+
+
+def chunk_parts(
+    ints: dict[int, int],
+    data: memoryview | bytes,
+    header: bytes | None = None,
+    trailer: bytes | None = None,
+) -> Parts:
+    """A chunk message (see :func:`encode_chunk`) as three parts whose concatenation is its
+    bytes: everything before the data, the data itself (not copied), the trailer."""
+    pre: list[bytes] = []
+    if header is not None:
+        pre += [b"\x0a", encode_varint(len(header)), header]
+    for field in sorted(ints):
+        if field == 3 or not 1 <= field <= _MAX_FIELD:
+            raise ValueError(f"bad varint field number {field}")
+        if ints[field]:
+            pre += [encode_varint(field << 3 | _VARINT), encode_varint(ints[field])]
+    mid: memoryview | bytes = b""
+    if len(data):
+        pre += [b"\x1a", encode_varint(len(data))]
+        mid = data
+    post = b"" if trailer is None else b"\x22" + encode_varint(len(trailer)) + trailer
+    return b"".join(pre), mid, post
+
+
 def encode_chunk(
     ints: dict[int, int],
     data: memoryview | bytes,
@@ -94,19 +124,7 @@ def encode_chunk(
     """A chunk message: ``header`` as field 1 (UploadChunk), each ``ints`` entry as a varint
     field, ``data`` as field 3, ``trailer`` as field 4 (UploadChunk). Fields equal to zero
     are omitted, as protobuf does."""
-    parts: list[bytes | memoryview] = []
-    if header is not None:
-        parts += [b"\x0a", encode_varint(len(header)), header]
-    for field in sorted(ints):
-        if field == 3 or not 1 <= field <= _MAX_FIELD:
-            raise ValueError(f"bad varint field number {field}")
-        if ints[field]:
-            parts += [encode_varint(field << 3 | _VARINT), encode_varint(ints[field])]
-    if len(data):
-        parts += [b"\x1a", encode_varint(len(data)), data]
-    if trailer is not None:
-        parts += [b"\x22", encode_varint(len(trailer)), trailer]
-    return b"".join(parts)
+    return b"".join(chunk_parts(ints, data, header, trailer))
 
 
 #: Field numbers by wire type, per message (``fedagg.proto``).
